@@ -1,0 +1,61 @@
+"""Full precision through transformers: the baseline (fp32) and the plain
+half-precision casts (bf16, fp16) that every quantization should beat."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from qbench import hookimpl
+from qbench.backend import Artifact, Availability, Backend, VariantConfig
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+class FPConfig(VariantConfig):
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+
+    def nominal_bits(self) -> Optional[float]:
+        return None if self.dtype == "fp32" else 16
+
+
+class FullPrecision(Backend):
+    name = "fp"
+    description = "Unquantized weights via transformers (the baseline) and plain fp16/bf16 casts"
+    config_class = FPConfig
+
+    def variants(self) -> dict[str, VariantConfig]:
+        return {name: FPConfig(dtype=name) for name in DTYPES}
+
+    def version(self) -> Optional[str]:
+        from qbench.environment import package_version
+
+        return package_version("transformers")
+
+    def variant_available(self, config: FPConfig, device: str) -> Availability:
+        if config.dtype == "bf16" and device == "cuda":
+            import torch
+
+            if not torch.cuda.is_bf16_supported():
+                return Availability.no("this GPU has no bfloat16 support")
+        return Availability.yes()
+
+    def quantize(self, model_path: Path, config: FPConfig, calibration, workdir: Path) -> dict[str, Any]:
+        # A dtype cast needs no files: load() casts the source weights.
+        return {"note": "cast at load time; no quantized files"}
+
+    def load(self, artifact: Artifact, device: str):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from qbench.hf import HFSession
+
+        dtype = getattr(torch, DTYPES[artifact.config["dtype"]])
+        model = AutoModelForCausalLM.from_pretrained(
+            artifact.model_path, dtype=dtype, trust_remote_code=artifact.trust_remote_code).to(device)
+        return HFSession(model, device, {"dtype": str(dtype)})
+
+
+@hookimpl
+def register_backends(register):
+    register(FullPrecision())

@@ -1,0 +1,184 @@
+"""The backend contract: what a quantization backend must provide.
+
+Backends only turn token ids into logits and generated tokens. Tokenization,
+windows, log-softmax, metrics and timing all live in the harness, so two table
+rows can differ only because the quantization differs.
+"""
+
+from __future__ import annotations
+
+import abc
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Optional
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from qbench.errors import QBenchError
+
+
+class VariantConfig(BaseModel):
+    """Settings of one variant. Backends subclass it with their own fields.
+
+    ``extra="forbid"``: a misspelled setting is an error, not silently ignored.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def nominal_bits(self) -> Optional[float]:
+        """Bits per weight this variant promises for its quantized layers.
+
+        The harness uses it to refuse a row whose weights did not shrink. None
+        means "full precision, nothing to verify"."""
+        return None
+
+    def settings(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+class Availability(BaseModel):
+    ok: bool
+    reason: str = ""
+
+    @classmethod
+    def yes(cls) -> "Availability":
+        return cls(ok=True)
+
+    @classmethod
+    def no(cls, reason: str) -> "Availability":
+        return cls(ok=False, reason=reason)
+
+
+class Artifact(BaseModel):
+    """A quantized model on disk, as ``Backend.quantize`` left it.
+
+    ``path`` is the folder the backend wrote (or, for backends that need no
+    new files, the source model folder). ``meta`` is free-form information the
+    backend wants recorded (kernel, library settings, ...)."""
+
+    backend: str
+    variant: str
+    config: dict[str, Any]
+    path: str
+    model_path: str
+    meta: dict[str, Any] = {}
+    quantize_seconds: float = 0.0
+    #: the user's --trust-remote-code, for backends that load with transformers
+    trust_remote_code: bool = False
+
+
+class Session(abc.ABC):
+    """A loaded model that the harness measures."""
+
+    @abc.abstractmethod
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, T, V]`` for every position (any float dtype; the
+        harness casts to float32 before log-softmax). Padding is on the right
+        and masked by ``attention_mask``."""
+
+    @abc.abstractmethod
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        on_token: Callable[[], None],
+    ) -> torch.Tensor:
+        """Greedy decode exactly ``max_new_tokens`` tokens (EOS never stops it).
+
+        ``on_token()`` is called once per generated step, after the step's
+        tokens are computed on the device (synchronise before calling it on
+        asynchronous devices), so the harness can time prefill and decode.
+        Returns the new token ids ``[B, max_new_tokens]``."""
+
+    @abc.abstractmethod
+    def weight_bytes(self) -> int:
+        """Bytes of weights this session actually holds (quantized storage,
+        scales and zero points included)."""
+
+    def describe(self) -> dict[str, Any]:
+        """Facts worth recording: kernels used, quantized module types, ..."""
+        return {}
+
+    def close(self) -> None:
+        """Release resources; the worker process ends right after anyway."""
+
+
+class Backend(abc.ABC):
+    """A quantization method. Subclass it, register an instance from a plugin."""
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    config_class: ClassVar[type[VariantConfig]] = VariantConfig
+    #: Distribution names that must be importable, with the pip spec to install.
+    requires: ClassVar[dict[str, str]] = {}
+    #: Whether ``quantize`` consumes calibration token ids.
+    uses_calibration: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    def variants(self) -> dict[str, VariantConfig]:
+        """Named variants, in the order they should run."""
+
+    def version(self) -> Optional[str]:
+        """Version of the library doing the quantization (recorded and part of
+        the artifact cache key)."""
+        return None
+
+    def available(self, device: str) -> Availability:
+        """Whether ``variants`` can run on ``device`` ("cpu" or "cuda")."""
+        from qbench.environment import missing_packages
+
+        missing = missing_packages(self.requires)
+        if missing:
+            return Availability.no("missing " + ", ".join(missing) + f": pip install {' '.join(missing.values())}")
+        return Availability.yes()
+
+    def variant_available(self, config: VariantConfig, device: str) -> Availability:
+        """Per-variant availability (e.g. a CUDA-only kernel). Defaults to the
+        backend's."""
+        return self.available(device)
+
+    def parse_variant(self, spec: str) -> tuple[str, VariantConfig]:
+        """Turn ``"nf4"`` or ``"bits=4,group_size=64"`` into a named config.
+
+        Named variants may be refined with settings: ``"nf4:compute_dtype=bf16"``
+        is not supported here; a custom spec starts from the defaults of
+        ``config_class``."""
+        named = self.variants()
+        if spec in named:
+            return spec, named[spec]
+        if "=" not in spec:
+            raise QBenchError(
+                f"unknown variant '{spec}' for backend '{self.name}': choose one of "
+                f"{', '.join(named)} or give settings like 'key=value,...' (see `qbench backends`)"
+            )
+        settings = {}
+        for part in spec.split(","):
+            key, sep, value = part.partition("=")
+            if not sep or not key.strip():
+                raise QBenchError(f"bad setting '{part}' in variant '{spec}': expected key=value")
+            settings[key.strip()] = value.strip()
+        try:
+            config = self.config_class(**settings)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            field = ".".join(str(p) for p in first["loc"]) or "(settings)"
+            raise QBenchError(
+                f"invalid variant '{spec}' for backend '{self.name}': field '{field}': {first['msg']}"
+            ) from None
+        return spec, config
+
+    @abc.abstractmethod
+    def quantize(
+        self,
+        model_path: Path,
+        config: VariantConfig,
+        calibration: Optional[list[list[int]]],
+        workdir: Path,
+    ) -> dict[str, Any]:
+        """Quantize the HF model in ``model_path`` into ``workdir`` (an empty
+        folder the harness caches). Returns metadata to record. Backends that
+        need no files may write nothing and load from the model folder."""
+
+    @abc.abstractmethod
+    def load(self, artifact: Artifact, device: str) -> Session:
+        """Load a quantized artifact onto ``device`` and return a session."""

@@ -1,0 +1,199 @@
+"""The `qbench` command."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any, Optional
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from qbench.errors import QBenchError
+
+console = Console(stderr=True)
+# Piped output (CI logs, files) gets a wide table instead of an 80-column wrap.
+out = Console(width=None if sys.stdout.isatty() else 250)
+
+
+class RichReporter:
+    """Progress for long runs: which cell, which phase, elapsed time."""
+
+    def __init__(self) -> None:
+        self.status = None
+        self.started = 0.0
+        self.label = ""
+
+    def cell_started(self, cell: str, index: int, total: int) -> None:
+        self.started = time.monotonic()
+        self.label = f"[{index}/{total}] {cell}"
+        self.status = console.status(f"{self.label} · starting worker")
+        self.status.start()
+
+    def phase(self, cell: str, name: str) -> None:
+        elapsed = time.monotonic() - self.started
+        self.status.update(f"{self.label} · {name} · {elapsed:.0f}s into the cell")
+
+    def cell_finished(self, cell: str, record: dict[str, Any]) -> None:
+        self.status.stop()
+        took = record.get("wall_seconds", 0)
+        if record["status"] == "ok":
+            console.print(f"[green]✓[/] {self.label} finished in {took:.0f}s")
+        else:
+            console.print(f"[red]✗[/] {self.label} failed after {took:.0f}s: {record['error']}")
+
+
+def print_table(records: list[dict[str, Any]], title: str) -> None:
+    from qbench.table import table_rows
+
+    headers, rows = table_rows(records)
+    table = Table(title=title, show_lines=False)
+    for i, h in enumerate(headers):
+        table.add_column(h, justify="left" if i < 2 else "right", overflow="fold")
+    for row in rows:
+        table.add_row(*row, style="red" if row[1].startswith("FAILED") else None)
+    out.print(table)
+
+
+@click.group()
+@click.version_option(package_name="qbench")
+def cli() -> None:
+    """Benchmark quantization backends on the same tokens: quality and cost in one run."""
+
+
+@cli.command()
+@click.option("--model", "-m", default="smollm2-135m", show_default=True,
+              help="Local HF folder, hub id, or smollm2-135m (the embedded default).")
+@click.option("--suite", "-s", default="default", show_default=True, help="Suite name (suites/) or YAML file.")
+@click.option("--backends", "-b", multiple=True,
+              help="Backends or cells: 'fp', 'fp:bf16', 'rtn:bits=4,group_size=32'. Comma-separated or "
+                   "repeated. Default: every variant available here.")
+@click.option("--baseline", default="fp:fp32", show_default=True, help="The reference cell, run first.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--threads", type=int, default=None, help="torch threads per worker (default: torch's).")
+@click.option("--cell-timeout", type=float, default=3600, show_default=True, help="Seconds before a cell is killed.")
+@click.option("--plugins-dir", multiple=True, type=click.Path(file_okay=False),
+              help="Folder of one-off plugin .py files (also $QBENCH_PLUGINS_DIR).")
+@click.option("--output-dir", "-o", default=None, help="Where run folders go (default: results/ or $QBENCH_RESULTS).")
+@click.option("--run-id", default=None, help="Name of the run folder (default: a timestamp).")
+@click.option("--resume", "resume", default=None, metavar="RUN", help="Finish an interrupted run; skips finished cells.")
+@click.option("--retry-failed", is_flag=True, help="With --resume, run failed cells again too.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow model code from the hub (off by default).")
+def run(model, suite, backends, baseline, device, threads, cell_timeout, plugins_dir, output_dir, run_id,
+        resume, retry_failed, trust_remote_code) -> None:
+    """Run a benchmark: every backend variant against the baseline."""
+    from qbench.api import create_run, resume_run
+    from qbench.results import ResultStore
+    from qbench.runner import execute, pending_cells
+
+    if resume:
+        plan, run_dir = resume_run(resume)
+    else:
+        if retry_failed:
+            raise QBenchError("--retry-failed only makes sense with --resume RUN")
+        with console.status("resolving the model and planning the run"):
+            plan, run_dir = create_run(model=model, suite=suite, backends=list(backends), baseline=baseline,
+                                       device=device, threads=threads, cell_timeout=cell_timeout,
+                                       plugin_dirs=tuple(plugins_dir), output_dir=output_dir,
+                                       trust_remote_code=trust_remote_code, run_id=run_id)
+    store = ResultStore(run_dir)
+    todo = pending_cells(plan, store, retry_failed)
+    console.print(f"run [bold]{plan.run_id}[/] → {run_dir}  model {plan.model.name} ({plan.model.fingerprint}) "
+                  f"suite {plan.suite_name} ({plan.suite_hash}) device {plan.device}")
+    for cell, why in plan.skipped.items():
+        console.print(f"[yellow]skipped[/] {cell}: {why}")
+    if len(todo) < len(plan.cells):
+        console.print(f"{len(plan.cells) - len(todo)} cell(s) already finished; running {len(todo)}")
+    execute(plan, run_dir, RichReporter(), retry_failed=retry_failed)
+    records = list(store.latest().values())
+    print_table(records, f"qbench run {plan.run_id}")
+    console.print(f"results: {store.path}")
+    failed = [r for r in records if r["status"] != "ok"]
+    if failed:
+        console.print(f"[red]{len(failed)} cell(s) failed[/]; finished cells are kept. "
+                      f"Rerun them with: qbench run --resume {plan.run_id} --retry-failed")
+        sys.exit(1)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
+@click.option("--plugins-dir", multiple=True, type=click.Path(file_okay=False))
+def backends(as_json, device, plugins_dir) -> None:
+    """List backends and variants, and whether each can run here (and why not)."""
+    from qbench.environment import resolve_device
+    from qbench.plugins import PluginSettings, load_plugins
+
+    device = resolve_device(device)
+    loaded = load_plugins(PluginSettings.from_env(tuple(plugins_dir)))
+    entries = []
+    for name, backend in sorted(loaded.backends.items()):
+        availability = backend.available(device)
+        variants = []
+        for vname, config in backend.variants().items():
+            v_av = backend.variant_available(config, device) if availability.ok else availability
+            variants.append({"name": vname, "available": v_av.ok, "reason": v_av.reason,
+                             "settings": config.settings(), "nominal_bits": config.nominal_bits()})
+        entries.append({"backend": name, "description": backend.description, "plugin": loaded.origin[name],
+                        "version": backend.version() if availability.ok else None,
+                        "available": availability.ok, "reason": availability.reason, "device": device,
+                        "settings_schema": backend.config_class.model_json_schema().get("properties", {}),
+                        "variants": variants})
+    if as_json:
+        click.echo(json.dumps(entries, indent=1))
+        return
+    table = Table(title=f"qbench backends (device: {device})")
+    for column in ("backend", "variant", "here?", "settings", "version", "plugin"):
+        table.add_column(column, overflow="fold")
+    for e in entries:
+        for v in e["variants"]:
+            here = "[green]yes[/]" if v["available"] else f"[red]no[/]: {v['reason']}"
+            settings = ", ".join(f"{k}={val}" for k, val in v["settings"].items())
+            table.add_row(e["backend"], v["name"], here, settings, e["version"] or "-", e["plugin"])
+    out.print(table)
+
+
+@cli.command()
+@click.argument("run_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the records as JSON lines.")
+@click.option("--markdown", is_flag=True, help="Print a GitHub-ready markdown table.")
+def show(run_id, as_json, markdown) -> None:
+    """Print the comparison table of a run."""
+    from qbench.results import ResultStore, find_run
+    from qbench.runner import load_plan
+    from qbench.table import markdown_table
+
+    run_dir = find_run(run_id)
+    plan = load_plan(run_dir)
+    records = list(ResultStore(run_dir).latest().values())
+    if as_json:
+        for r in records:
+            click.echo(json.dumps(r))
+        return
+    if markdown:
+        click.echo(markdown_table(records))
+        return
+    print_table(records, f"qbench run {plan.run_id}: {plan.model.name} on suite {plan.suite_name}")
+    unfinished = [c.cell for c in plan.cells if c.cell not in {r["cell"] for r in records}]
+    if unfinished:
+        console.print(f"[yellow]not run yet[/]: {', '.join(unfinished)} (qbench run --resume {plan.run_id})")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    try:
+        cli.main(args=argv, prog_name="qbench", standalone_mode=False)
+    except QBenchError as exc:
+        console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        console.print("aborted")
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

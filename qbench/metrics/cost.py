@@ -1,0 +1,108 @@
+"""Cost: latency of a fixed greedy workload, and memory, labelled for what
+each figure is."""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+
+from qbench.backend import Session
+from qbench.metrics import metric
+
+
+def _pct(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    if len(ordered) == 1:
+        return ordered[0]
+    pos = (len(ordered) - 1) * q
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def time_generate(session: Session, prompt: torch.Tensor, new_tokens: int) -> list[float]:
+    """Seconds from the call to each generated step (cumulative)."""
+    marks: list[float] = []
+    start = time.perf_counter()
+    session.generate(prompt, new_tokens, lambda: marks.append(time.perf_counter() - start))
+    if len(marks) != new_tokens:
+        raise RuntimeError(f"backend generated {len(marks)} steps, {new_tokens} were asked (EOS must not stop it)")
+    return marks
+
+
+def latency_metrics(session: Session, prompt: torch.Tensor, new_tokens: int, warmup: int, min_reps: int,
+                    min_seconds: float, max_reps: int) -> dict[str, Any]:
+    """Warm-ups, then repetitions until both ``min_reps`` and ``min_seconds``
+    are met (or ``max_reps``). Prefill is the time to the first token; decode
+    samples are the gaps between later tokens."""
+    for _ in range(warmup):
+        time_generate(session, prompt, new_tokens)
+    prefill, decode, total = [], [], []
+    began = time.perf_counter()
+    while len(total) < max_reps and (len(total) < min_reps or time.perf_counter() - began < min_seconds):
+        marks = time_generate(session, prompt, new_tokens)
+        prefill.append(marks[0] * 1e3)
+        decode.extend((b - a) * 1e3 for a, b in zip(marks, marks[1:]))
+        total.append(marks[-1] * 1e3)
+    batch, prompt_len = prompt.shape
+    med_decode = statistics.median(decode)
+
+    def dist(samples: list[float], unit: str) -> dict[str, Any]:
+        return metric(statistics.median(samples), unit, len(samples), None,
+                      p90=_pct(samples, 0.9), p99=_pct(samples, 0.99), mean=statistics.fmean(samples),
+                      samples=[round(s, 4) for s in samples])
+
+    return {
+        "prefill_ms": dist(prefill, "ms"),
+        "decode_ms_per_token": dist(decode, "ms/token"),
+        "decode_tokens_per_s": metric(batch * 1e3 / med_decode, "tokens/s", len(decode)),
+        "generate_ms": dist(total, "ms"),
+        "latency_workload": {"batch_size": batch, "prompt_tokens": prompt_len, "new_tokens": new_tokens,
+                             "warmup": warmup, "repetitions": len(total), "greedy": True, "eos": "ignored"},
+    }
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set of this (worker) process since it started."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def memory_metrics(session: Session, device: str) -> dict[str, Any]:
+    out = {
+        "weight_bytes": metric(session.weight_bytes(), "bytes", None, None,
+                               label="bytes of weights held by the loaded model (packed storage, scales included)"),
+        "peak_rss_bytes": metric(peak_rss_bytes(), "bytes", None, None,
+                                 label="peak resident memory of the isolated worker process"),
+    }
+    if device == "cuda" and torch.cuda.is_available():
+        out["cuda_peak_allocated_bytes"] = metric(torch.cuda.max_memory_allocated(), "bytes", None, None,
+                                                  label="PyTorch allocator peak allocated")
+        out["cuda_peak_reserved_bytes"] = metric(torch.cuda.max_memory_reserved(), "bytes", None, None,
+                                                 label="PyTorch allocator peak reserved")
+        nvml = _nvml_process_bytes()
+        if nvml is not None:
+            out["nvml_process_bytes"] = metric(nvml, "bytes", None, None,
+                                               label="GPU memory NVML attributes to this process (at the end)")
+    return out
+
+
+def _nvml_process_bytes():
+    try:
+        import os
+
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+            if proc.pid == os.getpid():
+                return proc.usedGpuMemory
+    except Exception:
+        return None
+    return None

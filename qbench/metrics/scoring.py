@@ -1,0 +1,121 @@
+"""One forward pass per window, from which every quality metric is derived.
+
+Log-softmax is always taken here in float32, never by a backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from qbench.backend import Session
+from qbench.windows import Window, batches
+
+
+@dataclass
+class Reference:
+    """The baseline's distributions on the scored tokens, stored compactly:
+    the top-k log-probabilities and their token ids, the log-probability of
+    the actual next token, and the baseline's argmax."""
+
+    topk_logprobs: torch.Tensor  # [N, k] float32, sorted descending
+    topk_ids: torch.Tensor       # [N, k] int64
+    token_logprobs: torch.Tensor  # [N] float32
+
+    def save(self, path) -> None:
+        from safetensors.torch import save_file
+
+        save_file({"topk_logprobs": self.topk_logprobs.contiguous(), "topk_ids": self.topk_ids.contiguous(),
+                   "token_logprobs": self.token_logprobs.contiguous()}, str(path))
+
+    @classmethod
+    def load(cls, path) -> "Reference":
+        from safetensors.torch import load_file
+
+        return cls(**load_file(str(path)))
+
+
+@dataclass
+class TokenScores:
+    """Per scored token, in window order."""
+
+    token_logprobs: list[torch.Tensor] = field(default_factory=list)  # log q(actual)
+    kld: list[torch.Tensor] = field(default_factory=list)             # KL(P_base || Q)
+    same_top: list[torch.Tensor] = field(default_factory=list)        # argmax agreement
+    tail_mass: list[torch.Tensor] = field(default_factory=list)       # baseline mass outside top-k
+    topk_logprobs: list[torch.Tensor] = field(default_factory=list)   # only when building a reference
+    topk_ids: list[torch.Tensor] = field(default_factory=list)
+
+    @staticmethod
+    def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(parts) if parts else torch.empty(0)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self._cat(getattr(self, name))
+
+
+def kl_against_topk(ref_lp: torch.Tensor, ref_ids: torch.Tensor, logq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL(P || Q) where P is known through its top-k plus the remaining mass.
+
+    The k tokens are kept and everything else is merged into one "rest"
+    bucket on both sides. By the data-processing inequality this is a lower
+    bound of the exact KL; the gap is rest_P * KL(P_rest || Q_rest) over the
+    renormalised tails, so it vanishes as the tail mass does (the tail mass
+    is reported beside the result). Returns (kld, tail_mass_of_P)."""
+    # float64: the rest mass is 1 - sum(p), a difference float32 rounds badly.
+    ref_lp, logq = ref_lp.double(), logq.double()
+    p = ref_lp.exp()
+    lq = logq.gather(-1, ref_ids)
+    head = (p * (ref_lp - lq)).sum(-1)
+    rest_p = (1.0 - p.sum(-1)).clamp_min(0.0)
+    rest_q = (1.0 - lq.exp().sum(-1)).clamp_min(1e-30)
+    tail = torch.where(rest_p > 1e-9, rest_p * (rest_p.clamp_min(1e-30).log() - rest_q.log()), torch.zeros_like(rest_p))
+    return (head + tail).clamp_min(0.0).float(), rest_p.float()
+
+
+@torch.inference_mode()
+def score_windows(
+    session: Session,
+    windows: list[Window],
+    batch_size: int,
+    reference: Optional[Reference] = None,
+    top_k: int = 0,
+    on_batch: Optional[Callable[[int, int], None]] = None,
+) -> TokenScores:
+    """Run every window once; gather log q(actual) and, given a reference,
+    the fidelity statistics; with ``top_k`` also the data for a reference."""
+    scores = TokenScores()
+    cursor = 0  # row of the reference matching the next scored token
+    done = 0
+    for ids, mask, chunk in batches(windows, batch_size):
+        logits = session.logits(ids, mask)
+        for row, window in enumerate(chunk):
+            n = len(window.input_ids)
+            positions = slice(n - 1 - window.n_scored, n - 1)
+            lp = torch.log_softmax(logits[row, positions].float().cpu(), dim=-1)
+            targets = ids[row, n - window.n_scored: n]
+            scores.token_logprobs.append(lp.gather(-1, targets[:, None])[:, 0])
+            if top_k:
+                values, indices = lp.topk(min(top_k, lp.shape[-1]), dim=-1)
+                scores.topk_logprobs.append(values)
+                scores.topk_ids.append(indices)
+            if reference is not None:
+                sl = slice(cursor, cursor + window.n_scored)
+                kld, tail = kl_against_topk(reference.topk_logprobs[sl], reference.topk_ids[sl], lp)
+                scores.kld.append(kld)
+                scores.tail_mass.append(tail)
+                scores.same_top.append((lp.argmax(-1) == reference.topk_ids[sl, 0]).float())
+            cursor += window.n_scored
+        del logits
+        done += len(chunk)
+        if on_batch:
+            on_batch(done, len(windows))
+    if reference is not None and cursor != reference.token_logprobs.numel():
+        raise ValueError(f"reference has {reference.token_logprobs.numel()} tokens, windows score {cursor}")
+    return scores
+
+
+def reference_from(scores: TokenScores) -> Reference:
+    return Reference(scores.tensor("topk_logprobs"), scores.tensor("topk_ids"), scores.tensor("token_logprobs"))

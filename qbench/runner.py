@@ -1,0 +1,235 @@
+"""Plan a run (model x suite x backend variants) and execute each cell in its
+own spawned worker process, appending a record as soon as each cell ends."""
+
+from __future__ import annotations
+
+import multiprocessing
+import secrets
+import signal
+import time
+from pathlib import Path
+from typing import Any, Optional, Protocol
+
+from pydantic import BaseModel
+
+from qbench.errors import QBenchError
+from qbench.models import ModelSpec
+from qbench.plugins import LoadedPlugins, PluginSettings, get_backend
+from qbench.results import PLAN_FILE, ResultStore
+from qbench.worker import CellTask, worker_main
+
+DEFAULT_BASELINE = "fp:fp32"
+DEFAULT_CELL_TIMEOUT = 3600.0
+
+
+class CellSpec(BaseModel):
+    cell: str      # "backend:variant", the key of the cell's records
+    backend: str
+    variant: str   # a variant name or custom settings "key=value,..."
+    baseline: bool = False
+
+
+class RunPlan(BaseModel):
+    run_id: str
+    created: float
+    model: ModelSpec
+    suite_path: str
+    suite_name: str
+    suite_hash: str
+    device: str
+    threads: Optional[int]
+    cell_timeout: float
+    plugin_dirs: list[str]
+    plugin_allow: Optional[list[str]]
+    plugin_block: list[str]
+    cells: list[CellSpec]
+    skipped: dict[str, str] = {}  # cell -> why it was left out of the plan
+
+    def plugin_settings(self) -> PluginSettings:
+        return PluginSettings(tuple(self.plugin_dirs), tuple(self.plugin_allow) if self.plugin_allow is not None
+                              else None, tuple(self.plugin_block))
+
+
+class Reporter(Protocol):
+    def cell_started(self, cell: str, index: int, total: int) -> None: ...
+    def phase(self, cell: str, name: str) -> None: ...
+    def cell_finished(self, cell: str, record: dict[str, Any]) -> None: ...
+
+
+class SilentReporter:
+    def cell_started(self, cell, index, total): pass
+    def phase(self, cell, name): pass
+    def cell_finished(self, cell, record): pass
+
+
+def split_backend_specs(specs: list[str]) -> list[str]:
+    """Split "fp,bnb:nf4,torchao:bits=4,group_size=64" into cells. A piece
+    like "group_size=64" (a setting, no backend prefix) continues the
+    previous custom variant rather than starting a new cell."""
+    out: list[str] = []
+    for spec in specs:
+        for piece in (p.strip() for p in spec.split(",")):
+            if not piece:
+                continue
+            key = piece.split("=", 1)[0]
+            if "=" in piece and ":" not in key and out and "=" in out[-1]:
+                out[-1] += "," + piece
+            else:
+                out.append(piece)
+    return out
+
+
+def plan_cells(loaded: LoadedPlugins, specs: list[str], baseline: str, device: str
+               ) -> tuple[list[CellSpec], dict[str, str]]:
+    """Expand backend specs into cells, baseline first. With no specs, every
+    variant of every backend available on ``device``. Unavailable cells that
+    were asked for by name stay in the plan (they fail with the reason);
+    unavailable ones from "everything" are listed as skipped."""
+    explicit = bool(specs)
+    pieces = split_backend_specs(specs) if specs else sorted(loaded.backends)
+    cells: list[CellSpec] = []
+    skipped: dict[str, str] = {}
+
+    def add(backend_name: str, variant: str, is_baseline: bool = False) -> None:
+        backend = get_backend(loaded, backend_name)
+        _, config = backend.parse_variant(variant)  # validate now, not in the worker
+        key = f"{backend_name}:{variant}"
+        if any(c.cell == key for c in cells):
+            return
+        availability = backend.variant_available(config, device)
+        if not availability.ok and not explicit and not is_baseline:
+            skipped[key] = availability.reason
+            return
+        cells.append(CellSpec(cell=key, backend=backend_name, variant=variant, baseline=is_baseline))
+
+    base_backend, _, base_variant = baseline.partition(":")
+    if not base_variant:
+        raise QBenchError(f"--baseline must be backend:variant (e.g. {DEFAULT_BASELINE}), got '{baseline}'")
+    add(base_backend, base_variant, is_baseline=True)
+    for piece in pieces:
+        name, _, variant = piece.partition(":")
+        if variant:
+            add(name, variant)
+        else:
+            for v in get_backend(loaded, name).variants():
+                add(name, v)
+    return cells, skipped
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
+
+
+def save_plan(plan: RunPlan, run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "logs").mkdir(exist_ok=True)
+    tmp = run_dir / (PLAN_FILE + ".tmp")
+    tmp.write_text(plan.model_dump_json(indent=1))
+    tmp.replace(run_dir / PLAN_FILE)
+
+
+def load_plan(run_dir: Path) -> RunPlan:
+    try:
+        return RunPlan.model_validate_json((run_dir / PLAN_FILE).read_text())
+    except (ValueError, OSError) as exc:
+        raise QBenchError(f"{run_dir / PLAN_FILE} is unreadable ({type(exc).__name__}); start a new run") from None
+
+
+def pending_cells(plan: RunPlan, store: ResultStore, retry_failed: bool) -> list[CellSpec]:
+    latest = store.latest()
+    todo = []
+    for cell in plan.cells:
+        record = latest.get(cell.cell)
+        if record is None or (retry_failed and record["status"] != "ok"):
+            todo.append(cell)
+    return todo
+
+
+def execute(plan: RunPlan, run_dir: Path, reporter: Reporter = SilentReporter(),
+            retry_failed: bool = False) -> list[dict[str, Any]]:
+    """Run every unfinished cell of the plan; return the records written now."""
+    store = ResultStore(run_dir)
+    todo = pending_cells(plan, store, retry_failed)
+    written = []
+    for index, cell in enumerate(todo, 1):
+        reporter.cell_started(cell.cell, index, len(todo))
+        record = run_cell(plan, run_dir, cell, reporter)
+        store.append(record)
+        written.append(record)
+        reporter.cell_finished(cell.cell, record)
+    return written
+
+
+def _base_record(plan: RunPlan, cell: CellSpec) -> dict[str, Any]:
+    return {"schema": 1, "run_id": plan.run_id, "cell": cell.cell, "backend": cell.backend,
+            "variant": cell.variant, "baseline": cell.baseline, "device": plan.device,
+            "model": {"name": plan.model.name, "fingerprint": plan.model.fingerprint, "source": plan.model.source},
+            "suite": {"name": plan.suite_name, "path": plan.suite_path, "hash": plan.suite_hash}}
+
+
+def run_cell(plan: RunPlan, run_dir: Path, cell: CellSpec, reporter: Reporter) -> dict[str, Any]:
+    task = CellTask(run_id=plan.run_id, run_dir=str(run_dir), cell=cell.cell, backend=cell.backend,
+                    variant=cell.variant, is_baseline=cell.baseline, model=plan.model.model_dump(),
+                    suite_path=plan.suite_path, device=plan.device, threads=plan.threads,
+                    plugins=plan.plugin_settings())
+    log_path = run_dir / "logs" / (cell.cell.replace(":", "__").replace("/", "_")[:120] + ".log")
+    ctx = multiprocessing.get_context("spawn")
+    receiver, sender = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=worker_main, args=(task, sender, str(log_path)), name=f"qbench-{cell.cell}")
+    started = time.time()
+    proc.start()
+    sender.close()  # so the parent sees EOF when the worker dies
+    phase, outcome = "start", None
+    deadline = time.monotonic() + plan.cell_timeout
+    try:
+        while outcome is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                outcome = ("error", {"phase": phase, "error": (
+                    f"timed out after {plan.cell_timeout:g}s during {phase}: raise --cell-timeout or use a "
+                    f"smaller suite")})
+                break
+            if receiver.poll(min(remaining, 0.5)):
+                try:
+                    kind, payload = receiver.recv()
+                except (EOFError, OSError):
+                    break
+                if kind == "phase":
+                    phase = payload
+                    reporter.phase(cell.cell, payload)
+                else:
+                    outcome = (kind, payload)
+            elif not proc.is_alive() and not receiver.poll(0):
+                break
+    finally:
+        receiver.close()
+        timed_out = outcome is not None and outcome[0] == "error" and "timed out" in outcome[1]["error"]
+        proc.join(timeout=0 if timed_out else 30)  # let a finished worker exit on its own
+        _stop(proc)
+    record = _base_record(plan, cell)
+    record["log"] = str(log_path)
+    if outcome is not None and outcome[0] == "result":
+        record.update(outcome[1])
+    else:
+        if outcome is None:
+            code = proc.exitcode
+            if code is not None and code < 0:
+                name = signal.Signals(-code).name
+                hint = " (likely the OS out-of-memory killer)" if -code == signal.SIGKILL else ""
+                why = f"worker killed by {name}{hint} during {phase}"
+            else:
+                why = f"worker exited with code {code} during {phase} without a result"
+            outcome = ("error", {"phase": phase, "error": f"{why}; see {log_path}"})
+        record.update(status="failed", phase=outcome[1]["phase"], error=outcome[1]["error"])
+    record["finished"] = time.time()
+    record["wall_seconds"] = round(record["finished"] - started, 3)
+    return record
+
+
+def _stop(proc) -> None:
+    if proc.is_alive():
+        proc.terminate()
+        proc.join(timeout=5)
+    if proc.is_alive():
+        proc.kill()
+        proc.join(timeout=5)

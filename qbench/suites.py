@@ -1,0 +1,146 @@
+"""Suite files: what to measure, on which data. Same suite => comparable rows."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from qbench.errors import QBenchError
+
+SUITES_DIR = Path(__file__).resolve().parent.parent / "suites"
+BosPolicy = Literal["none", "document", "window"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CorpusSpec(_Strict):
+    #: ``builtin:pydoc-topics`` or a path to a .txt / .jsonl file (relative to the suite file)
+    source: str
+    #: keep documents whose position lies in this fraction range, so evaluation
+    #: and calibration can take disjoint parts of one source
+    documents: tuple[float, float] = (0.0, 1.0)
+    #: field holding the text, for JSONL files
+    text_field: str = "text"
+
+    @model_validator(mode="after")
+    def _check_range(self):
+        lo, hi = self.documents
+        if not 0.0 <= lo < hi <= 1.0:
+            raise ValueError(f"documents range must satisfy 0 <= start < end <= 1, got {self.documents}")
+        return self
+
+
+class PerplexitySpec(_Strict):
+    corpus: CorpusSpec
+    max_tokens: int = Field(16384, gt=1, description="tokens of the corpus to evaluate")
+    max_length: int = Field(512, gt=1, description="window length in tokens (BOS included)")
+    stride: Optional[int] = Field(None, gt=0, description="window step; default max_length (no overlap)")
+    batch_size: int = Field(2, gt=0)
+
+
+class FidelitySpec(_Strict):
+    #: baseline distributions are stored as top-k log-probs plus the rest of the mass
+    top_k: int = Field(256, gt=0)
+
+
+class ChoiceTask(_Strict):
+    name: str
+    #: JSONL with fields ``context`` (str), ``choices`` (list[str]), ``gold`` (int)
+    path: str
+    limit: Optional[int] = Field(None, gt=0)
+
+
+class GenerationSpec(_Strict):
+    prompts: list[str] = Field(min_length=1)
+    max_new_tokens: int = Field(32, gt=0)
+
+
+class LatencySpec(_Strict):
+    prompt_tokens: int = Field(128, gt=0)
+    new_tokens: int = Field(32, gt=1)
+    batch_size: int = Field(1, gt=0)
+    warmup: int = Field(1, ge=0)
+    min_reps: int = Field(3, gt=0)
+    min_seconds: float = Field(2.0, ge=0)
+    max_reps: int = Field(50, gt=0)
+
+
+class CalibrationSpec(_Strict):
+    corpus: CorpusSpec
+    samples: int = Field(16, gt=0)
+    seq_len: int = Field(256, gt=1)
+
+
+class Suite(_Strict):
+    name: str
+    description: str = ""
+    #: BOS policy for every token sequence the harness builds: none, at the
+    #: start of each document, or at the start of every window
+    bos: BosPolicy = "none"
+    perplexity: Optional[PerplexitySpec] = None
+    fidelity: FidelitySpec = FidelitySpec()
+    tasks: list[ChoiceTask] = []
+    generation: Optional[GenerationSpec] = None
+    latency: Optional[LatencySpec] = None
+    calibration: Optional[CalibrationSpec] = None
+    #: folder of the suite file; relative data paths resolve against it
+    root: str = Field("", exclude=True)
+
+    def resolve(self, relative: str) -> Path:
+        path = Path(relative).expanduser()
+        return path if path.is_absolute() else Path(self.root) / path
+
+    def data_files(self) -> list[Path]:
+        files = [self.resolve(t.path) for t in self.tasks]
+        for corpus in (self.perplexity and self.perplexity.corpus, self.calibration and self.calibration.corpus):
+            if corpus and not corpus.source.startswith("builtin:"):
+                files.append(self.resolve(corpus.source))
+        return files
+
+    def content_hash(self) -> str:
+        """Hash of the settings and of every data file they point to."""
+        digest = hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode())
+        for path in self.data_files():
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes() if path.is_file() else b"<missing>")
+        return digest.hexdigest()[:16]
+
+
+def suite_path(name_or_path: str) -> Path:
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    builtin = SUITES_DIR / f"{name_or_path}.yaml"
+    if builtin.is_file():
+        return builtin
+    known = ", ".join(sorted(p.stem for p in SUITES_DIR.glob("*.yaml")))
+    raise QBenchError(f"suite '{name_or_path}' not found: give a suite file path or one of: {known}")
+
+
+def load_suite(name_or_path: str) -> Suite:
+    path = suite_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise QBenchError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(raw, dict):
+        raise QBenchError(f"{path}: a suite file must be a YAML mapping with at least 'name'")
+    try:
+        suite = Suite(**raw, root=str(path.parent.resolve()))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise QBenchError(f"{path}: field '{field}': {first['msg']}") from None
+    missing = [str(p) for p in suite.data_files() if not p.is_file()]
+    if missing:
+        raise QBenchError(f"{path}: data file not found: {missing[0]}")
+    return suite

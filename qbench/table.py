@@ -1,0 +1,59 @@
+"""The comparison table as people read it: formatted cells, deltas with
+error bars, failures with their reason."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+MIB = 2 ** 20
+
+
+def _value(record: dict[str, Any], name: str) -> Optional[dict[str, Any]]:
+    m = (record.get("metrics") or {}).get(name)
+    return m if isinstance(m, dict) and m.get("value") is not None else None
+
+
+def _num(m, fmt: str, scale: float = 1.0, err: bool = False) -> str:
+    if m is None:
+        return "-"
+    text = format(m["value"] * scale, fmt)
+    if err and m.get("stderr") is not None:
+        text += " ± " + format(m["stderr"] * scale, fmt)
+    return text
+
+
+#: (header, metric, format, scale, show stderr)
+COLUMNS = (
+    ("weights MiB", "weight_bytes", ".1f", 1 / MIB, False),
+    ("peak RSS MiB", "peak_rss_bytes", ".0f", 1 / MIB, False),
+    ("PPL", "perplexity", ".3f", 1.0, True),
+    ("ln(PPL/base)", "ln_ppl_ratio", ".4f", 1.0, True),
+    ("KLD", "kld", ".5f", 1.0, True),
+    ("same top %", "same_top_p", ".2f", 100.0, True),
+    ("acc %", "acc", ".1f", 100.0, True),
+    ("gen exact %", "gen_exact_match", ".0f", 100.0, False),
+    ("prefill ms", "prefill_ms", ".1f", 1.0, False),
+    ("decode ms/tok", "decode_ms_per_token", ".2f", 1.0, False),
+    ("tok/s", "decode_tokens_per_s", ".1f", 1.0, False),
+)
+
+
+def table_rows(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    headers = ["variant", "status"] + [c[0] for c in COLUMNS]
+    rows = []
+    for r in records:
+        label = r["cell"] + (" (baseline)" if r.get("baseline") else "")
+        if r["status"] != "ok":
+            rows.append([label, "FAILED: " + (r.get("error") or "?")] + ["-"] * len(COLUMNS))
+            continue
+        rows.append([label, "ok"] + [_num(_value(r, m), fmt, scale, err) for _, m, fmt, scale, err in COLUMNS])
+    # Drop columns that no record has a value for (e.g. a suite without tasks).
+    keep = [i for i in range(len(headers)) if i < 2 or any(row[i] != "-" for row in rows)]
+    return [headers[i] for i in keep], [[row[i] for i in keep] for row in rows]
+
+
+def markdown_table(records: list[dict[str, Any]]) -> str:
+    headers, rows = table_rows(records)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)

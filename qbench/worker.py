@@ -1,0 +1,268 @@
+"""What runs inside one cell's freshly spawned worker process.
+
+One process per cell keeps memory figures clean and confines a crash, an
+out-of-memory kill or a hang to that cell. The worker reports phases and its
+record through a pipe; the parent alone writes results.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from qbench.errors import QBenchError
+from qbench.models import ModelSpec
+from qbench.plugins import PluginSettings
+
+
+@dataclass(frozen=True)
+class CellTask:
+    run_id: str
+    run_dir: str
+    cell: str
+    backend: str
+    variant: str
+    is_baseline: bool
+    model: dict
+    suite_path: str
+    device: str
+    threads: Optional[int]
+    plugins: PluginSettings
+
+
+def reference_paths(run_dir: str) -> dict[str, Path]:
+    folder = Path(run_dir) / "reference"
+    return {"dir": folder, "logprobs": folder / "logprobs.safetensors", "meta": folder / "meta.json",
+            "generation": folder / "generation.json"}
+
+
+def _write_atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    tmp.replace(path)
+
+
+def worker_main(task: CellTask, conn, log_path: str) -> None:
+    """Entry point of the spawned process."""
+    # Backend libraries print progress bars and warnings; keep them in the
+    # cell's log instead of on top of the runner's progress display.
+    log = open(log_path, "a", buffering=1)
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    sys.stdout = sys.stderr = log
+    phase = "start"
+
+    def enter(name: str) -> None:
+        nonlocal phase
+        phase = name
+        print(f"[qbench] phase: {name}", flush=True)
+        conn.send(("phase", name))
+
+    try:
+        record = measure_cell(task, enter)
+        conn.send(("result", record))
+    except BaseException as exc:  # everything becomes a failed record, never a lost cell
+        traceback.print_exc()
+        conn.send(("error", {"phase": phase, "error": describe_error(exc, phase)}))
+        conn.close()
+        sys.exit(1)
+    conn.close()
+
+
+def describe_error(exc: BaseException, phase: str) -> str:
+    import torch
+
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return (f"out of memory during {phase} ({type(exc).__name__}): try a smaller batch_size or "
+                f"max_length in the suite, or another device")
+    if isinstance(exc, QBenchError):
+        return str(exc)
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__} during {phase}: {first}"[:500]
+
+
+def verify_quantized(weight_bytes: int, n_params: Optional[int], bits: Optional[float], cell: str) -> None:
+    """Refuse a row whose weights did not shrink as the variant promises.
+
+    The check is deliberately loose (embeddings and norms may stay in full
+    precision) but catches the classic silent fallback to fp32: a 16-bit
+    variant must hold less than fp32 would, a sub-16-bit one less than fp16."""
+    if bits is None or n_params is None:
+        return
+    ceiling = n_params * (4 if bits >= 16 else 2) * 0.95
+    if weight_bytes > ceiling:
+        raise QBenchError(
+            f"{cell} promises {bits:g}-bit weights but holds {weight_bytes / 2**20:.1f} MiB "
+            f"({n_params / 1e6:.1f}M parameters, {'fp32' if bits >= 16 else 'fp16'} would be "
+            f"{n_params * (4 if bits >= 16 else 2) / 2**20:.1f} MiB): quantization did not happen, "
+            f"so its numbers are not reported"
+        )
+
+
+def count_parameters(model_path: str) -> Optional[int]:
+    """Parameters stored in the model's safetensors files (headers only)."""
+    from safetensors import safe_open
+
+    files = sorted(Path(model_path).glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for path in files:
+        with safe_open(str(path), framework="pt") as handle:
+            for name in handle.keys():
+                shape = handle.get_slice(name).get_shape()
+                count = 1
+                for dim in shape:
+                    count *= dim
+                total += count
+    return total
+
+
+def measure_cell(task: CellTask, enter) -> dict[str, Any]:
+    import torch
+
+    from qbench.artifacts import obtain_artifact
+    from qbench.environment import collect_environment
+    from qbench.metrics import metric, proportion_stderr
+    from qbench.metrics.choice import accuracy_metrics
+    from qbench.metrics.cost import latency_metrics, memory_metrics
+    from qbench.metrics.generation import generation_metrics
+    from qbench.metrics.quality import fidelity_metrics, perplexity_metrics
+    from qbench.metrics.scoring import Reference, reference_from, score_windows
+    from qbench.plugins import get_backend, load_plugins
+    from qbench.suites import load_suite
+    from qbench.workload import Workload, load_tokenizer
+
+    started = time.time()
+    if task.threads:
+        torch.set_num_threads(task.threads)
+    phase_seconds: dict[str, float] = {}
+    clock = {"name": None, "t": time.perf_counter()}
+
+    def phase(name: str) -> None:
+        now = time.perf_counter()
+        if clock["name"]:
+            phase_seconds[clock["name"]] = round(now - clock["t"], 3)
+        clock.update(name=name, t=now)
+        if name != "done":
+            enter(name)
+
+    phase("prepare")
+    model = ModelSpec(**task.model)
+    backend = get_backend(load_plugins(task.plugins), task.backend)
+    variant, config = backend.parse_variant(task.variant)
+    availability = backend.variant_available(config, task.device)
+    if not availability.ok:
+        raise QBenchError(f"{task.cell} cannot run on {task.device}: {availability.reason}")
+    suite = load_suite(task.suite_path)
+    work = Workload(suite, load_tokenizer(model.path, model.trust_remote_code))
+    calibration, calibration_hash = work.calibration() if backend.uses_calibration else (None, None)
+
+    phase("quantize")
+    artifact, cache_hit, key = obtain_artifact(
+        backend, variant, config, model.path, model.fingerprint, calibration, calibration_hash,
+        on_build=lambda: enter("quantize (building artifact)"))
+
+    artifact = artifact.model_copy(update={"trust_remote_code": model.trust_remote_code})
+
+    phase("load")
+    load_started = time.perf_counter()
+    session = backend.load(artifact, task.device)
+    load_seconds = time.perf_counter() - load_started
+    weight_bytes = session.weight_bytes()
+    verify_quantized(weight_bytes, count_parameters(model.path), config.nominal_bits(), task.cell)
+
+    metrics: dict[str, Any] = {}
+    notes: list[str] = []
+    refs = reference_paths(task.run_dir)
+    fingerprint = work.fingerprint()
+
+    if suite.perplexity:
+        phase("perplexity")
+        windows = work.perplexity_windows
+        reference = None
+        if not task.is_baseline:
+            meta = json.loads(refs["meta"].read_text()) if refs["meta"].is_file() else None
+            if meta is None:
+                notes.append("no baseline reference in this run (did the baseline fail?): fidelity not measured")
+            elif meta["windows"] != fingerprint["perplexity_windows"]:
+                raise QBenchError("the baseline's windows differ from this cell's: the suite or tokenizer changed "
+                                  "mid-run; start a new run instead of resuming")
+            else:
+                reference = Reference.load(refs["logprobs"])
+        scores = score_windows(session, windows, suite.perplexity.batch_size, reference=reference,
+                               top_k=suite.fidelity.top_k if task.is_baseline else 0)
+        token_lp = scores.tensor("token_logprobs")
+        n_bytes, n_words = work.scored_text_stats()
+        metrics.update(perplexity_metrics(token_lp, n_bytes, n_words))
+        if task.is_baseline:
+            ref = reference_from(scores)
+            _write_atomic(refs["logprobs"], ref.save)
+            _write_atomic(refs["meta"], lambda p: p.write_text(json.dumps(
+                {"windows": fingerprint["perplexity_windows"], "top_k": suite.fidelity.top_k,
+                 "cell": task.cell, "tokens": token_lp.numel()})))
+        elif reference is not None:
+            metrics.update(fidelity_metrics(token_lp, reference.token_logprobs, scores.tensor("kld"),
+                                            scores.tensor("same_top"), scores.tensor("tail_mass"),
+                                            suite.fidelity.top_k))
+
+    if work.tasks:
+        phase("tasks")
+        per_task = {}
+        for name, items, windows in work.tasks:
+            lp = score_windows(session, windows, suite.perplexity.batch_size if suite.perplexity else 4).tensor(
+                "token_logprobs")
+            per_task[name] = accuracy_metrics(items, lp, windows)
+        metrics["tasks"] = per_task
+        # Pooled over every item of every task: total correct / total items.
+        n_total = sum(len(items) for _, items, _ in work.tasks)
+        for key in ("acc", "acc_norm"):
+            value = sum(per_task[name][key]["value"] * len(items) for name, items, _ in work.tasks) / n_total
+            metrics[key] = metric(value, "fraction", n_total, proportion_stderr(value, n_total))
+
+    if suite.generation:
+        phase("generation")
+        outputs = [session.generate(p, suite.generation.max_new_tokens, lambda: None)[0].tolist()
+                   for p in work.generation_prompts()]
+        if task.is_baseline:
+            _write_atomic(refs["generation"], lambda p: p.write_text(json.dumps(outputs)))
+        elif refs["generation"].is_file():
+            metrics.update(generation_metrics(outputs, json.loads(refs["generation"].read_text())))
+        else:
+            notes.append("no baseline generations in this run: generation fidelity not measured")
+
+    if suite.latency:
+        phase("latency")
+        spec = suite.latency
+        metrics.update(latency_metrics(session, work.latency_prompt(), spec.new_tokens, spec.warmup,
+                                       spec.min_reps, spec.min_seconds, spec.max_reps))
+
+    metrics.update(memory_metrics(session, task.device))
+    metrics["load_seconds"] = {"value": load_seconds, "unit": "s"}
+    metrics["quantize_seconds"] = {"value": artifact.quantize_seconds, "unit": "s",
+                                   "cached": cache_hit, "label": "time the artifact took to build, even if cached"}
+    describe = session.describe()
+    session.close()
+    phase("done")
+    return {
+        "status": "ok",
+        "metrics": metrics,
+        "notes": notes,
+        "config": config.settings(),
+        "nominal_bits": config.nominal_bits(),
+        "backend_version": backend.version(),
+        "artifact": {"key": key, "cache_hit": cache_hit, "path": artifact.path, "meta": artifact.meta},
+        "calibration": {"hash": calibration_hash, "samples": len(calibration)} if calibration else None,
+        "workload": fingerprint,
+        "session": describe,
+        "env": collect_environment(task.device),
+        "phase_seconds": phase_seconds,
+        "started": started,
+    }

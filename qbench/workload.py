@@ -1,0 +1,102 @@
+"""Turns a suite into token ids, identically in every worker: the harness owns
+the tokenizer and the BOS policy, backends only ever see ids."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Optional
+
+import torch
+
+from qbench.corpus import corpus_stream, load_documents
+from qbench.metrics.choice import load_items, request_windows
+from qbench.suites import Suite
+from qbench.windows import Window, make_windows, windows_hash
+
+
+def load_tokenizer(model_path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+
+
+@dataclass
+class Workload:
+    suite: Suite
+    tokenizer: Any
+    #: memo of the corpus stream, shared by perplexity and latency prompts
+    _stream: Optional[list[int]] = field(default=None, repr=False)
+
+    @property
+    def bos_id(self) -> Optional[int]:
+        return self.tokenizer.bos_token_id
+
+    def _bos_prefix(self) -> list[int]:
+        return [self.bos_id] if self.suite.bos != "none" and self.bos_id is not None else []
+
+    def stream(self) -> list[int]:
+        if self._stream is None:
+            spec = self.suite.perplexity
+            docs = load_documents(spec.corpus, self.suite)
+            self._stream = corpus_stream(self.tokenizer, docs, spec.max_tokens)
+        return self._stream
+
+    @cached_property
+    def perplexity_windows(self) -> list[Window]:
+        spec = self.suite.perplexity
+        return make_windows(self.stream(), spec.max_length, spec.stride, self.suite.bos, self.bos_id)
+
+    def scored_text_stats(self) -> tuple[int, int]:
+        """(bytes, words) of the text of exactly the scored tokens."""
+        stream = self.stream()
+        n_bytes = n_words = 0
+        for w in self.perplexity_windows:
+            text = self.tokenizer.decode(stream[w.span[0]: w.span[1]])
+            n_bytes += len(text.encode("utf-8"))
+            n_words += len(text.split())
+        return n_bytes, n_words
+
+    @cached_property
+    def tasks(self) -> list[tuple[str, list[dict], list[Window]]]:
+        out = []
+        bos = self._bos_prefix()
+        for task in self.suite.tasks:
+            items = load_items(self.suite.resolve(task.path), task.limit)
+            out.append((task.name, items, request_windows(self.tokenizer, items, bos[0] if bos else None)))
+        return out
+
+    def generation_prompts(self) -> list[torch.Tensor]:
+        bos = self._bos_prefix()
+        return [torch.tensor([bos + self.tokenizer(p, add_special_tokens=False)["input_ids"]])
+                for p in self.suite.generation.prompts]
+
+    def latency_prompt(self) -> torch.Tensor:
+        """Real corpus tokens (not random ids), repeated over the batch."""
+        spec = self.suite.latency
+        ids = (self._bos_prefix() + self.stream())[: spec.prompt_tokens]
+        if len(ids) < spec.prompt_tokens:
+            raise ValueError(f"the corpus has only {len(ids)} tokens, the latency workload needs {spec.prompt_tokens}")
+        return torch.tensor([ids] * spec.batch_size)
+
+    def calibration(self) -> tuple[Optional[list[list[int]]], Optional[str]]:
+        """Calibration samples (token ids) and their hash, from data kept apart
+        from the evaluation data."""
+        spec = self.suite.calibration
+        if spec is None:
+            return None, None
+        docs = load_documents(spec.corpus, self.suite)
+        stream = corpus_stream(self.tokenizer, docs, spec.samples * spec.seq_len)
+        samples = [stream[i: i + spec.seq_len] for i in range(0, len(stream), spec.seq_len)]
+        samples = [s for s in samples if len(s) == spec.seq_len][: spec.samples]
+        digest = hashlib.sha256(json.dumps(samples).encode()).hexdigest()[:16]
+        return samples, digest
+
+    def fingerprint(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"bos_policy": self.suite.bos, "bos_id": self.bos_id}
+        if self.suite.perplexity:
+            out["perplexity_windows"] = windows_hash(self.perplexity_windows)
+            out["perplexity_tokens"] = sum(w.n_scored for w in self.perplexity_windows)
+        return out

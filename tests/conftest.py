@@ -1,0 +1,102 @@
+"""Shared fixtures: a tiny random Llama with its own tokenizer, a tiny suite,
+and isolation from the user's caches and installed third-party plugins."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+FAKE_PLUGINS = HERE / "fake_plugins"
+RTN_PLUGIN = REPO / "examples" / "rtn_plugin"
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(tmp_path_factory, monkeypatch):
+    """Tests never load installed third-party plugins nor touch the user's cache."""
+    monkeypatch.setenv("QBENCH_PLUGINS", "builtin")
+    monkeypatch.delenv("QBENCH_BLOCK_PLUGINS", raising=False)
+    monkeypatch.delenv("QBENCH_PLUGINS_DIR", raising=False)
+    monkeypatch.setenv("QBENCH_CACHE", str(tmp_path_factory.mktemp("cache")))
+    monkeypatch.setenv("QBENCH_RESULTS", str(tmp_path_factory.mktemp("results")))
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def _train_tokenizer(folder: Path) -> None:
+    from pydoc_data.topics import topics
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=["<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([topics[k] for k in sorted(topics)[:20]], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.save_pretrained(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A randomly initialised 2-layer Llama (hidden 64) saved as an HF folder."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    _train_tokenizer(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    # Larger than default init so the model is far from uniform and quantization noise shows.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.15)
+    model.save_pretrained(folder)
+    return folder
+
+
+MC_ITEMS = [
+    {"context": "Question: What is 2 + 2?\nAnswer:", "choices": [" 4", " 5", " 22"], "gold": 0},
+    {"context": "The sky is", "choices": [" blue", " green"], "gold": 0},
+    {"context": "One, two,", "choices": [" three", " seven", " ten"], "gold": 0},
+    {"context": "Cats and", "choices": [" dogs", " tables"], "gold": 0},
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_suite(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("suite")
+    (folder / "mc.jsonl").write_text("".join(json.dumps(i) + "\n" for i in MC_ITEMS))
+    path = folder / "tiny.yaml"
+    path.write_text(textwrap.dedent("""
+        name: tiny
+        bos: none
+        perplexity:
+          corpus: {source: "builtin:pydoc-topics", documents: [0.0, 0.5]}
+          max_tokens: 300
+          max_length: 64
+          batch_size: 3
+        fidelity: {top_k: 32}
+        tasks:
+          - {name: mc, path: mc.jsonl}
+        generation:
+          prompts: ["The assert statement", "Class definitions"]
+          max_new_tokens: 5
+        latency: {prompt_tokens: 16, new_tokens: 4, warmup: 1, min_reps: 2, min_seconds: 0}
+        calibration:
+          corpus: {source: "builtin:pydoc-topics", documents: [0.5, 1.0]}
+          samples: 2
+          seq_len: 32
+    """))
+    return path

@@ -1,0 +1,80 @@
+"""Fake backends for the runner's failure-isolation tests, loaded through
+``--plugins-dir`` exactly as a user's one-off plugin would be."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Literal
+
+from qbench import hookimpl
+from qbench.backend import Backend, Session, VariantConfig
+
+
+class FakeConfig(VariantConfig):
+    behaviour: Literal["ok", "raise", "exit", "hang", "slow", "uniform"] = "ok"
+
+
+class UniformSession(Session):
+    """Logits all equal: perplexity must be exactly the vocabulary size."""
+
+    def __init__(self, vocab: int):
+        self.vocab = vocab
+
+    def logits(self, input_ids, attention_mask):
+        import torch
+
+        return torch.zeros(*input_ids.shape, self.vocab)
+
+    def generate(self, input_ids, max_new_tokens, on_token):
+        import torch
+
+        for _ in range(max_new_tokens):
+            on_token()
+        return torch.zeros(input_ids.shape[0], max_new_tokens, dtype=torch.long)
+
+    def weight_bytes(self):
+        return 0
+
+    def describe(self):
+        return {}
+
+    def close(self):
+        pass
+
+
+class Fake(Backend):
+    name = "fake"
+    description = "test double: full precision, or a scripted failure"
+    config_class = FakeConfig
+
+    def variants(self):
+        return {b: FakeConfig(behaviour=b) for b in ("ok", "raise", "exit", "hang", "slow", "uniform")}
+
+    def quantize(self, model_path, config, calibration, workdir):
+        return {}
+
+    def load(self, artifact, device):
+        behaviour = artifact.config["behaviour"]
+        if behaviour == "raise":
+            raise RuntimeError("scripted failure in load")
+        if behaviour == "exit":
+            os._exit(3)
+        if behaviour == "hang":
+            time.sleep(3600)
+        if behaviour == "slow":
+            time.sleep(float(os.environ.get("QBENCH_FAKE_SLOW_SECONDS", "3")))
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from qbench.hf import HFSession
+
+        if behaviour == "uniform":
+            return UniformSession(AutoConfig.from_pretrained(artifact.model_path).vocab_size)
+        model = AutoModelForCausalLM.from_pretrained(artifact.model_path, dtype=torch.float32)
+        return HFSession(model, device)
+
+
+@hookimpl
+def register_backends(register):
+    register(Fake())

@@ -1,0 +1,163 @@
+"""Metrics with known answers."""
+
+import math
+
+import pytest
+import torch
+
+from qbench.backend import Session
+from qbench.hf import HFSession
+from qbench.metrics.choice import accuracy_metrics, request_windows
+from qbench.metrics.generation import generation_metrics
+from qbench.metrics.quality import fidelity_metrics, perplexity_metrics
+from qbench.metrics.scoring import kl_against_topk, reference_from, score_windows
+from qbench.windows import Window, make_windows
+
+
+class FixedLogits(Session):
+    """Logits from a function of the input ids."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def logits(self, input_ids, attention_mask):
+        return self.fn(input_ids)
+
+    def generate(self, input_ids, max_new_tokens, on_token):
+        raise NotImplementedError
+
+    def weight_bytes(self):
+        return 0
+
+
+def load_tiny(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def test_uniform_logits_give_perplexity_equal_to_vocab_size():
+    vocab = 37
+    session = FixedLogits(lambda ids: torch.zeros(*ids.shape, vocab))
+    windows = make_windows([i % vocab for i in range(100)], max_length=16, stride=None, bos_policy="none", bos_id=None)
+    lp = score_windows(session, windows, batch_size=3).tensor("token_logprobs")
+    n_bytes, n_words = 250, 40
+    m = perplexity_metrics(lp, n_bytes=n_bytes, n_words=n_words)
+    assert m["perplexity"]["value"] == pytest.approx(vocab, rel=1e-6)
+    assert m["perplexity"]["stderr"] == pytest.approx(0.0, abs=1e-9)
+    n = lp.numel()
+    assert n == sum(w.n_scored for w in windows) == 100 - math.ceil(100 / 16)
+    # bits per byte and word perplexity by hand: every token costs ln(37) nats.
+    assert m["bits_per_byte"]["value"] == pytest.approx(n * math.log(vocab) / (n_bytes * math.log(2)))
+    assert m["word_perplexity"]["value"] == pytest.approx(math.exp(n * math.log(vocab) / n_words))
+
+
+def test_hand_computed_kld_and_fidelity():
+    p = torch.tensor([[0.5, 0.3, 0.2]], dtype=torch.float64)
+    q = torch.tensor([[0.4, 0.4, 0.2]], dtype=torch.float64)
+    expected = 0.5 * math.log(0.5 / 0.4) + 0.3 * math.log(0.3 / 0.4)  # 0.02527...
+    kld, tail = kl_against_topk(p.log(), torch.tensor([[0, 1, 2]]), q.log())
+    assert kld.item() == pytest.approx(expected, rel=1e-5)
+    assert tail.item() == pytest.approx(0.0, abs=1e-6)
+    # top-2 of P with the rest merged: KL over {0, 1, rest} = same here, since the rest is one token.
+    kld2, tail2 = kl_against_topk(p.log()[:, :2], torch.tensor([[0, 1]]), q.log())
+    assert kld2.item() == pytest.approx(expected, rel=1e-5)
+    assert tail2.item() == pytest.approx(0.2, rel=1e-5)
+
+
+def test_topk_kld_is_a_lower_bound_that_tightens_with_k():
+    torch.manual_seed(1)
+    logp = torch.log_softmax(torch.randn(50, 100) * 2, -1)
+    logq = torch.log_softmax(torch.randn(50, 100) * 2, -1)
+    exact = (logp.exp() * (logp - logq)).sum(-1)
+    previous = torch.zeros(50)
+    for k in (1, 5, 20, 100):
+        values, ids = logp.topk(k, -1)
+        approx, _ = kl_against_topk(values, ids, logq)
+        assert torch.all(approx <= exact + 1e-5)
+        assert torch.all(approx >= previous - 1e-5)
+        previous = approx
+    assert torch.allclose(previous, exact, atol=1e-5)
+
+
+def test_baseline_against_itself_is_perfect(tiny_model):
+    session = HFSession(load_tiny(tiny_model), "cpu")
+    windows = make_windows(list(range(3, 200)), 32, None, "none", None)
+    base = score_windows(session, windows, 4, top_k=400)
+    ref = reference_from(base)
+    again = score_windows(session, windows, 4, reference=ref)
+    m = fidelity_metrics(again.tensor("token_logprobs"), ref.token_logprobs, again.tensor("kld"),
+                         again.tensor("same_top"), again.tensor("tail_mass"), 400)
+    assert m["kld"]["value"] == pytest.approx(0.0, abs=1e-6)
+    assert m["same_top_p"]["value"] == 1.0
+    assert m["delta_p"]["value"] == pytest.approx(0.0, abs=1e-7)
+    assert m["delta_p_rms"]["value"] == pytest.approx(0.0, abs=1e-7)
+    assert m["ln_ppl_ratio"]["value"] == pytest.approx(0.0, abs=1e-7)
+
+
+def test_perplexity_matches_transformers_loss_on_the_same_window(tiny_model):
+    model = load_tiny(tiny_model)
+    ids = list(range(5, 69))
+    windows = make_windows(ids, max_length=64, stride=None, bos_policy="none", bos_id=None)
+    assert len(windows) == 1
+    lp = score_windows(HFSession(model, "cpu"), windows, 1).tensor("token_logprobs")
+    with torch.no_grad():
+        loss = model(torch.tensor([ids]), labels=torch.tensor([ids])).loss.item()
+    assert perplexity_metrics(lp, 1, 1)["perplexity"]["value"] == pytest.approx(math.exp(loss), rel=1e-5)
+
+
+def test_results_do_not_depend_on_batch_size(tiny_model):
+    session = HFSession(load_tiny(tiny_model), "cpu")
+    # 150 tokens in windows of 64 leave a short last window, so batches need padding.
+    windows = make_windows(list(range(7, 157)), 64, None, "none", None)
+    assert len({len(w.input_ids) for w in windows}) > 1
+    one = score_windows(session, windows, 1).tensor("token_logprobs")
+    three = score_windows(session, windows, 3).tensor("token_logprobs")
+    assert torch.allclose(one, three, atol=1e-4)
+
+
+def test_sliding_window_scores_every_token_once():
+    windows = make_windows(list(range(1000)), max_length=128, stride=32, bos_policy="none", bos_id=None)
+    spans = [w.span for w in windows]
+    assert spans[0][0] == 1 and spans[-1][1] == 1000
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    assert all(len(w.input_ids) <= 128 for w in windows)
+
+
+def test_bos_policies():
+    tokens = list(range(10, 20))
+    every = make_windows(tokens, 4, None, "window", bos_id=1)
+    assert all(w.input_ids[0] == 1 for w in every)
+    assert sum(w.n_scored for w in every) == 10  # every corpus token scored
+    doc = make_windows(tokens, 4, None, "document", bos_id=1)
+    assert doc[0].input_ids[0] == 1 and doc[1].input_ids[0] != 1
+    with pytest.raises(ValueError, match="no BOS"):
+        make_windows(tokens, 4, None, "window", bos_id=None)
+
+
+def test_multiple_choice_split_and_accuracy(tiny_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    items = [{"context": "The sky is ", "choices": ["blue", "a colour"], "gold": 0},
+             {"context": "One two", "choices": [" three", " x"], "gold": 1}]
+    windows = request_windows(tok, items, bos_id=None)
+    # The trailing space moves from the context into the choice, and only the choice is scored.
+    whole = tok("The sky is blue", add_special_tokens=False)["input_ids"]
+    ctx = tok("The sky is", add_special_tokens=False)["input_ids"]
+    assert windows[0].input_ids == tuple(whole) and windows[0].n_scored == len(whole) - len(ctx)
+    # Scripted log-likelihoods per choice. Item 1: "blue" wins on the sum (gold), but per
+    # character "a colour" (-3/8) beats "blue" (-2/4). Item 2: " three" wins both ways (wrong).
+    per_window = [-2.0, -3.0, -1.0, -1.5]
+    lp = torch.cat([torch.full((w.n_scored,), v / w.n_scored) for w, v in zip(windows, per_window)])
+    m = accuracy_metrics(items, lp, windows)
+    assert m["acc"]["value"] == 0.5
+    assert m["acc"]["stderr"] == pytest.approx(math.sqrt(0.25 / 1))
+    assert m["acc_norm"]["value"] == 0.0
+    assert m["acc_norm"]["stderr"] == 0.0
+
+
+def test_generation_metrics():
+    m = generation_metrics([[1, 2, 3], [4, 5, 9]], [[1, 2, 3], [4, 6, 9]])
+    assert m["gen_exact_match"]["value"] == 0.5
+    assert m["gen_common_prefix"]["value"] == pytest.approx((3 + 1) / 2)

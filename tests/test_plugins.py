@@ -1,0 +1,98 @@
+import json
+import textwrap
+
+import pytest
+from click.testing import CliRunner
+
+from qbench.cli import cli
+from qbench.errors import QBenchError
+from qbench.plugins import PluginSettings, load_plugins
+from tests.conftest import FAKE_PLUGINS
+
+
+def backends_json(*args):
+    result = CliRunner().invoke(cli, ["backends", "--json", "--device", "cpu", *args])
+    assert result.exit_code == 0, result.output
+    return {e["backend"]: e for e in json.loads(result.output)}
+
+
+def test_builtin_fp_backend_lists_its_variants_with_settings():
+    fp = backends_json()["fp"]
+    assert [v["name"] for v in fp["variants"]] == ["fp32", "bf16", "fp16"]
+    assert fp["variants"][1]["settings"] == {"dtype": "bf16"}
+    assert fp["variants"][1]["nominal_bits"] == 16
+    assert fp["available"] and fp["version"]
+    assert fp["plugin"] == "fp"  # registered through the entry point, like a third-party plugin
+
+
+def test_fake_backend_from_plugins_dir_appears():
+    entries = backends_json("--plugins-dir", str(FAKE_PLUGINS))
+    assert "fake" in entries
+    assert {v["name"] for v in entries["fake"]["variants"]} >= {"ok", "raise", "exit", "hang"}
+    assert entries["fake"]["plugin"].endswith("qbench_fakes.py")
+
+
+def test_plugins_dir_from_env(monkeypatch):
+    monkeypatch.setenv("QBENCH_PLUGINS_DIR", str(FAKE_PLUGINS))
+    assert "fake" in load_plugins(PluginSettings.from_env()).backends
+
+
+def test_block_env_var_hides_builtin(monkeypatch):
+    monkeypatch.setenv("QBENCH_BLOCK_PLUGINS", "fp")
+    assert "fp" not in load_plugins(PluginSettings.from_env()).backends
+
+
+def test_empty_allowlist_loads_no_entry_point(monkeypatch):
+    monkeypatch.setenv("QBENCH_PLUGINS", "")
+    assert load_plugins(PluginSettings.from_env()).backends == {}
+
+
+def test_misspelled_hook_fails_loudly(tmp_path):
+    (tmp_path / "typo.py").write_text(textwrap.dedent("""
+        from qbench import hookimpl
+
+        @hookimpl
+        def register_backend(register):  # missing the final "s"
+            pass
+    """))
+    with pytest.raises(QBenchError, match="unknown hook.*register_backend.*known hooks: register_backends"):
+        load_plugins(PluginSettings(plugin_dirs=(str(tmp_path),)))
+
+
+def test_misspelled_hook_exits_nonzero_with_one_line(tmp_path):
+    from qbench.cli import main
+
+    (tmp_path / "typo.py").write_text("from qbench import hookimpl\n@hookimpl\ndef register_backendz(register): pass\n")
+    with pytest.raises(SystemExit) as exc:
+        main(["backends", "--plugins-dir", str(tmp_path)])
+    assert exc.value.code == 2
+
+
+def test_duplicate_backend_name_names_both_plugins(tmp_path):
+    (tmp_path / "dup.py").write_text(textwrap.dedent("""
+        from qbench import hookimpl
+        import qbench_plugins.fp as fp
+
+        @hookimpl
+        def register_backends(register):
+            register(fp.FullPrecision())
+    """))
+    with pytest.raises(QBenchError, match=r"registered twice, by 'fp' and 'file:.*dup.py'"):
+        load_plugins(PluginSettings(plugin_dirs=(str(tmp_path),), allow=("builtin",)))
+
+
+def test_plugin_that_fails_to_import_is_named(tmp_path):
+    (tmp_path / "broken.py").write_text("raise ImportError('no such thing')\n")
+    with pytest.raises(QBenchError, match="broken.py failed to import"):
+        load_plugins(PluginSettings(plugin_dirs=(str(tmp_path),)))
+
+
+def test_unknown_variant_and_bad_custom_settings_are_rejected():
+    fp = load_plugins(PluginSettings(allow=("builtin",))).backends["fp"]
+    with pytest.raises(QBenchError, match="unknown variant 'int3'.*fp32, bf16, fp16"):
+        fp.parse_variant("int3")
+    with pytest.raises(QBenchError, match="field 'dtype'"):
+        fp.parse_variant("dtype=fp8")
+    with pytest.raises(QBenchError, match="field 'colour'"):
+        fp.parse_variant("colour=red")
+    assert fp.parse_variant("dtype=bf16")[1].dtype == "bf16"
