@@ -13,7 +13,7 @@ from rich.table import Table
 
 from qbench.errors import QBenchError
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # messages never wrap mid-word in logs
 # Piped output (CI logs, files) gets a wide table instead of an 80-column wrap.
 out = Console(width=None if sys.stdout.isatty() else 250)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Literal
+from typing import Literal, Optional
 
 from qbench import hookimpl
 from qbench.backend import Backend, Session, VariantConfig
@@ -13,6 +13,11 @@ from qbench.backend import Backend, Session, VariantConfig
 
 class FakeConfig(VariantConfig):
     behaviour: Literal["ok", "raise", "exit", "hang", "slow", "uniform"] = "ok"
+    #: what the variant promises; "liar" promises 4 bits but loads fp32
+    claims_bits: Optional[float] = None
+
+    def nominal_bits(self):
+        return self.claims_bits
 
 
 class UniformSession(Session):
@@ -49,7 +54,8 @@ class Fake(Backend):
     config_class = FakeConfig
 
     def variants(self):
-        return {b: FakeConfig(behaviour=b) for b in ("ok", "raise", "exit", "hang", "slow", "uniform")}
+        named = {b: FakeConfig(behaviour=b) for b in ("ok", "raise", "exit", "hang", "slow", "uniform")}
+        return {**named, "liar": FakeConfig(claims_bits=4)}
 
     def quantize(self, model_path, config, calibration, workdir):
         return {}

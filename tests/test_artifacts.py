@@ -1,0 +1,56 @@
+"""The quantized-artifact cache."""
+
+import pytest
+
+from qbench.artifacts import obtain_artifact
+from qbench.errors import QBenchError
+from qbench.models import fingerprint
+from qbench.plugins import PluginSettings, load_plugins
+from tests.conftest import RTN_PLUGIN
+
+
+@pytest.fixture
+def rtn():
+    return load_plugins(PluginSettings(plugin_dirs=(str(RTN_PLUGIN),), allow=())).backends["rtn"]
+
+
+def obtain(backend, spec, model, calibration_hash=None):
+    variant, config = backend.parse_variant(spec)
+    return obtain_artifact(backend, variant, config, str(model), fingerprint(model), None, calibration_hash)
+
+
+def test_second_run_hits_and_changed_config_misses(rtn, tiny_model):
+    first, hit1, key1 = obtain(rtn, "w4g32", tiny_model)
+    second, hit2, key2 = obtain(rtn, "w4g32", tiny_model)
+    assert (hit1, hit2) == (False, True) and key1 == key2
+    assert second.quantize_seconds == first.quantize_seconds > 0  # recorded even from the cache
+    custom, hit3, key3 = obtain(rtn, "bits=4,group_size=32,symmetric=false", tiny_model)
+    assert not hit3 and key3 != key1
+    _, hit4, key4 = obtain(rtn, "w4g32", tiny_model, calibration_hash="abc")
+    assert not hit4 and key4 != key1  # calibration data is part of the key
+
+
+def test_corrupt_cache_entry_is_reported_with_the_fix(rtn, tiny_model):
+    artifact, _, _ = obtain(rtn, "w8g32", tiny_model)
+    record = (artifact.path.rsplit("/files", 1)[0]) + "/artifact.json"
+    with open(record, "w") as handle:
+        handle.write("{ truncated")
+    with pytest.raises(QBenchError, match=r"corrupt artifact cache entry .*unreadable artifact.json.*rm -r"):
+        obtain(rtn, "w8g32", tiny_model)
+
+
+def test_missing_artifact_file_is_reported(rtn, tiny_model):
+    import os
+
+    artifact, _, _ = obtain(rtn, "w2g32", tiny_model)
+    os.remove(os.path.join(artifact.path, "rtn.safetensors"))
+    with pytest.raises(QBenchError, match="missing rtn.safetensors"):
+        obtain(rtn, "w2g32", tiny_model)
+
+
+def test_failed_quantization_leaves_no_entry(rtn, tiny_model):
+    # group_size 256 does not divide the tiny model's 64 input features.
+    with pytest.raises(ValueError, match="does not divide"):
+        obtain(rtn, "bits=4,group_size=256", tiny_model)
+    with pytest.raises(ValueError, match="does not divide"):
+        obtain(rtn, "bits=4,group_size=256", tiny_model)  # not mistaken for a cached artifact

@@ -1,0 +1,100 @@
+"""Isolation, failure records, resume after SIGKILL, and the Python API."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import qbench
+from qbench.api import create_run
+from qbench.results import ResultStore, load_results
+from qbench.runner import execute, split_backend_specs
+from tests.conftest import FAKE_PLUGINS, REPO
+
+
+def test_split_backend_specs_keeps_custom_settings_together():
+    assert split_backend_specs(["fp,fake:ok", "rtn:bits=4,group_size=64", "fp:bf16"]) == [
+        "fp", "fake:ok", "rtn:bits=4,group_size=64", "fp:bf16"]
+
+
+def test_failing_cells_are_recorded_and_the_others_finish(tiny_model, tiny_suite, tmp_path):
+    plan, run_dir = create_run(
+        model=str(tiny_model), suite=str(tiny_suite), device="cpu", cell_timeout=45,
+        backends=["fake:raise", "fake:exit", "fake:hang", "fp:bf16"], plugin_dirs=(str(FAKE_PLUGINS),),
+        output_dir=str(tmp_path))
+    execute(plan, run_dir)
+    records = {r["cell"]: r for r in ResultStore(run_dir).records()}
+    assert list(records) == ["fp:fp32", "fake:raise", "fake:exit", "fake:hang", "fp:bf16"]
+    assert records["fake:raise"]["status"] == "failed"
+    assert "RuntimeError during load: scripted failure in load" in records["fake:raise"]["error"]
+    assert records["fake:exit"]["status"] == "failed"
+    assert "exited with code 3 during load" in records["fake:exit"]["error"]
+    assert records["fake:hang"]["status"] == "failed"
+    assert "timed out after 45s during load" in records["fake:hang"]["error"]
+    for cell in ("fp:fp32", "fp:bf16"):
+        assert records[cell]["status"] == "ok", records[cell].get("error")
+    bf16 = records["fp:bf16"]["metrics"]
+    # A real, non-trivial comparison against the baseline on the same tokens.
+    assert 0 < bf16["kld"]["value"] < 0.05
+    assert bf16["kld"]["n"] == records["fp:fp32"]["metrics"]["perplexity"]["n"]
+    assert bf16["weight_bytes"]["value"] * 2 == pytest.approx(records["fp:fp32"]["metrics"]["weight_bytes"]["value"],
+                                                              rel=0.01)
+    # Every record carries its environment and provenance.
+    env = records["fp:bf16"]["env"]
+    assert env["packages"]["torch"] and env["torch_threads"] >= 1
+    assert records["fp:bf16"]["suite"]["hash"] == plan.suite_hash
+    assert records["fake:raise"]["log"].endswith(".log")
+
+
+def _run_cli(args, **kwargs):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "qbench.cli", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def test_resume_after_sigkill_keeps_finished_records(tiny_model, tiny_suite, tmp_path, monkeypatch):
+    monkeypatch.setenv("QBENCH_FAKE_SLOW_SECONDS", "60")
+    args = ["run", "--model", str(tiny_model), "--suite", str(tiny_suite), "--device", "cpu",
+            "-b", "fake:ok,fake:slow,fp:bf16", "--plugins-dir", str(FAKE_PLUGINS), "-o", str(tmp_path),
+            "--run-id", "killed"]
+    proc = _run_cli(args, start_new_session=True)
+    results = tmp_path / "killed" / "results.jsonl"
+    deadline = time.time() + 240
+    # Wait until the baseline and fake:ok are written and fake:slow is sleeping in load.
+    while time.time() < deadline:
+        if results.is_file() and len(results.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("the first cells never finished: " + proc.communicate()[0][-2000:])
+    before = results.read_text()
+    os.killpg(proc.pid, signal.SIGKILL)  # the runner and its worker, as a crash or OOM kill would
+    proc.wait()
+    monkeypatch.setenv("QBENCH_FAKE_SLOW_SECONDS", "0")
+    resumed = _run_cli(["run", "--resume", str(tmp_path / "killed")])
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, output
+    assert "2 cell(s) already finished; running 2" in output
+    after = results.read_text()
+    assert after.startswith(before)  # nothing measured was lost or rewritten
+    cells = [json.loads(line)["cell"] for line in after.splitlines()]
+    assert cells == ["fp:fp32", "fake:ok", "fake:slow", "fp:bf16"]
+
+
+def test_python_api_runs_and_loads_results(tiny_model, tiny_suite, tmp_path):
+    df = qbench.run(model=str(tiny_model), suite=str(tiny_suite), backends=["fake:uniform"], device="cpu",
+                    plugin_dirs=(str(FAKE_PLUGINS),), output_dir=str(tmp_path))
+    assert list(df["cell"]) == ["fp:fp32", "fake:uniform"]
+    uniform = df.set_index("cell").loc["fake:uniform"]
+    vocab = json.loads((Path(tiny_model) / "config.json").read_text())["vocab_size"]
+    # The harness, not the backend, computes perplexity: uniform logits give exactly V.
+    assert uniform["perplexity"] == pytest.approx(vocab, rel=1e-5)
+    assert uniform["same_top_p"] < 0.5 and uniform["kld"] > 0.1
+    again = load_results(df.attrs["run_dir"])
+    assert again["perplexity"].tolist() == pytest.approx(df["perplexity"].tolist())
