@@ -47,7 +47,7 @@ class PerplexitySpec(_Strict):
 
 class FidelitySpec(_Strict):
     #: baseline distributions are stored as top-k log-probs plus the rest of the mass
-    top_k: int = Field(256, gt=0)
+    top_k: int = Field(512, gt=0)
 
 
 class ChoiceTask(_Strict):

@@ -21,7 +21,7 @@ class Reference:
     the actual next token, and the baseline's argmax."""
 
     topk_logprobs: torch.Tensor  # [N, k] float32, sorted descending
-    topk_ids: torch.Tensor       # [N, k] int64
+    topk_ids: torch.Tensor       # [N, k] int32 (half the bytes of int64; vocabularies fit)
     token_logprobs: torch.Tensor  # [N] float32
 
     def save(self, path) -> None:
@@ -67,7 +67,7 @@ def kl_against_topk(ref_lp: torch.Tensor, ref_ids: torch.Tensor, logq: torch.Ten
     # float64: the rest mass is 1 - sum(p), a difference float32 rounds badly.
     ref_lp, logq = ref_lp.double(), logq.double()
     p = ref_lp.exp()
-    lq = logq.gather(-1, ref_ids)
+    lq = logq.gather(-1, ref_ids.long())
     head = (p * (ref_lp - lq)).sum(-1)
     rest_p = (1.0 - p.sum(-1)).clamp_min(0.0)
     rest_q = (1.0 - lq.exp().sum(-1)).clamp_min(1e-30)
@@ -100,13 +100,13 @@ def score_windows(
             if top_k:
                 values, indices = lp.topk(min(top_k, lp.shape[-1]), dim=-1)
                 scores.topk_logprobs.append(values)
-                scores.topk_ids.append(indices)
+                scores.topk_ids.append(indices.to(torch.int32))
             if reference is not None:
                 sl = slice(cursor, cursor + window.n_scored)
                 kld, tail = kl_against_topk(reference.topk_logprobs[sl], reference.topk_ids[sl], lp)
                 scores.kld.append(kld)
                 scores.tail_mass.append(tail)
-                scores.same_top.append((lp.argmax(-1) == reference.topk_ids[sl, 0]).float())
+                scores.same_top.append((lp.argmax(-1) == reference.topk_ids[sl, 0].long()).float())
             cursor += window.n_scored
         del logits
         done += len(chunk)
