@@ -56,11 +56,11 @@ def test_hand_computed_kld_and_fidelity():
     p = torch.tensor([[0.5, 0.3, 0.2]], dtype=torch.float64)
     q = torch.tensor([[0.4, 0.4, 0.2]], dtype=torch.float64)
     expected = 0.5 * math.log(0.5 / 0.4) + 0.3 * math.log(0.3 / 0.4)  # 0.02527...
-    kld, tail = kl_against_topk(p.log(), torch.tensor([[0, 1, 2]]), q.log())
+    kld, tail = kl_against_topk(p.log(), torch.tensor([[0, 1, 2]]), q.log())  # q at the same ids
     assert kld.item() == pytest.approx(expected, rel=1e-5)
     assert tail.item() == pytest.approx(0.0, abs=1e-6)
     # top-2 of P with the rest merged: KL over {0, 1, rest} = same here, since the rest is one token.
-    kld2, tail2 = kl_against_topk(p.log()[:, :2], torch.tensor([[0, 1]]), q.log())
+    kld2, tail2 = kl_against_topk(p.log()[:, :2], torch.tensor([[0, 1]]), q.log()[:, :2])
     assert kld2.item() == pytest.approx(expected, rel=1e-5)
     assert tail2.item() == pytest.approx(0.2, rel=1e-5)
 
@@ -73,7 +73,7 @@ def test_topk_kld_is_a_lower_bound_that_tightens_with_k():
     previous = torch.zeros(50)
     for k in (1, 5, 20, 100):
         values, ids = logp.topk(k, -1)
-        approx, _ = kl_against_topk(values, ids, logq)
+        approx, _ = kl_against_topk(values, ids, logq.gather(-1, ids))
         assert torch.all(approx <= exact + 1e-5)
         assert torch.all(approx >= previous - 1e-5)
         previous = approx

@@ -56,18 +56,18 @@ class TokenScores:
         return self._cat(getattr(self, name))
 
 
-def kl_against_topk(ref_lp: torch.Tensor, ref_ids: torch.Tensor, logq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def kl_against_topk(ref_lp: torch.Tensor, ref_ids: torch.Tensor, lq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """KL(P || Q) where P is known through its top-k plus the remaining mass.
 
-    The k tokens are kept and everything else is merged into one "rest"
-    bucket on both sides. By the data-processing inequality this is a lower
-    bound of the exact KL; the gap is rest_P * KL(P_rest || Q_rest) over the
+    ``lq`` holds log Q at the same token ids as ``ref_ids`` ([N, k]). The k
+    tokens are kept and everything else is merged into one "rest" bucket on
+    both sides. By the data-processing inequality this is a lower bound of
+    the exact KL; the gap is rest_P * KL(P_rest || Q_rest) over the
     renormalised tails, so it vanishes as the tail mass does (the tail mass
     is reported beside the result). Returns (kld, tail_mass_of_P)."""
     # float64: the rest mass is 1 - sum(p), a difference float32 rounds badly.
-    ref_lp, logq = ref_lp.double(), logq.double()
+    ref_lp, lq = ref_lp.double(), lq.double()
     p = ref_lp.exp()
-    lq = logq.gather(-1, ref_ids.long())
     head = (p * (ref_lp - lq)).sum(-1)
     rest_p = (1.0 - p.sum(-1)).clamp_min(0.0)
     rest_q = (1.0 - lq.exp().sum(-1)).clamp_min(1e-30)
@@ -94,6 +94,9 @@ def score_windows(
         for row, window in enumerate(chunk):
             n = len(window.input_ids)
             positions = slice(n - 1 - window.n_scored, n - 1)
+            # log-softmax in float32 by the harness, whatever dtype the backend
+            # returned. (torch's fused log_softmax measured faster on CPU than
+            # logsumexp alone, so the full row is materialised.)
             lp = torch.log_softmax(logits[row, positions].float().cpu(), dim=-1)
             targets = ids[row, n - window.n_scored: n]
             scores.token_logprobs.append(lp.gather(-1, targets[:, None])[:, 0])
@@ -103,10 +106,11 @@ def score_windows(
                 scores.topk_ids.append(indices.to(torch.int32))
             if reference is not None:
                 sl = slice(cursor, cursor + window.n_scored)
-                kld, tail = kl_against_topk(reference.topk_logprobs[sl], reference.topk_ids[sl], lp)
+                ref_ids = reference.topk_ids[sl].long()
+                kld, tail = kl_against_topk(reference.topk_logprobs[sl], ref_ids, lp.gather(-1, ref_ids))
                 scores.kld.append(kld)
                 scores.tail_mass.append(tail)
-                scores.same_top.append((lp.argmax(-1) == reference.topk_ids[sl, 0].long()).float())
+                scores.same_top.append((lp.argmax(-1) == ref_ids[:, 0]).float())
             cursor += window.n_scored
         del logits
         done += len(chunk)

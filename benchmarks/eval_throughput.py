@@ -1,0 +1,75 @@
+"""Evaluation throughput of the fp32 baseline, and the share of wall time the
+harness adds around backend calls. A benchmark that prints figures, not a test.
+
+    make bench                      # embedded default model, default suite
+    .venv/bin/python benchmarks/eval_throughput.py --model DIR --suite smoke --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from qbench.backend import Artifact
+from qbench.metrics.scoring import reference_from, score_windows
+from qbench.models import resolve_model
+from qbench.plugins import PluginSettings, load_plugins
+from qbench.suites import load_suite
+from qbench.workload import Workload, load_tokenizer
+
+
+class TimedSession:
+    """Wraps a session and accumulates the seconds spent inside logits()."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.seconds = 0.0
+
+    def logits(self, input_ids, attention_mask):
+        start = time.perf_counter()
+        out = self.inner.logits(input_ids, attention_mask)
+        self.seconds += time.perf_counter() - start
+        return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--suite", default="default")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    spec = resolve_model(args.model)
+    suite = load_suite(args.suite)
+    work = Workload(suite, load_tokenizer(spec.path))
+    windows = work.perplexity_windows
+    tokens = sum(len(w.input_ids) for w in windows)
+    backend = load_plugins(PluginSettings(allow=("builtin",))).backends["fp"]
+    _, config = backend.parse_variant("fp32")
+    artifact = Artifact(backend="fp", variant="fp32", config=config.settings(), path=spec.path, model_path=spec.path)
+    session = TimedSession(backend.load(artifact, args.device))
+    batch = suite.perplexity.batch_size
+    print(f"model {spec.name}, suite {suite.name}: {len(windows)} windows, {tokens} tokens, batch {batch}, "
+          f"threads {torch.get_num_threads()}, device {args.device}")
+
+    for label, kwargs in (("baseline pass (keeps top-k reference)", {"top_k": suite.fidelity.top_k}),
+                          ("candidate pass (KLD against the reference)", None)):
+        if kwargs is None:
+            kwargs = {"reference": reference}
+        session.seconds = 0.0
+        start = time.perf_counter()
+        scores = score_windows(session, windows, batch, **kwargs)
+        wall = time.perf_counter() - start
+        if "top_k" in kwargs:
+            reference = reference_from(scores)
+        overhead = wall - session.seconds
+        print(f"{label}: {wall:.1f} s wall, {tokens / wall:.0f} tokens/s; backend {session.seconds:.1f} s, "
+              f"harness {overhead:.2f} s = {100 * overhead / wall:.1f}% of wall time")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""The embedded default model, end to end (slow: converts a 135M model)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def test_embedded_model_resolves_and_is_cached():
+    from qbench.models import resolve_model
+    from qbench.workload import load_tokenizer
+
+    first = resolve_model("smollm2-135m")
+    again = resolve_model("smollm2-135m")
+    assert first.path == again.path and first.fingerprint == again.fingerprint
+    assert first.source == "embedded" and "Q4_1" in first.note
+    tok = load_tokenizer(first.path)
+    # The harness never lets the tokenizer add BOS on its own.
+    assert tok("Hello world", add_special_tokens=False)["input_ids"] == [19556, 905]
+
+
+def test_smoke_suite_on_the_embedded_model(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "qbench.cli", "run", "--suite", "smoke", "-b", "fp:bf16",
+                           "-o", str(tmp_path), "--run-id", "smoke", "--device", "cpu"],
+                          cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in (tmp_path / "smoke" / "results.jsonl").read_text().splitlines()]
+    base, bf16 = records
+    assert 5 < base["metrics"]["perplexity"]["value"] < 60
+    assert 0 < bf16["metrics"]["kld"]["value"] < 0.02
+    assert bf16["metrics"]["same_top_p"]["value"] > 0.9
+    assert bf16["metrics"]["weight_bytes"]["value"] < 0.55 * base["metrics"]["weight_bytes"]["value"]
