@@ -27,3 +27,24 @@ def test_cuda_session_matches_cpu_and_reports_cuda_memory(tiny_model):
     assert lat["prefill_ms"]["value"] > 0
     mem = memory_metrics(gpu, "cuda")
     assert mem["cuda_peak_allocated_bytes"]["value"] >= gpu.weight_bytes()
+
+
+def test_cli_run_on_cuda_end_to_end(tiny_model, tiny_suite, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    proc = subprocess.run([sys.executable, "-m", "qbench.cli", "run", "--model", str(tiny_model), "--suite",
+                           str(tiny_suite), "--device", "cuda", "-b", "fp", "-o", str(tmp_path), "--run-id", "gpu"],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in (tmp_path / "gpu" / "results.jsonl").read_text().splitlines()]
+    assert [r["cell"] for r in records] == ["fp:fp32", "fp:bf16", "fp:fp16"]
+    for r in records:
+        m = r["metrics"]
+        assert r["env"]["gpu"]["name"]
+        assert m["cuda_peak_allocated_bytes"]["value"] >= m["weight_bytes"]["value"]
+        assert m["decode_ms_per_token"]["value"] > 0
+    assert 0 < records[1]["metrics"]["kld"]["value"] < 0.05
