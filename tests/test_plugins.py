@@ -96,3 +96,25 @@ def test_unknown_variant_and_bad_custom_settings_are_rejected():
     with pytest.raises(QBenchError, match="field 'colour'"):
         fp.parse_variant("colour=red")
     assert fp.parse_variant("dtype=bf16")[1].dtype == "bf16"
+
+
+def test_unavailable_backend_says_why_and_how_to_fix(tmp_path):
+    (tmp_path / "needs.py").write_text(textwrap.dedent("""
+        from qbench import hookimpl
+        from qbench.backend import Backend, VariantConfig
+
+        class Needy(Backend):
+            name = "needy"
+            requires = {"qbench_no_such_module": "qbench-no-such-package>=1"}
+            def variants(self): return {"v": VariantConfig()}
+            def quantize(self, *a): return {}
+            def load(self, *a): raise AssertionError
+
+        @hookimpl
+        def register_backends(register):
+            register(Needy())
+    """))
+    needy = backends_json("--plugins-dir", str(tmp_path))["needy"]
+    assert not needy["available"]
+    assert needy["reason"] == "missing qbench_no_such_module: pip install qbench-no-such-package>=1"
+    assert needy["variants"][0]["reason"] == needy["reason"]
