@@ -46,11 +46,6 @@ def load_documents(spec: CorpusSpec, suite: Suite) -> list[str]:
     return picked
 
 
-def encode_documents(tokenizer, docs: list[str]) -> list[list[int]]:
-    """Token ids per document, never with special tokens: BOS is the harness's call."""
-    return [tokenizer(doc, add_special_tokens=False)["input_ids"] for doc in docs]
-
-
 def corpus_stream(tokenizer, docs: list[str], max_tokens: int) -> list[int]:
     """The documents joined by blank lines, tokenized, cut at ``max_tokens``."""
     ids = tokenizer("\n\n".join(docs), add_special_tokens=False)["input_ids"]

@@ -21,14 +21,6 @@ from qbench.paths import results_dir
 RESULTS_FILE = "results.jsonl"
 PLAN_FILE = "plan.json"
 
-#: Metrics shown as columns of the comparison table, in order.
-TABLE_METRICS = (
-    "weight_bytes", "peak_rss_bytes", "perplexity", "ln_ppl_ratio", "kld", "same_top_p", "delta_p_rms",
-    "acc", "acc_norm", "gen_exact_match", "prefill_ms", "decode_ms_per_token", "decode_tokens_per_s",
-    "quantize_seconds", "load_seconds", "cuda_peak_allocated_bytes",
-)
-
-
 class ResultStore:
     def __init__(self, run_dir: Path):
         self.run_dir = Path(run_dir)
