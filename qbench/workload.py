@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Optional
 
@@ -27,8 +27,6 @@ def load_tokenizer(model_path: str, trust_remote_code: bool = False):
 class Workload:
     suite: Suite
     tokenizer: Any
-    #: memo of the corpus stream, shared by perplexity and latency prompts
-    _stream: Optional[list[int]] = field(default=None, repr=False)
 
     @property
     def bos_id(self) -> Optional[int]:
@@ -37,21 +35,20 @@ class Workload:
     def _bos_prefix(self) -> list[int]:
         return [self.bos_id] if self.suite.bos != "none" and self.bos_id is not None else []
 
+    @cached_property
     def stream(self) -> list[int]:
-        if self._stream is None:
-            spec = self.suite.perplexity
-            docs = load_documents(spec.corpus, self.suite)
-            self._stream = corpus_stream(self.tokenizer, docs, spec.max_tokens)
-        return self._stream
+        """The corpus tokens, shared by perplexity windows and latency prompts."""
+        spec = self.suite.perplexity
+        return corpus_stream(self.tokenizer, load_documents(spec.corpus, self.suite), spec.max_tokens)
 
     @cached_property
     def perplexity_windows(self) -> list[Window]:
         spec = self.suite.perplexity
-        return make_windows(self.stream(), spec.max_length, spec.stride, self.suite.bos, self.bos_id)
+        return make_windows(self.stream, spec.max_length, spec.stride, self.suite.bos, self.bos_id)
 
     def scored_text_stats(self) -> tuple[int, int]:
         """(bytes, words) of the text of exactly the scored tokens."""
-        stream = self.stream()
+        stream = self.stream
         n_bytes = n_words = 0
         for w in self.perplexity_windows:
             text = self.tokenizer.decode(stream[w.span[0]: w.span[1]])
@@ -76,7 +73,7 @@ class Workload:
     def latency_prompt(self) -> torch.Tensor:
         """Real corpus tokens (not random ids), repeated over the batch."""
         spec = self.suite.latency
-        ids = (self._bos_prefix() + self.stream())[: spec.prompt_tokens]
+        ids = (self._bos_prefix() + self.stream)[: spec.prompt_tokens]
         if len(ids) < spec.prompt_tokens:
             raise ValueError(f"the corpus has only {len(ids)} tokens, the latency workload needs {spec.prompt_tokens}")
         return torch.tensor([ids] * spec.batch_size)
