@@ -46,13 +46,11 @@ class FullPrecision(Backend):
 
     def load(self, artifact: Artifact, device: str):
         import torch
-        from transformers import AutoModelForCausalLM
 
-        from qbench.hf import HFSession
+        from qbench.hf import HFSession, load_causal_lm
 
         dtype = getattr(torch, DTYPES[artifact.config["dtype"]])
-        model = AutoModelForCausalLM.from_pretrained(
-            artifact.model_path, dtype=dtype, trust_remote_code=artifact.trust_remote_code).to(device)
+        model = load_causal_lm(artifact.model_path, dtype, artifact.trust_remote_code).to(device)
         return HFSession(model, device, {"dtype": str(dtype)})
 
 

@@ -28,6 +28,7 @@ def artifact_key(model_fingerprint: str, backend: Backend, config: VariantConfig
         "model": model_fingerprint,
         "backend": backend.name,
         "backend_version": backend.version(),
+        "artifact_format": backend.artifact_format,
         "config": config.settings(),
         "calibration": calibration_hash,
     }
@@ -84,3 +85,10 @@ def obtain_artifact(
         tmp.write_text(artifact.model_dump_json(indent=1))
         tmp.replace(record)
         return artifact, False, key
+
+
+def artifact_weight_bytes(artifact: Artifact) -> Optional[int]:
+    """Bytes of the tensor files the backend wrote (None when it wrote none,
+    e.g. a dtype cast done at load time)."""
+    files = [f for f in Path(artifact.path).rglob("*") if f.suffix in (".safetensors", ".onnx", ".data", ".bin")]
+    return sum(f.stat().st_size for f in files) or None

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import abc
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Optional
+from typing import Annotated, Any, Callable, ClassVar, Optional
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 
 from qbench.errors import QBenchError
 
@@ -34,6 +34,17 @@ class VariantConfig(BaseModel):
 
     def settings(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+def _split_patterns(value: Any) -> Any:
+    if isinstance(value, str):
+        return () if value.strip().lower() in ("", "none") else tuple(p.strip() for p in value.split("+"))
+    return value
+
+
+#: Module name patterns (fnmatch) for a setting like ``keep=lm_head+*.down_proj``;
+#: '+' separates them because ',' separates settings on the command line.
+ModulePatterns = Annotated[tuple[str, ...], BeforeValidator(_split_patterns)]
 
 
 class Availability(BaseModel):
@@ -111,7 +122,11 @@ class Backend(abc.ABC):
     config_class: ClassVar[type[VariantConfig]] = VariantConfig
     #: Distribution names that must be importable, with the pip spec to install.
     requires: ClassVar[dict[str, str]] = {}
-    #: Whether ``quantize`` consumes calibration token ids.
+    #: Bump when the files ``quantize`` writes change layout: it is part of the
+    #: artifact cache key, so old artifacts are rebuilt instead of misread.
+    artifact_format: ClassVar[int] = 1
+    #: Whether ``quantize`` consumes calibration token ids (for every variant;
+    #: override ``needs_calibration`` to decide per variant).
     uses_calibration: ClassVar[bool] = False
 
     @abc.abstractmethod
@@ -136,6 +151,11 @@ class Backend(abc.ABC):
         """Per-variant availability (e.g. a CUDA-only kernel). Defaults to the
         backend's."""
         return self.available(device)
+
+    def needs_calibration(self, config: VariantConfig) -> bool:
+        """Whether ``quantize`` needs the suite's calibration samples for this
+        variant. Their hash then joins the artifact's cache key."""
+        return self.uses_calibration
 
     def parse_variant(self, spec: str) -> tuple[str, VariantConfig]:
         """Turn ``"nf4"`` or ``"bits=4,group_size=64"`` into a named config.

@@ -55,6 +55,9 @@ def print_table(records: list[dict[str, Any]], title: str) -> None:
     for row in rows:
         table.add_row(*row, style="red" if row[1].startswith("FAILED") else None)
     out.print(table)
+    for record in records:
+        for note in record.get("notes", []):
+            out.print(f"[yellow]note[/] {record['cell']}: {note}", highlight=False)
 
 
 @click.group()

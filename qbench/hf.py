@@ -13,31 +13,83 @@ from qbench.backend import Session
 
 def unique_tensor_bytes(module: torch.nn.Module) -> int:
     """Bytes of parameters and buffers, counting shared storage (tied
-    embeddings) once. Quantized tensor subclasses report their packed size
-    through ``untyped_storage`` of their inner tensors where they expose it."""
+    embeddings) once. Quantized tensor subclasses (torchao) keep their packed
+    data in inner tensors, and bitsandbytes keeps scales beside the weight
+    (``SCB``, ``quant_state.absmax``...): both are counted."""
     seen: set[tuple[int, int]] = set()
     total = 0
     for tensor in list(module.parameters()) + list(module.buffers()):
         for t in _leaf_tensors(tensor):
             storage = t.untyped_storage()
             key = (storage.data_ptr(), storage.nbytes())
-            if key in seen:
+            if key in seen or t.device.type == "meta":
                 continue
             seen.add(key)
             total += storage.nbytes()
     return total
 
 
-def _leaf_tensors(tensor: torch.Tensor):
-    # Tensor subclasses (torchao, bitsandbytes Params4bit) keep packed data in
-    # inner tensors; plain tensors are their own leaf.
+def _leaf_tensors(tensor: torch.Tensor, depth: int = 0):
     flatten = getattr(tensor, "__tensor_flatten__", None)
     if flatten is not None and type(tensor) is not torch.nn.Parameter:
         names, _ = flatten()
         for name in names:
-            yield from _leaf_tensors(getattr(tensor, name))
+            inner = getattr(tensor, name)
+            if isinstance(inner, torch.Tensor):
+                yield from _leaf_tensors(inner, depth + 1)
     else:
         yield tensor
+    # Scales and codebooks hung on the tensor object as attributes
+    # (bitsandbytes' Int8Params.SCB, Params4bit.quant_state and its nested
+    # state for double quantization).
+    if depth == 0:
+        yield from _attribute_tensors(getattr(tensor, "__dict__", {}), 0)
+
+
+def _attribute_tensors(attrs: dict, depth: int):
+    for value in attrs.values():
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif depth < 2 and hasattr(value, "__dict__") and not isinstance(value, (torch.nn.Module, type)):
+            yield from _attribute_tensors(vars(value), depth + 1)
+
+
+def linear_layers(model: torch.nn.Module, keep: tuple[str, ...]) -> dict[str, torch.nn.Linear]:
+    """The ``nn.Linear`` layers to quantize: all but those whose qualified
+    name, or its last component, matches one of the ``keep`` patterns
+    (fnmatch syntax; ``lm_head`` or ``*.down_proj``)."""
+    from fnmatch import fnmatchcase
+
+    chosen = {}
+    for name, mod in model.named_modules():
+        if not isinstance(mod, torch.nn.Linear):
+            continue
+        if any(fnmatchcase(name, pat) or fnmatchcase(name.rsplit(".", 1)[-1], pat) for pat in keep):
+            continue
+        chosen[name] = mod
+    return chosen
+
+
+def require_quantized_layers(model: torch.nn.Module, expected: list[str], is_quantized, what: str) -> int:
+    """After loading, check that each layer meant to be quantized really is
+    (``is_quantized(module)``); a silent fallback to full precision must not
+    produce a row."""
+    from qbench.errors import QBenchError
+
+    missing = [name for name in expected if not is_quantized(model.get_submodule(name))]
+    if missing or not expected:
+        raise QBenchError(
+            f"{what}: {len(missing)} of {len(expected)} layers meant to be quantized are not "
+            f"(first: {missing[0] if missing else 'no layers selected'}); refusing to report "
+            "full-precision numbers as quantized ones"
+        )
+    return len(expected)
+
+
+def load_causal_lm(path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, **kwargs):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
 
 
 class HFSession(Session):

@@ -82,15 +82,15 @@ def split_backend_specs(specs: list[str]) -> list[str]:
 def plan_cells(loaded: LoadedPlugins, specs: list[str], baseline: str, device: str
                ) -> tuple[list[CellSpec], dict[str, str]]:
     """Expand backend specs into cells, baseline first. With no specs, every
-    variant of every backend available on ``device``. Unavailable cells that
-    were asked for by name stay in the plan (they fail with the reason);
-    unavailable ones from "everything" are listed as skipped."""
-    explicit = bool(specs)
+    variant of every backend available on ``device``. Unavailable variants
+    asked for by name (``backend:variant``) stay in the plan and fail with the
+    reason; those reached through a whole backend or "everything" are listed
+    as skipped."""
     pieces = split_backend_specs(specs) if specs else sorted(loaded.backends)
     cells: list[CellSpec] = []
     skipped: dict[str, str] = {}
 
-    def add(backend_name: str, variant: str, is_baseline: bool = False) -> None:
+    def add(backend_name: str, variant: str, is_baseline: bool = False, explicit: bool = False) -> None:
         backend = get_backend(loaded, backend_name)
         _, config = backend.parse_variant(variant)  # validate now, not in the worker
         key = f"{backend_name}:{variant}"
@@ -109,7 +109,7 @@ def plan_cells(loaded: LoadedPlugins, specs: list[str], baseline: str, device: s
     for piece in pieces:
         name, _, variant = piece.partition(":")
         if variant:
-            add(name, variant)
+            add(name, variant, explicit=True)
         else:
             for v in get_backend(loaded, name).variants():
                 add(name, v)

@@ -56,4 +56,7 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
     headers, rows = table_rows(records)
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
+    notes = [f"- {r['cell']}: {note}" for r in records for note in r.get("notes", [])]
+    if notes:
+        lines += ["", "Notes:", ""] + notes
     return "\n".join(lines)

@@ -129,7 +129,7 @@ def count_parameters(model_path: str) -> Optional[int]:
 def measure_cell(task: CellTask, enter) -> dict[str, Any]:
     import torch
 
-    from qbench.artifacts import obtain_artifact
+    from qbench.artifacts import artifact_weight_bytes, obtain_artifact
     from qbench.environment import collect_environment
     from qbench.metrics import metric, proportion_stderr
     from qbench.metrics.choice import accuracy_metrics
@@ -164,7 +164,7 @@ def measure_cell(task: CellTask, enter) -> dict[str, Any]:
         raise QBenchError(f"{task.cell} cannot run on {task.device}: {availability.reason}")
     suite = load_suite(task.suite_path)
     work = Workload(suite, load_tokenizer(model.path, model.trust_remote_code))
-    calibration, calibration_hash = work.calibration() if backend.uses_calibration else (None, None)
+    calibration, calibration_hash = work.calibration() if backend.needs_calibration(config) else (None, None)
 
     phase("quantize")
     artifact, cache_hit, key = obtain_artifact(
@@ -181,7 +181,9 @@ def measure_cell(task: CellTask, enter) -> dict[str, Any]:
     verify_quantized(weight_bytes, count_parameters(model.path), config.nominal_bits(), task.cell)
 
     metrics: dict[str, Any] = {}
-    notes: list[str] = []
+    # Caveats the backend found while quantizing (e.g. a group size that does
+    # not divide a layer) belong beside the numbers.
+    notes: list[str] = list(artifact.meta.get("notes", []))
     refs = reference_paths(task.run_dir)
     fingerprint = work.fingerprint()
 
@@ -246,6 +248,13 @@ def measure_cell(task: CellTask, enter) -> dict[str, Any]:
                                        spec.min_reps, spec.min_seconds, spec.max_reps))
 
     metrics.update(memory_metrics(session, task.device))
+    on_disk = artifact_weight_bytes(artifact)
+    if on_disk is not None:
+        metrics["artifact_bytes"] = metric(on_disk, "bytes", None, None,
+                                           label="size of the artifact's tensor files on disk")
+        if abs(weight_bytes - on_disk) > 0.1 * on_disk:
+            notes.append(f"the session holds {weight_bytes / 2**20:.1f} MiB of weights but its artifact has "
+                         f"{on_disk / 2**20:.1f} MiB on disk: storage differs between file and memory")
     metrics["load_seconds"] = {"value": load_seconds, "unit": "s"}
     metrics["quantize_seconds"] = {"value": artifact.quantize_seconds, "unit": "s",
                                    "cached": cache_hit, "label": "time the artifact took to build, even if cached"}

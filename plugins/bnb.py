@@ -1,0 +1,129 @@
+"""bitsandbytes through transformers' ``BitsAndBytesConfig``: LLM.int8 (with
+its outlier threshold) and 4-bit NF4 / FP4, optionally double-quantized.
+
+The artifact is transformers' own save of the quantized model (safetensors).
+It is written before the model ever runs a forward pass: on CPU,
+bitsandbytes 0.50 repacks NF4 weights into a CPU layout at the first forward,
+and a model saved after that reloads as garbage (KLD ~16 seen here).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import Field, model_validator
+
+from qbench import hookimpl
+from qbench.backend import Artifact, Backend, ModulePatterns, VariantConfig
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+class BnbConfig(VariantConfig):
+    mode: Literal["int8", "nf4", "fp4"] = "nf4"
+    threshold: float = Field(6.0, ge=0, description="LLM.int8 outlier threshold (mode=int8); 0 disables it")
+    double_quant: bool = Field(False, description="quantize the 4-bit scales again (mode=nf4|fp4)")
+    compute_dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="4-bit matmul dtype")
+    keep: ModulePatterns = Field(("lm_head",), description="layers left in full precision ('+'-separated)")
+
+    @model_validator(mode="after")
+    def _combination(self):
+        if self.mode == "int8" and (self.double_quant or self.compute_dtype != "fp32"):
+            raise ValueError("double_quant and compute_dtype apply to mode=nf4|fp4 only "
+                             "(LLM.int8 computes in fp16 internally)")
+        if self.mode != "int8" and self.threshold != 6.0:
+            raise ValueError("threshold applies to mode=int8 only")
+        return self
+
+    def nominal_bits(self) -> Optional[float]:
+        return 8 if self.mode == "int8" else 4
+
+    def transformers_config(self, skip: list[str]):
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        if self.mode == "int8":
+            return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=self.threshold,
+                                      llm_int8_skip_modules=skip)
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=self.mode,
+                                  bnb_4bit_use_double_quant=self.double_quant,
+                                  bnb_4bit_compute_dtype=getattr(torch, DTYPES[self.compute_dtype]),
+                                  llm_int8_skip_modules=skip)
+
+
+def _is_bnb_quantized(module) -> bool:
+    import bitsandbytes as bnb
+
+    return isinstance(module, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit))
+
+
+def _skipped(model_path: str, keep: tuple[str, ...], trust_remote_code: bool) -> tuple[list[str], list[str]]:
+    """(layers to quantize, layers kept), from the model's structure alone."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qbench.hf import linear_layers
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    chosen = list(linear_layers(skeleton, keep))
+    kept = sorted(set(linear_layers(skeleton, ())) - set(chosen))
+    return chosen, kept
+
+
+class BitsAndBytes(Backend):
+    name = "bnb"
+    description = "bitsandbytes via transformers: LLM.int8 and 4-bit NF4/FP4 (double quantization optional)"
+    config_class = BnbConfig
+    requires = {"bitsandbytes": "bitsandbytes"}
+
+    def variants(self) -> dict[str, VariantConfig]:
+        return {"int8": BnbConfig(mode="int8"), "nf4": BnbConfig(mode="nf4"), "fp4": BnbConfig(mode="fp4"),
+                "nf4-dq": BnbConfig(mode="nf4", double_quant=True)}
+
+    def version(self) -> Optional[str]:
+        from qbench.environment import package_version
+
+        return f"bitsandbytes {package_version('bitsandbytes')}; transformers {package_version('transformers')}"
+
+    def quantize(self, model_path: Path, config: BnbConfig, calibration, workdir: Path) -> dict[str, Any]:
+        from qbench.errors import QBenchError
+        from qbench.hf import load_causal_lm
+
+        chosen, kept = _skipped(str(model_path), config.keep, False)
+        if not chosen:
+            raise QBenchError(f"no linear layers left to quantize with keep={'+'.join(config.keep)}")
+        model = load_causal_lm(str(model_path), quantization_config=config.transformers_config(kept),
+                               device_map="cpu")
+        # Saved before any forward pass (see the module docstring).
+        model.save_pretrained(str(workdir))
+        return {"quantized_layers": len(chosen), "kept_full_precision": kept}
+
+    def load(self, artifact: Artifact, device: str):
+        from qbench.hf import HFSession, load_causal_lm, require_quantized_layers
+
+        config = BnbConfig(**artifact.config)
+        model = load_causal_lm(artifact.path, device_map=device, trust_remote_code=artifact.trust_remote_code)
+        chosen, _ = _skipped(artifact.model_path, config.keep, artifact.trust_remote_code)
+        require_quantized_layers(model, chosen, _is_bnb_quantized, "bitsandbytes")
+        return HFSession(model.eval(), device, {"kernel": _kernel(config, device)})
+
+
+def _kernel(config: BnbConfig, device: str) -> str:
+    if device == "cuda":
+        return f"bitsandbytes CUDA {config.mode}"
+    if config.mode == "int8":
+        return "bitsandbytes CPU int8 (LLM.int8 decomposition in torch)"
+    from importlib.util import find_spec
+
+    # bitsandbytes' fast CPU 4-bit gemm comes from the `kernels` package
+    # (fetched from the hub); without it 4-bit dequantizes then multiplies.
+    return "bitsandbytes CPU 4-bit " + ("(kernels-community gemm)" if find_spec("kernels") else
+                                        "(dequantize + matmul: `kernels` not installed)")
+
+
+@hookimpl
+def register_backends(register):
+    register(BitsAndBytes())

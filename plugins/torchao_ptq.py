@@ -1,0 +1,329 @@
+"""Native PyTorch post-training quantization: torchao's ``quantize_`` API, and
+the legacy ``torch.ao.quantization.quantize_dynamic`` path (deprecated upstream
+in favour of torchao, kept because its fbgemm kernels are fast on x86 CPUs).
+
+Every variant is a set of settings (bit width, symmetric or not, granularity,
+activations none / dynamic / static, kernel, modules kept in full precision)
+mapped onto one torchao config per layer. Quantized weights are stored with
+torchao's safetensors support (an allowlist of tensor classes, no pickle); the
+legacy path stores int8 codes and scales as plain safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import Field, model_validator
+
+from qbench import hookimpl
+from qbench.backend import Artifact, Availability, Backend, ModulePatterns, VariantConfig
+from qbench.errors import QBenchError
+
+WEIGHTS_FILE = "quantized.safetensors"
+LAYOUT_FILE = "layers.json"
+
+
+class TorchAOConfig(VariantConfig):
+    bits: int = Field(8, ge=1, le=8, description="weight bit width")
+    granularity: str = Field("channel", description="tensor | channel | group:N (one scale per N inputs)")
+    symmetric: bool = Field(True, description="false: asymmetric, with a zero point")
+    activations: Literal["none", "dynamic", "static"] = Field(
+        "none", description="weight-only, or int8 activations with dynamic or calibrated static scales")
+    dtype: Literal["int", "float8"] = "int"
+    kernel: Literal["auto", "tinygemm", "legacy"] = Field(
+        "auto", description="tinygemm: CUDA int4; legacy: torch.ao quantize_dynamic (fbgemm)")
+    keep: ModulePatterns = Field(("lm_head",), description="layers left in full precision ('+'-separated)")
+
+    @model_validator(mode="after")
+    def _combination(self):
+        group = self.group_size
+        if self.granularity not in ("tensor", "channel") and group is None:
+            raise ValueError(f"granularity must be tensor, channel or group:N, got '{self.granularity}'")
+        if group is not None and (group < 8 or group & (group - 1)):
+            raise ValueError(f"granularity group size must be a power of two >= 8, got {group}")
+        if self.dtype == "float8":
+            if self.bits != 8 or group is not None or self.activations == "static" or self.kernel != "auto":
+                raise ValueError("dtype=float8 needs bits=8, granularity tensor or channel, activations "
+                                 "none or dynamic, kernel auto")
+        if self.kernel == "tinygemm" and (self.bits != 4 or group not in (32, 64, 128, 256)
+                                          or self.activations != "none" or self.symmetric):
+            raise ValueError("kernel=tinygemm needs bits=4, granularity group:32|64|128|256, "
+                             "activations=none and symmetric=false (it stores zero points)")
+        if self.kernel == "legacy" and (self.bits != 8 or group is not None or self.activations != "dynamic"
+                                        or not self.symmetric):
+            raise ValueError("kernel=legacy (torch.ao quantize_dynamic) needs bits=8, activations=dynamic, "
+                             "symmetric=true and granularity tensor or channel")
+        if self.activations == "static" and (self.bits != 8 or group is not None):
+            raise ValueError("activations=static needs bits=8 and granularity tensor or channel")
+        if self.granularity == "tensor" and self.bits != 8:
+            raise ValueError("granularity=tensor needs bits=8 (sub-byte weights need channel or group scales)")
+        if self.activations == "dynamic" and self.granularity == "tensor" and not self._int8_fast_path:
+            raise ValueError("activations=dynamic with granularity=tensor needs bits=8 and symmetric=true")
+        return self
+
+    @property
+    def group_size(self) -> Optional[int]:
+        match = re.fullmatch(r"group:(\d+)", self.granularity)
+        return int(match.group(1)) if match else None
+
+    @property
+    def _int8_fast_path(self) -> bool:
+        # torchao's Int8Tensor: symmetric int8, per-row or per-tensor scales.
+        return self.dtype == "int" and self.bits == 8 and self.symmetric and self.group_size is None
+
+    def nominal_bits(self) -> Optional[float]:
+        return self.bits
+
+    @property
+    def needs_cuda(self) -> bool:
+        return self.kernel == "tinygemm" or self.dtype == "float8"
+
+
+def _granularity(config: TorchAOConfig, in_features: int):
+    """torchao granularity for one layer, and a fallback note when the group
+    size does not divide the layer's input features (e.g. 128 vs 576)."""
+    from torchao.quantization.granularity import PerAxis, PerGroup, PerRow, PerTensor
+
+    group = config.group_size
+    if group is None:
+        return (PerTensor() if config.granularity == "tensor" else PerRow() if config._int8_fast_path
+                else PerAxis(0)), None
+    if in_features % group:
+        return PerAxis(0), f"group size {group} does not divide {in_features} input features: per-channel scales"
+    return PerGroup(group), None
+
+
+def layer_config(config: TorchAOConfig, in_features: int, act_scale=None):
+    """The torchao config for one linear layer, and a fallback note or None."""
+    import torch
+    from torchao.quantization import (
+        Float8DynamicActivationFloat8WeightConfig,
+        Float8WeightOnlyConfig,
+        Int4WeightOnlyConfig,
+        Int8DynamicActivationInt8WeightConfig,
+        Int8DynamicActivationIntxWeightConfig,
+        Int8StaticActivationInt8WeightConfig,
+        Int8WeightOnlyConfig,
+        IntxWeightOnlyConfig,
+        MappingType,
+        PerAxis,
+        PerRow,
+        PerTensor,
+    )
+
+    granularity, note = _granularity(config, in_features)
+    mapping = MappingType.SYMMETRIC if config.symmetric else MappingType.ASYMMETRIC
+    weight_dtype = getattr(torch, f"int{config.bits}")
+    if config.dtype == "float8":
+        fp8 = PerTensor() if config.granularity == "tensor" else PerRow()
+        if config.activations == "dynamic":
+            return Float8DynamicActivationFloat8WeightConfig(granularity=fp8), None
+        return Float8WeightOnlyConfig(), None
+    if config.kernel == "tinygemm":
+        if in_features % 128 == 0 and note is None:
+            return Int4WeightOnlyConfig(group_size=config.group_size, int4_packing_format="tile_packed_to_4d"), None
+        note = note or f"tinygemm needs input features divisible by 128, not {in_features}: per-channel scales"
+        return IntxWeightOnlyConfig(weight_dtype=weight_dtype, granularity=PerAxis(0), mapping_type=mapping), note
+    if config.activations == "static":
+        return Int8StaticActivationInt8WeightConfig(
+            act_quant_scale=act_scale, granularity=[PerTensor(), granularity]), None
+    if config.activations == "dynamic":
+        if config._int8_fast_path:
+            return Int8DynamicActivationInt8WeightConfig(granularity=granularity), note
+        return Int8DynamicActivationIntxWeightConfig(
+            weight_dtype=weight_dtype, weight_granularity=granularity, weight_mapping_type=mapping), note
+    if config._int8_fast_path:
+        return Int8WeightOnlyConfig(granularity=granularity), note
+    return IntxWeightOnlyConfig(weight_dtype=weight_dtype, granularity=granularity, mapping_type=mapping), note
+
+
+def calibrate_activation_scales(model, layers: dict, calibration: list[list[int]]) -> dict:
+    """Per-tensor symmetric int8 scale of each layer's input: max |x| over the
+    calibration samples / 127, shaped for torchao's static int8 activations."""
+    import torch
+
+    amax: dict[str, float] = {}
+
+    def hook(name):
+        def record(_module, inputs, _output):
+            amax[name] = max(amax.get(name, 0.0), float(inputs[0].detach().abs().amax()))
+        return record
+
+    handles = [layer.register_forward_hook(hook(name)) for name, layer in layers.items()]
+    try:
+        with torch.inference_mode():
+            for sample in calibration:
+                model(input_ids=torch.tensor([sample], device=model.device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    # Activations arrive as [batch, tokens, features]: torchao wants a scale of
+    # the same rank.
+    return {name: torch.tensor(max(value, 1e-8) / 127.0).reshape(1, 1, 1) for name, value in amax.items()}
+
+
+def compute_dtype(config: TorchAOConfig):
+    import torch
+
+    # tinygemm and the float8 matmuls take bfloat16 activations.
+    return torch.bfloat16 if config.needs_cuda else torch.float32
+
+
+class TorchAO(Backend):
+    name = "torchao"
+    description = "Native PyTorch PTQ: torchao quantize_ (int8/intx/int4/float8) and legacy torch.ao dynamic int8"
+    config_class = TorchAOConfig
+    requires = {"torchao": "torchao"}
+    artifact_format = 2
+
+    def variants(self) -> dict[str, VariantConfig]:
+        return {
+            "int8-dyn": TorchAOConfig(activations="dynamic"),
+            "int8-wo": TorchAOConfig(),
+            "int4-wo-g32": TorchAOConfig(bits=4, granularity="group:32"),
+            "int4-wo-g128": TorchAOConfig(bits=4, granularity="group:128"),
+            "int8-static": TorchAOConfig(activations="static"),
+            "int8-dyn-legacy": TorchAOConfig(activations="dynamic", kernel="legacy"),
+            "int4-tinygemm-g128": TorchAOConfig(bits=4, granularity="group:128", symmetric=False, kernel="tinygemm"),
+            "float8-wo": TorchAOConfig(dtype="float8"),
+            "float8-dyn": TorchAOConfig(dtype="float8", activations="dynamic"),
+        }
+
+    def version(self) -> Optional[str]:
+        from qbench.environment import package_version
+
+        return f"torchao {package_version('torchao')}; torch {package_version('torch')}"
+
+    def needs_calibration(self, config: TorchAOConfig) -> bool:
+        return config.activations == "static"
+
+    def variant_available(self, config: TorchAOConfig, device: str) -> Availability:
+        base = self.available(device)
+        if config.kernel == "legacy" and device != "cpu":
+            return Availability.no("torch.ao dynamic quantization runs on CPU only (fbgemm/qnnpack kernels)")
+        if not base.ok or not config.needs_cuda:
+            return base
+        if device != "cuda":
+            return Availability.no("needs CUDA (a CUDA-only kernel); run with --device cuda on a GPU machine")
+        import torch
+
+        if config.dtype == "float8" and torch.cuda.get_device_capability() < (8, 9):
+            return Availability.no("float8 matmuls need a GPU of compute capability 8.9 or newer (Ada, Hopper)")
+        return Availability.yes()
+
+    def quantize(self, model_path: Path, config: TorchAOConfig, calibration, workdir: Path) -> dict[str, Any]:
+        from qbench.hf import linear_layers, load_causal_lm
+
+        device = "cuda" if config.needs_cuda else "cpu"
+        model = load_causal_lm(str(model_path), compute_dtype(config)).to(device).eval()
+        layers = linear_layers(model, config.keep)
+        if not layers:
+            raise QBenchError(f"no linear layers left to quantize with keep={'+'.join(config.keep)}")
+        if config.kernel == "legacy":
+            from qbench_plugins.torch_ao_legacy import quantize_legacy
+
+            return quantize_legacy(model, layers, config, workdir / WEIGHTS_FILE, workdir / LAYOUT_FILE)
+
+        from torchao.quantization import FqnToConfig, quantize_
+
+        scales = calibrate_activation_scales(model, layers, calibration) if config.activations == "static" else {}
+        per_layer, fallbacks = {}, {}
+        for name, layer in layers.items():
+            per_layer[name], note = layer_config(config, layer.in_features, scales.get(name))
+            if note:
+                fallbacks[name] = note
+        quantize_(model, FqnToConfig(per_layer), filter_fn=None)
+        save_quantized_state(model, workdir / WEIGHTS_FILE)
+        (workdir / LAYOUT_FILE).write_text(json.dumps({"layers": list(layers)}))
+        meta: dict[str, Any] = {"quantized_layers": len(layers), "compute_dtype": str(compute_dtype(config)),
+                                "kept_full_precision": sorted(set(linear_layers(model, ())) - set(layers)),
+                                "torchao_config": type(next(iter(per_layer.values()))).__name__}
+        if calibration is not None:
+            meta["calibration_samples"] = len(calibration)
+        if fallbacks:
+            meta["granularity_fallback"] = {"layers": len(fallbacks), "example": next(iter(fallbacks.items()))}
+            meta["notes"] = [f"{len(fallbacks)} of {len(layers)} layers use per-channel scales: "
+                             f"{next(iter(fallbacks.values()))}"]
+        return meta
+
+    def load(self, artifact: Artifact, device: str):
+        from qbench.hf import HFSession, load_causal_lm, require_quantized_layers
+
+        config = TorchAOConfig(**artifact.config)
+        model = load_causal_lm(artifact.model_path, compute_dtype(config), artifact.trust_remote_code)
+        layers = json.loads((Path(artifact.path) / LAYOUT_FILE).read_text())["layers"]
+        weights = Path(artifact.path) / WEIGHTS_FILE
+        if config.kernel == "legacy":
+            from qbench_plugins.torch_ao_legacy import LegacySession, is_legacy_quantized, load_legacy
+
+            load_legacy(model, weights)
+            require_quantized_layers(model, layers, is_legacy_quantized, "torchao legacy")
+            return LegacySession(model.eval(), device, {
+                "kernel": "torch.ao dynamic int8 (fbgemm; deprecated upstream in favour of torchao)"})
+        model = model.to(device)
+        load_quantized_state(model, weights, device)
+        require_quantized_layers(model, layers, _is_torchao_quantized, "torchao")
+        weight = model.get_submodule(layers[0]).weight
+        return HFSession(model.eval(), device, {"kernel": f"torchao {type(weight).__name__}",
+                                                "compute_dtype": str(compute_dtype(config))})
+
+
+def _is_torchao_quantized(module) -> bool:
+    import torch
+
+    weight = getattr(module, "weight", None)
+    return weight is not None and type(weight) not in (torch.Tensor, torch.nn.Parameter) \
+        and hasattr(weight, "__tensor_flatten__")
+
+
+def save_quantized_state(model, path: Path) -> None:
+    """The whole model's tensors (tied ones once), quantized ones flattened
+    by torchao into plain tensors plus JSON metadata, in one safetensors file:
+    the artifact holds everything the session holds."""
+    from safetensors.torch import save_file
+    from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+
+    tensors, metadata = flatten_tensor_state_dict(unique_state_dict(model))
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
+
+
+def unique_state_dict(model) -> dict:
+    """state_dict without the second name of tied tensors (safetensors refuses
+    shared storage; ``tie_weights`` restores the tie after loading)."""
+    import torch
+
+    seen, state = set(), {}
+    for key, value in model.state_dict().items():
+        if type(value) is torch.Tensor:
+            ptr = value.untyped_storage().data_ptr()
+            if ptr in seen:
+                continue
+            seen.add(ptr)
+        state[key] = value
+    return state
+
+
+def load_quantized_state(model, path: Path, device: str) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    state, leftover = unflatten_tensor_state_dict(load_file(str(path), device=device), metadata)
+    if leftover:
+        raise QBenchError(f"corrupt torchao artifact {path}: unreadable tensors {sorted(leftover)[:3]}; "
+                          f"delete {path.parent} and run again")
+    result = model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    if result.unexpected_keys:
+        raise QBenchError(f"torchao artifact {path} does not fit this model (unexpected "
+                          f"{result.unexpected_keys[:3]}); delete {path.parent} and run again")
+
+
+@hookimpl
+def register_backends(register):
+    register(TorchAO())
