@@ -181,9 +181,12 @@ class Backend(abc.ABC):
             config = self.config_class(**settings)
         except ValidationError as exc:
             first = exc.errors()[0]
-            field = ".".join(str(p) for p in first["loc"]) or "(settings)"
+            field = ".".join(str(p) for p in first["loc"])
+            where = f"field '{field}': " if field else ""
+            message = first["msg"].removeprefix("Value error, ")
             raise QBenchError(
-                f"invalid variant '{spec}' for backend '{self.name}': field '{field}': {first['msg']}"
+                f"invalid variant '{spec}' for backend '{self.name}': {where}{message} "
+                f"(see `qbench backends` for the settings)"
             ) from None
         return spec, config
 

@@ -100,3 +100,16 @@ def tiny_suite(tmp_path_factory) -> Path:
           seq_len: 32
     """))
     return path
+
+
+def session_for(backend, spec: str, model: Path, calibration=None):
+    """Quantize ``model`` with ``backend:spec`` (through the artifact cache)
+    and load it on the CPU, as a worker does."""
+    from qbench.artifacts import obtain_artifact
+    from qbench.models import fingerprint
+
+    variant, config = backend.parse_variant(spec)
+    calibration_hash = "test" if calibration is not None else None
+    artifact, _, _ = obtain_artifact(backend, variant, config, str(model), fingerprint(model), calibration,
+                                     calibration_hash)
+    return backend.load(artifact, "cpu")

@@ -5,23 +5,14 @@ import torch
 
 from qbench.hf import HFSession
 from qbench.metrics.scoring import reference_from, score_windows
-from qbench.models import fingerprint
 from qbench.plugins import PluginSettings, load_plugins
 from qbench.windows import make_windows
-from tests.conftest import RTN_PLUGIN
+from tests.conftest import RTN_PLUGIN, session_for
 
 
 @pytest.fixture
 def rtn():
     return load_plugins(PluginSettings(plugin_dirs=(str(RTN_PLUGIN),), allow=())).backends["rtn"]
-
-
-def session_for(backend, spec, model):
-    from qbench.artifacts import obtain_artifact
-
-    variant, config = backend.parse_variant(spec)
-    artifact, _, _ = obtain_artifact(backend, variant, config, str(model), fingerprint(model), None, None)
-    return backend.load(artifact, "cpu")
 
 
 def test_coarser_quantization_gives_larger_kld(rtn, tiny_model):

@@ -1,0 +1,168 @@
+"""The torchao and bitsandbytes plugins on a tiny model: each CPU variant
+quantizes, reloads from its artifact, stays close to the baseline without
+being identical to it, and holds the bytes its bit width promises."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from qbench.errors import QBenchError
+from qbench.hf import HFSession, linear_layers, unique_tensor_bytes
+from qbench.metrics.scoring import reference_from, score_windows
+from qbench.plugins import PluginSettings, load_plugins
+from qbench.windows import make_windows
+from tests.conftest import session_for
+
+CPU_TORCHAO = ["int8-dyn", "int8-wo", "int4-wo-g32", "int8-static", "int8-dyn-legacy"]
+CPU_BNB = ["int8", "nf4", "fp4", "nf4-dq"]
+
+
+@pytest.fixture(scope="module")
+def backends():
+    return load_plugins(PluginSettings(allow=("builtin",))).backends
+
+
+@pytest.fixture(scope="module")
+def calibration():
+    return [[(i * 13 + j) % 380 for j in range(32)] for i in range(4)]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    base = HFSession(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32), "cpu")
+    windows = make_windows([(i * 7) % 380 for i in range(300)], 64, None, "none", None)
+    return windows, reference_from(score_windows(base, windows, 4, top_k=512))
+
+
+def mean_kld(session, reference) -> float:
+    windows, ref = reference
+    return score_windows(session, windows, 4, reference=ref).tensor("kld").mean().item()
+
+
+def linear_bytes(session) -> tuple[int, int]:
+    """(bytes held by the quantized linear layers, their fp32 bytes)."""
+    held = fp32 = 0
+    for name, module in session.model.named_modules():
+        if name.startswith("model.layers.") and name.rsplit(".", 1)[-1].endswith("_proj"):
+            held += session_layer_bytes(session, module)
+            fp32 += module.in_features * module.out_features * 4
+    return held, fp32
+
+
+def session_layer_bytes(session, module) -> int:
+    if hasattr(session, "weight_bytes") and type(module).__name__ == "Linear" and hasattr(module, "_weight_bias"):
+        weight, _ = module._weight_bias()  # torch.ao dynamic: codes + per-channel float64 scales
+        return weight.numel() + weight.q_per_channel_scales().numel() * 8
+    return unique_tensor_bytes(module)
+
+
+@pytest.mark.parametrize("backend,variant", [("torchao", v) for v in CPU_TORCHAO] + [("bnb", v) for v in CPU_BNB])
+def test_variant_is_close_but_not_identical(backends, tiny_model, reference, calibration, backend, variant):
+    session = session_for(backends[backend], variant, tiny_model, calibration)
+    kld = mean_kld(session, reference)
+    bits = backends[backend].parse_variant(variant)[1].nominal_bits()
+    assert 0 < kld < (0.05 if bits == 8 else 0.5), kld
+    held, fp32 = linear_bytes(session)
+    # Packed storage: 8-bit about 4x under fp32, 4-bit about 8x, before
+    # scales; torchao keeps sub-byte codes unpacked in int8 (so 4x).
+    expected = 4 if bits == 8 or backend == "torchao" else 8
+    assert fp32 / expected <= held <= fp32 / expected * 1.3, (held, fp32)
+
+
+def test_four_bits_are_worse_than_eight(backends, tiny_model, reference):
+    torchao = backends["torchao"]
+    assert mean_kld(session_for(torchao, "int8-wo", tiny_model), reference) < \
+        mean_kld(session_for(torchao, "int4-wo-g32", tiny_model), reference) < \
+        mean_kld(session_for(torchao, "bits=2,granularity=group:32", tiny_model), reference)
+    bnb = backends["bnb"]
+    assert mean_kld(session_for(bnb, "int8", tiny_model), reference) < \
+        mean_kld(session_for(bnb, "nf4", tiny_model), reference)
+
+
+def test_kept_layers_stay_full_precision(backends, tiny_model):
+    session = session_for(backends["torchao"], "bits=8,keep=lm_head+*.down_proj", tiny_model)
+    kept = [n for n, m in session.model.named_modules() if n.endswith("down_proj") or n == "lm_head"]
+    assert kept and all(type(session.model.get_submodule(n).weight) is torch.nn.Parameter for n in kept)
+    assert type(session.model.get_submodule("model.layers.0.mlp.up_proj").weight).__name__ == "Int8Tensor"
+
+
+def test_group_size_that_does_not_divide_falls_back_per_channel_and_says_so(backends, tiny_model):
+    from qbench.artifacts import obtain_artifact
+    from qbench.models import fingerprint
+
+    backend = backends["torchao"]
+    variant, config = backend.parse_variant("bits=4,granularity=group:256")  # hidden size 64 < 256
+    artifact, _, _ = obtain_artifact(backend, variant, config, str(tiny_model), fingerprint(tiny_model), None, None)
+    assert artifact.meta["granularity_fallback"]["layers"] == artifact.meta["quantized_layers"]
+    assert "per-channel" in artifact.meta["notes"][0]
+
+
+def test_artifacts_are_safetensors_not_pickle(backends, tiny_model, calibration):
+    from qbench.artifacts import obtain_artifact
+    from qbench.models import fingerprint
+
+    for backend, variant in [("torchao", "int8-static"), ("torchao", "int8-dyn-legacy"), ("bnb", "nf4")]:
+        b = backends[backend]
+        name, config = b.parse_variant(variant)
+        artifact, _, _ = obtain_artifact(b, name, config, str(tiny_model), fingerprint(tiny_model), calibration, "c")
+        suffixes = {p.suffix for p in Path(artifact.path).iterdir()}
+        assert ".safetensors" in suffixes and not suffixes & {".bin", ".pt", ".pth", ".pkl"}, suffixes
+
+
+def test_layers_left_in_full_precision_fail_loudly(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    from qbench.hf import require_quantized_layers
+    from qbench_plugins.torchao_ptq import _is_torchao_quantized
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    with pytest.raises(QBenchError, match="2 of 2 layers meant to be quantized are not"):
+        require_quantized_layers(model, ["model.layers.0.mlp.up_proj", "lm_head"], _is_torchao_quantized, "torchao")
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("torchao:bits=9", "field 'bits'"),
+    ("torchao:bits=4,granularity=tensor", "granularity=tensor needs bits=8"),
+    ("torchao:granularity=group:48", "power of two"),
+    ("torchao:granularity=rows", "granularity must be tensor, channel or group:N"),
+    ("torchao:activations=static,bits=4,granularity=group:32", "activations=static needs bits=8"),
+    ("torchao:kernel=legacy,activations=none", "kernel=legacy"),
+    ("torchao:dtype=float8,bits=4,granularity=group:32", "dtype=float8 needs bits=8"),
+    ("bnb:mode=int8,double_quant=true", "double_quant and compute_dtype apply to mode=nf4|fp4"),
+    ("bnb:mode=nf4,threshold=4", "threshold applies to mode=int8 only"),
+    ("bnb:mode=int3", "field 'mode'"),
+    ("bnb:groupsize=64", "field 'groupsize'"),
+])
+def test_impossible_custom_variants_are_rejected(backends, spec, message):
+    backend, _, settings = spec.partition(":")
+    with pytest.raises(QBenchError, match=message):
+        backends[backend].parse_variant(settings)
+
+
+def test_cuda_only_variants_say_so_on_cpu(backends):
+    torchao = backends["torchao"]
+    for variant in ("int4-tinygemm-g128", "float8-wo", "float8-dyn"):
+        availability = torchao.variant_available(torchao.variants()[variant], "cpu")
+        assert not availability.ok and "needs CUDA" in availability.reason
+    assert not torchao.variant_available(torchao.variants()["int8-dyn-legacy"], "cuda").ok
+
+
+def test_worker_runs_both_plugins_end_to_end(tiny_model, tiny_suite, tmp_path):
+    import qbench
+    from qbench.results import ResultStore
+
+    df = qbench.run(model=str(tiny_model), suite=str(tiny_suite), device="cpu",
+                    backends=["torchao:int8-wo", "bnb:nf4"], output_dir=str(tmp_path))
+    records = ResultStore(Path(df.attrs["run_dir"])).latest()
+    base = records["fp:fp32"]["metrics"]["weight_bytes"]["value"]
+    for cell in ("torchao:int8-wo", "bnb:nf4"):
+        record = records[cell]
+        assert record["status"] == "ok", record.get("error")
+        assert record["metrics"]["kld"]["value"] > 0
+        assert record["metrics"]["weight_bytes"]["value"] < 0.6 * base
+        assert record["metrics"]["artifact_bytes"]["value"] > 0
+        assert json.dumps(record["session"]["leaf_module_types"])
