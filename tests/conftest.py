@@ -42,20 +42,20 @@ def _train_tokenizer(folder: Path) -> None:
     fast.save_pretrained(folder)
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    """A randomly initialised 2-layer Llama (hidden 64) saved as an HF folder."""
+def make_tiny_model(folder: Path, hidden: int = 64, intermediate: int = 128) -> Path:
+    """A randomly initialised 2-layer Llama saved as an HF folder, with the
+    trained byte-level tokenizer."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    folder = tmp_path_factory.mktemp("tiny-llama")
     _train_tokenizer(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         tie_word_embeddings=False)
     model = LlamaForCausalLM(config)
     # Larger than default init so the model is far from uniform and quantization noise shows.
     with torch.no_grad():
@@ -64,6 +64,12 @@ def tiny_model(tmp_path_factory) -> Path:
                 p.normal_(0, 0.15)
     model.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """hidden 64: small enough for every CPU test."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
 MC_ITEMS = [
