@@ -108,7 +108,28 @@ class BitsAndBytes(Backend):
         model = load_causal_lm(artifact.path, device_map=device, trust_remote_code=artifact.trust_remote_code)
         chosen, _ = _skipped(artifact.model_path, config.keep, artifact.trust_remote_code)
         require_quantized_layers(model, chosen, _is_bnb_quantized, "bitsandbytes")
-        return HFSession(model.eval(), device, {"kernel": _kernel(config, device)})
+        facts = {"kernel": _kernel(config, device)}
+        if config.mode == "int8":
+            _log_once("bitsandbytes.autograd._functions", "MatMul8bitLt: inputs will be cast")
+            facts["int8_inputs"] = "LLM.int8 casts float32 activations to float16 before quantizing them"
+        return HFSession(model.eval(), device, facts)
+
+
+def _log_once(logger_name: str, prefix: str) -> None:
+    """bitsandbytes logs the same warning on every int8 matmul (megabytes of
+    log per cell, and time): let the first through, drop the repeats."""
+    import logging
+
+    class Once(logging.Filter):
+        seen = False
+
+        def filter(self, record: logging.LogRecord) -> bool:
+            if not record.getMessage().startswith(prefix):
+                return True
+            first, Once.seen = not Once.seen, True
+            return first
+
+    logging.getLogger(logger_name).addFilter(Once())
 
 
 def _kernel(config: BnbConfig, device: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any, Optional
 
 import click
@@ -109,10 +110,16 @@ def run(model, suite, backends, baseline, device, threads, cell_timeout, plugins
         console.print(f"[yellow]skipped[/] {cell}: {why}")
     if len(todo) < len(plan.cells):
         console.print(f"{len(plan.cells) - len(todo)} cell(s) already finished; running {len(todo)}")
+    _print_estimate(plan, run_dir, todo)
     execute(plan, run_dir, RichReporter(), retry_failed=retry_failed)
     records = list(store.latest().values())
     print_table(records, f"qbench run {plan.run_id}")
     console.print(f"results: {store.path}")
+    if any(r["status"] == "ok" for r in records):
+        from qbench.report import write_report
+
+        md, page = write_report(run_dir)
+        console.print(f"report: {md} and {page}")
     failed = [r for r in records if r["status"] != "ok"]
     if failed:
         console.print(f"[red]{len(failed)} cell(s) failed[/]; finished cells are kept. "
@@ -182,6 +189,132 @@ def show(run_id, as_json, markdown) -> None:
     unfinished = [c.cell for c in plan.cells if c.cell not in {r["cell"] for r in records}]
     if unfinished:
         console.print(f"[yellow]not run yet[/]: {', '.join(unfinished)} (qbench run --resume {plan.run_id})")
+
+
+def _print_estimate(plan, run_dir: Path, todo) -> None:
+    from qbench.estimate import estimate, past_durations
+
+    history = past_durations(run_dir.parent, plan.model.fingerprint, plan.suite_hash, plan.device)
+    seconds, unknown = estimate([c.cell for c in todo], history)
+    if seconds is None:
+        console.print(f"time estimate: none yet ({len(todo)} cell(s), no earlier run of this model, suite and "
+                      "device in the results folder)")
+        return
+    extra = f"; {unknown} cell(s) without history counted as a typical one" if unknown else ""
+    console.print(f"time estimate: about {seconds / 60:.0f} min for {len(todo)} cell(s), from earlier runs{extra}")
+
+
+@cli.command()
+@click.argument("run_id")
+@click.option("--kld-budget", type=float, default=None,
+              help="Quality budget of the recommendation: the largest acceptable mean KLD [default: 0.02].")
+def report(run_id, kld_budget) -> None:
+    """Write report.md and a self-contained report.html into the run folder."""
+    from qbench.report import DEFAULT_KLD_BUDGET, write_report
+    from qbench.results import find_run
+
+    md, page = write_report(find_run(run_id), DEFAULT_KLD_BUDGET if kld_budget is None else kld_budget)
+    console.print(f"wrote {md} and {page}")
+
+
+@cli.command()
+@click.argument("run_a")
+@click.argument("run_b")
+@click.option("--markdown", is_flag=True, help="Print a markdown table.")
+def compare(run_a, run_b, markdown) -> None:
+    """The same cells in two runs: which figures changed beyond their error bars.
+
+    Exits 1 when something did."""
+    from qbench.compare import Z, compare_records, unmatched
+    from qbench.results import ResultStore, find_run
+    from qbench.table import markdown_rows
+
+    a = ResultStore(find_run(run_a)).latest()
+    b = ResultStore(find_run(run_b)).latest()
+    headers, rows, flagged = compare_records(a, b)
+    if not rows:
+        raise QBenchError(f"runs {run_a} and {run_b} share no finished cells to compare")
+    if markdown:
+        click.echo("\n".join(markdown_rows(headers, rows)))
+    else:
+        table = Table(title=f"{run_a} (A) vs {run_b} (B): flagged when |Δ| > {Z:g} combined standard errors")
+        for h in headers:
+            table.add_column(h)
+        for row in rows:
+            table.add_row(*row, style="red" if row[-1] == "YES" else None)
+        out.print(table)
+    for line in unmatched(a, b):
+        console.print(f"[yellow]not compared[/]: {line}")
+    console.print(f"{flagged} change(s) beyond noise" if flagged else "no change beyond noise")
+    sys.exit(1 if flagged else 0)
+
+
+@cli.command()
+@click.argument("run_id")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Write the tidy table as CSV.")
+@click.option("--parquet", "parquet_path", type=click.Path(dir_okay=False), help="Write it as Parquet.")
+def export(run_id, csv_path, parquet_path) -> None:
+    """Export a run's tidy results (one row per cell and metric, with unit, n
+    and standard error). Default: results.csv and results.parquet in the run folder."""
+    from qbench.results import ResultStore, find_run, tidy
+
+    run_dir = find_run(run_id)
+    df = tidy(ResultStore(run_dir).latest().values())
+    if not csv_path and not parquet_path:
+        csv_path, parquet_path = run_dir / "results.csv", run_dir / "results.parquet"
+    if csv_path:
+        df.to_csv(csv_path, index=False)
+        console.print(f"wrote {csv_path} ({len(df)} rows)")
+    if parquet_path:
+        df.to_parquet(parquet_path, index=False)
+        console.print(f"wrote {parquet_path} ({len(df)} rows)")
+
+
+@cli.group(invoke_without_command=True)
+@click.pass_context
+def suites(ctx) -> None:
+    """List the shipped suites with their contents and hashes."""
+    if ctx.invoked_subcommand:
+        return
+    from qbench.suites import SUITES_DIR, load_suite
+
+    table = Table(title=f"suites in {SUITES_DIR}")
+    for h in ("suite", "hash", "perplexity", "tasks (items)", "generation", "latency", "calibration", "about"):
+        table.add_column(h, overflow="fold")
+    for path in sorted(SUITES_DIR.glob("*.yaml")):
+        table.add_row(*_suite_row(load_suite(str(path))))
+    out.print(table)
+
+
+@suites.command("validate")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+def suites_validate(file) -> None:
+    """Check a suite file: schema, data files, task items. Exits 2 if invalid."""
+    from qbench.suites import load_suite
+
+    suite = load_suite(file)
+    row = _suite_row(suite)
+    console.print(f"[green]valid[/]: {file}: suite '{suite.name}' (hash {row[1]}); perplexity {row[2]}; "
+                  f"tasks {row[3]}; generation {row[4]}; latency {row[5]}; calibration {row[6]}", highlight=False)
+
+
+def _suite_row(suite) -> list[str]:
+    from qbench.metrics.choice import load_items
+
+    ppl = suite.perplexity
+    tasks = ", ".join(f"{t.name} ({len(load_items(suite.resolve(t.path), t.limit))})" for t in suite.tasks)
+    gen = suite.generation
+    lat = suite.latency
+    cal = suite.calibration
+    return [
+        suite.name, suite.content_hash(),
+        f"{ppl.max_tokens} tokens of {ppl.corpus.source}, windows of {ppl.max_length}" if ppl else "-",
+        tasks or "-",
+        f"{len(gen.prompts)} prompts x {gen.max_new_tokens} tokens" if gen else "-",
+        f"{lat.prompt_tokens}+{lat.new_tokens} tokens, batch {lat.batch_size}" if lat else "-",
+        f"{cal.samples} x {cal.seq_len} tokens of {cal.corpus.source}" if cal else "-",
+        (suite.description or "").strip(),
+    ]
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -52,7 +52,8 @@ class FidelitySpec(_Strict):
 
 class ChoiceTask(_Strict):
     name: str
-    #: JSONL with fields ``context`` (str), ``choices`` (list[str]), ``gold`` (int)
+    #: JSONL with fields ``context`` (str), ``choices`` (list[str]), ``gold``
+    #: (int), or an lm-evaluation-harness task YAML with local data
     path: str
     limit: Optional[int] = Field(None, gt=0)
 
@@ -98,7 +99,14 @@ class Suite(_Strict):
         return path if path.is_absolute() else Path(self.root) / path
 
     def data_files(self) -> list[Path]:
-        files = [self.resolve(t.path) for t in self.tasks]
+        files = []
+        for task in self.tasks:
+            path = self.resolve(task.path)
+            files.append(path)
+            if path.suffix in (".yaml", ".yml") and path.is_file():
+                from qbench.lm_eval_tasks import data_file, read_config
+
+                files.append(data_file(path, read_config(path)))
         for corpus in (self.perplexity and self.perplexity.corpus, self.calibration and self.calibration.corpus):
             if corpus and not corpus.source.startswith("builtin:"):
                 files.append(self.resolve(corpus.source))

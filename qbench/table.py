@@ -52,10 +52,14 @@ def table_rows(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str]
     return [headers[i] for i in keep], [[row[i] for i in keep] for row in rows]
 
 
+def markdown_rows(headers: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    return lines + ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+
+
 def markdown_table(records: list[dict[str, Any]]) -> str:
     headers, rows = table_rows(records)
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines = markdown_rows(headers, rows)
     notes = [f"- {r['cell']}: {note}" for r in records for note in r.get("notes", [])]
     if notes:
         lines += ["", "Notes:", ""] + notes

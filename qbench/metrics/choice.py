@@ -14,6 +14,14 @@ from qbench.windows import Window
 
 
 def load_items(path: Path, limit: Optional[int]) -> list[dict[str, Any]]:
+    """Items of a task: qbench's JSONL ({"context", "choices", "gold"} per
+    line) or an lm-evaluation-harness task YAML with local data."""
+    if path.suffix in (".yaml", ".yml"):
+        from qbench.lm_eval_tasks import load_task
+
+        return load_task(path, limit)
+    if not path.is_file():
+        raise QBenchError(f"task file {path} not found")
     items = []
     for lineno, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
@@ -61,7 +69,10 @@ def accuracy_metrics(items: list[dict[str, Any]], token_logprobs: torch.Tensor,
     for item in items:
         k = len(item["choices"])
         ll = lls[cursor: cursor + k]
-        norm = [v / max(len(c), 1) for v, c in zip(ll, item["choices"])]
+        # lm-eval normalises by the choice's length without the delimiter
+        # (``norm_lengths``, from lm-eval task files); ours bake the space in.
+        lengths = item.get("norm_lengths") or [len(c) for c in item["choices"]]
+        norm = [v / max(n, 1) for v, n in zip(ll, lengths)]
         gold = int(item["gold"])
         correct += int(max(range(k), key=ll.__getitem__) == gold)
         correct_norm += int(max(range(k), key=norm.__getitem__) == gold)

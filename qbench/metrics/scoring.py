@@ -91,30 +91,44 @@ def score_windows(
     done = 0
     for ids, mask, chunk in batches(windows, batch_size):
         logits = session.logits(ids, mask)
+        device = logits.device
+        parts: dict[str, list[torch.Tensor]] = {"token_logprobs": [], "topk_logprobs": [], "topk_ids": [],
+                                                "lq": [], "argmax": []}
+        first = cursor
+        if reference is not None:
+            # The batch's reference ids travel to the device once.
+            batch_ref = reference.topk_ids[first: first + sum(w.n_scored for w in chunk)].to(device, torch.long)
         for row, window in enumerate(chunk):
             n = len(window.input_ids)
-            positions = slice(n - 1 - window.n_scored, n - 1)
             # log-softmax in float32 by the harness, whatever dtype the backend
-            # returned, on the logits' own device: only the few numbers each
-            # metric reads travel to the CPU. Row by row: on CPU that measured
-            # faster than one call over the batch (cache-friendlier).
-            lp = torch.log_softmax(logits[row, positions].float(), dim=-1)
-            targets = ids[row, n - window.n_scored: n].to(lp.device)
-            scores.token_logprobs.append(lp.gather(-1, targets[:, None])[:, 0].cpu())
+            # returned, on the logits' own device; only gathered values are
+            # kept. Row by row: on CPU that measured faster than one call over
+            # the batch (cache-friendlier). torch's fused log_softmax beats
+            # logit - logsumexp on CPU (28 vs 38 ms per 511 x 49,152 row).
+            lp = torch.log_softmax(logits[row, n - 1 - window.n_scored: n - 1].float(), dim=-1)
+            targets = ids[row, n - window.n_scored: n].to(device)
+            parts["token_logprobs"].append(lp.gather(-1, targets[:, None])[:, 0])
             if top_k:
                 values, indices = lp.topk(min(top_k, lp.shape[-1]), dim=-1)
-                scores.topk_logprobs.append(values.cpu())
-                scores.topk_ids.append(indices.to(torch.int32).cpu())
+                parts["topk_logprobs"].append(values)
+                parts["topk_ids"].append(indices.to(torch.int32))
             if reference is not None:
-                sl = slice(cursor, cursor + window.n_scored)
-                ref_ids = reference.topk_ids[sl].long()
-                lq = lp.gather(-1, ref_ids.to(lp.device)).cpu()
-                kld, tail = kl_against_topk(reference.topk_logprobs[sl], ref_ids, lq)
-                scores.kld.append(kld)
-                scores.tail_mass.append(tail)
-                scores.same_top.append((lp.argmax(-1).cpu() == ref_ids[:, 0]).float())
+                parts["lq"].append(lp.gather(-1, batch_ref[cursor - first: cursor - first + window.n_scored]))
+                parts["argmax"].append(lp.argmax(-1))
             cursor += window.n_scored
         del logits
+        # One device-to-host copy per batch and quantity, not per row.
+        batch = {k: torch.cat(v).cpu() for k, v in parts.items() if v}
+        scores.token_logprobs.append(batch["token_logprobs"])
+        if top_k:
+            scores.topk_logprobs.append(batch["topk_logprobs"])
+            scores.topk_ids.append(batch["topk_ids"])
+        if reference is not None:
+            sl = slice(first, cursor)
+            kld, tail = kl_against_topk(reference.topk_logprobs[sl], reference.topk_ids[sl], batch["lq"])
+            scores.kld.append(kld)
+            scores.tail_mass.append(tail)
+            scores.same_top.append((batch["argmax"] == reference.topk_ids[sl, 0].long()).float())
         done += len(chunk)
         if on_batch:
             on_batch(done, len(windows))

@@ -1,0 +1,71 @@
+"""The same cells across two runs (a new library version, another machine):
+which figures changed beyond their error bars.
+
+Quality metrics carry standard errors: a change is flagged when it exceeds
+``Z`` combined standard errors. Latency carries raw samples: the standard
+error of a median is estimated as 1.2533 σ/√n (its large-sample value for a
+normal distribution), and the same rule applies. Memory has no noise model:
+a change of more than 5% is flagged.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any, Optional
+
+Z = 2.0
+QUALITY = ("perplexity", "kld", "same_top_p", "ln_ppl_ratio", "acc", "acc_norm")
+LATENCY = ("prefill_ms", "decode_ms_per_token")
+MEMORY = ("weight_bytes",)
+MEMORY_TOLERANCE = 0.05
+
+
+def _median_stderr(metric: dict[str, Any]) -> Optional[float]:
+    samples = metric.get("samples") or []
+    if len(samples) < 2:
+        return None
+    return 1.2533 * statistics.stdev(samples) / math.sqrt(len(samples))
+
+
+def _noise(name: str, metric: dict[str, Any]) -> Optional[float]:
+    if name in LATENCY:
+        return _median_stderr(metric)
+    return metric.get("stderr")
+
+
+def compare_records(a: dict[str, dict], b: dict[str, dict]) -> tuple[list[str], list[list[str]], int]:
+    """(headers, rows, number of flagged changes) over the cells that finished
+    in both runs."""
+    headers = ["cell", "metric", "run A", "run B", "change", "beyond noise?"]
+    rows, flagged = [], 0
+    for cell in [c for c in a if c in b and a[c]["status"] == "ok" and b[c]["status"] == "ok"]:
+        ma, mb = a[cell]["metrics"], b[cell]["metrics"]
+        for name in QUALITY + LATENCY + MEMORY:
+            if not isinstance(ma.get(name), dict) or not isinstance(mb.get(name), dict):
+                continue
+            va, vb = ma[name]["value"], mb[name]["value"]
+            if va is None or vb is None:
+                continue
+            diff = vb - va
+            if name in MEMORY:
+                beyond = abs(diff) > MEMORY_TOLERANCE * abs(va)
+                verdict = "YES" if beyond else f"no (within {MEMORY_TOLERANCE:.0%})"
+            else:
+                sa, sb = _noise(name, ma[name]), _noise(name, mb[name])
+                if sa is None or sb is None:
+                    continue
+                bar = Z * math.hypot(sa, sb)
+                beyond = abs(diff) > bar and diff != 0
+                verdict = "YES" if beyond else f"no (|Δ| ≤ {bar:.4g})"
+            flagged += beyond
+            rows.append([cell, name, f"{va:.6g}", f"{vb:.6g}", f"{diff:+.4g}", verdict])
+    return headers, rows, flagged
+
+
+def unmatched(a: dict[str, dict], b: dict[str, dict]) -> list[str]:
+    only_a = [f"{c} (only in run A)" for c in a if c not in b]
+    only_b = [f"{c} (only in run B)" for c in b if c not in a]
+    failed = [f"{c} (failed in at least one run)" for c in a
+              if c in b and (a[c]["status"] != "ok" or b[c]["status"] != "ok")]
+    return only_a + only_b + failed

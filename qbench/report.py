@@ -1,0 +1,290 @@
+"""Publishable reports of a run: ``report.md`` (GitHub-ready, plots beside it
+as PNG files) and ``report.html`` (self-contained: plots inlined, no network
+needed). Both are rendered from one list of blocks, so they say the same.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from qbench.table import markdown_rows, table_rows
+
+MIB = 2**20
+#: Default quality budget of the recommendation: mean KLD to the baseline.
+DEFAULT_KLD_BUDGET = 0.02
+
+
+@dataclass
+class Block:
+    kind: str  # "h2" | "p" | "list" | "table" | "img"
+    text: str = ""
+    items: tuple = ()
+    headers: tuple = ()
+    rows: tuple = ()
+    png: bytes = b""
+
+
+def _value(record: dict, name: str) -> Optional[float]:
+    m = (record.get("metrics") or {}).get(name)
+    return m.get("value") if isinstance(m, dict) else None
+
+
+def _stderr(record: dict, name: str) -> Optional[float]:
+    m = (record.get("metrics") or {}).get(name)
+    return m.get("stderr") if isinstance(m, dict) else None
+
+
+def quality(record: dict) -> Optional[float]:
+    """The quality axis: mean KLD to the baseline (0 for the baseline)."""
+    return 0.0 if record.get("baseline") else _value(record, "kld")
+
+
+def pareto_front(records: list[dict]) -> list[dict]:
+    """Cells no other cell beats on both weight memory and KLD."""
+    points = [r for r in records if quality(r) is not None and _value(r, "weight_bytes")]
+    front = []
+    for r in points:
+        q, w = quality(r), _value(r, "weight_bytes")
+        dominated = any(quality(o) <= q and _value(o, "weight_bytes") <= w and
+                        (quality(o) < q or _value(o, "weight_bytes") < w) for o in points)
+        if not dominated:
+            front.append(r)
+    return sorted(front, key=lambda r: _value(r, "weight_bytes"))
+
+
+def recommendation(records: list[dict], kld_budget: float) -> list[str]:
+    ok = [r for r in records if r["status"] == "ok"]
+    front = pareto_front(ok)
+    lines = []
+    if front:
+        lines.append("Pareto-optimal on weight memory and KLD: " + ", ".join(
+            f"`{r['cell']}` ({_value(r, 'weight_bytes') / MIB:.1f} MiB, KLD {quality(r):.4f})" for r in front))
+    within = [r for r in ok if quality(r) is not None and quality(r) <= kld_budget and _value(r, "weight_bytes")]
+    base = next((r for r in ok if r.get("baseline")), None)
+    if within:
+        best = min(within, key=lambda r: _value(r, "weight_bytes"))
+        share = (f", {100 * _value(best, 'weight_bytes') / _value(base, 'weight_bytes'):.0f}% of the baseline's "
+                 "weights" if base else "")
+        se = _stderr(best, "kld")
+        lines.append(f"Smallest within the quality budget (mean KLD ≤ {kld_budget:g}): `{best['cell']}`: "
+                     f"{_value(best, 'weight_bytes') / MIB:.1f} MiB{share}, KLD {quality(best):.4f}"
+                     + (f" ± {se:.4f}" if se else "") + ".")
+    else:
+        lines.append(f"No variant stays within the quality budget (mean KLD ≤ {kld_budget:g}).")
+    return lines
+
+
+def delta_rows(records: list[dict]) -> tuple[tuple, list[tuple]]:
+    """Changes against the baseline, with their error bars."""
+    base = next((r for r in records if r.get("baseline") and r["status"] == "ok"), None)
+    headers = ("variant", "Δ PPL %", "Δ acc (points)", "weights vs base", "decode speed vs base")
+    rows = []
+    for r in records:
+        if r["status"] != "ok" or r.get("baseline") or base is None:
+            continue
+        cells = [r["cell"]]
+        ratio, se = _value(r, "ln_ppl_ratio"), _stderr(r, "ln_ppl_ratio")
+        # ln(PPL_q/PPL_base) has a paired SE; map it to a percentage change.
+        cells.append(f"{100 * math.expm1(ratio):+.2f} ± {100 * math.exp(ratio) * se:.2f}"
+                     if ratio is not None and se is not None else "-")
+        acc, acc_b = _value(r, "acc"), _value(base, "acc")
+        if acc is not None and acc_b is not None:
+            se = math.hypot(_stderr(r, "acc") or 0, _stderr(base, "acc") or 0)
+            cells.append(f"{100 * (acc - acc_b):+.1f} ± {100 * se:.1f}")
+        else:
+            cells.append("-")
+        w, w_b = _value(r, "weight_bytes"), _value(base, "weight_bytes")
+        cells.append(f"{w / w_b:.2f}×" if w and w_b else "-")
+        t, t_b = _value(r, "decode_tokens_per_s"), _value(base, "decode_tokens_per_s")
+        cells.append(f"{t / t_b:.2f}×" if t and t_b else "-")
+        rows.append(tuple(cells))
+    return headers, rows
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def plots(records: list[dict]) -> list[tuple[str, str, bytes]]:
+    """(file name, caption, PNG) for each plot that has data."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in records if r["status"] == "ok" and quality(r) is not None]
+    out = []
+    if ok and any(_value(r, "weight_bytes") for r in ok):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for r in ok:
+            ax.errorbar(_value(r, "weight_bytes") / MIB, quality(r), yerr=_stderr(r, "kld") or 0, fmt="o")
+            ax.annotate(r["cell"], (_value(r, "weight_bytes") / MIB, quality(r)), fontsize=7,
+                        xytext=(4, 3), textcoords="offset points")
+        front = pareto_front(ok)
+        ax.plot([_value(r, "weight_bytes") / MIB for r in front], [quality(r) for r in front], "--",
+                color="tab:red", label="Pareto front")
+        ax.set_xlabel("weight memory (MiB)")
+        ax.set_ylabel("mean KLD to the baseline (symlog)")
+        ax.set_yscale("symlog", linthresh=1e-4)
+        ax.legend()
+        ax.grid(alpha=0.3)
+        out.append(("quality_vs_memory.png", "Quality (KLD, lower is better) against weight memory; "
+                    "the dashed line joins the Pareto-optimal variants.", _png(fig)))
+    speed = [r for r in ok if _value(r, "decode_tokens_per_s")]
+    if speed:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for r in speed:
+            ax.plot(quality(r), _value(r, "decode_tokens_per_s"), "o")
+            ax.annotate(r["cell"], (quality(r), _value(r, "decode_tokens_per_s")), fontsize=7,
+                        xytext=(4, 3), textcoords="offset points")
+        ax.set_xscale("symlog", linthresh=1e-4)
+        ax.set_xlabel("mean KLD to the baseline (symlog)")
+        ax.set_ylabel("decode tokens/s (median)")
+        ax.grid(alpha=0.3)
+        out.append(("speed_vs_quality.png", "Decode speed against quality (up and left is better).", _png(fig)))
+    tasks = sorted({t for r in ok for t in ((r.get("metrics") or {}).get("tasks") or {})})
+    if tasks:
+        fig, ax = plt.subplots(figsize=(max(7, 1.2 * len(tasks) * max(1, len(ok)) / 3), 4.5))
+        width = 0.8 / len(ok)
+        colours = plt.get_cmap("tab20").colors
+        for i, r in enumerate(ok):
+            per = (r.get("metrics") or {}).get("tasks") or {}
+            xs = [j + i * width for j in range(len(tasks))]
+            ys = [100 * per[t]["acc"]["value"] if t in per else float("nan") for t in tasks]
+            es = [100 * (per[t]["acc"].get("stderr") or 0) if t in per else 0 for t in tasks]
+            ax.bar(xs, ys, width, yerr=es, capsize=2, label=r["cell"], color=colours[i % len(colours)])
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], tasks)
+        ax.set_ylabel("accuracy % (± standard error)")
+        ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
+        ax.grid(axis="y", alpha=0.3)
+        out.append(("task_accuracy.png", "Multiple-choice accuracy per task, with standard errors.", _png(fig)))
+    return out
+
+
+def blocks(run_dir: Path, plan: dict, records: list[dict], kld_budget: float) -> list[Block]:
+    out = [Block("p", text=f"Model `{plan['model']['name']}` (fingerprint {plan['model']['fingerprint']}), suite "
+                 f"`{plan['suite_name']}` (hash {plan['suite_hash']}), device {plan['device']}, run "
+                 f"`{plan['run_id']}` started {time.strftime('%Y-%m-%d %H:%M', time.localtime(plan['created']))}.")]
+    if plan["model"].get("note"):
+        out.append(Block("p", text=plan["model"]["note"] + "."))
+    out += [Block("h2", text="Recommendation"), Block("list", items=tuple(recommendation(records, kld_budget)))]
+    headers, rows = table_rows(records)
+    out += [Block("h2", text="Comparison"), Block("table", headers=tuple(headers), rows=tuple(map(tuple, rows)))]
+    d_headers, d_rows = delta_rows(records)
+    if d_rows:
+        out += [Block("p", text="Against the baseline (paired standard error for perplexity; independent for "
+                      "accuracy):"), Block("table", headers=d_headers, rows=tuple(d_rows))]
+    failed = [f"`{r['cell']}`: {r.get('error')}" for r in records if r["status"] != "ok"]
+    skipped = [f"`{cell}` (skipped): {why}" for cell, why in (plan.get("skipped") or {}).items()]
+    if failed or skipped:
+        out += [Block("h2", text="Cells without results"), Block("list", items=tuple(failed + skipped))]
+    notes = [f"`{r['cell']}`: {n}" for r in records for n in r.get("notes", [])]
+    if notes:
+        out += [Block("h2", text="Notes"), Block("list", items=tuple(notes))]
+    out.append(Block("h2", text="Plots"))
+    for name, caption, png in plots(records):
+        out += [Block("img", text=name, png=png), Block("p", text=caption)]
+    out += [Block("h2", text="Environment and provenance"), Block("list", items=tuple(provenance(plan, records)))]
+    return out
+
+
+def provenance(plan: dict, records: list[dict]) -> list[str]:
+    env = next((r.get("env") for r in records if r.get("env")), {}) or {}
+    items = [f"model: {plan['model'].get('source')} `{plan['model'].get('path')}`, fingerprint "
+             f"{plan['model']['fingerprint']}",
+             f"suite: `{plan.get('suite_path')}`, hash {plan['suite_hash']}"]
+    calib = sorted({(r["calibration"] or {}).get("hash") for r in records if r.get("calibration")} - {None})
+    if calib:
+        items.append("calibration data hash: " + ", ".join(calib))
+    workload = next((r.get("workload") for r in records if r.get("workload")), None)
+    if workload:
+        items.append(f"BOS policy: {workload.get('bos_policy')}; perplexity tokens: "
+                     f"{workload.get('perplexity_tokens')}")
+    gpu = env.get("gpu")
+    items.append(f"hardware: {env.get('cpu')} ({env.get('cpu_count_logical')} logical CPUs, "
+                 f"{(env.get('memory_total_bytes') or 0) / 2**30:.0f} GiB)" + (f", GPU {gpu.get('name')}" if gpu else "")
+                 + f"; torch threads {env.get('torch_threads')}")
+    items.append(f"software: Python {env.get('python')}, " + ", ".join(
+        f"{k} {v}" for k, v in sorted((env.get("packages") or {}).items())))
+    items.append(f"qbench git commit: {env.get('git_commit')}")
+    return items
+
+
+def to_markdown(title: str, body: list[Block]) -> str:
+    lines = [f"# {title}", ""]
+    for b in body:
+        if b.kind == "h2":
+            lines += [f"## {b.text}", ""]
+        elif b.kind == "p":
+            lines += [b.text, ""]
+        elif b.kind == "list":
+            lines += [f"- {item}" for item in b.items] + [""]
+        elif b.kind == "table":
+            lines += markdown_rows(list(b.headers), [list(r) for r in b.rows]) + [""]
+        elif b.kind == "img":
+            lines += [f"![{b.text}](report_files/{b.text})", ""]
+    return "\n".join(lines)
+
+
+def _inline(text: str) -> str:
+    # `code` spans are the only markup the blocks use.
+    parts = html.escape(text).split("`")
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+
+def to_html(title: str, body: list[Block]) -> str:
+    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+           "<style>body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
+           "table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 7px;"
+           "text-align:right}td:first-child,th:first-child{text-align:left}tr:nth-child(even){background:#f6f6f6}"
+           "code{background:#f0f0f0;padding:0 3px}img{max-width:100%}</style></head><body>",
+           f"<h1>{html.escape(title)}</h1>"]
+    for b in body:
+        if b.kind == "h2":
+            out.append(f"<h2>{html.escape(b.text)}</h2>")
+        elif b.kind == "p":
+            out.append(f"<p>{_inline(b.text)}</p>")
+        elif b.kind == "list":
+            out.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in b.items) + "</ul>")
+        elif b.kind == "table":
+            out.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in b.headers) + "</tr>"
+                       + "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>"
+                                 for row in b.rows) + "</table>")
+        elif b.kind == "img":
+            data = base64.b64encode(b.png).decode()
+            out.append(f"<img alt='{html.escape(b.text)}' src='data:image/png;base64,{data}'>")
+    out.append("</body></html>")
+    return "\n".join(out)
+
+
+def write_report(run_dir: Path, kld_budget: float = DEFAULT_KLD_BUDGET) -> tuple[Path, Path]:
+    """Write report.md (+ report_files/*.png) and report.html into the run folder."""
+    import json
+
+    from qbench.results import ResultStore
+
+    plan = json.loads((run_dir / "plan.json").read_text())
+    records = list(ResultStore(run_dir).latest().values())
+    title = f"qbench report: {plan['model']['name']} on suite {plan['suite_name']}"
+    body = blocks(run_dir, plan, records, kld_budget)
+    files = run_dir / "report_files"
+    files.mkdir(exist_ok=True)
+    for b in body:
+        if b.kind == "img":
+            (files / b.text).write_bytes(b.png)
+    md, page = run_dir / "report.md", run_dir / "report.html"
+    md.write_text(to_markdown(title, body))
+    page.write_text(to_html(title, body))
+    return md, page
