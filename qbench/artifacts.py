@@ -64,7 +64,9 @@ def obtain_artifact(
                     f"corrupt artifact cache entry {entry} (missing {missing[0]}): delete that folder "
                     f"(rm -r '{entry}') and run again to re-quantize"
                 )
-            return artifact, True, key
+            # Same content, maybe elsewhere now: the key is the model's
+            # fingerprint, not its path, and the cache folder may have moved.
+            return artifact.model_copy(update={"model_path": model_path, "path": str(entry / "files")}), True, key
         if entry.exists():  # leftovers of a killed quantization
             shutil.rmtree(entry)
         workdir = entry / "files"

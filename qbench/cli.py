@@ -270,19 +270,27 @@ def export(run_id, csv_path, parquet_path) -> None:
         console.print(f"wrote {parquet_path} ({len(df)} rows)")
 
 
+SUITE_COLUMNS = ("suite", "hash", "perplexity", "tasks (items)", "generation", "latency", "calibration", "about")
+
+
 @cli.group(invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
-def suites(ctx) -> None:
+def suites(ctx, as_json) -> None:
     """List the shipped suites with their contents and hashes."""
     if ctx.invoked_subcommand:
         return
     from qbench.suites import SUITES_DIR, load_suite
 
+    rows = [_suite_row(load_suite(str(path))) for path in sorted(SUITES_DIR.glob("*.yaml"))]
+    if as_json:
+        click.echo(json.dumps([dict(zip(SUITE_COLUMNS, row)) for row in rows], indent=1))
+        return
     table = Table(title=f"suites in {SUITES_DIR}")
-    for h in ("suite", "hash", "perplexity", "tasks (items)", "generation", "latency", "calibration", "about"):
+    for h in SUITE_COLUMNS:
         table.add_column(h, overflow="fold")
-    for path in sorted(SUITES_DIR.glob("*.yaml")):
-        table.add_row(*_suite_row(load_suite(str(path))))
+    for row in rows:
+        table.add_row(*row)
     out.print(table)
 
 
@@ -294,7 +302,7 @@ def suites_validate(file) -> None:
 
     suite = load_suite(file)
     row = _suite_row(suite)
-    console.print(f"[green]valid[/]: {file}: suite '{suite.name}' (hash {row[1]}); perplexity {row[2]}; "
+    out.print(f"[green]valid[/]: {file}: suite '{suite.name}' (hash {row[1]}); perplexity {row[2]}; "
                   f"tasks {row[3]}; generation {row[4]}; latency {row[5]}; calibration {row[6]}", highlight=False)
 
 

@@ -4,7 +4,9 @@ which figures changed beyond their error bars.
 Quality metrics carry standard errors: a change is flagged when it exceeds
 ``Z`` combined standard errors. Latency carries raw samples: the standard
 error of a median is estimated as 1.2533 σ/√n (its large-sample value for a
-normal distribution), and the same rule applies. Memory has no noise model:
+normal distribution), and the same rule applies, with a floor: changes under
+10% are not flagged, because run-to-run variation on one machine (frequency
+scaling, other load) exceeds the within-run error. Memory has no noise model:
 a change of more than 5% is flagged.
 """
 
@@ -19,6 +21,7 @@ QUALITY = ("perplexity", "kld", "same_top_p", "ln_ppl_ratio", "acc", "acc_norm")
 LATENCY = ("prefill_ms", "decode_ms_per_token")
 MEMORY = ("weight_bytes",)
 MEMORY_TOLERANCE = 0.05
+LATENCY_FLOOR = 0.10
 
 
 def _median_stderr(metric: dict[str, Any]) -> Optional[float]:
@@ -56,6 +59,8 @@ def compare_records(a: dict[str, dict], b: dict[str, dict]) -> tuple[list[str], 
                 if sa is None or sb is None:
                     continue
                 bar = Z * math.hypot(sa, sb)
+                if name in LATENCY:
+                    bar = max(bar, LATENCY_FLOOR * abs(va))
                 beyond = abs(diff) > bar and diff != 0
                 verdict = "YES" if beyond else f"no (|Δ| ≤ {bar:.4g})"
             flagged += beyond

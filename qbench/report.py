@@ -66,7 +66,8 @@ def recommendation(records: list[dict], kld_budget: float) -> list[str]:
     if front:
         lines.append("Pareto-optimal on weight memory and KLD: " + ", ".join(
             f"`{r['cell']}` ({_value(r, 'weight_bytes') / MIB:.1f} MiB, KLD {quality(r):.4f})" for r in front))
-    within = [r for r in ok if quality(r) is not None and quality(r) <= kld_budget and _value(r, "weight_bytes")]
+    within = [r for r in ok if not r.get("baseline") and quality(r) is not None and quality(r) <= kld_budget
+              and _value(r, "weight_bytes")]
     base = next((r for r in ok if r.get("baseline")), None)
     if within:
         best = min(within, key=lambda r: _value(r, "weight_bytes"))
@@ -77,7 +78,8 @@ def recommendation(records: list[dict], kld_budget: float) -> list[str]:
                      f"{_value(best, 'weight_bytes') / MIB:.1f} MiB{share}, KLD {quality(best):.4f}"
                      + (f" ± {se:.4f}" if se else "") + ".")
     else:
-        lines.append(f"No variant stays within the quality budget (mean KLD ≤ {kld_budget:g}).")
+        lines.append(f"No variant stays within the quality budget (mean KLD ≤ {kld_budget:g}): keep the baseline, "
+                     "or loosen the budget with --kld-budget.")
     return lines
 
 

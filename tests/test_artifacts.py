@@ -1,5 +1,7 @@
 """The quantized-artifact cache."""
 
+import os
+
 import pytest
 
 from qbench.artifacts import obtain_artifact
@@ -54,3 +56,17 @@ def test_failed_quantization_leaves_no_entry(rtn, tiny_model):
         obtain(rtn, "bits=4,group_size=256", tiny_model)
     with pytest.raises(ValueError, match="does not divide"):
         obtain(rtn, "bits=4,group_size=256", tiny_model)  # not mistaken for a cached artifact
+
+
+def test_cache_hit_follows_the_model_and_cache_to_their_current_folders(tiny_model, tmp_path, monkeypatch):
+    import shutil
+
+    fp = load_plugins(PluginSettings(allow=("builtin",))).backends["fp"]
+    name, config = fp.parse_variant("bf16")
+    first, hit, _ = obtain_artifact(fp, name, config, str(tiny_model), fingerprint(tiny_model), None, None)
+    assert not hit
+    moved_model = shutil.copytree(tiny_model, tmp_path / "moved-model")
+    moved_cache = shutil.copytree(os.environ["QBENCH_CACHE"], tmp_path / "moved-cache")
+    monkeypatch.setenv("QBENCH_CACHE", str(moved_cache))
+    again, hit, _ = obtain_artifact(fp, name, config, str(moved_model), fingerprint(moved_model), None, None)
+    assert hit and again.model_path == str(moved_model) and again.path.startswith(str(moved_cache))

@@ -1,0 +1,132 @@
+"""Reports, comparisons and exports of a finished run."""
+
+import base64
+import json
+import re
+import shutil
+import subprocess
+
+import pandas as pd
+import pytest
+
+from qbench.compare import compare_records
+from qbench.report import pareto_front, recommendation
+from tests.conftest import FAKE_PLUGINS
+from tests.test_cli import qbench
+
+
+def record(cell, kld, weight, baseline=False, status="ok", **extra):
+    metrics = {"weight_bytes": {"value": weight}, "decode_tokens_per_s": {"value": 10.0}}
+    if kld is not None:
+        metrics["kld"] = {"value": kld, "stderr": 0.001}
+    return {"cell": cell, "baseline": baseline, "status": status, "metrics": metrics, **extra}
+
+
+def test_pareto_front_and_budget_recommendation():
+    records = [record("fp:fp32", None, 400, baseline=True), record("a", 0.01, 100), record("b", 0.005, 150),
+               record("c", 0.02, 160), record("d", 0.5, 50)]
+    assert [r["cell"] for r in pareto_front(records)] == ["d", "a", "b", "fp:fp32"]
+    lines = recommendation(records, kld_budget=0.012)
+    assert "`a`" in lines[1] and "25% of the baseline" in lines[1]
+    assert "No variant" in recommendation(records, kld_budget=0.001)[1]
+
+
+def metric(value, stderr=None, samples=None):
+    return {"value": value, "stderr": stderr, **({"samples": samples} if samples else {})}
+
+
+def test_compare_flags_only_changes_beyond_error_bars():
+    def run(ppl, kld, decode):
+        return {"x:y": {"cell": "x:y", "status": "ok", "metrics": {
+            "perplexity": metric(ppl, 0.3), "kld": metric(kld, 0.001),
+            "decode_ms_per_token": metric(decode, samples=[decode - 1, decode, decode + 1] * 10)}}}
+
+    _, rows, flagged = compare_records(run(14.0, 0.020, 30.0), run(14.2, 0.021, 31.0))
+    assert flagged == 0 and len(rows) == 3
+    _, rows, flagged = compare_records(run(14.0, 0.020, 30.0), run(14.0, 0.030, 40.0))
+    assert flagged == 2
+    assert {r[1] for r in rows if r[-1] == "YES"} == {"kld", "decode_ms_per_token"}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_model, tiny_suite, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    code, stdout, err = qbench("run", "--model", str(tiny_model), "--suite", str(tiny_suite), "-b", "fp:bf16",
+                               "-b", "fake:uniform", "--plugins-dir", str(FAKE_PLUGINS), "-o", str(out),
+                               "--run-id", "r1", env={"QBENCH_RESULTS": str(out),
+                                                      "QBENCH_CACHE": str(tmp_path_factory.mktemp("cache"))})
+    assert code == 0, err
+    return out / "r1", err
+
+
+def test_run_writes_markdown_and_self_contained_html(finished_run):
+    run_dir, stderr = finished_run
+    assert "report:" in stderr and "time estimate" in stderr
+    md = (run_dir / "report.md").read_text()
+    for section in ("## Recommendation", "## Comparison", "## Plots", "## Environment and provenance"):
+        assert section in md
+    assert "| fake:uniform |" in md and "![quality_vs_memory.png](report_files/quality_vs_memory.png)" in md
+    for name in ("quality_vs_memory.png", "speed_vs_quality.png", "task_accuracy.png"):
+        assert (run_dir / "report_files" / name).read_bytes().startswith(b"\x89PNG")
+    page = (run_dir / "report.html").read_text()
+    # Self-contained: every image inline, nothing fetched from anywhere.
+    assert not re.search(r"""(src|href)=['"](?!data:)""", page)
+    images = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page)
+    assert len(images) == 3 and all(base64.b64decode(i).startswith(b"\x89PNG") for i in images)
+
+
+def test_export_csv_and_parquet(finished_run, tmp_path):
+    run_dir, _ = finished_run
+    code, _, err = qbench("export", str(run_dir), "--csv", str(tmp_path / "r.csv"),
+                          "--parquet", str(tmp_path / "r.parquet"))
+    assert code == 0, err
+    csv, parquet = pd.read_csv(tmp_path / "r.csv"), pd.read_parquet(tmp_path / "r.parquet")
+    assert list(csv.columns) == ["run_id", "cell", "metric", "value", "unit", "n", "stderr"]
+    assert len(csv) == len(parquet) > 20
+    ppl = csv[(csv.cell == "fake:uniform") & (csv.metric == "perplexity")]
+    vocab = json.loads((run_dir / "plan.json").read_text())  # the tiny model's vocabulary, from its config
+    assert ppl.value.iloc[0] == pytest.approx(
+        json.loads((__import__("pathlib").Path(vocab["model"]["path"]) / "config.json").read_text())["vocab_size"])
+
+
+def test_compare_two_runs_of_the_same_suite_flags_nothing(finished_run, tmp_path):
+    run_dir, _ = finished_run
+    copy = tmp_path / "r2"
+    shutil.copytree(run_dir, copy)
+    code, stdout, err = qbench("compare", str(run_dir), str(copy))
+    assert code == 0, err
+    assert "no change beyond noise" in err and "kld" in stdout
+
+
+def test_compare_needs_shared_cells(finished_run, tmp_path):
+    run_dir, _ = finished_run
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "results.jsonl").write_text("")
+    shutil.copy(run_dir / "plan.json", tmp_path / "empty" / "plan.json")
+    code, _, err = qbench("compare", str(run_dir), str(tmp_path / "empty"))
+    assert code == 2 and "share no finished cells" in err
+
+
+def test_suites_lists_shipped_suites_and_validates_files(tmp_path):
+    code, stdout, _ = qbench("suites", "--json")
+    listed = {s["suite"]: s for s in json.loads(stdout)}
+    assert code == 0 and {"default", "smoke"} <= set(listed)
+    assert listed["default"]["tasks (items)"] == "arithmetic (100), capitals (102), antonyms (100), agreement (120)"
+    assert len(listed["default"]["hash"]) == 16
+    code, stdout, _ = qbench("suites", "validate", "suites/smoke.yaml")
+    assert code == 0 and "valid" in stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nperplexity:\n  max_tokens: -1\n")
+    code, _, err = qbench("suites", "validate", str(bad))
+    assert code == 2 and "bad.yaml" in err and "perplexity" in err
+
+
+@pytest.mark.skipif(not shutil.which("chromium"), reason="needs Debian's chromium")
+def test_html_report_renders_in_headless_chromium(finished_run, tmp_path):
+    run_dir, _ = finished_run
+    shot = tmp_path / "shot.png"
+    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1280,2400",
+                    (run_dir / "report.html").as_uri()], check=True, capture_output=True, timeout=120)
+    assert shot.read_bytes().startswith(b"\x89PNG") and shot.stat().st_size > 20_000
