@@ -13,27 +13,12 @@ import time
 import torch
 
 from qbench.backend import Artifact
+from qbench.metrics.cost import BackendClock
 from qbench.metrics.scoring import reference_from, score_windows
 from qbench.models import resolve_model
 from qbench.plugins import PluginSettings, load_plugins
 from qbench.suites import load_suite
 from qbench.workload import Workload, load_tokenizer
-
-
-class TimedSession:
-    """Wraps a session and accumulates the seconds spent inside logits()."""
-
-    def __init__(self, inner):
-        self.inner = inner
-        self.seconds = 0.0
-
-    def logits(self, input_ids, attention_mask):
-        start = time.perf_counter()
-        out = self.inner.logits(input_ids, attention_mask)
-        if out.is_cuda:  # CUDA calls return before the GPU is done: count its work as the backend's
-            torch.cuda.synchronize()
-        self.seconds += time.perf_counter() - start
-        return out
 
 
 def main() -> None:
@@ -53,7 +38,7 @@ def main() -> None:
     backend = load_plugins(PluginSettings(allow=("builtin",))).backends["fp"]
     _, config = backend.parse_variant("fp32")
     artifact = Artifact(backend="fp", variant="fp32", config=config.settings(), path=spec.path, model_path=spec.path)
-    session = TimedSession(backend.load(artifact, args.device))
+    session = BackendClock(backend.load(artifact, args.device))
     batch = suite.perplexity.batch_size
     print(f"model {spec.name}, suite {suite.name}: {len(windows)} windows, {tokens} tokens, batch {batch}, "
           f"threads {torch.get_num_threads()}, device {args.device}")

@@ -220,6 +220,10 @@ def provenance(plan: dict, records: list[dict]) -> list[str]:
                  + f"; torch threads {env.get('torch_threads')}")
     items.append(f"software: Python {env.get('python')}, " + ", ".join(
         f"{k} {v}" for k, v in sorted((env.get("packages") or {}).items())))
+    shares = [_value(r, "harness_share") for r in records if _value(r, "harness_share") is not None]
+    if shares:
+        items.append(f"harness share of the measurement phases (time outside backend calls): "
+                     f"{100 * min(shares):.1f}–{100 * max(shares):.1f}% across cells")
     items.append(f"qbench git commit: {env.get('git_commit')}")
     return items
 

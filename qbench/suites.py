@@ -56,6 +56,8 @@ class ChoiceTask(_Strict):
     #: (int), or an lm-evaluation-harness task YAML with local data
     path: str
     limit: Optional[int] = Field(None, gt=0)
+    #: requests (item x choice) per forward pass: they are short, so batch wide
+    batch_size: int = Field(16, gt=0)
 
 
 class GenerationSpec(_Strict):

@@ -133,7 +133,7 @@ def measure_cell(task: CellTask, enter) -> dict[str, Any]:
     from qbench.environment import collect_environment
     from qbench.metrics import metric, proportion_stderr
     from qbench.metrics.choice import accuracy_metrics
-    from qbench.metrics.cost import latency_metrics, memory_metrics
+    from qbench.metrics.cost import BackendClock, latency_metrics, memory_metrics
     from qbench.metrics.generation import generation_metrics
     from qbench.metrics.quality import fidelity_metrics, perplexity_metrics
     from qbench.metrics.scoring import Reference, reference_from, score_windows
@@ -175,7 +175,7 @@ def measure_cell(task: CellTask, enter) -> dict[str, Any]:
 
     phase("load")
     load_started = time.perf_counter()
-    session = backend.load(artifact, task.device)
+    session = BackendClock(backend.load(artifact, task.device))
     load_seconds = time.perf_counter() - load_started
     weight_bytes = session.weight_bytes()
     verify_quantized(weight_bytes, count_parameters(model.path), config.nominal_bits(), task.cell)
@@ -219,9 +219,8 @@ def measure_cell(task: CellTask, enter) -> dict[str, Any]:
     if work.tasks:
         phase("tasks")
         per_task = {}
-        for name, items, windows in work.tasks:
-            lp = score_windows(session, windows, suite.perplexity.batch_size if suite.perplexity else 4).tensor(
-                "token_logprobs")
+        for spec, (name, items, windows) in zip(suite.tasks, work.tasks):
+            lp = score_windows(session, windows, spec.batch_size).tensor("token_logprobs")
             per_task[name] = accuracy_metrics(items, lp, windows)
         metrics["tasks"] = per_task
         # Pooled over every item of every task: total correct / total items.
@@ -261,6 +260,13 @@ def measure_cell(task: CellTask, enter) -> dict[str, Any]:
     describe = session.describe()
     session.close()
     phase("done")
+    measured = sum(phase_seconds.get(p, 0.0) for p in ("perplexity", "tasks", "generation", "latency"))
+    harness = max(measured - session.seconds, 0.0)
+    metrics["harness_share"] = metric(
+        harness / measured if measured else 0.0, "fraction", None, None, seconds=round(harness, 3),
+        backend_seconds=round(session.seconds, 3),
+        label="share of the measurement phases' time spent outside backend calls (tokenizing aside: "
+              "log-softmax, metrics, bookkeeping)")
     return {
         "status": "ok",
         "metrics": metrics,

@@ -67,6 +67,39 @@ def latency_metrics(session: Session, prompt: torch.Tensor, new_tokens: int, war
     }
 
 
+class BackendClock(Session):
+    """Wraps a session and adds up the seconds spent inside its calls, so the
+    harness's own share of a cell's time can be reported. CUDA work is
+    synchronised before the clock stops: it belongs to the backend."""
+
+    def __init__(self, inner: Session):
+        self.inner = inner
+        self.seconds = 0.0
+
+    def _timed(self, call, *args):
+        start = time.perf_counter()
+        out = call(*args)
+        if isinstance(out, torch.Tensor) and out.is_cuda:
+            torch.cuda.synchronize()
+        self.seconds += time.perf_counter() - start
+        return out
+
+    def logits(self, input_ids, attention_mask):
+        return self._timed(self.inner.logits, input_ids, attention_mask)
+
+    def generate(self, input_ids, max_new_tokens, on_token):
+        return self._timed(self.inner.generate, input_ids, max_new_tokens, on_token)
+
+    def weight_bytes(self) -> int:
+        return self.inner.weight_bytes()
+
+    def describe(self) -> dict[str, Any]:
+        return self.inner.describe()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
 def peak_rss_bytes() -> int:
     """Peak resident set of this (worker) process since it started."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
