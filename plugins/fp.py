@@ -40,6 +40,11 @@ class FullPrecision(Backend):
                 return Availability.no("this GPU has no bfloat16 support")
         return Availability.yes()
 
+    def default_skip_reason(self, config: FPConfig, device: str) -> Optional[str]:
+        if config.dtype == "fp16" and device == "cpu":
+            return "fp16 matmuls are slow on most CPUs (prefill ~3x fp32's on this project's 2-core machine)"
+        return None
+
     def quantize(self, model_path: Path, config: FPConfig, calibration, workdir: Path) -> dict[str, Any]:
         # A dtype cast needs no files: load() casts the source weights.
         return {"note": "cast at load time; no quantized files"}

@@ -152,6 +152,12 @@ class Backend(abc.ABC):
         backend's."""
         return self.available(device)
 
+    def default_skip_reason(self, config: VariantConfig, device: str) -> Optional[str]:
+        """Why a variant that can run here is still left out of a run that
+        names no variants (e.g. far too slow on this device), or None. Asking
+        for it by name always runs it."""
+        return None
+
     def needs_calibration(self, config: VariantConfig) -> bool:
         """Whether ``quantize`` needs the suite's calibration samples for this
         variant. Their hash then joins the artifact's cache key."""

@@ -100,6 +100,10 @@ def plan_cells(loaded: LoadedPlugins, specs: list[str], baseline: str, device: s
         if not availability.ok and not explicit and not is_baseline:
             skipped[key] = availability.reason
             return
+        reason = None if explicit or is_baseline else backend.default_skip_reason(config, device)
+        if reason:
+            skipped[key] = f"{reason}; ask for it by name (-b {key}) to run it"
+            return
         cells.append(CellSpec(cell=key, backend=backend_name, variant=variant, baseline=is_baseline))
 
     base_backend, _, base_variant = baseline.partition(":")

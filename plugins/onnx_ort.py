@@ -1,0 +1,226 @@
+"""ONNX Runtime: the model exported once by onnxruntime-genai's model builder
+(optimum-onnx cannot live beside transformers 5), run through a plain
+``onnxruntime.InferenceSession`` so that batching, padding and the greedy loop
+are the harness's, exactly as for the PyTorch backends.
+
+Variants: ``fp32`` (the exported graph at full precision: export effects apart
+from quantization effects), ``int8`` / ``int4`` weight-only (MatMulNBits,
+block size a setting) from the builder, and ``int8-dyn`` (dynamic int8
+weights and activations) from ``onnxruntime.quantization.quantize_dynamic``
+applied to the fp32 export.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional
+
+from pydantic import Field, model_validator
+
+from qbench import hookimpl
+from qbench.backend import Artifact, Availability, Backend, Session, VariantConfig
+from qbench.errors import QBenchError
+
+MODEL_FILE = "model.onnx"
+QUANTIZED_OPS = {"MatMulNBits", "MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul"}
+
+
+class OnnxConfig(VariantConfig):
+    precision: Literal["fp32", "int8", "int4"] = "fp32"
+    activations: Literal["none", "dynamic"] = Field(
+        "none", description="dynamic: int8 weights and activations via onnxruntime.quantization")
+    block_size: int = Field(32, description="weights per scale for int8/int4 MatMulNBits: 16|32|64|128|256")
+    symmetric: bool = True
+    keep_lm_head: bool = Field(True, description="leave the output head in full precision")
+
+    @model_validator(mode="after")
+    def _combination(self):
+        if self.block_size not in (16, 32, 64, 128, 256):
+            raise ValueError(f"block_size must be 16, 32, 64, 128 or 256, got {self.block_size}")
+        if self.activations == "dynamic" and self.precision != "int8":
+            raise ValueError("activations=dynamic needs precision=int8")
+        return self
+
+    def nominal_bits(self) -> Optional[float]:
+        return {"fp32": None, "int8": 8, "int4": 4}[self.precision]
+
+
+class OnnxSession(Session):
+    """An exported decoder with a KV cache: logits for every position, and
+    our own greedy loop feeding ``present.*`` back as ``past_key_values.*``."""
+
+    def __init__(self, folder: Path, device: str, facts: dict[str, Any]):
+        import onnxruntime as ort
+
+        self.folder = folder
+        decoder = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
+        self.layers, self.kv_heads = decoder["num_hidden_layers"], decoder["num_key_value_heads"]
+        self.head_size = decoder["head_size"]
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+        options = ort.SessionOptions()
+        self.session = ort.InferenceSession(str(folder / MODEL_FILE), options, providers=providers)
+        self.device = device
+        self.past_dtype = {"tensor(float)": "float32", "tensor(float16)": "float16"}[
+            next(i.type for i in self.session.get_inputs() if i.name.startswith("past_key_values"))]
+        self.facts = {**facts, "providers": self.session.get_providers()}
+
+    def _empty_past(self, batch: int) -> dict:
+        import numpy as np
+
+        shape = (batch, self.kv_heads, 0, self.head_size)
+        return {f"past_key_values.{i}.{kind}": np.zeros(shape, dtype=self.past_dtype)
+                for i in range(self.layers) for kind in ("key", "value")}
+
+    def _run(self, ids, mask, past: dict) -> tuple:
+        names = ["logits"] + [f"present.{i}.{kind}" for i in range(self.layers) for kind in ("key", "value")]
+        out = self.session.run(names, {"input_ids": ids, "attention_mask": mask, **past})
+        present = {f"past_key_values.{n[len('present.'):]}": v for n, v in zip(names[1:], out[1:])}
+        return out[0], present
+
+    def logits(self, input_ids, attention_mask):
+        import torch
+
+        ids = input_ids.cpu().numpy().astype("int64")
+        logits, _ = self._run(ids, attention_mask.cpu().numpy().astype("int64"), self._empty_past(ids.shape[0]))
+        return torch.from_numpy(logits)
+
+    def generate(self, input_ids, max_new_tokens: int, on_token: Callable[[], None]):
+        import numpy as np
+        import torch
+
+        ids = input_ids.cpu().numpy().astype("int64")
+        mask = np.ones_like(ids)
+        past = self._empty_past(ids.shape[0])
+        produced = []
+        step = ids
+        for _ in range(max_new_tokens):
+            logits, past = self._run(step, mask, past)
+            step = logits[:, -1].argmax(-1)[:, None].astype("int64")
+            on_token()  # ORT's run() returns when the work is done, on CPU and CUDA alike
+            produced.append(step)
+            mask = np.concatenate([mask, np.ones_like(step)], axis=1)
+        return torch.from_numpy(np.concatenate(produced, axis=1))
+
+    def weight_bytes(self) -> int:
+        return graph_weight_bytes(self.folder / MODEL_FILE)
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.facts, "op_counts": dict(op_counts(self.folder / MODEL_FILE))}
+
+
+def _graph(path: Path):
+    import onnx
+
+    return onnx.load(str(path), load_external_data=False)
+
+
+def op_counts(path: Path) -> Counter:
+    return Counter(node.op_type for node in _graph(path).graph.node)
+
+
+def graph_weight_bytes(path: Path) -> int:
+    """Bytes of the graph's initializers (inline or in the external data file)."""
+    total = 0
+    for init in _graph(path).graph.initializer:
+        external = {e.key: e.value for e in init.external_data}
+        total += int(external["length"]) if "length" in external else len(init.raw_data)
+    return total
+
+
+class OnnxRuntime(Backend):
+    name = "onnx"
+    description = "ONNX Runtime: onnxruntime-genai's exporter, MatMulNBits int8/int4, dynamic int8 (ORT quantization)"
+    config_class = OnnxConfig
+    requires = {"onnxruntime": "onnxruntime", "onnxruntime_genai": "onnxruntime-genai", "onnx_ir": "onnx-ir",
+                "onnx": "onnx"}
+
+    def variants(self) -> dict[str, VariantConfig]:
+        return {"fp32": OnnxConfig(), "int8": OnnxConfig(precision="int8"), "int4": OnnxConfig(precision="int4"),
+                "int8-dyn": OnnxConfig(precision="int8", activations="dynamic")}
+
+    def version(self) -> Optional[str]:
+        from qbench.environment import package_version
+
+        return (f"onnxruntime {package_version('onnxruntime')}; onnxruntime-genai "
+                f"{package_version('onnxruntime-genai')}")
+
+    def variant_available(self, config: OnnxConfig, device: str) -> Availability:
+        base = self.available(device)
+        if not base.ok or device != "cuda":
+            return base
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            return Availability.no("onnxruntime has no CUDA provider here: pip install onnxruntime-gpu")
+        return base
+
+    def quantize(self, model_path: Path, config: OnnxConfig, calibration, workdir: Path) -> dict[str, Any]:
+        precision = "fp32" if config.activations == "dynamic" else config.precision
+        options = []
+        if precision != "fp32":
+            options += [f"block_size={config.block_size}", f"is_symmetric={str(config.symmetric).lower()}"]
+            if config.keep_lm_head:
+                options.append("nodes_to_exclude=/lm_head/MatMul")
+        export(model_path, workdir, precision, options)
+        meta: dict[str, Any] = {"exporter": "onnxruntime_genai.models.builder", "builder_precision": precision}
+        if config.activations == "dynamic":
+            meta.update(quantize_dynamic_int8(workdir, config.keep_lm_head))
+        meta["op_counts"] = {op: n for op, n in op_counts(workdir / MODEL_FILE).items() if op in QUANTIZED_OPS}
+        return meta
+
+    def load(self, artifact: Artifact, device: str) -> Session:
+        config = OnnxConfig(**artifact.config)
+        folder = Path(artifact.path)
+        counts = op_counts(folder / MODEL_FILE)
+        quantized = sum(n for op, n in counts.items() if op in QUANTIZED_OPS)
+        if config.nominal_bits() is not None and not quantized:
+            raise QBenchError(f"onnx:{artifact.variant}: the graph has no quantized MatMul "
+                              f"({', '.join(sorted(QUANTIZED_OPS))}): refusing to report fp32 numbers")
+        return OnnxSession(folder, device, {"quantized_matmuls": quantized,
+                                            "kernel": ", ".join(op for op in counts if op in QUANTIZED_OPS)
+                                            or "MatMul (fp32)"})
+
+
+def export(model_path: Path, out: Path, precision: str, options: list[str]) -> None:
+    """Run the builder in a child process (it is a script, and prints a lot)."""
+    cache = out.parent / "builder-cache"
+    command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_path), "-o", str(out),
+               "-p", precision, "-e", "cpu", "-c", str(cache)]
+    if options:
+        command += ["--extra_options", *options]
+    proc = subprocess.run(command, capture_output=True, text=True)
+    import shutil
+
+    shutil.rmtree(cache, ignore_errors=True)
+    if proc.returncode or not (out / MODEL_FILE).is_file():
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise QBenchError(f"ONNX export failed ({' '.join(command[2:5])} ...): {last[:300]}")
+
+
+def quantize_dynamic_int8(folder: Path, keep_lm_head: bool) -> dict[str, Any]:
+    """int8 weights (per channel) and int8 activations quantized at run time."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    source = folder / MODEL_FILE
+    target = folder / "model.int8.onnx"
+    excluded = [n.name for n in _graph(source).graph.node if keep_lm_head and n.name.startswith("/lm_head/")]
+    try:
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True,
+                         op_types_to_quantize=["MatMul"], nodes_to_exclude=excluded, use_external_data_format=True)
+    except Exception as exc:  # the quantizer's own error, named, not hidden
+        raise QBenchError(f"onnxruntime.quantization.quantize_dynamic cannot handle the exported graph: "
+                          f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from None
+    for leftover in (source, folder / "model.onnx.data"):
+        leftover.unlink(missing_ok=True)
+    # The graph keeps naming its external data file model.int8.onnx.data.
+    target.rename(source)
+    return {"dynamic_quantization": "onnxruntime.quantization.quantize_dynamic, QInt8 weights per channel"}
+
+
+@hookimpl
+def register_backends(register):
+    register(OnnxRuntime())

@@ -1,0 +1,60 @@
+"""The ONNX Runtime plugin on a tiny model: the fp32 export matches the
+PyTorch baseline to float tolerance, the quantized graphs really hold
+quantized MatMuls, and coarser weights move further from the baseline."""
+
+import pytest
+import torch
+
+from qbench.errors import QBenchError
+from qbench.metrics.scoring import score_windows
+from qbench.plugins import PluginSettings, load_plugins
+from tests.conftest import session_for
+from tests.test_ptq_plugins import reference  # noqa: F401  (fixture)
+
+pytest.importorskip("onnxruntime_genai")
+
+
+@pytest.fixture(scope="module")
+def onnx_backend():
+    return load_plugins(PluginSettings(allow=("builtin",))).backends["onnx"]
+
+
+@pytest.fixture(scope="module")
+def sessions(onnx_backend, tiny_model):
+    return {v: session_for(onnx_backend, v, tiny_model) for v in ("fp32", "int8", "int4", "int8-dyn")}
+
+
+def test_fp32_export_matches_pytorch(sessions, reference):  # noqa: F811
+    windows, ref = reference
+    scores = score_windows(sessions["fp32"], windows, 4, reference=ref)
+    assert torch.allclose(scores.tensor("token_logprobs"), ref.token_logprobs, atol=1e-4)
+    assert scores.tensor("kld").mean().item() < 1e-5
+
+
+def test_quantized_graphs_and_their_order(sessions, reference):  # noqa: F811
+    windows, ref = reference
+    kld = {v: score_windows(s, windows, 4, reference=ref).tensor("kld").mean().item() for v, s in sessions.items()}
+    assert 0 < kld["int8"] < kld["int4"] and 0 < kld["int8-dyn"] < kld["int4"]
+    assert sessions["int4"].describe()["op_counts"]["MatMulNBits"] > 0
+    assert sessions["int8-dyn"].describe()["quantized_matmuls"] > 0
+    fp32 = sessions["fp32"].weight_bytes()
+    assert sessions["int4"].weight_bytes() < sessions["int8"].weight_bytes() < fp32
+
+
+def test_greedy_generation_matches_pytorch(sessions, tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    from qbench.hf import HFSession
+
+    base = HFSession(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32), "cpu")
+    prompt = torch.tensor([[5, 6, 7, 8]])
+    steps = []
+    out = sessions["fp32"].generate(prompt, 6, lambda: steps.append(1))
+    assert out.tolist() == base.generate(prompt, 6, lambda: None).tolist() and len(steps) == 6
+
+
+def test_impossible_variants(onnx_backend):
+    with pytest.raises(QBenchError, match="block_size must be"):
+        onnx_backend.parse_variant("precision=int4,block_size=48")
+    with pytest.raises(QBenchError, match="activations=dynamic needs precision=int8"):
+        onnx_backend.parse_variant("precision=int4,activations=dynamic")
