@@ -20,9 +20,35 @@ def _builtin_documents(source: str) -> list[str]:
     raise QBenchError(f"unknown corpus source '{source}': use one of {', '.join(BUILTIN_SOURCES)} or a file path")
 
 
+def _hub_documents(source: str, text_field: str) -> list[str]:
+    """``hf:DATASET[:CONFIG]:SPLIT`` through the `datasets` library, for users
+    with a hub: never needed by the default suites or the tests."""
+    parts = source[len("hf:"):].split(":")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise QBenchError(f"corpus source '{source}': expected hf:DATASET:SPLIT or hf:DATASET:CONFIG:SPLIT, "
+                          "e.g. hf:Salesforce/wikitext:wikitext-2-raw-v1:test")
+    try:
+        import datasets
+    except ImportError:
+        raise QBenchError(f"corpus source '{source}' needs the `datasets` package: pip install datasets") from None
+    name, config, split = (parts[0], None, parts[1]) if len(parts) == 2 else parts
+    try:
+        rows = datasets.load_dataset(name, config, split=split)
+    except Exception as exc:  # offline, unknown dataset, bad split: say which, in one line
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise QBenchError(f"cannot load corpus '{source}' from the Hugging Face hub ({first}); offline, use a "
+                          "local .txt/.jsonl file or builtin:pydoc-topics") from None
+    if text_field not in rows.column_names:
+        raise QBenchError(f"corpus '{source}' has no column '{text_field}' (columns: "
+                          f"{', '.join(rows.column_names)}): set text_field")
+    return [t for t in rows[text_field] if isinstance(t, str) and t.strip()]
+
+
 def load_documents(spec: CorpusSpec, suite: Suite) -> list[str]:
     if spec.source.startswith("builtin:"):
         docs = _builtin_documents(spec.source)
+    elif spec.source.startswith("hf:"):
+        docs = _hub_documents(spec.source, spec.text_field)
     else:
         path = suite.resolve(spec.source)
         if path.suffix == ".jsonl":
@@ -38,7 +64,7 @@ def load_documents(spec: CorpusSpec, suite: Suite) -> list[str]:
                     ) from None
         else:
             # A plain text file: blank-line separated paragraphs are documents.
-            docs = [d for d in path.read_text().split("\n\n") if d.strip()]
+            docs = [d.strip() for d in path.read_text().split("\n\n") if d.strip()]
     lo, hi = spec.documents
     picked = docs[int(round(lo * len(docs))): int(round(hi * len(docs)))]
     if not picked:

@@ -21,7 +21,8 @@ class _Strict(BaseModel):
 
 
 class CorpusSpec(_Strict):
-    #: ``builtin:pydoc-topics`` or a path to a .txt / .jsonl file (relative to the suite file)
+    #: ``builtin:pydoc-topics``, a path to a .txt / .jsonl file (relative to
+    #: the suite file), or ``hf:DATASET[:CONFIG]:SPLIT`` (needs `datasets` and a hub)
     source: str
     #: keep documents whose position lies in this fraction range, so evaluation
     #: and calibration can take disjoint parts of one source
@@ -110,7 +111,7 @@ class Suite(_Strict):
 
                 files.append(data_file(path, read_config(path)))
         for corpus in (self.perplexity and self.perplexity.corpus, self.calibration and self.calibration.corpus):
-            if corpus and not corpus.source.startswith("builtin:"):
+            if corpus and not corpus.source.startswith(("builtin:", "hf:")):
                 files.append(self.resolve(corpus.source))
         return files
 
