@@ -63,6 +63,9 @@ class OnnxSession(Session):
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
         options = ort.SessionOptions()
         self.session = ort.InferenceSession(str(folder / MODEL_FILE), options, providers=providers)
+        if device == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
+            # ORT drops an unavailable provider silently: never time CPU as CUDA.
+            raise QBenchError("onnxruntime did not enable its CUDA provider: pip install onnxruntime-gpu")
         self.device = device
         self.past_dtype = {"tensor(float)": "float32", "tensor(float16)": "float16"}[
             next(i.type for i in self.session.get_inputs() if i.name.startswith("past_key_values"))]
