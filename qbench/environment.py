@@ -73,7 +73,6 @@ def collect_environment(device: str) -> dict[str, Any]:
         "memory_total_bytes": psutil.virtual_memory().total,
         "torch_threads": torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        "malloc": {k: os.environ[k] for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_") if k in os.environ},
         "device": device,
         "git_commit": git_commit(),
     }

@@ -4,7 +4,6 @@ own spawned worker process, appending a record as soon as each cell ends."""
 from __future__ import annotations
 
 import multiprocessing
-import os
 import secrets
 import signal
 import time
@@ -172,14 +171,6 @@ def _base_record(plan: RunPlan, cell: CellSpec) -> dict[str, Any]:
             "suite": {"name": plan.suite_name, "path": plan.suite_path, "hash": plan.suite_hash}}
 
 
-#: glibc malloc settings for workers (the user's own values win). glibc's
-#: default moves its mmap threshold with the allocation history, so the same
-#: cell decoded at 27 or 53 ms/token depending on what ran before in the
-#: process (torchao int8 weight-only, seen here); fixed thresholds make the
-#: timing repeatable. Retained free memory is bounded by the trim threshold.
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(16 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(64 * 2**20)}
-
-
 def run_cell(plan: RunPlan, run_dir: Path, cell: CellSpec, reporter: Reporter) -> dict[str, Any]:
     task = CellTask(run_id=plan.run_id, run_dir=str(run_dir), cell=cell.cell, backend=cell.backend,
                     variant=cell.variant, is_baseline=cell.baseline, model=plan.model.model_dump(),
@@ -190,8 +181,6 @@ def run_cell(plan: RunPlan, run_dir: Path, cell: CellSpec, reporter: Reporter) -
     receiver, sender = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=worker_main, args=(task, sender, str(log_path)), name=f"qbench-{cell.cell}")
     started = time.time()
-    for key, value in MALLOC_ENV.items():
-        os.environ.setdefault(key, value)  # read by the child's C library at start
     proc.start()
     sender.close()  # so the parent sees EOF when the worker dies
     phase, outcome = "start", None
