@@ -102,11 +102,12 @@ class BitsAndBytes(Backend):
         return {"quantized_layers": len(chosen), "kept_full_precision": kept}
 
     def load(self, artifact: Artifact, device: str):
-        from qbench.hf import HFSession, load_causal_lm, require_quantized_layers
+        from qbench.hf import HFSession, linear_layers, load_causal_lm, require_quantized_layers
 
         config = BnbConfig(**artifact.config)
         model = load_causal_lm(artifact.path, device_map=device, trust_remote_code=artifact.trust_remote_code)
-        chosen, _ = _skipped(artifact.model_path, config.keep, artifact.trust_remote_code)
+        # bitsandbytes' layers subclass nn.Linear: the same selection names them.
+        chosen = list(linear_layers(model, config.keep))
         require_quantized_layers(model, chosen, _is_bnb_quantized, "bitsandbytes")
         facts = {"kernel": _kernel(config, device)}
         if config.mode == "int8":

@@ -56,7 +56,6 @@ class OnnxSession(Session):
     def __init__(self, folder: Path, device: str, facts: dict[str, Any]):
         import onnxruntime as ort
 
-        self.folder = folder
         decoder = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
         self.layers, self.kv_heads = decoder["num_hidden_layers"], decoder["num_key_value_heads"]
         self.head_size = decoder["head_size"]
@@ -69,6 +68,8 @@ class OnnxSession(Session):
         self.device = device
         self.past_dtype = {"tensor(float)": "float32", "tensor(float16)": "float16"}[
             next(i.type for i in self.session.get_inputs() if i.name.startswith("past_key_values"))]
+        # Parsed once: weight_bytes is asked more than once.
+        self._weight_bytes = graph_weight_bytes(folder / MODEL_FILE)
         self.facts = {**facts, "providers": self.session.get_providers()}
 
     def _empty_past(self, batch: int) -> dict:
@@ -109,10 +110,10 @@ class OnnxSession(Session):
         return torch.from_numpy(np.concatenate(produced, axis=1))
 
     def weight_bytes(self) -> int:
-        return graph_weight_bytes(self.folder / MODEL_FILE)
+        return self._weight_bytes
 
     def describe(self) -> dict[str, Any]:
-        return {**self.facts, "op_counts": dict(op_counts(self.folder / MODEL_FILE))}
+        return self.facts
 
 
 def _graph(path: Path):
@@ -183,7 +184,7 @@ class OnnxRuntime(Backend):
         if config.nominal_bits() is not None and not quantized:
             raise QBenchError(f"onnx:{artifact.variant}: the graph has no quantized MatMul "
                               f"({', '.join(sorted(QUANTIZED_OPS))}): refusing to report fp32 numbers")
-        return OnnxSession(folder, device, {"quantized_matmuls": quantized,
+        return OnnxSession(folder, device, {"quantized_matmuls": quantized, "op_counts": dict(counts),
                                             "kernel": ", ".join(op for op in counts if op in QUANTIZED_OPS)
                                             or "MatMul (fp32)"})
 

@@ -19,14 +19,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from qbench.errors import QBenchError
-from qbench.hf import HFSession, unique_tensor_bytes
+from qbench.hf import HFSession, unique_state_dict, unique_tensor_bytes
 
 DynamicLinear = torch.ao.nn.quantized.dynamic.Linear
 
 
 def quantize_legacy(model, layers: dict, config, weights: Path, layout: Path) -> dict[str, Any]:
-    from qbench_plugins.torchao_ptq import unique_state_dict
-
     per_channel = config.granularity == "channel"
     # Full-precision tensors under their own names, quantized layers under
     # "q:<layer>.<part>": the artifact holds everything the session holds.

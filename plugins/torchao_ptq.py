@@ -286,24 +286,10 @@ def save_quantized_state(model, path: Path) -> None:
     from safetensors.torch import save_file
     from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
 
+    from qbench.hf import unique_state_dict
+
     tensors, metadata = flatten_tensor_state_dict(unique_state_dict(model))
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
-
-
-def unique_state_dict(model) -> dict:
-    """state_dict without the second name of tied tensors (safetensors refuses
-    shared storage; ``tie_weights`` restores the tie after loading)."""
-    import torch
-
-    seen, state = set(), {}
-    for key, value in model.state_dict().items():
-        if type(value) is torch.Tensor:
-            ptr = value.untyped_storage().data_ptr()
-            if ptr in seen:
-                continue
-            seen.add(ptr)
-        state[key] = value
-    return state
 
 
 def load_quantized_state(model, path: Path, device: str) -> None:

@@ -206,14 +206,14 @@ def _print_estimate(plan, run_dir: Path, todo) -> None:
 
 @cli.command()
 @click.argument("run_id")
-@click.option("--kld-budget", type=float, default=None,
-              help="Quality budget of the recommendation: the largest acceptable mean KLD [default: 0.02].")
+@click.option("--kld-budget", type=float, default=0.02, show_default=True,
+              help="Quality budget of the recommendation: the largest acceptable mean KLD.")
 def report(run_id, kld_budget) -> None:
     """Write report.md and a self-contained report.html into the run folder."""
-    from qbench.report import DEFAULT_KLD_BUDGET, write_report
+    from qbench.report import write_report
     from qbench.results import find_run
 
-    md, page = write_report(find_run(run_id), DEFAULT_KLD_BUDGET if kld_budget is None else kld_budget)
+    md, page = write_report(find_run(run_id), kld_budget)
     console.print(f"wrote {md} and {page}")
 
 

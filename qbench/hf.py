@@ -70,7 +70,7 @@ def linear_layers(model: torch.nn.Module, keep: tuple[str, ...]) -> dict[str, to
     return chosen
 
 
-def require_quantized_layers(model: torch.nn.Module, expected: list[str], is_quantized, what: str) -> int:
+def require_quantized_layers(model: torch.nn.Module, expected: list[str], is_quantized, what: str) -> None:
     """After loading, check that each layer meant to be quantized really is
     (``is_quantized(module)``); a silent fallback to full precision must not
     produce a row."""
@@ -83,7 +83,20 @@ def require_quantized_layers(model: torch.nn.Module, expected: list[str], is_qua
             f"(first: {missing[0] if missing else 'no layers selected'}); refusing to report "
             "full-precision numbers as quantized ones"
         )
-    return len(expected)
+
+
+def unique_state_dict(model) -> dict:
+    """state_dict without the second name of tied tensors (safetensors refuses
+    shared storage; ``tie_weights`` restores the tie after loading)."""
+    seen, state = set(), {}
+    for key, value in model.state_dict().items():
+        if type(value) is torch.Tensor:
+            ptr = value.untyped_storage().data_ptr()
+            if ptr in seen:
+                continue
+            seen.add(ptr)
+        state[key] = value
+    return state
 
 
 def load_causal_lm(path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, **kwargs):

@@ -175,7 +175,7 @@ def plots(records: list[dict]) -> list[tuple[str, str, bytes]]:
     return out
 
 
-def blocks(run_dir: Path, plan: dict, records: list[dict], kld_budget: float) -> list[Block]:
+def blocks(plan: dict, records: list[dict], kld_budget: float) -> list[Block]:
     out = [Block("p", text=f"Model `{plan['model']['name']}` (fingerprint {plan['model']['fingerprint']}), suite "
                  f"`{plan['suite_name']}` (hash {plan['suite_hash']}), device {plan['device']}, run "
                  f"`{plan['run_id']}` started {time.strftime('%Y-%m-%d %H:%M', time.localtime(plan['created']))}.")]
@@ -284,7 +284,7 @@ def write_report(run_dir: Path, kld_budget: float = DEFAULT_KLD_BUDGET) -> tuple
     plan = json.loads((run_dir / "plan.json").read_text())
     records = list(ResultStore(run_dir).latest().values())
     title = f"qbench report: {plan['model']['name']} on suite {plan['suite_name']}"
-    body = blocks(run_dir, plan, records, kld_budget)
+    body = blocks(plan, records, kld_budget)
     files = run_dir / "report_files"
     files.mkdir(exist_ok=True)
     for b in body:

@@ -48,13 +48,13 @@ def linear_bytes(session) -> tuple[int, int]:
     held = fp32 = 0
     for name, module in session.model.named_modules():
         if name.startswith("model.layers.") and name.rsplit(".", 1)[-1].endswith("_proj"):
-            held += session_layer_bytes(session, module)
+            held += layer_bytes(module)
             fp32 += module.in_features * module.out_features * 4
     return held, fp32
 
 
-def session_layer_bytes(session, module) -> int:
-    if hasattr(session, "weight_bytes") and type(module).__name__ == "Linear" and hasattr(module, "_weight_bias"):
+def layer_bytes(module) -> int:
+    if hasattr(module, "_weight_bias"):
         weight, _ = module._weight_bias()  # torch.ao dynamic: codes + per-channel float64 scales
         return weight.numel() + weight.q_per_channel_scales().numel() * 8
     return unique_tensor_bytes(module)
