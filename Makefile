@@ -4,9 +4,10 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.qbench-installed
-# The CPU wheel of torch 2.13 lies on this project's machines; elsewhere pip
-# fetches it. Override for another build: make run TORCH='torch==2.14.1'.
-TORCH  ?= torch==2.13.0
+# gptqmodel (the `gptq` backend) needs torch>=2.14.1; PyPI's 2.14.1 is a CUDA
+# build that also runs on the CPU (~5.5 GB in the venv). Override for another
+# build: make run TORCH='torch==2.14.1 --index-url https://download.pytorch.org/whl/cpu'.
+TORCH  ?= torch==2.14.1
 ARGS   ?=
 
 .PHONY: run test test-slow bench clean-venv
