@@ -58,21 +58,6 @@ def _is_bnb_quantized(module) -> bool:
     return isinstance(module, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit))
 
 
-def _skipped(model_path: str, keep: tuple[str, ...], trust_remote_code: bool) -> tuple[list[str], list[str]]:
-    """(layers to quantize, layers kept), from the model's structure alone."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from qbench.hf import linear_layers
-
-    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    chosen = list(linear_layers(skeleton, keep))
-    kept = sorted(set(linear_layers(skeleton, ())) - set(chosen))
-    return chosen, kept
-
-
 class BitsAndBytes(Backend):
     name = "bnb"
     description = "bitsandbytes via transformers: LLM.int8 and 4-bit NF4/FP4 (double quantization optional)"
@@ -90,9 +75,9 @@ class BitsAndBytes(Backend):
 
     def quantize(self, model_path: Path, config: BnbConfig, calibration, workdir: Path) -> dict[str, Any]:
         from qbench.errors import QBenchError
-        from qbench.hf import load_causal_lm
+        from qbench.hf import load_causal_lm, planned_layers
 
-        chosen, kept = _skipped(str(model_path), config.keep, False)
+        chosen, kept = planned_layers(str(model_path), config.keep)
         if not chosen:
             raise QBenchError(f"no linear layers left to quantize with keep={'+'.join(config.keep)}")
         model = load_causal_lm(str(model_path), quantization_config=config.transformers_config(kept),

@@ -29,8 +29,9 @@ def artifact_key(model_fingerprint: str, backend: Backend, config: VariantConfig
         "backend": backend.name,
         "backend_version": backend.version(),
         "artifact_format": backend.artifact_format,
-        "config": config.settings(),
+        "config": config.cache_settings(),
         "calibration": calibration_hash,
+        "inputs": backend.cache_inputs(config),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -66,7 +67,9 @@ def obtain_artifact(
                 )
             # Same content, maybe elsewhere now: the key is the model's
             # fingerprint, not its path, and the cache folder may have moved.
-            return artifact.model_copy(update={"model_path": model_path, "path": str(entry / "files")}), True, key
+            # Load-only settings may differ from the build's: take the current ones.
+            return artifact.model_copy(update={"model_path": model_path, "path": str(entry / "files"),
+                                               "config": config.settings()}), True, key
         if entry.exists():  # leftovers of a killed quantization
             shutil.rmtree(entry)
         workdir = entry / "files"

@@ -32,8 +32,15 @@ class VariantConfig(BaseModel):
         means "full precision, nothing to verify"."""
         return None
 
+    #: Settings that only change how an artifact is loaded (a kernel, an
+    #: activation dtype), not its bytes: left out of the artifact cache key.
+    load_only: ClassVar[tuple[str, ...]] = ()
+
     def settings(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+    def cache_settings(self) -> dict[str, Any]:
+        return {k: v for k, v in self.settings().items() if k not in self.load_only}
 
 
 def _split_patterns(value: Any) -> Any:
@@ -158,27 +165,41 @@ class Backend(abc.ABC):
         for it by name always runs it."""
         return None
 
+    def cache_inputs(self, config: VariantConfig) -> Optional[str]:
+        """A fingerprint of inputs besides the model, settings and calibration
+        that the artifact depends on (e.g. a checkpoint read in place), or
+        None. It joins the artifact cache key."""
+        return None
+
     def needs_calibration(self, config: VariantConfig) -> bool:
         """Whether ``quantize`` needs the suite's calibration samples for this
         variant. Their hash then joins the artifact's cache key."""
         return self.uses_calibration
 
     def parse_variant(self, spec: str) -> tuple[str, VariantConfig]:
-        """Turn ``"nf4"`` or ``"bits=4,group_size=64"`` into a named config.
-
-        Named variants may be refined with settings: ``"nf4:compute_dtype=bf16"``
-        is not supported here; a custom spec starts from the defaults of
-        ``config_class``."""
+        """Turn ``"nf4"``, ``"bits=4,group_size=64"`` or a named variant with
+        changed settings, ``"nf4:compute_dtype=bf16"``, into a config. A custom
+        spec starts from the defaults of ``config_class``."""
         named = self.variants()
         if spec in named:
             return spec, named[spec]
-        if "=" not in spec:
+        base_name, colon, rest = spec.partition(":")
+        start: dict[str, Any] = {}
+        refines = colon and "=" not in base_name  # not "granularity=group:32"
+        if refines and base_name in named:
+            start, spec_settings = named[base_name].settings(), rest
+        elif refines:
+            raise QBenchError(f"unknown variant '{base_name}' for backend '{self.name}' in '{spec}': choose one "
+                              f"of {', '.join(named)} (see `qbench backends`)")
+        else:
+            spec_settings = spec
+        if "=" not in spec_settings:
             raise QBenchError(
                 f"unknown variant '{spec}' for backend '{self.name}': choose one of "
                 f"{', '.join(named)} or give settings like 'key=value,...' (see `qbench backends`)"
             )
-        settings = {}
-        for part in spec.split(","):
+        settings = dict(start)
+        for part in spec_settings.split(","):
             key, sep, value = part.partition("=")
             if not sep or not key.strip():
                 raise QBenchError(f"bad setting '{part}' in variant '{spec}': expected key=value")

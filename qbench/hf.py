@@ -70,6 +70,20 @@ def linear_layers(model: torch.nn.Module, keep: tuple[str, ...]) -> dict[str, to
     return chosen
 
 
+def planned_layers(model_path: str, keep: tuple[str, ...], trust_remote_code: bool = False
+                   ) -> tuple[list[str], list[str]]:
+    """(layers to quantize, linear layers kept), from the model's structure
+    alone (a skeleton on the meta device: no weights read)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    chosen = list(linear_layers(skeleton, keep))
+    kept = sorted(set(linear_layers(skeleton, ())) - set(chosen))
+    return chosen, kept
+
+
 def require_quantized_layers(model: torch.nn.Module, expected: list[str], is_quantized, what: str) -> None:
     """After loading, check that each layer meant to be quantized really is
     (``is_quantized(module)``); a silent fallback to full precision must not

@@ -129,6 +129,7 @@ def count_parameters(model_path: str) -> Optional[int]:
 def measure_cell(task: CellTask, enter) -> dict[str, Any]:
     import torch
 
+    from qbench import progress
     from qbench.artifacts import artifact_weight_bytes, obtain_artifact
     from qbench.environment import collect_environment
     from qbench.metrics import metric, proportion_stderr
@@ -165,11 +166,21 @@ def measure_cell(task: CellTask, enter) -> dict[str, Any]:
     suite = load_suite(task.suite_path)
     work = Workload(suite, load_tokenizer(model.path, model.trust_remote_code))
     calibration, calibration_hash = work.calibration() if backend.needs_calibration(config) else (None, None)
+    notes: list[str] = []
+    if calibration:
+        overlap = work.calibration_overlap(calibration)
+        if overlap > 0:
+            notes.append(f"{overlap:.1%} of the calibration's 13-grams also occur in the evaluation data: "
+                         "calibrated quality may be flattered; keep calibration documents apart in the suite")
 
     phase("quantize")
-    artifact, cache_hit, key = obtain_artifact(
-        backend, variant, config, model.path, model.fingerprint, calibration, calibration_hash,
-        on_build=lambda: enter("quantize (building artifact)"))
+    progress.set_sink(lambda text: enter(f"quantize (building artifact: {text})"))
+    try:
+        artifact, cache_hit, key = obtain_artifact(
+            backend, variant, config, model.path, model.fingerprint, calibration, calibration_hash,
+            on_build=lambda: enter("quantize (building artifact)"))
+    finally:
+        progress.set_sink(None)
 
     artifact = artifact.model_copy(update={"trust_remote_code": model.trust_remote_code})
 
@@ -183,7 +194,7 @@ def measure_cell(task: CellTask, enter) -> dict[str, Any]:
     metrics: dict[str, Any] = {}
     # Caveats the backend found while quantizing (e.g. a group size that does
     # not divide a layer) belong beside the numbers.
-    notes: list[str] = list(artifact.meta.get("notes", []))
+    notes += artifact.meta.get("notes", [])
     refs = reference_paths(task.run_dir)
     fingerprint = work.fingerprint()
 
@@ -258,6 +269,7 @@ def measure_cell(task: CellTask, enter) -> dict[str, Any]:
     metrics["quantize_seconds"] = {"value": artifact.quantize_seconds, "unit": "s",
                                    "cached": cache_hit, "label": "time the artifact took to build, even if cached"}
     describe = session.describe()
+    notes += describe.pop("notes", [])  # what the backend found at load (e.g. a kernel's dtype)
     session.close()
     phase("done")
     measured = sum(phase_seconds.get(p, 0.0) for p in ("perplexity", "tasks", "generation", "latency"))

@@ -16,6 +16,8 @@ from qbench.metrics.choice import load_items, request_windows
 from qbench.suites import Suite
 from qbench.windows import Window, make_windows, windows_hash
 
+OVERLAP_NGRAM = 13
+
 
 def load_tokenizer(model_path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
@@ -90,6 +92,27 @@ class Workload:
         samples = [s for s in samples if len(s) == spec.seq_len][: spec.samples]
         digest = hashlib.sha256(json.dumps(samples).encode()).hexdigest()[:16]
         return samples, digest
+
+    def calibration_overlap(self, samples: list[list[int]], n: int = OVERLAP_NGRAM) -> float:
+        """Share of the calibration's token n-grams that also occur in the
+        evaluation data (perplexity corpus, task requests, generation
+        prompts): calibrating on evaluation text flatters calibrated variants.
+        13-grams, as in lm-evaluation-harness's decontamination."""
+        def grams(ids) -> set:
+            ids = tuple(ids)
+            return {ids[i: i + n] for i in range(len(ids) - n + 1)}
+
+        evaluation: set = set()
+        if self.suite.perplexity:
+            evaluation |= grams(self.stream)
+        for _, _, windows in self.tasks:
+            for window in windows:
+                evaluation |= grams(window.input_ids)
+        if self.suite.generation:
+            for prompt in self.generation_prompts():
+                evaluation |= grams(prompt[0].tolist())
+        calibration = [g for sample in samples for g in grams(sample)]
+        return sum(g in evaluation for g in calibration) / len(calibration) if calibration else 0.0
 
     def fingerprint(self) -> dict[str, Any]:
         out: dict[str, Any] = {"bos_policy": self.suite.bos, "bos_id": self.bos_id}

@@ -37,3 +37,19 @@ def test_hub_spec_without_datasets_names_the_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # import fails
     with pytest.raises(QBenchError, match="pip install datasets"):
         load_documents(CorpusSpec(source="hf:wikitext:test"), suite_at(tmp_path))
+
+
+def test_calibration_overlapping_evaluation_text_is_measured(tiny_suite, tiny_model):
+    from qbench.suites import load_suite
+    from qbench.workload import Workload, load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model))
+    apart = Workload(load_suite(tiny_suite), tokenizer)
+    samples, _ = apart.calibration()
+    assert apart.calibration_overlap(samples) == 0.0
+    # Calibrating on the perplexity corpus itself: every 13-gram is shared.
+    same = Workload(load_suite(tiny_suite), tokenizer)
+    assert same.calibration_overlap([same.stream[:32], same.stream[100:132]]) == 1.0
+    # Half of a sample taken from the corpus: about half of its 13-grams.
+    mixed = same.stream[200:232] + list(range(5, 37))
+    assert 0.3 < same.calibration_overlap([mixed]) < 0.6
