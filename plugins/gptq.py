@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -51,6 +52,8 @@ class GPTQConfig(VariantConfig):
     def _combination(self):
         if self.group_size != -1 and (self.group_size < 16 or self.group_size & (self.group_size - 1)):
             raise ValueError(f"group_size must be -1 or a power of two >= 16, got {self.group_size}")
+        if not any(fnmatchcase("lm_head", pattern) for pattern in self.keep):
+            raise ValueError("keep must include lm_head: gptqmodel leaves the output head in full precision")
         if self.path is not None:
             changed = [k for k in ("bits", "group_size", "desc_act", "sym", "damp_percent", "samples", "seq_len",
                                    "keep") if getattr(self, k) != type(self).model_fields[k].default]
@@ -166,9 +169,9 @@ class GPTQ(Backend):
         qconfig = QuantizeConfig(bits=config.bits, group_size=config.group_size, desc_act=config.desc_act,
                                  sym=config.sym, damp_percent=config.damp_percent,
                                  fallback=None)  # no silent round-to-nearest for layers seeing few tokens
-        layers, kept = planned_layers(str(model_path), config.keep)
+        _, kept = planned_layers(str(model_path), config.keep)
         # gptqmodel quantizes every linear layer of the decoder blocks and never
-        # lm_head (unless asked): other exclusions are per-module "dynamic" rules.
+        # lm_head: other exclusions are per-module "dynamic" rules.
         skip = [name for name in kept if name != "lm_head"]
         if skip:
             qconfig.dynamic = {f"-:^{re.escape(name)}$": {} for name in skip}

@@ -2,12 +2,15 @@
 which figures changed beyond their error bars.
 
 Quality metrics carry standard errors: a change is flagged when it exceeds
-``Z`` combined standard errors. Latency carries raw samples: the standard
-error of a median is estimated as 1.2533 σ/√n (its large-sample value for a
-normal distribution), and the same rule applies, with a floor: changes under
-10% are not flagged, because run-to-run variation on one machine (frequency
-scaling, other load) exceeds the within-run error. Memory has no noise model:
-a change of more than 5% is flagged.
+``Z`` combined standard errors. Latency is judged from its repetitions: the
+standard error of the median of the per-repetition medians, 1.2533 σ/√n (its
+large-sample value for a normal distribution; the tokens of one repetition
+are not independent samples), with a floor: changes under 10% are not
+flagged, as run-to-run variation on one machine exceeds the within-run error.
+A latency measured while the machine canary said the machine was slower than
+usual for its run (other tenants, frequency changes) is not judged at all:
+it is listed as such. Memory has no noise model: a change of more than 5% is
+flagged.
 """
 
 from __future__ import annotations
@@ -24,17 +27,31 @@ MEMORY_TOLERANCE = 0.05
 LATENCY_FLOOR = 0.10
 
 
-def _median_stderr(metric: dict[str, Any]) -> Optional[float]:
-    samples = metric.get("samples") or []
-    if len(samples) < 2:
-        return None
-    return 1.2533 * statistics.stdev(samples) / math.sqrt(len(samples))
+def _repetitions(name: str, metrics: dict[str, Any]) -> list[float]:
+    """One value per repetition of the latency workload: prefill samples
+    already are; decode samples are split into repetitions of new_tokens - 1
+    gaps, each summarised by its median."""
+    samples = metrics[name].get("samples") or []
+    if name != "decode_ms_per_token":
+        return samples
+    gaps = (metrics.get("latency_workload") or {}).get("new_tokens", 0) - 1
+    if gaps < 1:
+        return samples
+    return [statistics.median(samples[i: i + gaps]) for i in range(0, len(samples), gaps)]
 
 
-def _noise(name: str, metric: dict[str, Any]) -> Optional[float]:
+def _noise(name: str, metrics: dict[str, Any]) -> Optional[float]:
     if name in LATENCY:
-        return _median_stderr(metric)
-    return metric.get("stderr")
+        reps = _repetitions(name, metrics)
+        return 1.2533 * statistics.stdev(reps) / math.sqrt(len(reps)) if len(reps) >= 2 else None
+    return metrics[name].get("stderr")
+
+
+def _machine_busy(metrics: dict[str, Any]) -> Optional[str]:
+    canary = metrics.get("machine_canary_ms")
+    if isinstance(canary, dict) and canary.get("busy"):
+        return f"machine {canary['value'] / canary['typical'] - 1:.0%} slower than usual"
+    return None
 
 
 def compare_records(a: dict[str, dict], b: dict[str, dict]) -> tuple[list[str], list[list[str]], int]:
@@ -54,8 +71,12 @@ def compare_records(a: dict[str, dict], b: dict[str, dict]) -> tuple[list[str], 
             if name in MEMORY:
                 beyond = abs(diff) > MEMORY_TOLERANCE * abs(va)
                 verdict = "YES" if beyond else f"no (within {MEMORY_TOLERANCE:.0%})"
+            elif name in LATENCY and (_machine_busy(ma) or _machine_busy(mb)):
+                which = "A" if _machine_busy(ma) else "B"
+                beyond = False
+                verdict = f"not judged ({_machine_busy(ma if which == 'A' else mb)} in run {which})"
             else:
-                sa, sb = _noise(name, ma[name]), _noise(name, mb[name])
+                sa, sb = _noise(name, ma), _noise(name, mb)
                 if sa is None or sb is None:
                     continue
                 bar = Z * math.hypot(sa, sb)

@@ -166,6 +166,8 @@ def test_variants_settings_and_cache_key(backends):
         gptq.parse_variant("w5:bits=3")
     with pytest.raises(QBenchError, match="group_size must be -1 or a power of two"):
         gptq.parse_variant("bits=4,group_size=100")
+    with pytest.raises(QBenchError, match="keep must include lm_head"):
+        gptq.parse_variant("w4g32:keep=*.down_proj")
     with pytest.raises(QBenchError, match="come from the checkpoint"):
         gptq.parse_variant("prequantized:path=x,bits=3")
     assert not gptq.variant_available(gptq.variants()["prequantized"], "cpu").ok

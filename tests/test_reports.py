@@ -48,6 +48,47 @@ def test_compare_flags_only_changes_beyond_error_bars():
     assert {r[1] for r in rows if r[-1] == "YES"} == {"kld", "decode_ms_per_token"}
 
 
+def test_compare_judges_latency_by_repetition_and_not_when_the_machine_was_busy():
+    def run(rep_medians, busy=False):
+        # 3 new tokens: 2 decode gaps per repetition.
+        samples = [g for m in rep_medians for g in (m - 0.5, m + 0.5)]
+        return {"x:y": {"cell": "x:y", "status": "ok", "metrics": {
+            "decode_ms_per_token": metric(sorted(rep_medians)[len(rep_medians) // 2], samples=samples),
+            "latency_workload": {"new_tokens": 3},
+            "machine_canary_ms": {"value": 40.0 if busy else 20.0, "typical": 20.0, "busy": busy}}}}
+
+    # Repetitions that disagree (30 +- 8 ms) make a 27% change noise...
+    _, rows, flagged = compare_records(run([22, 30, 38, 30, 22, 38]), run([38, 30, 46, 38, 30, 46]))
+    assert flagged == 0, rows
+    # ...while steady ones make it a change.
+    _, rows, flagged = compare_records(run([30, 30.2, 29.8]), run([38, 38.2, 37.8]))
+    assert flagged == 1
+    # A latency measured while the machine canary ran slow is not judged.
+    _, rows, flagged = compare_records(run([30, 30.2, 29.8]), run([60, 60.2, 59.8], busy=True))
+    assert flagged == 0 and rows[0][-1] == "not judged (machine 100% slower than usual in run B)"
+
+
+def test_machine_canary_gates_latency_and_keeps_the_run_history(tmp_path, monkeypatch):
+    from qbench.metrics import canary
+    from qbench.suites import LatencySpec
+    from qbench.worker import gated_latency
+
+    timings = iter([20.0, 21.0, 50.0, 52.0, 20.5, 20.0])  # before/after per attempt: 2nd attempt is slow
+    monkeypatch.setattr(canary.MachineCanary, "measure", lambda self, repeats=5: next(timings))
+    monkeypatch.setattr(canary, "PAUSE_SECONDS", 0.0)
+    calls = []
+    monkeypatch.setattr("qbench.metrics.cost.latency_metrics", lambda *a: calls.append(a) or {})
+    canary.append_history(tmp_path / "machine_canary.json", "first", 20.0)
+    spec = LatencySpec(prompt_tokens=4, new_tokens=3, warmup=0, min_reps=1, min_seconds=0)
+    notes: list[str] = []
+    out = gated_latency(None, None, spec, tmp_path, "second", notes)
+    assert len(calls) == 1 and out["machine_canary_ms"]["attempts"] == 1 and not notes
+    out = gated_latency(None, None, spec, tmp_path, "third", notes)
+    assert len(calls) == 3 and out["machine_canary_ms"]["attempts"] == 2 and not out["machine_canary_ms"]["busy"]
+    history = json.loads((tmp_path / "machine_canary.json").read_text())
+    assert [h["cell"] for h in history] == ["first", "second", "third"]
+
+
 @pytest.fixture(scope="module")
 def finished_run(tiny_model, tiny_suite, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
