@@ -185,8 +185,8 @@ class OnnxRuntime(Backend):
             raise QBenchError(f"onnx:{artifact.variant}: the graph has no quantized MatMul "
                               f"({', '.join(sorted(QUANTIZED_OPS))}): refusing to report fp32 numbers")
         return OnnxSession(folder, device, {"quantized_matmuls": quantized, "op_counts": dict(counts),
-                                            "kernel": ", ".join(op for op in counts if op in QUANTIZED_OPS)
-                                            or "MatMul (fp32)"})
+                                            "kernel": "ONNX Runtime " + (", ".join(
+                                                op for op in counts if op in QUANTIZED_OPS) or "MatMul (fp32)")})
 
 
 def export(model_path: Path, out: Path, precision: str, options: list[str]) -> None:

@@ -188,6 +188,10 @@ def blocks(plan: dict, records: list[dict], kld_budget: float) -> list[Block]:
     if d_rows:
         out += [Block("p", text="Against the baseline (paired standard error for perplexity; independent for "
                       "accuracy):"), Block("table", headers=d_headers, rows=tuple(d_rows))]
+    ran = kernel_rows(records)
+    if ran:
+        out += [Block("p", text="How each row ran (speed depends on the kernel as much as on the bit width):"),
+                Block("table", headers=("variant", "kernel", "compute dtype", "library"), rows=tuple(ran))]
     failed = [f"`{r['cell']}`: {r.get('error')}" for r in records if r["status"] != "ok"]
     skipped = [f"`{cell}` (skipped): {why}" for cell, why in (plan.get("skipped") or {}).items()]
     if failed or skipped:
@@ -200,6 +204,18 @@ def blocks(plan: dict, records: list[dict], kld_budget: float) -> list[Block]:
         out += [Block("img", text=name, png=png), Block("p", text=caption)]
     out += [Block("h2", text="Environment and provenance"), Block("list", items=tuple(provenance(plan, records)))]
     return out
+
+
+def kernel_rows(records: list[dict]) -> list[tuple]:
+    rows = []
+    for r in records:
+        if r["status"] != "ok":
+            continue
+        session = r.get("session") or {}
+        dtype = session.get("compute_dtype") or session.get("dtype") or ""
+        rows.append((r["cell"], session.get("kernel") or "transformers (PyTorch)", str(dtype).removeprefix("torch."),
+                     r.get("backend_version") or ""))
+    return rows
 
 
 def provenance(plan: dict, records: list[dict]) -> list[str]:

@@ -126,10 +126,12 @@ def count_parameters(model_path: str) -> Optional[int]:
     return total
 
 
-def gated_latency(session, prompt, spec, run_dir: Path, cell: str, notes: list[str]) -> dict[str, Any]:
+def gated_latency(session, prompt, spec, run_dir: Path, cell: str, notes: list[str],
+                  start_canary: Optional[float] = None) -> dict[str, Any]:
     """The latency workload, timed while a machine canary says the machine
     runs at its usual speed for this run: a measurement taken while it ran
-    slower is paused and retried, and labelled if it never recovers."""
+    slower is paused and retried, and labelled if it never recovers. The
+    run's first cell compares with its own canary from the cell's start."""
     from qbench.metrics import metric
     from qbench.metrics.canary import MAX_ATTEMPTS, PAUSE_SECONDS, SLOW_FACTOR, MachineCanary, append_history, \
         typical_ms
@@ -137,7 +139,7 @@ def gated_latency(session, prompt, spec, run_dir: Path, cell: str, notes: list[s
 
     canary = MachineCanary()
     history = run_dir / "machine_canary.json"
-    typical = typical_ms(history)
+    typical = typical_ms(history) or start_canary
     for attempt in range(1, MAX_ATTEMPTS + 1):
         before = canary.measure()
         result = latency_metrics(session, prompt, spec.new_tokens, spec.warmup, spec.min_reps, spec.min_seconds,
@@ -156,7 +158,8 @@ def gated_latency(session, prompt, spec, run_dir: Path, cell: str, notes: list[s
                      f"latency phase ({MAX_ATTEMPTS} attempts; machine canary): its latency figures are unreliable")
     append_history(history, cell, min(before, after))
     result["machine_canary_ms"] = metric(
-        during, "ms", None, None, typical=reference, attempts=attempt, busy=busy,
+        during, "ms", None, None, typical=reference, attempts=attempt, busy=busy, before=round(before, 3),
+        after=round(after, 3),
         label="a fixed decode-like workload (40 MB of float32 matrix-vector products) timed around the latency "
               "phase; typical: the median over the run's earlier cells")
     return result
@@ -193,6 +196,13 @@ def measure_cell(task: CellTask, enter) -> dict[str, Any]:
             enter(name)
 
     phase("prepare")
+    # The machine's speed at the cell's start, before anything heavy: the
+    # reference of the run's first latency measurement (see gated_latency).
+    start_canary = None
+    if task.is_baseline:
+        from qbench.metrics.canary import MachineCanary
+
+        start_canary = MachineCanary().measure()
     model = ModelSpec(**task.model)
     backend = get_backend(load_plugins(task.plugins), task.backend)
     variant, config = backend.parse_variant(task.variant)
@@ -290,7 +300,7 @@ def measure_cell(task: CellTask, enter) -> dict[str, Any]:
     if suite.latency:
         phase("latency")
         metrics.update(gated_latency(session, work.latency_prompt(), suite.latency, Path(task.run_dir), task.cell,
-                                     notes))
+                                     notes, start_canary))
 
     metrics.update(memory_metrics(session, task.device))
     on_disk = artifact_weight_bytes(artifact)

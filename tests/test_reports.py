@@ -74,7 +74,7 @@ def test_machine_canary_gates_latency_and_keeps_the_run_history(tmp_path, monkey
     from qbench.worker import gated_latency
 
     timings = iter([20.0, 21.0, 50.0, 52.0, 20.5, 20.0])  # before/after per attempt: 2nd attempt is slow
-    monkeypatch.setattr(canary.MachineCanary, "measure", lambda self, repeats=5: next(timings))
+    monkeypatch.setattr(canary.MachineCanary, "measure", lambda self, repeats=9: next(timings))
     monkeypatch.setattr(canary, "PAUSE_SECONDS", 0.0)
     calls = []
     monkeypatch.setattr("qbench.metrics.cost.latency_metrics", lambda *a: calls.append(a) or {})
@@ -107,6 +107,8 @@ def test_run_writes_markdown_and_self_contained_html(finished_run):
     for section in ("## Recommendation", "## Comparison", "## Plots", "## Environment and provenance"):
         assert section in md
     assert "| fake:uniform |" in md and "![quality_vs_memory.png](report_files/quality_vs_memory.png)" in md
+    # How each row ran: the kernel and compute dtype the session reported.
+    assert "| fp:bf16 | transformers (PyTorch) | bfloat16 |" in md
     for name in ("quality_vs_memory.png", "speed_vs_quality.png", "task_accuracy.png"):
         assert (run_dir / "report_files" / name).read_bytes().startswith(b"\x89PNG")
     page = (run_dir / "report.html").read_text()

@@ -42,7 +42,7 @@ class MachineCanary:
                 torch.mv(weight, self.vector)
         return (time.perf_counter() - start) * 1e3
 
-    def measure(self, repeats: int = 5) -> float:
+    def measure(self, repeats: int = 9) -> float:
         """Median milliseconds of the workload."""
         self._once()  # warm caches and thread pool
         return statistics.median(self._once() for _ in range(repeats))
