@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -225,7 +226,7 @@ def compare(run_a, run_b, markdown) -> None:
     """The same cells in two runs: which figures changed beyond their error bars.
 
     Exits 1 when something did."""
-    from qbench.compare import Z, compare_records, unmatched
+    from qbench.compare import Z, compare_records, latency_spread, unmatched
     from qbench.results import ResultStore, find_run
     from qbench.table import markdown_rows
 
@@ -245,6 +246,10 @@ def compare(run_a, run_b, markdown) -> None:
         out.print(table)
     for line in unmatched(a, b):
         console.print(f"[yellow]not compared[/]: {line}")
+    spread = latency_spread(a, b)
+    if spread:
+        console.print(f"run-to-run latency noise across {spread[2]} figures: ±{spread[0]:.1%} (robust SD of the "
+                      f"ratios B/A); median ratio {math.exp(spread[1]) - 1:+.1%} (a shift common to every cell)")
     console.print(f"{flagged} change(s) beyond noise" if flagged else "no change beyond noise")
     sys.exit(1 if flagged else 0)
 

@@ -68,6 +68,31 @@ def test_compare_judges_latency_by_repetition_and_not_when_the_machine_was_busy(
     assert flagged == 0 and rows[0][-1] == "not judged (machine 100% slower than usual in run B)"
 
 
+def test_compare_measures_run_to_run_latency_noise_across_cells():
+    from qbench.compare import latency_spread
+
+    def runs(ratios):
+        def cell(decode):
+            return {"status": "ok", "metrics": {"decode_ms_per_token": metric(decode, samples=[decode] * 8),
+                                                "latency_workload": {"new_tokens": 3}}}
+        a = {f"c{i}": cell(40.0) for i in range(len(ratios))}
+        b = {f"c{i}": cell(40.0 * r) for i, r in enumerate(ratios)}
+        return a, b
+
+    # Ten cells moving by up to 15% either way: the spread is that noise, so
+    # a cell 25% off is within it; one twice as slow is not.
+    noise = [0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.15, 0.92, 1.08, 1.25]
+    a, b = runs(noise)
+    sd, center, n = latency_spread(a, b)
+    assert n == 10 and 0.05 < sd < 0.2 and abs(center) < 0.05
+    assert compare_records(a, b)[2] == 0
+    a, b = runs(noise[:-1] + [2.0])
+    _, rows, flagged = compare_records(a, b)
+    assert flagged == 1 and [r[0] for r in rows if r[-1] == "YES"] == ["c9"]
+    # Too few figures to tell: only the 10% floor applies.
+    assert latency_spread(*runs([1.0, 1.3])) is None
+
+
 def test_machine_canary_gates_latency_and_keeps_the_run_history(tmp_path, monkeypatch):
     from qbench.metrics import canary
     from qbench.suites import LatencySpec
