@@ -178,9 +178,14 @@ class GPTQ(Backend):
         model = GPTQModel.load(str(model_path), qconfig, device="cpu", dtype=torch.float32)
         blocks = _decoder_blocks(model.model)
         hooks = [block.register_forward_pre_hook(_progress_hook(i, len(blocks))) for i, block in enumerate(blocks)]
+        # gptqmodel writes its per-layer log under ./logs: keep it in the
+        # artifact, not in whatever folder qbench was started from.
+        cwd = os.getcwd()
+        os.chdir(workdir)
         try:
             model.quantize(model_rows, batch_size=1)
         finally:
+            os.chdir(cwd)
             for hook in hooks:
                 hook.remove()
         progress.report("saving")

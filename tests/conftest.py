@@ -15,16 +15,29 @@ FAKE_PLUGINS = HERE / "fake_plugins"
 RTN_PLUGIN = REPO / "examples" / "rtn_plugin"
 
 
+def _isolate(patch: pytest.MonkeyPatch, tmp_path_factory) -> None:
+    patch.setenv("QBENCH_PLUGINS", "builtin")
+    patch.delenv("QBENCH_BLOCK_PLUGINS", raising=False)
+    patch.delenv("QBENCH_PLUGINS_DIR", raising=False)
+    patch.setenv("QBENCH_CACHE", str(tmp_path_factory.mktemp("cache")))
+    patch.setenv("QBENCH_RESULTS", str(tmp_path_factory.mktemp("results")))
+    patch.setenv("TOKENIZERS_PARALLELISM", "false")
+    patch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_session(tmp_path_factory):
+    """Module- and session-scoped fixtures are set up before any test's own
+    isolation: they get a cache of their own too."""
+    with pytest.MonkeyPatch.context() as patch:
+        _isolate(patch, tmp_path_factory)
+        yield
+
+
 @pytest.fixture(autouse=True)
 def isolated_env(tmp_path_factory, monkeypatch):
     """Tests never load installed third-party plugins nor touch the user's cache."""
-    monkeypatch.setenv("QBENCH_PLUGINS", "builtin")
-    monkeypatch.delenv("QBENCH_BLOCK_PLUGINS", raising=False)
-    monkeypatch.delenv("QBENCH_PLUGINS_DIR", raising=False)
-    monkeypatch.setenv("QBENCH_CACHE", str(tmp_path_factory.mktemp("cache")))
-    monkeypatch.setenv("QBENCH_RESULTS", str(tmp_path_factory.mktemp("results")))
-    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _isolate(monkeypatch, tmp_path_factory)
 
 
 def _train_tokenizer(folder: Path) -> None:

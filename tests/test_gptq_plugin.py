@@ -78,8 +78,9 @@ def w4g32_artifact(backends, tiny_model, calibration):
     from qbench.models import fingerprint
 
     gptq = backends["gptq"]
-    artifact, _, _ = obtain_artifact(gptq, "w4g32", gptq.variants()["w4g32"], str(tiny_model),
-                                     fingerprint(tiny_model), calibration, "test")
+    artifact, hit, _ = obtain_artifact(gptq, "w4g32", gptq.variants()["w4g32"], str(tiny_model),
+                                       fingerprint(tiny_model), calibration, "test")
+    assert not hit
     return artifact
 
 
@@ -93,6 +94,13 @@ def test_gptq_beats_round_to_nearest_at_the_same_grid(backends, w4g32, tiny_mode
     for rtn in ("bits=4,granularity=group:32", "bits=4,granularity=group:32,symmetric=false"):
         rtn_kld = mean_kld(session_for(backends["torchao"], rtn, tiny_model), reference)
         assert 0 < gptq_kld < 0.5 * rtn_kld, (rtn, gptq_kld, rtn_kld)
+
+
+def test_quantization_leaves_nothing_in_the_working_folder(w4g32_artifact):
+    from pathlib import Path
+
+    assert not Path("logs").exists()  # gptqmodel's own log goes into the artifact
+    assert any(Path(w4g32_artifact.path, "logs").iterdir())
 
 
 def test_session_runs_the_fused_float32_kernel_and_holds_packed_weights(w4g32):
