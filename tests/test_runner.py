@@ -98,3 +98,20 @@ def test_python_api_runs_and_loads_results(tiny_model, tiny_suite, tmp_path):
     assert uniform["same_top_p"] < 0.5 and uniform["kld"] > 0.1
     again = load_results(df.attrs["run_dir"])
     assert again["perplexity"].tolist() == pytest.approx(df["perplexity"].tolist())
+
+
+def test_runs_that_name_no_variants_leave_out_what_is_slow_or_redundant_on_cpu():
+    from qbench.plugins import PluginSettings, load_plugins
+    from qbench.runner import plan_cells
+
+    loaded = load_plugins(PluginSettings(allow=("builtin",)))
+    cells, skipped = plan_cells(loaded, [], "fp:fp32", "cpu")
+    names = [c.cell for c in cells]
+    assert names[0] == "fp:fp32" and "gptq:w4g32" in names and "bnb:nf4" in names
+    for cell, why in [("fp:fp16", "fp16 matmuls"), ("bnb:nf4-dq", "repacks 4-bit weights"),
+                      ("gptq:w8g128", "TorchLinear"), ("gptq:prequantized", "path="),
+                      ("torchao:float8-wo", "needs CUDA")]:
+        assert cell not in names and why in skipped[cell], (cell, skipped.get(cell))
+    # Asked for by name, they run.
+    cells, _ = plan_cells(loaded, ["bnb:nf4-dq", "gptq:w8g128"], "fp:fp32", "cpu")
+    assert [c.cell for c in cells] == ["fp:fp32", "bnb:nf4-dq", "gptq:w8g128"]
