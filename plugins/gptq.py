@@ -68,13 +68,11 @@ class GPTQConfig(VariantConfig):
         return None if self.path is not None else self.bits
 
 
-def _import_gptqmodel():
+def _import_gptqmodel() -> None:
     # gptqmodel sizes a CPU worker pool from this and refuses to load when the
     # pool outgrows the machine (seen with 2 cores): match the cores we have.
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, min(os.cpu_count() or 1, 4))))
-    import gptqmodel
-
-    return gptqmodel
+    import gptqmodel  # noqa: F401
 
 
 def _is_gptq_layer(module) -> bool:
