@@ -226,7 +226,7 @@ def compare(run_a, run_b, markdown) -> None:
     """The same cells in two runs: which figures changed beyond their error bars.
 
     Exits 1 when something did."""
-    from qbench.compare import Z, compare_records, latency_spread, unmatched
+    from qbench.compare import ALPHA, compare_records, latency_spread, pooled_trial_spread, unmatched
     from qbench.results import ResultStore, find_run
     from qbench.table import markdown_rows
 
@@ -238,7 +238,8 @@ def compare(run_a, run_b, markdown) -> None:
     if markdown:
         click.echo("\n".join(markdown_rows(headers, rows)))
     else:
-        table = Table(title=f"{run_a} (A) vs {run_b} (B): flagged when |Δ| > {Z:g} combined standard errors")
+        table = Table(title=f"{run_a} (A) vs {run_b} (B): changes flagged at a family-wise error rate of "
+                            f"{ALPHA:.0%} (Holm)")
         for h in headers:
             table.add_column(h)
         for row in rows:
@@ -246,10 +247,15 @@ def compare(run_a, run_b, markdown) -> None:
         out.print(table)
     for line in unmatched(a, b):
         console.print(f"[yellow]not compared[/]: {line}")
+    for label, records in (("A", a), ("B", b)):
+        spread = pooled_trial_spread(records, "decode_ms_per_token")
+        if spread is not None:
+            console.print(f"run {label}: decode latency differs by ±{spread:.1%} (SD) between worker processes "
+                          f"of the same cell")
     spread = latency_spread(a, b)
     if spread:
-        console.print(f"run-to-run latency noise across {spread[2]} figures: ±{spread[0]:.1%} (robust SD of the "
-                      f"ratios B/A); median ratio {math.exp(spread[1]) - 1:+.1%} (a shift common to every cell)")
+        console.print(f"latency ratios B/A across {spread[2]} figures: median {math.exp(spread[1]) - 1:+.1%} "
+                      f"(a shift common to every cell), robust SD ±{spread[0]:.1%}")
     console.print(f"{flagged} change(s) beyond noise" if flagged else "no change beyond noise")
     sys.exit(1 if flagged else 0)
 

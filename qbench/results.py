@@ -1,8 +1,9 @@
 """The append-only results store and its pandas views.
 
 One JSON line per finished cell, flushed and fsynced as soon as the cell ends.
-Records are never rewritten; when a cell is run again (``--retry-failed``) the
-newest record of that cell is the one views show.
+Records are never rewritten; when a cell is run again (``--retry-failed``) or
+gains a latency trial, a new line holds its whole new record, and the newest
+record of each cell is the one views show.
 """
 
 from __future__ import annotations
@@ -54,8 +55,7 @@ class ResultStore:
         """Newest record per cell, in first-seen order."""
         latest: dict[str, dict[str, Any]] = {}
         for record in self.records():
-            latest.pop(record["cell"], None)
-            latest[record["cell"]] = record
+            latest[record["cell"]] = record  # an update keeps the cell's place
         return latest
 
 

@@ -151,7 +151,8 @@ def pending_cells(plan: RunPlan, store: ResultStore, retry_failed: bool) -> list
 
 def execute(plan: RunPlan, run_dir: Path, reporter: Reporter = SilentReporter(),
             retry_failed: bool = False) -> list[dict[str, Any]]:
-    """Run every unfinished cell of the plan; return the records written now."""
+    """Run every unfinished cell of the plan, then the latency trials still
+    missing; return the records written now."""
     store = ResultStore(run_dir)
     todo = pending_cells(plan, store, retry_failed)
     written = []
@@ -161,6 +162,40 @@ def execute(plan: RunPlan, run_dir: Path, reporter: Reporter = SilentReporter(),
         store.append(record)
         written.append(record)
         reporter.cell_finished(cell.cell, record)
+    return written + run_latency_trials(plan, run_dir, store, reporter)
+
+
+def run_latency_trials(plan: RunPlan, run_dir: Path, store: ResultStore, reporter: Reporter) -> list[dict[str, Any]]:
+    """Latency trials 2..K of every finished cell, each in a fresh worker,
+    round by round (every cell's trial 2, then every cell's trial 3) so a
+    slow spell of the machine does not fall on one cell's trials alone. A
+    failed trial leaves the cell's figures as they were, with the reason."""
+    from qbench.metrics.trials import add_trial, trials_attempted
+    from qbench.suites import load_suite
+
+    latency = load_suite(plan.suite_path).latency
+    wanted = latency.trials if latency else 1
+    written = []
+    for trial in range(2, wanted + 1):
+        cells = [c for c in plan.cells if (store.latest().get(c.cell) or {}).get("status") == "ok"
+                 and trials_attempted(store.latest()[c.cell]) < trial]
+        for index, cell in enumerate(cells, 1):
+            label = f"{cell.cell} · latency trial {trial} of {wanted}"
+            reporter.cell_started(label, index, len(cells))
+            outcome, started, log_path = _run_worker(plan, run_dir, cell, reporter, latency_trial=trial)
+            record = store.latest()[cell.cell]
+            seconds = round(time.time() - started, 3)
+            if outcome[0] == "result":
+                record = add_trial(record, outcome[1]["trial"])
+                shown = {"status": "ok", "wall_seconds": seconds}
+            else:
+                error = f"latency trial {trial}: {outcome[1]['error']}"
+                record = {**record, "latency_trial_errors": record.get("latency_trial_errors", []) + [error]}
+                shown = {"status": "failed", "error": error, "wall_seconds": seconds}
+            record["trial_wall_seconds"] = record.get("trial_wall_seconds", []) + [seconds]
+            store.append(record)
+            written.append(record)
+            reporter.cell_finished(label, shown)
     return written
 
 
@@ -172,10 +207,27 @@ def _base_record(plan: RunPlan, cell: CellSpec) -> dict[str, Any]:
 
 
 def run_cell(plan: RunPlan, run_dir: Path, cell: CellSpec, reporter: Reporter) -> dict[str, Any]:
+    outcome, started, log_path = _run_worker(plan, run_dir, cell, reporter)
+    record = _base_record(plan, cell)
+    record["log"] = str(log_path)
+    if outcome[0] == "result":
+        record.update(outcome[1])
+    else:
+        record.update(status="failed", phase=outcome[1]["phase"], error=outcome[1]["error"])
+    record["finished"] = time.time()
+    record["wall_seconds"] = round(record["finished"] - started, 3)
+    return record
+
+
+def _run_worker(plan: RunPlan, run_dir: Path, cell: CellSpec, reporter: Reporter, latency_trial: int = 0
+                ) -> tuple[tuple[str, dict[str, Any]], float, Path]:
+    """Run one task in a fresh spawned worker: ((kind, payload), start time,
+    log file). kind is "result" or "error"; a worker that died or hung is
+    an error naming the phase it was in."""
     task = CellTask(run_id=plan.run_id, run_dir=str(run_dir), cell=cell.cell, backend=cell.backend,
                     variant=cell.variant, is_baseline=cell.baseline, model=plan.model.model_dump(),
                     suite_path=plan.suite_path, device=plan.device, threads=plan.threads,
-                    plugins=plan.plugin_settings())
+                    plugins=plan.plugin_settings(), latency_trial=latency_trial)
     log_path = run_dir / "logs" / (cell.cell.replace(":", "__").replace("/", "_")[:120] + ".log")
     ctx = multiprocessing.get_context("spawn")
     receiver, sender = ctx.Pipe(duplex=False)
@@ -210,24 +262,16 @@ def run_cell(plan: RunPlan, run_dir: Path, cell: CellSpec, reporter: Reporter) -
         timed_out = outcome is not None and outcome[0] == "error" and "timed out" in outcome[1]["error"]
         proc.join(timeout=0 if timed_out else 30)  # let a finished worker exit on its own
         _stop(proc)
-    record = _base_record(plan, cell)
-    record["log"] = str(log_path)
-    if outcome is not None and outcome[0] == "result":
-        record.update(outcome[1])
-    else:
-        if outcome is None:
-            code = proc.exitcode
-            if code is not None and code < 0:
-                name = signal.Signals(-code).name
-                hint = " (likely the OS out-of-memory killer)" if -code == signal.SIGKILL else ""
-                why = f"worker killed by {name}{hint} during {phase}"
-            else:
-                why = f"worker exited with code {code} during {phase} without a result"
-            outcome = ("error", {"phase": phase, "error": f"{why}; see {log_path}"})
-        record.update(status="failed", phase=outcome[1]["phase"], error=outcome[1]["error"])
-    record["finished"] = time.time()
-    record["wall_seconds"] = round(record["finished"] - started, 3)
-    return record
+    if outcome is None:
+        code = proc.exitcode
+        if code is not None and code < 0:
+            name = signal.Signals(-code).name
+            hint = " (likely the OS out-of-memory killer)" if -code == signal.SIGKILL else ""
+            why = f"worker killed by {name}{hint} during {phase}"
+        else:
+            why = f"worker exited with code {code} during {phase} without a result"
+        outcome = ("error", {"phase": phase, "error": f"{why}; see {log_path}"})
+    return outcome, started, log_path
 
 
 def _stop(proc) -> None:

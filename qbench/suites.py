@@ -74,6 +74,10 @@ class LatencySpec(_Strict):
     min_reps: int = Field(3, gt=0)
     min_seconds: float = Field(2.0, ge=0)
     max_reps: int = Field(50, gt=0)
+    #: independent worker processes the workload is measured in (each with
+    #: its warm-up and repetitions): speed differs between processes more
+    #: than between repetitions, so error bars need at least 2.
+    trials: int = Field(1, ge=1, le=20)
 
 
 class CalibrationSpec(_Strict):

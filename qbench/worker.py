@@ -34,6 +34,9 @@ class CellTask:
     device: str
     threads: Optional[int]
     plugins: PluginSettings
+    #: 0: the whole cell. n >= 2: only latency trial n, in a fresh process
+    #: after every cell ran (see qbench.metrics.trials).
+    latency_trial: int = 0
 
 
 def reference_paths(run_dir: str) -> dict[str, Path]:
@@ -126,12 +129,13 @@ def count_parameters(model_path: str) -> Optional[int]:
     return total
 
 
-def gated_latency(session, prompt, spec, run_dir: Path, cell: str, notes: list[str],
+def gated_latency(session, prompt, spec, run_dir: Path, cell: str,
                   start_canary: Optional[float] = None) -> dict[str, Any]:
     """The latency workload, timed while a machine canary says the machine
     runs at its usual speed for this run: a measurement taken while it ran
     slower is paused and retried, and labelled if it never recovers. The
-    run's first cell compares with its own canary from the cell's start."""
+    run's first cell compares with its own canary from the cell's start.
+    Returns one trial's figures (see qbench.metrics.trials)."""
     from qbench.metrics import metric
     from qbench.metrics.canary import MAX_ATTEMPTS, PAUSE_SECONDS, SLOW_FACTOR, MachineCanary, append_history, \
         typical_ms
@@ -157,9 +161,6 @@ def gated_latency(session, prompt, spec, run_dir: Path, cell: str, notes: list[s
               f"in {PAUSE_SECONDS:g}s", flush=True)
         time.sleep(PAUSE_SECONDS)
     busy = during > SLOW_FACTOR * reference
-    if busy:
-        notes.append(f"the machine ran {during / reference - 1:.0%} slower than usual for this run during the "
-                     f"latency phase ({MAX_ATTEMPTS} attempts; machine canary): its latency figures are unreliable")
     append_history(history, cell, min(before, after))
     result["machine_canary_ms"] = metric(
         during, "ms", None, None, typical=reference, attempts=attempt, busy=busy, before=round(before, 3),
@@ -180,6 +181,7 @@ def measure_cell(task: CellTask, enter) -> dict[str, Any]:
     from qbench.metrics.cost import BackendClock, memory_metrics
     from qbench.metrics.generation import generation_metrics
     from qbench.metrics.quality import fidelity_metrics, perplexity_metrics
+    from qbench.metrics.trials import busy_notes, combine_trials
     from qbench.metrics.scoring import Reference, reference_from, score_windows
     from qbench.plugins import get_backend, load_plugins
     from qbench.suites import load_suite
@@ -203,7 +205,7 @@ def measure_cell(task: CellTask, enter) -> dict[str, Any]:
     # The machine's speed at the cell's start, before anything heavy: the
     # reference of the run's first latency measurement (see gated_latency).
     start_canary = None
-    if task.is_baseline:
+    if task.is_baseline and not task.latency_trial:
         from qbench.metrics.canary import MachineCanary
 
         start_canary = MachineCanary().measure()
@@ -240,6 +242,13 @@ def measure_cell(task: CellTask, enter) -> dict[str, Any]:
     load_seconds = time.perf_counter() - load_started
     weight_bytes = session.weight_bytes()
     verify_quantized(weight_bytes, count_parameters(model.path), config.nominal_bits(), task.cell)
+
+    if task.latency_trial:
+        phase("latency")
+        trial = gated_latency(session, work.latency_prompt(), suite.latency, Path(task.run_dir), task.cell)
+        session.close()
+        phase("done")
+        return {"status": "ok", "trial": trial, "phase_seconds": phase_seconds}
 
     metrics: dict[str, Any] = {}
     # Caveats the backend found while quantizing (e.g. a group size that does
@@ -303,8 +312,10 @@ def measure_cell(task: CellTask, enter) -> dict[str, Any]:
 
     if suite.latency:
         phase("latency")
-        metrics.update(gated_latency(session, work.latency_prompt(), suite.latency, Path(task.run_dir), task.cell,
-                                     notes, start_canary))
+        trial = gated_latency(session, work.latency_prompt(), suite.latency, Path(task.run_dir), task.cell,
+                              start_canary)
+        metrics.update(combine_trials([trial]))
+        notes += busy_notes(metrics)
 
     metrics.update(memory_metrics(session, task.device))
     on_disk = artifact_weight_bytes(artifact)

@@ -161,3 +161,35 @@ def test_generation_metrics():
     m = generation_metrics([[1, 2, 3], [4, 5, 9]], [[1, 2, 3], [4, 6, 9]])
     assert m["gen_exact_match"]["value"] == 0.5
     assert m["gen_common_prefix"]["value"] == pytest.approx((3 + 1) / 2)
+
+
+def test_latency_trials_combine_into_a_geometric_mean_with_a_between_process_error():
+    from qbench.metrics.trials import add_trial, busy_notes, combine_trials
+
+    def trial(ms, busy=False):
+        return {"prefill_ms": {"value": 2 * ms, "unit": "ms", "samples": [2 * ms]},
+                "decode_ms_per_token": {"value": ms, "unit": "ms/token", "samples": [ms - 1, ms, ms + 1]},
+                "generate_ms": {"value": 9 * ms, "unit": "ms", "samples": [9 * ms]},
+                "latency_workload": {"batch_size": 2, "new_tokens": 4, "repetitions": 1},
+                "machine_canary_ms": {"value": 30.0 if busy else 10.0, "typical": 10.0, "busy": busy}}
+
+    one = combine_trials([trial(40.0)])
+    assert one["decode_ms_per_token"]["value"] == 40.0 and "stderr" not in one["decode_ms_per_token"]
+    # Trials at 40 and 90 ms: geometric mean 60; SD of the logs ln(90/40)/sqrt(2);
+    # standard error 60 * that / sqrt(2) = 60 * ln(2.25) / 2 = 24.33.
+    two = combine_trials([trial(40.0), trial(90.0)])
+    decode = two["decode_ms_per_token"]
+    assert decode["value"] == pytest.approx(60.0) and decode["stderr"] == pytest.approx(60 * math.log(2.25) / 2)
+    assert decode["trials"] == [40.0, 90.0] and decode["n"] == 6 and decode["p90"] == pytest.approx(90.5)
+    assert two["decode_tokens_per_s"]["value"] == pytest.approx(2000 / 60)  # batch 2
+    assert two["decode_tokens_per_s"]["stderr"] == pytest.approx(2000 / 60 * math.log(2.25) / 2)
+    assert two["latency_workload"]["repetitions"] == 2 and two["latency_workload"]["trials"] == 2
+    # A busy trial is left out while a quiet one exists, and noted only when none does.
+    mixed = combine_trials([trial(40.0), trial(90.0, busy=True)])
+    assert mixed["decode_ms_per_token"]["value"] == 40.0 and mixed["latency_workload"]["trials_left_out_busy"] == 1
+    assert not busy_notes(mixed)
+    record = {"metrics": combine_trials([trial(90.0, busy=True)]), "notes": ["other"]}
+    record["notes"] += busy_notes(record["metrics"])
+    assert len(record["notes"]) == 2 and "200% slower" in record["notes"][1]
+    record = add_trial(record, trial(40.0))
+    assert record["notes"] == ["other"] and record["metrics"]["decode_ms_per_token"]["value"] == 40.0

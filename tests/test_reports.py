@@ -2,6 +2,7 @@
 
 import base64
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -93,6 +94,47 @@ def test_compare_measures_run_to_run_latency_noise_across_cells():
     assert latency_spread(*runs([1.0, 1.3])) is None
 
 
+def test_holm_keeps_the_family_wise_error_rate():
+    from qbench.compare import holm, p_value
+
+    # Sorted: 0.005 <= 0.05/4, 0.01 <= 0.05/3, then 0.03 > 0.05/2 stops the procedure.
+    assert holm([0.01, 0.04, 0.03, 0.005]) == [True, False, False, True]
+    assert holm([0.04]) == [True] and holm([]) == []
+    assert abs(p_value(1.959964) - 0.05) < 1e-6 and p_value(0.0) == 1.0
+
+
+def _trial_cell(decode_trials, busy=False):
+    from qbench.metrics.trials import combine_trials
+
+    def trial(ms):
+        return {"prefill_ms": {"value": 5 * ms, "unit": "ms", "samples": [5 * ms] * 3},
+                "decode_ms_per_token": {"value": ms, "unit": "ms/token", "samples": [ms] * 9},
+                "generate_ms": {"value": 40 * ms, "unit": "ms", "samples": [40 * ms] * 3},
+                "latency_workload": {"batch_size": 1, "new_tokens": 4, "repetitions": 3},
+                "machine_canary_ms": {"value": 40.0 if busy else 20.0, "typical": 20.0, "busy": busy}}
+
+    return {"status": "ok", "metrics": combine_trials([trial(ms) for ms in decode_trials])}
+
+
+def test_compare_judges_latency_by_its_trials_pooled_across_cells():
+    import random
+
+    rng = random.Random(0)
+    # Twenty cells whose worker processes differ by ~8% (SD); a cell measured
+    # in bimodal processes (40 vs 73 ms) has a wide error of its own.
+    def noisy(ms):
+        return [ms * math.exp(rng.gauss(0, 0.08)) for _ in range(3)]
+
+    a = {f"c{i}": _trial_cell(noisy(10 + 5 * i)) for i in range(20)}
+    b = {f"c{i}": _trial_cell(noisy(10 + 5 * i)) for i in range(20)}
+    a["bimodal"], b["bimodal"] = _trial_cell([40, 73, 40]), _trial_cell([40, 40, 41])
+    _, rows, flagged = compare_records(a, b)
+    assert flagged == 0, [r for r in rows if r[-1] == "YES"]
+    b["c7"] = _trial_cell([ms * 1.5 for ms in noisy(45)])  # 50% slower in every process
+    _, rows, flagged = compare_records(a, b)
+    assert {(r[0], r[1]) for r in rows if r[-1] == "YES"} == {("c7", "prefill_ms"), ("c7", "decode_ms_per_token")}
+
+
 def test_machine_canary_gates_latency_and_keeps_the_run_history(tmp_path, monkeypatch):
     from qbench.metrics import canary
     from qbench.suites import LatencySpec
@@ -105,10 +147,9 @@ def test_machine_canary_gates_latency_and_keeps_the_run_history(tmp_path, monkey
     monkeypatch.setattr("qbench.metrics.cost.latency_metrics", lambda *a: calls.append(a) or {})
     canary.append_history(tmp_path / "machine_canary.json", "first", 20.0)
     spec = LatencySpec(prompt_tokens=4, new_tokens=3, warmup=0, min_reps=1, min_seconds=0)
-    notes: list[str] = []
-    out = gated_latency(None, None, spec, tmp_path, "second", notes)
-    assert len(calls) == 1 and out["machine_canary_ms"]["attempts"] == 1 and not notes
-    out = gated_latency(None, None, spec, tmp_path, "third", notes)
+    out = gated_latency(None, None, spec, tmp_path, "second")
+    assert len(calls) == 1 and out["machine_canary_ms"]["attempts"] == 1 and not out["machine_canary_ms"]["busy"]
+    out = gated_latency(None, None, spec, tmp_path, "third")
     assert len(calls) == 3 and out["machine_canary_ms"]["attempts"] == 2 and not out["machine_canary_ms"]["busy"]
     history = json.loads((tmp_path / "machine_canary.json").read_text())
     assert [h["cell"] for h in history] == ["first", "second", "third"]

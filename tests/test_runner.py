@@ -115,3 +115,32 @@ def test_runs_that_name_no_variants_leave_out_what_is_slow_or_redundant_on_cpu()
     # Asked for by name, they run.
     cells, _ = plan_cells(loaded, ["bnb:nf4-dq", "gptq:w8g128"], "fp:fp32", "cpu")
     assert [c.cell for c in cells] == ["fp:fp32", "bnb:nf4-dq", "gptq:w8g128"]
+
+
+def test_latency_trials_run_in_fresh_workers_after_every_cell(tiny_model, tiny_suite, tmp_path, monkeypatch):
+    suite = tmp_path / "trials.yaml"
+    suite.write_text(tiny_suite.read_text().replace("min_seconds: 0}", "min_seconds: 0, trials: 3}"))
+    for data in tiny_suite.parent.iterdir():
+        if data.suffix == ".jsonl":
+            (tmp_path / data.name).write_text(data.read_text())
+    monkeypatch.setenv("QBENCH_FAKE_MARKER_DIR", str(tmp_path))
+    plan, run_dir = create_run(model=str(tiny_model), suite=str(suite), device="cpu", backends=["fake:flaky"],
+                               plugin_dirs=(str(FAKE_PLUGINS),), output_dir=str(tmp_path / "out"))
+    execute(plan, run_dir)
+    store = ResultStore(run_dir)
+    # Each cell, then trial 2 of each cell, then trial 3: a new record each time.
+    assert [r["cell"] for r in store.records()] == ["fp:fp32", "fake:flaky"] * 3
+    latest = store.latest()
+    assert list(latest) == ["fp:fp32", "fake:flaky"]
+    base = latest["fp:fp32"]["metrics"]
+    assert len(base["latency_trials"]) == 3 and len(base["decode_ms_per_token"]["trials"]) == 3
+    assert base["decode_ms_per_token"]["stderr"] > 0 and base["latency_workload"]["trials"] == 3
+    assert base["perplexity"] == store.records()[0]["metrics"]["perplexity"]  # quality kept as measured
+    assert len(latest["fp:fp32"]["trial_wall_seconds"]) == 2
+    # A trial that fails leaves the cell's figures and says why; it is not retried.
+    flaky = latest["fake:flaky"]
+    assert flaky["status"] == "ok" and len(flaky["metrics"]["latency_trials"]) == 1
+    assert [e.split(":")[0] for e in flaky["latency_trial_errors"]] == ["latency trial 2", "latency trial 3"]
+    assert "scripted failure in a second load" in flaky["latency_trial_errors"][0]
+    assert "stderr" not in flaky["metrics"]["decode_ms_per_token"]
+    assert execute(plan, run_dir) == []  # resuming finds nothing left to do

@@ -15,7 +15,8 @@ from qbench.backend import Session
 from qbench.metrics import metric
 
 
-def _pct(samples: list[float], q: float) -> float:
+def quantile(samples: list[float], q: float) -> float:
+    """Linearly interpolated quantile (numpy's default)."""
     ordered = sorted(samples)
     if len(ordered) == 1:
         return ordered[0]
@@ -54,7 +55,7 @@ def latency_metrics(session: Session, prompt: torch.Tensor, new_tokens: int, war
 
     def dist(samples: list[float], unit: str) -> dict[str, Any]:
         return metric(statistics.median(samples), unit, len(samples), None,
-                      p90=_pct(samples, 0.9), p99=_pct(samples, 0.99), mean=statistics.fmean(samples),
+                      p90=quantile(samples, 0.9), p99=quantile(samples, 0.99), mean=statistics.fmean(samples),
                       samples=[round(s, 4) for s in samples])
 
     return {

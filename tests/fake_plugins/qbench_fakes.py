@@ -12,7 +12,8 @@ from qbench.backend import Backend, Session, VariantConfig
 
 
 class FakeConfig(VariantConfig):
-    behaviour: Literal["ok", "raise", "exit", "hang", "slow", "uniform"] = "ok"
+    #: "flaky": loads once, then raises (a marker file in $QBENCH_FAKE_MARKER_DIR)
+    behaviour: Literal["ok", "raise", "exit", "hang", "slow", "uniform", "flaky"] = "ok"
     #: what the variant promises; "liar" promises 4 bits but loads fp32
     claims_bits: Optional[float] = None
 
@@ -54,7 +55,7 @@ class Fake(Backend):
     config_class = FakeConfig
 
     def variants(self):
-        named = {b: FakeConfig(behaviour=b) for b in ("ok", "raise", "exit", "hang", "slow", "uniform")}
+        named = {b: FakeConfig(behaviour=b) for b in ("ok", "raise", "exit", "hang", "slow", "uniform", "flaky")}
         return {**named, "liar": FakeConfig(claims_bits=4)}
 
     def quantize(self, model_path, config, calibration, workdir):
@@ -68,6 +69,11 @@ class Fake(Backend):
             os._exit(3)
         if behaviour == "hang":
             time.sleep(3600)
+        if behaviour == "flaky":
+            marker = os.path.join(os.environ["QBENCH_FAKE_MARKER_DIR"], "flaky-loaded")
+            if os.path.exists(marker):
+                raise RuntimeError("scripted failure in a second load")
+            open(marker, "w").close()
         if behaviour == "slow":
             time.sleep(float(os.environ.get("QBENCH_FAKE_SLOW_SECONDS", "3")))
         import torch

@@ -1,0 +1,101 @@
+"""Latency over several independent processes ("trials"), and its error bar.
+
+Repetitions inside one process agree within a few percent, but the same
+artifact decodes at different speeds from one process to the next: weights
+and temporaries land at other addresses, the allocator's state differs.
+Measured on this project's shared 2-core machine (20 fresh processes, three
+loads each): fp32 within 3%, ONNX int8 7.3-9.0 ms/token, torchao int4
+38-75 ms/token, stable inside a process and bimodal across processes. An
+error bar from one process cannot see that; pyperf spawns many worker
+processes for the same reason. So the latency workload runs in ``trials``
+separate worker processes (the cell's own, then one more per trial after
+every cell has run), and each figure is the geometric mean of the trials'
+medians, with the standard error of that mean in log space. Trials taken
+while the machine canary said the machine was busy are left out when a
+quiet one exists.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any, Optional
+
+from qbench.metrics import metric
+from qbench.metrics.cost import quantile
+
+#: Latency figures summarised per trial by their median.
+DISTRIBUTIONS = ("prefill_ms", "decode_ms_per_token", "generate_ms")
+
+
+def _busy(trial: dict[str, Any]) -> bool:
+    return bool((trial.get("machine_canary_ms") or {}).get("busy"))
+
+
+def log_spread(values: list[float]) -> Optional[float]:
+    """Sample standard deviation of the logs (relative spread), or None for
+    fewer than two values."""
+    if len(values) < 2:
+        return None
+    return statistics.stdev(math.log(v) for v in values)
+
+
+def combine_trials(trials: list[dict[str, Any]]) -> dict[str, Any]:
+    """The record's latency figures from the raw output of each trial
+    (``latency_metrics`` plus ``machine_canary_ms``)."""
+    quiet = [t for t in trials if not _busy(t)]
+    used = quiet or trials
+    out: dict[str, Any] = {}
+    for name in DISTRIBUTIONS:
+        per_trial = [t[name]["value"] for t in used]
+        samples = [s for t in used for s in t[name]["samples"]]
+        centre = math.exp(statistics.fmean(math.log(v) for v in per_trial))
+        spread = log_spread(per_trial)
+        stderr = centre * spread / math.sqrt(len(per_trial)) if spread is not None else None
+        out[name] = metric(centre, used[0][name]["unit"], len(samples), stderr,
+                           trials=[round(v, 4) for v in per_trial],
+                           p90=quantile(samples, 0.9), p99=quantile(samples, 0.99),
+                           mean=statistics.fmean(samples), samples=samples)
+    decode = out["decode_ms_per_token"]
+    batch = used[0]["latency_workload"]["batch_size"]
+    tps = batch * 1e3 / decode["value"]
+    out["decode_tokens_per_s"] = metric(
+        tps, "tokens/s", decode["n"], tps * decode["stderr"] / decode["value"] if decode.get("stderr") else None)
+    out["latency_workload"] = {**used[0]["latency_workload"],
+                               "repetitions": sum(t["latency_workload"]["repetitions"] for t in used),
+                               "trials": len(used), "trials_left_out_busy": len(trials) - len(used)}
+    # The canary of the trials used: busy only when every trial was.
+    out["machine_canary_ms"] = max(used, key=lambda t: t["machine_canary_ms"]["value"])["machine_canary_ms"]
+    out["latency_trials"] = trials
+    return out
+
+
+
+#: Every note about a busy machine starts so: they are rewritten when a
+#: trial is added.
+BUSY_NOTE = "latency measured while the machine was busy"
+
+
+def busy_notes(latency: dict[str, Any]) -> list[str]:
+    """A note when the combined latency comes from busy trials only."""
+    canary = latency["machine_canary_ms"]
+    if not canary.get("busy"):
+        return []
+    return [f"{BUSY_NOTE}: the machine canary ran {canary['value'] / canary['typical'] - 1:.0%} slower than usual "
+            f"for this run in every latency trial, after retries; its latency figures are unreliable"]
+
+
+def add_trial(record: dict[str, Any], trial: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a cell's record with one more latency trial combined in."""
+    metrics = dict(record["metrics"])
+    metrics.update(combine_trials(metrics["latency_trials"] + [trial]))
+    notes = [n for n in record.get("notes", []) if not n.startswith(BUSY_NOTE)] + busy_notes(metrics)
+    return {**record, "metrics": metrics, "notes": notes}
+
+
+def trials_attempted(record: dict[str, Any]) -> int:
+    """Trials measured or tried (a failed trial is not tried again)."""
+    trials = (record.get("metrics") or {}).get("latency_trials")
+    if trials is None:
+        return 0
+    return len(trials) + len(record.get("latency_trial_errors", []))
