@@ -32,8 +32,8 @@ COLUMNS = (
     ("same top %", "same_top_p", ".2f", 100.0, True),
     ("acc %", "acc", ".1f", 100.0, True),
     ("gen exact %", "gen_exact_match", ".0f", 100.0, False),
-    ("prefill ms", "prefill_ms", ".1f", 1.0, False),
-    ("decode ms/tok", "decode_ms_per_token", ".2f", 1.0, False),
+    ("prefill ms", "prefill_ms", ".1f", 1.0, True),
+    ("decode ms/tok", "decode_ms_per_token", ".2f", 1.0, True),
     ("tok/s", "decode_tokens_per_s", ".1f", 1.0, False),
 )
 

@@ -1,4 +1,4 @@
-"""What runs inside one cell's freshly spawned worker process.
+"""What runs inside one cell's fresh worker process.
 
 One process per cell keeps memory figures clean and confines a crash, an
 out-of-memory kill or a hang to that cell. The worker reports phases and its
@@ -37,6 +37,9 @@ class CellTask:
     #: 0: the whole cell. n >= 2: only latency trial n, in a fresh process
     #: after every cell ran (see qbench.metrics.trials).
     latency_trial: int = 0
+    #: the parent's environment when the task was made: a fork-server child
+    #: would otherwise inherit the server's, from when it started
+    env: Optional[dict] = None
 
 
 def reference_paths(run_dir: str) -> dict[str, Path]:
@@ -53,7 +56,10 @@ def _write_atomic(path: Path, write) -> None:
 
 
 def worker_main(task: CellTask, conn, log_path: str) -> None:
-    """Entry point of the spawned process."""
+    """Entry point of the worker process."""
+    if task.env is not None:
+        os.environ.clear()
+        os.environ.update(task.env)
     # Backend libraries print progress bars and warnings; keep them in the
     # cell's log instead of on top of the runner's progress display.
     log = open(log_path, "a", buffering=1)
@@ -219,7 +225,9 @@ def measure_cell(task: CellTask, enter) -> dict[str, Any]:
     work = Workload(suite, load_tokenizer(model.path, model.trust_remote_code))
     calibration, calibration_hash = work.calibration() if backend.needs_calibration(config) else (None, None)
     notes: list[str] = []
-    if calibration:
+    if not task.latency_trial:
+        work.prepare()
+    if calibration and not task.latency_trial:
         overlap = work.calibration_overlap(calibration)
         if overlap > 0:
             notes.append(f"{overlap:.1%} of the calibration's 13-grams also occur in the evaluation data: "
@@ -273,7 +281,7 @@ def measure_cell(task: CellTask, enter) -> dict[str, Any]:
         scores = score_windows(session, windows, suite.perplexity.batch_size, reference=reference,
                                top_k=suite.fidelity.top_k if task.is_baseline else 0)
         token_lp = scores.tensor("token_logprobs")
-        n_bytes, n_words = work.scored_text_stats()
+        n_bytes, n_words = work.scored_text_stats
         metrics.update(perplexity_metrics(token_lp, n_bytes, n_words))
         if task.is_baseline:
             ref = reference_from(scores)
@@ -302,7 +310,7 @@ def measure_cell(task: CellTask, enter) -> dict[str, Any]:
     if suite.generation:
         phase("generation")
         outputs = [session.generate(p, suite.generation.max_new_tokens, lambda: None)[0].tolist()
-                   for p in work.generation_prompts()]
+                   for p in work.generation_prompts]
         if task.is_baseline:
             _write_atomic(refs["generation"], lambda p: p.write_text(json.dumps(outputs)))
         elif refs["generation"].is_file():

@@ -48,6 +48,16 @@ class Workload:
         spec = self.suite.perplexity
         return make_windows(self.stream, spec.max_length, spec.stride, self.suite.bos, self.bos_id)
 
+    def prepare(self) -> None:
+        """Tokenize everything the quality phases use, up front: tokenizing is
+        preparation, not time the harness adds around backend calls."""
+        if self.suite.perplexity:
+            _ = self.perplexity_windows, self.scored_text_stats
+        _ = self.tasks
+        if self.suite.generation:
+            _ = self.generation_prompts
+
+    @cached_property
     def scored_text_stats(self) -> tuple[int, int]:
         """(bytes, words) of the text of exactly the scored tokens."""
         stream = self.stream
@@ -67,6 +77,7 @@ class Workload:
             out.append((task.name, items, request_windows(self.tokenizer, items, bos[0] if bos else None)))
         return out
 
+    @cached_property
     def generation_prompts(self) -> list[torch.Tensor]:
         bos = self._bos_prefix()
         return [torch.tensor([bos + self.tokenizer(p, add_special_tokens=False)["input_ids"]])
@@ -109,7 +120,7 @@ class Workload:
             for window in windows:
                 evaluation |= grams(window.input_ids)
         if self.suite.generation:
-            for prompt in self.generation_prompts():
+            for prompt in self.generation_prompts:
                 evaluation |= grams(prompt[0].tolist())
         calibration = [g for sample in samples for g in grams(sample)]
         return sum(g in evaluation for g in calibration) / len(calibration) if calibration else 0.0
