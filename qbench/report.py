@@ -105,7 +105,13 @@ def delta_rows(records: list[dict]) -> tuple[tuple, list[tuple]]:
         w, w_b = _value(r, "weight_bytes"), _value(base, "weight_bytes")
         cells.append(f"{w / w_b:.2f}×" if w and w_b else "-")
         t, t_b = _value(r, "decode_tokens_per_s"), _value(base, "decode_tokens_per_s")
-        cells.append(f"{t / t_b:.2f}×" if t and t_b else "-")
+        if t and t_b:
+            # Relative errors add in quadrature; shown when both rows had trials.
+            se_t, se_b = _stderr(r, "decode_tokens_per_s"), _stderr(base, "decode_tokens_per_s")
+            spread = f" ± {t / t_b * math.hypot(se_t / t, se_b / t_b):.2f}" if se_t and se_b else ""
+            cells.append(f"{t / t_b:.2f}×{spread}")
+        else:
+            cells.append("-")
         rows.append(tuple(cells))
     return headers, rows
 
@@ -148,12 +154,13 @@ def plots(records: list[dict]) -> list[tuple[str, str, bytes]]:
     if speed:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for r in speed:
-            ax.plot(quality(r), _value(r, "decode_tokens_per_s"), "o")
+            ax.errorbar(quality(r), _value(r, "decode_tokens_per_s"), yerr=_stderr(r, "decode_tokens_per_s") or 0,
+                        fmt="o")
             ax.annotate(r["cell"], (quality(r), _value(r, "decode_tokens_per_s")), fontsize=7,
                         xytext=(4, 3), textcoords="offset points")
         ax.set_xscale("symlog", linthresh=1e-4)
         ax.set_xlabel("mean KLD to the baseline (symlog)")
-        ax.set_ylabel("decode tokens/s (median)")
+        ax.set_ylabel("decode tokens/s (bars: between-process SE)")
         ax.grid(alpha=0.3)
         out.append(("speed_vs_quality.png", "Decode speed against quality (up and left is better).", _png(fig)))
     tasks = sorted({t for r in ok for t in ((r.get("metrics") or {}).get("tasks") or {})})

@@ -193,3 +193,19 @@ def test_latency_trials_combine_into_a_geometric_mean_with_a_between_process_err
     assert len(record["notes"]) == 2 and "200% slower" in record["notes"][1]
     record = add_trial(record, trial(40.0))
     assert record["notes"] == ["other"] and record["metrics"]["decode_ms_per_token"]["value"] == 40.0
+
+
+def test_top1_agreement_without_a_full_argmax_matches_argmax_exactly():
+    from qbench.metrics.scoring import agrees_with_top1
+
+    generator = torch.Generator().manual_seed(0)
+    for scale in (0.1, 1.0, 4.0, 20.0):  # flat to peaked distributions: decided by the gathered values or not
+        logits = torch.randn(300, 1000, generator=generator) * scale
+        logits[:20, :5] = logits[:20, :1]  # ties with the top-1's own value
+        lp = logits.log_softmax(-1)
+        # The reference's top-k: of a perturbed distribution, so top-1s agree only partly.
+        ref_ids = (logits + torch.randn(300, 1000, generator=generator) * scale).topk(32, dim=-1).indices
+        lq = lp.gather(-1, ref_ids)
+        expected = lp.argmax(-1) == ref_ids[:, 0]
+        assert torch.equal(agrees_with_top1(lp, lq, ref_ids), expected)
+        assert 0 < expected.sum() < 300 or scale == 0.1
