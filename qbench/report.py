@@ -191,6 +191,9 @@ def blocks(plan: dict, records: list[dict], kld_budget: float) -> list[Block]:
     out += [Block("h2", text="Recommendation"), Block("list", items=tuple(recommendation(records, kld_budget)))]
     headers, rows = table_rows(records)
     out += [Block("h2", text="Comparison"), Block("table", headers=tuple(headers), rows=tuple(map(tuple, rows)))]
+    latency = latency_method(records)
+    if latency:
+        out.append(Block("p", text=latency))
     d_headers, d_rows = delta_rows(records)
     if d_rows:
         out += [Block("p", text="Against the baseline (paired standard error for perplexity; independent for "
@@ -211,6 +214,20 @@ def blocks(plan: dict, records: list[dict], kld_budget: float) -> list[Block]:
         out += [Block("img", text=name, png=png), Block("p", text=caption)]
     out += [Block("h2", text="Environment and provenance"), Block("list", items=tuple(provenance(plan, records)))]
     return out
+
+
+def latency_method(records: list[dict]) -> Optional[str]:
+    """How the latency columns were measured, from the records."""
+    work = next(((r.get("metrics") or {}).get("latency_workload") for r in records
+                 if r["status"] == "ok" and (r.get("metrics") or {}).get("latency_workload")), None)
+    if not work:
+        return None
+    trials = work.get("trials", 1)
+    how = (f"in {trials} worker processes per row: geometric mean of the processes' medians ± its standard error "
+           f"(speed differs more between processes than between repetitions)" if trials > 1 else
+           "in one worker process per row: no error bar covers the process-to-process variation")
+    return (f"Latency: a {work['prompt_tokens']}-token prompt, {work['new_tokens']} greedy new tokens (EOS ignored), "
+            f"batch {work['batch_size']}, {work['warmup']} warm-up run(s), measured {how}.")
 
 
 def kernel_rows(records: list[dict]) -> list[tuple]:
@@ -243,10 +260,14 @@ def provenance(plan: dict, records: list[dict]) -> list[str]:
                  + f"; torch threads {env.get('torch_threads')}")
     items.append(f"software: Python {env.get('python')}, " + ", ".join(
         f"{k} {v}" for k, v in sorted((env.get("packages") or {}).items())))
-    shares = [_value(r, "harness_share") for r in records if _value(r, "harness_share") is not None]
+    shares = [(r["metrics"]["harness_share"], _value(r, "harness_share")) for r in records
+              if _value(r, "harness_share") is not None]
     if shares:
-        items.append(f"harness share of the measurement phases (time outside backend calls): "
-                     f"{100 * min(shares):.1f}–{100 * max(shares):.1f}% across cells")
+        outside = sum(m.get("seconds", 0.0) for m, _ in shares)
+        inside = sum(m.get("backend_seconds", 0.0) for m, _ in shares)
+        whole = f"{100 * outside / (outside + inside):.1f}% over the run, " if outside + inside else ""
+        items.append(f"harness share of the measurement phases (time outside backend calls): {whole}"
+                     f"{100 * min(v for _, v in shares):.1f}–{100 * max(v for _, v in shares):.1f}% across cells")
     items.append(f"qbench git commit: {env.get('git_commit')}")
     return items
 

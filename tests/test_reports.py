@@ -175,6 +175,10 @@ def test_run_writes_markdown_and_self_contained_html(finished_run):
     assert "| fake:uniform |" in md and "![quality_vs_memory.png](report_files/quality_vs_memory.png)" in md
     # How each row ran: the kernel and compute dtype the session reported.
     assert "| fp:bf16 | transformers (PyTorch) | bfloat16 |" in md
+    # The tiny suite times latency in one process per row, and says what that leaves out.
+    assert "Latency: a 16-token prompt, 4 greedy new tokens (EOS ignored), batch 1" in md
+    assert "in one worker process per row: no error bar covers" in md
+    assert re.search(r"time outside backend calls\): \d+\.\d% over the run, ", md)
     for name in ("quality_vs_memory.png", "speed_vs_quality.png", "task_accuracy.png"):
         assert (run_dir / "report_files" / name).read_bytes().startswith(b"\x89PNG")
     page = (run_dir / "report.html").read_text()
