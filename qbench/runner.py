@@ -178,6 +178,7 @@ def run_latency_trials(plan: RunPlan, run_dir: Path, store: ResultStore, reporte
     wanted = latency.trials if latency else 1
     written = []
     for trial in range(2, wanted + 1):
+        fresh_worker_server()
         cells = [c for c in plan.cells if (store.latest().get(c.cell) or {}).get("status") == "ok"
                  and trials_attempted(store.latest()[c.cell]) < trial]
         for index, cell in enumerate(cells, 1):
@@ -286,6 +287,20 @@ def worker_context():
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["qbench.preload"])
     return ctx
+
+
+def fresh_worker_server() -> None:
+    """Stop the fork server so that the next worker starts a new one: a
+    fresh process with its own address-space layout. Workers forked from one
+    server share its layout, and latency follows it (measured: torchao int4
+    at 39-45 ms/token in every trial of one run, 52-61 in another), so each
+    round of latency trials gets its own server and a cell's trials are as
+    independent as separately started processes."""
+    from multiprocessing import forkserver
+
+    stop = getattr(forkserver._forkserver, "_stop", None)  # private, in CPython since 3.8
+    if stop is not None:
+        stop()
 
 
 def _stop(proc) -> None:
