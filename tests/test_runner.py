@@ -1,6 +1,7 @@
 """Isolation, failure records, resume after SIGKILL, and the Python API."""
 
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -144,3 +145,7 @@ def test_latency_trials_run_in_fresh_workers_after_every_cell(tiny_model, tiny_s
     assert "scripted failure in a second load" in flaky["latency_trial_errors"][0]
     assert "stderr" not in flaky["metrics"]["decode_ms_per_token"]
     assert execute(plan, run_dir) == []  # resuming finds nothing left to do
+    # Each round's workers come from a fresh fork server: a cell's trials never share one.
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        parents = [line.split()[1] for line in (tmp_path / "loads").read_text().splitlines()]
+        assert len(parents) == 3 and len(set(parents)) == 3

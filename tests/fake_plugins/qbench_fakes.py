@@ -63,6 +63,9 @@ class Fake(Backend):
 
     def load(self, artifact, device):
         behaviour = artifact.config["behaviour"]
+        if os.environ.get("QBENCH_FAKE_MARKER_DIR"):  # which process started this worker (the fork server)
+            with open(os.path.join(os.environ["QBENCH_FAKE_MARKER_DIR"], "loads"), "a") as log:
+                log.write(f"{behaviour} {os.getppid()}\n")
         if behaviour == "raise":
             raise RuntimeError("scripted failure in load")
         if behaviour == "exit":
