@@ -1,5 +1,6 @@
 """Plan a run (model x suite x backend variants) and execute each cell in its
-own spawned worker process, appending a record as soon as each cell ends."""
+own worker process, appending a record as soon as each cell ends; then the
+latency trials, each in a worker of its own."""
 
 from __future__ import annotations
 
@@ -179,13 +180,14 @@ def run_latency_trials(plan: RunPlan, run_dir: Path, store: ResultStore, reporte
     written = []
     for trial in range(2, wanted + 1):
         fresh_worker_server()
-        cells = [c for c in plan.cells if (store.latest().get(c.cell) or {}).get("status") == "ok"
-                 and trials_attempted(store.latest()[c.cell]) < trial]
+        latest = store.latest()  # read once per round; this round writes each cell's record once
+        cells = [c for c in plan.cells if (latest.get(c.cell) or {}).get("status") == "ok"
+                 and trials_attempted(latest[c.cell]) < trial]
         for index, cell in enumerate(cells, 1):
             label = f"{cell.cell} · latency trial {trial} of {wanted}"
             reporter.cell_started(label, index, len(cells))
-            outcome, started, log_path = _run_worker(plan, run_dir, cell, reporter, latency_trial=trial)
-            record = store.latest()[cell.cell]
+            outcome, started, _ = _run_worker(plan, run_dir, cell, reporter, latency_trial=trial)
+            record = latest[cell.cell]
             seconds = round(time.time() - started, 3)
             if outcome[0] == "result":
                 record = add_trial(record, outcome[1]["trial"])

@@ -70,7 +70,6 @@ def combine_trials(trials: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-
 #: Every note about a busy machine starts so: they are rewritten when a
 #: trial is added.
 BUSY_NOTE = "latency measured while the machine was busy"
