@@ -52,6 +52,7 @@ def main() -> None:
     print(f"model {spec.name}, suite {suite.name}: {len(windows)} windows, {tokens} tokens, batch {batch}, "
           f"threads {torch.get_num_threads()}, device {args.device}")
 
+    reference = None
     for label, kwargs in (("baseline pass (keeps top-k reference)", {"top_k": suite.fidelity.top_k}),
                           ("candidate pass (KLD against the reference)", None)):
         if kwargs is None:
@@ -79,19 +80,19 @@ def run_share(run, model_fingerprint: str, suite_hash: str) -> None:
     else:
         folders = sorted((p.parent for p in results_dir().glob("*/results.jsonl")), key=lambda p: p.stat().st_mtime)
     for folder in reversed(folders):
-        records = [r for r in ResultStore(folder).latest().values() if r["status"] == "ok"]
-        if run or (records and all(r["model"]["fingerprint"] == model_fingerprint
-                                   and r["suite"]["hash"] == suite_hash for r in records)):
+        records = [r for r in ResultStore(folder).latest().values() if r.ok]
+        if run or (records and all(r.model.fingerprint == model_fingerprint
+                                   and r.suite.hash == suite_hash for r in records)):
             break
     else:
         print("whole run: no finished run of this model and suite under the results folder (run `make run`)")
         return
-    harness = sum(r["metrics"]["harness_share"]["seconds"] for r in records)
-    backend = sum(r["metrics"]["harness_share"]["backend_seconds"] for r in records)
-    worst = max(records, key=lambda r: r["metrics"]["harness_share"]["value"])
+    harness = sum(r.metrics["harness_share"].get("seconds") for r in records)
+    backend = sum(r.metrics["harness_share"].get("backend_seconds") for r in records)
+    worst = max(records, key=lambda r: r.value("harness_share"))
     print(f"whole run {folder.name} ({len(records)} cells): harness {harness:.1f} s of {harness + backend:.0f} s "
-          f"in measurement phases = {100 * harness / (harness + backend):.1f}%; highest cell {worst['cell']} "
-          f"{100 * worst['metrics']['harness_share']['value']:.1f}%")
+          f"in measurement phases = {100 * harness / (harness + backend):.1f}%; highest cell {worst.cell} "
+          f"{100 * worst.value('harness_share'):.1f}%")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Optional
@@ -15,8 +16,8 @@ from qbench.paths import results_dir
 from qbench.plugins import PluginSettings, load_plugins
 from qbench.results import ResultStore, find_run, frame
 from qbench.results import load_results as load_results  # re-exported
-from qbench.runner import (DEFAULT_BASELINE, DEFAULT_CELL_TIMEOUT, RunPlan, Reporter, SilentReporter, execute,
-                           load_plan, new_run_id, plan_cells, save_plan)
+from qbench.runner import (DEFAULT_BASELINE, DEFAULT_CELL_TIMEOUT, RunPlan, Reporter, SilentReporter, check_run_id,
+                           check_writable, execute, load_plan, new_run_id, plan_cells, save_plan)
 from qbench.suites import load_suite, suite_path
 
 
@@ -32,36 +33,69 @@ def create_run(
     output_dir: Optional[str] = None,
     trust_remote_code: bool = False,
     run_id: Optional[str] = None,
+    allow_outside_data: bool = False,
 ) -> tuple[RunPlan, Path]:
     """Validate everything that can be validated before any cell runs, and
     write the plan. Bad input fails here, with nothing measured yet."""
+    check_options(threads, cell_timeout)
+    if run_id is not None:
+        check_run_id(run_id)
     device = resolve_device(device)
     settings = PluginSettings.from_env(plugin_dirs)
     loaded = load_plugins(settings)
     suite_file = suite_path(suite)
-    suite_obj = load_suite(str(suite_file))
+    suite_obj = load_suite(str(suite_file), allow_outside_data=allow_outside_data)
     cells, skipped = plan_cells(loaded, list(backends or []), baseline, device)
     spec = resolve_model(model, trust_remote_code=trust_remote_code)
+    check_workload(suite_obj, spec.path, trust_remote_code)
+    root = Path(output_dir or results_dir())
+    check_writable(root, "results folder", "choose another with -o/--output-dir (or $QBENCH_RESULTS), or fix its "
+                   "permissions")
     run_id = run_id or new_run_id()
-    run_dir = Path(output_dir or results_dir()) / run_id
+    run_dir = root / run_id
     if run_dir.exists():
         raise QBenchError(f"run folder {run_dir} already exists: pick another --run-id or use --resume")
     plan = RunPlan(run_id=run_id, created=time.time(), model=spec, suite_path=str(suite_file.resolve()),
                    suite_name=suite_obj.name, suite_hash=suite_obj.content_hash(), device=device,
                    threads=threads, cell_timeout=cell_timeout, plugin_dirs=list(settings.plugin_dirs),
                    plugin_allow=list(settings.allow) if settings.allow is not None else None,
-                   plugin_block=list(settings.block), cells=cells, skipped=skipped)
+                   plugin_block=list(settings.block), cells=cells, skipped=skipped,
+                   allow_outside_data=allow_outside_data, suite_files=suite_obj.data_hashes())
     save_plan(plan, run_dir)
     return plan, run_dir
 
 
-def resume_run(run: str, retry_failed: bool = False) -> tuple[RunPlan, Path]:
-    run_dir = find_run(run)
+def check_options(threads: Optional[int], cell_timeout: float) -> None:
+    """Numbers that would otherwise be taken silently (threads 0 meant
+    torch's default) or saved into a plan that can no longer be loaded
+    (a NaN timeout)."""
+    if threads is not None and threads < 1:
+        raise QBenchError(f"--threads must be at least 1, got {threads} (leave it out for torch's default)")
+    if not isinstance(cell_timeout, (int, float)) or not math.isfinite(cell_timeout) or cell_timeout <= 0:
+        raise QBenchError(f"--cell-timeout must be a positive number of seconds, got {cell_timeout}")
+
+
+def check_workload(suite, model_path: str, trust_remote_code: bool) -> None:
+    """Tokenize the suite with the run's tokenizer and check it against the
+    model before any cell runs (see Workload.check)."""
+    from qbench.workload import Workload, load_tokenizer, max_positions
+
+    work = Workload(suite, load_tokenizer(model_path, trust_remote_code))
+    work.check(max_positions(model_path))
+
+
+def resume_run(run: str, output_dir: Optional[str] = None) -> tuple[RunPlan, Path]:
+    """The plan and folder of an interrupted run (an id under ``output_dir``
+    or the results folder, or a run folder's path), checked against today's
+    suite and machine."""
+    run_dir = find_run(run, output_dir)
     plan = load_plan(run_dir)
-    current = load_suite(plan.suite_path).content_hash()
+    current = load_suite(plan.suite_path, allow_outside_data=plan.allow_outside_data).content_hash()
     if current != plan.suite_hash:
         raise QBenchError(f"suite {plan.suite_path} changed since run {plan.run_id} started "
                           f"(hash {current} != {plan.suite_hash}): start a new run")
+    if plan.device == "cuda":
+        resolve_device("cuda")  # its cells were planned for a GPU: refuse to resume without one
     return plan, run_dir
 
 

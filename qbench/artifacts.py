@@ -4,6 +4,11 @@ An entry is keyed by everything that changes its bytes: model fingerprint,
 backend, backend version, variant settings and calibration-data hash. It is a
 folder holding the backend's files and ``artifact.json``, written last, so a
 killed quantization never leaves an entry that looks complete.
+
+``artifact.json`` lists every file with its size and sha256, and a cache hit
+checks them all before the entry is used: a file copied in from another
+variant, truncated or added by hand makes the cell fail with the ``rm -r``
+that fixes it, instead of producing a row for the wrong variant.
 """
 
 from __future__ import annotations
@@ -19,7 +24,53 @@ from pydantic import ValidationError
 
 from qbench.backend import Artifact, Backend, VariantConfig
 from qbench.errors import QBenchError
+from qbench.io import write_atomic
 from qbench.paths import cache_dir, file_lock
+
+
+#: Version of the entry layout: 2 added per-file checksums (entries of 1 are
+#: not found under the new keys and get rebuilt, never used unchecked).
+CACHE_FORMAT = 2
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def digest_files(folder: Path) -> dict[str, tuple[int, str]]:
+    """Every file under ``folder``: relative path -> (size, sha256)."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, file_digest(p))
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def verify_entry(entry: Path, artifact: Artifact) -> None:
+    """Check the entry's files against the sizes and sha256 recorded when it
+    was built; a one-line error with the fix when anything differs."""
+    fix = f"delete it (rm -r '{entry}') and run again to re-quantize"
+    folder = entry / "files"
+    found = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()} if folder.is_dir() else set()
+    problem = None
+    missing = sorted(set(artifact.files) - found)
+    extra = sorted(found - set(artifact.files))
+    if missing:
+        problem = f"{missing[0]} is missing"
+    elif extra:
+        problem = f"{extra[0]} was not part of the entry when it was built"
+    else:
+        for name, (size, sha) in artifact.files.items():
+            path = folder / name
+            if path.stat().st_size != size:
+                problem = f"{name} has {path.stat().st_size} bytes, {size} were written"
+            elif file_digest(path) != sha:
+                problem = f"{name} differs from what was written (sha256)"
+            if problem:
+                break
+    if problem:
+        raise QBenchError(f"artifact cache entry {entry} does not match its checksums ({problem}): {fix}")
 
 
 def artifact_key(model_fingerprint: str, backend: Backend, config: VariantConfig,
@@ -32,6 +83,7 @@ def artifact_key(model_fingerprint: str, backend: Backend, config: VariantConfig
         "config": config.cache_settings(),
         "calibration": calibration_hash,
         "inputs": backend.cache_inputs(config),
+        "cache_format": CACHE_FORMAT,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -59,17 +111,14 @@ def obtain_artifact(
                     f"corrupt artifact cache entry {entry} (unreadable artifact.json): delete that folder "
                     f"(rm -r '{entry}') and run again to re-quantize"
                 ) from None
-            missing = [p for p in artifact.meta.get("files", []) if not (entry / "files" / p).exists()]
-            if missing:
-                raise QBenchError(
-                    f"corrupt artifact cache entry {entry} (missing {missing[0]}): delete that folder "
-                    f"(rm -r '{entry}') and run again to re-quantize"
-                )
+            started = time.perf_counter()
+            verify_entry(entry, artifact)
+            verified = time.perf_counter() - started
             # Same content, maybe elsewhere now: the key is the model's
             # fingerprint, not its path, and the cache folder may have moved.
             # Load-only settings may differ from the build's: take the current ones.
             return artifact.model_copy(update={"model_path": model_path, "path": str(entry / "files"),
-                                               "config": config.settings()}), True, key
+                                               "config": config.settings(), "verify_seconds": verified}), True, key
         if entry.exists():  # leftovers of a killed quantization
             shutil.rmtree(entry)
         workdir = entry / "files"
@@ -82,13 +131,10 @@ def obtain_artifact(
             shutil.rmtree(entry, ignore_errors=True)
             raise
         seconds = time.perf_counter() - started
-        meta = dict(meta or {})
-        meta["files"] = sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*") if p.is_file())
         artifact = Artifact(backend=backend.name, variant=variant, config=config.settings(), path=str(workdir),
-                            model_path=model_path, meta=meta, quantize_seconds=seconds)
-        tmp = entry / "artifact.json.tmp"
-        tmp.write_text(artifact.model_dump_json(indent=1))
-        tmp.replace(record)
+                            model_path=model_path, meta=dict(meta or {}), quantize_seconds=seconds,
+                            files=digest_files(workdir))
+        write_atomic(record, artifact.model_dump_json(indent=1))
         return artifact, False, key
 
 

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Callable, ClassVar, Optional
 import torch
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 
-from qbench.errors import QBenchError
+from qbench.errors import QBenchError, describe_validation
 
 
 class VariantConfig(BaseModel):
@@ -83,6 +83,11 @@ class Artifact(BaseModel):
     quantize_seconds: float = 0.0
     #: the user's --trust-remote-code, for backends that load with transformers
     trust_remote_code: bool = False
+    #: every file the backend wrote: relative path -> (size, sha256), checked
+    #: before a cached entry is used
+    files: dict[str, tuple[int, str]] = {}
+    #: seconds the check of ``files`` took on this load (cache hits only)
+    verify_seconds: Optional[float] = None
 
 
 class Session(abc.ABC):
@@ -207,12 +212,8 @@ class Backend(abc.ABC):
         try:
             config = self.config_class(**settings)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            field = ".".join(str(p) for p in first["loc"])
-            where = f"field '{field}': " if field else ""
-            message = first["msg"].removeprefix("Value error, ")
             raise QBenchError(
-                f"invalid variant '{spec}' for backend '{self.name}': {where}{message} "
+                f"invalid variant '{spec}' for backend '{self.name}': {describe_validation(exc)} "
                 f"(see `qbench backends` for the settings)"
             ) from None
         return spec, config

@@ -7,10 +7,11 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from qbench.errors import QBenchError
@@ -30,36 +31,45 @@ class RichReporter:
 
     def cell_started(self, cell: str, index: int, total: int) -> None:
         self.started = time.monotonic()
-        self.label = f"[{index}/{total}] {cell}"
+        self.label = escape(f"[{index}/{total}] {cell}")  # cell names and errors are user text: never markup
         self.status = console.status(f"{self.label} · starting worker")
         self.status.start()
 
     def phase(self, cell: str, name: str) -> None:
         elapsed = time.monotonic() - self.started
-        self.status.update(f"{self.label} · {name} · {elapsed:.0f}s into the cell")
+        self.status.update(f"{self.label} · {escape(name)} · {elapsed:.0f}s into the cell")
 
-    def cell_finished(self, cell: str, record: dict[str, Any]) -> None:
+    def cell_finished(self, cell: str, status: str, seconds: float, error: Optional[str]) -> None:
         self.status.stop()
-        took = record.get("wall_seconds", 0)
-        if record["status"] == "ok":
-            console.print(f"[green]✓[/] {self.label} finished in {took:.0f}s")
+        if status == "ok":
+            console.print(f"[green]✓[/] {self.label} finished in {seconds:.0f}s")
         else:
-            console.print(f"[red]✗[/] {self.label} failed after {took:.0f}s: {record['error']}")
+            console.print(f"[red]✗[/] {self.label} failed after {seconds:.0f}s: {escape(error or '?')}")
+
+    def warn(self, message: str) -> None:
+        console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False)
 
 
-def print_table(records: list[dict[str, Any]], title: str) -> None:
+def print_table(records, title: str) -> None:
     from qbench.table import table_rows
 
     headers, rows = table_rows(records)
-    table = Table(title=title, show_lines=False)
+    table = Table(title=escape(title), show_lines=False)
     for i, h in enumerate(headers):
         table.add_column(h, justify="left" if i < 2 else "right", overflow="fold")
     for row in rows:
-        table.add_row(*row, style="red" if row[1].startswith("FAILED") else None)
+        table.add_row(*map(escape, row), style="red" if row[1].startswith("FAILED") else None)
     out.print(table)
     for record in records:
-        for note in record.get("notes", []):
-            out.print(f"[yellow]note[/] {record['cell']}: {note}", highlight=False)
+        for note in record.notes:
+            out.print(f"[yellow]note[/] {escape(record.cell)}: {escape(note)}", highlight=False)
+
+
+def _finite(ctx, param, value):
+    """Click's FloatRange lets NaN through (every comparison with NaN is false)."""
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number")
+    return value
 
 
 @click.group()
@@ -77,8 +87,9 @@ def cli() -> None:
                    "repeated. Default: every variant available here.")
 @click.option("--baseline", default="fp:fp32", show_default=True, help="The reference cell, run first.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--threads", type=int, default=None, help="torch threads per worker (default: torch's).")
-@click.option("--cell-timeout", type=float, default=3600, show_default=True, help="Seconds before a cell is killed.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads per worker (default: torch's).")
+@click.option("--cell-timeout", type=click.FloatRange(min=0, min_open=True), default=3600, show_default=True,
+              callback=_finite, help="Seconds before a cell is killed.")
 @click.option("--plugins-dir", multiple=True, type=click.Path(file_okay=False),
               help="Folder of one-off plugin .py files (also $QBENCH_PLUGINS_DIR).")
 @click.option("--output-dir", "-o", default=None, help="Where run folders go (default: results/ or $QBENCH_RESULTS).")
@@ -86,15 +97,23 @@ def cli() -> None:
 @click.option("--resume", "resume", default=None, metavar="RUN", help="Finish an interrupted run; skips finished cells.")
 @click.option("--retry-failed", is_flag=True, help="With --resume, run failed cells again too.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the hub (off by default).")
-def run(model, suite, backends, baseline, device, threads, cell_timeout, plugins_dir, output_dir, run_id,
-        resume, retry_failed, trust_remote_code) -> None:
+@click.option("--allow-outside-data", is_flag=True,
+              help="Let the suite read data files outside its own folder (off: a shared suite cannot read your files).")
+@click.pass_context
+def run(ctx, model, suite, backends, baseline, device, threads, cell_timeout, plugins_dir, output_dir, run_id,
+        resume, retry_failed, trust_remote_code, allow_outside_data) -> None:
     """Run a benchmark: every backend variant against the baseline."""
     from qbench.api import create_run, resume_run
     from qbench.results import ResultStore
-    from qbench.runner import execute, pending_cells
+    from qbench.runner import execute, pending_cells, preflight
 
     if resume:
-        plan, run_dir = resume_run(resume)
+        given = [f"--{name.replace('_', '-')}" for name in RUN_PLAN_OPTIONS
+                 if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT]
+        if given:
+            raise QBenchError(f"--resume continues run {resume} with the options it was planned with: drop "
+                              f"{', '.join(given)} (or start a new run with them)")
+        plan, run_dir = resume_run(resume, output_dir)
     else:
         if retry_failed:
             raise QBenchError("--retry-failed only makes sense with --resume RUN")
@@ -102,30 +121,38 @@ def run(model, suite, backends, baseline, device, threads, cell_timeout, plugins
             plan, run_dir = create_run(model=model, suite=suite, backends=list(backends), baseline=baseline,
                                        device=device, threads=threads, cell_timeout=cell_timeout,
                                        plugin_dirs=tuple(plugins_dir), output_dir=output_dir,
-                                       trust_remote_code=trust_remote_code, run_id=run_id)
+                                       trust_remote_code=trust_remote_code, run_id=run_id,
+                                       allow_outside_data=allow_outside_data)
     store = ResultStore(run_dir)
+    reporter = RichReporter()
+    preflight(run_dir, store, reporter)  # a torn tail or records saved aside change what is left to run
     todo = pending_cells(plan, store, retry_failed)
-    console.print(f"run [bold]{plan.run_id}[/] → {run_dir}  model {plan.model.name} ({plan.model.fingerprint}) "
-                  f"suite {plan.suite_name} ({plan.suite_hash}) device {plan.device}")
+    console.print(escape(f"run {plan.run_id} → {run_dir.resolve()}  model {plan.model.name} "
+                         f"({plan.model.fingerprint}) suite {plan.suite_name} ({plan.suite_hash}) device {plan.device}"))
     for cell, why in plan.skipped.items():
-        console.print(f"[yellow]skipped[/] {cell}: {why}")
+        console.print(f"[yellow]skipped[/] {escape(cell)}: {escape(why)}")
     if len(todo) < len(plan.cells):
         console.print(f"{len(plan.cells) - len(todo)} cell(s) already finished; running {len(todo)}")
     _print_estimate(plan, run_dir, todo)
-    execute(plan, run_dir, RichReporter(), retry_failed=retry_failed)
+    execute(plan, run_dir, reporter, retry_failed=retry_failed)
     records = list(store.latest().values())
     print_table(records, f"qbench run {plan.run_id}")
-    console.print(f"results: {store.path}")
-    if any(r["status"] == "ok" for r in records):
+    console.print(f"results: {escape(str(store.path.resolve()))}")
+    if any(r.ok for r in records):
         from qbench.report import write_report
 
         md, page = write_report(run_dir)
-        console.print(f"report: {md} and {page}")
-    failed = [r for r in records if r["status"] != "ok"]
+        console.print(escape(f"report: {md} and {page}"))
+    failed = [r for r in records if not r.ok]
     if failed:
         console.print(f"[red]{len(failed)} cell(s) failed[/]; finished cells are kept. "
-                      f"Rerun them with: qbench run --resume {plan.run_id} --retry-failed")
+                      f"Rerun them with: qbench run --resume {escape(plan.run_id)} --retry-failed")
         sys.exit(1)
+
+
+#: Options a resumed run takes from its plan, never from the command line.
+RUN_PLAN_OPTIONS = ("model", "suite", "backends", "baseline", "device", "threads", "cell_timeout", "plugins_dir",
+                    "run_id", "trust_remote_code", "allow_outside_data")
 
 
 @cli.command()
@@ -160,9 +187,10 @@ def backends(as_json, device, plugins_dir) -> None:
         table.add_column(column, overflow="fold")
     for e in entries:
         for v in e["variants"]:
-            here = "[green]yes[/]" if v["available"] else f"[red]no[/]: {v['reason']}"
+            here = "[green]yes[/]" if v["available"] else f"[red]no[/]: {escape(v['reason'])}"
             settings = ", ".join(f"{k}={val}" for k, val in v["settings"].items())
-            table.add_row(e["backend"], v["name"], here, settings, e["version"] or "-", e["plugin"])
+            table.add_row(escape(e["backend"]), escape(v["name"]), here, escape(settings), escape(e["version"] or "-"),
+                          escape(e["plugin"]))
     out.print(table)
 
 
@@ -181,21 +209,23 @@ def show(run_id, as_json, markdown) -> None:
     records = list(ResultStore(run_dir).latest().values())
     if as_json:
         for r in records:
-            click.echo(json.dumps(r))
+            click.echo(r.to_json())
         return
     if markdown:
         click.echo(markdown_table(records))
         return
     print_table(records, f"qbench run {plan.run_id}: {plan.model.name} on suite {plan.suite_name}")
-    unfinished = [c.cell for c in plan.cells if c.cell not in {r["cell"] for r in records}]
+    unfinished = [c.cell for c in plan.cells if c.cell not in {r.cell for r in records}]
     if unfinished:
-        console.print(f"[yellow]not run yet[/]: {', '.join(unfinished)} (qbench run --resume {plan.run_id})")
+        console.print(f"[yellow]not run yet[/]: {escape(', '.join(unfinished))} "
+                      f"(qbench run --resume {escape(plan.run_id)})")
 
 
 def _print_estimate(plan, run_dir: Path, todo) -> None:
     from qbench.estimate import estimate, past_durations
 
-    history = past_durations(run_dir.parent, plan.model.fingerprint, plan.suite_hash, plan.device)
+    history = past_durations(run_dir.parent, plan.model.fingerprint, plan.suite_hash, plan.device,
+                             warn=RichReporter().warn)
     seconds, unknown = estimate([c.cell for c in todo], history)
     if seconds is None:
         console.print(f"time estimate: none yet ({len(todo)} cell(s), no earlier run of this model, suite and "
@@ -207,7 +237,7 @@ def _print_estimate(plan, run_dir: Path, todo) -> None:
 
 @cli.command()
 @click.argument("run_id")
-@click.option("--kld-budget", type=float, default=0.02, show_default=True,
+@click.option("--kld-budget", type=click.FloatRange(min=0), default=0.02, show_default=True, callback=_finite,
               help="Quality budget of the recommendation: the largest acceptable mean KLD.")
 def report(run_id, kld_budget) -> None:
     """Write report.md and a self-contained report.html into the run folder."""
@@ -215,38 +245,52 @@ def report(run_id, kld_budget) -> None:
     from qbench.results import find_run
 
     md, page = write_report(find_run(run_id), kld_budget)
-    console.print(f"wrote {md} and {page}")
+    console.print(escape(f"wrote {md} and {page}"))
 
 
 @cli.command()
 @click.argument("run_a")
 @click.argument("run_b")
 @click.option("--markdown", is_flag=True, help="Print a markdown table.")
-def compare(run_a, run_b, markdown) -> None:
+@click.option("--allow-suite-change", is_flag=True,
+              help="Compare runs of different suites anyway (their quality figures measure different things).")
+def compare(run_a, run_b, markdown, allow_suite_change) -> None:
     """The same cells in two runs: which figures changed beyond their error bars.
 
     Exits 1 when something did."""
     from qbench.compare import ALPHA, compare_records, latency_spread, pooled_trial_spread, unmatched
     from qbench.results import ResultStore, find_run
+    from qbench.runner import load_plan
     from qbench.table import markdown_rows
 
-    a = ResultStore(find_run(run_a)).latest()
-    b = ResultStore(find_run(run_b)).latest()
+    dir_a, dir_b = find_run(run_a), find_run(run_b)
+    plan_a, plan_b = load_plan(dir_a), load_plan(dir_b)
+    if plan_a.suite_hash != plan_b.suite_hash:
+        what = (f"suite '{plan_a.suite_name}' ({plan_a.suite_hash}) vs '{plan_b.suite_name}' ({plan_b.suite_hash})")
+        if not allow_suite_change:
+            raise QBenchError(f"runs {run_a} and {run_b} used different suites ({what}): their accuracy and "
+                              "perplexity measure different data; pass --allow-suite-change to compare anyway")
+        RichReporter().warn(f"different suites ({what}): quality figures are not comparable")
+    if plan_a.model.fingerprint != plan_b.model.fingerprint:
+        RichReporter().warn(f"different models ({plan_a.model.name} {plan_a.model.fingerprint} vs "
+                            f"{plan_b.model.name} {plan_b.model.fingerprint}): changes include the model's")
+    a = ResultStore(dir_a).latest()
+    b = ResultStore(dir_b).latest()
     headers, rows, flagged = compare_records(a, b)
     if not rows:
         raise QBenchError(f"runs {run_a} and {run_b} share no finished cells to compare")
     if markdown:
         click.echo("\n".join(markdown_rows(headers, rows)))
     else:
-        table = Table(title=f"{run_a} (A) vs {run_b} (B): changes flagged at a family-wise error rate of "
-                            f"{ALPHA:.0%} (Holm)")
+        table = Table(title=escape(f"{run_a} (A) vs {run_b} (B): changes flagged at a family-wise error rate of "
+                                   f"{ALPHA:.0%} (Holm)"))
         for h in headers:
             table.add_column(h)
         for row in rows:
-            table.add_row(*row, style="red" if row[-1] == "YES" else None)
+            table.add_row(*map(escape, row), style="red" if row[-1] == "YES" else None)
         out.print(table)
     for line in unmatched(a, b):
-        console.print(f"[yellow]not compared[/]: {line}")
+        console.print(f"[yellow]not compared[/]: {escape(line)}")
     for label, records in (("A", a), ("B", b)):
         spread = pooled_trial_spread(records, "decode_ms_per_token")
         if spread is not None:
@@ -273,12 +317,17 @@ def export(run_id, csv_path, parquet_path) -> None:
     df = tidy(ResultStore(run_dir).latest().values())
     if not csv_path and not parquet_path:
         csv_path, parquet_path = run_dir / "results.csv", run_dir / "results.parquet"
-    if csv_path:
-        df.to_csv(csv_path, index=False)
-        console.print(f"wrote {csv_path} ({len(df)} rows)")
-    if parquet_path:
-        df.to_parquet(parquet_path, index=False)
-        console.print(f"wrote {parquet_path} ({len(df)} rows)")
+    for path, write in ((csv_path, df.to_csv), (parquet_path, df.to_parquet)):
+        if not path:
+            continue
+        path = Path(path)
+        if not path.parent.is_dir():
+            raise QBenchError(f"cannot write {path}: folder {path.parent} does not exist (create it first)")
+        try:
+            write(path, index=False)
+        except OSError as exc:
+            raise QBenchError(f"cannot write {path}: {exc.strerror or exc}") from None
+        console.print(escape(f"wrote {path} ({len(df)} rows)"))
 
 
 SUITE_COLUMNS = ("suite", "hash", "perplexity", "tasks (items)", "generation", "latency", "calibration", "about")
@@ -297,24 +346,29 @@ def suites(ctx, as_json) -> None:
     if as_json:
         click.echo(json.dumps([dict(zip(SUITE_COLUMNS, row)) for row in rows], indent=1))
         return
-    table = Table(title=f"suites in {SUITES_DIR}")
+    table = Table(title=escape(f"suites in {SUITES_DIR}"))
     for h in SUITE_COLUMNS:
         table.add_column(h, overflow="fold")
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*map(escape, row))
     out.print(table)
 
 
 @suites.command("validate")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
-def suites_validate(file) -> None:
-    """Check a suite file: schema, data files, task items. Exits 2 if invalid."""
+@click.option("--allow-outside-data", is_flag=True, help="Let the suite read data files outside its own folder.")
+def suites_validate(file, allow_outside_data) -> None:
+    """Check a suite file: schema, data files, corpora, task items. Exits 2 if invalid."""
+    from qbench.corpus import load_documents
     from qbench.suites import load_suite
 
-    suite = load_suite(file)
+    suite = load_suite(file, allow_outside_data=allow_outside_data)
     row = _suite_row(suite)
-    out.print(f"[green]valid[/]: {file}: suite '{suite.name}' (hash {row[1]}); perplexity {row[2]}; "
-                  f"tasks {row[3]}; generation {row[4]}; latency {row[5]}; calibration {row[6]}", highlight=False)
+    for section in (suite.perplexity, suite.calibration):
+        if section and not section.corpus.source.startswith("hf:"):  # hub corpora are checked when a run loads them
+            load_documents(section.corpus, suite)
+    out.print(escape(f"valid: {file}: suite '{suite.name}' (hash {row[1]}); perplexity {row[2]}; tasks {row[3]}; "
+                     f"generation {row[4]}; latency {row[5]}; calibration {row[6]}"), highlight=False)
 
 
 def _suite_row(suite) -> list[str]:
@@ -336,18 +390,38 @@ def _suite_row(suite) -> list[str]:
     ]
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
+    import os
+    import warnings
+
+    warnings.showwarning = _show_warning  # one line per warning, without the source line
     try:
         cli.main(args=argv, prog_name="qbench", standalone_mode=False)
     except QBenchError as exc:
-        console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except click.exceptions.Abort:
         console.print("aborted")
         sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
+    except click.UsageError as exc:  # one line, like every other error; the usage is one --help away
+        where = exc.ctx.command_path if exc.ctx else "qbench"
+        console.print(f"[red]error:[/] {escape(exc.format_message())} (see `{escape(where)} --help`)",
+                      highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        console.print(f"[red]error:[/] {escape(exc.format_message())}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # a bug, not bad input: still one line, the traceback on request
+        if os.environ.get("QBENCH_DEBUG"):
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        console.print(f"[red]error:[/] unexpected {type(exc).__name__}: {escape(first)} (a qbench bug: rerun with "
+                      "QBENCH_DEBUG=1 for the traceback and report it)", highlight=False, soft_wrap=True)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

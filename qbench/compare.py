@@ -32,9 +32,10 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import Any, Optional
+from typing import Optional
 
 from qbench.metrics.trials import log_spread
+from qbench.records import CellRecord
 
 ALPHA = 0.05
 QUALITY = ("perplexity", "kld", "same_top_p", "ln_ppl_ratio", "acc", "acc_norm")
@@ -45,73 +46,71 @@ LATENCY_FLOOR = 0.10
 MIN_SPREAD_FIGURES = 8
 
 
-def _repetitions(name: str, metrics: dict[str, Any]) -> list[float]:
+def _repetitions(name: str, record: CellRecord) -> list[float]:
     """One value per repetition of the latency workload: prefill samples
     already are; decode samples are split into repetitions of new_tokens - 1
     gaps, each summarised by its median."""
-    samples = metrics[name].get("samples") or []
+    samples = record.metrics[name].get("samples") or []
     if name != "decode_ms_per_token":
         return samples
-    gaps = (metrics.get("latency_workload") or {}).get("new_tokens", 0) - 1
+    gaps = (record.latency_workload or {}).get("new_tokens", 0) - 1
     if gaps < 1:
         return samples
     return [statistics.median(samples[i: i + gaps]) for i in range(0, len(samples), gaps)]
 
 
-def _trials(name: str, metrics: dict[str, Any]) -> list[float]:
-    return metrics[name].get("trials") or []
+def _trials(name: str, record: CellRecord) -> list[float]:
+    return record.metrics[name].get("trials") or []
 
 
-def pooled_trial_spread(records: dict[str, dict], name: str) -> Optional[float]:
+def pooled_trial_spread(records: dict[str, CellRecord], name: str) -> Optional[float]:
     """SD of log trial medians within cells, pooled over a run's cells
     (each weighted by its degrees of freedom), or None without two trials
     anywhere."""
     sum_sq, dof = 0.0, 0
     for record in records.values():
-        metrics = record.get("metrics") or {}
-        if record.get("status") != "ok" or not isinstance(metrics.get(name), dict) or _machine_busy(metrics):
+        if not record.ok or name not in record.metrics or _machine_busy(record):
             continue
-        trials = _trials(name, metrics)
+        trials = _trials(name, record)
         if len(trials) >= 2:
             sum_sq += (len(trials) - 1) * log_spread(trials) ** 2
             dof += len(trials) - 1
     return math.sqrt(sum_sq / dof) if dof else None
 
 
-def _latency_log_error(name: str, metrics: dict[str, Any], pooled: Optional[float]) -> tuple[Optional[float], bool]:
+def _latency_log_error(name: str, record: CellRecord, pooled: Optional[float]) -> tuple[Optional[float], bool]:
     """(standard error of log(value), whether it covers process-to-process
     variation)."""
-    trials = _trials(name, metrics)
+    trials = _trials(name, record)
     if len(trials) >= 2:
         return max(log_spread(trials), pooled or 0.0) / math.sqrt(len(trials)), True
-    reps = _repetitions(name, metrics)
+    reps = _repetitions(name, record)
     if len(reps) < 2:
         return None, False
-    return 1.2533 * statistics.stdev(reps) / math.sqrt(len(reps)) / metrics[name]["value"], False
+    return 1.2533 * statistics.stdev(reps) / math.sqrt(len(reps)) / record.metrics[name].value, False
 
 
-def _machine_busy(metrics: dict[str, Any]) -> Optional[str]:
-    canary = metrics.get("machine_canary_ms")
-    if isinstance(canary, dict) and canary.get("busy"):
-        return f"machine {canary['value'] / canary['typical'] - 1:.0%} slower than usual"
+def _machine_busy(record: CellRecord) -> Optional[str]:
+    canary = record.metrics.get("machine_canary_ms")
+    if canary is not None and canary.get("busy") and canary.get("typical"):
+        return f"machine {canary.value / canary.get('typical') - 1:.0%} slower than usual"
     return None
 
 
-def _shared(a: dict[str, dict], b: dict[str, dict]) -> list[str]:
-    return [c for c in a if c in b and a[c]["status"] == "ok" and b[c]["status"] == "ok"]
+def _shared(a: dict[str, CellRecord], b: dict[str, CellRecord]) -> list[str]:
+    return [c for c in a if c in b and a[c].ok and b[c].ok]
 
 
-def latency_spread(a: dict[str, dict], b: dict[str, dict]) -> Optional[tuple[float, float, int]]:
+def latency_spread(a: dict[str, CellRecord], b: dict[str, CellRecord]) -> Optional[tuple[float, float, int]]:
     """(robust SD of the log-ratios B/A of the latency figures both runs
     measured on a quiet machine, their median, how many), or None when too
     few figures to tell."""
     ratios = []
     for cell in _shared(a, b):
-        ma, mb = a[cell]["metrics"], b[cell]["metrics"]
-        if _machine_busy(ma) or _machine_busy(mb):
+        if _machine_busy(a[cell]) or _machine_busy(b[cell]):
             continue
         for name in LATENCY:
-            va, vb = (ma.get(name) or {}).get("value"), (mb.get(name) or {}).get("value")
+            va, vb = a[cell].value(name), b[cell].value(name)
             if va and vb and va > 0 and vb > 0:
                 ratios.append(math.log(vb / va))
     if len(ratios) < MIN_SPREAD_FIGURES:
@@ -137,15 +136,15 @@ def holm(p_values: list[float], alpha: float = ALPHA) -> list[bool]:
     return rejected
 
 
-def _z_score(name: str, ma: dict[str, Any], mb: dict[str, Any], pooled: dict[str, tuple],
+def _z_score(name: str, ra: CellRecord, rb: CellRecord, pooled: dict[str, tuple],
              spread: Optional[tuple]) -> Optional[float]:
     """Change over its combined standard error; None without an error."""
-    va, vb = ma[name]["value"], mb[name]["value"]
+    va, vb = ra.value(name), rb.value(name)
     if name in LATENCY:
         if va <= 0 or vb <= 0:
             return None
-        (sa, trials_a), (sb, trials_b) = (_latency_log_error(name, ma, pooled[name][0]),
-                                          _latency_log_error(name, mb, pooled[name][1]))
+        (sa, trials_a), (sb, trials_b) = (_latency_log_error(name, ra, pooled[name][0]),
+                                          _latency_log_error(name, rb, pooled[name][1]))
         if sa is None or sb is None:
             return None
         error = math.hypot(sa, sb)
@@ -153,7 +152,7 @@ def _z_score(name: str, ma: dict[str, Any], mb: dict[str, Any], pooled: dict[str
             error = max(error, spread[0])  # no between-process error in a run: the cross-cell spread stands in
         change = math.log(vb / va)
     else:
-        sa, sb = ma[name].get("stderr"), mb[name].get("stderr")
+        sa, sb = ra.stderr(name), rb.stderr(name)
         if sa is None or sb is None:
             return None
         error, change = math.hypot(sa, sb), vb - va
@@ -162,7 +161,7 @@ def _z_score(name: str, ma: dict[str, Any], mb: dict[str, Any], pooled: dict[str
     return change / error if error > 0 else math.copysign(math.inf, change)
 
 
-def compare_records(a: dict[str, dict], b: dict[str, dict]) -> tuple[list[str], list[list[str]], int]:
+def compare_records(a: dict[str, CellRecord], b: dict[str, CellRecord]) -> tuple[list[str], list[list[str]], int]:
     """(headers, rows, number of flagged changes) over the cells that finished
     in both runs."""
     headers = ["cell", "metric", "run A", "run B", "change", "z", "beyond noise?"]
@@ -171,22 +170,20 @@ def compare_records(a: dict[str, dict], b: dict[str, dict]) -> tuple[list[str], 
     rows: list[list[str]] = []
     tests: list[tuple[int, float, bool]] = []  # (row, p-value, large enough to matter)
     for cell in _shared(a, b):
-        ma, mb = a[cell]["metrics"], b[cell]["metrics"]
+        ra, rb = a[cell], b[cell]
         for name in QUALITY + LATENCY + MEMORY:
-            if not isinstance(ma.get(name), dict) or not isinstance(mb.get(name), dict):
-                continue
-            va, vb = ma[name]["value"], mb[name]["value"]
+            va, vb = ra.value(name), rb.value(name)
             if va is None or vb is None:
                 continue
             row = [cell, name, f"{va:.6g}", f"{vb:.6g}", f"{vb - va:+.4g}", "", ""]
             if name in MEMORY:
                 beyond = abs(vb - va) > MEMORY_TOLERANCE * abs(va)
                 row[-1] = "YES" if beyond else f"no (within {MEMORY_TOLERANCE:.0%})"
-            elif name in LATENCY and (_machine_busy(ma) or _machine_busy(mb)):
-                which, busy = ("A", _machine_busy(ma)) if _machine_busy(ma) else ("B", _machine_busy(mb))
+            elif name in LATENCY and (_machine_busy(ra) or _machine_busy(rb)):
+                which, busy = ("A", _machine_busy(ra)) if _machine_busy(ra) else ("B", _machine_busy(rb))
                 row[-1] = f"not judged ({busy} in run {which})"
             else:
-                z = _z_score(name, ma, mb, pooled, spread)
+                z = _z_score(name, ra, rb, pooled, spread)
                 if z is None:
                     continue
                 row[5] = f"{z:+.1f}"
@@ -205,9 +202,8 @@ def compare_records(a: dict[str, dict], b: dict[str, dict]) -> tuple[list[str], 
     return headers, rows, flagged
 
 
-def unmatched(a: dict[str, dict], b: dict[str, dict]) -> list[str]:
+def unmatched(a: dict[str, CellRecord], b: dict[str, CellRecord]) -> list[str]:
     only_a = [f"{c} (only in run A)" for c in a if c not in b]
     only_b = [f"{c} (only in run B)" for c in b if c not in a]
-    failed = [f"{c} (failed in at least one run)" for c in a
-              if c in b and (a[c]["status"] != "ok" or b[c]["status"] != "ok")]
+    failed = [f"{c} (failed in at least one run)" for c in a if c in b and not (a[c].ok and b[c].ok)]
     return only_a + only_b + failed

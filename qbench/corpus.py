@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
+from qbench.datafiles import read_text
 from qbench.errors import QBenchError
 from qbench.suites import CorpusSpec, Suite
 
@@ -51,20 +51,27 @@ def load_documents(spec: CorpusSpec, suite: Suite) -> list[str]:
         docs = _hub_documents(spec.source, spec.text_field)
     else:
         path = suite.resolve(spec.source)
+        text = read_text(path)
         if path.suffix == ".jsonl":
             docs = []
-            for lineno, line in enumerate(path.read_text().splitlines(), 1):
+            for lineno, line in enumerate(text.splitlines(), 1):
                 if not line.strip():
                     continue
                 try:
-                    docs.append(json.loads(line)[spec.text_field])
+                    doc = json.loads(line)[spec.text_field]
                 except (ValueError, KeyError, TypeError):
+                    doc = None
+                if not isinstance(doc, str):
                     raise QBenchError(
                         f"{path}:{lineno}: expected a JSON object with a '{spec.text_field}' string"
                     ) from None
+                if doc.strip():
+                    docs.append(doc)
         else:
             # A plain text file: blank-line separated paragraphs are documents.
-            docs = [d.strip() for d in path.read_text().split("\n\n") if d.strip()]
+            docs = [d.strip() for d in text.split("\n\n") if d.strip()]
+        if not docs:
+            raise QBenchError(f"corpus file {path} holds no text")
     lo, hi = spec.documents
     picked = docs[int(round(lo * len(docs))): int(round(hi * len(docs)))]
     if not picked:

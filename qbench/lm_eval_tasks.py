@@ -20,7 +20,9 @@ from typing import Any, Optional
 
 import yaml
 
+from qbench.datafiles import read_text
 from qbench.errors import QBenchError
+from qbench.metrics.choice import validate_item
 
 UNSUPPORTED = ("process_docs", "include", "doc_to_decontamination_query", "fewshot_config")
 
@@ -39,7 +41,7 @@ _Loader.add_constructor("!function", lambda loader, node: _FunctionTag(loader.co
 
 def read_config(path: Path) -> dict[str, Any]:
     try:
-        config = yaml.load(path.read_text(), Loader=_Loader)
+        config = yaml.load(read_text(path), Loader=_Loader)
     except yaml.YAMLError as exc:
         raise QBenchError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(config, dict):
@@ -78,10 +80,9 @@ def data_file(path: Path, config: dict[str, Any]) -> Path:
 
 
 def _docs(path: Path, kind: str) -> list[dict[str, Any]]:
+    text = read_text(path)
     if kind == "csv":
-        with path.open(newline="") as handle:
-            return list(csv.DictReader(handle))
-    text = path.read_text()
+        return list(csv.DictReader(text.splitlines()))
     try:
         if text.lstrip().startswith("["):
             return json.loads(text)
@@ -90,13 +91,46 @@ def _docs(path: Path, kind: str) -> list[dict[str, Any]]:
         raise QBenchError(f"{path}: not JSON lines ({exc.msg} at line {exc.lineno})") from None
 
 
+#: Longest string a template may build (``{{ 'x' * 10**9 }}`` must not fill memory).
+MAX_RENDERED = 1_000_000
+
+
+def template_environment():
+    """Task templates come from files other people share: they render in
+    jinja2's immutable sandbox, which refuses attribute access such as
+    ``__class__`` or ``__globals__`` (the way out to ``os.system``) and any
+    call that mutates; on top, ``**`` and string repetition are bounded so a
+    template cannot exhaust memory. A template can read the document's
+    fields and apply filters, nothing more."""
+    from jinja2 import StrictUndefined
+    from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+
+    class TaskTemplates(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset(["*", "**"])
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "**":
+                raise SecurityError("the power operator is not allowed in task templates")
+            if isinstance(left, (str, list)) or isinstance(right, (str, list)):
+                count = right if isinstance(left, (str, list)) else left
+                size = len(left if isinstance(left, (str, list)) else right)
+                if isinstance(count, int) and size * max(count, 0) > MAX_RENDERED:
+                    raise SecurityError(f"a repetition longer than {MAX_RENDERED:,} is not allowed")
+            return super().call_binop(context, operator, left, right)
+
+    return TaskTemplates(undefined=StrictUndefined, autoescape=False)
+
+
 def _render(spec: Any, doc: dict[str, Any], env) -> Any:
     """lm-eval's rule: a string naming a field of the doc reads that field;
     any other string is a Jinja template; lists and ints are literal."""
     if isinstance(spec, str):
         if spec in doc:
             return doc[spec]
-        return env.from_string(spec).render(**doc)
+        text = env.from_string(spec).render(**doc)
+        if len(text) > MAX_RENDERED:
+            raise ValueError(f"the template renders {len(text):,} characters (at most {MAX_RENDERED:,})")
+        return text
     return spec
 
 
@@ -105,29 +139,38 @@ def load_task(path: Path, limit: Optional[int]) -> list[dict[str, Any]]:
     front, as lm-eval joins them) and the gold index. ``norm_lengths`` keeps
     lm-eval's acc_norm denominator: the choice's length without delimiter."""
     import jinja2
+    from jinja2.sandbox import SecurityError
 
     config = read_config(path)
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined)
+    env = template_environment()
     delimiter = config.get("target_delimiter", " ")
     source = data_file(path, config)
     items = []
     for number, doc in enumerate(_docs(source, config["dataset_path"]), 1):
+        if not isinstance(doc, dict):
+            raise QBenchError(f"{path}: document {number} of {source.name} is not a JSON object")
+        field = "doc_to_text"
         try:
-            context = str(_render(config.get("doc_to_text", ""), doc, env))
+            context = _render(config.get("doc_to_text", ""), doc, env)
+            field = "doc_to_choice"
             choices = _render(config.get("doc_to_choice"), doc, env)
             if isinstance(choices, str):
                 choices = ast.literal_eval(choices)
-            choices = [str(c) for c in choices]
+            if not isinstance(choices, list):
+                raise ValueError(f"expected a list of choices, got {type(choices).__name__}")
+            field = "doc_to_target"
             target = _render(config.get("doc_to_target"), doc, env)
-            if isinstance(target, str):
-                target = int(target) if target.strip().lstrip("-").isdigit() else choices.index(target)
-            gold = int(target)
-        except (jinja2.TemplateError, ValueError, SyntaxError, TypeError, KeyError) as exc:
-            raise QBenchError(f"{path}: document {number} of {source.name}: {type(exc).__name__}: {exc}") from None
-        if len(choices) < 2 or not 0 <= gold < len(choices):
-            raise QBenchError(f"{path}: document {number}: needs 2+ choices and a target index among them")
-        items.append({"context": context, "choices": [delimiter + c for c in choices], "gold": gold,
-                      "norm_lengths": [len(c) for c in choices]})
+            if isinstance(target, str) and not target.strip().lstrip("-").isdigit():
+                target = [str(c) for c in choices].index(target)
+        except SecurityError as exc:
+            raise QBenchError(f"{path}: field '{field}': template refused by the sandbox ({exc}); task templates "
+                              "may only read the document's fields") from None
+        except (jinja2.TemplateError, ValueError, SyntaxError, TypeError, KeyError, MemoryError) as exc:
+            raise QBenchError(f"{path}: field '{field}', document {number} of {source.name}: "
+                              f"{type(exc).__name__}: {exc}") from None
+        where = f"{path}: document {number} of {source.name}"
+        items.append(validate_item({"context": str(context), "choices": [delimiter + str(c) for c in choices],
+                                    "gold": target, "norm_lengths": [len(str(c)) for c in choices]}, where))
         if limit and len(items) == limit:
             break
     if not items:

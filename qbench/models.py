@@ -38,8 +38,11 @@ def resolve_model(name: str, trust_remote_code: bool = False) -> ModelSpec:
         source = "embedded"
     elif Path(name).expanduser().exists():
         path = Path(name).expanduser().resolve()
-        if not (path / "config.json").is_file():
+        if not path.is_dir() or not (path / "config.json").is_file():
             raise QBenchError(f"model folder {path} has no config.json: pass a Hugging Face model folder")
+        if not any(p.suffix in WEIGHT_SUFFIXES for p in path.iterdir() if p.is_file()):
+            raise QBenchError(f"model folder {path} has no weight files ({', '.join(WEIGHT_SUFFIXES)}): pass a "
+                              "complete Hugging Face model folder")
         note, source = "", "local"
     elif name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise QBenchError(

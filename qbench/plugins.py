@@ -59,8 +59,6 @@ class LoadedPlugins:
 
 
 def _wanted(ep: importlib.metadata.EntryPoint, settings: PluginSettings) -> bool:
-    if ep.name in settings.block:
-        return False
     if settings.allow is None:
         return True
     own = ep.dist is not None and ep.dist.name == OWN_DISTRIBUTION
@@ -84,16 +82,20 @@ def load_plugins(settings: Optional[PluginSettings] = None) -> LoadedPlugins:
     pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
     pm.add_hookspecs(hookspecs)
 
+    for name in settings.block:
+        pm.set_blocked(name)  # pluggy then refuses to register it under that name
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        if not _wanted(ep, settings) or pm.has_plugin(ep.name):
+        if pm.is_blocked(ep.name) or not _wanted(ep, settings) or pm.has_plugin(ep.name):
             continue
         try:
             pm.register(ep.load(), name=ep.name)
-        except Exception as exc:  # a broken third-party plugin must not hide the cause
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # SystemExit too: a plugin must not end qbench with exit 0
             raise QBenchError(
-                f"plugin '{ep.name}' ({ep.value}) failed to load: {exc!r}; "
+                f"plugin '{ep.name}' ({ep.value}) failed to load: {_one_line(exc)}; "
                 f"fix or uninstall it, or skip it with QBENCH_BLOCK_PLUGINS={ep.name}"
-            ) from exc
+            ) from None
 
     for folder in settings.plugin_dirs:
         folder_path = Path(folder)
@@ -102,11 +104,12 @@ def load_plugins(settings: Optional[PluginSettings] = None) -> LoadedPlugins:
         for path in sorted(folder_path.glob("*.py")):
             try:
                 module = _load_file(path)
-            except QBenchError:
+                pm.register(module, name=f"file:{path}")
+            except (QBenchError, KeyboardInterrupt):
                 raise
-            except Exception as exc:
-                raise QBenchError(f"plugin file {path} failed to import: {exc!r}") from exc
-            pm.register(module, name=f"file:{path}")
+            except BaseException as exc:  # SystemExit too: a plugin must not end qbench with exit 0
+                raise QBenchError(f"plugin file {path} failed to import: {_one_line(exc)}; fix it or remove it from "
+                                  "the plugins folder") from None
 
     try:
         pm.check_pending()
@@ -130,8 +133,19 @@ def load_plugins(settings: Optional[PluginSettings] = None) -> LoadedPlugins:
             backends[backend.name] = backend
             origin[backend.name] = _plugin
 
-        impl.function(register=register)
+        try:
+            impl.function(register=register)
+        except (QBenchError, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            raise QBenchError(f"plugin '{impl.plugin_name}' failed in register_backends: {_one_line(exc)}; fix it "
+                              f"or block it with QBENCH_BLOCK_PLUGINS") from None
     return LoadedPlugins(pm=pm, backends=backends, origin=origin)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
 
 
 def _known_hooks() -> list[str]:

@@ -12,9 +12,14 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
+from qbench.errors import QBenchError
+from qbench.records import CellRecord
 from qbench.table import markdown_rows, table_rows
+
+if TYPE_CHECKING:
+    from qbench.runner import RunPlan
 
 MIB = 2**20
 #: Default quality budget of the recommendation: mean KLD to the baseline.
@@ -31,22 +36,20 @@ class Block:
     png: bytes = b""
 
 
-def _value(record: dict, name: str) -> Optional[float]:
-    m = (record.get("metrics") or {}).get(name)
-    return m.get("value") if isinstance(m, dict) else None
+def _value(record: CellRecord, name: str) -> Optional[float]:
+    return record.value(name)
 
 
-def _stderr(record: dict, name: str) -> Optional[float]:
-    m = (record.get("metrics") or {}).get(name)
-    return m.get("stderr") if isinstance(m, dict) else None
+def _stderr(record: CellRecord, name: str) -> Optional[float]:
+    return record.stderr(name)
 
 
-def quality(record: dict) -> Optional[float]:
+def quality(record: CellRecord) -> Optional[float]:
     """The quality axis: mean KLD to the baseline (0 for the baseline)."""
-    return 0.0 if record.get("baseline") else _value(record, "kld")
+    return 0.0 if record.baseline else _value(record, "kld")
 
 
-def pareto_front(records: list[dict]) -> list[dict]:
+def pareto_front(records: list[CellRecord]) -> list[CellRecord]:
     """Cells no other cell beats on both weight memory and KLD."""
     points = [r for r in records if quality(r) is not None and _value(r, "weight_bytes")]
     front = []
@@ -59,22 +62,25 @@ def pareto_front(records: list[dict]) -> list[dict]:
     return sorted(front, key=lambda r: _value(r, "weight_bytes"))
 
 
-def recommendation(records: list[dict], kld_budget: float) -> list[str]:
-    ok = [r for r in records if r["status"] == "ok"]
+def recommendation(records: list[CellRecord], kld_budget: float) -> list[str]:
+    ok = [r for r in records if r.ok]
+    if not any(r.baseline for r in ok):
+        return ["The baseline has no result in this run, so no variant could be measured against it: rerun it "
+                "with `qbench run --resume RUN --retry-failed`."]
     front = pareto_front(ok)
     lines = []
     if front:
         lines.append("Pareto-optimal on weight memory and KLD: " + ", ".join(
-            f"`{r['cell']}` ({_value(r, 'weight_bytes') / MIB:.1f} MiB, KLD {quality(r):.4f})" for r in front))
-    within = [r for r in ok if not r.get("baseline") and quality(r) is not None and quality(r) <= kld_budget
+            f"`{r.cell}` ({_value(r, 'weight_bytes') / MIB:.1f} MiB, KLD {quality(r):.4f})" for r in front))
+    within = [r for r in ok if not r.baseline and quality(r) is not None and quality(r) <= kld_budget
               and _value(r, "weight_bytes")]
-    base = next((r for r in ok if r.get("baseline")), None)
+    base = next((r for r in ok if r.baseline), None)
     if within:
         best = min(within, key=lambda r: _value(r, "weight_bytes"))
         share = (f", {100 * _value(best, 'weight_bytes') / _value(base, 'weight_bytes'):.0f}% of the baseline's "
                  "weights" if base else "")
         se = _stderr(best, "kld")
-        lines.append(f"Smallest within the quality budget (mean KLD ≤ {kld_budget:g}): `{best['cell']}`: "
+        lines.append(f"Smallest within the quality budget (mean KLD ≤ {kld_budget:g}): `{best.cell}`: "
                      f"{_value(best, 'weight_bytes') / MIB:.1f} MiB{share}, KLD {quality(best):.4f}"
                      + (f" ± {se:.4f}" if se else "") + ".")
     else:
@@ -83,15 +89,15 @@ def recommendation(records: list[dict], kld_budget: float) -> list[str]:
     return lines
 
 
-def delta_rows(records: list[dict]) -> tuple[tuple, list[tuple]]:
+def delta_rows(records: list[CellRecord]) -> tuple[tuple, list[tuple]]:
     """Changes against the baseline, with their error bars."""
-    base = next((r for r in records if r.get("baseline") and r["status"] == "ok"), None)
+    base = next((r for r in records if r.baseline and r.ok), None)
     headers = ("variant", "Δ PPL %", "Δ acc (points)", "weights vs base", "decode speed vs base")
     rows = []
     for r in records:
-        if r["status"] != "ok" or r.get("baseline") or base is None:
+        if not r.ok or r.baseline or base is None:
             continue
-        cells = [r["cell"]]
+        cells = [r.cell]
         ratio, se = _value(r, "ln_ppl_ratio"), _stderr(r, "ln_ppl_ratio")
         # ln(PPL_q/PPL_base) has a paired SE; map it to a percentage change.
         cells.append(f"{100 * math.expm1(ratio):+.2f} ± {100 * math.exp(ratio) * se:.2f}"
@@ -125,20 +131,20 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def plots(records: list[dict]) -> list[tuple[str, str, bytes]]:
+def plots(records: list[CellRecord]) -> list[tuple[str, str, bytes]]:
     """(file name, caption, PNG) for each plot that has data."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [r for r in records if r["status"] == "ok" and quality(r) is not None]
+    ok = [r for r in records if r.ok and quality(r) is not None]
     out = []
     if ok and any(_value(r, "weight_bytes") for r in ok):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for r in ok:
             ax.errorbar(_value(r, "weight_bytes") / MIB, quality(r), yerr=_stderr(r, "kld") or 0, fmt="o")
-            ax.annotate(r["cell"], (_value(r, "weight_bytes") / MIB, quality(r)), fontsize=7,
+            ax.annotate(r.cell, (_value(r, "weight_bytes") / MIB, quality(r)), fontsize=7,
                         xytext=(4, 3), textcoords="offset points")
         front = pareto_front(ok)
         ax.plot([_value(r, "weight_bytes") / MIB for r in front], [quality(r) for r in front], "--",
@@ -156,24 +162,24 @@ def plots(records: list[dict]) -> list[tuple[str, str, bytes]]:
         for r in speed:
             ax.errorbar(quality(r), _value(r, "decode_tokens_per_s"), yerr=_stderr(r, "decode_tokens_per_s") or 0,
                         fmt="o")
-            ax.annotate(r["cell"], (quality(r), _value(r, "decode_tokens_per_s")), fontsize=7,
+            ax.annotate(r.cell, (quality(r), _value(r, "decode_tokens_per_s")), fontsize=7,
                         xytext=(4, 3), textcoords="offset points")
         ax.set_xscale("symlog", linthresh=1e-4)
         ax.set_xlabel("mean KLD to the baseline (symlog)")
         ax.set_ylabel("decode tokens/s (bars: between-process SE)")
         ax.grid(alpha=0.3)
         out.append(("speed_vs_quality.png", "Decode speed against quality (up and left is better).", _png(fig)))
-    tasks = sorted({t for r in ok for t in ((r.get("metrics") or {}).get("tasks") or {})})
+    tasks = sorted({t for r in ok for t in r.tasks})
     if tasks:
         fig, ax = plt.subplots(figsize=(max(7, 1.2 * len(tasks) * max(1, len(ok)) / 3), 4.5))
         width = 0.8 / len(ok)
         colours = plt.get_cmap("tab20").colors
         for i, r in enumerate(ok):
-            per = (r.get("metrics") or {}).get("tasks") or {}
+            per = r.tasks
             xs = [j + i * width for j in range(len(tasks))]
-            ys = [100 * per[t]["acc"]["value"] if t in per else float("nan") for t in tasks]
-            es = [100 * (per[t]["acc"].get("stderr") or 0) if t in per else 0 for t in tasks]
-            ax.bar(xs, ys, width, yerr=es, capsize=2, label=r["cell"], color=colours[i % len(colours)])
+            ys = [100 * per[t]["acc"].value if t in per else float("nan") for t in tasks]
+            es = [100 * (per[t]["acc"].stderr or 0) if t in per else 0 for t in tasks]
+            ax.bar(xs, ys, width, yerr=es, capsize=2, label=r.cell, color=colours[i % len(colours)])
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], tasks)
         ax.set_ylabel("accuracy % (± standard error)")
         ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
@@ -182,12 +188,12 @@ def plots(records: list[dict]) -> list[tuple[str, str, bytes]]:
     return out
 
 
-def blocks(plan: dict, records: list[dict], kld_budget: float) -> list[Block]:
-    out = [Block("p", text=f"Model `{plan['model']['name']}` (fingerprint {plan['model']['fingerprint']}), suite "
-                 f"`{plan['suite_name']}` (hash {plan['suite_hash']}), device {plan['device']}, run "
-                 f"`{plan['run_id']}` started {time.strftime('%Y-%m-%d %H:%M', time.localtime(plan['created']))}.")]
-    if plan["model"].get("note"):
-        out.append(Block("p", text=plan["model"]["note"] + "."))
+def blocks(plan: RunPlan, records: list[CellRecord], kld_budget: float) -> list[Block]:
+    out = [Block("p", text=f"Model `{plan.model.name}` (fingerprint {plan.model.fingerprint}), suite "
+                 f"`{plan.suite_name}` (hash {plan.suite_hash}), device {plan.device}, run "
+                 f"`{plan.run_id}` started {time.strftime('%Y-%m-%d %H:%M', time.localtime(plan.created))}.")]
+    if plan.model.note:
+        out.append(Block("p", text=plan.model.note + "."))
     out += [Block("h2", text="Recommendation"), Block("list", items=tuple(recommendation(records, kld_budget)))]
     headers, rows = table_rows(records)
     out += [Block("h2", text="Comparison"), Block("table", headers=tuple(headers), rows=tuple(map(tuple, rows)))]
@@ -202,11 +208,11 @@ def blocks(plan: dict, records: list[dict], kld_budget: float) -> list[Block]:
     if ran:
         out += [Block("p", text="How each row ran (speed depends on the kernel as much as on the bit width):"),
                 Block("table", headers=("variant", "kernel", "compute dtype", "library"), rows=tuple(ran))]
-    failed = [f"`{r['cell']}`: {r.get('error')}" for r in records if r["status"] != "ok"]
-    skipped = [f"`{cell}` (skipped): {why}" for cell, why in (plan.get("skipped") or {}).items()]
+    failed = [f"`{r.cell}`: {r.error}" for r in records if not r.ok]
+    skipped = [f"`{cell}` (skipped): {why}" for cell, why in plan.skipped.items()]
     if failed or skipped:
         out += [Block("h2", text="Cells without results"), Block("list", items=tuple(failed + skipped))]
-    notes = [f"`{r['cell']}`: {n}" for r in records for n in r.get("notes", [])]
+    notes = [f"`{r.cell}`: {n}" for r in records for n in r.notes]
     if notes:
         out += [Block("h2", text="Notes"), Block("list", items=tuple(notes))]
     out.append(Block("h2", text="Plots"))
@@ -216,10 +222,9 @@ def blocks(plan: dict, records: list[dict], kld_budget: float) -> list[Block]:
     return out
 
 
-def latency_method(records: list[dict]) -> Optional[str]:
+def latency_method(records: list[CellRecord]) -> Optional[str]:
     """How the latency columns were measured, from the records."""
-    work = next(((r.get("metrics") or {}).get("latency_workload") for r in records
-                 if r["status"] == "ok" and (r.get("metrics") or {}).get("latency_workload")), None)
+    work = next((r.latency_workload for r in records if r.ok and r.latency_workload), None)
     if not work:
         return None
     trials = work.get("trials", 1)
@@ -230,37 +235,40 @@ def latency_method(records: list[dict]) -> Optional[str]:
             f"batch {work['batch_size']}, {work['warmup']} warm-up run(s), measured {how}.")
 
 
-def kernel_rows(records: list[dict]) -> list[tuple]:
+def kernel_rows(records: list[CellRecord]) -> list[tuple]:
     rows = []
     for r in records:
-        if r["status"] != "ok":
+        if not r.ok:
             continue
-        session = r.get("session") or {}
+        session = r.session or {}
         dtype = session.get("compute_dtype") or session.get("dtype") or ""
-        rows.append((r["cell"], session.get("kernel") or "transformers (PyTorch)", str(dtype).removeprefix("torch."),
-                     r.get("backend_version") or ""))
+        rows.append((r.cell, session.get("kernel") or "transformers (PyTorch)", str(dtype).removeprefix("torch."),
+                     r.backend_version or ""))
     return rows
 
 
-def provenance(plan: dict, records: list[dict]) -> list[str]:
-    env = next((r.get("env") for r in records if r.get("env")), {}) or {}
-    items = [f"model: {plan['model'].get('source')} `{plan['model'].get('path')}`, fingerprint "
-             f"{plan['model']['fingerprint']}",
-             f"suite: `{plan.get('suite_path')}`, hash {plan['suite_hash']}"]
-    calib = sorted({(r["calibration"] or {}).get("hash") for r in records if r.get("calibration")} - {None})
+def provenance(plan: RunPlan, records: list[CellRecord]) -> list[str]:
+    env = next((r.env for r in records if r.env), None)
+    items = [f"model: {plan.model.source} `{plan.model.path}`, fingerprint {plan.model.fingerprint}",
+             f"suite: `{plan.suite_path}`, hash {plan.suite_hash}"]
+    if plan.suite_files:
+        items.append("suite data files (sha256): " + ", ".join(f"`{p}` {h}" for p, h in plan.suite_files.items()))
+    calib = sorted({r.calibration.hash for r in records if r.calibration})
     if calib:
         items.append("calibration data hash: " + ", ".join(calib))
-    workload = next((r.get("workload") for r in records if r.get("workload")), None)
+    workload = next((r.workload for r in records if r.workload), None)
     if workload:
         items.append(f"BOS policy: {workload.get('bos_policy')}; perplexity tokens: "
                      f"{workload.get('perplexity_tokens')}")
+    if env is None:
+        return items + ["environment: not recorded (no cell finished)"]
     gpu = env.get("gpu")
     items.append(f"hardware: {env.get('cpu')} ({env.get('cpu_count_logical')} logical CPUs, "
                  f"{(env.get('memory_total_bytes') or 0) / 2**30:.0f} GiB)" + (f", GPU {gpu.get('name')}" if gpu else "")
                  + f"; torch threads {env.get('torch_threads')}")
     items.append(f"software: Python {env.get('python')}, " + ", ".join(
         f"{k} {v}" for k, v in sorted((env.get("packages") or {}).items())))
-    shares = [(r["metrics"]["harness_share"], _value(r, "harness_share")) for r in records
+    shares = [(r.metrics["harness_share"], _value(r, "harness_share")) for r in records
               if _value(r, "harness_share") is not None]
     if shares:
         outside = sum(m.get("seconds", 0.0) for m, _ in shares)
@@ -321,13 +329,15 @@ def to_html(title: str, body: list[Block]) -> str:
 
 def write_report(run_dir: Path, kld_budget: float = DEFAULT_KLD_BUDGET) -> tuple[Path, Path]:
     """Write report.md (+ report_files/*.png) and report.html into the run folder."""
-    import json
-
     from qbench.results import ResultStore
+    from qbench.runner import load_plan
 
-    plan = json.loads((run_dir / "plan.json").read_text())
+    plan = load_plan(run_dir)
     records = list(ResultStore(run_dir).latest().values())
-    title = f"qbench report: {plan['model']['name']} on suite {plan['suite_name']}"
+    if not any(r.ok for r in records):
+        raise QBenchError(f"run {plan.run_id} has no finished cell yet: nothing to report; finish it with "
+                          f"`qbench run --resume {plan.run_id}`")
+    title = f"qbench report: {plan.model.name} on suite {plan.suite_name}"
     body = blocks(plan, records, kld_budget)
     files = run_dir / "report_files"
     files.mkdir(exist_ok=True)

@@ -6,17 +6,20 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import re
 import secrets
 import signal
 import time
 from pathlib import Path
 from typing import Any, Optional, Protocol
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, ValidationError
 
-from qbench.errors import QBenchError
+from qbench.errors import QBenchError, describe_validation
+from qbench.io import write_atomic
 from qbench.models import ModelSpec
 from qbench.plugins import LoadedPlugins, PluginSettings, get_backend
+from qbench.records import CellRecord
 from qbench.results import PLAN_FILE, ResultStore
 from qbench.worker import CellTask, worker_main
 
@@ -39,13 +42,17 @@ class RunPlan(BaseModel):
     suite_name: str
     suite_hash: str
     device: str
-    threads: Optional[int]
-    cell_timeout: float
+    threads: Optional[int] = Field(None, ge=1)
+    cell_timeout: float = Field(DEFAULT_CELL_TIMEOUT, gt=0, allow_inf_nan=False)
     plugin_dirs: list[str]
     plugin_allow: Optional[list[str]]
     plugin_block: list[str]
     cells: list[CellSpec]
     skipped: dict[str, str] = {}  # cell -> why it was left out of the plan
+    #: the user let the suite read data outside its folder (--allow-outside-data)
+    allow_outside_data: bool = False
+    #: resolved path -> sha256 prefix of every data file of the suite
+    suite_files: dict[str, str] = {}
 
     def plugin_settings(self) -> PluginSettings:
         return PluginSettings(tuple(self.plugin_dirs), tuple(self.plugin_allow) if self.plugin_allow is not None
@@ -55,13 +62,15 @@ class RunPlan(BaseModel):
 class Reporter(Protocol):
     def cell_started(self, cell: str, index: int, total: int) -> None: ...
     def phase(self, cell: str, name: str) -> None: ...
-    def cell_finished(self, cell: str, record: dict[str, Any]) -> None: ...
+    def cell_finished(self, cell: str, status: str, seconds: float, error: Optional[str]) -> None: ...
+    def warn(self, message: str) -> None: ...
 
 
 class SilentReporter:
     def cell_started(self, cell, index, total): pass
     def phase(self, cell, name): pass
-    def cell_finished(self, cell, record): pass
+    def cell_finished(self, cell, status, seconds, error): pass
+    def warn(self, message): pass
 
 
 def split_backend_specs(specs: list[str]) -> list[str]:
@@ -126,19 +135,33 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
 
 
+#: A run id names a folder under the results folder: a plain name, no path.
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def check_run_id(run_id: str) -> str:
+    if not RUN_ID_PATTERN.fullmatch(run_id) or ".." in run_id:
+        raise QBenchError(f"--run-id {run_id!r} is not a plain name: use letters, digits, '.', '_' and '-' "
+                          "(at most 100, starting with a letter or digit; no '/' or '..')")
+    return run_id
+
+
 def save_plan(plan: RunPlan, run_dir: Path) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "logs").mkdir(exist_ok=True)
-    tmp = run_dir / (PLAN_FILE + ".tmp")
-    tmp.write_text(plan.model_dump_json(indent=1))
-    tmp.replace(run_dir / PLAN_FILE)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "logs").mkdir(exist_ok=True)
+        write_atomic(run_dir / PLAN_FILE, plan.model_dump_json(indent=1))
+    except OSError as exc:
+        raise QBenchError(f"cannot write the run folder {run_dir} ({exc.strerror or exc}): choose another with "
+                          "-o/--output-dir (or $QBENCH_RESULTS), or fix its permissions") from None
 
 
 def load_plan(run_dir: Path) -> RunPlan:
     try:
         return RunPlan.model_validate_json((run_dir / PLAN_FILE).read_text())
     except (ValueError, OSError) as exc:
-        raise QBenchError(f"{run_dir / PLAN_FILE} is unreadable ({type(exc).__name__}); start a new run") from None
+        raise QBenchError(f"{run_dir / PLAN_FILE} is unreadable ({type(exc).__name__}); that run cannot be shown or "
+                          "resumed: start a new run") from None
 
 
 def pending_cells(plan: RunPlan, store: ResultStore, retry_failed: bool) -> list[CellSpec]:
@@ -146,16 +169,46 @@ def pending_cells(plan: RunPlan, store: ResultStore, retry_failed: bool) -> list
     todo = []
     for cell in plan.cells:
         record = latest.get(cell.cell)
-        if record is None or (retry_failed and record["status"] != "ok"):
+        if record is None or (retry_failed and not record.ok):
             todo.append(cell)
     return todo
 
 
+def check_writable(folder: Path, what: str, fix: str) -> None:
+    """Fail before any cell runs when ``folder`` cannot take new files: a
+    cell measured for minutes must not meet a read-only folder at the end."""
+    probe = folder / f".qbench-write-probe-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise QBenchError(f"the {what} {folder} is not writable ({exc.strerror or exc}): {fix}") from None
+
+
+def preflight(run_dir: Path, store: ResultStore, reporter: Reporter) -> None:
+    """Before any cell: the results and cache folders take files, a torn
+    last line is moved aside, and records saved aside by an earlier run
+    that could not append are added."""
+    from qbench.paths import cache_dir
+
+    check_writable(run_dir, "run folder", "fix its permissions, or start a new run with -o pointing elsewhere")
+    if store.path.exists() and not os.access(store.path, os.W_OK):
+        raise QBenchError(f"{store.path} is not writable: fix its permissions (chmod u+w) before running")
+    check_writable(cache_dir() / "artifacts", "artifact cache", "set $QBENCH_CACHE to a writable folder")
+    repaired = store.repair_tail()
+    if repaired:
+        reporter.warn(repaired)
+    for cell in store.adopt_pending():
+        reporter.warn(f"added the record of {cell} that an earlier run saved aside")
+
+
 def execute(plan: RunPlan, run_dir: Path, reporter: Reporter = SilentReporter(),
-            retry_failed: bool = False) -> list[dict[str, Any]]:
+            retry_failed: bool = False) -> list[CellRecord]:
     """Run every unfinished cell of the plan, then the latency trials still
     missing; return the records written now."""
     store = ResultStore(run_dir)
+    preflight(run_dir, store, reporter)
     todo = pending_cells(plan, store, retry_failed)
     written = []
     for index, cell in enumerate(todo, 1):
@@ -163,11 +216,11 @@ def execute(plan: RunPlan, run_dir: Path, reporter: Reporter = SilentReporter(),
         record = run_cell(plan, run_dir, cell, reporter)
         store.append(record)
         written.append(record)
-        reporter.cell_finished(cell.cell, record)
+        reporter.cell_finished(cell.cell, record.status, record.wall_seconds or 0.0, record.error)
     return written + run_latency_trials(plan, run_dir, store, reporter)
 
 
-def run_latency_trials(plan: RunPlan, run_dir: Path, store: ResultStore, reporter: Reporter) -> list[dict[str, Any]]:
+def run_latency_trials(plan: RunPlan, run_dir: Path, store: ResultStore, reporter: Reporter) -> list[CellRecord]:
     """Latency trials 2..K of every finished cell, each in a fresh worker,
     round by round (every cell's trial 2, then every cell's trial 3) so a
     slow spell of the machine does not fall on one cell's trials alone. A
@@ -175,53 +228,55 @@ def run_latency_trials(plan: RunPlan, run_dir: Path, store: ResultStore, reporte
     from qbench.metrics.trials import add_trial, trials_attempted
     from qbench.suites import load_suite
 
-    latency = load_suite(plan.suite_path).latency
+    latency = load_suite(plan.suite_path, allow_outside_data=plan.allow_outside_data).latency
     wanted = latency.trials if latency else 1
     written = []
     for trial in range(2, wanted + 1):
         fresh_worker_server()
         latest = store.latest()  # read once per round; this round writes each cell's record once
-        cells = [c for c in plan.cells if (latest.get(c.cell) or {}).get("status") == "ok"
-                 and trials_attempted(latest[c.cell]) < trial]
+        cells = [c for c in plan.cells if c.cell in latest and latest[c.cell].ok
+                 and 0 < trials_attempted(latest[c.cell]) < trial]
         for index, cell in enumerate(cells, 1):
             label = f"{cell.cell} · latency trial {trial} of {wanted}"
             reporter.cell_started(label, index, len(cells))
             outcome, started, _ = _run_worker(plan, run_dir, cell, reporter, latency_trial=trial)
             record = latest[cell.cell]
             seconds = round(time.time() - started, 3)
+            error = None
             if outcome[0] == "result":
                 record = add_trial(record, outcome[1]["trial"])
-                shown = {"status": "ok", "wall_seconds": seconds}
             else:
                 error = f"latency trial {trial}: {outcome[1]['error']}"
-                record = {**record, "latency_trial_errors": record.get("latency_trial_errors", []) + [error],
-                          "notes": record.get("notes", []) + [f"{error}; latency comes from the other trials"]}
-                shown = {"status": "failed", "error": error, "wall_seconds": seconds}
-            record["trial_wall_seconds"] = record.get("trial_wall_seconds", []) + [seconds]
+                record = record.updated(latency_trial_errors=record.latency_trial_errors + [error],
+                                        notes=record.notes + [f"{error}; latency comes from the other trials"])
+            record = record.updated(trial_wall_seconds=record.trial_wall_seconds + [seconds])
             store.append(record)
             written.append(record)
-            reporter.cell_finished(label, shown)
+            reporter.cell_finished(label, "failed" if error else "ok", seconds, error)
     return written
 
 
 def _base_record(plan: RunPlan, cell: CellSpec) -> dict[str, Any]:
-    return {"schema": 1, "run_id": plan.run_id, "cell": cell.cell, "backend": cell.backend,
+    return {"run_id": plan.run_id, "cell": cell.cell, "backend": cell.backend,
             "variant": cell.variant, "baseline": cell.baseline, "device": plan.device,
             "model": {"name": plan.model.name, "fingerprint": plan.model.fingerprint, "source": plan.model.source},
-            "suite": {"name": plan.suite_name, "path": plan.suite_path, "hash": plan.suite_hash}}
+            "suite": {"name": plan.suite_name, "path": plan.suite_path, "hash": plan.suite_hash,
+                      "data_files": plan.suite_files}}
 
 
-def run_cell(plan: RunPlan, run_dir: Path, cell: CellSpec, reporter: Reporter) -> dict[str, Any]:
+def run_cell(plan: RunPlan, run_dir: Path, cell: CellSpec, reporter: Reporter) -> CellRecord:
     outcome, started, log_path = _run_worker(plan, run_dir, cell, reporter)
-    record = _base_record(plan, cell)
-    record["log"] = str(log_path)
+    finished = time.time()
+    record = {**_base_record(plan, cell), "log": str(log_path), "finished": finished,
+              "wall_seconds": round(finished - started, 3)}
     if outcome[0] == "result":
-        record.update(outcome[1])
-    else:
-        record.update(status="failed", phase=outcome[1]["phase"], error=outcome[1]["error"])
-    record["finished"] = time.time()
-    record["wall_seconds"] = round(record["finished"] - started, 3)
-    return record
+        try:
+            return CellRecord.model_validate({**record, **outcome[1]})
+        except ValidationError as exc:  # a harness bug: say so, keep the cell's place
+            outcome = ("error", {"phase": "record", "error": f"the cell's record is malformed "
+                                 f"({describe_validation(exc)}): a qbench bug, please report it; see {log_path}"})
+    return CellRecord.model_validate({**record, "status": "failed", "phase": outcome[1]["phase"],
+                                      "error": outcome[1]["error"]})
 
 
 def _run_worker(plan: RunPlan, run_dir: Path, cell: CellSpec, reporter: Reporter, latency_trial: int = 0
@@ -232,7 +287,8 @@ def _run_worker(plan: RunPlan, run_dir: Path, cell: CellSpec, reporter: Reporter
     task = CellTask(run_id=plan.run_id, run_dir=str(run_dir), cell=cell.cell, backend=cell.backend,
                     variant=cell.variant, is_baseline=cell.baseline, model=plan.model.model_dump(),
                     suite_path=plan.suite_path, device=plan.device, threads=plan.threads,
-                    plugins=plan.plugin_settings(), latency_trial=latency_trial, env=dict(os.environ))
+                    plugins=plan.plugin_settings(), latency_trial=latency_trial, env=dict(os.environ),
+                    allow_outside_data=plan.allow_outside_data)
     log_path = run_dir / "logs" / (cell.cell.replace(":", "__").replace("/", "_")[:120] + ".log")
     ctx = worker_context()
     receiver, sender = ctx.Pipe(duplex=False)

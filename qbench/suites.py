@@ -10,7 +10,8 @@ from typing import Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from qbench.errors import QBenchError
+from qbench.datafiles import check_inside, read_text
+from qbench.errors import QBenchError, describe_validation
 
 SUITES_DIR = Path(__file__).resolve().parent.parent / "suites"
 BosPolicy = Literal["none", "document", "window"]
@@ -100,10 +101,26 @@ class Suite(_Strict):
     calibration: Optional[CalibrationSpec] = None
     #: folder of the suite file; relative data paths resolve against it
     root: str = Field("", exclude=True)
+    #: the suite file itself, for messages
+    file: str = Field("", exclude=True)
+    #: whether data files may lie outside ``root`` (--allow-outside-data)
+    allow_outside_data: bool = Field(False, exclude=True)
+
+    @model_validator(mode="after")
+    def _latency_needs_text(self):
+        if self.latency and not self.perplexity:
+            raise ValueError("latency prompts are cut from the perplexity corpus: add a 'perplexity' section "
+                             "(or drop 'latency')")
+        return self
 
     def resolve(self, relative: str) -> Path:
+        """A data path: relative to the suite file's folder, resolved, and
+        inside that folder unless the user allowed otherwise."""
         path = Path(relative).expanduser()
-        return path if path.is_absolute() else Path(self.root) / path
+        path = (path if path.is_absolute() else Path(self.root) / path).resolve()
+        if not self.allow_outside_data:
+            check_inside(path, Path(self.root), Path(self.file or self.root))
+        return path
 
     def data_files(self) -> list[Path]:
         files = []
@@ -113,7 +130,7 @@ class Suite(_Strict):
             if path.suffix in (".yaml", ".yml") and path.is_file():
                 from qbench.lm_eval_tasks import data_file, read_config
 
-                files.append(data_file(path, read_config(path)))
+                files.append(self.resolve(str(data_file(path, read_config(path)))))
         for corpus in (self.perplexity and self.perplexity.corpus, self.calibration and self.calibration.corpus):
             if corpus and not corpus.source.startswith(("builtin:", "hf:")):
                 files.append(self.resolve(corpus.source))
@@ -127,6 +144,10 @@ class Suite(_Strict):
             digest.update(path.read_bytes() if path.is_file() else b"<missing>")
         return digest.hexdigest()[:16]
 
+    def data_hashes(self) -> dict[str, str]:
+        """Each data file's resolved path and sha256, for provenance."""
+        return {str(p): hashlib.sha256(p.read_bytes()).hexdigest()[:16] for p in self.data_files() if p.is_file()}
+
 
 def suite_path(name_or_path: str) -> Path:
     path = Path(name_or_path).expanduser()
@@ -139,10 +160,12 @@ def suite_path(name_or_path: str) -> Path:
     raise QBenchError(f"suite '{name_or_path}' not found: give a suite file path or one of: {known}")
 
 
-def load_suite(name_or_path: str) -> Suite:
+def load_suite(name_or_path: str, allow_outside_data: bool = False) -> Suite:
+    """A suite file, validated: schema, and every data file present, text,
+    and (unless ``allow_outside_data``) inside the suite's folder."""
     path = suite_path(name_or_path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(read_text(path))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
@@ -150,11 +173,10 @@ def load_suite(name_or_path: str) -> Suite:
     if not isinstance(raw, dict):
         raise QBenchError(f"{path}: a suite file must be a YAML mapping with at least 'name'")
     try:
-        suite = Suite(**raw, root=str(path.parent.resolve()))
+        suite = Suite(**raw, root=str(path.parent.resolve()), file=str(path),
+                      allow_outside_data=allow_outside_data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"])
-        raise QBenchError(f"{path}: field '{field}': {first['msg']}") from None
+        raise QBenchError(f"{path}: {describe_validation(exc)}") from None
     missing = [str(p) for p in suite.data_files() if not p.is_file()]
     if missing:
         raise QBenchError(f"{path}: data file not found: {missing[0]}")

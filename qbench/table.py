@@ -3,22 +3,24 @@ error bars, failures with their reason."""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
+
+from qbench.records import CellRecord, Metric
 
 MIB = 2 ** 20
 
 
-def _value(record: dict[str, Any], name: str) -> Optional[dict[str, Any]]:
-    m = (record.get("metrics") or {}).get(name)
-    return m if isinstance(m, dict) and m.get("value") is not None else None
+def _value(record: CellRecord, name: str) -> Optional[Metric]:
+    m = record.metrics.get(name)
+    return m if m is not None and m.value is not None else None
 
 
-def _num(m, fmt: str, scale: float = 1.0, err: bool = False) -> str:
+def _num(m: Optional[Metric], fmt: str, scale: float = 1.0, err: bool = False) -> str:
     if m is None:
         return "-"
-    text = format(m["value"] * scale, fmt)
-    if err and m.get("stderr") is not None:
-        text += " ± " + format(m["stderr"] * scale, fmt)
+    text = format(m.value * scale, fmt)
+    if err and m.stderr is not None:
+        text += " ± " + format(m.stderr * scale, fmt)
     return text
 
 
@@ -38,13 +40,13 @@ COLUMNS = (
 )
 
 
-def table_rows(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+def table_rows(records: list[CellRecord]) -> tuple[list[str], list[list[str]]]:
     headers = ["variant", "status"] + [c[0] for c in COLUMNS]
     rows = []
     for r in records:
-        label = r["cell"] + (" (baseline)" if r.get("baseline") else "")
-        if r["status"] != "ok":
-            rows.append([label, "FAILED: " + (r.get("error") or "?")] + ["-"] * len(COLUMNS))
+        label = r.cell + (" (baseline)" if r.baseline else "")
+        if not r.ok:
+            rows.append([label, "FAILED: " + (r.error or "?")] + ["-"] * len(COLUMNS))
             continue
         rows.append([label, "ok"] + [_num(_value(r, m), fmt, scale, err) for _, m, fmt, scale, err in COLUMNS])
     # Drop columns that no record has a value for (e.g. a suite without tasks).
@@ -57,10 +59,10 @@ def markdown_rows(headers: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
 
 
-def markdown_table(records: list[dict[str, Any]]) -> str:
+def markdown_table(records: list[CellRecord]) -> str:
     headers, rows = table_rows(records)
     lines = markdown_rows(headers, rows)
-    notes = [f"- {r['cell']}: {note}" for r in records for note in r.get("notes", [])]
+    notes = [f"- {r.cell}: {note}" for r in records for note in r.notes]
     if notes:
         lines += ["", "Notes:", ""] + notes
     return "\n".join(lines)

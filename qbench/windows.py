@@ -15,6 +15,8 @@ from typing import Optional
 
 import torch
 
+from qbench.errors import QBenchError
+
 
 @dataclass(frozen=True)
 class Window:
@@ -41,7 +43,7 @@ def make_windows(
     an earlier window are scored (the sliding-window protocol of HF's docs).
     """
     if bos_policy != "none" and bos_id is None:
-        raise ValueError("this tokenizer has no BOS token: use bos: none")
+        raise QBenchError("the suite asks for a BOS token but this model's tokenizer has none: use bos: none")
     stream = ([bos_id] if bos_policy == "document" else []) + list(tokens)
     offset = 1 if bos_policy == "document" else 0  # stream index -> corpus index
     prefix = [bos_id] if bos_policy == "window" else []

@@ -7,18 +7,18 @@ record through a pipe; the parent alone writes results.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from qbench.errors import QBenchError
 from qbench.models import ModelSpec
 from qbench.plugins import PluginSettings
+from qbench.reference import BaselineReference
 
 
 @dataclass(frozen=True)
@@ -40,19 +40,8 @@ class CellTask:
     #: the parent's environment when the task was made: a fork-server child
     #: would otherwise inherit the server's, from when it started
     env: Optional[dict] = None
-
-
-def reference_paths(run_dir: str) -> dict[str, Path]:
-    folder = Path(run_dir) / "reference"
-    return {"dir": folder, "logprobs": folder / "logprobs.safetensors", "meta": folder / "meta.json",
-            "generation": folder / "generation.json"}
-
-
-def _write_atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    tmp.replace(path)
+    #: the user allowed the suite to read data outside its folder
+    allow_outside_data: bool = False
 
 
 def worker_main(task: CellTask, conn, log_path: str) -> None:
@@ -75,7 +64,7 @@ def worker_main(task: CellTask, conn, log_path: str) -> None:
         conn.send(("phase", name))
 
     try:
-        record = measure_cell(task, enter)
+        record = CellPipeline(task, enter).run()
         conn.send(("result", record))
     except BaseException as exc:  # everything becomes a failed record, never a lost cell
         traceback.print_exc()
@@ -176,192 +165,252 @@ def gated_latency(session, prompt, spec, run_dir: Path, cell: str,
     return result
 
 
-def measure_cell(task: CellTask, enter) -> dict[str, Any]:
-    import torch
+class CellPipeline:
+    """One cell's measurement, one method per phase, in the order ``run``
+    calls them: prepare, obtain the artifact, load and verify, then
+    perplexity with fidelity, tasks, generation and latency, then the
+    record. Each phase adds to ``metrics`` and ``notes``; ``phase_seconds``
+    says how long each took. A latency trial (``task.latency_trial >= 2``)
+    runs only prepare, artifact, load and latency."""
 
-    from qbench import progress
-    from qbench.artifacts import artifact_weight_bytes, obtain_artifact
-    from qbench.environment import collect_environment
-    from qbench.metrics import metric, proportion_stderr
-    from qbench.metrics.choice import accuracy_metrics
-    from qbench.metrics.cost import BackendClock, memory_metrics
-    from qbench.metrics.generation import generation_metrics
-    from qbench.metrics.quality import fidelity_metrics, perplexity_metrics
-    from qbench.metrics.trials import busy_notes, combine_trials
-    from qbench.metrics.scoring import Reference, reference_from, score_windows
-    from qbench.plugins import get_backend, load_plugins
-    from qbench.suites import load_suite
-    from qbench.workload import Workload, load_tokenizer
+    QUALITY_PHASES = ("perplexity", "tasks", "generation", "latency")
 
-    started = time.time()
-    if task.threads:
-        torch.set_num_threads(task.threads)
-    phase_seconds: dict[str, float] = {}
-    clock = {"name": None, "t": time.perf_counter()}
+    def __init__(self, task: CellTask, enter: Callable[[str], None]):
+        self.task = task
+        self.enter = enter
+        self.metrics: dict[str, Any] = {}
+        self.tasks: dict[str, Any] = {}
+        self.notes: list[str] = []
+        self.phase_seconds: dict[str, float] = {}
+        self._phase: Optional[str] = None
+        self._phase_started = time.perf_counter()
+        self.started = time.time()
+        self.start_canary: Optional[float] = None
+        self.reference = BaselineReference(Path(task.run_dir))
 
-    def phase(name: str) -> None:
+    def phase(self, name: str) -> None:
         now = time.perf_counter()
-        if clock["name"]:
-            phase_seconds[clock["name"]] = round(now - clock["t"], 3)
-        clock.update(name=name, t=now)
+        if self._phase:
+            self.phase_seconds[self._phase] = round(now - self._phase_started, 3)
+        self._phase, self._phase_started = name, now
         if name != "done":
-            enter(name)
+            self.enter(name)
 
-    phase("prepare")
-    # The machine's speed at the cell's start, before anything heavy: the
-    # reference of the run's first latency measurement (see gated_latency).
-    start_canary = None
-    if task.is_baseline and not task.latency_trial:
-        from qbench.metrics.canary import MachineCanary
+    def run(self) -> dict[str, Any]:
+        self.prepare()
+        self.obtain_artifact()
+        self.load()
+        if self.task.latency_trial:
+            trial = self.measure_latency_trial()
+            self.phase("done")
+            return {"status": "ok", "trial": trial, "phase_seconds": self.phase_seconds}
+        if self.suite.perplexity:
+            self.measure_perplexity()
+        if self.work.tasks:
+            self.measure_tasks()
+        if self.suite.generation:
+            self.measure_generation()
+        if self.suite.latency:
+            self.measure_latency()
+        return self.record()
 
-        start_canary = MachineCanary().measure()
-    model = ModelSpec(**task.model)
-    backend = get_backend(load_plugins(task.plugins), task.backend)
-    variant, config = backend.parse_variant(task.variant)
-    availability = backend.variant_available(config, task.device)
-    if not availability.ok:
-        raise QBenchError(f"{task.cell} cannot run on {task.device}: {availability.reason}")
-    suite = load_suite(task.suite_path)
-    work = Workload(suite, load_tokenizer(model.path, model.trust_remote_code))
-    calibration, calibration_hash = work.calibration() if backend.needs_calibration(config) else (None, None)
-    notes: list[str] = []
-    if not task.latency_trial:
-        work.prepare()
-    if calibration and not task.latency_trial:
-        overlap = work.calibration_overlap(calibration)
-        if overlap > 0:
-            notes.append(f"{overlap:.1%} of the calibration's 13-grams also occur in the evaluation data: "
-                         "calibrated quality may be flattered; keep calibration documents apart in the suite")
+    def prepare(self) -> None:
+        import torch
 
-    phase("quantize")
-    progress.set_sink(lambda text: enter(f"quantize (building artifact: {text})"))
-    try:
-        artifact, cache_hit, key = obtain_artifact(
-            backend, variant, config, model.path, model.fingerprint, calibration, calibration_hash,
-            on_build=lambda: enter("quantize (building artifact)"))
-    finally:
-        progress.set_sink(None)
+        from qbench.plugins import get_backend, load_plugins
+        from qbench.suites import load_suite
+        from qbench.workload import Workload, load_tokenizer
 
-    artifact = artifact.model_copy(update={"trust_remote_code": model.trust_remote_code})
+        task = self.task
+        if task.threads:
+            torch.set_num_threads(task.threads)
+        self.phase("prepare")
+        # The machine's speed at the cell's start, before anything heavy: the
+        # reference of the run's first latency measurement (see gated_latency).
+        if task.is_baseline and not task.latency_trial:
+            from qbench.metrics.canary import MachineCanary
 
-    phase("load")
-    load_started = time.perf_counter()
-    session = BackendClock(backend.load(artifact, task.device))
-    load_seconds = time.perf_counter() - load_started
-    weight_bytes = session.weight_bytes()
-    verify_quantized(weight_bytes, count_parameters(model.path), config.nominal_bits(), task.cell)
+            self.start_canary = MachineCanary().measure()
+        self.model = ModelSpec(**task.model)
+        self.backend = get_backend(load_plugins(task.plugins), task.backend)
+        self.variant, self.config = self.backend.parse_variant(task.variant)
+        availability = self.backend.variant_available(self.config, task.device)
+        if not availability.ok:
+            raise QBenchError(f"{task.cell} cannot run on {task.device}: {availability.reason}")
+        self.suite = load_suite(task.suite_path, allow_outside_data=task.allow_outside_data)
+        self.work = Workload(self.suite, load_tokenizer(self.model.path, self.model.trust_remote_code))
+        self.calibration, self.calibration_hash = (self.work.calibration() if self.backend.needs_calibration(
+            self.config) else (None, None))
+        if not task.latency_trial:
+            self.work.prepare()
+            if self.calibration:
+                overlap = self.work.calibration_overlap(self.calibration)
+                if overlap > 0:
+                    self.notes.append(f"{overlap:.1%} of the calibration's 13-grams also occur in the evaluation "
+                                      "data: calibrated quality may be flattered; keep calibration documents apart "
+                                      "in the suite")
 
-    if task.latency_trial:
-        phase("latency")
-        trial = gated_latency(session, work.latency_prompt(), suite.latency, Path(task.run_dir), task.cell)
-        session.close()
-        phase("done")
-        return {"status": "ok", "trial": trial, "phase_seconds": phase_seconds}
+    def obtain_artifact(self) -> None:
+        from qbench import progress
+        from qbench.artifacts import obtain_artifact
 
-    metrics: dict[str, Any] = {}
-    # Caveats the backend found while quantizing (e.g. a group size that does
-    # not divide a layer) belong beside the numbers.
-    notes += artifact.meta.get("notes", [])
-    refs = reference_paths(task.run_dir)
-    fingerprint = work.fingerprint()
+        self.phase("quantize")
+        progress.set_sink(lambda text: self.enter(f"quantize (building artifact: {text})"))
+        try:
+            artifact, self.cache_hit, self.artifact_key = obtain_artifact(
+                self.backend, self.variant, self.config, self.model.path, self.model.fingerprint,
+                self.calibration, self.calibration_hash, on_build=lambda: self.enter("quantize (building artifact)"))
+        finally:
+            progress.set_sink(None)
+        self.artifact = artifact.model_copy(update={"trust_remote_code": self.model.trust_remote_code})
 
-    if suite.perplexity:
-        phase("perplexity")
-        windows = work.perplexity_windows
+    def load(self) -> None:
+        from qbench.metrics.cost import BackendClock
+
+        self.phase("load")
+        started = time.perf_counter()
+        self.session = BackendClock(self.backend.load(self.artifact, self.task.device))
+        self.load_seconds = time.perf_counter() - started
+        self.weight_bytes = self.session.weight_bytes()
+        verify_quantized(self.weight_bytes, count_parameters(self.model.path), self.config.nominal_bits(),
+                         self.task.cell)
+
+    def measure_perplexity(self) -> None:
+        from qbench.metrics.quality import fidelity_metrics, perplexity_metrics
+        from qbench.metrics.scoring import reference_from, score_windows
+
+        self.phase("perplexity")
+        windows_hash = self.work.fingerprint()["perplexity_windows"]
         reference = None
-        if not task.is_baseline:
-            meta = json.loads(refs["meta"].read_text()) if refs["meta"].is_file() else None
-            if meta is None:
-                notes.append("no baseline reference in this run (did the baseline fail?): fidelity not measured")
-            elif meta["windows"] != fingerprint["perplexity_windows"]:
-                raise QBenchError("the baseline's windows differ from this cell's: the suite or tokenizer changed "
-                                  "mid-run; start a new run instead of resuming")
-            else:
-                reference = Reference.load(refs["logprobs"])
-        scores = score_windows(session, windows, suite.perplexity.batch_size, reference=reference,
-                               top_k=suite.fidelity.top_k if task.is_baseline else 0)
+        if not self.task.is_baseline:
+            reference = self.reference.load_scores(windows_hash)
+            if reference is None:
+                self.notes.append("no baseline reference in this run (did the baseline fail?): fidelity not "
+                                  "measured")
+        spec = self.suite.perplexity
+        scores = score_windows(self.session, self.work.perplexity_windows, spec.batch_size, reference=reference,
+                               top_k=self.suite.fidelity.top_k if self.task.is_baseline else 0)
         token_lp = scores.tensor("token_logprobs")
-        n_bytes, n_words = work.scored_text_stats
-        metrics.update(perplexity_metrics(token_lp, n_bytes, n_words))
-        if task.is_baseline:
-            ref = reference_from(scores)
-            _write_atomic(refs["logprobs"], ref.save)
-            _write_atomic(refs["meta"], lambda p: p.write_text(json.dumps(
-                {"windows": fingerprint["perplexity_windows"], "top_k": suite.fidelity.top_k,
-                 "cell": task.cell, "tokens": token_lp.numel()})))
+        n_bytes, n_words = self.work.scored_text_stats
+        self.metrics.update(perplexity_metrics(token_lp, n_bytes, n_words))
+        if self.task.is_baseline:
+            self.reference.save_scores(reference_from(scores), windows_hash, self.suite.fidelity.top_k,
+                                       self.task.cell)
         elif reference is not None:
-            metrics.update(fidelity_metrics(token_lp, reference.token_logprobs, scores.tensor("kld"),
-                                            scores.tensor("same_top"), scores.tensor("tail_mass"),
-                                            suite.fidelity.top_k))
+            self.metrics.update(fidelity_metrics(token_lp, reference.token_logprobs, scores.tensor("kld"),
+                                                 scores.tensor("same_top"), scores.tensor("tail_mass"),
+                                                 self.suite.fidelity.top_k))
 
-    if work.tasks:
-        phase("tasks")
-        per_task = {}
-        for spec, (name, items, windows) in zip(suite.tasks, work.tasks):
-            lp = score_windows(session, windows, spec.batch_size).tensor("token_logprobs")
-            per_task[name] = accuracy_metrics(items, lp, windows)
-        metrics["tasks"] = per_task
+    def measure_tasks(self) -> None:
+        from qbench.metrics import metric, proportion_stderr
+        from qbench.metrics.choice import accuracy_metrics
+        from qbench.metrics.scoring import score_windows
+
+        self.phase("tasks")
+        for spec, (name, items, windows) in zip(self.suite.tasks, self.work.tasks):
+            lp = score_windows(self.session, windows, spec.batch_size).tensor("token_logprobs")
+            self.tasks[name] = accuracy_metrics(items, lp, windows)
         # Pooled over every item of every task: total correct / total items.
-        n_total = sum(len(items) for _, items, _ in work.tasks)
-        for key in ("acc", "acc_norm"):
-            value = sum(per_task[name][key]["value"] * len(items) for name, items, _ in work.tasks) / n_total
-            metrics[key] = metric(value, "fraction", n_total, proportion_stderr(value, n_total))
+        n_total = sum(len(items) for _, items, _ in self.work.tasks)
+        for name in ("acc", "acc_norm"):
+            value = sum(self.tasks[task][name]["value"] * len(items) for task, items, _ in self.work.tasks) / n_total
+            self.metrics[name] = metric(value, "fraction", n_total, proportion_stderr(value, n_total))
 
-    if suite.generation:
-        phase("generation")
-        outputs = [session.generate(p, suite.generation.max_new_tokens, lambda: None)[0].tolist()
-                   for p in work.generation_prompts]
-        if task.is_baseline:
-            _write_atomic(refs["generation"], lambda p: p.write_text(json.dumps(outputs)))
-        elif refs["generation"].is_file():
-            metrics.update(generation_metrics(outputs, json.loads(refs["generation"].read_text())))
+    def measure_generation(self) -> None:
+        from qbench.metrics.generation import generation_metrics
+
+        self.phase("generation")
+        outputs = [self.session.generate(p, self.suite.generation.max_new_tokens, lambda: None)[0].tolist()
+                   for p in self.work.generation_prompts]
+        if self.task.is_baseline:
+            self.reference.save_generation(outputs)
+            return
+        baseline = self.reference.load_generation()
+        if baseline is None:
+            self.notes.append("no baseline generations in this run: generation fidelity not measured")
         else:
-            notes.append("no baseline generations in this run: generation fidelity not measured")
+            self.metrics.update(generation_metrics(outputs, baseline))
 
-    if suite.latency:
-        phase("latency")
-        trial = gated_latency(session, work.latency_prompt(), suite.latency, Path(task.run_dir), task.cell,
-                              start_canary)
-        metrics.update(combine_trials([trial]))
-        notes += busy_notes(metrics)
+    def measure_latency(self) -> None:
+        from qbench.metrics.trials import busy_notes, combine_trials
 
-    metrics.update(memory_metrics(session, task.device))
-    on_disk = artifact_weight_bytes(artifact)
-    if on_disk is not None:
-        metrics["artifact_bytes"] = metric(on_disk, "bytes", None, None,
-                                           label="size of the artifact's tensor files on disk")
-        if abs(weight_bytes - on_disk) > 0.1 * on_disk:
-            notes.append(f"the session holds {weight_bytes / 2**20:.1f} MiB of weights but its artifact has "
-                         f"{on_disk / 2**20:.1f} MiB on disk: storage differs between file and memory")
-    metrics["load_seconds"] = {"value": load_seconds, "unit": "s"}
-    metrics["quantize_seconds"] = {"value": artifact.quantize_seconds, "unit": "s",
-                                   "cached": cache_hit, "label": "time the artifact took to build, even if cached"}
-    describe = session.describe()
-    notes += describe.pop("notes", [])  # what the backend found at load (e.g. a kernel's dtype)
-    session.close()
-    phase("done")
-    measured = sum(phase_seconds.get(p, 0.0) for p in ("perplexity", "tasks", "generation", "latency"))
-    # The canary's measurements and pauses wait for the machine on purpose:
-    # not harness work around backend calls.
-    measured -= (metrics.get("machine_canary_ms") or {}).get("gate_seconds", 0.0)
-    harness = max(measured - session.seconds, 0.0)
-    metrics["harness_share"] = metric(
-        harness / measured if measured else 0.0, "fraction", None, None, seconds=round(harness, 3),
-        backend_seconds=round(session.seconds, 3),
-        label="share of the measurement phases' time spent outside backend calls (tokenizing aside: "
-              "log-softmax, metrics, bookkeeping)")
-    return {
-        "status": "ok",
-        "metrics": metrics,
-        "notes": notes,
-        "config": config.settings(),
-        "nominal_bits": config.nominal_bits(),
-        "backend_version": backend.version(),
-        "artifact": {"key": key, "cache_hit": cache_hit, "path": artifact.path, "meta": artifact.meta},
-        "calibration": {"hash": calibration_hash, "samples": len(calibration)} if calibration else None,
-        "workload": fingerprint,
-        "session": describe,
-        "env": collect_environment(task.device),
-        "phase_seconds": phase_seconds,
-        "started": started,
-    }
+        self.phase("latency")
+        self.trial = gated_latency(self.session, self.work.latency_prompt(), self.suite.latency,
+                                   Path(self.task.run_dir), self.task.cell, self.start_canary)
+        self.metrics.update(combine_trials([self.trial]))
+        self.notes += busy_notes(self.metrics)
+
+    def measure_latency_trial(self) -> dict[str, Any]:
+        self.phase("latency")
+        trial = gated_latency(self.session, self.work.latency_prompt(), self.suite.latency,
+                              Path(self.task.run_dir), self.task.cell)
+        self.session.close()
+        return trial
+
+    def cost_metrics(self) -> None:
+        from qbench.artifacts import artifact_weight_bytes
+        from qbench.metrics import metric
+        from qbench.metrics.cost import memory_metrics
+
+        self.metrics.update(memory_metrics(self.session, self.task.device))
+        on_disk = artifact_weight_bytes(self.artifact)
+        if on_disk is not None:
+            self.metrics["artifact_bytes"] = metric(on_disk, "bytes", None, None,
+                                                    label="size of the artifact's tensor files on disk")
+            if abs(self.weight_bytes - on_disk) > 0.1 * on_disk:
+                self.notes.append(f"the session holds {self.weight_bytes / 2**20:.1f} MiB of weights but its "
+                                  f"artifact has {on_disk / 2**20:.1f} MiB on disk: storage differs between file "
+                                  "and memory")
+        self.metrics["load_seconds"] = metric(self.load_seconds, "s")
+        self.metrics["quantize_seconds"] = metric(self.artifact.quantize_seconds, "s", cached=self.cache_hit,
+                                                  label="time the artifact took to build, even if cached")
+
+    def harness_share(self) -> None:
+        from qbench.metrics import metric
+
+        measured = sum(self.phase_seconds.get(p, 0.0) for p in self.QUALITY_PHASES)
+        # The canary's measurements and pauses wait for the machine on purpose:
+        # not harness work around backend calls.
+        measured -= (self.metrics.get("machine_canary_ms") or {}).get("gate_seconds", 0.0)
+        harness = max(measured - self.session.seconds, 0.0)
+        self.metrics["harness_share"] = metric(
+            harness / measured if measured else 0.0, "fraction", None, None, seconds=round(harness, 3),
+            backend_seconds=round(self.session.seconds, 3),
+            label="share of the measurement phases' time spent outside backend calls (tokenizing aside: "
+                  "log-softmax, metrics, bookkeeping)")
+
+    def record(self) -> dict[str, Any]:
+        """The record's measured part; the parent adds identity and timing."""
+        from qbench.environment import collect_environment
+        from qbench.metrics.trials import trial_workload
+
+        # Caveats the backend found while quantizing (e.g. a group size that
+        # does not divide a layer) belong beside the numbers.
+        self.notes += self.artifact.meta.get("notes", [])
+        self.cost_metrics()
+        describe = self.session.describe()
+        self.notes += describe.pop("notes", [])  # what the backend found at load (e.g. a kernel's dtype)
+        self.session.close()
+        self.phase("done")
+        self.harness_share()
+        trials = [self.trial] if self.suite.latency else []
+        return {
+            "status": "ok",
+            "metrics": self.metrics,
+            "tasks": self.tasks,
+            "latency_trials": trials,
+            "latency_workload": trial_workload(trials) if trials else None,
+            "notes": self.notes,
+            "config": self.config.settings(),
+            "nominal_bits": self.config.nominal_bits(),
+            "backend_version": self.backend.version(),
+            "artifact": {"key": self.artifact_key, "cache_hit": self.cache_hit, "path": self.artifact.path,
+                         "meta": self.artifact.meta, "verify_seconds": self.artifact.verify_seconds},
+            "calibration": ({"hash": self.calibration_hash, "samples": len(self.calibration)}
+                            if self.calibration else None),
+            "workload": self.work.fingerprint(),
+            "session": describe,
+            "env": collect_environment(self.task.device),
+            "phase_seconds": self.phase_seconds,
+            "started": self.started,
+        }

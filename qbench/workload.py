@@ -7,11 +7,13 @@ import hashlib
 import json
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
 from qbench.corpus import corpus_stream, load_documents
+from qbench.errors import QBenchError
 from qbench.metrics.choice import load_items, request_windows
 from qbench.suites import Suite
 from qbench.windows import Window, make_windows, windows_hash
@@ -22,7 +24,26 @@ OVERLAP_NGRAM = 13
 def load_tokenizer(model_path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    try:
+        return AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # transformers raises many types, with multi-paragraph messages
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise QBenchError(f"cannot load a tokenizer from {model_path} ({type(exc).__name__}: {first}): the model "
+                          "folder needs its tokenizer files (tokenizer.json, or tokenizer.model with "
+                          "tokenizer_config.json)") from None
+
+
+def max_positions(model_path: str) -> Optional[int]:
+    """The longest sequence the model's config allows, if it says."""
+    try:
+        config = json.loads((Path(model_path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    config = config.get("text_config", config) if isinstance(config, dict) else {}
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        if isinstance(config.get(key), int) and config[key] > 0:
+            return config[key]
+    return None
 
 
 @dataclass
@@ -88,7 +109,8 @@ class Workload:
         spec = self.suite.latency
         ids = (self._bos_prefix() + self.stream)[: spec.prompt_tokens]
         if len(ids) < spec.prompt_tokens:
-            raise ValueError(f"the corpus has only {len(ids)} tokens, the latency workload needs {spec.prompt_tokens}")
+            raise QBenchError(f"the corpus has only {len(ids)} tokens, the latency workload needs "
+                              f"{spec.prompt_tokens}: lower latency.prompt_tokens")
         return torch.tensor([ids] * spec.batch_size)
 
     def calibration(self) -> tuple[Optional[list[list[int]]], Optional[str]]:
@@ -124,6 +146,39 @@ class Workload:
                 evaluation |= grams(prompt[0].tolist())
         calibration = [g for sample in samples for g in grams(sample)]
         return sum(g in evaluation for g in calibration) / len(calibration) if calibration else 0.0
+
+    def check(self, limit: Optional[int]) -> None:
+        """What can only be checked with the tokenizer, before any cell:
+        scored tokens exist, and no sequence the harness builds is longer
+        than the model's positions (``limit``), where scores would be
+        silently wrong."""
+        def fits(length: int, what: str, fix: str) -> None:
+            if limit is not None and length > limit:
+                raise QBenchError(f"{self.suite.file}: {what} needs {length:,} positions but the model has "
+                                  f"{limit:,}: {fix}")
+
+        spec = self.suite.perplexity
+        if spec:
+            scored = sum(w.n_scored for w in self.perplexity_windows)
+            if scored < 2:
+                raise QBenchError(f"{self.suite.file}: the perplexity corpus gives {scored} scored token(s) "
+                                  f"({len(self.stream)} tokens in all): use a longer corpus")
+            fits(max(len(w.input_ids) for w in self.perplexity_windows), "perplexity.max_length",
+                 "lower it")
+        for task, (name, _, windows) in zip(self.suite.tasks, self.tasks):
+            fits(max(len(w.input_ids) for w in windows), f"task '{name}' (its longest request)",
+                 "shorten its contexts or drop the task")
+        if self.suite.generation:
+            longest = max(p.shape[1] for p in self.generation_prompts)
+            fits(longest + self.suite.generation.max_new_tokens, "generation (longest prompt + max_new_tokens)",
+                 "lower max_new_tokens or shorten the prompts")
+        if self.suite.latency:
+            lat = self.suite.latency
+            available = len(self._bos_prefix()) + len(self.stream)
+            if available < lat.prompt_tokens:
+                raise QBenchError(f"{self.suite.file}: latency.prompt_tokens is {lat.prompt_tokens} but the "
+                                  f"perplexity corpus gives only {available} tokens: lower it or use more text")
+            fits(lat.prompt_tokens + lat.new_tokens, "latency (prompt_tokens + new_tokens)", "lower them")
 
     def fingerprint(self) -> dict[str, Any]:
         out: dict[str, Any] = {"bos_policy": self.suite.bos, "bos_id": self.bos_id}

@@ -132,3 +132,14 @@ def session_for(backend, spec: str, model: Path, calibration=None):
     artifact, _, _ = obtain_artifact(backend, variant, config, str(model), fingerprint(model), calibration,
                                      calibration_hash)
     return backend.load(artifact, "cpu")
+
+
+def make_record(**fields):
+    """A valid ``CellRecord`` with placeholder identity, for tests of code
+    that reads records."""
+    from qbench.records import CellRecord
+
+    base = {"run_id": "test", "cell": "fp:fp32", "backend": "fp", "variant": "fp32", "device": "cpu",
+            "model": {"name": "m", "fingerprint": "f", "source": "local"},
+            "suite": {"name": "s", "path": "s.yaml", "hash": "h"}, "status": "ok"}
+    return CellRecord.model_validate({**base, **fields})

@@ -42,12 +42,38 @@ def test_corrupt_cache_entry_is_reported_with_the_fix(rtn, tiny_model):
 
 
 def test_missing_artifact_file_is_reported(rtn, tiny_model):
-    import os
-
     artifact, _, _ = obtain(rtn, "w2g32", tiny_model)
     os.remove(os.path.join(artifact.path, "rtn.safetensors"))
-    with pytest.raises(QBenchError, match="missing rtn.safetensors"):
+    with pytest.raises(QBenchError, match="rtn.safetensors is missing.*rm -r"):
         obtain(rtn, "w2g32", tiny_model)
+
+
+def test_another_variants_file_copied_in_is_refused(rtn, tiny_model):
+    """The same file name and a plausible size: only the checksum tells."""
+    import shutil
+
+    int8, _, _ = obtain(rtn, "w8g32", tiny_model)
+    int4, _, _ = obtain(rtn, "w4g32", tiny_model)
+    assert int4.files["rtn.safetensors"][1] != int8.files["rtn.safetensors"][1]
+    shutil.copy(os.path.join(int4.path, "rtn.safetensors"), os.path.join(int8.path, "rtn.safetensors"))
+    with pytest.raises(QBenchError, match=r"does not match its checksums \(rtn.safetensors (has|differs).*rm -r"):
+        obtain(rtn, "w8g32", tiny_model)
+
+
+def test_same_size_edit_and_extra_file_are_refused(rtn, tiny_model):
+    artifact, _, _ = obtain(rtn, "w4g32", tiny_model)
+    path = os.path.join(artifact.path, "rtn.safetensors")
+    data = bytearray(open(path, "rb").read())
+    data[-1] ^= 0xFF  # one bit pattern in the last tensor byte: same size, other weights
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(QBenchError, match="differs from what was written"):
+        obtain(rtn, "w4g32", tiny_model)
+    data[-1] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+    assert obtain(rtn, "w4g32", tiny_model)[1]  # restored: a hit again, with the time the check took
+    open(os.path.join(artifact.path, "extra.safetensors"), "wb").write(b"x")
+    with pytest.raises(QBenchError, match="extra.safetensors was not part of the entry"):
+        obtain(rtn, "w4g32", tiny_model)
 
 
 def test_failed_quantization_leaves_no_entry(rtn, tiny_model):

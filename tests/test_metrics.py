@@ -6,12 +6,14 @@ import pytest
 import torch
 
 from qbench.backend import Session
+from qbench.errors import QBenchError
 from qbench.hf import HFSession
 from qbench.metrics.choice import accuracy_metrics, request_windows
 from qbench.metrics.generation import generation_metrics
 from qbench.metrics.quality import fidelity_metrics, perplexity_metrics
 from qbench.metrics.scoring import kl_against_topk, reference_from, score_windows
-from qbench.windows import Window, make_windows
+from qbench.windows import make_windows
+from tests.conftest import make_record
 
 
 class FixedLogits(Session):
@@ -131,7 +133,7 @@ def test_bos_policies():
     assert sum(w.n_scored for w in every) == 10  # every corpus token scored
     doc = make_windows(tokens, 4, None, "document", bos_id=1)
     assert doc[0].input_ids[0] == 1 and doc[1].input_ids[0] != 1
-    with pytest.raises(ValueError, match="no BOS"):
+    with pytest.raises(QBenchError, match="has none"):
         make_windows(tokens, 4, None, "window", bos_id=None)
 
 
@@ -164,14 +166,14 @@ def test_generation_metrics():
 
 
 def test_latency_trials_combine_into_a_geometric_mean_with_a_between_process_error():
-    from qbench.metrics.trials import add_trial, busy_notes, combine_trials
+    from qbench.metrics.trials import add_trial, busy_notes, combine_trials, trial_workload
 
     def trial(ms, busy=False):
         return {"prefill_ms": {"value": 2 * ms, "unit": "ms", "samples": [2 * ms]},
                 "decode_ms_per_token": {"value": ms, "unit": "ms/token", "samples": [ms - 1, ms, ms + 1]},
                 "generate_ms": {"value": 9 * ms, "unit": "ms", "samples": [9 * ms]},
                 "latency_workload": {"batch_size": 2, "new_tokens": 4, "repetitions": 1},
-                "machine_canary_ms": {"value": 30.0 if busy else 10.0, "typical": 10.0, "busy": busy}}
+                "machine_canary_ms": {"value": 30.0 if busy else 10.0, "unit": "ms", "typical": 10.0, "busy": busy}}
 
     one = combine_trials([trial(40.0)])
     assert one["decode_ms_per_token"]["value"] == 40.0 and "stderr" not in one["decode_ms_per_token"]
@@ -183,16 +185,20 @@ def test_latency_trials_combine_into_a_geometric_mean_with_a_between_process_err
     assert decode["trials"] == [40.0, 90.0] and decode["n"] == 6 and decode["p90"] == pytest.approx(90.5)
     assert two["decode_tokens_per_s"]["value"] == pytest.approx(2000 / 60)  # batch 2
     assert two["decode_tokens_per_s"]["stderr"] == pytest.approx(2000 / 60 * math.log(2.25) / 2)
-    assert two["latency_workload"]["repetitions"] == 2 and two["latency_workload"]["trials"] == 2
+    workload = trial_workload([trial(40.0), trial(90.0)])
+    assert workload["repetitions"] == 2 and workload["trials"] == 2
     # A busy trial is left out while a quiet one exists, and noted only when none does.
     mixed = combine_trials([trial(40.0), trial(90.0, busy=True)])
-    assert mixed["decode_ms_per_token"]["value"] == 40.0 and mixed["latency_workload"]["trials_left_out_busy"] == 1
+    assert mixed["decode_ms_per_token"]["value"] == 40.0
+    assert trial_workload([trial(40.0), trial(90.0, busy=True)])["trials_left_out_busy"] == 1
     assert not busy_notes(mixed)
-    record = {"metrics": combine_trials([trial(90.0, busy=True)]), "notes": ["other"]}
-    record["notes"] += busy_notes(record["metrics"])
-    assert len(record["notes"]) == 2 and "200% slower" in record["notes"][1]
+    busy = [trial(90.0, busy=True)]
+    latency = combine_trials(busy)
+    record = make_record(metrics=latency, notes=["other"] + busy_notes(latency), latency_trials=busy)
+    assert len(record.notes) == 2 and "200% slower" in record.notes[1]
     record = add_trial(record, trial(40.0))
-    assert record["notes"] == ["other"] and record["metrics"]["decode_ms_per_token"]["value"] == 40.0
+    assert record.notes == ["other"] and record.value("decode_ms_per_token") == 40.0
+    assert len(record.latency_trials) == 2 and record.latency_workload["trials"] == 1
 
 
 def test_top1_agreement_without_a_full_argmax_matches_argmax_exactly():

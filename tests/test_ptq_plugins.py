@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from qbench.errors import QBenchError
-from qbench.hf import HFSession, linear_layers, unique_tensor_bytes
+from qbench.hf import HFSession, unique_tensor_bytes
 from qbench.metrics.scoring import reference_from, score_windows
 from qbench.plugins import PluginSettings, load_plugins
 from qbench.windows import make_windows
@@ -158,11 +158,11 @@ def test_worker_runs_both_plugins_end_to_end(tiny_model, tiny_suite, tmp_path):
     df = qbench.run(model=str(tiny_model), suite=str(tiny_suite), device="cpu",
                     backends=["torchao:int8-wo", "bnb:nf4"], output_dir=str(tmp_path))
     records = ResultStore(Path(df.attrs["run_dir"])).latest()
-    base = records["fp:fp32"]["metrics"]["weight_bytes"]["value"]
+    base = records["fp:fp32"].value("weight_bytes")
     for cell in ("torchao:int8-wo", "bnb:nf4"):
         record = records[cell]
-        assert record["status"] == "ok", record.get("error")
-        assert record["metrics"]["kld"]["value"] > 0
-        assert record["metrics"]["weight_bytes"]["value"] < 0.6 * base
-        assert record["metrics"]["artifact_bytes"]["value"] > 0
-        assert json.dumps(record["session"]["leaf_module_types"])
+        assert record.ok, record.error
+        assert record.value("kld") > 0
+        assert record.value("weight_bytes") < 0.6 * base
+        assert record.value("artifact_bytes") > 0
+        assert json.dumps(record.session["leaf_module_types"])

@@ -12,35 +12,40 @@ import pytest
 
 from qbench.compare import compare_records
 from qbench.report import pareto_front, recommendation
-from tests.conftest import FAKE_PLUGINS
+from tests.conftest import FAKE_PLUGINS, make_record
 from tests.test_cli import qbench
 
 
-def record(cell, kld, weight, baseline=False, status="ok", **extra):
-    metrics = {"weight_bytes": {"value": weight}, "decode_tokens_per_s": {"value": 10.0}}
+def record(cell, kld, weight, baseline=False, **extra):
+    metrics = {"weight_bytes": {"value": weight, "unit": "bytes"},
+               "decode_tokens_per_s": {"value": 10.0, "unit": "tokens/s"}}
     if kld is not None:
-        metrics["kld"] = {"value": kld, "stderr": 0.001}
-    return {"cell": cell, "baseline": baseline, "status": status, "metrics": metrics, **extra}
+        metrics["kld"] = {"value": kld, "stderr": 0.001, "unit": "nats"}
+    return make_record(cell=cell, baseline=baseline, metrics=metrics, **extra)
 
 
 def test_pareto_front_and_budget_recommendation():
     records = [record("fp:fp32", None, 400, baseline=True), record("a", 0.01, 100), record("b", 0.005, 150),
                record("c", 0.02, 160), record("d", 0.5, 50)]
-    assert [r["cell"] for r in pareto_front(records)] == ["d", "a", "b", "fp:fp32"]
+    assert [r.cell for r in pareto_front(records)] == ["d", "a", "b", "fp:fp32"]
     lines = recommendation(records, kld_budget=0.012)
     assert "`a`" in lines[1] and "25% of the baseline" in lines[1]
     assert "No variant" in recommendation(records, kld_budget=0.001)[1]
+    # Without a baseline result nothing was measured against it: no "keep the baseline".
+    failed = make_record(cell="fp:fp32", baseline=True, status="failed", error="boom")
+    lines = recommendation([failed] + records[1:], kld_budget=0.012)
+    assert len(lines) == 1 and "baseline has no result" in lines[0]
 
 
 def metric(value, stderr=None, samples=None):
-    return {"value": value, "stderr": stderr, **({"samples": samples} if samples else {})}
+    return {"value": value, "stderr": stderr, "unit": "x", **({"samples": samples} if samples else {})}
 
 
 def test_compare_flags_only_changes_beyond_error_bars():
     def run(ppl, kld, decode):
-        return {"x:y": {"cell": "x:y", "status": "ok", "metrics": {
+        return {"x:y": make_record(cell="x:y", metrics={
             "perplexity": metric(ppl, 0.3), "kld": metric(kld, 0.001),
-            "decode_ms_per_token": metric(decode, samples=[decode - 1, decode, decode + 1] * 10)}}}
+            "decode_ms_per_token": metric(decode, samples=[decode - 1, decode, decode + 1] * 10)})}
 
     _, rows, flagged = compare_records(run(14.0, 0.020, 30.0), run(14.2, 0.021, 31.0))
     assert flagged == 0 and len(rows) == 3
@@ -53,10 +58,9 @@ def test_compare_judges_latency_by_repetition_and_not_when_the_machine_was_busy(
     def run(rep_medians, busy=False):
         # 3 new tokens: 2 decode gaps per repetition.
         samples = [g for m in rep_medians for g in (m - 0.5, m + 0.5)]
-        return {"x:y": {"cell": "x:y", "status": "ok", "metrics": {
+        return {"x:y": make_record(cell="x:y", latency_workload={"new_tokens": 3}, metrics={
             "decode_ms_per_token": metric(sorted(rep_medians)[len(rep_medians) // 2], samples=samples),
-            "latency_workload": {"new_tokens": 3},
-            "machine_canary_ms": {"value": 40.0 if busy else 20.0, "typical": 20.0, "busy": busy}}}}
+            "machine_canary_ms": {"value": 40.0 if busy else 20.0, "unit": "ms", "typical": 20.0, "busy": busy}})}
 
     # Repetitions that disagree (30 +- 8 ms) make a 27% change noise...
     _, rows, flagged = compare_records(run([22, 30, 38, 30, 22, 38]), run([38, 30, 46, 38, 30, 46]))
@@ -74,8 +78,8 @@ def test_compare_measures_run_to_run_latency_noise_across_cells():
 
     def runs(ratios):
         def cell(decode):
-            return {"status": "ok", "metrics": {"decode_ms_per_token": metric(decode, samples=[decode] * 8),
-                                                "latency_workload": {"new_tokens": 3}}}
+            return make_record(metrics={"decode_ms_per_token": metric(decode, samples=[decode] * 8)},
+                               latency_workload={"new_tokens": 3})
         a = {f"c{i}": cell(40.0) for i in range(len(ratios))}
         b = {f"c{i}": cell(40.0 * r) for i, r in enumerate(ratios)}
         return a, b
@@ -111,9 +115,9 @@ def _trial_cell(decode_trials, busy=False):
                 "decode_ms_per_token": {"value": ms, "unit": "ms/token", "samples": [ms] * 9},
                 "generate_ms": {"value": 40 * ms, "unit": "ms", "samples": [40 * ms] * 3},
                 "latency_workload": {"batch_size": 1, "new_tokens": 4, "repetitions": 3},
-                "machine_canary_ms": {"value": 40.0 if busy else 20.0, "typical": 20.0, "busy": busy}}
+                "machine_canary_ms": {"value": 40.0 if busy else 20.0, "unit": "ms", "typical": 20.0, "busy": busy}}
 
-    return {"status": "ok", "metrics": combine_trials([trial(ms) for ms in decode_trials])}
+    return make_record(metrics=combine_trials([trial(ms) for ms in decode_trials]))
 
 
 def test_compare_judges_latency_by_its_trials_pooled_across_cells():

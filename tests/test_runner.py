@@ -29,27 +29,31 @@ def test_failing_cells_are_recorded_and_the_others_finish(tiny_model, tiny_suite
         backends=["fake:raise", "fake:exit", "fake:hang", "fp:bf16"], plugin_dirs=(str(FAKE_PLUGINS),),
         output_dir=str(tmp_path))
     execute(plan, run_dir)
-    records = {r["cell"]: r for r in ResultStore(run_dir).records()}
+    records = {r.cell: r for r in ResultStore(run_dir).records()}
     assert list(records) == ["fp:fp32", "fake:raise", "fake:exit", "fake:hang", "fp:bf16"]
-    assert records["fake:raise"]["status"] == "failed"
-    assert "RuntimeError during load: scripted failure in load" in records["fake:raise"]["error"]
-    assert records["fake:exit"]["status"] == "failed"
-    assert "exited with code 3 during load" in records["fake:exit"]["error"]
-    assert records["fake:hang"]["status"] == "failed"
-    assert "timed out after 45s during load" in records["fake:hang"]["error"]
+    assert records["fake:raise"].status == "failed"
+    assert "RuntimeError during load: scripted failure in load" in records["fake:raise"].error
+    assert records["fake:exit"].status == "failed"
+    assert "exited with code 3 during load" in records["fake:exit"].error
+    assert records["fake:hang"].status == "failed"
+    assert "timed out after 45s during load" in records["fake:hang"].error
     for cell in ("fp:fp32", "fp:bf16"):
-        assert records[cell]["status"] == "ok", records[cell].get("error")
-    bf16 = records["fp:bf16"]["metrics"]
+        assert records[cell].ok, records[cell].error
+    bf16 = records["fp:bf16"].metrics
     # A real, non-trivial comparison against the baseline on the same tokens.
-    assert 0 < bf16["kld"]["value"] < 0.05
-    assert bf16["kld"]["n"] == records["fp:fp32"]["metrics"]["perplexity"]["n"]
-    assert bf16["weight_bytes"]["value"] * 2 == pytest.approx(records["fp:fp32"]["metrics"]["weight_bytes"]["value"],
-                                                              rel=0.01)
-    # Every record carries its environment and provenance.
-    env = records["fp:bf16"]["env"]
+    assert 0 < bf16["kld"].value < 0.05
+    assert bf16["kld"].n == records["fp:fp32"].metrics["perplexity"].n
+    assert bf16["weight_bytes"].value * 2 == pytest.approx(records["fp:fp32"].value("weight_bytes"), rel=0.01)
+    # Every record carries its environment and provenance: the artifact's own
+    # cache key (once overwritten by a loop variable), the suite's files.
+    env = records["fp:bf16"].env
     assert env["packages"]["torch"] and env["torch_threads"] >= 1
-    assert records["fp:bf16"]["suite"]["hash"] == plan.suite_hash
-    assert records["fake:raise"]["log"].endswith(".log")
+    assert records["fp:bf16"].suite.hash == plan.suite_hash
+    assert records["fp:bf16"].suite.data_files == plan.suite_files and len(plan.suite_files) == 1
+    keys = {records[c].artifact.key for c in ("fp:fp32", "fp:bf16")}
+    assert len(keys) == 2 and all(len(k) == 20 and k != "acc_norm" for k in keys)
+    assert set(records["fp:bf16"].tasks) == {"mc"} and records["fp:bf16"].tasks["mc"]["acc"].n == 4
+    assert records["fake:raise"].log.endswith(".log")
 
 
 def _run_cli(args, **kwargs):
@@ -130,22 +134,105 @@ def test_latency_trials_run_in_fresh_workers_after_every_cell(tiny_model, tiny_s
     execute(plan, run_dir)
     store = ResultStore(run_dir)
     # Each cell, then trial 2 of each cell, then trial 3: a new record each time.
-    assert [r["cell"] for r in store.records()] == ["fp:fp32", "fake:flaky"] * 3
+    assert [r.cell for r in store.records()] == ["fp:fp32", "fake:flaky"] * 3
     latest = store.latest()
     assert list(latest) == ["fp:fp32", "fake:flaky"]
-    base = latest["fp:fp32"]["metrics"]
-    assert len(base["latency_trials"]) == 3 and len(base["decode_ms_per_token"]["trials"]) == 3
-    assert base["decode_ms_per_token"]["stderr"] > 0 and base["latency_workload"]["trials"] == 3
-    assert base["perplexity"] == store.records()[0]["metrics"]["perplexity"]  # quality kept as measured
-    assert len(latest["fp:fp32"]["trial_wall_seconds"]) == 2
+    base = latest["fp:fp32"]
+    assert len(base.latency_trials) == 3 and len(base.metrics["decode_ms_per_token"].get("trials")) == 3
+    assert base.stderr("decode_ms_per_token") > 0 and base.latency_workload["trials"] == 3
+    assert base.metrics["perplexity"] == store.records()[0].metrics["perplexity"]  # quality kept as measured
+    assert len(base.trial_wall_seconds) == 2
     # A trial that fails leaves the cell's figures and says why; it is not retried.
     flaky = latest["fake:flaky"]
-    assert flaky["status"] == "ok" and len(flaky["metrics"]["latency_trials"]) == 1
-    assert [e.split(":")[0] for e in flaky["latency_trial_errors"]] == ["latency trial 2", "latency trial 3"]
-    assert "scripted failure in a second load" in flaky["latency_trial_errors"][0]
-    assert "stderr" not in flaky["metrics"]["decode_ms_per_token"]
+    assert flaky.ok and len(flaky.latency_trials) == 1
+    assert [e.split(":")[0] for e in flaky.latency_trial_errors] == ["latency trial 2", "latency trial 3"]
+    assert "scripted failure in a second load" in flaky.latency_trial_errors[0]
+    assert flaky.stderr("decode_ms_per_token") is None
     assert execute(plan, run_dir) == []  # resuming finds nothing left to do
     # Each round's workers come from a fresh fork server: a cell's trials never share one.
     if "forkserver" in multiprocessing.get_all_start_methods():
         parents = [line.split()[1] for line in (tmp_path / "loads").read_text().splitlines()]
         assert len(parents) == 3 and len(set(parents)) == 3
+
+
+def test_resume_after_a_torn_last_line_moves_the_fragment_aside(tiny_model, tiny_suite, tmp_path):
+    args = ["run", "--model", str(tiny_model), "--suite", str(tiny_suite), "--device", "cpu", "-b", "fake:ok",
+            "--plugins-dir", str(FAKE_PLUGINS), "-o", str(tmp_path), "--run-id", "torn"]
+    assert _run_cli(args).wait(timeout=300) == 0
+    results = tmp_path / "torn" / "results.jsonl"
+    lines = results.read_text().splitlines(keepends=True)
+    fragment = lines[1][: len(lines[1]) // 2]  # a writer killed mid-line
+    results.write_text(lines[0] + fragment)
+    resumed = _run_cli(["run", "--resume", str(tmp_path / "torn")])
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, output
+    assert "ended in a half-written line" in output and "1 cell(s) already finished; running 1" in output
+    records = [json.loads(line) for line in results.read_text().splitlines()]  # every line whole again
+    assert [r["cell"] for r in records] == ["fp:fp32", "fake:ok"]
+    aside = list((tmp_path / "torn").glob("results.jsonl.torn-*"))
+    assert len(aside) == 1 and aside[0].read_text() == fragment
+    again = _run_cli(["run", "--resume", str(tmp_path / "torn")])
+    assert "2 cell(s) already finished; running 0" in again.communicate(timeout=300)[0]  # measured once, not again
+
+
+def test_a_record_the_results_file_cannot_take_is_kept_and_added_on_resume(tiny_model, tiny_suite, tmp_path,
+                                                                            monkeypatch):
+    monkeypatch.setenv("QBENCH_FAKE_SLOW_SECONDS", "8")
+    args = ["run", "--model", str(tiny_model), "--suite", str(tiny_suite), "--device", "cpu", "-b", "fake:slow",
+            "--plugins-dir", str(FAKE_PLUGINS), "-o", str(tmp_path), "--run-id", "full"]
+    proc = _run_cli(args)
+    results = tmp_path / "full" / "results.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (results.is_file() and results.read_text().count("\n") == 1):
+        time.sleep(0.2)
+    saved = results.read_text()
+    results.unlink()
+    results.mkdir()  # appending now fails (even as root) while fake:slow is being measured
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 2, output
+    error = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "the record of fake:slow is kept in" in error[0] and "--resume" in error[0]
+    pending = list((tmp_path / "full" / "pending").glob("*.json"))
+    assert len(pending) == 1 and json.loads(pending[0].read_text())["cell"] == "fake:slow"
+    results.rmdir()
+    results.write_text(saved)
+    resumed = _run_cli(["run", "--resume", str(tmp_path / "full")])
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, output
+    assert "added the record of fake:slow" in output and "2 cell(s) already finished; running 0" in output
+    assert [r.cell for r in ResultStore(tmp_path / "full").records()] == ["fp:fp32", "fake:slow"]
+    assert not list((tmp_path / "full" / "pending").glob("*.json"))
+
+
+def test_one_damaged_run_does_not_stop_new_runs(tiny_model, tiny_suite, tmp_path):
+    damaged = tmp_path / "old"
+    damaged.mkdir()
+    (damaged / "plan.json").write_text("{}")
+    (damaged / "results.jsonl").write_text('{"foo": 1}\n{"bar": 2}\n')
+    proc = _run_cli(["run", "--model", str(tiny_model), "--suite", str(tiny_suite), "--device", "cpu", "-b",
+                     "fake:ok", "--plugins-dir", str(FAKE_PLUGINS), "-o", str(tmp_path), "--run-id", "new"])
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, output
+    assert "warning: time estimate leaves out old" in output and "Traceback" not in output
+
+
+def test_store_validates_records_and_names_the_bad_line(tmp_path):
+    from qbench.errors import QBenchError
+    from tests.conftest import make_record
+
+    store = ResultStore(tmp_path)
+    store.append(make_record())
+    (tmp_path / "results.jsonl").open("a").write('{"cell": "x"}\n')
+    with pytest.raises(QBenchError, match=r"results.jsonl:2: not a qbench record \(field .run_id.: Field required"):
+        store.records()
+    with pytest.raises(Exception, match="status"):
+        store.append(make_record().model_copy(update={"status": "weird"}))  # never written unchecked
+    # Version-1 lines (tasks and trials inside metrics) are read as version 2.
+    old = make_record().model_dump(by_alias=True)
+    old.update(schema=1, metrics={"acc": {"value": 0.5, "unit": "fraction"},
+                                  "tasks": {"t": {"acc": {"value": 0.5, "unit": "fraction"}}},
+                                  "latency_workload": {"new_tokens": 4}, "latency_trials": [{"x": 1}]})
+    (tmp_path / "results.jsonl").write_text(json.dumps(old) + "\n")
+    record = store.records()[0]
+    assert record.schema_version == 2 and record.tasks["t"]["acc"].value == 0.5
+    assert record.latency_workload == {"new_tokens": 4} and set(record.metrics) == {"acc"}

@@ -22,6 +22,8 @@ from typing import Optional
 
 import torch
 
+from qbench.io import write_atomic
+
 #: A latency measurement is retried while the canary runs this much slower
 #: than the run's typical value.
 SLOW_FACTOR = 1.2
@@ -63,6 +65,4 @@ def append_history(history: Path, cell: str, ms: float) -> None:
     except (OSError, ValueError):
         entries = []
     entries.append({"cell": cell, "ms": round(ms, 3)})
-    tmp = history.with_name(history.name + ".tmp")
-    tmp.write_text(json.dumps(entries))
-    tmp.replace(history)
+    write_atomic(history, json.dumps(entries))

@@ -8,9 +8,53 @@ from typing import Any, Optional
 
 import torch
 
-from qbench.errors import QBenchError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StrictStr, ValidationError, \
+    model_validator
+from typing_extensions import Annotated
+
+from qbench.datafiles import read_text
+from qbench.errors import QBenchError, describe_validation
 from qbench.metrics import metric, proportion_stderr
 from qbench.windows import Window
+
+
+def _digits_to_int(value: Any) -> Any:
+    # lm-eval templates render targets as text: "2" means index 2.
+    return int(value) if isinstance(value, str) and value.strip().isdigit() else value
+
+
+class ChoiceItem(BaseModel):
+    """One multiple-choice item. Strict on purpose: a fractional gold index
+    would be truncated, an empty choice has log-likelihood 0 and always
+    wins, and integer choices or contexts used to fail deep in tokenizing."""
+
+    model_config = ConfigDict(extra="ignore")
+    context: StrictStr
+    choices: list[StrictStr] = Field(min_length=2)
+    gold: Annotated[StrictInt, BeforeValidator(_digits_to_int)]
+    #: lm-eval's acc_norm denominators (choice length without the delimiter)
+    norm_lengths: Optional[list[int]] = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        if any(not c.strip() for c in self.choices):
+            raise ValueError("a choice is empty: it would score log-likelihood 0 and always win")
+        if not 0 <= self.gold < len(self.choices):
+            raise ValueError(f"gold index {self.gold} is not among the {len(self.choices)} choices")
+        return self
+
+
+def validate_item(raw: Any, where: str) -> dict[str, Any]:
+    """A task item checked against ``ChoiceItem``, or a one-line error naming
+    ``where`` (file and line) and the field."""
+    if not isinstance(raw, dict):
+        raise QBenchError(f"{where}: expected a JSON object {{\"context\": str, \"choices\": [str, ...], "
+                          f"\"gold\": int}}, got {type(raw).__name__}")
+    try:
+        return ChoiceItem.model_validate(raw).model_dump(exclude_none=True)
+    except ValidationError as exc:
+        raise QBenchError(f"{where}: {describe_validation(exc)} (expected {{\"context\": str, \"choices\": "
+                          f"[str, ...], \"gold\": int}})") from None
 
 
 def load_items(path: Path, limit: Optional[int]) -> list[dict[str, Any]]:
@@ -23,19 +67,19 @@ def load_items(path: Path, limit: Optional[int]) -> list[dict[str, Any]]:
     if not path.is_file():
         raise QBenchError(f"task file {path} not found")
     items = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    for lineno, line in enumerate(read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
-            item = json.loads(line)
-            ok = (isinstance(item["context"], str) and isinstance(item["choices"], list)
-                  and len(item["choices"]) > 1 and 0 <= int(item["gold"]) < len(item["choices"]))
-        except (ValueError, KeyError, TypeError):
-            ok = False
-        if not ok:
-            raise QBenchError(f"{path}:{lineno}: expected {{\"context\": str, \"choices\": [str, ...], \"gold\": int}}")
-        items.append(item)
-    return items[:limit] if limit else items
+            raw = json.loads(line)
+        except ValueError as exc:
+            raise QBenchError(f"{path}:{lineno}: not JSON ({exc}); each line holds one item") from None
+        items.append(validate_item(raw, f"{path}:{lineno}"))
+        if limit and len(items) == limit:
+            break
+    if not items:
+        raise QBenchError(f"task file {path} holds no items")
+    return items
 
 
 def request_windows(tokenizer, items: list[dict[str, Any]], bos_id: Optional[int]) -> list[Window]:

@@ -23,6 +23,7 @@ from typing import Any, Optional
 
 from qbench.metrics import metric
 from qbench.metrics.cost import quantile
+from qbench.records import CellRecord
 
 #: Latency figures summarised per trial by their median.
 DISTRIBUTIONS = ("prefill_ms", "decode_ms_per_token", "generate_ms")
@@ -40,11 +41,22 @@ def log_spread(values: list[float]) -> Optional[float]:
     return statistics.stdev(math.log(v) for v in values)
 
 
+def _used(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The trials the figures come from: the quiet ones, when there are any."""
+    return [t for t in trials if not _busy(t)] or trials
+
+
+def trial_workload(trials: list[dict[str, Any]]) -> dict[str, Any]:
+    """The latency workload as measured over the trials used."""
+    used = _used(trials)
+    return {**used[0]["latency_workload"], "repetitions": sum(t["latency_workload"]["repetitions"] for t in used),
+            "trials": len(used), "trials_left_out_busy": len(trials) - len(used)}
+
+
 def combine_trials(trials: list[dict[str, Any]]) -> dict[str, Any]:
     """The record's latency figures from the raw output of each trial
     (``latency_metrics`` plus ``machine_canary_ms``)."""
-    quiet = [t for t in trials if not _busy(t)]
-    used = quiet or trials
+    used = _used(trials)
     out: dict[str, Any] = {}
     for name in DISTRIBUTIONS:
         per_trial = [t[name]["value"] for t in used]
@@ -61,12 +73,8 @@ def combine_trials(trials: list[dict[str, Any]]) -> dict[str, Any]:
     tps = batch * 1e3 / decode["value"]
     out["decode_tokens_per_s"] = metric(
         tps, "tokens/s", decode["n"], tps * decode["stderr"] / decode["value"] if decode.get("stderr") else None)
-    out["latency_workload"] = {**used[0]["latency_workload"],
-                               "repetitions": sum(t["latency_workload"]["repetitions"] for t in used),
-                               "trials": len(used), "trials_left_out_busy": len(trials) - len(used)}
     # The canary of the trials used: busy only when every trial was.
     out["machine_canary_ms"] = max(used, key=lambda t: t["machine_canary_ms"]["value"])["machine_canary_ms"]
-    out["latency_trials"] = trials
     return out
 
 
@@ -78,23 +86,24 @@ BUSY_NOTE = "latency measured while the machine was busy"
 def busy_notes(latency: dict[str, Any]) -> list[str]:
     """A note when the combined latency comes from busy trials only."""
     canary = latency["machine_canary_ms"]
+    canary = canary if isinstance(canary, dict) else canary.model_dump()
     if not canary.get("busy"):
         return []
     return [f"{BUSY_NOTE}: the machine canary ran {canary['value'] / canary['typical'] - 1:.0%} slower than usual "
             f"for this run in every latency trial, after retries; its latency figures are unreliable"]
 
 
-def add_trial(record: dict[str, Any], trial: dict[str, Any]) -> dict[str, Any]:
+def add_trial(record: CellRecord, trial: dict[str, Any]) -> CellRecord:
     """A copy of a cell's record with one more latency trial combined in."""
-    metrics = dict(record["metrics"])
-    metrics.update(combine_trials(metrics["latency_trials"] + [trial]))
-    notes = [n for n in record.get("notes", []) if not n.startswith(BUSY_NOTE)] + busy_notes(metrics)
-    return {**record, "metrics": metrics, "notes": notes}
+    trials = record.latency_trials + [trial]
+    latency = combine_trials(trials)
+    metrics = {**{k: m.model_dump() for k, m in record.metrics.items()}, **latency}
+    notes = [n for n in record.notes if not n.startswith(BUSY_NOTE)] + busy_notes(latency)
+    return record.updated(metrics=metrics, notes=notes, latency_trials=trials, latency_workload=trial_workload(trials))
 
 
-def trials_attempted(record: dict[str, Any]) -> int:
+def trials_attempted(record: CellRecord) -> int:
     """Trials measured or tried (a failed trial is not tried again)."""
-    trials = (record.get("metrics") or {}).get("latency_trials")
-    if trials is None:
+    if not record.latency_trials:
         return 0
-    return len(trials) + len(record.get("latency_trial_errors", []))
+    return len(record.latency_trials) + len(record.latency_trial_errors)

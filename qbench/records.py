@@ -1,0 +1,148 @@
+"""Typed records: what one line of ``results.jsonl`` holds.
+
+Every record is validated when it is appended and when it is read, so a
+line that is not a record (hand-edited, another tool's file) is a one-line
+error naming the file and line instead of a KeyError in some view, and a
+field holding the wrong thing (once, the artifact cache key overwritten by a
+loop variable) fails where it is written.
+
+Schema history: 1 kept per-task accuracy, the latency trials and the latency
+workload inside ``metrics``; 2 gives each its own field, so that every entry
+of ``metrics`` is a ``Metric``. Version-1 lines are migrated when read.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+SCHEMA_VERSION = 2
+
+
+class Metric(BaseModel):
+    """One figure: value, unit, sample count and standard error where one
+    exists, plus metric-specific keys (percentiles, raw samples, trials,
+    label) kept as extra fields and read with ``get``."""
+
+    model_config = ConfigDict(extra="allow")
+    value: Optional[float] = None
+    unit: str
+    n: Optional[int] = None
+    stderr: Optional[float] = None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """A metric-specific key (``samples``, ``trials``, ``p99``...)."""
+        if key in type(self).model_fields:
+            return getattr(self, key)
+        return (self.model_extra or {}).get(key, default)
+
+
+class ModelRef(BaseModel):
+    name: str
+    fingerprint: str
+    source: str
+
+
+class SuiteRef(BaseModel):
+    name: str
+    path: str
+    hash: str
+    #: resolved path -> sha256 prefix of every data file the suite read
+    data_files: dict[str, str] = {}
+
+
+class ArtifactRef(BaseModel):
+    key: str
+    cache_hit: bool
+    path: str
+    meta: dict[str, Any] = {}
+    #: seconds spent checking the cached files' sizes and sha256
+    verify_seconds: Optional[float] = None
+
+
+class CalibrationRef(BaseModel):
+    hash: str
+    samples: int
+
+
+class CellRecord(BaseModel):
+    """A cell's outcome: a finished measurement (``status: ok``) or a
+    failure with the phase it happened in and why."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    schema_version: int = Field(SCHEMA_VERSION, alias="schema")
+    run_id: str
+    cell: str
+    backend: str
+    variant: str
+    baseline: bool = False
+    device: str
+    model: ModelRef
+    suite: SuiteRef
+    status: Literal["ok", "failed"]
+    phase: Optional[str] = None
+    error: Optional[str] = None
+    log: Optional[str] = None
+    metrics: dict[str, Metric] = {}
+    #: per task: acc and acc_norm
+    tasks: dict[str, dict[str, Metric]] = {}
+    #: raw output of each latency trial (qbench.metrics.trials)
+    latency_trials: list[dict[str, Any]] = []
+    latency_workload: Optional[dict[str, Any]] = None
+    latency_trial_errors: list[str] = []
+    notes: list[str] = []
+    config: Optional[dict[str, Any]] = None
+    nominal_bits: Optional[float] = None
+    backend_version: Optional[str] = None
+    artifact: Optional[ArtifactRef] = None
+    calibration: Optional[CalibrationRef] = None
+    workload: Optional[dict[str, Any]] = None
+    session: Optional[dict[str, Any]] = None
+    env: Optional[dict[str, Any]] = None
+    phase_seconds: dict[str, float] = {}
+    started: Optional[float] = None
+    finished: Optional[float] = None
+    wall_seconds: Optional[float] = None
+    trial_wall_seconds: list[float] = []
+
+    @model_validator(mode="before")
+    @classmethod
+    def _migrate(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("schema", SCHEMA_VERSION) != 1:
+            return data
+        data = dict(data)
+        metrics = dict(data.get("metrics") or {})
+        for key in ("tasks", "latency_trials", "latency_workload"):
+            if key in metrics:
+                data[key] = metrics.pop(key)
+        data["metrics"] = metrics
+        data["schema"] = SCHEMA_VERSION
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.status == "failed" and not self.error:
+            raise ValueError("a failed record must say why (error)")
+        return self
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def value(self, name: str) -> Optional[float]:
+        """A metric's value, or None when the record lacks it."""
+        m = self.metrics.get(name)
+        return m.value if m is not None else None
+
+    def stderr(self, name: str) -> Optional[float]:
+        m = self.metrics.get(name)
+        return m.stderr if m is not None else None
+
+    def to_json(self) -> str:
+        return self.model_dump_json(by_alias=True, exclude_none=True)
+
+    def updated(self, **changes: Any) -> "CellRecord":
+        """A validated copy with ``changes``."""
+        return CellRecord.model_validate({**self.model_dump(by_alias=True), **changes})

@@ -1,0 +1,338 @@
+"""Bad input, as a new user (or someone else's suite file) brings it: every
+case ends in one clear line naming the problem, a non-zero exit, no
+traceback, and no silent or wrong result.
+
+Each case builds its input in a fresh folder and runs the real command line
+in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import pytest
+
+from tests.conftest import FAKE_PLUGINS, MC_ITEMS, REPO
+
+
+@dataclass
+class Ctx:
+    """What a case can build on."""
+
+    tmp: Path
+    model: Path
+    suite: Path
+    run: Path  # a finished run folder (a copy, free to damage)
+
+    def write(self, name: str, text: str | bytes) -> Path:
+        path = self.tmp / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(text) if isinstance(text, bytes) else path.write_text(text)
+        return path
+
+    def suite_file(self, body: str, name: str = "s.yaml", **files: str | bytes) -> Path:
+        for file, content in files.items():
+            self.write(f"suite/{file.replace('__', '.')}", content)
+        return self.write(f"suite/{name}", "name: s\n" + textwrap.dedent(body))
+
+    def run_args(self, *extra: str, suite: Optional[Path] = None) -> list[str]:
+        return ["run", "--model", str(self.model), "--suite", str(suite or self.suite), "--device", "cpu",
+                "-o", str(self.tmp / "out"), *extra]
+
+    def plugin(self, code: str, name: str = "p.py") -> Path:
+        folder = self.tmp / "plugins"
+        folder.mkdir(exist_ok=True)
+        (folder / name).write_text(textwrap.dedent(code))
+        return folder
+
+
+#: A perplexity section the tiny model can score (pydoc topics, 300 tokens).
+PPL = "perplexity:\n  corpus: {source: 'builtin:pydoc-topics'}\n  max_tokens: 300\n  max_length: 64\n"
+TASK = "tasks:\n  - {name: t, path: t.jsonl}\n"
+GOOD_ITEM = json.dumps(MC_ITEMS[0])
+LM_EVAL = textwrap.dedent("""\
+    task: x
+    dataset_path: json
+    dataset_kwargs: {data_files: {test: docs.jsonl}}
+    output_type: multiple_choice
+    doc_to_text: "%s"
+    doc_to_choice: "{{options}}"
+    doc_to_target: answer
+    """)
+LM_DOCS = json.dumps({"country": "France", "options": ["Paris", "Rome"], "answer": 0}) + "\n"
+
+
+def lm_eval_suite(c: Ctx, template: str, **extra) -> list[str]:
+    files = {"task__yaml": LM_EVAL % template.replace('"', '\\"'), "docs__jsonl": LM_DOCS, **extra}
+    return ["suites", "validate", str(c.suite_file("tasks:\n  - {name: x, path: task.yaml}\n", **files))]
+
+
+def item_suite(c: Ctx, line: str) -> list[str]:
+    return ["suites", "validate", str(c.suite_file(TASK, t__jsonl=line + "\n"))]
+
+
+def corpus_suite(c: Ctx, name: str, content: str | bytes) -> list[str]:
+    body = f"perplexity:\n  corpus: {{source: {name}}}\n"
+    return ["suites", "validate", str(c.suite_file(body, **{name.replace(".", "__"): content}))]
+
+
+def corrupt_results(c: Ctx, line: str) -> Path:
+    with open(c.run / "results.jsonl", "a") as handle:
+        handle.write(line + "\n")
+    return c.run
+
+
+def other_suite_run(c: Ctx) -> Path:
+    other = c.tmp / "other"
+    shutil.copytree(c.run, other)
+    plan = json.loads((other / "plan.json").read_text())
+    plan["suite_hash"], plan["suite_name"] = "0123456789abcdef", "capitals"
+    (other / "plan.json").write_text(json.dumps(plan))
+    return other
+
+
+def symlink_out(c: Ctx) -> list[str]:
+    suite = c.suite_file(TASK)
+    outside = c.write("elsewhere/secret.jsonl", GOOD_ITEM + "\n")
+    os.symlink(outside, suite.parent / "t.jsonl")
+    return ["suites", "validate", str(suite)]
+
+
+def existing(folder: Path) -> str:
+    folder.mkdir(parents=True)
+    return folder.name
+
+
+def no_tokenizer_model(c: Ctx) -> list[str]:
+    folder = c.tmp / "model"
+    folder.mkdir()
+    for f in c.model.iterdir():
+        if f.name in ("config.json", "model.safetensors"):
+            shutil.copy(f, folder / f.name)
+    return ["run", "--model", str(folder), "--suite", str(c.suite), "-o", str(c.tmp / "out")]
+
+
+# (id, build(ctx) -> argv, expected exit code, text the error line must hold)
+CASES: list[tuple[str, Callable[[Ctx], list[str]], int, str]] = [
+    # -- the run command's options
+    ("unknown-backend", lambda c: c.run_args("-b", "nosuch"), 2, "unknown backend 'nosuch'"),
+    ("unknown-variant", lambda c: c.run_args("-b", "fp:int2"), 2, "unknown variant 'int2'"),
+    ("bad-setting", lambda c: c.run_args("-b", "fp:dtype=int3"), 2, "dtype"),
+    ("misspelled-setting", lambda c: c.run_args("-b", "fp:dtyp=bf16"), 2, "dtyp"),
+    ("timeout-nan", lambda c: c.run_args("--cell-timeout", "nan"), 2, "not a finite number"),
+    ("timeout-inf", lambda c: c.run_args("--cell-timeout", "inf"), 2, "not a finite number"),
+    ("timeout-negative", lambda c: c.run_args("--cell-timeout", "-5"), 2, "--cell-timeout"),
+    ("timeout-text", lambda c: c.run_args("--cell-timeout", "soon"), 2, "--cell-timeout"),
+    ("threads-zero", lambda c: c.run_args("--threads", "0"), 2, "--threads"),
+    ("threads-negative", lambda c: c.run_args("--threads", "-2"), 2, "--threads"),
+    ("run-id-escapes", lambda c: c.run_args("--run-id", "../escaped"), 2, "not a plain name"),
+    ("run-id-slash", lambda c: c.run_args("--run-id", "a/b"), 2, "not a plain name"),
+    ("run-id-markup", lambda c: c.run_args("--run-id", "x[/]"), 2, "'x[/]' is not a plain name"),
+    ("run-id-empty", lambda c: c.run_args("--run-id", ""), 2, "not a plain name"),
+    ("device-unknown", lambda c: c.run_args("--device", "tpu"), 2, "'tpu' is not one of"),
+    ("device-cuda-absent", lambda c: c.run_args("--device", "cuda"), 2, "no CUDA"),
+    ("baseline-no-variant", lambda c: c.run_args("--baseline", "fp"), 2, "--baseline must be backend:variant"),
+    ("baseline-unknown", lambda c: c.run_args("--baseline", "nosuch:x"), 2, "unknown backend 'nosuch'"),
+    ("retry-without-resume", lambda c: c.run_args("--retry-failed"), 2, "only makes sense with --resume"),
+    ("suite-unknown-name", lambda c: c.run_args(suite=Path("nosuchsuite")), 2, "suite 'nosuchsuite' not found"),
+    ("unknown-option", lambda c: c.run_args("--bogus"), 2, "No such option '--bogus'"),
+    # -- models
+    ("model-missing", lambda c: c.run_args()[:1] + ["--model", str(c.tmp / "nope")] + c.run_args()[3:], 2,
+     "not found"),
+    ("model-not-a-folder", lambda c: ["run", "--model", str(c.write("m.txt", "x")), "--suite", str(c.suite),
+                                      "-o", str(c.tmp)], 2, "has no config.json"),
+    ("model-config-only", lambda c: ["run", "--model", str(c.write("m/config.json", "{}").parent), "--suite",
+                                     str(c.suite), "-o", str(c.tmp)], 2, "has no weight files"),
+    ("model-no-tokenizer", no_tokenizer_model, 2, "cannot load a tokenizer"),
+    ("model-bad-hub-id", lambda c: c.run_args()[:1] + ["--model", "not a valid/id here"] + c.run_args()[3:], 2,
+     "not a valid/id here"),
+    # -- resume
+    ("resume-unknown", lambda c: ["run", "--resume", "nosuchrun"], 2, "run 'nosuchrun' not found"),
+    ("resume-with-backends", lambda c: ["run", "--resume", str(c.run), "-b", "fp"], 2, "drop --backends"),
+    ("resume-with-device", lambda c: ["run", "--resume", str(c.run), "--device", "cuda"], 2, "drop --device"),
+    ("resume-with-suite", lambda c: ["run", "--resume", str(c.run), "-s", "smoke"], 2, "drop --suite"),
+    ("resume-with-model", lambda c: ["run", "--resume", str(c.run), "-m", "x/y"], 2, "drop --model"),
+    ("resume-corrupt-plan", lambda c: (c.run / "plan.json").write_text("{") and ["run", "--resume", str(c.run)],
+     2, "plan.json is unreadable"),
+    # -- plugins
+    ("plugins-dir-missing", lambda c: c.run_args("--plugins-dir", str(c.tmp / "none")), 2, "plugins folder not found"),
+    ("plugin-system-exit", lambda c: c.run_args("--plugins-dir", str(c.plugin("raise SystemExit(0)\n"))), 2,
+     "failed to import: SystemExit"),
+    ("plugin-syntax-error", lambda c: c.run_args("--plugins-dir", str(c.plugin("def (:\n"))), 2,
+     "failed to import: SyntaxError"),
+    ("plugin-misspelled-hook", lambda c: c.run_args("--plugins-dir", str(c.plugin(
+        "from qbench import hookimpl\n@hookimpl\ndef register_backend(register):\n    pass\n"))), 2,
+     "unknown hook 'register_backend'"),
+    ("plugin-registers-junk", lambda c: c.run_args("--plugins-dir", str(c.plugin(
+        "from qbench import hookimpl\n@hookimpl\ndef register_backends(register):\n    register(42)\n"))), 2,
+     "which is not a qbench Backend"),
+    ("plugin-raises-in-hook", lambda c: c.run_args("--plugins-dir", str(c.plugin(
+        "from qbench import hookimpl\n@hookimpl\ndef register_backends(register):\n    1/0\n"))), 2,
+     "failed in register_backends: ZeroDivisionError"),
+    ("plugin-duplicate-name", lambda c: c.run_args("--plugins-dir", str(FAKE_PLUGINS), "--plugins-dir", str(c.plugin(
+        (FAKE_PLUGINS / "qbench_fakes.py").read_text(), "again.py"))), 2, "registered twice"),
+    # -- show, report, compare, export on damaged or mismatched runs
+    ("show-unknown", lambda c: ["show", "nosuchrun"], 2, "run 'nosuchrun' not found"),
+    ("show-corrupt-plan", lambda c: (c.run / "plan.json").write_text("[]") and ["show", str(c.run)], 2,
+     "plan.json is unreadable"),
+    ("show-line-not-a-record", lambda c: ["show", str(corrupt_results(c, '{"foo": 1}'))], 2, "not a qbench record"),
+    ("show-line-not-json", lambda c: ["show", str(corrupt_results(c, "garbage"))], 2, "results.jsonl:3"),
+    ("show-wrong-type", lambda c: ["show", str(corrupt_results(c, (c.run / "results.jsonl").read_text().splitlines()[0]
+                                                                .replace('"status":"ok"', '"status":"maybe"')))],
+     2, "status"),
+    ("compare-line-is-a-list", lambda c: ["compare", str(c.run), str(corrupt_results(c, "[1, 2]"))], 2,
+     "not a qbench record"),
+    ("compare-different-suites", lambda c: ["compare", str(c.run), str(other_suite_run(c))], 2,
+     "used different suites"),
+    ("compare-unknown-run", lambda c: ["compare", str(c.run), "nosuchrun"], 2, "run 'nosuchrun' not found"),
+    ("report-corrupt-plan", lambda c: (c.run / "plan.json").write_text("{") and ["report", str(c.run)], 2,
+     "plan.json is unreadable"),
+    ("report-no-records", lambda c: (c.run / "results.jsonl").write_text("") or ["report", str(c.run)], 2,
+     "has no finished cell yet"),
+    ("report-budget-nan", lambda c: ["report", str(c.run), "--kld-budget", "nan"], 2, "not a finite number"),
+    ("report-budget-negative", lambda c: ["report", str(c.run), "--kld-budget", "-1"], 2, "--kld-budget"),
+    ("export-parquet-no-folder", lambda c: ["export", str(c.run), "--parquet", "/nonexistent_dir/x.parquet"], 2,
+     "folder /nonexistent_dir does not exist"),
+    ("export-csv-no-folder", lambda c: ["export", str(c.run), "--csv", str(c.tmp / "no" / "x.csv")], 2,
+     "does not exist"),
+    # -- suite files
+    ("suite-missing-file", lambda c: ["suites", "validate", str(c.tmp / "none.yaml")], 2, "does not exist"),
+    ("suite-not-yaml", lambda c: ["suites", "validate", str(c.write("s.yaml", "name: x\ntasks: [\n"))], 2,
+     "not valid YAML"),
+    ("suite-is-a-list", lambda c: ["suites", "validate", str(c.write("s.yaml", "- 1\n- 2\n"))], 2,
+     "must be a YAML mapping"),
+    ("suite-binary", lambda c: ["suites", "validate", str(c.write("s.yaml", b"\x00\x01\x02name"))], 2,
+     "binary file"),
+    ("suite-no-name", lambda c: ["suites", "validate", str(c.write("s.yaml", PPL))], 2, "field 'name'"),
+    ("suite-typo-field", lambda c: ["suites", "validate", str(c.suite_file("perplexty: {}\n"))], 2,
+     "field 'perplexty'"),
+    ("suite-negative-length", lambda c: ["suites", "validate", str(c.suite_file(PPL + "  batch_size: -1\n"))], 2,
+     "perplexity.batch_size"),
+    ("suite-latency-without-text", lambda c: ["suites", "validate", str(c.suite_file("latency: {}\n"))], 2,
+     "latency prompts are cut from the perplexity corpus"),
+    ("suite-bad-doc-range", lambda c: ["suites", "validate", str(c.suite_file(
+        "perplexity:\n  corpus: {source: 'builtin:pydoc-topics', documents: [0.5, 0.2]}\n"))], 2, "documents range"),
+    ("suite-bad-bos", lambda c: ["suites", "validate", str(c.suite_file("bos: maybe\n"))], 2, "field 'bos'"),
+    ("suite-task-missing", lambda c: ["suites", "validate", str(c.suite_file(TASK))], 2, "data file not found"),
+    ("suite-reads-etc-passwd", lambda c: ["suites", "validate", str(c.suite_file(
+        "tasks:\n  - {name: t, path: ../../../../../../etc/passwd}\n"))], 2, "outside the suite's folder"),
+    ("suite-absolute-corpus", lambda c: ["suites", "validate", str(c.suite_file(
+        "perplexity:\n  corpus: {source: /etc/hostname}\n"))], 2, "outside the suite's folder"),
+    ("suite-symlink-out", symlink_out, 2, "outside the suite's folder"),
+    ("suite-outside-in-run", lambda c: c.run_args(suite=c.suite_file(
+        "perplexity:\n  corpus: {source: /etc/hostname}\n")), 2, "--allow-outside-data"),
+    ("suite-unknown-builtin", lambda c: ["suites", "validate", str(c.suite_file(
+        "perplexity:\n  corpus: {source: 'builtin:nosuch'}\n"))], 2, "unknown corpus source 'builtin:nosuch'"),
+    ("suite-bad-hub-source", lambda c: c.run_args(suite=c.suite_file(
+        "perplexity:\n  corpus: {source: 'hf:onlyname'}\n")), 2, "expected hf:DATASET:SPLIT"),
+    ("suite-name-markup", lambda c: ["suites", "validate", str(c.write("s.yaml", "name: '[/]evil'\ntasks: oops\n"))],
+     2, "field 'tasks'"),
+    # -- task files (qbench's JSONL)
+    ("task-not-json", lambda c: item_suite(c, "{context: nope"), 2, "t.jsonl:1: not JSON"),
+    ("task-fractional-gold", lambda c: item_suite(c, '{"context": "a", "choices": ["b", "c"], "gold": 1.9}'), 2,
+     "field 'gold'"),
+    ("task-empty-choice", lambda c: item_suite(c, '{"context": "a", "choices": ["b", ""], "gold": 0}'), 2,
+     "a choice is empty"),
+    ("task-integer-choices", lambda c: item_suite(c, '{"context": "a", "choices": [1, 2], "gold": 0}'), 2,
+     "field 'choices.0'"),
+    ("task-gold-out-of-range", lambda c: item_suite(c, '{"context": "a", "choices": ["b", "c"], "gold": 2}'), 2,
+     "gold index 2 is not among the 2 choices"),
+    ("task-one-choice", lambda c: item_suite(c, '{"context": "a", "choices": ["b"], "gold": 0}'), 2,
+     "field 'choices'"),
+    ("task-integer-context", lambda c: item_suite(c, '{"context": 5, "choices": ["b", "c"], "gold": 0}'), 2,
+     "field 'context'"),
+    ("task-boolean-gold", lambda c: item_suite(c, '{"context": "a", "choices": ["b", "c"], "gold": true}'), 2,
+     "field 'gold'"),
+    ("task-is-a-list", lambda c: item_suite(c, "[1, 2]"), 2, "expected a JSON object"),
+    ("task-empty-file", lambda c: item_suite(c, ""), 2, "holds no items"),
+    ("task-binary", lambda c: ["suites", "validate", str(c.suite_file(TASK, t__jsonl=b"\x00\xff\x00"))], 2,
+     "binary file"),
+    # -- task files (lm-eval format): templates run sandboxed
+    ("lm-eval-os-system", lambda c: lm_eval_suite(
+        c, "{{ cycler.__init__.__globals__.os.system('touch %s') }} Q" % (c.tmp / "pwned")), 2,
+     "field 'doc_to_text': template refused by the sandbox"),
+    ("lm-eval-mro", lambda c: lm_eval_suite(c, "{{ ''.__class__.__mro__ }}"), 2, "refused by the sandbox"),
+    ("lm-eval-repeat-bomb", lambda c: lm_eval_suite(c, "{{ 'x' * 1000000000 }}"), 2, "refused by the sandbox"),
+    ("lm-eval-power-bomb", lambda c: lm_eval_suite(c, "{{ 9 ** 9 ** 9 }}"), 2, "refused by the sandbox"),
+    ("lm-eval-undefined", lambda c: lm_eval_suite(c, "{{ nosuchfield }}"), 2, "'nosuchfield' is undefined"),
+    ("lm-eval-function", lambda c: ["suites", "validate", str(c.suite_file(
+        "tasks:\n  - {name: x, path: task.yaml}\n", task__yaml="task: x\ndoc_to_text: !function utils.f\n"))], 2,
+     "runs Python from the task"),
+    ("lm-eval-data-outside", lambda c: ["suites", "validate", str(c.suite_file(
+        "tasks:\n  - {name: x, path: task.yaml}\n", task__yaml=(LM_EVAL % "Q").replace(
+            "docs.jsonl", "../../../../../../etc/hostname")))], 2, "outside the suite's folder"),
+    # -- corpora
+    ("corpus-empty", lambda c: corpus_suite(c, "c.txt", "\n\n  \n"), 2, "holds no text"),
+    ("corpus-binary", lambda c: corpus_suite(c, "c.txt", b"abc\x00\x01" * 10), 2, "binary file"),
+    ("corpus-latin1", lambda c: corpus_suite(c, "c.txt", "caf\xe9".encode("latin-1")), 2, "not UTF-8"),
+    ("corpus-non-string", lambda c: corpus_suite(c, "c.jsonl", '{"text": 42}\n'), 2, "'text' string"),
+    ("corpus-missing-field", lambda c: corpus_suite(c, "c.jsonl", '{"body": "x"}\n'), 2, "'text' string"),
+    ("corpus-one-token", lambda c: c.run_args(suite=c.suite_file(
+        "perplexity:\n  corpus: {source: c.txt}\n", c__txt="a")), 2, "scored token"),
+    ("windows-past-positions", lambda c: c.run_args(suite=c.suite_file(
+        "perplexity:\n  corpus: {source: 'builtin:pydoc-topics'}\n  max_length: 600\n  max_tokens: 1300\n")), 2,
+     "needs 600 positions but the model has 512"),
+    ("latency-past-positions", lambda c: c.run_args(suite=c.suite_file(
+        PPL + "latency: {prompt_tokens: 200, new_tokens: 400}\n")), 2, "needs 600 positions"),
+    ("latency-prompt-too-long", lambda c: c.run_args(suite=c.suite_file(
+        PPL + "latency: {prompt_tokens: 400, new_tokens: 4}\n")), 2, "latency.prompt_tokens is 400"),
+    ("generation-past-positions", lambda c: c.run_args(suite=c.suite_file(
+        PPL + "generation: {prompts: ['Hi'], max_new_tokens: 600}\n")), 2, "generation"),
+    # -- results and cache folders
+    ("results-under-a-file", lambda c: ["run", "--model", str(c.model), "--suite", str(c.suite), "-o",
+                                        str(c.write("f", "x") / "runs")], 2, "results folder"),
+    ("results-unwritable", lambda c: ["run", "--model", str(c.model), "--suite", str(c.suite), "-o",
+                                      "/proc/qbench-results"], 2, "is not writable"),
+    ("run-folder-exists", lambda c: c.run_args("--run-id", existing(c.tmp / "out" / "dup")), 2, "already exists"),
+]
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_model, tiny_suite, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bad-input-runs")
+    proc = subprocess.run([sys.executable, "-m", "qbench.cli", *["run", "--model", str(tiny_model), "--suite",
+                           str(tiny_suite), "--device", "cpu", "-b", "fake:uniform", "--plugins-dir",
+                           str(FAKE_PLUGINS), "-o", str(out), "--run-id", "done"]],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return out / "done"
+
+
+def qbench_cli(args: list[str], cwd: Path, env: Optional[dict] = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qbench.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, code: int, text: str) -> str:
+    everything = proc.stdout + proc.stderr
+    assert "Traceback" not in everything, everything
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == code, everything
+    assert len(lines) == 1 and lines[0].startswith("error: "), everything
+    assert text in lines[0], lines[0]
+    if os.environ.get("QBENCH_SHOW_ERRORS"):
+        print(lines[0])
+    return lines[0]
+
+
+@pytest.mark.parametrize("build,code,text", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_gives_one_clear_line(build, code, text, tiny_model, tiny_suite, finished, tmp_path):
+    run_copy = tmp_path / "run"
+    shutil.copytree(finished, run_copy)
+    ctx = Ctx(tmp=tmp_path, model=tiny_model, suite=tiny_suite, run=run_copy)
+    args = build(ctx)
+    proc = qbench_cli(args, cwd=tmp_path, env={"QBENCH_RESULTS": str(tmp_path / "results")})
+    assert_one_line_error(proc, code, text)
+    assert not (tmp_path / "pwned").exists()  # no template ever ran code
+    assert not (tmp_path / "escaped").exists() and not (tmp_path.parent / "escaped").exists()
+
+
+def test_at_least_sixty_cases():
+    assert len(CASES) >= 60 and len({c[0] for c in CASES}) == len(CASES)
