@@ -290,6 +290,8 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], int, str]] = [
                                         str(c.write("f", "x") / "runs")], 2, "results folder"),
     ("results-unwritable", lambda c: ["run", "--model", str(c.model), "--suite", str(c.suite), "-o",
                                       "/proc/qbench-results"], 2, "is not writable"),
+    ("cache-unwritable", lambda c: c.run_args("-b", "fp:bf16") if c.write("cachefile", "x") else [], 2,
+     "artifact cache"),
     ("run-folder-exists", lambda c: c.run_args("--run-id", existing(c.tmp / "out" / "dup")), 2, "already exists"),
 ]
 
@@ -328,7 +330,10 @@ def test_bad_input_gives_one_clear_line(build, code, text, tiny_model, tiny_suit
     shutil.copytree(finished, run_copy)
     ctx = Ctx(tmp=tmp_path, model=tiny_model, suite=tiny_suite, run=run_copy)
     args = build(ctx)
-    proc = qbench_cli(args, cwd=tmp_path, env={"QBENCH_RESULTS": str(tmp_path / "results")})
+    env = {"QBENCH_RESULTS": str(tmp_path / "results")}
+    if (tmp_path / "cachefile").exists():
+        env["QBENCH_CACHE"] = str(tmp_path / "cachefile" / "cache")  # under a file: nothing can be written
+    proc = qbench_cli(args, cwd=tmp_path, env=env)
     assert_one_line_error(proc, code, text)
     assert not (tmp_path / "pwned").exists()  # no template ever ran code
     assert not (tmp_path / "escaped").exists() and not (tmp_path.parent / "escaped").exists()
@@ -336,3 +341,18 @@ def test_bad_input_gives_one_clear_line(build, code, text, tiny_model, tiny_suit
 
 def test_at_least_sixty_cases():
     assert len(CASES) >= 60 and len({c[0] for c in CASES}) == len(CASES)
+
+
+def test_user_text_is_never_read_as_markup(tiny_model, tmp_path):
+    """Rich markup in a suite name or run id is printed as written, not
+    interpreted (a stray ``[/]`` used to crash the printer)."""
+    folder = tmp_path / "suite"
+    folder.mkdir()
+    suite = folder / "evil.yaml"
+    suite.write_text("name: '[/]evil [bold]x'\n" + PPL)
+    proc = qbench_cli(["suites", "validate", str(suite)], cwd=tmp_path)
+    assert proc.returncode == 0 and "suite '[/]evil [bold]x'" in proc.stdout, proc.stderr
+    proc = qbench_cli(["run", "--model", str(tiny_model), "--suite", str(suite), "--device", "cpu", "-b", "fp:bf16",
+                       "-o", str(tmp_path / "out"), "--run-id", "r-1.x_y"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "suite [/]evil [bold]x" in proc.stderr and "Traceback" not in proc.stderr + proc.stdout

@@ -236,3 +236,23 @@ def test_store_validates_records_and_names_the_bad_line(tmp_path):
     record = store.records()[0]
     assert record.schema_version == 2 and record.tasks["t"]["acc"].value == 0.5
     assert record.latency_workload == {"new_tokens": 4} and set(record.metrics) == {"acc"}
+
+
+def test_ctrl_c_keeps_finished_records_and_resume_finishes(tiny_model, tiny_suite, tmp_path, monkeypatch):
+    monkeypatch.setenv("QBENCH_FAKE_SLOW_SECONDS", "60")
+    args = ["run", "--model", str(tiny_model), "--suite", str(tiny_suite), "--device", "cpu", "-b",
+            "fake:slow,fp:bf16", "--plugins-dir", str(FAKE_PLUGINS), "-o", str(tmp_path), "--run-id", "int"]
+    proc = _run_cli(args, start_new_session=True)
+    results = tmp_path / "int" / "results.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (results.is_file() and results.read_text().count("\n") == 1):
+        time.sleep(0.2)
+    time.sleep(2)  # fake:slow is now sleeping in load
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the runner and its worker, as in a terminal
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130 and "aborted" in output and "Traceback" not in output, output
+    assert [json.loads(line)["cell"] for line in results.read_text().splitlines()] == ["fp:fp32"]
+    monkeypatch.setenv("QBENCH_FAKE_SLOW_SECONDS", "0")
+    resumed = _run_cli(["run", "--resume", str(tmp_path / "int")])
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0 and "1 cell(s) already finished; running 2" in output, output
