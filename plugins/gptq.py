@@ -116,6 +116,7 @@ class GPTQ(Backend):
     description = "GPTQ via gptqmodel: calibrated 2/3/4/8-bit weights, or an existing GPTQ checkpoint (prequantized)"
     config_class = GPTQConfig
     requires = {"gptqmodel": "gptqmodel"}
+    extra = "gptq"
 
     def variants(self) -> dict[str, VariantConfig]:
         return {"w4g128": GPTQConfig(), "w4g32": GPTQConfig(group_size=32), "w3g128": GPTQConfig(bits=3),

@@ -141,6 +141,7 @@ class OnnxRuntime(Backend):
     config_class = OnnxConfig
     requires = {"onnxruntime": "onnxruntime", "onnxruntime_genai": "onnxruntime-genai", "onnx_ir": "onnx-ir",
                 "onnx": "onnx"}
+    extra = "onnx"
 
     def variants(self) -> dict[str, VariantConfig]:
         return {"fp32": OnnxConfig(), "int8": OnnxConfig(precision="int8"), "int4": OnnxConfig(precision="int4"),

@@ -177,6 +177,7 @@ class TorchAO(Backend):
     description = "Native PyTorch PTQ: torchao quantize_ (int8/intx/int4/float8) and legacy torch.ao dynamic int8"
     config_class = TorchAOConfig
     requires = {"torchao": "torchao"}
+    extra = "torchao"
     artifact_format = 2
 
     def variants(self) -> dict[str, VariantConfig]:

@@ -134,6 +134,9 @@ class Backend(abc.ABC):
     config_class: ClassVar[type[VariantConfig]] = VariantConfig
     #: Distribution names that must be importable, with the pip spec to install.
     requires: ClassVar[dict[str, str]] = {}
+    #: The optional extra of the qbench package that installs ``requires``
+    #: (``pip install 'qbench[bnb]'``), for the hint when something is missing.
+    extra: ClassVar[Optional[str]] = None
     #: Bump when the files ``quantize`` writes change layout: it is part of the
     #: artifact cache key, so old artifacts are rebuilt instead of misread.
     artifact_format: ClassVar[int] = 1
@@ -156,7 +159,8 @@ class Backend(abc.ABC):
 
         missing = missing_packages(self.requires)
         if missing:
-            return Availability.no("missing " + ", ".join(missing) + f": pip install {' '.join(missing.values())}")
+            install = f"'qbench[{self.extra}]'" if self.extra else " ".join(missing.values())
+            return Availability.no("missing " + ", ".join(missing) + f": pip install {install}")
         return Availability.yes()
 
     def variant_available(self, config: VariantConfig, device: str) -> Availability:

@@ -165,7 +165,13 @@ def backends(as_json, device, plugins_dir) -> None:
     from qbench.plugins import PluginSettings, load_plugins
 
     device = resolve_device(device)
-    loaded = load_plugins(PluginSettings.from_env(tuple(plugins_dir)))
+    settings = PluginSettings.from_env(tuple(plugins_dir))
+    loaded = load_plugins(settings)
+    if not loaded.backends:
+        why = (f"QBENCH_PLUGINS={','.join(settings.allow)!r} allows none of the installed ones" if settings.allow
+               is not None else "no installed plugin registered one")
+        raise QBenchError(f"no backends loaded ({why}): unset QBENCH_PLUGINS or set it to 'builtin', or reinstall "
+                          "qbench")
     entries = []
     for name, backend in sorted(loaded.backends.items()):
         availability = backend.available(device)
@@ -340,13 +346,13 @@ def suites(ctx, as_json) -> None:
     """List the shipped suites with their contents and hashes."""
     if ctx.invoked_subcommand:
         return
-    from qbench.suites import SUITES_DIR, load_suite
+    from qbench.suites import load_suite, shipped_suites, suites_dir
 
-    rows = [_suite_row(load_suite(str(path))) for path in sorted(SUITES_DIR.glob("*.yaml"))]
+    rows = [_suite_row(load_suite(str(path))) for path in shipped_suites()]
     if as_json:
         click.echo(json.dumps([dict(zip(SUITE_COLUMNS, row)) for row in rows], indent=1))
         return
-    table = Table(title=escape(f"suites in {SUITES_DIR}"))
+    table = Table(title=escape(f"suites in {suites_dir()}"))
     for h in SUITE_COLUMNS:
         table.add_column(h, overflow="fold")
     for row in rows:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -13,7 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from qbench.datafiles import check_inside, read_text
 from qbench.errors import QBenchError, describe_validation
 
-SUITES_DIR = Path(__file__).resolve().parent.parent / "suites"
+#: The package that carries the shipped suites (``suites/`` in a checkout).
+SUITES_PACKAGE = "qbench_suites"
 BosPolicy = Literal["none", "document", "window"]
 
 
@@ -46,6 +47,13 @@ class PerplexitySpec(_Strict):
     stride: Optional[int] = Field(None, gt=0, description="window step; default max_length (no overlap)")
     batch_size: int = Field(2, gt=0)
 
+    @model_validator(mode="after")
+    def _check_stride(self):
+        if self.stride is not None and self.stride > self.max_length:
+            raise ValueError(f"stride {self.stride} is longer than max_length {self.max_length}: tokens between "
+                             "windows would never be scored")
+        return self
+
 
 class FidelitySpec(_Strict):
     #: baseline distributions are stored as top-k log-probs plus the rest of the mass
@@ -63,7 +71,7 @@ class ChoiceTask(_Strict):
 
 
 class GenerationSpec(_Strict):
-    prompts: list[str] = Field(min_length=1)
+    prompts: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1)
     max_new_tokens: int = Field(32, gt=0)
 
 
@@ -105,6 +113,14 @@ class Suite(_Strict):
     file: str = Field("", exclude=True)
     #: whether data files may lie outside ``root`` (--allow-outside-data)
     allow_outside_data: bool = Field(False, exclude=True)
+
+    @model_validator(mode="after")
+    def _unique_task_names(self):
+        names = [t.name for t in self.tasks]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"task name '{twice[0]}' is used twice: each task needs its own name")
+        return self
 
     @model_validator(mode="after")
     def _latency_needs_text(self):
@@ -149,15 +165,44 @@ class Suite(_Strict):
         return {str(p): hashlib.sha256(p.read_bytes()).hexdigest()[:16] for p in self.data_files() if p.is_file()}
 
 
+def suites_dir() -> Path:
+    """The folder of the shipped suites, wherever qbench is installed (a
+    checkout, an editable install or a wheel), found through
+    importlib.resources."""
+    from importlib.resources import files
+
+    try:
+        folder = Path(str(files(SUITES_PACKAGE)))
+    except ModuleNotFoundError:
+        folder = None
+    if folder is None or not folder.is_dir():
+        raise QBenchError(f"the shipped suites (package {SUITES_PACKAGE}) are missing from this install: reinstall "
+                          "qbench (pip install --force-reinstall qbench)")
+    return folder
+
+
+def shipped_suites() -> list[Path]:
+    """Every shipped suite file; an empty list is an install error, never an
+    empty answer."""
+    folder = suites_dir()
+    found = sorted(folder.glob("*.yaml"))
+    if not found:
+        raise QBenchError(f"no suite files in {folder}: this qbench install is incomplete; reinstall it")
+    return found
+
+
 def suite_path(name_or_path: str) -> Path:
     path = Path(name_or_path).expanduser()
     if path.is_file():
         return path
-    builtin = SUITES_DIR / f"{name_or_path}.yaml"
-    if builtin.is_file():
-        return builtin
-    known = ", ".join(sorted(p.stem for p in SUITES_DIR.glob("*.yaml")))
-    raise QBenchError(f"suite '{name_or_path}' not found: give a suite file path or one of: {known}")
+    if path.exists():
+        raise QBenchError(f"suite '{name_or_path}' is a folder: give a suite file (.yaml)")
+    known = shipped_suites()
+    for builtin in known:
+        if builtin.stem == name_or_path:
+            return builtin
+    raise QBenchError(f"suite '{name_or_path}' not found: give a suite file path or one of: "
+                      f"{', '.join(p.stem for p in known)}")
 
 
 def load_suite(name_or_path: str, allow_outside_data: bool = False) -> Suite:

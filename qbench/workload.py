@@ -172,6 +172,14 @@ class Workload:
             longest = max(p.shape[1] for p in self.generation_prompts)
             fits(longest + self.suite.generation.max_new_tokens, "generation (longest prompt + max_new_tokens)",
                  "lower max_new_tokens or shorten the prompts")
+        if self.suite.calibration:
+            spec = self.suite.calibration
+            samples, _ = self.calibration()
+            if len(samples) < spec.samples:
+                raise QBenchError(f"{self.suite.file}: the calibration corpus gives {len(samples)} of the "
+                                  f"{spec.samples} samples of {spec.seq_len} tokens asked for: lower "
+                                  "calibration.samples or seq_len, or use more text")
+            fits(spec.seq_len, "calibration.seq_len", "lower it")
         if self.suite.latency:
             lat = self.suite.latency
             available = len(self._bos_prefix()) + len(self.stream)

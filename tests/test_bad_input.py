@@ -234,6 +234,15 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], int, str]] = [
         "perplexity:\n  corpus: {source: 'hf:onlyname'}\n")), 2, "expected hf:DATASET:SPLIT"),
     ("suite-name-markup", lambda c: ["suites", "validate", str(c.write("s.yaml", "name: '[/]evil'\ntasks: oops\n"))],
      2, "field 'tasks'"),
+    ("suite-duplicate-task", lambda c: ["suites", "validate", str(c.suite_file(
+        TASK + "  - {name: t, path: t.jsonl}\n", t__jsonl=GOOD_ITEM + "\n"))], 2, "task name 't' is used twice"),
+    ("suite-empty-prompt", lambda c: ["suites", "validate", str(c.suite_file("generation: {prompts: ['']}\n"))], 2,
+     "field 'generation.prompts.0'"),
+    ("suite-stride-too-long", lambda c: ["suites", "validate", str(c.suite_file(PPL + "  stride: 100\n"))], 2,
+     "stride 100 is longer than max_length 64"),
+    ("calibration-too-short", lambda c: c.run_args(suite=c.suite_file(
+        PPL + "calibration: {corpus: {source: c.txt}, samples: 4, seq_len: 32}\n", c__txt="a few words only")), 2,
+     "the calibration corpus gives 0 of the 4 samples"),
     # -- task files (qbench's JSONL)
     ("task-not-json", lambda c: item_suite(c, "{context: nope"), 2, "t.jsonl:1: not JSON"),
     ("task-fractional-gold", lambda c: item_suite(c, '{"context": "a", "choices": ["b", "c"], "gold": 1.9}'), 2,

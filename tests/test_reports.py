@@ -3,6 +3,7 @@
 import base64
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -238,12 +239,44 @@ def test_suites_lists_shipped_suites_and_validates_files(tmp_path):
     assert code == 2 and "bad.yaml" in err and "perplexity" in err
 
 
-@pytest.mark.skipif(not shutil.which("chromium"), reason="needs Debian's chromium")
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync")
+
+
+def _chromium(tmp_path, *args) -> subprocess.CompletedProcess:
+    return subprocess.run(["chromium", *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", *args],
+                          check=True, capture_output=True, text=True, timeout=120)
+
+
+def _coloured_pixels(png, top, bottom) -> int:
+    """Strongly coloured pixels in a band of rows: plot markers, lines and bars
+    (text and table rules are grey)."""
+    import matplotlib.image
+
+    rgb = matplotlib.image.imread(str(png))[top:bottom, :, :3]
+    return int(((rgb.max(axis=2) - rgb.min(axis=2)) > 0.35).sum())
+
+
+@pytest.mark.skipif(not shutil.which("chromium"), reason="needs Debian's chromium (.ci/run installs it)")
 def test_html_report_renders_in_headless_chromium(finished_run, tmp_path):
+    """What a user opens: the DOM holds the comparison table with every row,
+    and the rendered page shows the three plots (coloured marks below the
+    tables), not blank space."""
     run_dir, _ = finished_run
+    page = (run_dir / "report.html").as_uri()
+    dom = _chromium(tmp_path, "--dump-dom", page).stdout
+    for text in ("<h2>Comparison</h2>", "<th>KLD</th>", "<td>fp:fp32 (baseline)</td>", "<td>fp:bf16</td>",
+                 "<td>fake:uniform</td>", "Pareto-optimal"):
+        assert text in dom, text
+    assert dom.count("<img") == 3 and dom.count("data:image/png;base64,") == 3
     shot = tmp_path / "shot.png"
-    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1280,2400",
-                    (run_dir / "report.html").as_uri()], check=True, capture_output=True, timeout=120)
-    assert shot.read_bytes().startswith(b"\x89PNG") and shot.stat().st_size > 20_000
+    _chromium(tmp_path, f"--screenshot={shot}", "--window-size=1280,6000", "--hide-scrollbars", page)
+    import matplotlib.image
+
+    height = matplotlib.image.imread(str(shot)).shape[0]
+    # The tables and text come first: almost no colour there; the plots below carry plenty.
+    top = _coloured_pixels(shot, 0, height // 6)
+    plots = _coloured_pixels(shot, height // 6, height)
+    assert plots > 2000 and plots > 10 * max(top, 1), (top, plots)
+    if os.environ.get("QBENCH_KEEP_SCREENSHOT"):
+        shutil.copy(shot, os.environ["QBENCH_KEEP_SCREENSHOT"])
