@@ -142,7 +142,7 @@ def run(ctx, model, suite, backends, baseline, device, threads, cell_timeout, pl
         from qbench.report import write_report
 
         md, page = write_report(run_dir)
-        console.print(escape(f"report: {md} and {page}"))
+        console.print(escape(f"report: {md.resolve()} and {page.resolve()}"))
     failed = [r for r in records if not r.ok]
     if failed:
         console.print(f"[red]{len(failed)} cell(s) failed[/]; finished cells are kept. "
