@@ -73,50 +73,6 @@ def time_hf_generate(model, prompt, new_tokens: int, reps: int, device: str, com
     return out
 
 
-class CompiledLoop:
-    """gpt-fast's recipe: a static KV cache allocated once, the prefill eager,
-    each decode step one compiled call (CUDA graphs with
-    mode="reduce-overhead"), its output cloned before the next replay."""
-
-    def __init__(self, model, device: str, mode: str = "reduce-overhead"):
-        self.model, self.device = model, device
-        self.cache = None
-        self.step = torch.compile(self._decode, mode=mode, fullgraph=True, dynamic=False)
-
-    def _decode(self, ids, position):
-        out = self.model(input_ids=ids, past_key_values=self.cache, cache_position=position, use_cache=True,
-                         logits_to_keep=1)
-        return out.logits[:, -1].argmax(-1, keepdim=True)
-
-    @torch.inference_mode()
-    def generate(self, input_ids, max_new_tokens, on_token):
-        from transformers import StaticCache
-
-        ids = input_ids.to(self.device)
-        batch, length = ids.shape
-        wanted = (batch, length + max_new_tokens)
-        if self.cache is None or self._shape != wanted:
-            self.cache, self._shape = StaticCache(config=self.model.config, max_cache_len=wanted[1]), wanted
-        else:
-            self.cache.reset()
-        position = torch.arange(length, device=self.device)
-        out = self.model(input_ids=ids, past_key_values=self.cache, cache_position=position, use_cache=True,
-                         logits_to_keep=1)
-        step = out.logits[:, -1].argmax(-1, keepdim=True)
-        produced = [step]
-        sync(self.device)
-        on_token()
-        position = torch.tensor([length], device=self.device)
-        for _ in range(max_new_tokens - 1):
-            torch.compiler.cudagraph_mark_step_begin()
-            step = self.step(step, position).clone()
-            produced.append(step)
-            position += 1
-            sync(self.device)
-            on_token()
-        return torch.cat(produced, dim=1).cpu()
-
-
 class LoopVariant:
     """A candidate decode loop with the session's contract (greedy, exactly
     N tokens, ``on_token`` after each step is finished on the device)."""
@@ -192,15 +148,13 @@ def main() -> None:
     if args.compiled:
         results.append(("transformers generate, static cache, its auto-compile",
                         time_hf_generate(model, prompt, args.new_tokens, args.reps, args.device)))
-        loop = CompiledLoop(model, args.device)
+        loop = HFSession(model, args.device)
+        assert loop.use_runtime("compiled") is None
         started = time.perf_counter()
         time_session(loop, prompt.cpu(), args.new_tokens, 1)
-        print(f"compiled loop: first generate (compiling) {time.perf_counter() - started:.1f} s")
-        results.append(("qbench-style compiled loop (static cache, reduce-overhead)",
+        print(f"qbench runtime=compiled: first generate (compiling) {time.perf_counter() - started:.1f} s")
+        results.append(("qbench runtime=compiled (static cache, CUDA graph)",
                         time_session(loop, prompt.cpu(), args.new_tokens, args.reps)))
-        first = loop.generate(prompt.cpu(), 16, lambda: None)
-        eager = LoopVariant(model, args.device, True, False).generate(prompt.cpu(), 16, lambda: None)
-        print(f"compiled vs eager greedy tokens: {int((first == eager).sum())} of 16 agree")
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     for label, values in results:
         med = statistics.median(values)

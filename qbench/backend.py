@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 from pathlib import Path
-from typing import Annotated, Any, Callable, ClassVar, Optional
+from typing import Annotated, Any, Callable, ClassVar, Literal, Optional
 
 import torch
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
@@ -24,6 +24,14 @@ class VariantConfig(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: How the latency workload decodes: ``eager`` (one Python step per
+    #: token), or ``compiled`` (static KV cache and a torch.compile'd decode
+    #: step replayed as a CUDA graph, as torchao's and gpt-fast's benchmarks
+    #: measure). Quality phases always run eager, so a runtime changes timing,
+    #: never a quality figure. Common to every backend; one that cannot
+    #: compile fails the cell with the reason.
+    runtime: Literal["eager", "compiled"] = "eager"
 
     def nominal_bits(self) -> Optional[float]:
         """Bits per weight this variant promises for its quantized layers.
@@ -40,7 +48,8 @@ class VariantConfig(BaseModel):
         return self.model_dump(mode="json")
 
     def cache_settings(self) -> dict[str, Any]:
-        return {k: v for k, v in self.settings().items() if k not in self.load_only}
+        skip = set(self.load_only) | {"runtime"}  # how it decodes never changes the artifact's bytes
+        return {k: v for k, v in self.settings().items() if k not in skip}
 
 
 def _split_patterns(value: Any) -> Any:
@@ -121,6 +130,14 @@ class Session(abc.ABC):
     def describe(self) -> dict[str, Any]:
         """Facts worth recording: kernels used, quantized module types, ..."""
         return {}
+
+    def use_runtime(self, runtime: str) -> Optional[str]:
+        """Decode ``generate`` through ``runtime`` from now on (the harness
+        switches just before the latency workload). Returns None when done,
+        or why this session cannot (the cell then fails with that reason)."""
+        if runtime == "eager":
+            return None
+        return f"{type(self).__name__} has no '{runtime}' runtime"
 
     def close(self) -> None:
         """Release resources; the worker process ends right after anyway."""

@@ -119,11 +119,71 @@ def load_causal_lm(path: str, dtype: torch.dtype = torch.float32, trust_remote_c
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
 
 
+class CompiledDecoder:
+    """The compiled runtime: gpt-fast's recipe on a transformers model. A
+    static KV cache allocated once per workload shape (and zeroed between
+    calls), the prefill eager, each decode step one ``torch.compile`` call
+    with ``mode="reduce-overhead"`` (its kernels replayed as a CUDA graph, so
+    the host no longer launches hundreds of kernels per token), its output
+    cloned before the next replay overwrites it."""
+
+    def __init__(self, model: torch.nn.Module, device: str):
+        self.model, self.device = model, device
+        self.cache = None
+        self.shape: tuple[int, int] = (0, 0)
+        self.step = torch.compile(self._decode, mode="reduce-overhead", dynamic=False)
+
+    def _decode(self, ids: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=ids, past_key_values=self.cache, cache_position=position, use_cache=True,
+                         logits_to_keep=1)
+        return out.logits[:, -1].argmax(-1, keepdim=True)
+
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, on_token: Callable[[], None]) -> torch.Tensor:
+        from transformers import StaticCache
+
+        ids = input_ids.to(self.device)
+        batch, length = ids.shape
+        shape = (batch, length + max_new_tokens)
+        if self.cache is None or shape != self.shape:
+            self.cache, self.shape = StaticCache(config=self.model.config, max_cache_len=shape[1]), shape
+        else:
+            self.cache.reset()
+        position = torch.arange(length, device=self.device)
+        out = self.model(input_ids=ids, past_key_values=self.cache, cache_position=position, use_cache=True,
+                         logits_to_keep=1)
+        step = out.logits[:, -1].argmax(-1, keepdim=True)
+        torch.cuda.synchronize()
+        on_token()
+        produced = [step]
+        position = torch.tensor([length], device=self.device)
+        for _ in range(max_new_tokens - 1):
+            torch.compiler.cudagraph_mark_step_begin()
+            step = self.step(step, position).clone()
+            position += 1
+            torch.cuda.synchronize()
+            on_token()
+            produced.append(step)
+        return torch.cat(produced, dim=1).cpu()
+
+
 class HFSession(Session):
     def __init__(self, model: torch.nn.Module, device: str, facts: dict[str, Any] | None = None):
         self.model = model.eval()
         self.device = device
         self.facts = facts or {}
+        self.decoder: CompiledDecoder | None = None
+
+    def use_runtime(self, runtime: str) -> str | None:
+        if runtime == "eager":
+            self.decoder = None
+            return None
+        if runtime == "compiled":
+            if self.device != "cuda":
+                return "runtime=compiled needs CUDA: its decode step replays as a CUDA graph"
+            self.decoder = CompiledDecoder(self.model, self.device)
+            return None
+        return super().use_runtime(runtime)
 
     def _sync(self) -> None:
         if self.device == "cuda":
@@ -137,6 +197,8 @@ class HFSession(Session):
 
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, on_token: Callable[[], None]) -> torch.Tensor:
+        if self.decoder is not None:
+            return self.decoder.generate(input_ids, max_new_tokens, on_token)
         ids = input_ids.to(self.device)
         mask = torch.ones_like(ids)
         # Our own greedy loop rather than model.generate(): EOS can never stop

@@ -207,7 +207,8 @@ def blocks(plan: RunPlan, records: list[CellRecord], kld_budget: float) -> list[
     ran = kernel_rows(records)
     if ran:
         out += [Block("p", text="How each row ran (speed depends on the kernel as much as on the bit width):"),
-                Block("table", headers=("variant", "kernel", "compute dtype", "library"), rows=tuple(ran))]
+                Block("table", headers=("variant", "kernel", "compute dtype", "runtime", "library"),
+                      rows=tuple(ran))]
     failed = [f"`{r.cell}`: {r.error}" for r in records if not r.ok]
     skipped = [f"`{cell}` (skipped): {why}" for cell, why in plan.skipped.items()]
     if failed or skipped:
@@ -242,8 +243,11 @@ def kernel_rows(records: list[CellRecord]) -> list[tuple]:
             continue
         session = r.session or {}
         dtype = session.get("compute_dtype") or session.get("dtype") or ""
+        compiled = r.metrics.get("compile_seconds")
+        runtime = (r.config or {}).get("runtime", "eager") + (f" (compiled in {compiled.value:.0f} s)"
+                                                              if compiled is not None else "")
         rows.append((r.cell, session.get("kernel") or "transformers (PyTorch)", str(dtype).removeprefix("torch."),
-                     r.backend_version or ""))
+                     runtime, r.backend_version or ""))
     return rows
 
 

@@ -102,3 +102,29 @@ def test_quantized_variants_on_cuda(wide_tiny_model, backend, variant, layer_typ
     prompt = torch.tensor([list(range(3, 19))])
     lat = latency_metrics(session, prompt, new_tokens=4, warmup=1, min_reps=2, min_seconds=0, max_reps=3)
     assert lat["decode_ms_per_token"]["value"] > 0
+
+
+def test_compiled_runtime_decodes_the_same_tokens_and_records_its_compile_time(tiny_model, tiny_suite, tmp_path):
+    """runtime=compiled: a static cache and a CUDA-graph decode step. On the
+    tiny model in fp32 its greedy tokens are the eager loop's, and the record
+    says the runtime and how long compiling took (apart from latency)."""
+    from transformers import AutoModelForCausalLM
+
+    import qbench
+    from qbench.results import ResultStore
+
+    session = HFSession(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).to("cuda"), "cuda")
+    prompt = torch.tensor([list(range(3, 40))])
+    eager = session.generate(prompt, 12, lambda: None)
+    assert session.use_runtime("compiled") is None
+    steps = []
+    compiled = session.generate(prompt, 12, lambda: steps.append(1))
+    assert len(steps) == 12 and torch.equal(compiled, session.generate(prompt, 12, lambda: None))
+    assert (compiled == eager).float().mean() >= 0.9
+    df = qbench.run(model=str(tiny_model), suite=str(tiny_suite), device="cuda", output_dir=str(tmp_path),
+                    backends=["fp:fp32:runtime=compiled"])
+    record = ResultStore(df.attrs["run_dir"]).latest()["fp:fp32:runtime=compiled"]
+    assert record.ok, record.error
+    assert record.config["runtime"] == "compiled" and record.latency_workload["runtime"] == "compiled"
+    assert record.value("compile_seconds") > 0 and record.value("decode_ms_per_token") > 0
+    assert record.value("kld") < 1e-4  # quality phases run eager: the same numbers as the baseline

@@ -179,7 +179,7 @@ def test_run_writes_markdown_and_self_contained_html(finished_run):
         assert section in md
     assert "| fake:uniform |" in md and "![quality_vs_memory.png](report_files/quality_vs_memory.png)" in md
     # How each row ran: the kernel and compute dtype the session reported.
-    assert "| fp:bf16 | transformers (PyTorch) | bfloat16 |" in md
+    assert "| fp:bf16 | transformers (PyTorch) | bfloat16 | eager |" in md
     # The tiny suite times latency in one process per row, and says what that leaves out.
     assert "Latency: a 16-token prompt, 4 greedy new tokens (EOS ignored), batch 1" in md
     assert "in one worker process per row: no error bar covers" in md

@@ -92,6 +92,9 @@ class BackendClock(Session):
     def describe(self) -> dict[str, Any]:
         return self.inner.describe()
 
+    def use_runtime(self, runtime: str):
+        return self.inner.use_runtime(runtime)
+
     def close(self) -> None:
         self.inner.close()
 
