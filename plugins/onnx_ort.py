@@ -118,6 +118,11 @@ class OnnxSession(Session):
     def weight_bytes(self) -> int:
         return self._weight_bytes
 
+    def kv_bytes_per_position(self) -> Optional[int]:
+        import numpy as np
+
+        return 2 * self.layers * self.kv_heads * self.head_size * np.dtype(self.past_dtype).itemsize
+
     def describe(self) -> dict[str, Any]:
         return self.facts
 

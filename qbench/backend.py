@@ -131,6 +131,11 @@ class Session(abc.ABC):
         """Facts worth recording: kernels used, quantized module types, ..."""
         return {}
 
+    def kv_bytes_per_position(self) -> Optional[int]:
+        """Bytes of KV cache one sequence holds per position (all layers, keys
+        and values), for the roofline column; None when unknown."""
+        return None
+
     def use_runtime(self, runtime: str) -> Optional[str]:
         """Decode ``generate`` through ``runtime`` from now on (the harness
         switches just before the latency workload). Returns None when done,

@@ -223,6 +223,18 @@ class HFSession(Session):
     def weight_bytes(self) -> int:
         return unique_tensor_bytes(self.model)
 
+    def kv_bytes_per_position(self) -> int | None:
+        config = getattr(self.model.config, "text_config", None) or self.model.config
+        layers, heads = getattr(config, "num_hidden_layers", None), getattr(config, "num_attention_heads", None)
+        if not layers or not heads:
+            return None
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        # The cache holds keys and values in the dtype activations run in.
+        dtype = self.model.get_input_embeddings().weight.dtype
+        size = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 4
+        return 2 * layers * kv_heads * head_dim * size
+
     def describe(self) -> dict[str, Any]:
         types: dict[str, int] = {}
         for module in self.model.modules():

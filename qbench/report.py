@@ -232,8 +232,15 @@ def latency_method(records: list[CellRecord]) -> Optional[str]:
     how = (f"in {trials} worker processes per row: geometric mean of the processes' medians ± its standard error "
            f"(speed differs more between processes than between repetitions)" if trials > 1 else
            "in one worker process per row: no error bar covers the process-to-process variation")
-    return (f"Latency: a {work['prompt_tokens']}-token prompt, {work['new_tokens']} greedy new tokens (EOS ignored), "
+    text = (f"Latency: a {work['prompt_tokens']}-token prompt, {work['new_tokens']} greedy new tokens (EOS ignored), "
             f"batch {work['batch_size']}, {work['warmup']} warm-up run(s), measured {how}.")
+    peak = next((r.metrics["peak_bandwidth_bytes_per_s"] for r in records if r.ok
+                 and "peak_bandwidth_bytes_per_s" in r.metrics), None)
+    if peak is not None:
+        text += (f" BW % of peak: the bytes a decode step reads (weights as held, plus the KV cache at the mean "
+                 f"context) over the time per step, as a share of this run's measured copy bandwidth, "
+                 f"{peak.value / 1e9:.0f} GB/s (read + write).")
+    return text
 
 
 def kernel_rows(records: list[CellRecord]) -> list[tuple]:

@@ -37,6 +37,7 @@ COLUMNS = (
     ("prefill ms", "prefill_ms", ".1f", 1.0, True),
     ("decode ms/tok", "decode_ms_per_token", ".2f", 1.0, True),
     ("tok/s", "decode_tokens_per_s", ".1f", 1.0, False),
+    ("BW % of peak", "roofline_fraction", ".1f", 100.0, False),
 )
 
 

@@ -363,6 +363,18 @@ class CellPipeline:
         self.trial["latency_workload"]["runtime"] = self.config.runtime
         self.metrics.update(combine_trials([self.trial]))
         self.notes += busy_notes(self.metrics)
+        self.roofline()
+
+    def roofline(self) -> None:
+        """The row's decode bandwidth against the run's measured peak; again
+        whenever a trial changes the decode figure (see add_trial)."""
+        from qbench.metrics.roofline import roofline_metrics, run_bandwidth
+        from qbench.metrics.trials import trial_workload
+
+        bandwidth = run_bandwidth(Path(self.task.run_dir), self.task.device)
+        self.metrics.update(roofline_metrics(self.weight_bytes, self.session.kv_bytes_per_position(),
+                                             trial_workload([self.trial]),
+                                             self.metrics["decode_ms_per_token"]["value"], bandwidth))
 
     def measure_latency_trial(self) -> dict[str, Any]:
         self.phase("latency")

@@ -78,6 +78,7 @@ def test_tutorial_plugin_end_to_end_and_show(tiny_model, tiny_suite, tmp_path):
         assert rtn["metrics"][name]["value"] is not None, name
         assert rtn["metrics"][name]["unit"]
     assert rtn["metrics"]["decode_ms_per_token"]["n"] == len(rtn["metrics"]["decode_ms_per_token"]["samples"])
+    assert 0 < rtn["metrics"]["roofline_fraction"]["value"] < 1.5  # against the run's copy bandwidth
     assert rtn["metrics"]["kld"]["n"] == rtn["metrics"]["perplexity"]["n"] > 0
     assert rtn["metrics"]["kld"]["stderr"] > 0 and "p99" in rtn["metrics"]["kld"]["percentiles"]
     code, out, _ = qbench("show", str(tmp_path / "tutorial"), "--markdown")

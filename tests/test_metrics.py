@@ -215,3 +215,24 @@ def test_top1_agreement_without_a_full_argmax_matches_argmax_exactly():
         expected = lp.argmax(-1) == ref_ids[:, 0]
         assert torch.equal(agrees_with_top1(lp, lq, ref_ids), expected)
         assert 0 < expected.sum() < 300 or scale == 0.1
+
+
+def test_roofline_is_bytes_per_step_over_time_against_the_peak(tmp_path, tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    from qbench.metrics.roofline import refresh, roofline_metrics, run_bandwidth
+
+    workload = {"prompt_tokens": 100, "new_tokens": 20, "batch_size": 2}
+    out = roofline_metrics(10**9, 1000, workload, decode_ms=10.0, bandwidth={"bytes_per_s": 200e9})
+    per_step = 10**9 + 1000 * 110 * 2  # weights once; each sequence's KV at the mean context, 100 + 20/2
+    assert out["decode_bandwidth_bytes_per_s"]["bytes_per_step"] == per_step
+    assert out["roofline_fraction"]["value"] == pytest.approx(per_step / 0.010 / 200e9)
+    # A trial that halves the decode time doubles the fraction.
+    metrics = {**out, "decode_ms_per_token": {"value": 5.0}}
+    assert refresh(metrics)["roofline_fraction"]["value"] == pytest.approx(2 * out["roofline_fraction"]["value"])
+    # The tiny Llama: 2 layers x 2 KV heads x head_dim 16 x (key + value) x 4 bytes.
+    session = HFSession(AutoModelForCausalLM.from_pretrained(tiny_model), "cpu")
+    assert session.kv_bytes_per_position() == 2 * 2 * 16 * 2 * 4
+    # The peak is measured once per run and shared by every cell.
+    first = run_bandwidth(tmp_path, "cpu")
+    assert first["bytes_per_s"] > 1e8 and run_bandwidth(tmp_path, "cpu") == first

@@ -95,6 +95,9 @@ class BackendClock(Session):
     def use_runtime(self, runtime: str):
         return self.inner.use_runtime(runtime)
 
+    def kv_bytes_per_position(self):
+        return self.inner.kv_bytes_per_position()
+
     def close(self) -> None:
         self.inner.close()
 

@@ -21,7 +21,7 @@ import math
 import statistics
 from typing import Any, Optional
 
-from qbench.metrics import metric
+from qbench.metrics import metric, roofline
 from qbench.metrics.cost import quantile
 from qbench.records import CellRecord
 
@@ -98,6 +98,7 @@ def add_trial(record: CellRecord, trial: dict[str, Any]) -> CellRecord:
     trials = record.latency_trials + [trial]
     latency = combine_trials(trials)
     metrics = {**{k: m.model_dump() for k, m in record.metrics.items()}, **latency}
+    metrics.update(roofline.refresh(metrics))
     notes = [n for n in record.notes if not n.startswith(BUSY_NOTE)] + busy_notes(latency)
     return record.updated(metrics=metrics, notes=notes, latency_trials=trials, latency_workload=trial_workload(trials))
 
