@@ -390,7 +390,7 @@ def _suite_row(suite) -> list[str]:
         f"{ppl.max_tokens} tokens of {ppl.corpus.source}, windows of {ppl.max_length}" if ppl else "-",
         tasks or "-",
         f"{len(gen.prompts)} prompts x {gen.max_new_tokens} tokens" if gen else "-",
-        f"{lat.prompt_tokens}+{lat.new_tokens} tokens, batch {lat.batch_size}" if lat else "-",
+        f"{lat.prompt_tokens}+{lat.new_tokens} tokens, batch {', '.join(map(str, lat.batch_sizes))}" if lat else "-",
         f"{cal.samples} x {cal.seq_len} tokens of {cal.corpus.source}" if cal else "-",
         (suite.description or "").strip(),
     ]

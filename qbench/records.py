@@ -91,6 +91,10 @@ class CellRecord(BaseModel):
     #: raw output of each latency trial (qbench.metrics.trials)
     latency_trials: list[dict[str, Any]] = []
     latency_workload: Optional[dict[str, Any]] = None
+    #: per batch size of a sweep (its first is the row's latency): prefill,
+    #: decode per step, tokens/s and the roofline share, timed in the cell's
+    #: own process
+    latency_sweep: dict[int, dict[str, Metric]] = {}
     latency_trial_errors: list[str] = []
     notes: list[str] = []
     config: Optional[dict[str, Any]] = None

@@ -169,6 +169,19 @@ def plots(records: list[CellRecord]) -> list[tuple[str, str, bytes]]:
         ax.set_ylabel("decode tokens/s (bars: between-process SE)")
         ax.grid(alpha=0.3)
         out.append(("speed_vs_quality.png", "Decode speed against quality (up and left is better).", _png(fig)))
+    swept = [r for r in records if r.ok and len(r.latency_sweep) > 1]
+    if swept:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for r in swept:
+            sizes = sorted(r.latency_sweep)
+            ax.plot(sizes, [r.latency_sweep[b]["decode_tokens_per_s"].value for b in sizes], "o-", label=r.cell)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("decode tokens/s (all sequences)")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3, which="both")
+        out.append(("throughput_vs_batch.png", "Decode throughput against batch size, per variant.", _png(fig)))
     tasks = sorted({t for r in ok for t in r.tasks})
     if tasks:
         fig, ax = plt.subplots(figsize=(max(7, 1.2 * len(tasks) * max(1, len(ok)) / 3), 4.5))
@@ -204,6 +217,12 @@ def blocks(plan: RunPlan, records: list[CellRecord], kld_budget: float) -> list[
     if d_rows:
         out += [Block("p", text="Against the baseline (paired standard error for perplexity; independent for "
                       "accuracy):"), Block("table", headers=d_headers, rows=tuple(d_rows))]
+    sweep = sweep_rows(records)
+    if sweep:
+        out += [Block("p", text="Batch sweep (each batch size timed in the row's own worker process; weight-only "
+                      "kernels that win at batch 1 can lose at larger batches):"),
+                Block("table", headers=("variant", "batch", "prefill ms", "decode ms/step", "tokens/s",
+                                        "BW % of peak"), rows=tuple(sweep))]
     ran = kernel_rows(records)
     if ran:
         out += [Block("p", text="How each row ran (speed depends on the kernel as much as on the bit width):"),
@@ -241,6 +260,18 @@ def latency_method(records: list[CellRecord]) -> Optional[str]:
                  f"context) over the time per step, as a share of this run's measured copy bandwidth, "
                  f"{peak.value / 1e9:.0f} GB/s (read + write).")
     return text
+
+
+def sweep_rows(records: list[CellRecord]) -> list[tuple]:
+    rows = []
+    for r in records:
+        if not r.ok or len(r.latency_sweep) < 2:
+            continue
+        for batch, m in sorted(r.latency_sweep.items()):
+            bw = m.get("roofline_fraction")
+            rows.append((r.cell, str(batch), f"{m['prefill_ms'].value:.1f}", f"{m['decode_ms_per_token'].value:.2f}",
+                         f"{m['decode_tokens_per_s'].value:.1f}", f"{100 * bw.value:.1f}" if bw else "-"))
+    return rows
 
 
 def kernel_rows(records: list[CellRecord]) -> list[tuple]:

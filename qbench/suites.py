@@ -5,10 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
 from qbench.datafiles import check_inside, read_text
 from qbench.errors import QBenchError, describe_validation
@@ -78,7 +78,11 @@ class GenerationSpec(_Strict):
 class LatencySpec(_Strict):
     prompt_tokens: int = Field(128, gt=0)
     new_tokens: int = Field(32, gt=1)
-    batch_size: int = Field(1, gt=0)
+    #: one batch size, or a sweep (``[1, 8, 32]``): the first is the row's
+    #: latency (and its trials); every one is timed in the cell's process and
+    #: reported per batch size, since weight-only kernels that win at batch 1
+    #: can lose at larger batches
+    batch_size: Union[PositiveInt, Annotated[list[PositiveInt], Field(min_length=1)]] = 1
     warmup: int = Field(1, ge=0)
     min_reps: int = Field(3, gt=0)
     min_seconds: float = Field(2.0, ge=0)
@@ -88,6 +92,15 @@ class LatencySpec(_Strict):
     #: than between repetitions, so error bars need at least 2.
     trials: int = Field(1, ge=1, le=20)
 
+    @model_validator(mode="after")
+    def _distinct_batches(self):
+        if len(set(self.batch_sizes)) != len(self.batch_sizes):
+            raise ValueError(f"batch_size lists a size twice: {self.batch_size}")
+        return self
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        return list(self.batch_size) if isinstance(self.batch_size, list) else [self.batch_size]
 
 class CalibrationSpec(_Strict):
     corpus: CorpusSpec

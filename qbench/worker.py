@@ -364,7 +364,39 @@ class CellPipeline:
         self.metrics.update(combine_trials([self.trial]))
         self.notes += busy_notes(self.metrics)
         self.roofline()
+        if len(self.suite.latency.batch_sizes) > 1:
+            self.measure_batch_sweep()
 
+    def measure_batch_sweep(self) -> None:
+        """The latency workload at every batch size of the suite's sweep, in
+        this process (the first batch size's figures are the row's own, from
+        its trials). A batch size that runs out of memory is a note and ends
+        the sweep; the larger ones would too."""
+        import torch
+
+        from qbench.metrics.roofline import roofline_metrics, run_bandwidth
+        from qbench.metrics.trials import trial_workload
+
+        spec = self.suite.latency
+        bandwidth = run_bandwidth(Path(self.task.run_dir), self.task.device)
+        kv = self.session.kv_bytes_per_position()
+        self.sweep: dict[int, dict[str, Any]] = {}
+        for batch in spec.batch_sizes:
+            if batch == spec.batch_sizes[0]:
+                trial = self.trial
+            else:
+                try:
+                    trial = gated_latency(self.session, self.work.latency_prompt(batch), spec,
+                                          Path(self.task.run_dir), self.task.cell)
+                except (torch.OutOfMemoryError, MemoryError):
+                    self.notes.append(f"batch sweep stopped at batch {batch}: out of memory")
+                    break
+            decode = trial["decode_ms_per_token"]["value"]
+            self.sweep[batch] = {
+                "prefill_ms": trial["prefill_ms"], "decode_ms_per_token": trial["decode_ms_per_token"],
+                "decode_tokens_per_s": trial["decode_tokens_per_s"],
+                "roofline_fraction": roofline_metrics(self.weight_bytes, kv, trial_workload([trial]), decode,
+                                                      bandwidth)["roofline_fraction"]}
     def roofline(self) -> None:
         """The row's decode bandwidth against the run's measured peak; again
         whenever a trial changes the decode figure (see add_trial)."""
@@ -438,6 +470,7 @@ class CellPipeline:
             "tasks": self.tasks,
             "latency_trials": trials,
             "latency_workload": trial_workload(trials) if trials else None,
+            "latency_sweep": getattr(self, "sweep", {}),
             "notes": self.notes,
             "config": self.config.settings(),
             "nominal_bits": self.config.nominal_bits(),

@@ -104,14 +104,15 @@ class Workload:
         return [torch.tensor([bos + self.tokenizer(p, add_special_tokens=False)["input_ids"]])
                 for p in self.suite.generation.prompts]
 
-    def latency_prompt(self) -> torch.Tensor:
-        """Real corpus tokens (not random ids), repeated over the batch."""
+    def latency_prompt(self, batch_size: Optional[int] = None) -> torch.Tensor:
+        """Real corpus tokens (not random ids), repeated over the batch (the
+        suite's first batch size unless given)."""
         spec = self.suite.latency
         ids = (self._bos_prefix() + self.stream)[: spec.prompt_tokens]
         if len(ids) < spec.prompt_tokens:
             raise QBenchError(f"the corpus has only {len(ids)} tokens, the latency workload needs "
                               f"{spec.prompt_tokens}: lower latency.prompt_tokens")
-        return torch.tensor([ids] * spec.batch_size)
+        return torch.tensor([ids] * (batch_size or spec.batch_sizes[0]))
 
     def calibration(self) -> tuple[Optional[list[list[int]]], Optional[str]]:
         """Calibration samples (token ids) and their hash, from data kept apart

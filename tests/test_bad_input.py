@@ -243,6 +243,10 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], int, str]] = [
     ("calibration-too-short", lambda c: c.run_args(suite=c.suite_file(
         PPL + "calibration: {corpus: {source: c.txt}, samples: 4, seq_len: 32}\n", c__txt="a few words only")), 2,
      "the calibration corpus gives 0 of the 4 samples"),
+    ("suite-batch-twice", lambda c: ["suites", "validate", str(c.suite_file(PPL + "latency: {batch_size: [1, 1]}\n"))],
+     2, "batch_size lists a size twice"),
+    ("suite-batch-empty", lambda c: ["suites", "validate", str(c.suite_file(PPL + "latency: {batch_size: []}\n"))],
+     2, "latency.batch_size"),
     # -- task files (qbench's JSONL)
     ("task-not-json", lambda c: item_suite(c, "{context: nope"), 2, "t.jsonl:1: not JSON"),
     ("task-fractional-gold", lambda c: item_suite(c, '{"context": "a", "choices": ["b", "c"], "gold": 1.9}'), 2,

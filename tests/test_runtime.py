@@ -2,6 +2,8 @@
 It never changes an artifact, and a runtime a session cannot provide fails
 the cell with the reason. The CUDA side is in test_gpu.py."""
 
+import pytest
+
 from qbench.api import create_run
 from qbench.plugins import PluginSettings, load_plugins
 from qbench.results import ResultStore
@@ -33,3 +35,28 @@ def test_a_session_without_the_runtime_says_why():
     reason = OnnxSession.use_runtime(object.__new__(OnnxSession), "compiled")
     assert "ONNX Runtime runs its own optimised graph" in reason
     assert OnnxSession.use_runtime(object.__new__(OnnxSession), "eager") is None
+
+
+def test_batch_sweep_times_every_batch_size_and_reports_it(tiny_model, tiny_suite, tmp_path):
+    suite = tmp_path / "sweep.yaml"
+    suite.write_text(tiny_suite.read_text().replace("latency: {prompt_tokens: 16,", "latency: {batch_size: [1, 3], "
+                                                                                    "prompt_tokens: 16,"))
+    (tmp_path / "mc.jsonl").write_text((tiny_suite.parent / "mc.jsonl").read_text())
+    plan, run_dir = create_run(model=str(tiny_model), suite=str(suite), device="cpu", output_dir=str(tmp_path),
+                               backends=["fp:bf16"])
+    execute(plan, run_dir)
+    record = ResultStore(run_dir).latest()["fp:bf16"]
+    assert record.ok, record.error
+    assert sorted(record.latency_sweep) == [1, 3]
+    three = record.latency_sweep[3]
+    assert three["decode_tokens_per_s"].value == 3e3 / three["decode_ms_per_token"].value
+    # The row's own latency is the first batch size's (one trial: the same measurement).
+    assert record.latency_sweep[1]["decode_ms_per_token"].value == pytest.approx(record.value("decode_ms_per_token"))
+    assert record.latency_workload["batch_size"] == 1
+    assert 0 < three["roofline_fraction"].value
+    from qbench.report import write_report
+
+    md, _ = write_report(run_dir)
+    text = md.read_text()
+    assert "Batch sweep" in text and "| fp:bf16 | 3 |" in text
+    assert (run_dir / "report_files" / "throughput_vs_batch.png").read_bytes().startswith(b"\x89PNG")
