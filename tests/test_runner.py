@@ -138,8 +138,12 @@ def test_latency_trials_run_in_fresh_workers_after_every_cell(tiny_model, tiny_s
     latest = store.latest()
     assert list(latest) == ["fp:fp32", "fake:flaky"]
     base = latest["fp:fp32"]
-    assert len(base.latency_trials) == 3 and len(base.metrics["decode_ms_per_token"].get("trials")) == 3
-    assert base.stderr("decode_ms_per_token") > 0 and base.latency_workload["trials"] == 3
+    # Trials the machine canary marked busy are left out of the figures (this
+    # machine may be busy running other tests), never out of the record.
+    used, busy = base.latency_workload["trials"], base.latency_workload["trials_left_out_busy"]
+    assert len(base.latency_trials) == 3 and used + busy == 3
+    assert len(base.metrics["decode_ms_per_token"].get("trials")) == used
+    assert used < 2 or base.stderr("decode_ms_per_token") > 0
     assert base.metrics["perplexity"] == store.records()[0].metrics["perplexity"]  # quality kept as measured
     assert len(base.trial_wall_seconds) == 2
     # A trial that fails leaves the cell's figures and says why; it is not retried.
