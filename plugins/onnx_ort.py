@@ -53,12 +53,6 @@ class OnnxSession(Session):
     """An exported decoder with a KV cache: logits for every position, and
     our own greedy loop feeding ``present.*`` back as ``past_key_values.*``."""
 
-    def use_runtime(self, runtime: str) -> Optional[str]:
-        if runtime == "eager":
-            return None
-        return (f"runtime={runtime} is a PyTorch runtime; ONNX Runtime runs its own optimised graph (its speed is "
-                "this backend's eager row)")
-
     def __init__(self, folder: Path, device: str, facts: dict[str, Any]):
         import onnxruntime as ort
 
@@ -117,6 +111,12 @@ class OnnxSession(Session):
 
     def weight_bytes(self) -> int:
         return self._weight_bytes
+
+    def use_runtime(self, runtime: str) -> Optional[str]:
+        if runtime == "eager":
+            return None
+        return (f"runtime={runtime} is a PyTorch runtime; ONNX Runtime runs its own optimised graph (its speed is "
+                "this backend's eager row)")
 
     def kv_bytes_per_position(self) -> Optional[int]:
         import numpy as np
