@@ -120,6 +120,11 @@ class ResultStore:
         return adopted
 
 
+def cell_file_stem(cell: str) -> str:
+    """A cell name as a file name: "torchao:int4-wo-g32" -> "torchao__int4-wo-g32"."""
+    return cell.replace(":", "__").replace("/", "_")[:120]
+
+
 def _plan_run_id(run_dir: Path) -> Optional[str]:
     try:
         return json.loads((run_dir / PLAN_FILE).read_text()).get("run_id")
@@ -138,7 +143,7 @@ def save_pending(run_dir: Path, record: CellRecord) -> Path:
     errors = []
     stamp = f"{time.time():.6f}"
     for folder in _pending_places(run_dir):
-        target = folder / f"{record.cell.replace(':', '__').replace('/', '_')[:120]}-{stamp}.json"
+        target = folder / f"{cell_file_stem(record.cell)}-{stamp}.json"
         try:
             write_atomic(target, record.to_json())
             return target
@@ -149,10 +154,12 @@ def save_pending(run_dir: Path, record: CellRecord) -> Path:
 
 
 def pending_files(run_dir: Path) -> list[Path]:
+    """Pending records of this run folder. Only files this user owns: the
+    temp folder is shared, and another user must not slip rows into a run."""
     found: list[Path] = []
     for folder in _pending_places(run_dir):
         if folder.is_dir():
-            found += sorted(folder.glob("*.json"))
+            found += sorted(p for p in folder.glob("*.json") if p.stat().st_uid == os.getuid())
     return found
 
 

@@ -20,7 +20,7 @@ from qbench.io import write_atomic
 from qbench.models import ModelSpec
 from qbench.plugins import LoadedPlugins, PluginSettings, get_backend
 from qbench.records import CellRecord
-from qbench.results import PLAN_FILE, ResultStore
+from qbench.results import PLAN_FILE, ResultStore, cell_file_stem
 from qbench.worker import CellTask, worker_main
 
 DEFAULT_BASELINE = "fp:fp32"
@@ -289,7 +289,7 @@ def _run_worker(plan: RunPlan, run_dir: Path, cell: CellSpec, reporter: Reporter
                     suite_path=plan.suite_path, device=plan.device, threads=plan.threads,
                     plugins=plan.plugin_settings(), latency_trial=latency_trial, env=dict(os.environ),
                     allow_outside_data=plan.allow_outside_data)
-    log_path = run_dir / "logs" / (cell.cell.replace(":", "__").replace("/", "_")[:120] + ".log")
+    log_path = run_dir / "logs" / (cell_file_stem(cell.cell) + ".log")
     ctx = worker_context()
     receiver, sender = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=worker_main, args=(task, sender, str(log_path)), name=f"qbench-{cell.cell}")

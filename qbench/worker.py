@@ -363,7 +363,7 @@ class CellPipeline:
         self.trial["latency_workload"]["runtime"] = self.config.runtime
         self.metrics.update(combine_trials([self.trial]))
         self.notes += busy_notes(self.metrics)
-        self.roofline()
+        self.metrics.update(self.roofline(self.trial))
         if len(self.suite.latency.batch_sizes) > 1:
             self.measure_batch_sweep()
 
@@ -374,12 +374,7 @@ class CellPipeline:
         the sweep; the larger ones would too."""
         import torch
 
-        from qbench.metrics.roofline import roofline_metrics, run_bandwidth
-        from qbench.metrics.trials import trial_workload
-
         spec = self.suite.latency
-        bandwidth = run_bandwidth(Path(self.task.run_dir), self.task.device)
-        kv = self.session.kv_bytes_per_position()
         self.sweep: dict[int, dict[str, Any]] = {}
         for batch in spec.batch_sizes:
             if batch == spec.batch_sizes[0]:
@@ -391,22 +386,21 @@ class CellPipeline:
                 except (torch.OutOfMemoryError, MemoryError):
                     self.notes.append(f"batch sweep stopped at batch {batch}: out of memory")
                     break
-            decode = trial["decode_ms_per_token"]["value"]
             self.sweep[batch] = {
                 "prefill_ms": trial["prefill_ms"], "decode_ms_per_token": trial["decode_ms_per_token"],
                 "decode_tokens_per_s": trial["decode_tokens_per_s"],
-                "roofline_fraction": roofline_metrics(self.weight_bytes, kv, trial_workload([trial]), decode,
-                                                      bandwidth)["roofline_fraction"]}
-    def roofline(self) -> None:
-        """The row's decode bandwidth against the run's measured peak; again
-        whenever a trial changes the decode figure (see add_trial)."""
+                "roofline_fraction": self.roofline(trial)["roofline_fraction"]}
+
+    def roofline(self, trial: dict[str, Any]) -> dict[str, Any]:
+        """One latency measurement's decode bandwidth against the run's
+        measured peak (add_trial recomputes the row's when trials change its
+        decode time)."""
         from qbench.metrics.roofline import roofline_metrics, run_bandwidth
         from qbench.metrics.trials import trial_workload
 
         bandwidth = run_bandwidth(Path(self.task.run_dir), self.task.device)
-        self.metrics.update(roofline_metrics(self.weight_bytes, self.session.kv_bytes_per_position(),
-                                             trial_workload([self.trial]),
-                                             self.metrics["decode_ms_per_token"]["value"], bandwidth))
+        return roofline_metrics(self.weight_bytes, self.session.kv_bytes_per_position(), trial_workload([trial]),
+                                trial["decode_ms_per_token"]["value"], bandwidth)
 
     def measure_latency_trial(self) -> dict[str, Any]:
         self.phase("latency")

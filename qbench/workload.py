@@ -166,7 +166,7 @@ class Workload:
                                   f"({len(self.stream)} tokens in all): use a longer corpus")
             fits(max(len(w.input_ids) for w in self.perplexity_windows), "perplexity.max_length",
                  "lower it")
-        for task, (name, _, windows) in zip(self.suite.tasks, self.tasks):
+        for name, _, windows in self.tasks:
             fits(max(len(w.input_ids) for w in windows), f"task '{name}' (its longest request)",
                  "shorten its contexts or drop the task")
         if self.suite.generation:

@@ -86,7 +86,6 @@ BUSY_NOTE = "latency measured while the machine was busy"
 def busy_notes(latency: dict[str, Any]) -> list[str]:
     """A note when the combined latency comes from busy trials only."""
     canary = latency["machine_canary_ms"]
-    canary = canary if isinstance(canary, dict) else canary.model_dump()
     if not canary.get("busy"):
         return []
     return [f"{BUSY_NOTE}: the machine canary ran {canary['value'] / canary['typical'] - 1:.0%} slower than usual "
