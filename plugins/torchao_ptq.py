@@ -11,6 +11,7 @@ legacy path stores int8 codes and scales as plain safetensors.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -33,8 +34,9 @@ class TorchAOConfig(VariantConfig):
     activations: Literal["none", "dynamic", "static"] = Field(
         "none", description="weight-only, or int8 activations with dynamic or calibrated static scales")
     dtype: Literal["int", "float8"] = "int"
-    kernel: Literal["auto", "tinygemm", "legacy"] = Field(
-        "auto", description="tinygemm: CUDA int4; legacy: torch.ao quantize_dynamic (fbgemm)")
+    kernel: Literal["auto", "tinygemm", "gemlite", "legacy"] = Field(
+        "auto", description="tinygemm: CUDA int4; gemlite: Triton GEMV/GEMM kernels for 4- and 8-bit weights "
+                            "(CUDA); legacy: torch.ao quantize_dynamic (fbgemm)")
     keep: ModulePatterns = Field(("lm_head",), description="layers left in full precision ('+'-separated)")
 
     @model_validator(mode="after")
@@ -52,6 +54,12 @@ class TorchAOConfig(VariantConfig):
                                           or self.activations != "none" or self.symmetric):
             raise ValueError("kernel=tinygemm needs bits=4, granularity group:32|64|128|256, "
                              "activations=none and symmetric=false (it stores zero points)")
+        if self.kernel == "gemlite" and not (
+                self.activations == "none" and self.dtype == "int"
+                and ((self.bits == 4 and group in (32, 64, 128, 256, 512, 1024) and not self.symmetric)
+                     or (self.bits == 8 and self.granularity == "channel" and self.symmetric))):
+            raise ValueError("kernel=gemlite needs activations=none and either bits=4, granularity "
+                             "group:32..1024, symmetric=false, or bits=8, granularity=channel, symmetric=true")
         if self.kernel == "legacy" and (self.bits != 8 or group is not None or self.activations != "dynamic"
                                         or not self.symmetric):
             raise ValueError("kernel=legacy (torch.ao quantize_dynamic) needs bits=8, activations=dynamic, "
@@ -79,7 +87,7 @@ class TorchAOConfig(VariantConfig):
 
     @property
     def needs_cuda(self) -> bool:
-        return self.kernel == "tinygemm" or self.dtype == "float8"
+        return self.kernel in ("tinygemm", "gemlite") or self.dtype == "float8"
 
 
 def _granularity(config: TorchAOConfig, in_features: int):
@@ -124,9 +132,18 @@ def layer_config(config: TorchAOConfig, in_features: int, act_scale=None):
         return Float8WeightOnlyConfig(), None
     if config.kernel == "tinygemm":
         if in_features % 128 == 0 and note is None:
-            return Int4WeightOnlyConfig(group_size=config.group_size, int4_packing_format="tile_packed_to_4d"), None
+            # set_inductor_config=False: see the gemlite case below.
+            return Int4WeightOnlyConfig(group_size=config.group_size, int4_packing_format="tile_packed_to_4d",
+                                        set_inductor_config=False), None
         note = note or f"tinygemm needs input features divisible by 128, not {in_features}: per-channel scales"
         return IntxWeightOnlyConfig(weight_dtype=weight_dtype, granularity=PerAxis(0), mapping_type=mapping), note
+    if config.kernel == "gemlite":
+        from torchao.prototype.quantization.quant_api import UIntxWeightOnlyConfig
+
+        # set_inductor_config=False: torchao's recommended settings include
+        # TF32 float32 matmuls, which would change the process's fp32 numbers.
+        return UIntxWeightOnlyConfig(group_size=None if note else config.group_size, bit_width=config.bits,
+                                     set_inductor_config=False), note
     if config.activations == "static":
         return Int8StaticActivationInt8WeightConfig(
             act_quant_scale=act_scale, granularity=[PerTensor(), granularity]), None
@@ -168,7 +185,10 @@ def calibrate_activation_scales(model, layers: dict, calibration: list[list[int]
 def compute_dtype(config: TorchAOConfig):
     import torch
 
-    # tinygemm and the float8 matmuls take bfloat16 activations.
+    # gemlite's kernels (as torchao 0.18 builds them) take float16
+    # activations; tinygemm and the float8 matmuls take bfloat16.
+    if config.kernel == "gemlite":
+        return torch.float16
     return torch.bfloat16 if config.needs_cuda else torch.float32
 
 
@@ -189,6 +209,8 @@ class TorchAO(Backend):
             "int8-static": TorchAOConfig(activations="static"),
             "int8-dyn-legacy": TorchAOConfig(activations="dynamic", kernel="legacy"),
             "int4-tinygemm-g128": TorchAOConfig(bits=4, granularity="group:128", symmetric=False, kernel="tinygemm"),
+            "int4-gemlite-g128": TorchAOConfig(bits=4, granularity="group:128", symmetric=False, kernel="gemlite"),
+            "int8-gemlite": TorchAOConfig(kernel="gemlite"),
             "float8-wo": TorchAOConfig(dtype="float8"),
             "float8-dyn": TorchAOConfig(dtype="float8", activations="dynamic"),
         }
@@ -211,6 +233,8 @@ class TorchAO(Backend):
             return Availability.no("needs CUDA (a CUDA-only kernel); run with --device cuda on a GPU machine")
         import torch
 
+        if config.kernel == "gemlite" and importlib.util.find_spec("gemlite") is None:
+            return Availability.no("needs gemlite 0.5 (Triton kernels): pip install 'qbench[gemlite]'")
         if config.dtype == "float8" and torch.cuda.get_device_capability() < (8, 9):
             return Availability.no("float8 matmuls need a GPU of compute capability 8.9 or newer (Ada, Hopper)")
         return Availability.yes()
@@ -289,8 +313,44 @@ def save_quantized_state(model, path: Path) -> None:
 
     from qbench.hf import unique_state_dict
 
-    tensors, metadata = flatten_tensor_state_dict(unique_state_dict(model))
+    state = unique_state_dict(model)
+    packed = {key: state.pop(key) for key in [k for k, v in state.items() if type(v).__name__ == GEMLITE_CLASS]}
+    tensors, metadata = flatten_tensor_state_dict(state)
+    if packed:
+        tensors, metadata = dict(tensors), dict(metadata or {})
+        layout = {}
+        for key, weight in packed.items():
+            for name in ("qdata", "scale", "zero_point"):
+                tensors[f"{key}{GEMLITE_SEP}{name}"] = getattr(weight, name)
+            layout[key] = {"gemlite_kwargs": weight.gemlite_kwargs, "bit_width": weight.bit_width,
+                           "group_size": weight.group_size, "dtype": str(weight.dtype).removeprefix("torch.")}
+        metadata[GEMLITE_METADATA] = json.dumps(layout)
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
+
+
+# torchao's safetensors support has no entry for gemlite's packed tensor
+# (UIntxBitPackedTensor, a prototype): its three plain tensors are stored
+# under "<key>::<name>" and its settings (ints and flags) as JSON metadata,
+# so loading it runs no code from the file either.
+GEMLITE_CLASS = "UIntxBitPackedTensor"
+GEMLITE_SEP = "::"
+GEMLITE_METADATA = "qbench_gemlite"
+
+
+def _gemlite_tensors(state: dict, metadata: dict) -> dict:
+    """Pop the gemlite-packed weights out of a loaded state dict, rebuilt."""
+    layout = json.loads(metadata.pop(GEMLITE_METADATA, "{}"))
+    if not layout:
+        return {}
+    import torch
+    from torchao.prototype.quantization.uintx.uintx_bit_packed_tensor import UIntxBitPackedTensor
+
+    out = {}
+    for key, info in layout.items():
+        parts = [state.pop(f"{key}{GEMLITE_SEP}{name}") for name in ("qdata", "scale", "zero_point")]
+        out[key] = UIntxBitPackedTensor(*parts, info["gemlite_kwargs"], info["bit_width"], info["group_size"],
+                                        getattr(torch, info["dtype"]))
+    return out
 
 
 def load_quantized_state(model, path: Path, device: str) -> None:
@@ -299,8 +359,11 @@ def load_quantized_state(model, path: Path, device: str) -> None:
     from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
 
     with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata()
-    state, leftover = unflatten_tensor_state_dict(load_file(str(path), device=device), metadata)
+        metadata = dict(handle.metadata() or {})
+    raw = load_file(str(path), device=device)
+    packed = _gemlite_tensors(raw, metadata)
+    state, leftover = unflatten_tensor_state_dict(raw, metadata)
+    state.update(packed)
     if leftover:
         raise QBenchError(f"corrupt torchao artifact {path}: unreadable tensors {sorted(leftover)[:3]}; "
                           f"delete {path.parent} and run again")

@@ -99,6 +99,10 @@ class Artifact(BaseModel):
     verify_seconds: Optional[float] = None
 
 
+def ignore_step(finished_at: Optional[float] = None) -> None:
+    """An ``on_token`` for generations that nobody times."""
+
+
 class Session(abc.ABC):
     """A loaded model that the harness measures."""
 
@@ -113,14 +117,18 @@ class Session(abc.ABC):
         self,
         input_ids: torch.Tensor,
         max_new_tokens: int,
-        on_token: Callable[[], None],
+        on_token: Callable[..., None],
     ) -> torch.Tensor:
         """Greedy decode exactly ``max_new_tokens`` tokens (EOS never stops it).
 
         ``on_token()`` is called once per generated step, after the step's
         tokens are computed on the device (synchronise before calling it on
         asynchronous devices), so the harness can time prefill and decode.
-        Returns the new token ids ``[B, max_new_tokens]``."""
+        A session that queues steps ahead instead of waiting for each (the
+        compiled runtime) calls ``on_token(finished_at)`` with each step's
+        completion time measured on the device and expressed on the
+        ``time.perf_counter`` clock; it may make those calls after the last
+        step. Returns the new token ids ``[B, max_new_tokens]``."""
 
     @abc.abstractmethod
     def weight_bytes(self) -> int:

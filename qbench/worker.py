@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from qbench.backend import ignore_step
 from qbench.errors import QBenchError
 from qbench.models import ModelSpec
 from qbench.plugins import PluginSettings
@@ -323,7 +324,7 @@ class CellPipeline:
         from qbench.metrics.generation import generation_metrics
 
         self.phase("generation")
-        outputs = [self.session.generate(p, self.suite.generation.max_new_tokens, lambda: None)[0].tolist()
+        outputs = [self.session.generate(p, self.suite.generation.max_new_tokens, ignore_step)[0].tolist()
                    for p in self.work.generation_prompts]
         if self.task.is_baseline:
             self.reference.save_generation(outputs)
@@ -347,7 +348,7 @@ class CellPipeline:
         if runtime == "eager":
             return
         started = time.perf_counter()
-        self.session.generate(self.work.latency_prompt(), self.suite.latency.new_tokens, lambda: None)
+        self.session.generate(self.work.latency_prompt(), self.suite.latency.new_tokens, ignore_step)
         self.metrics["compile_seconds"] = metric(
             time.perf_counter() - started, "s", None, None, runtime=runtime,
             label="first pass of the latency workload through the compiled runtime (compilation and CUDA-graph "

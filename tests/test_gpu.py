@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+from qbench.backend import ignore_step
 from qbench.hf import HFSession
-from qbench.metrics.cost import latency_metrics, memory_metrics
+from qbench.metrics.cost import DEVICE_CLOCK, HOST_CLOCK, latency_metrics, memory_metrics
 from qbench.metrics.scoring import score_windows
 from qbench.windows import make_windows
 
@@ -24,7 +25,7 @@ def test_cuda_session_matches_cpu_and_reports_cuda_memory(tiny_model):
     prompt = torch.tensor([list(range(3, 19))])
     lat = latency_metrics(gpu, prompt, new_tokens=8, warmup=1, min_reps=3, min_seconds=0, max_reps=5)
     assert lat["decode_ms_per_token"]["n"] == 7 * lat["latency_workload"]["repetitions"]
-    assert lat["prefill_ms"]["value"] > 0
+    assert lat["prefill_ms"]["value"] > 0 and lat["latency_workload"]["step_clock"] == HOST_CLOCK
     mem = memory_metrics(gpu, "cuda")
     assert mem["cuda_peak_allocated_bytes"]["value"] >= gpu.weight_bytes()
 
@@ -115,16 +116,40 @@ def test_compiled_runtime_decodes_the_same_tokens_and_records_its_compile_time(t
 
     session = HFSession(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).to("cuda"), "cuda")
     prompt = torch.tensor([list(range(3, 40))])
-    eager = session.generate(prompt, 12, lambda: None)
+    eager = session.generate(prompt, 12, ignore_step)
     assert session.use_runtime("compiled") is None
     steps = []
-    compiled = session.generate(prompt, 12, lambda: steps.append(1))
-    assert len(steps) == 12 and torch.equal(compiled, session.generate(prompt, 12, lambda: None))
+    compiled = session.generate(prompt, 12, lambda at=None: steps.append(at))
+    assert len(steps) == 12 and torch.equal(compiled, session.generate(prompt, 12, ignore_step))
+    # Steps are queued ahead and timed on the device: increasing times, handed over at the end.
+    assert all(b > a for a, b in zip(steps, steps[1:]))
     assert (compiled == eager).float().mean() >= 0.9
     df = qbench.run(model=str(tiny_model), suite=str(tiny_suite), device="cuda", output_dir=str(tmp_path),
                     backends=["fp:fp32:runtime=compiled"])
     record = ResultStore(df.attrs["run_dir"]).latest()["fp:fp32:runtime=compiled"]
     assert record.ok, record.error
     assert record.config["runtime"] == "compiled" and record.latency_workload["runtime"] == "compiled"
+    assert record.latency_workload["step_clock"] == DEVICE_CLOCK
     assert record.value("compile_seconds") > 0 and record.value("decode_ms_per_token") > 0
     assert record.value("kld") < 1e-4  # quality phases run eager: the same numbers as the baseline
+
+
+def test_gemlite_int4_artifact_round_trips_through_the_cache(tiny_model, tiny_suite, tmp_path):
+    """torchao's safetensors support has no entry for gemlite's packed tensor:
+    qbench stores its plain tensors and settings itself. A cell built, then
+    loaded again from the cache, decodes with gemlite's kernel and holds
+    about a quarter of fp16's bytes for its quantized layers."""
+    pytest.importorskip("gemlite")
+    import qbench
+    from qbench.results import ResultStore
+
+    cell = "torchao:kernel=gemlite,bits=4,granularity=group:32,symmetric=false"
+    records = []
+    for run_id in ("build", "cached"):
+        df = qbench.run(model=str(tiny_model), suite=str(tiny_suite), device="cuda", output_dir=str(tmp_path),
+                        backends=[cell], run_id=run_id)
+        records.append(ResultStore(df.attrs["run_dir"]).latest()[cell])
+    built, cached = records
+    assert built.ok and cached.ok, (built.error, cached.error)
+    assert cached.artifact.cache_hit and "UIntxBitPackedTensor" in cached.session["kernel"]
+    assert cached.value("kld") == pytest.approx(built.value("kld"), rel=1e-4) and cached.value("kld") > 0

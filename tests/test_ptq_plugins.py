@@ -166,3 +166,40 @@ def test_worker_runs_both_plugins_end_to_end(tiny_model, tiny_suite, tmp_path):
         assert record.value("weight_bytes") < 0.6 * base
         assert record.value("artifact_bytes") > 0
         assert json.dumps(record.session["leaf_module_types"])
+
+
+def test_gemlite_packed_weights_round_trip_through_safetensors(tmp_path):
+    """torchao's safetensors support has no entry for gemlite's packed tensor
+    (a prototype class): qbench stores its three plain tensors and its
+    settings itself. Building one needs no GPU (packing it does), so the
+    round trip is checked here on made-up packed data."""
+    from torchao.prototype.quantization.uintx.uintx_bit_packed_tensor import UIntxBitPackedTensor
+
+    from qbench_plugins.torchao_ptq import load_quantized_state, save_quantized_state
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(64, 32, bias=False, dtype=torch.float16)
+            self.norm = torch.nn.LayerNorm(32, dtype=torch.float16)
+
+        def tie_weights(self):
+            pass
+
+    kwargs = {"in_features": 64, "out_features": 32, "packing_bitwidth": None, "data_contiguous": True,
+              "elements_per_sample": 8, "W_group_mode": 3, "meta_args": [0, 4, 32, 15, 8, 1, 1, 2, 1, 0, 3, 1]}
+    gen = torch.Generator().manual_seed(0)
+    packed = UIntxBitPackedTensor(torch.randint(-2**31, 2**31 - 1, (8, 32), dtype=torch.int32, generator=gen),
+                                  torch.rand(2, 32, generator=gen).half(), torch.rand(2, 32, generator=gen).half(),
+                                  kwargs, 4, 32, torch.float16)
+    model = Tiny()
+    model.proj.weight = torch.nn.Parameter(packed, requires_grad=False)
+    save_quantized_state(model, tmp_path / "q.safetensors")
+    again = Tiny()
+    load_quantized_state(again, tmp_path / "q.safetensors", "cpu")
+    loaded = again.proj.weight
+    assert type(loaded) is UIntxBitPackedTensor and loaded.dtype == torch.float16
+    assert loaded.gemlite_kwargs == kwargs and (loaded.bit_width, loaded.group_size) == (4, 32)
+    for name in ("qdata", "scale", "zero_point"):
+        assert torch.equal(getattr(loaded, name), getattr(packed, name))
+    assert torch.equal(again.norm.weight, model.norm.weight)

@@ -105,6 +105,20 @@ def test_python_api_runs_and_loads_results(tiny_model, tiny_suite, tmp_path):
     assert again["perplexity"].tolist() == pytest.approx(df["perplexity"].tolist())
 
 
+def test_steps_timed_on_the_device_are_taken_at_their_finishing_times(tiny_model, tiny_suite, tmp_path):
+    """A session that queues its steps (the compiled runtime) reports each
+    step's finishing time after the last one: the harness must take those
+    times, not the moments of the late calls (microseconds apart)."""
+    from qbench.metrics.cost import DEVICE_CLOCK
+
+    df = qbench.run(model=str(tiny_model), suite=str(tiny_suite), backends=["fake:queued"], device="cpu",
+                    plugin_dirs=(str(FAKE_PLUGINS),), output_dir=str(tmp_path))
+    record = ResultStore(df.attrs["run_dir"]).latest()["fake:queued"]
+    assert record.ok, record.error
+    assert record.latency_workload["step_clock"] == DEVICE_CLOCK
+    assert 19 <= record.value("decode_ms_per_token") < 60  # the fake sleeps 20 ms per step
+
+
 def test_runs_that_name_no_variants_leave_out_what_is_slow_or_redundant_on_cpu():
     from qbench.plugins import PluginSettings, load_plugins
     from qbench.runner import plan_cells

@@ -21,14 +21,28 @@ def quantile(samples: list[float], q: float) -> float:
     return float(np.quantile(np.asarray(samples, dtype=np.float64), q))
 
 
-def time_generate(session: Session, prompt: torch.Tensor, new_tokens: int) -> list[float]:
-    """Seconds from the call to each generated step (cumulative)."""
+#: How the steps of a latency workload were timed (recorded with it).
+HOST_CLOCK = "host clock; the host waits for each step"
+DEVICE_CLOCK = "device events; steps queued ahead of the device"
+
+
+def time_generate(session: Session, prompt: torch.Tensor, new_tokens: int) -> tuple[list[float], str]:
+    """Seconds from the call to each generated step (cumulative), and which
+    clock timed them (``HOST_CLOCK`` or ``DEVICE_CLOCK``)."""
     marks: list[float] = []
+    clocks: set[str] = set()
     start = time.perf_counter()
-    session.generate(prompt, new_tokens, lambda: marks.append(time.perf_counter() - start))
+
+    def on_token(finished_at: float | None = None) -> None:
+        clocks.add(HOST_CLOCK if finished_at is None else DEVICE_CLOCK)
+        marks.append((time.perf_counter() if finished_at is None else finished_at) - start)
+
+    session.generate(prompt, new_tokens, on_token)
     if len(marks) != new_tokens:
         raise RuntimeError(f"backend generated {len(marks)} steps, {new_tokens} were asked (EOS must not stop it)")
-    return marks
+    if len(clocks) != 1:
+        raise RuntimeError("backend timed some steps on the host and others on the device")
+    return marks, clocks.pop()
 
 
 def latency_metrics(session: Session, prompt: torch.Tensor, new_tokens: int, warmup: int, min_reps: int,
@@ -39,9 +53,10 @@ def latency_metrics(session: Session, prompt: torch.Tensor, new_tokens: int, war
     for _ in range(warmup):
         time_generate(session, prompt, new_tokens)
     prefill, decode, total = [], [], []
+    clock = HOST_CLOCK
     began = time.perf_counter()
     while len(total) < max_reps and (len(total) < min_reps or time.perf_counter() - began < min_seconds):
-        marks = time_generate(session, prompt, new_tokens)
+        marks, clock = time_generate(session, prompt, new_tokens)
         prefill.append(marks[0] * 1e3)
         decode.extend((b - a) * 1e3 for a, b in zip(marks, marks[1:]))
         total.append(marks[-1] * 1e3)
@@ -59,7 +74,8 @@ def latency_metrics(session: Session, prompt: torch.Tensor, new_tokens: int, war
         "decode_tokens_per_s": metric(batch * 1e3 / med_decode, "tokens/s", len(decode)),
         "generate_ms": dist(total, "ms"),
         "latency_workload": {"batch_size": batch, "prompt_tokens": prompt_len, "new_tokens": new_tokens,
-                             "warmup": warmup, "repetitions": len(total), "greedy": True, "eos": "ignored"},
+                             "warmup": warmup, "repetitions": len(total), "greedy": True, "eos": "ignored",
+                             "step_clock": clock},
     }
 
 

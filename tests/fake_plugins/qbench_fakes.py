@@ -13,7 +13,9 @@ from qbench.backend import Backend, Session, VariantConfig
 
 class FakeConfig(VariantConfig):
     #: "flaky": loads once, then raises (a marker file in $QBENCH_FAKE_MARKER_DIR)
-    behaviour: Literal["ok", "raise", "exit", "hang", "slow", "uniform", "flaky"] = "ok"
+    #: "queued": uniform, and decodes like the compiled runtime (steps timed
+    #: as they finish, handed to the harness after the last one)
+    behaviour: Literal["ok", "raise", "exit", "hang", "slow", "uniform", "flaky", "queued"] = "ok"
     #: what the variant promises; "liar" promises 4 bits but loads fp32
     claims_bits: Optional[float] = None
 
@@ -24,8 +26,8 @@ class FakeConfig(VariantConfig):
 class UniformSession(Session):
     """Logits all equal: perplexity must be exactly the vocabulary size."""
 
-    def __init__(self, vocab: int):
-        self.vocab = vocab
+    def __init__(self, vocab: int, queued_step_seconds: Optional[float] = None):
+        self.vocab, self.queued_step_seconds = vocab, queued_step_seconds
 
     def logits(self, input_ids, attention_mask):
         import torch
@@ -35,8 +37,16 @@ class UniformSession(Session):
     def generate(self, input_ids, max_new_tokens, on_token):
         import torch
 
-        for _ in range(max_new_tokens):
-            on_token()
+        if self.queued_step_seconds is None:
+            for _ in range(max_new_tokens):
+                on_token()
+        else:
+            finished = []
+            for _ in range(max_new_tokens):
+                time.sleep(self.queued_step_seconds)
+                finished.append(time.perf_counter())
+            for at in finished:
+                on_token(at)
         return torch.zeros(input_ids.shape[0], max_new_tokens, dtype=torch.long)
 
     def weight_bytes(self):
@@ -55,7 +65,8 @@ class Fake(Backend):
     config_class = FakeConfig
 
     def variants(self):
-        named = {b: FakeConfig(behaviour=b) for b in ("ok", "raise", "exit", "hang", "slow", "uniform", "flaky")}
+        named = {b: FakeConfig(behaviour=b)
+                 for b in ("ok", "raise", "exit", "hang", "slow", "uniform", "flaky", "queued")}
         return {**named, "liar": FakeConfig(claims_bits=4)}
 
     def quantize(self, model_path, config, calibration, workdir):
@@ -84,8 +95,9 @@ class Fake(Backend):
 
         from qbench.hf import HFSession
 
-        if behaviour == "uniform":
-            return UniformSession(AutoConfig.from_pretrained(artifact.model_path).vocab_size)
+        if behaviour in ("uniform", "queued"):
+            return UniformSession(AutoConfig.from_pretrained(artifact.model_path).vocab_size,
+                                  0.02 if behaviour == "queued" else None)
         model = AutoModelForCausalLM.from_pretrained(artifact.model_path, dtype=torch.float32)
         return HFSession(model, device)
 

@@ -1,0 +1,159 @@
+"""Issue 13's goals, measured side by side in one process on a GPU: batch-1
+greedy decode of a Llama-shaped model with random weights (speed and memory
+are real, quality means nothing), every row through qbench's own session and
+runtimes, and transformers' ``generate`` with a static cache as the eager
+reference. Prints each row's ms/token, bytes read per step, and share of the
+copy-benchmark peak, then each goal with its ratio.
+
+    python benchmarks/gpu_goals.py                         # 1.07B shape
+    python benchmarks/gpu_goals.py --shape 8b              # Llama-3-8B widths, SmolLM2's vocabulary
+    python benchmarks/gpu_goals.py --rows bf16-compiled,int4-gemlite-g128 --mode max-autotune
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import time
+
+import torch
+
+SHAPES = {  # hidden, layers, heads, kv heads, MLP; vocabulary 49152 (SmolLM2's tokenizer)
+    "1b": (2048, 16, 32, 8, 8192),
+    "3b": (3072, 28, 24, 8, 8192),
+    "8b": (4096, 32, 32, 8, 14336),
+}
+ROWS = ("bf16-eager", "hf-generate-eager", "bf16-compiled", "int4-tinygemm-g128", "int4-gemlite-g128",
+        "int8-gemlite")
+
+
+def build(shape: str, dtype: torch.dtype = torch.bfloat16):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, layers, heads, kv, mlp = SHAPES[shape]
+    config = LlamaConfig(vocab_size=49152, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=8192,
+                         tie_word_embeddings=True)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(dtype)
+    return model.eval()
+
+
+def quantized(shape: str, variant: str):
+    """A fresh model quantized the way qbench's torchao backend does it."""
+    from torchao.quantization import FqnToConfig, quantize_
+
+    from qbench.hf import linear_layers
+    from qbench_plugins.torchao_ptq import TorchAO, compute_dtype, layer_config
+
+    config = TorchAO().variants()[variant]
+    model = build(shape, compute_dtype(config))
+    layers = linear_layers(model, config.keep)
+    quantize_(model, FqnToConfig({name: layer_config(config, layer.in_features)[0]
+                                  for name, layer in layers.items()}), filter_fn=None)
+    return model
+
+
+def time_session(session, prompt, new_tokens: int, reps: int) -> list[float]:
+    """Per repetition, the median gap between decode steps, as qbench's latency phase takes it."""
+    from qbench.metrics.cost import time_generate
+
+    out = []
+    for _ in range(reps):
+        marks, _ = time_generate(session, prompt, new_tokens)
+        out.append(statistics.median((b - a) * 1e3 for a, b in zip(marks, marks[1:])))
+    return out
+
+
+@torch.inference_mode()
+def time_hf_generate(model, prompt, new_tokens: int, reps: int) -> list[float]:
+    """transformers' generate, static cache, its auto-compile disabled: (time
+    for N tokens - time for 1) / (N - 1)."""
+    kwargs = dict(do_sample=False, cache_implementation="static", pad_token_id=0, disable_compile=True)
+
+    def run(n: int) -> float:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        model.generate(prompt.cuda(), max_new_tokens=n, min_new_tokens=n, **kwargs)
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    run(new_tokens)
+    return [(run(new_tokens) - run(1)) * 1e3 / (new_tokens - 1) for _ in range(reps)]
+
+
+def main() -> None:
+    from qbench.hf import HFSession
+    from qbench.metrics.roofline import copy_bandwidth, decode_bytes_per_step
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=SHAPES, default="1b")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, from {', '.join(ROWS)}")
+    parser.add_argument("--mode", default="max-autotune", help="torch.compile mode of the compiled rows")
+    parser.add_argument("--sync", action="store_true", help="compiled rows wait for each step (host-timed)")
+    parser.add_argument("--prompt-tokens", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--profile", action="store_true", help="GPU kernel time per step of compiled rows")
+    args = parser.parse_args()
+    rows = args.rows.split(",")
+    peak = copy_bandwidth("cuda")
+    print(f"{torch.cuda.get_device_name()}: copy peak {peak / 1e12:.2f} TB/s; torch {torch.__version__}; "
+          f"shape {args.shape}; prompt {args.prompt_tokens} + {args.new_tokens} new tokens; batch 1", flush=True)
+    workload = {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "batch_size": 1}
+    prompt = torch.randint(0, 49152, (1, args.prompt_tokens))
+    results: dict[str, float] = {}
+    for row in rows:
+        gc.collect()
+        torch.cuda.empty_cache()
+        started = time.perf_counter()
+        model = build(args.shape) if row.startswith(("bf16", "hf")) else quantized(args.shape, row)
+        session = HFSession(model, "cuda")
+        if row == "hf-generate-eager":
+            setup = time.perf_counter() - started
+            values = time_hf_generate(model, prompt, args.new_tokens, args.reps)
+        else:
+            if row != "bf16-eager":
+                from qbench.hf import CompiledDecoder
+
+                session.decoder = CompiledDecoder(model, "cuda", mode=args.mode, pipelined=not args.sync)
+            time_session(session, prompt, args.new_tokens, 1)  # warm-up (compiles)
+            setup = time.perf_counter() - started
+            values = time_session(session, prompt, args.new_tokens, args.reps)
+        ms = statistics.median(values)
+        results[row] = ms
+        per_step = decode_bytes_per_step(session.weight_bytes(), session.kv_bytes_per_position(), workload)
+        print(f"{row:22s} {ms:7.3f} ms/token (reps {' '.join(f'{v:.3f}' for v in values)}); "
+              f"{per_step / 1e9:.2f} GB/step -> {per_step / ms / 1e6:.0f} GB/s = {per_step / ms * 1e3 / peak:.1%} "
+              f"of peak; set-up and warm-up {setup:.0f} s", flush=True)
+        results[row + ":fraction"] = per_step / ms * 1e3 / peak
+        if args.profile and session.decoder is not None:
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:  # the warmed-up shape: no recompiling
+                session.generate(prompt, args.new_tokens, lambda *a: None)
+            events = prof.key_averages()
+            gpu = sum(e.self_device_time_total for e in events) / (args.new_tokens - 1) / 1e3
+            print(f"  GPU kernel time {gpu:.3f} ms/step (prefill included)")
+            print(events.table(sort_by="self_device_time_total", row_limit=12))
+        del session, model
+        torch._dynamo.reset()
+    print("goals:")
+    if "bf16-compiled" in results:
+        print(f"  bf16 compiled at {results['bf16-compiled:fraction']:.1%} of peak (goal >= 70%)")
+    fours = [r for r in results if r.startswith("int4") and not r.endswith(":fraction")]
+    if fours:
+        best = min(fours, key=results.get)
+        print(f"  best 4-bit row {best} at {results[best + ':fraction']:.1%} of peak (goal >= 50%)")
+        if "bf16-compiled" in results:
+            print(f"  {best} is {results['bf16-compiled'] / results[best]:.2f}x faster than bf16 compiled "
+                  "(goal >= 1.8x)")
+    if "bf16-eager" in results and "hf-generate-eager" in results:
+        print(f"  qbench eager / transformers generate eager: {results['bf16-eager'] / results['hf-generate-eager']:.2f}"
+              " (goal <= 1.00)")
+
+
+if __name__ == "__main__":
+    main()
