@@ -16,6 +16,7 @@ import statistics
 import time
 
 import torch
+from gpu_goals import time_hf_generate, time_session  # this folder: run as a script
 
 
 def build_model(device: str, small: bool, dtype: torch.dtype):
@@ -36,41 +37,6 @@ def build_model(device: str, small: bool, dtype: torch.dtype):
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
-
-
-def time_session(session, prompt, new_tokens: int, reps: int) -> list[float]:
-    """Median gap between tokens per repetition, as qbench's latency phase measures it."""
-    out = []
-    for _ in range(reps):
-        marks: list[float] = []
-        start = time.perf_counter()
-        session.generate(prompt, new_tokens, lambda: marks.append(time.perf_counter() - start))
-        gaps = [(b - a) * 1e3 for a, b in zip(marks, marks[1:])]
-        out.append(statistics.median(gaps))
-    return out
-
-
-@torch.inference_mode()
-def time_hf_generate(model, prompt, new_tokens: int, reps: int, device: str, compile: bool = True) -> list[float]:
-    """transformers' generate with a static cache: (time for N tokens - time
-    for 1 token) / (N - 1), the decode part alone. With a static cache on
-    CUDA, generate compiles the forward pass by itself (CUDA graphs) unless
-    ``disable_compile``: ``compile=False`` measures it truly eager."""
-    kwargs = dict(do_sample=False, cache_implementation="static", pad_token_id=0, disable_compile=not compile)
-
-    def run(n: int) -> float:
-        sync(device)
-        start = time.perf_counter()
-        model.generate(prompt, max_new_tokens=n, min_new_tokens=n, **kwargs)
-        sync(device)
-        return time.perf_counter() - start
-
-    run(new_tokens)  # warm-up
-    out = []
-    for _ in range(reps):
-        one, many = run(1), run(new_tokens)
-        out.append((many - one) * 1e3 / (new_tokens - 1))
-    return out
 
 
 class LoopVariant:
@@ -113,10 +79,12 @@ class LoopVariant:
 def profile_session(session, prompt, new_tokens: int, device: str) -> str:
     from torch.profiler import ProfilerActivity, profile
 
+    from qbench.backend import ignore_step
+
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    session.generate(prompt, new_tokens, lambda: None)
+    session.generate(prompt, new_tokens, ignore_step)
     with profile(activities=activities) as prof:
-        session.generate(prompt, new_tokens, lambda: None)
+        session.generate(prompt, new_tokens, ignore_step)
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
 
 
@@ -143,11 +111,11 @@ def main() -> None:
     session = HFSession(model, args.device)
     time_session(session, prompt.cpu(), args.new_tokens, 1)  # warm-up
     ours = time_session(session, prompt.cpu(), args.new_tokens, args.reps)
-    theirs = time_hf_generate(model, prompt, args.new_tokens, args.reps, args.device, compile=False)
+    theirs = time_hf_generate(model, prompt, args.new_tokens, args.reps)
     results = [("qbench HFSession.generate", ours), ("transformers generate, static cache, eager", theirs)]
     if args.compiled:
         results.append(("transformers generate, static cache, its auto-compile",
-                        time_hf_generate(model, prompt, args.new_tokens, args.reps, args.device)))
+                        time_hf_generate(model, prompt, args.new_tokens, args.reps, compile=True)))
         loop = HFSession(model, args.device)
         assert loop.use_runtime("compiled") is None
         started = time.perf_counter()

@@ -68,16 +68,20 @@ def time_session(session, prompt, new_tokens: int, reps: int) -> list[float]:
 
 
 @torch.inference_mode()
-def time_hf_generate(model, prompt, new_tokens: int, reps: int) -> list[float]:
-    """transformers' generate, static cache, its auto-compile disabled: (time
-    for N tokens - time for 1) / (N - 1)."""
-    kwargs = dict(do_sample=False, cache_implementation="static", pad_token_id=0, disable_compile=True)
+def time_hf_generate(model, prompt, new_tokens: int, reps: int, compile: bool = False) -> list[float]:
+    """transformers' generate with a static cache: (time for N tokens - time
+    for 1) / (N - 1). With a static cache on CUDA, generate compiles the
+    forward pass by itself unless ``disable_compile``: ``compile=False``
+    measures it truly eager."""
+    kwargs = dict(do_sample=False, cache_implementation="static", pad_token_id=0, disable_compile=not compile)
+    device = next(model.parameters()).device
 
     def run(n: int) -> float:
-        torch.cuda.synchronize()
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        sync()
         start = time.perf_counter()
-        model.generate(prompt.cuda(), max_new_tokens=n, min_new_tokens=n, **kwargs)
-        torch.cuda.synchronize()
+        model.generate(prompt.to(device), max_new_tokens=n, min_new_tokens=n, **kwargs)
+        sync()
         return time.perf_counter() - start
 
     run(new_tokens)
