@@ -40,18 +40,36 @@ class CorpusSpec(_Strict):
         return self
 
 
+PerplexityProtocol = Literal["stream", "lm-eval-rolling", "llama.cpp"]
+
+
 class PerplexitySpec(_Strict):
     corpus: CorpusSpec
-    max_tokens: int = Field(16384, gt=1, description="tokens of the corpus to evaluate")
-    max_length: int = Field(512, gt=1, description="window length in tokens (BOS included)")
-    stride: Optional[int] = Field(None, gt=0, description="window step; default max_length (no overlap)")
+    #: stream: the documents joined into one token stream, cut into windows
+    #: (GPTQ's protocol; with ``stride``, HF's sliding windows). lm-eval-rolling:
+    #: each document on its own, in lm-evaluation-harness's rolling windows
+    #: behind its prefix token, with word and byte counts per document as
+    #: lm-eval counts them. llama.cpp: llama-perplexity's chunks of
+    #: ``max_length`` (its n_ctx), scoring only each chunk's second half.
+    protocol: PerplexityProtocol = "stream"
+    max_tokens: int = Field(16384, gt=1, description="tokens of the corpus to evaluate (lm-eval-rolling: whole "
+                                                      "documents up to that many tokens)")
+    max_length: int = Field(512, gt=1, description="window length in tokens, BOS included (lm-eval-rolling: "
+                                                    "tokens fed per window, lm-eval's max_length; llama.cpp: n_ctx)")
+    stride: Optional[int] = Field(None, gt=0, description="window step; default max_length (no overlap); "
+                                                          "stream protocol only")
     batch_size: int = Field(2, gt=0)
 
     @model_validator(mode="after")
     def _check_stride(self):
+        if self.stride is not None and self.protocol != "stream":
+            raise ValueError(f"stride applies to the stream protocol only; protocol {self.protocol} fixes its "
+                             "own windows: drop stride")
         if self.stride is not None and self.stride > self.max_length:
             raise ValueError(f"stride {self.stride} is longer than max_length {self.max_length}: tokens between "
                              "windows would never be scored")
+        if self.protocol == "llama.cpp" and self.max_length < 4:
+            raise ValueError("protocol llama.cpp scores the second half of each chunk: max_length must be >= 4")
         return self
 
 

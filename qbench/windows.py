@@ -1,9 +1,12 @@
-"""Evaluation windows: the same token windows for every backend.
+"""Evaluation windows: the same token windows for every backend, under one
+of three perplexity protocols (``make_windows``: a stream in windows, GPTQ's
+and HF's sliding-window protocol; ``rolling_windows``: lm-eval's per-document
+rolling windows; ``llama_cpp_windows``: llama-perplexity's half-scored chunks).
 
 A window is ``input_ids`` plus how many of its last targets are scored. Logits
 at position p predict ``input_ids[p + 1]``, so a window of n tokens has n - 1
-targets; ``n_scored`` counts from the end. Each corpus token is scored at most
-once across windows.
+targets and the model is fed its first n - 1 tokens; ``n_scored`` counts from
+the end. Each corpus token is scored at most once across windows.
 """
 
 from __future__ import annotations
@@ -66,6 +69,52 @@ def make_windows(
             # Non-overlapping windows without a BOS lose their first token's
             # score; the sliding protocol keeps it by overlapping instead.
             scored_until = max(scored_until, begin + 1) if step == capacity else scored_until
+    return windows
+
+
+def rolling_windows(documents: list[list[int]], max_length: int, prefix_id: int) -> list[Window]:
+    """lm-evaluation-harness's ``loglikelihood_rolling``, per document: the
+    first window is the prefix token plus up to ``max_length`` tokens, every
+    one scored; each later window scores the next ``max_length`` tokens with
+    the tokens just before them as context, so the model is fed exactly
+    ``max_length`` tokens per window (lm-eval's ``get_rolling_token_windows``
+    with ``context_len=1``, then ``make_disjoint_window``). Spans index the
+    documents' tokens laid end to end."""
+    windows: list[Window] = []
+    offset = 0
+    for tokens in documents:
+        first = min(max_length, len(tokens))
+        if first:
+            windows.append(Window(tuple([prefix_id] + tokens[:first]), first, (offset, offset + first)))
+        done = first
+        while done < len(tokens):
+            end = done + min(len(tokens) - done, max_length)
+            # lm-eval's context starts max_length + 1 before the window's end
+            # (never before the document's start).
+            windows.append(Window(tuple(tokens[max(end - max_length - 1, 0): end]), end - done,
+                                  (offset + done, offset + end)))
+            done = end
+        offset += len(tokens)
+    return windows
+
+
+def llama_cpp_windows(tokens: list[int], n_ctx: int, bos_id: Optional[int]) -> list[Window]:
+    """``llama-perplexity``'s chunks: the stream (with a BOS first when the
+    tokenizer adds one, ``bos_id``) cut into ``len // n_ctx`` chunks of
+    ``n_ctx`` tokens; each chunk's first token becomes BOS (when there is
+    one), and only the second half is scored: the targets after position
+    ``n_ctx // 2``, ``n_ctx - 1 - n_ctx // 2`` per chunk. Spans index
+    ``tokens`` (BOS excluded)."""
+    stream = ([bos_id] if bos_id is not None else []) + list(tokens)
+    offset = 1 if bos_id is not None else 0
+    first = n_ctx // 2
+    windows = []
+    for start in range(0, (len(stream) // n_ctx) * n_ctx, n_ctx):
+        chunk = stream[start: start + n_ctx]
+        if bos_id is not None:
+            chunk[0] = bos_id
+        windows.append(Window(tuple(chunk), n_ctx - 1 - first,
+                              (start + first + 1 - offset, start + n_ctx - offset)))
     return windows
 
 

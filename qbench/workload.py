@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -16,7 +17,7 @@ from qbench.corpus import corpus_stream, load_documents
 from qbench.errors import QBenchError
 from qbench.metrics.choice import load_items, request_windows
 from qbench.suites import Suite
-from qbench.windows import Window, make_windows, windows_hash
+from qbench.windows import Window, llama_cpp_windows, make_windows, rolling_windows, windows_hash
 
 OVERLAP_NGRAM = 13
 
@@ -59,14 +60,55 @@ class Workload:
         return [self.bos_id] if self.suite.bos != "none" and self.bos_id is not None else []
 
     @cached_property
+    def documents(self) -> list[str]:
+        return load_documents(self.suite.perplexity.corpus, self.suite)
+
+    @cached_property
+    def rolling_documents(self) -> list[tuple[str, list[int]]]:
+        """lm-eval-rolling: whole documents, each tokenized as lm-eval's HF
+        model does (the tokenizer's own special tokens, unless the text
+        already starts with the prefix token), up to ``max_tokens``."""
+        prefix = self.tokenizer.decode([self.rolling_prefix_id])
+        out, total = [], 0
+        for doc in self.documents:
+            ids = self.tokenizer.encode(doc, add_special_tokens=not doc.startswith(prefix))
+            if out and total + len(ids) > self.suite.perplexity.max_tokens:
+                break
+            out.append((doc, ids))
+            total += len(ids)
+        return out
+
+    @property
+    def rolling_prefix_id(self) -> int:
+        """lm-eval's prefix token for rolling loglikelihoods: BOS, else EOS."""
+        prefix = self.bos_id if self.bos_id is not None else self.tokenizer.eos_token_id
+        if prefix is None:
+            raise QBenchError(f"{self.suite.file}: protocol lm-eval-rolling needs a BOS or EOS token and this "
+                              "model's tokenizer has neither: use protocol stream")
+        return prefix
+
+    @property
+    def tokenizer_adds_bos(self) -> bool:
+        """Whether the tokenizer puts BOS first by itself (llama.cpp's add_bos)."""
+        return self.bos_id is not None and self.tokenizer("a")["input_ids"][:1] == [self.bos_id]
+
+    @cached_property
     def stream(self) -> list[int]:
-        """The corpus tokens, shared by perplexity windows and latency prompts."""
+        """The corpus tokens, shared by perplexity windows and latency prompts
+        (lm-eval-rolling: its documents' tokens end to end)."""
         spec = self.suite.perplexity
-        return corpus_stream(self.tokenizer, load_documents(spec.corpus, self.suite), spec.max_tokens)
+        if spec.protocol == "lm-eval-rolling":
+            return [t for _, ids in self.rolling_documents for t in ids]
+        return corpus_stream(self.tokenizer, self.documents, spec.max_tokens)
 
     @cached_property
     def perplexity_windows(self) -> list[Window]:
         spec = self.suite.perplexity
+        if spec.protocol == "lm-eval-rolling":
+            return rolling_windows([ids for _, ids in self.rolling_documents], spec.max_length,
+                                   self.rolling_prefix_id)
+        if spec.protocol == "llama.cpp":
+            return llama_cpp_windows(self.stream, spec.max_length, self.bos_id if self.tokenizer_adds_bos else None)
         return make_windows(self.stream, spec.max_length, spec.stride, self.suite.bos, self.bos_id)
 
     def prepare(self) -> None:
@@ -80,7 +122,12 @@ class Workload:
 
     @cached_property
     def scored_text_stats(self) -> tuple[int, int]:
-        """(bytes, words) of the text of exactly the scored tokens."""
+        """(bytes, words) of the text of exactly the scored tokens; under
+        lm-eval-rolling, of the documents as lm-eval counts them (UTF-8
+        bytes, and pieces of ``re.split(r"\\s+", text)``)."""
+        if self.suite.perplexity.protocol == "lm-eval-rolling":
+            docs = [doc for doc, _ in self.rolling_documents]
+            return sum(len(d.encode("utf-8")) for d in docs), sum(len(re.split(r"\s+", d)) for d in docs)
         stream = self.stream
         n_bytes = n_words = 0
         for w in self.perplexity_windows:
@@ -164,10 +211,11 @@ class Workload:
             if scored < 2:
                 raise QBenchError(f"{self.suite.file}: the perplexity corpus gives {scored} scored token(s) "
                                   f"({len(self.stream)} tokens in all): use a longer corpus")
-            fits(max(len(w.input_ids) for w in self.perplexity_windows), "perplexity.max_length",
+            # The model is fed every token of a window but its last (only a target).
+            fits(max(len(w.input_ids) for w in self.perplexity_windows) - 1, "perplexity.max_length",
                  "lower it")
         for name, _, windows in self.tasks:
-            fits(max(len(w.input_ids) for w in windows), f"task '{name}' (its longest request)",
+            fits(max(len(w.input_ids) for w in windows) - 1, f"task '{name}' (its longest request)",
                  "shorten its contexts or drop the task")
         if self.suite.generation:
             longest = max(p.shape[1] for p in self.generation_prompts)
@@ -192,6 +240,13 @@ class Workload:
     def fingerprint(self) -> dict[str, Any]:
         out: dict[str, Any] = {"bos_policy": self.suite.bos, "bos_id": self.bos_id}
         if self.suite.perplexity:
+            protocol = self.suite.perplexity.protocol
+            out["perplexity_protocol"] = protocol
+            if protocol == "lm-eval-rolling":
+                out["perplexity_prefix_id"] = self.rolling_prefix_id
+                out["perplexity_documents"] = len(self.rolling_documents)
+            elif protocol == "llama.cpp":
+                out["perplexity_bos_per_chunk"] = self.tokenizer_adds_bos
             out["perplexity_windows"] = windows_hash(self.perplexity_windows)
             out["perplexity_tokens"] = sum(w.n_scored for w in self.perplexity_windows)
         return out

@@ -291,7 +291,7 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], int, str]] = [
         "perplexity:\n  corpus: {source: c.txt}\n", c__txt="a")), 2, "scored token"),
     ("windows-past-positions", lambda c: c.run_args(suite=c.suite_file(
         "perplexity:\n  corpus: {source: 'builtin:pydoc-topics'}\n  max_length: 600\n  max_tokens: 1300\n")), 2,
-     "needs 600 positions but the model has 512"),
+     "needs 599 positions but the model has 512"),
     ("latency-past-positions", lambda c: c.run_args(suite=c.suite_file(
         PPL + "latency: {prompt_tokens: 200, new_tokens: 400}\n")), 2, "needs 600 positions"),
     ("latency-prompt-too-long", lambda c: c.run_args(suite=c.suite_file(

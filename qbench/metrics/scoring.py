@@ -92,7 +92,8 @@ def score_windows(
     done = 0
     buffers = _RowBuffers()
     for ids, mask, chunk in batches(windows, batch_size):
-        logits = session.logits(ids, mask)
+        # A window's last token is only ever a target: its logits would go unused.
+        logits = session.logits(ids[:, :-1], mask[:, :-1])
         device = logits.device
         parts: dict[str, list[torch.Tensor]] = {"token_logprobs": [], "topk_logprobs": [], "topk_ids": [],
                                                 "lq": [], "same_top": []}

@@ -1,0 +1,131 @@
+"""qbench and lm-evaluation-harness on the same work: the same model, the
+same documents, rolling loglikelihoods with the same max_length, batch size
+and device. Prints both sides' word perplexity and bits per byte (qbench
+under ``protocol: lm-eval-rolling``), their relative difference, and the
+throughput of each (scored tokens per second) with the ratio.
+
+    .venv/bin/python benchmarks/lm_eval_side_by_side.py                # embedded model, CPython's LICENSE in 4 documents
+    .venv/bin/python benchmarks/lm_eval_side_by_side.py --documents pydoc:40 --max-length 1024 --device cuda
+
+qbench's pass is timed twice: plain (what a candidate pays, scoring against
+nothing) and as a baseline (also keeping the top-k reference for KLD).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sysconfig
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import torch
+
+
+def documents(spec: str) -> list[str]:
+    """``license``: CPython's LICENSE.txt in 4 parts of whole paragraphs;
+    ``pydoc:N``: the first N topics of CPython's pydoc reference."""
+    if spec == "license":
+        paragraphs = Path(sysconfig.get_paths()["stdlib"], "LICENSE.txt").read_text().split("\n\n")
+        size = math.ceil(len(paragraphs) / 4)
+        return ["\n\n".join(paragraphs[i: i + size]) for i in range(0, len(paragraphs), size)]
+    if spec.startswith("pydoc:"):
+        from pydoc_data.topics import topics
+
+        return [topics[k] for k in sorted(topics)][: int(spec.split(":")[1])]
+    raise SystemExit(f"unknown --documents {spec}: use license or pydoc:N")
+
+
+def lm_eval_side(path: str, docs: list[str], args) -> tuple[list[float], float]:
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=path, device=args.device, max_length=args.max_length, batch_size=args.batch_size,
+              dtype="float32")
+    requests = [Instance(request_type="loglikelihood_rolling", doc={}, arguments=(d,), idx=i)
+                for i, d in enumerate(docs)]
+    lm.loglikelihood_rolling(requests[:1], disable_tqdm=True)  # warm-up
+    started = time.perf_counter()
+    ll = lm.loglikelihood_rolling(requests, disable_tqdm=True)
+    return ll, time.perf_counter() - started
+
+
+def qbench_side(path: str, docs: list[str], args, folder: Path):
+    from qbench.backend import Artifact
+    from qbench.metrics.cost import BackendClock
+    from qbench.metrics.scoring import reference_from, score_windows
+    from qbench.plugins import PluginSettings, load_plugins
+    from qbench.suites import load_suite
+    from qbench.workload import Workload, load_tokenizer
+
+    (folder / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    (folder / "suite.yaml").write_text(textwrap.dedent(f"""
+        name: side-by-side
+        perplexity:
+          corpus: {{source: docs.jsonl}}
+          protocol: lm-eval-rolling
+          max_length: {args.max_length}
+          max_tokens: 100000000
+          batch_size: {args.batch_size}
+    """))
+    work = Workload(load_suite(str(folder / "suite.yaml")), load_tokenizer(path))
+    windows = work.perplexity_windows
+    backend = load_plugins(PluginSettings(allow=("builtin",))).backends["fp"]
+    _, config = backend.parse_variant("fp32")
+    session = BackendClock(backend.load(Artifact(backend="fp", variant="fp32", config=config.settings(), path=path,
+                                                 model_path=path), args.device))
+    score_windows(session, windows[:args.batch_size], args.batch_size)  # warm-up
+    timings = {}
+    for label, kwargs in (("plain", {}), ("baseline", {"top_k": 512})):
+        session.seconds = 0.0
+        started = time.perf_counter()
+        scores = score_windows(session, windows, args.batch_size, **kwargs)
+        timings[label] = (time.perf_counter() - started, session.seconds)
+        if kwargs:
+            reference_from(scores)
+    logprobs = scores.tensor("token_logprobs").double()
+    n_bytes, n_words = work.scored_text_stats
+    return -logprobs.sum().item(), logprobs.numel(), n_bytes, n_words, timings
+
+
+def main() -> None:
+    from qbench.models import resolve_model
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--documents", default="license")
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    path = resolve_model(args.model).path
+    docs = documents(args.documents)
+    ll, lm_seconds = lm_eval_side(path, docs, args)
+    with tempfile.TemporaryDirectory() as tmp:
+        nll, tokens, n_bytes, n_words, timings = qbench_side(path, docs, args, Path(tmp))
+    words = sum(len(re.split(r"\s+", d)) for d in docs)
+    raw_bytes = sum(len(d.encode("utf-8")) for d in docs)
+    print(f"{len(docs)} documents, {tokens} scored tokens, {raw_bytes} bytes, {words} words; max_length "
+          f"{args.max_length}, batch {args.batch_size}, {args.device}, {torch.get_num_threads()} threads")
+    theirs = {"word_perplexity": math.exp(-sum(ll) / words), "bits_per_byte": -sum(ll) / raw_bytes / math.log(2)}
+    ours = {"word_perplexity": math.exp(nll / n_words), "bits_per_byte": nll / n_bytes / math.log(2)}
+    for name in theirs:
+        print(f"{name}: lm-eval {theirs[name]:.6f}, qbench {ours[name]:.6f}, "
+              f"difference {100 * (ours[name] / theirs[name] - 1):+.4f}%")
+    print(f"lm-eval: {lm_seconds:.1f} s, {tokens / lm_seconds:.0f} tokens/s")
+    for label, (seconds, forward) in timings.items():
+        print(f"qbench {label} pass: {seconds:.1f} s, {tokens / seconds:.0f} tokens/s, "
+              f"{lm_seconds / seconds:.2f}x lm-eval; the model's forward passes {forward:.1f} s "
+              f"({100 * forward / seconds:.0f}%): no harness can beat lm-eval by more than "
+              f"{lm_seconds / forward:.2f}x with this model and device")
+
+
+if __name__ == "__main__":
+    main()
