@@ -34,6 +34,7 @@ def create_run(
     trust_remote_code: bool = False,
     run_id: Optional[str] = None,
     allow_outside_data: bool = False,
+    trust_task_code: bool = False,
 ) -> tuple[RunPlan, Path]:
     """Validate everything that can be validated before any cell runs, and
     write the plan. Bad input fails here, with nothing measured yet."""
@@ -48,6 +49,7 @@ def create_run(
     cells, skipped = plan_cells(loaded, list(backends or []), baseline, device)
     spec = resolve_model(model, trust_remote_code=trust_remote_code)
     check_workload(suite_obj, spec.path, trust_remote_code)
+    check_lm_eval_tasks(suite_obj, trust_task_code)
     root = Path(output_dir or results_dir())
     check_writable(root, "results folder", "choose another with -o/--output-dir (or $QBENCH_RESULTS), or fix its "
                    "permissions")
@@ -60,9 +62,34 @@ def create_run(
                    threads=threads, cell_timeout=cell_timeout, plugin_dirs=list(settings.plugin_dirs),
                    plugin_allow=list(settings.allow) if settings.allow is not None else None,
                    plugin_block=list(settings.block), cells=cells, skipped=skipped,
-                   allow_outside_data=allow_outside_data, suite_files=suite_obj.data_hashes())
+                   allow_outside_data=allow_outside_data, trust_task_code=trust_task_code,
+                   suite_files=suite_obj.data_hashes())
     save_plan(plan, run_dir)
     return plan, run_dir
+
+
+def check_lm_eval_tasks(suite, trust_task_code: bool) -> None:
+    """The suite's lm-eval tasks, before any cell: lm-eval installed, task
+    files readable and free of code unless trusted, installed task names known."""
+    if not suite.lm_eval:
+        return
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        raise QBenchError(f"{suite.file}: its lm_eval section needs lm-evaluation-harness: pip install "
+                          "'qbench[lm-eval]'") from None
+    from qbench.lm_eval_engine import REGISTRY, task_specs
+
+    task_specs(suite.lm_eval, suite, trust_task_code)
+    names = [t[len(REGISTRY):] for t in suite.lm_eval.tasks if t.startswith(REGISTRY)]
+    if names:
+        from lm_eval.tasks import TaskManager
+
+        known = set(TaskManager().all_tasks)
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise QBenchError(f"{suite.file}: lm-eval has no task '{unknown[0]}' (see `lm-eval ls tasks`), or "
+                              "give a task YAML file of your own")
 
 
 def check_options(threads: Optional[int], cell_timeout: float) -> None:

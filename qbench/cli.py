@@ -99,9 +99,11 @@ def cli() -> None:
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the hub (off by default).")
 @click.option("--allow-outside-data", is_flag=True,
               help="Let the suite read data files outside its own folder (off: a shared suite cannot read your files).")
+@click.option("--trust-task-code", is_flag=True,
+              help="Let the suite's lm-eval task files run Python ('!function', datasets' trust_remote_code).")
 @click.pass_context
 def run(ctx, model, suite, backends, baseline, device, threads, cell_timeout, plugins_dir, output_dir, run_id,
-        resume, retry_failed, trust_remote_code, allow_outside_data) -> None:
+        resume, retry_failed, trust_remote_code, allow_outside_data, trust_task_code) -> None:
     """Run a benchmark: every backend variant against the baseline."""
     from qbench.api import create_run, resume_run
     from qbench.results import ResultStore
@@ -122,7 +124,7 @@ def run(ctx, model, suite, backends, baseline, device, threads, cell_timeout, pl
                                        device=device, threads=threads, cell_timeout=cell_timeout,
                                        plugin_dirs=tuple(plugins_dir), output_dir=output_dir,
                                        trust_remote_code=trust_remote_code, run_id=run_id,
-                                       allow_outside_data=allow_outside_data)
+                                       allow_outside_data=allow_outside_data, trust_task_code=trust_task_code)
     store = ResultStore(run_dir)
     reporter = RichReporter()
     preflight(run_dir, store, reporter)  # a torn tail or records saved aside change what is left to run
@@ -152,7 +154,7 @@ def run(ctx, model, suite, backends, baseline, device, threads, cell_timeout, pl
 
 #: Options a resumed run takes from its plan, never from the command line.
 RUN_PLAN_OPTIONS = ("model", "suite", "backends", "baseline", "device", "threads", "cell_timeout", "plugins_dir",
-                    "run_id", "trust_remote_code", "allow_outside_data")
+                    "run_id", "trust_remote_code", "allow_outside_data", "trust_task_code")
 
 
 @cli.command()

@@ -51,6 +51,8 @@ class RunPlan(BaseModel):
     skipped: dict[str, str] = {}  # cell -> why it was left out of the plan
     #: the user let the suite read data outside its folder (--allow-outside-data)
     allow_outside_data: bool = False
+    #: the user let task files run code (--trust-task-code)
+    trust_task_code: bool = False
     #: resolved path -> sha256 prefix of every data file of the suite
     suite_files: dict[str, str] = {}
 
@@ -288,7 +290,7 @@ def _run_worker(plan: RunPlan, run_dir: Path, cell: CellSpec, reporter: Reporter
                     variant=cell.variant, is_baseline=cell.baseline, model=plan.model.model_dump(),
                     suite_path=plan.suite_path, device=plan.device, threads=plan.threads,
                     plugins=plan.plugin_settings(), latency_trial=latency_trial, env=dict(os.environ),
-                    allow_outside_data=plan.allow_outside_data)
+                    allow_outside_data=plan.allow_outside_data, trust_task_code=plan.trust_task_code)
     log_path = run_dir / "logs" / (cell_file_stem(cell.cell) + ".log")
     ctx = worker_context()
     receiver, sender = ctx.Pipe(duplex=False)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Annotated, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from qbench.datafiles import check_inside, read_text
 from qbench.errors import QBenchError, describe_validation
@@ -120,6 +120,32 @@ class LatencySpec(_Strict):
     def batch_sizes(self) -> list[int]:
         return list(self.batch_size) if isinstance(self.batch_size, list) else [self.batch_size]
 
+class LmEvalSpec(_Strict):
+    """Tasks run by lm-evaluation-harness on every cell's session."""
+
+    #: ``lm_eval:NAME`` (a task of the installed lm-eval; hub datasets need a
+    #: hub) or a task YAML file of the suite's own (relative to the suite file)
+    tasks: list[str] = Field(min_length=1)
+    limit: Optional[int] = Field(None, gt=0, description="documents per task (all when unset)")
+    num_fewshot: Optional[int] = Field(None, ge=0, description="the tasks' own setting when unset")
+    batch_size: int = Field(8, gt=0)
+    #: tokens fed per request, lm-eval's max_length; default the model's positions (2048 when unknown)
+    max_length: Optional[int] = Field(None, gt=1)
+    max_gen_toks: int = Field(256, gt=0, description="generation tasks: tokens generated unless the task says")
+    bootstrap_iters: int = Field(1000, ge=0, description="lm-eval's bootstrap for stderrs of non-mean metrics")
+
+    @field_validator("tasks")
+    @classmethod
+    def _distinct(cls, tasks: list[str]) -> list[str]:
+        twice = sorted({t for t in tasks if tasks.count(t) > 1})
+        if twice:
+            raise ValueError(f"lm-eval task '{twice[0]}' is listed twice")
+        for task in tasks:
+            if task.startswith("lm_eval:") and not task[len("lm_eval:"):].strip():
+                raise ValueError("'lm_eval:' needs a task name, e.g. lm_eval:hellaswag")
+        return tasks
+
+
 class CalibrationSpec(_Strict):
     corpus: CorpusSpec
     samples: int = Field(16, gt=0)
@@ -135,6 +161,7 @@ class Suite(_Strict):
     perplexity: Optional[PerplexitySpec] = None
     fidelity: FidelitySpec = FidelitySpec()
     tasks: list[ChoiceTask] = []
+    lm_eval: Optional[LmEvalSpec] = None
     generation: Optional[GenerationSpec] = None
     latency: Optional[LatencySpec] = None
     calibration: Optional[CalibrationSpec] = None
@@ -178,6 +205,9 @@ class Suite(_Strict):
                 from qbench.lm_eval_tasks import data_file, read_config
 
                 files.append(self.resolve(str(data_file(path, read_config(path)))))
+        for entry in (self.lm_eval.tasks if self.lm_eval else []):
+            if not entry.startswith("lm_eval:"):
+                files.append(self.resolve(entry))
         for corpus in (self.perplexity and self.perplexity.corpus, self.calibration and self.calibration.corpus):
             if corpus and not corpus.source.startswith(("builtin:", "hf:")):
                 files.append(self.resolve(corpus.source))

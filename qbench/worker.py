@@ -43,6 +43,8 @@ class CellTask:
     env: Optional[dict] = None
     #: the user allowed the suite to read data outside its folder
     allow_outside_data: bool = False
+    #: the user let lm-eval task files run code
+    trust_task_code: bool = False
 
 
 def worker_main(task: CellTask, conn, log_path: str) -> None:
@@ -174,7 +176,7 @@ class CellPipeline:
     says how long each took. A latency trial (``task.latency_trial >= 2``)
     runs only prepare, artifact, load and latency."""
 
-    QUALITY_PHASES = ("perplexity", "tasks", "generation", "latency")
+    QUALITY_PHASES = ("perplexity", "tasks", "lm-eval", "generation", "latency")
 
     def __init__(self, task: CellTask, enter: Callable[[str], None]):
         self.task = task
@@ -209,6 +211,8 @@ class CellPipeline:
             self.measure_perplexity()
         if self.work.tasks:
             self.measure_tasks()
+        if self.suite.lm_eval:
+            self.measure_lm_eval()
         if self.suite.generation:
             self.measure_generation()
         if self.suite.latency:
@@ -319,6 +323,24 @@ class CellPipeline:
         for name in ("acc", "acc_norm"):
             value = sum(self.tasks[task][name]["value"] * len(items) for task, items, _ in self.work.tasks) / n_total
             self.metrics[name] = metric(value, "fraction", n_total, proportion_stderr(value, n_total))
+
+    def measure_lm_eval(self) -> None:
+        """The suite's lm-eval tasks, each task's figures as lm-eval reports
+        them, under ``lm_eval:TASK`` in the record's tasks."""
+        from qbench.lm_eval_engine import evaluate
+        from qbench.metrics import metric
+        from qbench.workload import max_positions
+
+        self.phase("lm-eval")
+        spec = self.suite.lm_eval
+        max_length = spec.max_length or max_positions(self.model.path) or 2048
+        results = evaluate(self.session, self.work.tokenizer, spec, self.suite, self.task.trust_task_code,
+                           max_length)
+        for task, found in results.items():
+            self.tasks[f"lm_eval:{task}"] = {
+                name: metric(value, "lm-eval", found["samples"], stderr, engine="lm-eval",
+                             task_version=found["version"], max_length=max_length)
+                for name, (value, stderr) in found["metrics"].items()}
 
     def measure_generation(self) -> None:
         from qbench.metrics.generation import generation_metrics

@@ -48,6 +48,7 @@ class TokenScores:
     tail_mass: list[torch.Tensor] = field(default_factory=list)       # baseline mass outside top-k
     topk_logprobs: list[torch.Tensor] = field(default_factory=list)   # only when building a reference
     topk_ids: list[torch.Tensor] = field(default_factory=list)
+    greedy: list[torch.Tensor] = field(default_factory=list)          # argmax == actual (when asked)
 
     @staticmethod
     def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -84,9 +85,12 @@ def score_windows(
     reference: Optional[Reference] = None,
     top_k: int = 0,
     on_batch: Optional[Callable[[int, int], None]] = None,
+    greedy: bool = False,
 ) -> TokenScores:
     """Run every window once; gather log q(actual) and, given a reference,
-    the fidelity statistics; with ``top_k`` also the data for a reference."""
+    the fidelity statistics; with ``top_k`` also the data for a reference;
+    with ``greedy`` whether each actual token is the argmax (lm-eval's
+    ``is_greedy``)."""
     scores = TokenScores()
     cursor = 0  # row of the reference matching the next scored token
     done = 0
@@ -96,7 +100,7 @@ def score_windows(
         logits = session.logits(ids[:, :-1], mask[:, :-1])
         device = logits.device
         parts: dict[str, list[torch.Tensor]] = {"token_logprobs": [], "topk_logprobs": [], "topk_ids": [],
-                                                "lq": [], "same_top": []}
+                                                "lq": [], "same_top": [], "greedy": []}
         first = cursor
         if reference is not None:
             # The batch's reference ids travel to the device once.
@@ -112,6 +116,8 @@ def score_windows(
             lp = buffers.log_softmax(logits[row, n - 1 - window.n_scored: n - 1])
             targets = ids[row, n - window.n_scored: n].to(device)
             parts["token_logprobs"].append(lp.gather(-1, targets[:, None])[:, 0])
+            if greedy:
+                parts["greedy"].append(lp.argmax(-1) == targets)
             if top_k:
                 values, indices = lp.topk(min(top_k, lp.shape[-1]), dim=-1)
                 parts["topk_logprobs"].append(values)
@@ -126,6 +132,8 @@ def score_windows(
         # One device-to-host copy per batch and quantity, not per row.
         batch = {k: torch.cat(v).cpu() for k, v in parts.items() if v}
         scores.token_logprobs.append(batch["token_logprobs"])
+        if greedy:
+            scores.greedy.append(batch["greedy"])
         if top_k:
             scores.topk_logprobs.append(batch["topk_logprobs"])
             scores.topk_ids.append(batch["topk_ids"])

@@ -1,0 +1,279 @@
+"""lm-evaluation-harness as a task engine: any lm-eval task, on any backend.
+
+``SessionLM`` is an lm-eval model (``lm_eval.api.model.TemplateLM``) over a
+qbench session. lm-eval owns the tasks (prompts, few-shot, filters, metrics
+and their standard errors); qbench owns the tokens and the scoring: the
+requests become qbench windows, scored by the same float32 log-softmax as
+every other quality figure, and generation is the session's own greedy
+decode. Tokenization follows lm-eval's Hugging Face model exactly (its BOS
+rule: the tokenizer's own special tokens, the prefix token BOS else EOS), so
+the numbers are the ones lm-eval prints for the same model.
+
+Task files are code, and qbench keeps them from running any unless asked:
+lm-eval renders ``doc_to_*`` templates with a plain jinja2 environment
+(``lm_eval.utils.env``), which here is swapped for qbench's sandbox while a
+cell evaluates; ``!function`` hooks (Python imported from the task's folder)
+and datasets' ``trust_remote_code`` in a suite's own task files are refused
+unless the run is started with ``--trust-task-code``. Tasks that ship with the
+installed lm-eval (``lm_eval:NAME``) are library code, like lm-eval itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import yaml
+
+from qbench.backend import Session, ignore_step
+from qbench.errors import QBenchError
+from qbench.windows import Window, rolling_windows
+
+#: prefix of installed lm-eval tasks in a suite's ``lm_eval.tasks``
+REGISTRY = "lm_eval:"
+
+
+def _template_env():
+    """qbench's sandbox, with what lm-eval's own environment adds
+    (``regex_replace``, strict undefined variables, trailing newlines kept),
+    so templates that render in lm-eval render the same here."""
+    from lm_eval.utils import regex_replace
+
+    from qbench.lm_eval_tasks import template_environment
+
+    env = template_environment()
+    env.keep_trailing_newline = True
+    env.filters["regex_replace"] = regex_replace
+    return env
+
+
+@contextlib.contextmanager
+def sandboxed_templates() -> Iterator[None]:
+    import lm_eval.utils
+
+    saved = lm_eval.utils.env
+    lm_eval.utils.env = _template_env()
+    try:
+        yield
+    finally:
+        lm_eval.utils.env = saved
+
+
+def _session_lm_class():
+    """Built on first use: importing lm-eval is slow and it is an extra."""
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.models.utils import handle_stop_sequences, has_bos_prefix, normalize_gen_kwargs
+
+    from qbench.metrics.scoring import score_windows
+
+    class SessionLM(TemplateLM):
+        def __init__(self, session: Session, tokenizer, max_length: int, batch_size: int,
+                     max_gen_toks: int = 256):
+            super().__init__()
+            self.session, self.tokenizer = session, tokenizer
+            self._max_length, self.batch_size, self.max_gen_toks = max_length, batch_size, max_gen_toks
+
+        @property
+        def eot_token_id(self) -> int:
+            return self.tokenizer.eos_token_id
+
+        @property
+        def prefix_token_id(self) -> int:
+            bos = self.tokenizer.bos_token_id
+            return bos if bos is not None else self.tokenizer.eos_token_id
+
+        @property
+        def max_length(self) -> int:
+            return self._max_length
+
+        def tok_encode(self, string: str, add_special_tokens: Optional[bool] = None,
+                       left_truncate_len: Optional[int] = None, **kwargs) -> list[int]:
+            options = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
+            if add_special_tokens is None and has_bos_prefix(string, self.tokenizer.decode(self.prefix_token_id)):
+                options["add_special_tokens"] = False
+            ids = self.tokenizer.encode(string, **options)
+            return ids[-left_truncate_len:] if left_truncate_len else ids
+
+        def _score(self, windows: list[Window]) -> list[tuple[float, bool]]:
+            scores = score_windows(self.session, windows, self.batch_size, greedy=True)
+            logprobs, greedy = scores.tensor("token_logprobs").double(), scores.tensor("greedy")
+            out, start = [], 0
+            for window in windows:
+                end = start + window.n_scored
+                out.append((logprobs[start:end].sum().item(), bool(greedy[start:end].all())))
+                start = end
+            return out
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
+            windows = []
+            for _, context, continuation in requests:
+                # As lm-eval's HF model: at most max_length tokens fed, cut on the left.
+                whole = (context + continuation)[-(self.max_length + 1):]
+                windows.append(Window(tuple(whole), min(len(continuation), len(whole) - 1), (0, 0)))
+            return self._score(windows)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+            documents = [self.tok_encode(request.args[0]) for request in requests]
+            windows = rolling_windows(documents, self.max_length, self.prefix_token_id)
+            per_window = self._score(windows)
+            # Sum each document's windows (they come in document order).
+            sums, index = [], 0
+            for tokens in documents:
+                total, count = 0.0, 0
+                while count < len(tokens):
+                    total += per_window[index][0]
+                    count += windows[index].n_scored
+                    index += 1
+                sums.append(total)
+            return sums
+
+        def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+            import torch
+
+            eos = self.tokenizer.decode([self.eot_token_id], skip_special_tokens=False)
+            out = []
+            for request in requests:
+                context, gen_kwargs = request.args
+                kwargs = normalize_gen_kwargs(dict(gen_kwargs), self.max_gen_toks)
+                if kwargs.get("do_sample"):
+                    raise QBenchError("an lm-eval task asks for sampled generation; qbench decodes greedily "
+                                      "(set do_sample: false in the task's generation_kwargs)")
+                until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
+                new_tokens = kwargs["max_gen_toks"]
+                ids = self.tok_encode(context, left_truncate_len=self.max_length - new_tokens)
+                tokens = self.session.generate(torch.tensor([ids]), new_tokens, ignore_step)[0].tolist()
+                # Generation in transformers stops at EOS; this loop never
+                # stops early, so cut there.
+                if self.eot_token_id in tokens:
+                    tokens = tokens[: tokens.index(self.eot_token_id)]
+                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                for stop in until:
+                    if stop:
+                        text = text.split(stop)[0]
+                out.append(text)
+            return out
+
+    return SessionLM
+
+
+def session_lm(session: Session, tokenizer, max_length: int, batch_size: int, max_gen_toks: int = 256):
+    return _session_lm_class()(session, tokenizer, max_length, batch_size, max_gen_toks)
+
+
+class _FunctionTag(str):
+    pass
+
+
+class _Loader(yaml.SafeLoader):
+    """Reads a task file without running it: ``!function`` becomes a marker."""
+
+
+_Loader.add_constructor("!function", lambda loader, node: _FunctionTag(loader.construct_scalar(node)))
+
+
+def _has_function(value: Any) -> bool:
+    if isinstance(value, _FunctionTag):
+        return True
+    if isinstance(value, dict):
+        return any(_has_function(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_function(v) for v in value)
+    return False
+
+
+def read_task_file(path: Path, suite, trust_task_code: bool, seen: Optional[set] = None) -> dict[str, Any]:
+    """A suite's own lm-eval task file as a config dict for lm-eval, with its
+    ``include`` chain merged (each file confined like any suite data) and its
+    local data files made absolute (lm-eval would resolve them against the
+    working directory). Code in it (``!function``, a dataset's
+    ``trust_remote_code``) is refused unless ``trust_task_code``."""
+    from qbench.datafiles import read_text
+
+    seen = seen or set()
+    if path in seen:
+        raise QBenchError(f"{path}: include cycle")
+    seen.add(path)
+    try:
+        config = yaml.load(read_text(path), Loader=_Loader)
+    except yaml.YAMLError as exc:
+        raise QBenchError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(config, dict):
+        raise QBenchError(f"{path}: an lm-eval task file must be a mapping")
+    if _has_function(config):
+        if not trust_task_code:
+            raise QBenchError(f"{path}: '!function' runs Python from the task's folder: run with "
+                              "--trust-task-code if you trust this task file")
+        from lm_eval.tasks._yaml_loader import load_yaml
+
+        config = load_yaml(path, resolve_func=True, recursive=False)
+    if (config.get("dataset_kwargs") or {}).get("trust_remote_code") and not trust_task_code:
+        raise QBenchError(f"{path}: dataset_kwargs.trust_remote_code runs the dataset's own script: run with "
+                          "--trust-task-code if you trust it")
+    merged: dict[str, Any] = {}
+    includes = config.pop("include", None)
+    for name in includes if isinstance(includes, list) else [includes] if includes else []:
+        merged.update(read_task_file(suite.resolve(str(path.parent / name)), suite, trust_task_code, seen))
+    merged.update(config)
+    files = (merged.get("dataset_kwargs") or {}).get("data_files")
+    if merged.get("dataset_path") in ("json", "csv", "parquet", "text") and files:
+        def local(name: str) -> str:
+            return str(suite.resolve(str(path.parent / name)))
+
+        merged["dataset_kwargs"] = {**merged["dataset_kwargs"], "data_files": (
+            {split: ([local(f) for f in v] if isinstance(v, list) else local(v)) for split, v in files.items()}
+            if isinstance(files, dict) else [local(f) for f in files] if isinstance(files, list) else local(files))}
+    if "task" not in merged:
+        raise QBenchError(f"{path}: an lm-eval task file needs a 'task' name")
+    return merged
+
+
+def task_specs(spec, suite, trust_task_code: bool) -> list[Any]:
+    """What ``lm_eval.simple_evaluate`` takes: installed task names, and
+    config dicts for the suite's own task files."""
+    out: list[Any] = []
+    for entry in spec.tasks:
+        if entry.startswith(REGISTRY):
+            out.append(entry[len(REGISTRY):])
+        else:
+            out.append(read_task_file(suite.resolve(entry), suite, trust_task_code))
+    return out
+
+
+def evaluate(session: Session, tokenizer, spec, suite, trust_task_code: bool, max_length: int
+             ) -> dict[str, dict[str, Any]]:
+    """Run the suite's lm-eval tasks on the session. Returns, per task, its
+    metrics as lm-eval reports them: ``{metric: (value, stderr)}``, plus the
+    number of samples and the task's config version."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    model = session_lm(session, tokenizer, max_length, spec.batch_size, spec.max_gen_toks)
+    specs = task_specs(spec, suite, trust_task_code)
+    with sandboxed_templates():
+        try:
+            results = lm_eval.simple_evaluate(model=model, tasks=specs, num_fewshot=spec.num_fewshot,
+                                              limit=spec.limit, task_manager=TaskManager(), log_samples=False,
+                                              bootstrap_iters=spec.bootstrap_iters, random_seed=0,
+                                              numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
+        except QBenchError:
+            raise
+        except Exception as exc:  # lm-eval's own errors: an unknown task, a dataset it cannot load
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise QBenchError(f"lm-eval could not run the suite's tasks: {type(exc).__name__}: {first} (offline, "
+                              "use task files with local data)") from None
+    out: dict[str, dict[str, Any]] = {}
+    for task, figures in (results or {}).get("results", {}).items():
+        metrics = {}
+        for key, value in figures.items():
+            name, _, filt = key.partition(",")
+            if not filt or name.endswith("_stderr") or not isinstance(value, (int, float)):
+                continue
+            stderr = figures.get(f"{name}_stderr,{filt}")
+            label = name if filt == "none" else f"{name}[{filt}]"
+            metrics[label] = (float(value), float(stderr) if isinstance(stderr, (int, float))
+                              and math.isfinite(stderr) else None)
+        out[task] = {"metrics": metrics, "samples": (results.get("n-samples") or {}).get(task, {}).get("effective"),
+                     "version": (results.get("versions") or {}).get(task)}
+    return out
