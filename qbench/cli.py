@@ -383,13 +383,15 @@ def _suite_row(suite) -> list[str]:
     from qbench.metrics.choice import load_items
 
     ppl = suite.perplexity
-    tasks = ", ".join(f"{t.name} ({len(load_items(suite.resolve(t.path), t.limit))})" for t in suite.tasks)
+    tasks = ", ".join([f"{t.name} ({len(load_items(suite.resolve(t.path), t.limit))})" for t in suite.tasks]
+                      + [f"{t} (lm-eval)" for t in (suite.lm_eval.tasks if suite.lm_eval else [])])
     gen = suite.generation
     lat = suite.latency
     cal = suite.calibration
     return [
         suite.name, suite.content_hash(),
-        f"{ppl.max_tokens} tokens of {ppl.corpus.source}, windows of {ppl.max_length}" if ppl else "-",
+        f"{ppl.max_tokens} tokens of {ppl.corpus.source}, windows of {ppl.max_length}, protocol {ppl.protocol}"
+        if ppl else "-",
         tasks or "-",
         f"{len(gen.prompts)} prompts x {gen.max_new_tokens} tokens" if gen else "-",
         f"{lat.prompt_tokens}+{lat.new_tokens} tokens, batch {', '.join(map(str, lat.batch_sizes))}" if lat else "-",

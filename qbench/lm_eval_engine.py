@@ -229,13 +229,40 @@ def read_task_file(path: Path, suite, trust_task_code: bool, seen: Optional[set]
     return merged
 
 
+#: dataset loader of ``datasets`` for each local file type
+LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def installed_task_with_local_data(name: str, data: Path) -> dict[str, Any]:
+    """An installed lm-eval task's config (its prompts, ``process_docs``,
+    filters and metrics: library code, like lm-eval itself) with the split it
+    evaluates read from a local file instead of its hub dataset."""
+    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    entry = TaskManager().task_index.get(name)
+    if entry is None or entry.yaml_path is None:
+        raise QBenchError(f"lm-eval has no task '{name}' defined by a task file (see `lm-eval ls tasks`)")
+    config = load_yaml(entry.yaml_path, resolve_func=True, recursive=True)
+    if "task" not in config or "group" in config:
+        raise QBenchError(f"lm_eval:{name} is a group of tasks: give local_data for each of its tasks instead")
+    if data.suffix not in LOCAL_FORMATS:
+        raise QBenchError(f"local data {data}: use a {', '.join(LOCAL_FORMATS)} file")
+    split = config.get("test_split") or config.get("validation_split") or "test"
+    config.update(task=name, dataset_path=LOCAL_FORMATS[data.suffix], dataset_name=None,
+                  dataset_kwargs={"data_files": {split: str(data)}})
+    return config
+
+
 def task_specs(spec, suite, trust_task_code: bool) -> list[Any]:
-    """What ``lm_eval.simple_evaluate`` takes: installed task names, and
-    config dicts for the suite's own task files."""
+    """What ``lm_eval.simple_evaluate`` takes: installed task names (or their
+    configs, with local data), and config dicts for the suite's own task files."""
     out: list[Any] = []
     for entry in spec.tasks:
         if entry.startswith(REGISTRY):
-            out.append(entry[len(REGISTRY):])
+            name = entry[len(REGISTRY):]
+            local = spec.local_data.get(name)
+            out.append(installed_task_with_local_data(name, suite.resolve(local)) if local else name)
         else:
             out.append(read_task_file(suite.resolve(entry), suite, trust_task_code))
     return out

@@ -182,7 +182,7 @@ def plots(records: list[CellRecord]) -> list[tuple[str, str, bytes]]:
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3, which="both")
         out.append(("throughput_vs_batch.png", "Decode throughput against batch size, per variant.", _png(fig)))
-    tasks = sorted({t for r in ok for t in r.tasks})
+    tasks = sorted({t for r in ok for t, figures in r.tasks.items() if "acc" in figures})
     if tasks:
         fig, ax = plt.subplots(figsize=(max(7, 1.2 * len(tasks) * max(1, len(ok)) / 3), 4.5))
         width = 0.8 / len(ok)
@@ -197,7 +197,7 @@ def plots(records: list[CellRecord]) -> list[tuple[str, str, bytes]]:
         ax.set_ylabel("accuracy % (± standard error)")
         ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
         ax.grid(axis="y", alpha=0.3)
-        out.append(("task_accuracy.png", "Multiple-choice accuracy per task, with standard errors.", _png(fig)))
+        out.append(("task_accuracy.png", "Accuracy per task, with standard errors.", _png(fig)))
     return out
 
 
@@ -217,6 +217,12 @@ def blocks(plan: RunPlan, records: list[CellRecord], kld_budget: float) -> list[
     if d_rows:
         out += [Block("p", text="Against the baseline (paired standard error for perplexity; independent for "
                       "accuracy):"), Block("table", headers=d_headers, rows=tuple(d_rows))]
+    per_task = task_rows(records)
+    if per_task:
+        out += [Block("p", text="Per task, every figure as its engine reports it (qbench's own multiple-choice "
+                      "scorer, or lm-evaluation-harness for `lm_eval:` tasks), ± standard error:"),
+                Block("table", headers=("task", "metric", "n", *[r.cell for r in records if r.ok]),
+                      rows=tuple(per_task))]
     sweep = sweep_rows(records)
     if sweep:
         out += [Block("p", text="Batch sweep (each batch size timed in the row's own worker process; weight-only "
@@ -260,6 +266,24 @@ def latency_method(records: list[CellRecord]) -> Optional[str]:
                  f"context) over the time per step, as a share of this run's measured copy bandwidth, "
                  f"{peak.value / 1e9:.0f} GB/s (read + write).")
     return text
+
+
+def task_rows(records: list[CellRecord]) -> list[tuple]:
+    """One row per task and metric, one column per finished cell."""
+    ok = [r for r in records if r.ok]
+    keys = sorted({(task, name) for r in ok for task, figures in r.tasks.items() for name in figures})
+    rows = []
+    for task, name in keys:
+        cells, n = [], "-"
+        for r in ok:
+            m = r.tasks.get(task, {}).get(name)
+            if m is None or m.value is None:
+                cells.append("-")
+                continue
+            n = str(m.n) if m.n is not None else n
+            cells.append(f"{m.value:.4f}" + (f" ± {m.stderr:.4f}" if m.stderr is not None else ""))
+        rows.append((task, name, n, *cells))
+    return rows
 
 
 def sweep_rows(records: list[CellRecord]) -> list[tuple]:

@@ -133,6 +133,10 @@ class LmEvalSpec(_Strict):
     max_length: Optional[int] = Field(None, gt=1)
     max_gen_toks: int = Field(256, gt=0, description="generation tasks: tokens generated unless the task says")
     bootstrap_iters: int = Field(1000, ge=0, description="lm-eval's bootstrap for stderrs of non-mean metrics")
+    #: an installed task's documents from a local file instead of its hub
+    #: dataset: ``{TASK: path}`` (JSON lines, JSON, CSV or Parquet in the
+    #: dataset's own fields); the task's prompts, filters and metrics stay lm-eval's
+    local_data: dict[str, str] = {}
 
     @field_validator("tasks")
     @classmethod
@@ -144,6 +148,14 @@ class LmEvalSpec(_Strict):
             if task.startswith("lm_eval:") and not task[len("lm_eval:"):].strip():
                 raise ValueError("'lm_eval:' needs a task name, e.g. lm_eval:hellaswag")
         return tasks
+
+    @model_validator(mode="after")
+    def _local_data_for_listed_tasks(self):
+        listed = {t[len("lm_eval:"):] for t in self.tasks if t.startswith("lm_eval:")}
+        for name in self.local_data:
+            if name not in listed:
+                raise ValueError(f"local_data names '{name}', which is not among the tasks as lm_eval:{name}")
+        return self
 
 
 class CalibrationSpec(_Strict):
@@ -208,6 +220,7 @@ class Suite(_Strict):
         for entry in (self.lm_eval.tasks if self.lm_eval else []):
             if not entry.startswith("lm_eval:"):
                 files.append(self.resolve(entry))
+        files += [self.resolve(p) for p in (self.lm_eval.local_data.values() if self.lm_eval else [])]
         for corpus in (self.perplexity and self.perplexity.corpus, self.calibration and self.calibration.corpus):
             if corpus and not corpus.source.startswith(("builtin:", "hf:")):
                 files.append(self.resolve(corpus.source))

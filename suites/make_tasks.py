@@ -144,6 +144,19 @@ def lm_eval_capitals_docs(n: int = 40):
         yield {"country": country, "options": [c.strip() for c in item["choices"]], "answer": item["gold"]}
 
 
+def lm_eval_arithmetic_docs(op: str, n: int = 200, seed: int = 11):
+    """Documents for lm-eval's own ``arithmetic_2da`` / ``arithmetic_2ds``
+    tasks, in the fields and raw prompt shape of their dataset
+    (EleutherAI/arithmetic: two-digit operands, "Q: What is 48 plus 76?",
+    a blank line, "A:", and the answer with a leading space), drawn here with
+    a fixed seed: the hub's files are not reachable offline."""
+    rng = random.Random(seed)
+    word, fn = {"plus": ("plus", lambda a, b: a + b), "minus": ("minus", lambda a, b: a - b)}[op]
+    for _ in range(n):
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        yield {"context": f"Q: What is {a} {word} {b}?\n\nA:", "completion": f" {fn(a, b)}"}
+
+
 def _write(path: Path, rows) -> None:
     rows = list(rows)
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -155,3 +168,5 @@ if __name__ == "__main__":
     for name, make in TASKS.items():
         _write(here / "data" / f"{name}.jsonl", make())
     _write(here / "lm_eval" / "capitals_docs.jsonl", lm_eval_capitals_docs())
+    _write(here / "lm_eval" / "two_digit_addition.jsonl", lm_eval_arithmetic_docs("plus"))
+    _write(here / "lm_eval" / "two_digit_subtraction.jsonl", lm_eval_arithmetic_docs("minus", seed=12))
