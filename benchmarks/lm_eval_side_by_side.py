@@ -6,6 +6,7 @@ throughput of each (scored tokens per second) with the ratio.
 
     .venv/bin/python benchmarks/lm_eval_side_by_side.py                # embedded model, CPython's LICENSE in 4 documents
     .venv/bin/python benchmarks/lm_eval_side_by_side.py --documents pydoc:40 --max-length 1024 --device cuda
+    .venv/bin/python benchmarks/lm_eval_side_by_side.py --tasks lm-eval    # a suite's lm_eval tasks, both engines
 
 qbench's pass is timed twice: plain (what a candidate pays, scoring against
 nothing) and as a baseline (also keeping the top-k reference for KLD).
@@ -92,6 +93,42 @@ def qbench_side(path: str, docs: list[str], args, folder: Path):
     return -logprobs.sum().item(), logprobs.numel(), n_bytes, n_words, timings
 
 
+def tasks_side_by_side(path: str, suite_name: str, args) -> None:
+    """A suite's lm_eval tasks through lm-eval's HF model and through
+    qbench's model over the fp32 session: every figure, and the time each took."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    from qbench.backend import Artifact
+    from qbench.lm_eval_engine import evaluate, sandboxed_templates, task_specs
+    from qbench.plugins import PluginSettings, load_plugins
+    from qbench.suites import load_suite
+    from qbench.workload import load_tokenizer
+
+    suite = load_suite(suite_name)
+    spec = suite.lm_eval
+    lm = HFLM(pretrained=path, device=args.device, max_length=spec.max_length or args.max_length,
+              batch_size=spec.batch_size, dtype="float32")
+    started = time.perf_counter()
+    with sandboxed_templates():
+        theirs = lm_eval.simple_evaluate(model=lm, tasks=task_specs(spec, suite, False), limit=spec.limit,
+                                         log_samples=False, bootstrap_iters=spec.bootstrap_iters)["results"]
+    lm_seconds = time.perf_counter() - started
+    backend = load_plugins(PluginSettings(allow=("builtin",))).backends["fp"]
+    _, config = backend.parse_variant("fp32")
+    session = backend.load(Artifact(backend="fp", variant="fp32", config=config.settings(), path=path,
+                                    model_path=path), args.device)
+    started = time.perf_counter()
+    ours = evaluate(session, load_tokenizer(path), spec, suite, False, spec.max_length or args.max_length)
+    seconds = time.perf_counter() - started
+    for task, found in ours.items():
+        for name, (value, _) in found["metrics"].items():
+            key = name if "[" not in name else name.replace("[", ",").rstrip("]")
+            reference = theirs[task].get(key if "," in key else f"{key},none")
+            print(f"{task} {name}: lm-eval {reference}, qbench {value}, same: {reference == value}")
+    print(f"lm-eval {lm_seconds:.1f} s, qbench {seconds:.1f} s: {lm_seconds / seconds:.2f}x")
+
+
 def main() -> None:
     from qbench.models import resolve_model
 
@@ -102,10 +139,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--tasks", metavar="SUITE", help="compare a suite's lm_eval tasks instead of perplexity")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     path = resolve_model(args.model).path
+    if args.tasks:
+        return tasks_side_by_side(path, args.tasks, args)
     docs = documents(args.documents)
     ll, lm_seconds = lm_eval_side(path, docs, args)
     with tempfile.TemporaryDirectory() as tmp:

@@ -52,7 +52,8 @@ def read_config(path: Path) -> dict[str, Any]:
                               "field names and Jinja templates only")
     for key in UNSUPPORTED:
         if key in config:
-            raise QBenchError(f"{path}: '{key}' is not supported by qbench's lm-eval task reader")
+            raise QBenchError(f"{path}: '{key}' is not supported by qbench's native task reader: list the file "
+                              "under the suite's lm_eval: tasks to run it through lm-evaluation-harness")
     if config.get("output_type", "multiple_choice") != "multiple_choice":
         raise QBenchError(f"{path}: output_type '{config['output_type']}' is not supported (multiple_choice only)")
     if int(config.get("num_fewshot", 0) or 0):
