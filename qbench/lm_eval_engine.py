@@ -29,6 +29,7 @@ import yaml
 
 from qbench.backend import Session, ignore_step
 from qbench.errors import QBenchError
+from qbench.lm_eval_tasks import FunctionTag, TaskFileLoader
 from qbench.windows import Window, rolling_windows
 
 #: prefix of installed lm-eval tasks in a suite's ``lm_eval.tasks``
@@ -162,19 +163,8 @@ def session_lm(session: Session, tokenizer, max_length: int, batch_size: int, ma
     return _session_lm_class()(session, tokenizer, max_length, batch_size, max_gen_toks)
 
 
-class _FunctionTag(str):
-    pass
-
-
-class _Loader(yaml.SafeLoader):
-    """Reads a task file without running it: ``!function`` becomes a marker."""
-
-
-_Loader.add_constructor("!function", lambda loader, node: _FunctionTag(loader.construct_scalar(node)))
-
-
 def _has_function(value: Any) -> bool:
-    if isinstance(value, _FunctionTag):
+    if isinstance(value, FunctionTag):
         return True
     if isinstance(value, dict):
         return any(_has_function(v) for v in value.values())
@@ -196,7 +186,7 @@ def read_task_file(path: Path, suite, trust_task_code: bool, seen: Optional[set]
         raise QBenchError(f"{path}: include cycle")
     seen.add(path)
     try:
-        config = yaml.load(read_text(path), Loader=_Loader)
+        config = yaml.load(read_text(path), Loader=TaskFileLoader)
     except yaml.YAMLError as exc:
         raise QBenchError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(config, dict):

@@ -27,27 +27,27 @@ from qbench.metrics.choice import validate_item
 UNSUPPORTED = ("process_docs", "include", "doc_to_decontamination_query", "fewshot_config")
 
 
-class _FunctionTag(str):
+class FunctionTag(str):
     pass
 
 
-class _Loader(yaml.SafeLoader):
+class TaskFileLoader(yaml.SafeLoader):
     """SafeLoader that turns lm-eval's ``!function`` tag into a marker, so we
     can refuse it with a clear message instead of a YAML error."""
 
 
-_Loader.add_constructor("!function", lambda loader, node: _FunctionTag(loader.construct_scalar(node)))
+TaskFileLoader.add_constructor("!function", lambda loader, node: FunctionTag(loader.construct_scalar(node)))
 
 
 def read_config(path: Path) -> dict[str, Any]:
     try:
-        config = yaml.load(read_text(path), Loader=_Loader)
+        config = yaml.load(read_text(path), Loader=TaskFileLoader)
     except yaml.YAMLError as exc:
         raise QBenchError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(config, dict):
         raise QBenchError(f"{path}: an lm-eval task file must be a mapping")
     for key, value in config.items():
-        if isinstance(value, _FunctionTag):
+        if isinstance(value, FunctionTag):
             raise QBenchError(f"{path}: '{key}: !function {value}' runs Python from the task; qbench supports "
                               "field names and Jinja templates only")
     for key in UNSUPPORTED:

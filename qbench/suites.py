@@ -170,6 +170,10 @@ class Suite(_Strict):
     #: BOS policy for every token sequence the harness builds: none, at the
     #: start of each document, or at the start of every window
     bos: BosPolicy = "none"
+    #: how the native multiple-choice tasks place BOS: "lm-eval" tokenizes
+    #: their requests as lm-eval's HF model does, so acc and acc_norm are
+    #: lm-eval's; "suite" applies ``bos`` to them too
+    task_bos: Literal["lm-eval", "suite"] = "lm-eval"
     perplexity: Optional[PerplexitySpec] = None
     fidelity: FidelitySpec = FidelitySpec()
     tasks: list[ChoiceTask] = []

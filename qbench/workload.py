@@ -142,7 +142,8 @@ class Workload:
         bos = self._bos_prefix()
         for task in self.suite.tasks:
             items = load_items(self.suite.resolve(task.path), task.limit)
-            out.append((task.name, items, request_windows(self.tokenizer, items, bos[0] if bos else None)))
+            out.append((task.name, items, request_windows(self.tokenizer, items, bos[0] if bos else None,
+                                                          lm_eval_rule=self.suite.task_bos == "lm-eval")))
         return out
 
     @cached_property
@@ -238,7 +239,7 @@ class Workload:
             fits(lat.prompt_tokens + lat.new_tokens, "latency (prompt_tokens + new_tokens)", "lower them")
 
     def fingerprint(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"bos_policy": self.suite.bos, "bos_id": self.bos_id}
+        out: dict[str, Any] = {"bos_policy": self.suite.bos, "bos_id": self.bos_id, "task_bos": self.suite.task_bos}
         if self.suite.perplexity:
             protocol = self.suite.perplexity.protocol
             out["perplexity_protocol"] = protocol

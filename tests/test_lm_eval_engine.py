@@ -158,8 +158,8 @@ def test_task_code_runs_only_when_trusted(tiny_model, task_folder, tmp_path):
 
 def test_the_native_multiple_choice_path_gives_lm_evals_numbers(tiny_model, task_folder, tmp_path):
     """Why qbench keeps its own multiple-choice scorer beside lm-eval: on the
-    same task file (bos: none), the same items right, the same acc and
-    acc_norm, in one run."""
+    same task file, the same acc and acc_norm in one run, even with a BOS
+    policy for perplexity (lm-eval's BOS rule applies to tasks)."""
     import qbench
     from qbench.results import ResultStore
 
@@ -169,7 +169,7 @@ def test_the_native_multiple_choice_path_gives_lm_evals_numbers(tiny_model, task
     (task_folder / "mc.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
     (task_folder / "suite.yaml").write_text(textwrap.dedent("""
         name: both
-        bos: none
+        bos: document
         tasks: [{name: native, path: mc.yaml, batch_size: 4}]
         lm_eval: {tasks: [mc.yaml], batch_size: 4}
     """))
@@ -179,3 +179,19 @@ def test_the_native_multiple_choice_path_gives_lm_evals_numbers(tiny_model, task
     assert tasks["native"]["acc"].n == tasks["lm_eval:tiny_mc"]["acc"].n == 30
     for name in ("acc", "acc_norm"):
         assert tasks["native"][name].value == tasks["lm_eval:tiny_mc"][name].value
+
+
+def test_native_tasks_follow_lm_evals_bos_rule_unless_the_suite_says_otherwise(tiny_model, task_folder):
+    """bos: document used to prefix every multiple-choice request with BOS,
+    which lm-eval does not do: a different number with no word why. Now the
+    native tasks tokenize as lm-eval does unless ``task_bos: suite``."""
+    from qbench.workload import Workload, load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model))
+    bos = tokenizer.bos_token_id
+    body = "name: b\nbos: document\n{}tasks: [{{name: native, path: mc.yaml}}]\n"
+    default = Workload(_suite(task_folder, body.format("")), tokenizer).tasks[0][2]
+    suite_rule = Workload(_suite(task_folder, body.format("task_bos: suite\n")), tokenizer).tasks[0][2]
+    assert bos is not None and all(w.input_ids[0] == bos for w in suite_rule)
+    assert not any(w.input_ids[0] == bos for w in default)
+    assert [w.input_ids[1:] for w in suite_rule] == [w.input_ids for w in default]

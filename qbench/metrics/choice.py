@@ -82,19 +82,30 @@ def load_items(path: Path, limit: Optional[int]) -> list[dict[str, Any]]:
     return items
 
 
-def request_windows(tokenizer, items: list[dict[str, Any]], bos_id: Optional[int]) -> list[Window]:
+def request_windows(tokenizer, items: list[dict[str, Any]], bos_id: Optional[int],
+                    lm_eval_rule: bool = False) -> list[Window]:
     """One window per (item, choice): the joint encoding of context + choice,
     split at the context's token count; only the choice's tokens are scored.
-    Trailing spaces move from the context to the choice, as in lm-eval."""
+    Trailing spaces move from the context to the choice, as in lm-eval.
+
+    ``lm_eval_rule``: tokenize as lm-eval's HF model does (the tokenizer's
+    own special tokens, none when the context already starts with the BOS
+    text; an empty context conditions on BOS, else EOS), whatever the
+    suite's BOS policy. Otherwise ``bos_id`` (the suite's policy) prefixes
+    every request and the tokenizer adds nothing."""
     windows = []
-    prefix = [bos_id] if bos_id is not None else []
+    prefix = [bos_id] if bos_id is not None and not lm_eval_rule else []
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     for item in items:
         for choice in item["choices"]:
             context = item["context"]
             stripped = context.rstrip(" ")
             continuation = context[len(stripped):] + choice
-            ctx = tokenizer(stripped, add_special_tokens=False)["input_ids"]
-            whole = tokenizer(stripped + continuation, add_special_tokens=False)["input_ids"]
+            special = lm_eval_rule and not (tokenizer.bos_token and stripped.startswith(tokenizer.bos_token))
+            ctx = tokenizer(stripped, add_special_tokens=special)["input_ids"] if stripped else []
+            whole = tokenizer(stripped + continuation, add_special_tokens=special)["input_ids"]
+            if lm_eval_rule and not stripped:
+                ctx, whole = [start], [start] + tokenizer(continuation, add_special_tokens=False)["input_ids"]
             n_cont = len(whole) - len(ctx)
             if not prefix and not ctx:
                 raise QBenchError("a multiple-choice item has an empty context and no BOS to condition on")
