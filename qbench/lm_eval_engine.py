@@ -279,7 +279,7 @@ def evaluate(session: Session, tokenizer, spec, suite, trust_task_code: bool, ma
         except Exception as exc:  # lm-eval's own errors: an unknown task, a dataset it cannot load
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             raise QBenchError(f"lm-eval could not run the suite's tasks: {type(exc).__name__}: {first} (offline, "
-                              "use task files with local data)") from None
+                              "give the task local_data: {{TASK: file}} or use a task file with local data)") from None
     out: dict[str, dict[str, Any]] = {}
     for task, figures in (results or {}).get("results", {}).items():
         metrics = {}
