@@ -128,7 +128,8 @@ def main() -> None:
             values = time_session(session, prompt, args.new_tokens, args.reps)
         ms = statistics.median(values)
         results[row] = ms
-        per_step = decode_bytes_per_step(session.weight_bytes(), session.kv_bytes_per_position(), workload)
+        per_step = decode_bytes_per_step(session.weight_bytes() - session.unread_weight_bytes(),
+                                         session.kv_bytes_per_position(), workload)
         print(f"{row:22s} {ms:7.3f} ms/token (reps {' '.join(f'{v:.3f}' for v in values)}); "
               f"{per_step / 1e9:.2f} GB/step -> {per_step / ms / 1e6:.0f} GB/s = {per_step / ms * 1e3 / peak:.1%} "
               f"of peak; set-up and warm-up {setup:.0f} s", flush=True)

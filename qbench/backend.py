@@ -144,6 +144,12 @@ class Session(abc.ABC):
         and values), for the roofline column; None when unknown."""
         return None
 
+    def unread_weight_bytes(self) -> int:
+        """Bytes of ``weight_bytes`` a decode step does not read, for the
+        roofline column: an input embedding table that is not also the
+        output head (a step reads one row of it)."""
+        return 0
+
     def use_runtime(self, runtime: str) -> Optional[str]:
         """Decode ``generate`` through ``runtime`` from now on (the harness
         switches just before the latency workload). Returns None when done,

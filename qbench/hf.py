@@ -255,6 +255,15 @@ class HFSession(Session):
     def weight_bytes(self) -> int:
         return unique_tensor_bytes(self.model)
 
+    def unread_weight_bytes(self) -> int:
+        embedding, head = self.model.get_input_embeddings(), self.model.get_output_embeddings()
+        if embedding is None:
+            return 0
+        if head is not None and head.weight.untyped_storage().data_ptr() == \
+                embedding.weight.untyped_storage().data_ptr():
+            return 0  # tied: the output head reads the whole table every step
+        return unique_tensor_bytes(embedding)
+
     def kv_bytes_per_position(self) -> int | None:
         config = getattr(self.model.config, "text_config", None) or self.model.config
         layers, heads = getattr(config, "num_hidden_layers", None), getattr(config, "num_attention_heads", None)

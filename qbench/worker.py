@@ -422,7 +422,8 @@ class CellPipeline:
         from qbench.metrics.trials import trial_workload
 
         bandwidth = run_bandwidth(Path(self.task.run_dir), self.task.device)
-        return roofline_metrics(self.weight_bytes, self.session.kv_bytes_per_position(), trial_workload([trial]),
+        return roofline_metrics(self.weight_bytes - self.session.unread_weight_bytes(),
+                                self.session.kv_bytes_per_position(), trial_workload([trial]),
                                 trial["decode_ms_per_token"]["value"], bandwidth)
 
     def measure_latency_trial(self) -> dict[str, Any]:

@@ -281,6 +281,24 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], int, str]] = [
     ("lm-eval-data-outside", lambda c: ["suites", "validate", str(c.suite_file(
         "tasks:\n  - {name: x, path: task.yaml}\n", task__yaml=(LM_EVAL % "Q").replace(
             "docs.jsonl", "../../../../../../etc/hostname")))], 2, "outside the suite's folder"),
+    # -- the lm_eval section: lm-evaluation-harness runs these tasks
+    ("lm-eval-engine-unknown-task", lambda c: c.run_args(suite=c.suite_file(
+        "lm_eval: {tasks: ['lm_eval:no_such_task_here']}\n")), 2, "lm-eval has no task 'no_such_task_here'"),
+    ("lm-eval-engine-function", lambda c: c.run_args(suite=c.suite_file(
+        "lm_eval: {tasks: [task.yaml]}\n", task__yaml="task: x\ndoc_to_text: !function utils.f\n")), 2,
+     "run with --trust-task-code"),
+    ("lm-eval-engine-remote-dataset-code", lambda c: c.run_args(suite=c.suite_file(
+        "lm_eval: {tasks: [task.yaml]}\n",
+        task__yaml="task: x\ndataset_path: someone/data\ndataset_kwargs: {trust_remote_code: true}\n")), 2,
+     "trust_remote_code runs the dataset's own script"),
+    ("lm-eval-engine-local-data-unlisted", lambda c: ["suites", "validate", str(c.suite_file(
+        "lm_eval: {tasks: ['lm_eval:arithmetic_2da'], local_data: {arithmetic_2ds: d.jsonl}}\n"))], 2,
+     "local_data names 'arithmetic_2ds'"),
+    ("lm-eval-engine-no-name", lambda c: ["suites", "validate", str(c.suite_file(
+        "lm_eval: {tasks: ['lm_eval:']}\n"))], 2, "needs a task name"),
+    ("stride-with-rolling", lambda c: ["suites", "validate", str(c.suite_file(
+        "perplexity:\n  corpus: {source: 'builtin:pydoc-topics'}\n  protocol: lm-eval-rolling\n  stride: 8\n"))], 2,
+     "stride applies to the stream protocol only"),
     # -- corpora
     ("corpus-empty", lambda c: corpus_suite(c, "c.txt", "\n\n  \n"), 2, "holds no text"),
     ("corpus-binary", lambda c: corpus_suite(c, "c.txt", b"abc\x00\x01" * 10), 2, "binary file"),

@@ -233,6 +233,13 @@ def test_roofline_is_bytes_per_step_over_time_against_the_peak(tmp_path, tiny_mo
     # The tiny Llama: 2 layers x 2 KV heads x head_dim 16 x (key + value) x 4 bytes.
     session = HFSession(AutoModelForCausalLM.from_pretrained(tiny_model), "cpu")
     assert session.kv_bytes_per_position() == 2 * 2 * 16 * 2 * 4
+    # Its input embedding is not the output head: a step reads one row of it,
+    # not the table. Tied, the head reads the whole table every step.
+    vocab, hidden = session.model.config.vocab_size, session.model.config.hidden_size
+    assert session.unread_weight_bytes() == vocab * hidden * 4
+    tied = AutoModelForCausalLM.from_pretrained(tiny_model)
+    tied.lm_head.weight = tied.get_input_embeddings().weight
+    assert HFSession(tied, "cpu").unread_weight_bytes() == 0
     # The peak is measured once per run and shared by every cell.
     first = run_bandwidth(tmp_path, "cpu")
     assert first["bytes_per_s"] > 1e8 and run_bandwidth(tmp_path, "cpu") == first

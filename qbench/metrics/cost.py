@@ -114,6 +114,9 @@ class BackendClock(Session):
     def kv_bytes_per_position(self):
         return self.inner.kv_bytes_per_position()
 
+    def unread_weight_bytes(self) -> int:
+        return self.inner.unread_weight_bytes()
+
     def close(self) -> None:
         self.inner.close()
 

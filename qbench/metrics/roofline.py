@@ -1,6 +1,7 @@
 """How close decoding comes to the memory-bandwidth limit.
 
-Batch-1 decoding reads every weight once per step, plus the KV cache of the
+Batch-1 decoding reads every weight once per step (but an untied input
+embedding table, of which it reads one row), plus the KV cache of the
 positions so far: its speed limit is bytes per step over the memory
 bandwidth. ``roofline_fraction`` is the bandwidth a row achieved (bytes read
 per decode step / time per step) as a share of the device's measured peak.
