@@ -5,6 +5,7 @@ Log-softmax is always taken here in float32, never by a backend.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -92,19 +93,29 @@ def score_windows(
     with ``greedy`` whether each actual token is the argmax (lm-eval's
     ``is_greedy``)."""
     scores = TokenScores()
-    cursor = 0  # row of the reference matching the next scored token
+    # Row of the reference where each window's scored tokens start.
+    starts = list(itertools.accumulate((w.n_scored for w in windows), initial=0))
+    if reference is not None and starts[-1] != reference.token_logprobs.numel():
+        raise ValueError(f"reference has {reference.token_logprobs.numel()} tokens, windows score {starts[-1]}")
+    # Longest windows first, as lm-eval orders its requests: batches of
+    # similar lengths pad less (task requests and the last window of each
+    # document vary). Equal lengths keep their order (a stable sort).
+    order = sorted(range(len(windows)), key=lambda i: -len(windows[i].input_ids))
+    per_window: list[dict[str, torch.Tensor]] = [{} for _ in windows]
     done = 0
     buffers = _RowBuffers()
-    for ids, mask, chunk in batches(windows, batch_size):
+    for ids, mask, chunk in batches([windows[i] for i in order], batch_size):
+        indices = order[done: done + len(chunk)]
         # A window's last token is only ever a target: its logits would go unused.
         logits = session.logits(ids[:, :-1], mask[:, :-1])
         device = logits.device
         parts: dict[str, list[torch.Tensor]] = {"token_logprobs": [], "topk_logprobs": [], "topk_ids": [],
                                                 "lq": [], "same_top": [], "greedy": []}
-        first = cursor
         if reference is not None:
+            rows = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in indices])
             # The batch's reference ids travel to the device once.
-            batch_ref = reference.topk_ids[first: first + sum(w.n_scored for w in chunk)].to(device, torch.long)
+            batch_ref = reference.topk_ids[rows].to(device, torch.long)
+        local = 0
         for row, window in enumerate(chunk):
             n = len(window.input_ids)
             # log-softmax in float32 by the harness, whatever dtype the backend
@@ -119,35 +130,32 @@ def score_windows(
             if greedy:
                 parts["greedy"].append(lp.argmax(-1) == targets)
             if top_k:
-                values, indices = lp.topk(min(top_k, lp.shape[-1]), dim=-1)
+                values, top_ids = lp.topk(min(top_k, lp.shape[-1]), dim=-1)
                 parts["topk_logprobs"].append(values)
-                parts["topk_ids"].append(indices.to(torch.int32))
+                parts["topk_ids"].append(top_ids.to(torch.int32))
             if reference is not None:
-                ref_ids = batch_ref[cursor - first: cursor - first + window.n_scored]
+                ref_ids = batch_ref[local: local + window.n_scored]
                 lq = lp.gather(-1, ref_ids)
                 parts["lq"].append(lq)
                 parts["same_top"].append(agrees_with_top1(lp, lq, ref_ids))
-            cursor += window.n_scored
+            local += window.n_scored
         del logits
         # One device-to-host copy per batch and quantity, not per row.
         batch = {k: torch.cat(v).cpu() for k, v in parts.items() if v}
-        scores.token_logprobs.append(batch["token_logprobs"])
-        if greedy:
-            scores.greedy.append(batch["greedy"])
-        if top_k:
-            scores.topk_logprobs.append(batch["topk_logprobs"])
-            scores.topk_ids.append(batch["topk_ids"])
         if reference is not None:
-            sl = slice(first, cursor)
-            kld, tail = kl_against_topk(reference.topk_logprobs[sl], reference.topk_ids[sl], batch["lq"])
-            scores.kld.append(kld)
-            scores.tail_mass.append(tail)
-            scores.same_top.append(batch["same_top"].float())
+            batch["kld"], batch["tail_mass"] = kl_against_topk(reference.topk_logprobs[rows],
+                                                               reference.topk_ids[rows], batch.pop("lq"))
+            batch["same_top"] = batch["same_top"].float()
+        sizes = [w.n_scored for w in chunk]
+        for name, values in batch.items():
+            for i, piece in zip(indices, values.split(sizes)):
+                per_window[i][name] = piece
         done += len(chunk)
         if on_batch:
             on_batch(done, len(windows))
-    if reference is not None and cursor != reference.token_logprobs.numel():
-        raise ValueError(f"reference has {reference.token_logprobs.numel()} tokens, windows score {cursor}")
+    for found in per_window:  # back in the windows' own order
+        for name, piece in found.items():
+            getattr(scores, name).append(piece)
     return scores
 
 
