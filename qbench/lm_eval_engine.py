@@ -34,6 +34,8 @@ from qbench.windows import Window, rolling_windows
 
 #: prefix of installed lm-eval tasks in a suite's ``lm_eval.tasks``
 REGISTRY = "lm_eval:"
+#: tokens generated between checks for a stop string (generate_until)
+GENERATION_PIECE = 32
 
 
 def _template_env():
@@ -130,9 +132,24 @@ def _session_lm_class():
                 sums.append(total)
             return sums
 
-        def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        def _generate(self, ids: list[int], new_tokens: int, stops: list[str]) -> list[int]:
+            """Greedy tokens in pieces of ``GENERATION_PIECE``, stopping after
+            the piece that brings EOS or a stop string: the session's loop
+            always decodes all it is asked, and a task's ``max_gen_toks`` (256
+            by default) is mostly past the answer. Each piece starts from the
+            prompt plus the tokens so far (a fresh prefill)."""
             import torch
 
+            tokens: list[int] = []
+            while len(tokens) < new_tokens:
+                piece = min(GENERATION_PIECE, new_tokens - len(tokens))
+                tokens += self.session.generate(torch.tensor([ids + tokens]), piece, ignore_step)[0].tolist()
+                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                if self.eot_token_id in tokens or any(stop in text for stop in stops):
+                    break
+            return tokens
+
+        def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
             eos = self.tokenizer.decode([self.eot_token_id], skip_special_tokens=False)
             out = []
             for request in requests:
@@ -144,9 +161,9 @@ def _session_lm_class():
                 until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
                 new_tokens = kwargs["max_gen_toks"]
                 ids = self.tok_encode(context, left_truncate_len=self.max_length - new_tokens)
-                tokens = self.session.generate(torch.tensor([ids]), new_tokens, ignore_step)[0].tolist()
-                # Generation in transformers stops at EOS; this loop never
-                # stops early, so cut there.
+                tokens = self._generate(ids, new_tokens, [stop for stop in until if stop])
+                # Generation in transformers stops at EOS; the session's loop
+                # does not, so cut there.
                 if self.eot_token_id in tokens:
                     tokens = tokens[: tokens.index(self.eot_token_id)]
                 text = self.tokenizer.decode(tokens, skip_special_tokens=True)

@@ -195,3 +195,16 @@ def test_native_tasks_follow_lm_evals_bos_rule_unless_the_suite_says_otherwise(t
     assert bos is not None and all(w.input_ids[0] == bos for w in suite_rule)
     assert not any(w.input_ids[0] == bos for w in default)
     assert [w.input_ids[1:] for w in suite_rule] == [w.input_ids for w in default]
+
+
+def test_generation_in_pieces_gives_lm_evals_text(both, monkeypatch):
+    """generate_until decodes in pieces and stops after the piece with a stop
+    string or EOS; the text is the one-go text, and lm-eval's."""
+    import qbench.lm_eval_engine as engine
+
+    theirs, ours = both
+    requests = [(item["context"], {"until": ["@@"], "max_gen_toks": 12, "do_sample": False}) for item in GEN_ITEMS]
+    expected = theirs.generate_until(_instances("generate_until", requests), disable_tqdm=True)
+    monkeypatch.setattr(engine, "GENERATION_PIECE", 5)
+    assert ours.generate_until(_instances("generate_until", requests)) == expected
+    assert all(len(ours.tokenizer.encode(text)) > 5 for text in expected)  # several pieces were needed
