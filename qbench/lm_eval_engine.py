@@ -25,11 +25,9 @@ import math
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-import yaml
-
 from qbench.backend import Session, ignore_step
 from qbench.errors import QBenchError
-from qbench.lm_eval_tasks import FunctionTag, TaskFileLoader
+from qbench.lm_eval_tasks import FunctionTag, load_task_yaml
 from qbench.windows import Window, rolling_windows
 
 #: prefix of installed lm-eval tasks in a suite's ``lm_eval.tasks``
@@ -196,18 +194,12 @@ def read_task_file(path: Path, suite, trust_task_code: bool, seen: Optional[set]
     local data files made absolute (lm-eval would resolve them against the
     working directory). Code in it (``!function``, a dataset's
     ``trust_remote_code``) is refused unless ``trust_task_code``."""
-    from qbench.datafiles import read_text
 
     seen = seen or set()
     if path in seen:
         raise QBenchError(f"{path}: include cycle")
     seen.add(path)
-    try:
-        config = yaml.load(read_text(path), Loader=TaskFileLoader)
-    except yaml.YAMLError as exc:
-        raise QBenchError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(config, dict):
-        raise QBenchError(f"{path}: an lm-eval task file must be a mapping")
+    config = load_task_yaml(path)
     if _has_function(config):
         if not trust_task_code:
             raise QBenchError(f"{path}: '!function' runs Python from the task's folder: run with "

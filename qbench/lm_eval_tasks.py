@@ -39,13 +39,19 @@ class TaskFileLoader(yaml.SafeLoader):
 TaskFileLoader.add_constructor("!function", lambda loader, node: FunctionTag(loader.construct_scalar(node)))
 
 
-def read_config(path: Path) -> dict[str, Any]:
+def load_task_yaml(path: Path) -> dict[str, Any]:
+    """A task file as a mapping, read without running anything."""
     try:
         config = yaml.load(read_text(path), Loader=TaskFileLoader)
     except yaml.YAMLError as exc:
         raise QBenchError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(config, dict):
         raise QBenchError(f"{path}: an lm-eval task file must be a mapping")
+    return config
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    config = load_task_yaml(path)
     for key, value in config.items():
         if isinstance(value, FunctionTag):
             raise QBenchError(f"{path}: '{key}: !function {value}' runs Python from the task; qbench supports "
