@@ -21,13 +21,14 @@ installed lm-eval (``lm_eval:NAME``) are library code, like lm-eval itself.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from qbench.backend import Session, ignore_step
 from qbench.errors import QBenchError
-from qbench.lm_eval_tasks import FunctionTag, load_task_yaml
+from qbench.lm_eval_tasks import FunctionTag, lm_eval_encode, load_task_yaml, prefix_token_id
 from qbench.windows import Window, rolling_windows
 
 #: prefix of installed lm-eval tasks in a suite's ``lm_eval.tasks``
@@ -62,10 +63,11 @@ def sandboxed_templates() -> Iterator[None]:
         lm_eval.utils.env = saved
 
 
+@functools.cache
 def _session_lm_class():
     """Built on first use: importing lm-eval is slow and it is an extra."""
     from lm_eval.api.model import TemplateLM
-    from lm_eval.models.utils import handle_stop_sequences, has_bos_prefix, normalize_gen_kwargs
+    from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 
     from qbench.metrics.scoring import score_windows
 
@@ -82,8 +84,7 @@ def _session_lm_class():
 
         @property
         def prefix_token_id(self) -> int:
-            bos = self.tokenizer.bos_token_id
-            return bos if bos is not None else self.tokenizer.eos_token_id
+            return prefix_token_id(self.tokenizer)
 
         @property
         def max_length(self) -> int:
@@ -91,10 +92,8 @@ def _session_lm_class():
 
         def tok_encode(self, string: str, add_special_tokens: Optional[bool] = None,
                        left_truncate_len: Optional[int] = None, **kwargs) -> list[int]:
-            options = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
-            if add_special_tokens is None and has_bos_prefix(string, self.tokenizer.decode(self.prefix_token_id)):
-                options["add_special_tokens"] = False
-            ids = self.tokenizer.encode(string, **options)
+            ids = (lm_eval_encode(self.tokenizer, string) if add_special_tokens is None
+                   else self.tokenizer.encode(string, add_special_tokens=add_special_tokens))
             return ids[-left_truncate_len:] if left_truncate_len else ids
 
         def _score(self, windows: list[Window]) -> list[tuple[float, bool]]:

@@ -39,6 +39,21 @@ class TaskFileLoader(yaml.SafeLoader):
 TaskFileLoader.add_constructor("!function", lambda loader, node: FunctionTag(loader.construct_scalar(node)))
 
 
+def prefix_token_id(tokenizer) -> Optional[int]:
+    """lm-eval's prefix token (an empty context, a rolling window's start):
+    BOS, else EOS."""
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
+def lm_eval_encode(tokenizer, text: str) -> list[int]:
+    """Token ids as lm-eval's Hugging Face model encodes a text: with the
+    tokenizer's own special tokens, unless the text already starts with the
+    prefix token's text."""
+    prefix = prefix_token_id(tokenizer)
+    starts = prefix is not None and text.startswith(tokenizer.decode([prefix]))
+    return tokenizer.encode(text, add_special_tokens=not starts)
+
+
 def load_task_yaml(path: Path) -> dict[str, Any]:
     """A task file as a mapping, read without running anything."""
     try:

@@ -15,6 +15,7 @@ import torch
 
 from qbench.corpus import corpus_stream, load_documents
 from qbench.errors import QBenchError
+from qbench.lm_eval_tasks import lm_eval_encode, prefix_token_id
 from qbench.metrics.choice import load_items, request_windows
 from qbench.suites import Suite
 from qbench.windows import Window, llama_cpp_windows, make_windows, rolling_windows, windows_hash
@@ -68,10 +69,10 @@ class Workload:
         """lm-eval-rolling: whole documents, each tokenized as lm-eval's HF
         model does (the tokenizer's own special tokens, unless the text
         already starts with the prefix token), up to ``max_tokens``."""
-        prefix = self.tokenizer.decode([self.rolling_prefix_id])
+        self.rolling_prefix_id  # no prefix token: a clear error first
         out, total = [], 0
         for doc in self.documents:
-            ids = self.tokenizer.encode(doc, add_special_tokens=not doc.startswith(prefix))
+            ids = lm_eval_encode(self.tokenizer, doc)
             if out and total + len(ids) > self.suite.perplexity.max_tokens:
                 break
             out.append((doc, ids))
@@ -81,7 +82,7 @@ class Workload:
     @property
     def rolling_prefix_id(self) -> int:
         """lm-eval's prefix token for rolling loglikelihoods: BOS, else EOS."""
-        prefix = self.bos_id if self.bos_id is not None else self.tokenizer.eos_token_id
+        prefix = prefix_token_id(self.tokenizer)
         if prefix is None:
             raise QBenchError(f"{self.suite.file}: protocol lm-eval-rolling needs a BOS or EOS token and this "
                               "model's tokenizer has neither: use protocol stream")

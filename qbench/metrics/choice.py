@@ -93,19 +93,23 @@ def request_windows(tokenizer, items: list[dict[str, Any]], bos_id: Optional[int
     text; an empty context conditions on BOS, else EOS), whatever the
     suite's BOS policy. Otherwise ``bos_id`` (the suite's policy) prefixes
     every request and the tokenizer adds nothing."""
+    from qbench.lm_eval_tasks import lm_eval_encode, prefix_token_id
+
     windows = []
     prefix = [bos_id] if bos_id is not None and not lm_eval_rule else []
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     for item in items:
         for choice in item["choices"]:
             context = item["context"]
             stripped = context.rstrip(" ")
             continuation = context[len(stripped):] + choice
-            special = lm_eval_rule and not (tokenizer.bos_token and stripped.startswith(tokenizer.bos_token))
-            ctx = tokenizer(stripped, add_special_tokens=special)["input_ids"] if stripped else []
-            whole = tokenizer(stripped + continuation, add_special_tokens=special)["input_ids"]
-            if lm_eval_rule and not stripped:
-                ctx, whole = [start], [start] + tokenizer(continuation, add_special_tokens=False)["input_ids"]
+            if lm_eval_rule and stripped:
+                ctx, whole = lm_eval_encode(tokenizer, stripped), lm_eval_encode(tokenizer, stripped + continuation)
+            elif lm_eval_rule:  # an empty context conditions on the prefix token
+                ctx = [prefix_token_id(tokenizer)]
+                whole = ctx + tokenizer(continuation, add_special_tokens=False)["input_ids"]
+            else:
+                ctx = tokenizer(stripped, add_special_tokens=False)["input_ids"]
+                whole = tokenizer(stripped + continuation, add_special_tokens=False)["input_ids"]
             n_cont = len(whole) - len(ctx)
             if not prefix and not ctx:
                 raise QBenchError("a multiple-choice item has an empty context and no BOS to condition on")
