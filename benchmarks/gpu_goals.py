@@ -8,6 +8,11 @@ copy-benchmark peak, then each goal with its ratio.
     python benchmarks/gpu_goals.py                         # 1.07B shape
     python benchmarks/gpu_goals.py --shape 8b              # Llama-3-8B widths, SmolLM2's vocabulary
     python benchmarks/gpu_goals.py --rows bf16-compiled,int4-gemlite-g128 --mode max-autotune
+
+A row is ``bf16-eager``, ``hf-generate-eager``, ``bf16-compiled``, any
+torchao variant of qbench's (``int4-gemlite-g128``, ``int8-wo`` ...), or
+``bnb-nf4`` / ``bnb-fp4`` (bitsandbytes 4-bit, bf16 compute); every row but
+the first two decodes through the compiled runtime.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ SHAPES = {  # hidden, layers, heads, kv heads, MLP; vocabulary 49152 (SmolLM2's 
     "8b": (4096, 32, 32, 8, 14336),
 }
 ROWS = ("bf16-eager", "hf-generate-eager", "bf16-compiled", "int4-tinygemm-g128", "int4-gemlite-g128",
-        "int8-gemlite")
+        "int8-gemlite", "bnb-nf4")
 
 
 def build(shape: str, dtype: torch.dtype = torch.bfloat16):
@@ -53,6 +58,24 @@ def quantized(shape: str, variant: str):
     layers = linear_layers(model, config.keep)
     quantize_(model, FqnToConfig({name: layer_config(config, layer.in_features)[0]
                                   for name, layer in layers.items()}), filter_fn=None)
+    return model
+
+
+def bnb_quantized(shape: str, quant_type: str):
+    """A fresh bf16 model with its linear layers (lm_head kept) swapped for
+    bitsandbytes' 4-bit ones, as transformers' ``BitsAndBytesConfig`` would
+    build them, computing in bf16."""
+    import bitsandbytes as bnb
+
+    from qbench.hf import linear_layers
+
+    model = build(shape)
+    for name, layer in linear_layers(model, ("lm_head",)).items():
+        parent, _, child = name.rpartition(".")
+        four = bnb.nn.Linear4bit(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                                 compute_dtype=torch.bfloat16, quant_type=quant_type, device="cuda")
+        four.weight = bnb.nn.Params4bit(layer.weight.data, requires_grad=False, quant_type=quant_type).to("cuda")
+        setattr(model.get_submodule(parent), child, four)
     return model
 
 
@@ -113,7 +136,12 @@ def main() -> None:
         gc.collect()
         torch.cuda.empty_cache()
         started = time.perf_counter()
-        model = build(args.shape) if row.startswith(("bf16", "hf")) else quantized(args.shape, row)
+        if row.startswith(("bf16", "hf")):
+            model = build(args.shape)
+        elif row.startswith("bnb-"):
+            model = bnb_quantized(args.shape, row.removeprefix("bnb-"))
+        else:
+            model = quantized(args.shape, row)
         session = HFSession(model, "cuda")
         if row == "hf-generate-eager":
             setup = time.perf_counter() - started
@@ -148,7 +176,7 @@ def main() -> None:
     print("goals:")
     if "bf16-compiled" in results:
         print(f"  bf16 compiled at {results['bf16-compiled:fraction']:.1%} of peak (goal >= 70%)")
-    fours = [r for r in results if r.startswith("int4") and not r.endswith(":fraction")]
+    fours = [r for r in results if r.startswith(("int4", "bnb")) and not r.endswith(":fraction")]
     if fours:
         best = min(fours, key=results.get)
         print(f"  best 4-bit row {best} at {results[best + ':fraction']:.1%} of peak (goal >= 50%)")

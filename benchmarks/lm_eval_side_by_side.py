@@ -5,7 +5,7 @@ under ``protocol: lm-eval-rolling``), their relative difference, and the
 throughput of each (scored tokens per second) with the ratio.
 
     .venv/bin/python benchmarks/lm_eval_side_by_side.py                # embedded model, CPython's LICENSE in 4 documents
-    .venv/bin/python benchmarks/lm_eval_side_by_side.py --documents pydoc:40 --max-length 1024 --device cuda
+    .venv/bin/python benchmarks/lm_eval_side_by_side.py --documents pydoc:100 --max-length 1024 --batch-size 8 --device cuda --dtype bf16
     .venv/bin/python benchmarks/lm_eval_side_by_side.py --tasks lm-eval    # a suite's lm_eval tasks, both engines
 
 qbench's pass is timed twice: plain (what a candidate pays, scoring against
@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 
 import torch
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # qbench's fp variants, lm-eval's dtype names
 
 
 def documents(spec: str) -> list[str]:
@@ -46,7 +48,7 @@ def lm_eval_side(path: str, docs: list[str], args) -> tuple[list[float], float]:
     from lm_eval.models.huggingface import HFLM
 
     lm = HFLM(pretrained=path, device=args.device, max_length=args.max_length, batch_size=args.batch_size,
-              dtype="float32")
+              dtype=DTYPES[args.dtype])
     requests = [Instance(request_type="loglikelihood_rolling", doc={}, arguments=(d,), idx=i)
                 for i, d in enumerate(docs)]
     lm.loglikelihood_rolling(requests[:1], disable_tqdm=True)  # warm-up
@@ -76,8 +78,8 @@ def qbench_side(path: str, docs: list[str], args, folder: Path):
     work = Workload(load_suite(str(folder / "suite.yaml")), load_tokenizer(path))
     windows = work.perplexity_windows
     backend = load_plugins(PluginSettings(allow=("builtin",))).backends["fp"]
-    _, config = backend.parse_variant("fp32")
-    session = BackendClock(backend.load(Artifact(backend="fp", variant="fp32", config=config.settings(), path=path,
+    _, config = backend.parse_variant(args.dtype)
+    session = BackendClock(backend.load(Artifact(backend="fp", variant=args.dtype, config=config.settings(), path=path,
                                                  model_path=path), args.device))
     score_windows(session, windows[:args.batch_size], args.batch_size)  # warm-up
     timings = {}
@@ -95,7 +97,7 @@ def qbench_side(path: str, docs: list[str], args, folder: Path):
 
 def tasks_side_by_side(path: str, suite_name: str, args) -> None:
     """A suite's lm_eval tasks through lm-eval's HF model and through
-    qbench's model over the fp32 session: every figure, and the time each took."""
+    qbench's model over the fp session of --dtype: every figure, and the time each took."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
@@ -108,15 +110,15 @@ def tasks_side_by_side(path: str, suite_name: str, args) -> None:
     suite = load_suite(suite_name)
     spec = suite.lm_eval
     lm = HFLM(pretrained=path, device=args.device, max_length=spec.max_length or args.max_length,
-              batch_size=spec.batch_size, dtype="float32")
+              batch_size=spec.batch_size, dtype=DTYPES[args.dtype])
     started = time.perf_counter()
     with sandboxed_templates():
         theirs = lm_eval.simple_evaluate(model=lm, tasks=task_specs(spec, suite, False), limit=spec.limit,
                                          log_samples=False, bootstrap_iters=spec.bootstrap_iters)["results"]
     lm_seconds = time.perf_counter() - started
     backend = load_plugins(PluginSettings(allow=("builtin",))).backends["fp"]
-    _, config = backend.parse_variant("fp32")
-    session = backend.load(Artifact(backend="fp", variant="fp32", config=config.settings(), path=path,
+    _, config = backend.parse_variant(args.dtype)
+    session = backend.load(Artifact(backend="fp", variant=args.dtype, config=config.settings(), path=path,
                                     model_path=path), args.device)
     started = time.perf_counter()
     ours = evaluate(session, load_tokenizer(path), spec, suite, False, spec.max_length or args.max_length)
@@ -138,6 +140,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="the weights' dtype on both sides")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--tasks", metavar="SUITE", help="compare a suite's lm_eval tasks instead of perplexity")
     args = parser.parse_args()
@@ -153,7 +156,7 @@ def main() -> None:
     words = sum(len(re.split(r"\s+", d)) for d in docs)
     raw_bytes = sum(len(d.encode("utf-8")) for d in docs)
     print(f"{len(docs)} documents, {tokens} scored tokens, {raw_bytes} bytes, {words} words; max_length "
-          f"{args.max_length}, batch {args.batch_size}, {args.device}, {torch.get_num_threads()} threads")
+          f"{args.max_length}, batch {args.batch_size}, {args.device}, {args.dtype}, {torch.get_num_threads()} threads")
     theirs = {"word_perplexity": math.exp(-sum(ll) / words), "bits_per_byte": -sum(ll) / raw_bytes / math.log(2)}
     ours = {"word_perplexity": math.exp(nll / n_words), "bits_per_byte": nll / n_bytes / math.log(2)}
     for name in theirs:

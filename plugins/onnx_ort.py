@@ -112,7 +112,7 @@ class OnnxSession(Session):
     def weight_bytes(self) -> int:
         return self._weight_bytes
 
-    def use_runtime(self, runtime: str) -> Optional[str]:
+    def use_runtime(self, runtime: str, compile_mode: str = "max-autotune") -> Optional[str]:
         if runtime == "eager":
             return None
         return (f"runtime={runtime} is a PyTorch runtime; ONNX Runtime runs its own optimised graph (its speed is "

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Callable, ClassVar, Literal, Optional
 
 import torch
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, model_validator
 
 from qbench.errors import QBenchError, describe_validation
 
@@ -32,6 +32,17 @@ class VariantConfig(BaseModel):
     #: never a quality figure. Common to every backend; one that cannot
     #: compile fails the cell with the reason.
     runtime: Literal["eager", "compiled"] = "eager"
+    #: ``torch.compile``'s mode for ``runtime=compiled``: ``max-autotune``
+    #: benchmarks kernel choices per matmul shape (the fastest decode, and on
+    #: an H200 2-3x the compile time), ``reduce-overhead`` keeps inductor's
+    #: default kernels (CUDA graphs either way).
+    compile_mode: Literal["max-autotune", "reduce-overhead"] = "max-autotune"
+
+    @model_validator(mode="after")
+    def _compile_mode_needs_compiled(self):
+        if self.compile_mode != "max-autotune" and self.runtime != "compiled":
+            raise ValueError("compile_mode applies to runtime=compiled only")
+        return self
 
     def nominal_bits(self) -> Optional[float]:
         """Bits per weight this variant promises for its quantized layers.
@@ -48,7 +59,7 @@ class VariantConfig(BaseModel):
         return self.model_dump(mode="json")
 
     def cache_settings(self) -> dict[str, Any]:
-        skip = set(self.load_only) | {"runtime"}  # how it decodes never changes the artifact's bytes
+        skip = set(self.load_only) | {"runtime", "compile_mode"}  # how it decodes never changes the bytes
         return {k: v for k, v in self.settings().items() if k not in skip}
 
 
@@ -150,9 +161,10 @@ class Session(abc.ABC):
         output head (a step reads one row of it)."""
         return 0
 
-    def use_runtime(self, runtime: str) -> Optional[str]:
+    def use_runtime(self, runtime: str, compile_mode: str = "max-autotune") -> Optional[str]:
         """Decode ``generate`` through ``runtime`` from now on (the harness
-        switches just before the latency workload). Returns None when done,
+        switches just before the latency workload), compiling with
+        ``compile_mode`` where the runtime compiles. Returns None when done,
         or why this session cannot (the cell then fails with that reason)."""
         if runtime == "eager":
             return None

@@ -145,7 +145,7 @@ class CompiledDecoder:
         import torch._inductor.config
 
         # A process-wide setting; a cell's worker process is its own.
-        torch._inductor.config.coordinate_descent_tuning = True
+        torch._inductor.config.coordinate_descent_tuning = mode == "max-autotune"
         self.model, self.device, self.pipelined = model, device, pipelined
         self.cache = None
         self.shape: tuple[int, int] = (0, 0)
@@ -206,16 +206,16 @@ class HFSession(Session):
         self.facts = facts or {}
         self.decoder: CompiledDecoder | None = None
 
-    def use_runtime(self, runtime: str) -> str | None:
+    def use_runtime(self, runtime: str, compile_mode: str = "max-autotune") -> str | None:
         if runtime == "eager":
             self.decoder = None
             return None
         if runtime == "compiled":
             if self.device != "cuda":
                 return "runtime=compiled needs CUDA: its decode step replays as a CUDA graph"
-            self.decoder = CompiledDecoder(self.model, self.device)
+            self.decoder = CompiledDecoder(self.model, self.device, mode=compile_mode)
             return None
-        return super().use_runtime(runtime)
+        return super().use_runtime(runtime, compile_mode)
 
     def _sync(self) -> None:
         if self.device == "cuda":

@@ -364,7 +364,7 @@ class CellPipeline:
         from qbench.metrics import metric
 
         runtime = self.config.runtime
-        reason = self.session.use_runtime(runtime)
+        reason = self.session.use_runtime(runtime, self.config.compile_mode)
         if reason:
             raise QBenchError(f"{self.task.cell}: runtime={runtime} is not available: {reason}")
         if runtime == "eager":
@@ -372,7 +372,7 @@ class CellPipeline:
         started = time.perf_counter()
         self.session.generate(self.work.latency_prompt(), self.suite.latency.new_tokens, ignore_step)
         self.metrics["compile_seconds"] = metric(
-            time.perf_counter() - started, "s", None, None, runtime=runtime,
+            time.perf_counter() - started, "s", None, None, runtime=runtime, compile_mode=self.config.compile_mode,
             label="first pass of the latency workload through the compiled runtime (compilation and CUDA-graph "
                   "capture); not part of the latency figures")
 

@@ -108,8 +108,8 @@ class BackendClock(Session):
     def describe(self) -> dict[str, Any]:
         return self.inner.describe()
 
-    def use_runtime(self, runtime: str):
-        return self.inner.use_runtime(runtime)
+    def use_runtime(self, runtime: str, compile_mode: str = "max-autotune"):
+        return self.inner.use_runtime(runtime, compile_mode)
 
     def kv_bytes_per_position(self):
         return self.inner.kv_bytes_per_position()
