@@ -129,46 +129,69 @@ def _session_lm_class():
                 sums.append(total)
             return sums
 
-        def _generate(self, ids: list[int], new_tokens: int, stops: list[str]) -> list[int]:
-            """Greedy tokens in pieces of ``GENERATION_PIECE``, stopping after
-            the piece that brings EOS or a stop string: the session's loop
-            always decodes all it is asked, and a task's ``max_gen_toks`` (256
-            by default) is mostly past the answer. Each piece starts from the
-            prompt plus the tokens so far (a fresh prefill)."""
+        def _finished(self, tokens: list[int], stops: list[str]) -> bool:
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            return self.eot_token_id in tokens or any(stop in text for stop in stops)
+
+        def _generate(self, prompts: list[list[int]], new_tokens: int, stops: list[list[str]]) -> list[list[int]]:
+            """Greedy tokens for prompts of one length, decoded together (no
+            padding, so each row is what it would be alone), in pieces of
+            ``GENERATION_PIECE``. A row leaves the batch after the piece that
+            brings EOS or one of its stop strings: the session's loop always
+            decodes all it is asked, and a task's ``max_gen_toks`` (256 by
+            default) is mostly past the answer. Each piece starts from the
+            prompts plus the tokens so far (a fresh prefill)."""
             import torch
 
-            tokens: list[int] = []
-            while len(tokens) < new_tokens:
-                piece = min(GENERATION_PIECE, new_tokens - len(tokens))
-                tokens += self.session.generate(torch.tensor([ids + tokens]), piece, ignore_step)[0].tolist()
-                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-                if self.eot_token_id in tokens or any(stop in text for stop in stops):
-                    break
+            tokens: list[list[int]] = [[] for _ in prompts]
+            active = list(range(len(prompts)))
+            while active:
+                piece = min(GENERATION_PIECE, new_tokens - len(tokens[active[0]]))
+                batch = torch.tensor([prompts[i] + tokens[i] for i in active])
+                for i, row in zip(active, self.session.generate(batch, piece, ignore_step).tolist()):
+                    tokens[i] += row
+                active = [i for i in active if len(tokens[i]) < new_tokens and not self._finished(tokens[i], stops[i])]
             return tokens
 
         def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+            """lm-eval's HF model batches generations with left padding; the
+            session has no padding mask, so requests are batched when their
+            prompts have the same token count and generation settings
+            (templated tasks mostly do), up to ``batch_size`` at a time."""
             eos = self.tokenizer.decode([self.eot_token_id], skip_special_tokens=False)
-            out = []
+            prepared = []
             for request in requests:
                 context, gen_kwargs = request.args
                 kwargs = normalize_gen_kwargs(dict(gen_kwargs), self.max_gen_toks)
                 if kwargs.get("do_sample"):
                     raise QBenchError("an lm-eval task asks for sampled generation; qbench decodes greedily "
                                       "(set do_sample: false in the task's generation_kwargs)")
-                until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
+                until = [stop for stop in handle_stop_sequences(kwargs.pop("until", None), eos=eos) if stop]
                 new_tokens = kwargs["max_gen_toks"]
-                ids = self.tok_encode(context, left_truncate_len=self.max_length - new_tokens)
-                tokens = self._generate(ids, new_tokens, [stop for stop in until if stop])
-                # Generation in transformers stops at EOS; the session's loop
-                # does not, so cut there.
-                if self.eot_token_id in tokens:
-                    tokens = tokens[: tokens.index(self.eot_token_id)]
-                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-                for stop in until:
-                    if stop:
-                        text = text.split(stop)[0]
-                out.append(text)
+                prepared.append((self.tok_encode(context, left_truncate_len=self.max_length - new_tokens),
+                                 new_tokens, until))
+            groups: dict[tuple[int, int], list[int]] = {}
+            for index, (ids, new_tokens, _) in enumerate(prepared):
+                groups.setdefault((len(ids), new_tokens), []).append(index)
+            out: list[str] = [""] * len(prepared)
+            for (_, new_tokens), members in groups.items():
+                for start in range(0, len(members), self.batch_size):
+                    chunk = members[start:start + self.batch_size]
+                    generated = self._generate([prepared[i][0] for i in chunk], new_tokens,
+                                               [prepared[i][2] for i in chunk])
+                    for i, tokens in zip(chunk, generated):
+                        out[i] = self._text(tokens, prepared[i][2])
             return out
+
+        def _text(self, tokens: list[int], until: list[str]) -> str:
+            # Generation in transformers stops at EOS; the session's loop does
+            # not, so cut there, then at the first stop string.
+            if self.eot_token_id in tokens:
+                tokens = tokens[: tokens.index(self.eot_token_id)]
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            for stop in until:
+                text = text.split(stop)[0]
+            return text
 
     return SessionLM
 

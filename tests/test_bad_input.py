@@ -126,6 +126,8 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], int, str]] = [
     ("unknown-variant", lambda c: c.run_args("-b", "fp:int2"), 2, "unknown variant 'int2'"),
     ("bad-setting", lambda c: c.run_args("-b", "fp:dtype=int3"), 2, "dtype"),
     ("misspelled-setting", lambda c: c.run_args("-b", "fp:dtyp=bf16"), 2, "dtyp"),
+    ("compile-mode-eager", lambda c: c.run_args("-b", "fp:bf16:compile_mode=reduce-overhead"), 2,
+     "compile_mode applies to runtime=compiled only"),
     ("timeout-nan", lambda c: c.run_args("--cell-timeout", "nan"), 2, "not a finite number"),
     ("timeout-inf", lambda c: c.run_args("--cell-timeout", "inf"), 2, "not a finite number"),
     ("timeout-negative", lambda c: c.run_args("--cell-timeout", "-5"), 2, "--cell-timeout"),

@@ -208,3 +208,19 @@ def test_generation_in_pieces_gives_lm_evals_text(both, monkeypatch):
     monkeypatch.setattr(engine, "GENERATION_PIECE", 5)
     assert ours.generate_until(_instances("generate_until", requests)) == expected
     assert all(len(ours.tokenizer.encode(text)) > 5 for text in expected)  # several pieces were needed
+
+
+def test_generations_with_prompts_of_one_length_decode_as_a_batch(both, monkeypatch):
+    """Prompts with the same token count decode together (no padding, so
+    each row is its one-request text), up to the batch size; lm-eval's text."""
+    theirs, ours = both
+    contexts = [f"Question: What is {a} plus {b}?\nAnswer:" for a, b in ((12, 34), (56, 21), (40, 17), (33, 3))]
+    lengths = [len(ours.tok_encode(c)) for c in contexts]
+    assert lengths[0] == lengths[1] == lengths[2] != lengths[3]
+    requests = [(c, {"until": ["\n"], "max_gen_toks": 6, "do_sample": False}) for c in contexts]
+    rows, generate = [], ours.session.generate
+    monkeypatch.setattr(ours.session, "generate", lambda ids, n, on_token: rows.append(len(ids)) or
+                        generate(ids, n, on_token))
+    expected = theirs.generate_until(_instances("generate_until", requests), disable_tqdm=True)
+    assert ours.generate_until(_instances("generate_until", requests)) == expected
+    assert sorted(rows) == [1, 3]

@@ -17,6 +17,9 @@ def test_runtime_is_a_setting_of_every_backend_outside_the_cache_key():
         _, compiled = backend.parse_variant(f"{name}:runtime=compiled")
         assert compiled.runtime == "compiled" and config.runtime == "eager"
         assert compiled.cache_settings() == config.cache_settings()  # same artifact
+        _, light = backend.parse_variant(f"{name}:runtime=compiled,compile_mode=reduce-overhead")
+        assert light.compile_mode == "reduce-overhead" and compiled.compile_mode == "max-autotune"
+        assert light.cache_settings() == config.cache_settings()
 
 
 def test_compiled_runtime_on_cpu_fails_the_cell_with_the_reason(tiny_model, tiny_suite, tmp_path):
