@@ -20,7 +20,7 @@ from typing import Any, Literal, Optional
 from pydantic import Field, model_validator
 
 from qbench import hookimpl
-from qbench.backend import Artifact, Availability, Backend, ModulePatterns, VariantConfig
+from qbench.backend import Artifact, Availability, Backend, LayerQuantizer, ModulePatterns, VariantConfig
 from qbench.errors import QBenchError
 
 WEIGHTS_FILE = "quantized.safetensors"
@@ -274,6 +274,14 @@ class TorchAO(Backend):
                              f"{next(iter(fallbacks.values()))}"]
         return meta
 
+    def layer_quantizer(self, model_path: str, config: TorchAOConfig, device: str,
+                        trust_remote_code: bool = False) -> LayerQuantizer:
+        if config.activations == "static" or config.kernel == "legacy":
+            raise QBenchError(f"torchao {'int8-static' if config.activations == 'static' else 'kernel=legacy'} "
+                              "cannot quantize one layer at a time (static scales are calibrated over the whole "
+                              "model; the legacy kernel rewrites it as a whole): choose another torchao variant")
+        return TorchAOLayers(model_path, config, device, trust_remote_code)
+
     def load(self, artifact: Artifact, device: str):
         from qbench.hf import HFSession, load_causal_lm, require_quantized_layers
 
@@ -294,6 +302,33 @@ class TorchAO(Backend):
         weight = model.get_submodule(layers[0]).weight
         return HFSession(model.eval(), device, {"kernel": f"torchao {type(weight).__name__}",
                                                 "compute_dtype": str(compute_dtype(config))})
+
+
+class TorchAOLayers(LayerQuantizer):
+    """torchao's ``quantize_`` on named layers of a loaded model; restoring
+    puts the original weight parameters back on their modules."""
+
+    def __init__(self, model_path: str, config: TorchAOConfig, device: str, trust_remote_code: bool):
+        from qbench.hf import linear_layers, load_causal_lm
+
+        self.config = config
+        self.model = load_causal_lm(model_path, compute_dtype(config), trust_remote_code).to(device).eval()
+        self._layers = linear_layers(self.model, config.keep)
+
+    def layers(self) -> list[str]:
+        return list(self._layers)
+
+    def quantize(self, names: list[str]) -> dict[str, Any]:
+        from torchao.quantization import FqnToConfig, quantize_
+
+        saved = {name: self._layers[name].weight for name in names}
+        quantize_(self.model, FqnToConfig({name: layer_config(self.config, self._layers[name].in_features)[0]
+                                           for name in names}), filter_fn=None)
+        return saved
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        for name, weight in saved.items():
+            self._layers[name].weight = weight
 
 
 def _is_torchao_quantized(module) -> bool:

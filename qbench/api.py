@@ -139,3 +139,74 @@ def run(model: str = DEFAULT_MODEL, suite: str = "default", backends: Optional[l
 
 
 __all__ = ["run", "create_run", "resume_run", "load_results", "find_run"]
+
+
+def sensitivity(
+    variant: str,
+    model: str = DEFAULT_MODEL,
+    suite: str = "default",
+    unit: str = "type",
+    mode: str = "only",
+    device: str = "auto",
+    max_tokens: int = 2048,
+    output_dir: Optional[str] = None,
+    run_id: Optional[str] = None,
+    trust_remote_code: bool = False,
+    on_row=None,
+) -> tuple[pd.DataFrame, Path]:
+    """``qbench sensitivity``: each unit of ``variant`` (``backend:variant``)
+    quantized alone (``mode="only"``) or left out (``"all-but"``), scored
+    against the fp32 baseline on the suite's perplexity windows. Returns the
+    ranked rows (most harmful first) and the folder holding
+    ``sensitivity.jsonl``, the baseline's reference and the heatmap. Rerun
+    with the same ``run_id`` to finish an interrupted pass."""
+    from qbench import sensitivity as sens
+    from qbench.plugins import get_backend
+    from qbench.workload import load_tokenizer
+
+    if mode not in sens.MODES:
+        raise QBenchError(f"unknown mode '{mode}': choose one of {', '.join(sens.MODES)}")
+    if unit not in sens.UNIT_KINDS:
+        raise QBenchError(f"unknown unit '{unit}': choose one of {', '.join(sens.UNIT_KINDS)}")
+    if max_tokens < 1:
+        raise QBenchError(f"--tokens must be at least 1 (got {max_tokens})")
+    backend_name, colon, variant_spec = variant.partition(":")
+    backend = get_backend(load_plugins(PluginSettings.from_env(())), backend_name)
+    if not colon or not variant_spec:
+        raise QBenchError(f"name one variant for sensitivity, like '{backend_name}:{next(iter(backend.variants()))}'")
+    device = resolve_device(device)
+    _, config = backend.parse_variant(variant_spec)
+    availability = backend.variant_available(config, device)
+    if not availability.ok:
+        raise QBenchError(f"{variant} cannot run on {device}: {availability.reason}")
+    spec = resolve_model(model, trust_remote_code=trust_remote_code)
+    suite_obj = load_suite(str(suite_path(suite)))
+    if suite_obj.perplexity is None:
+        raise QBenchError(f"suite '{suite_obj.name}' has no perplexity section: sensitivity scores its windows")
+    if run_id is not None:
+        check_run_id(run_id)
+    folder = Path(output_dir or results_dir()) / (run_id or f"sensitivity-{new_run_id()}")
+    quantizer = backend.layer_quantizer(spec.path, config, device, trust_remote_code)
+    sens.check_settings(folder, {"variant": variant, "settings": config.settings(), "model": spec.fingerprint,
+                                 "suite": suite_obj.content_hash(), "unit": unit, "mode": mode,
+                                 "max_tokens": max_tokens, "device": device})
+    unit_layers = sens.units(quantizer.layers(), unit)
+    scorer = sens.Scorer(folder, spec.path, suite_obj, load_tokenizer(spec.path, trust_remote_code), device,
+                         max_tokens, trust_remote_code)
+    rows = sens.load_rows(folder)
+
+    def keep(row) -> None:
+        with open(folder / sens.ROWS_FILE, "a") as handle:  # one line per unit: a kill loses at most that unit
+            handle.write(row.model_dump_json() + "\n")
+        rows.append(row)
+        if on_row:
+            on_row(row, len(rows), len(unit_layers))
+
+    sens.measure(quantizer, scorer, unit_layers, mode, {r.unit for r in rows}, keep)
+    ordered = sens.ranked(rows)
+    sens.write_heatmap(ordered, folder / sens.HEATMAP_FILE, f"{variant}: KLD with " + ("only this layer quantized" if mode == "only" else "all but this layer quantized"))
+    table = pd.DataFrame([{"unit": r.unit, "layers": len(r.layers), "mode": r.mode, "kld": r.kld.value,
+                           "kld_stderr": r.kld.stderr, "same_top_p": r.same_top_p.value,
+                           "same_top_p_stderr": r.same_top_p.stderr, "ln_ppl_ratio": r.ln_ppl_ratio.value,
+                           "seconds": r.seconds} for r in ordered])
+    return table, folder

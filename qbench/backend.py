@@ -270,6 +270,14 @@ class Backend(abc.ABC):
             ) from None
         return spec, config
 
+    def layer_quantizer(self, model_path: str, config: VariantConfig, device: str,
+                        trust_remote_code: bool = False) -> "LayerQuantizer":
+        """A full-precision model whose linear layers this backend quantizes
+        in place, a few at a time, for ``qbench sensitivity``. Backends that
+        cannot select single layers raise QBenchError saying why."""
+        raise QBenchError(f"backend '{self.name}' cannot quantize one layer at a time, which `qbench sensitivity` "
+                          "needs: use a backend that can (torchao)")
+
     @abc.abstractmethod
     def quantize(
         self,
@@ -285,3 +293,23 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def load(self, artifact: Artifact, device: str) -> Session:
         """Load a quantized artifact onto ``device`` and return a session."""
+
+
+class LayerQuantizer(abc.ABC):
+    """A loaded full-precision model (``model``, in the variant's compute
+    dtype) and the means to quantize some of its linear layers in place and
+    to put their full-precision weights back."""
+
+    model: Any
+
+    @abc.abstractmethod
+    def layers(self) -> list[str]:
+        """The linear layers the variant quantizes (its ``keep`` applied), in model order."""
+
+    @abc.abstractmethod
+    def quantize(self, names: list[str]) -> Any:
+        """Quantize these layers in place; returns what ``restore`` needs."""
+
+    @abc.abstractmethod
+    def restore(self, saved: Any) -> None:
+        """Put back the full-precision weights ``quantize`` replaced."""

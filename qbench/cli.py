@@ -203,6 +203,41 @@ def backends(as_json, device, plugins_dir) -> None:
 
 
 @cli.command()
+@click.option("--backend", "-b", "variant", required=True, metavar="BACKEND:VARIANT",
+              help="The variant whose units are measured, e.g. torchao:int4-wo-g32.")
+@click.option("--model", "-m", default="smollm2-135m", show_default=True)
+@click.option("--suite", "-s", default="default", show_default=True, help="Its perplexity windows are scored.")
+@click.option("--unit", type=click.Choice(["layer", "type", "block"]), default="type", show_default=True,
+              help="A linear layer, a layer type across blocks (*.down_proj), or a decoder block.")
+@click.option("--converse", is_flag=True, help="Quantize everything but the unit (which unit helps most when kept).")
+@click.option("--tokens", type=click.IntRange(min=1), default=2048, show_default=True,
+              help="Scored tokens per unit (the suite's first windows).")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--output-dir", "-o", default=None, help="Where the folder goes (default: results/ or $QBENCH_RESULTS).")
+@click.option("--run-id", default=None, help="Folder name; rerun with the same one to finish an interrupted pass.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow model code from the hub (off by default).")
+def sensitivity(variant, model, suite, unit, converse, tokens, device, output_dir, run_id, trust_remote_code) -> None:
+    """Which units hurt most when quantized: KLD and top-1 agreement per unit."""
+    from qbench.api import sensitivity as measure
+
+    def progress(row, done, total) -> None:
+        console.print(f"[{done}/{total}] {escape(row.unit)}: KLD {row.kld.value:.5f} ± {row.kld.stderr or 0:.5f}, "
+                      f"same top {100 * row.same_top_p.value:.1f}% ({row.seconds:.1f} s)", highlight=False)
+
+    table, folder = measure(variant, model=model, suite=suite, unit=unit, mode="all-but" if converse else "only",
+                            device=device, max_tokens=tokens, output_dir=output_dir, run_id=run_id,
+                            trust_remote_code=trust_remote_code, on_row=progress)
+    rich_table = Table(title=f"{variant}: {'all but ' if converse else ''}one {unit} at a time, most harmful "
+                             f"first ({folder})")
+    for column in ("unit", "layers", "KLD", "same top %", "ln(PPL/base)"):
+        rich_table.add_column(column, justify="left" if column == "unit" else "right")
+    for row in table.itertuples():
+        rich_table.add_row(escape(row.unit), str(row.layers), f"{row.kld:.5f} ± {row.kld_stderr or 0:.5f}",
+                           f"{100 * row.same_top_p:.1f}", f"{row.ln_ppl_ratio:+.4f}")
+    console.print(rich_table)
+
+
+@cli.command()
 @click.argument("run_id")
 @click.option("--json", "as_json", is_flag=True, help="Print the records as JSON lines.")
 @click.option("--markdown", is_flag=True, help="Print a GitHub-ready markdown table.")
