@@ -173,7 +173,7 @@ def measure(quantizer, scorer: Scorer, unit_layers: dict[str, list[str]], mode: 
     for unit, layers in unit_layers.items():
         if unit in done:
             continue
-        chosen = layers if mode == "only" else [n for n in everything if n not in set(layers)]
+        chosen = layers if mode == "only" else [n for n in everything if n not in layers]
         started = time.perf_counter()
         saved = quantizer.quantize(chosen)
         try:
