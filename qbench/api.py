@@ -138,7 +138,7 @@ def run(model: str = DEFAULT_MODEL, suite: str = "default", backends: Optional[l
     return df
 
 
-__all__ = ["run", "create_run", "resume_run", "load_results", "find_run"]
+__all__ = ["run", "create_run", "resume_run", "load_results", "find_run", "sensitivity"]
 
 
 def sensitivity(
@@ -204,7 +204,8 @@ def sensitivity(
 
     sens.measure(quantizer, scorer, unit_layers, mode, {r.unit for r in rows}, keep)
     ordered = sens.ranked(rows)
-    sens.write_heatmap(ordered, folder / sens.HEATMAP_FILE, f"{variant}: KLD with " + ("only this layer quantized" if mode == "only" else "all but this layer quantized"))
+    which = "only this layer" if mode == "only" else "all but this layer"
+    sens.write_heatmap(ordered, folder / sens.HEATMAP_FILE, f"{variant}: KLD with {which} quantized")
     table = pd.DataFrame([{"unit": r.unit, "layers": len(r.layers), "mode": r.mode, "kld": r.kld.value,
                            "kld_stderr": r.kld.stderr, "same_top_p": r.same_top_p.value,
                            "same_top_p_stderr": r.same_top_p.stderr, "ln_ppl_ratio": r.ln_ppl_ratio.value,

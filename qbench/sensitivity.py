@@ -143,9 +143,16 @@ class Scorer:
         from qbench.metrics.scoring import Reference, reference_from, score_windows
 
         if path.exists():
-            reference = Reference.load(path)
-            if reference.token_logprobs.numel() == sum(w.n_scored for w in self.windows):
-                return reference
+            try:
+                reference = Reference.load(path)
+            except Exception as exc:  # safetensors raises its own error type for a torn or foreign file
+                import warnings
+
+                warnings.warn(f"{path} is unreadable ({type(exc).__name__}): computing the baseline's reference "
+                              "again")
+            else:
+                if reference.token_logprobs.numel() == sum(w.n_scored for w in self.windows):
+                    return reference
         session = HFSession(load_causal_lm(model_path, trust_remote_code=trust_remote_code).to(self.device),
                             self.device)
         reference = reference_from(score_windows(session, self.windows, self.batch_size, top_k=self.top_k))
@@ -189,15 +196,24 @@ def load_rows(folder: Path) -> list[SensitivityRow]:
     path = folder / ROWS_FILE
     if not path.exists():
         return []
+    text = path.read_text()
+    lines = text.splitlines()
     rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             rows.append(SensitivityRow.model_validate_json(line))
         except ValueError:
-            raise QBenchError(f"{path}: line {number} is not a sensitivity row (a torn write?): delete that line "
-                              "and rerun to measure the unit again") from None
+            if number == len(lines) and not text.endswith("\n"):
+                # A pass killed while appending its last row: that unit is measured again.
+                write_atomic(path, "".join(f"{kept}\n" for kept in lines[:-1]))
+                break
+            raise QBenchError(f"{path}: line {number} is not a sensitivity row: delete that line and rerun to "
+                              "measure the unit again") from None
+    else:
+        if text and not text.endswith("\n"):  # a whole last row cut before its newline: the next one starts a line
+            write_atomic(path, text + "\n")
     return rows
 
 
@@ -205,7 +221,13 @@ def check_settings(folder: Path, settings: dict[str, Any]) -> None:
     """A folder holds one pass: resuming with other settings would mix rows."""
     path = folder / SETTINGS_FILE
     if path.exists():
-        before = json.loads(path.read_text())
+        try:
+            before = json.loads(path.read_text())
+            if not isinstance(before, dict):
+                raise ValueError(type(before).__name__)
+        except ValueError:
+            raise QBenchError(f"{path} is not the JSON qbench wrote: choose another --run-id, or delete the folder "
+                              "to measure it again") from None
         changed = sorted(k for k in settings if before.get(k) != settings[k])
         if changed:
             raise QBenchError(f"{folder} holds a sensitivity pass with other settings ({', '.join(changed)}): "

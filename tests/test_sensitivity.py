@@ -127,3 +127,33 @@ def test_the_converse_keeps_one_unit_and_quantizes_the_rest(tiny_model, tiny_sui
     # With two blocks, "all but block 0" quantizes exactly block 1.
     a, b = only.set_index("unit")["kld"], converse.set_index("unit")["kld"]
     assert b["block 0"] == pytest.approx(a["block 1"]) and b["block 1"] == pytest.approx(a["block 0"])
+
+
+def test_a_damaged_folder_resumes_or_says_what_to_do(int4_pass, tiny_model, tiny_suite):
+    """A row cut by a kill is measured again; an unreadable reference is
+    computed again (with a warning); a damaged settings file or a bad row in
+    the middle is one clear error."""
+    from qbench.api import sensitivity
+    from qbench.errors import QBenchError
+
+    _, folder, out = int4_pass
+    rows = folder / "sensitivity.jsonl"
+    whole = rows.read_text().splitlines()
+    rows.write_text("\n".join(whole[:-1]) + "\n" + whole[-1][:30])  # the last row torn mid-write
+    (folder / "reference.safetensors").write_bytes(b"\x00" * 10)
+
+    def again():
+        return sensitivity("torchao:int4-wo-g32", model=str(tiny_model), suite=str(tiny_suite), unit="layer",
+                           device="cpu", max_tokens=200, output_dir=str(out), run_id="int4")
+
+    with pytest.warns(UserWarning, match="unreadable"):
+        table, _ = again()
+    assert len(table) == 14 and len(rows.read_text().splitlines()) == 14
+    lines = rows.read_text().splitlines()
+    rows.write_text("\n".join(lines[:3] + ["{not a row"] + lines[3:]) + "\n")
+    with pytest.raises(QBenchError, match="line 4 is not a sensitivity row"):
+        again()
+    rows.write_text("\n".join(lines) + "\n")
+    (folder / "sensitivity.json").write_text("[1, 2]")
+    with pytest.raises(QBenchError, match="sensitivity.json is not the JSON qbench wrote"):
+        again()
