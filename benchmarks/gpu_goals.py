@@ -12,7 +12,12 @@ copy-benchmark peak, then each goal with its ratio.
 A row is ``bf16-eager``, ``hf-generate-eager``, ``bf16-compiled``, any
 torchao variant of qbench's (``int4-gemlite-g128``, ``int8-wo`` ...), or
 ``bnb-nf4`` / ``bnb-fp4`` (bitsandbytes 4-bit, bf16 compute); every row but
-the first two decodes through the compiled runtime.
+the first two decodes through the compiled runtime. A gemlite row may name
+how gemlite picks its Triton kernel configurations: ``int4-gemlite-g128``
+(gemlite's own choice: the tuned table shipped for this GPU if its name
+matches one, else a short autotune), ``int4-gemlite-g128+h100`` (the table
+gemlite ships for the H100, another Hopper GPU) or ``int4-gemlite-g128+max``
+(gemlite's exhaustive autotune, about 20 s per matrix shape).
 """
 
 from __future__ import annotations
@@ -44,6 +49,23 @@ def build(shape: str, dtype: torch.dtype = torch.bfloat16):
     with torch.device("cuda"):
         model = LlamaForCausalLM(config).to(dtype)
     return model.eval()
+
+
+def configure_gemlite(choice: str) -> None:
+    """Set how gemlite picks kernel configurations for the rows that follow."""
+    from pathlib import Path
+
+    import gemlite
+    from gemlite.core import GemLiteLinear, get_default_cache_config
+
+    GemLiteLinear.reset_config()
+    gemlite.set_autotune("max" if choice == "max" else "fast")
+    table = get_default_cache_config() if choice in ("", "max") else \
+        str(Path(gemlite.__file__).parent / "configs" / f"{choice}.json")
+    if choice != "max" and table:
+        print(f"  gemlite kernel table: {table}", flush=True)
+        if not GemLiteLinear.load_config(table):
+            raise SystemExit(f"gemlite has no table {table}")
 
 
 def quantized(shape: str, variant: str):
@@ -141,7 +163,10 @@ def main() -> None:
         elif row.startswith("bnb-"):
             model = bnb_quantized(args.shape, row.removeprefix("bnb-"))
         else:
-            model = quantized(args.shape, row)
+            variant, _, choice = row.partition("+")
+            if "gemlite" in variant:
+                configure_gemlite(choice)
+            model = quantized(args.shape, variant)
         session = HFSession(model, "cuda")
         if row == "hf-generate-eager":
             setup = time.perf_counter() - started

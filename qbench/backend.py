@@ -35,8 +35,8 @@ class VariantConfig(BaseModel):
     #: ``torch.compile``'s mode for ``runtime=compiled``: ``max-autotune``
     #: benchmarks kernel choices per matmul shape (the fastest decode: 4.87
     #: against 5.66 ms/token for an 8B shape on an H200, for 88 against 66 s
-    #: of set-up), ``reduce-overhead`` keeps inductor's default kernels (CUDA
-    #: graphs either way).
+    #: of set-up), ``reduce-overhead`` keeps inductor's default kernels (the
+    #: whole decode step replayed as one CUDA graph either way).
     compile_mode: Literal["max-autotune", "reduce-overhead"] = "max-autotune"
 
     @model_validator(mode="after")
