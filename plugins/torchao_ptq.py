@@ -22,6 +22,7 @@ from pydantic import Field, model_validator
 from qbench import hookimpl
 from qbench.backend import Artifact, Availability, Backend, LayerQuantizer, ModulePatterns, VariantConfig
 from qbench.errors import QBenchError
+from qbench.recipes import Recipe, load_recipe
 
 WEIGHTS_FILE = "quantized.safetensors"
 LAYOUT_FILE = "layers.json"
@@ -38,6 +39,79 @@ class TorchAOConfig(VariantConfig):
         "auto", description="tinygemm: CUDA int4; gemlite: Triton GEMV/GEMM kernels for 4- and 8-bit weights "
                             "(CUDA); legacy: torch.ao quantize_dynamic (fbgemm)")
     keep: ModulePatterns = Field(("lm_head",), description="layers left in full precision ('+'-separated)")
+    recipe: Optional[Recipe] = Field(
+        None, description="a mixed-precision recipe YAML (its base variant plus per-layer overrides); given as "
+                          "recipe=PATH with no other quantization setting")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _recipe_base(cls, data: Any) -> Any:
+        """``recipe=PATH``: the recipe's content replaces the path (so a
+        record and the cache key carry the recipe itself, and a cached
+        artifact never needs the file again), and its base variant's settings
+        fill every other field."""
+        if not isinstance(data, dict) or data.get("recipe") in (None, "", "none"):
+            return data
+        data = dict(data)
+        data.pop("recipe_sha256", None)  # written by settings(); the content decides
+        recipe = data["recipe"]
+        recipe = load_recipe(recipe) if isinstance(recipe, (str, Path)) else Recipe.model_validate(recipe)
+        if recipe.backend != "torchao":
+            raise ValueError(f"the recipe is for backend '{recipe.backend}', not torchao: run it with "
+                             f"-b {recipe.backend}:recipe=PATH")
+        base = _plain_variant(recipe.base, "its base")
+        runtime = {key: data[key] for key in ("runtime", "compile_mode") if key in data}
+        given = {key: value for key, value in data.items() if key not in ("recipe", "runtime", "compile_mode")}
+        if given:
+            merged = TorchAOConfig(**{**base.settings(), **given}).settings()
+            changed = [key for key in given if merged.get(key) != base.settings().get(key)]
+            if changed:
+                raise ValueError(f"the recipe's base ({recipe.base}) sets '{changed[0]}': give the recipe alone, "
+                                 "as torchao:recipe=PATH, and change its base in the file")
+        return {**base.settings(), **runtime, "recipe": recipe}
+
+    @model_validator(mode="after")
+    def _recipe_overrides(self):
+        if self.recipe is None:
+            return self
+        if self.kernel == "legacy":
+            raise ValueError("kernel=legacy rewrites the whole model and cannot be a recipe's base")
+        for override in self.recipe.overrides:
+            if override.use is None:
+                continue
+            other = _plain_variant(override.use, f"override {list(override.match)}")
+            if other.activations == "static" or other.kernel == "legacy":
+                raise ValueError(f"override use: {override.use} cannot quantize single layers of a recipe "
+                                 "(static scales and the legacy kernel apply to the whole model)")
+            if compute_dtype(other) != compute_dtype(self) or other.needs_cuda != self.needs_cuda:
+                raise ValueError(f"override use: {override.use} computes in {compute_dtype(other)}, the base "
+                                 f"{self.recipe.base} in {compute_dtype(self)}: a recipe mixes variants of one "
+                                 "compute dtype and device")
+        return self
+
+    def settings(self) -> dict[str, Any]:
+        out = super().settings()
+        if self.recipe is not None:
+            out["recipe_sha256"] = self.recipe.digest()
+        return out
+
+    def cache_settings(self) -> dict[str, Any]:
+        # The recipe by its digest: its provenance ("source") does not change the bytes.
+        out = super().cache_settings()
+        out.pop("recipe", None)
+        return out
+
+    def compute_key(self) -> tuple[str, bool]:
+        """Variants that can share one model in a recipe: same compute dtype, same device."""
+        return str(compute_dtype(self)), self.needs_cuda
+
+    def layer_variant(self, layer: str) -> Optional["TorchAOConfig"]:
+        """How one layer is quantized: this config (a recipe's base), an
+        override's variant, or None where the recipe keeps it."""
+        decided = self.recipe.decide(layer) if self.recipe is not None else None
+        if decided is None:
+            return self
+        return None if decided.keep else _plain_variant(decided.use, f"override {list(decided.match)}")
 
     @model_validator(mode="after")
     def _combination(self):
@@ -88,6 +162,17 @@ class TorchAOConfig(VariantConfig):
     @property
     def needs_cuda(self) -> bool:
         return self.kernel in ("tinygemm", "gemlite") or self.dtype == "float8"
+
+
+def _plain_variant(spec: str, what: str) -> TorchAOConfig:
+    """A named torchao variant or ``key=value`` settings, without a recipe of its own."""
+    try:
+        config = TorchAO().parse_variant(spec)[1]
+    except QBenchError as exc:
+        raise ValueError(f"{what}: {exc}") from None
+    if config.recipe is not None:
+        raise ValueError(f"{what} is a recipe itself: a recipe's variants are plain ones")
+    return config
 
 
 def _granularity(config: TorchAOConfig, in_features: int):
@@ -245,8 +330,11 @@ class TorchAO(Backend):
         device = "cuda" if config.needs_cuda else "cpu"
         model = load_causal_lm(str(model_path), compute_dtype(config)).to(device).eval()
         layers = linear_layers(model, config.keep)
+        variants = {name: config.layer_variant(name) for name in layers}
+        layers = {name: layer for name, layer in layers.items() if variants[name] is not None}
         if not layers:
-            raise QBenchError(f"no linear layers left to quantize with keep={'+'.join(config.keep)}")
+            raise QBenchError(f"no linear layers left to quantize with keep={'+'.join(config.keep)}"
+                              + (" and the recipe's overrides" if config.recipe is not None else ""))
         if config.kernel == "legacy":
             from qbench_plugins.torch_ao_legacy import quantize_legacy
 
@@ -257,7 +345,7 @@ class TorchAO(Backend):
         scales = calibrate_activation_scales(model, layers, calibration) if config.activations == "static" else {}
         per_layer, fallbacks = {}, {}
         for name, layer in layers.items():
-            per_layer[name], note = layer_config(config, layer.in_features, scales.get(name))
+            per_layer[name], note = layer_config(variants[name], layer.in_features, scales.get(name))
             if note:
                 fallbacks[name] = note
         quantize_(model, FqnToConfig(per_layer), filter_fn=None)
@@ -268,6 +356,11 @@ class TorchAO(Backend):
                                 "torchao_config": type(next(iter(per_layer.values()))).__name__}
         if calibration is not None:
             meta["calibration_samples"] = len(calibration)
+        if config.recipe is not None:
+            uses = [variants[name].settings() for name in layers if variants[name] is not config]
+            meta["recipe"] = {"sha256": config.recipe.digest(), "base_layers": len(layers) - len(uses),
+                              "override_layers": len(uses),
+                              "kept_layers": sum(v is None for v in variants.values())}
         if fallbacks:
             meta["granularity_fallback"] = {"layers": len(fallbacks), "example": next(iter(fallbacks.items()))}
             meta["notes"] = [f"{len(fallbacks)} of {len(layers)} layers use per-channel scales: "
@@ -276,6 +369,9 @@ class TorchAO(Backend):
 
     def layer_quantizer(self, model_path: str, config: TorchAOConfig, device: str,
                         trust_remote_code: bool = False) -> LayerQuantizer:
+        if config.recipe is not None:
+            raise QBenchError("sensitivity quantizes with one uniform variant, not a recipe: name the recipe's "
+                              f"base ({config.recipe.base}) instead")
         if config.activations == "static" or config.kernel == "legacy":
             raise QBenchError(f"torchao {'int8-static' if config.activations == 'static' else 'kernel=legacy'} "
                               "cannot quantize one layer at a time (static scales are calibrated over the whole "

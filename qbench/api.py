@@ -138,7 +138,23 @@ def run(model: str = DEFAULT_MODEL, suite: str = "default", backends: Optional[l
     return df
 
 
-__all__ = ["run", "create_run", "resume_run", "load_results", "find_run", "sensitivity"]
+def search(budget: str, backends: Optional[list[str]] = None, model: str = DEFAULT_MODEL, suite: str = "default",
+           device: str = "auto", unit: str = "layer", tokens: int = 1024, base: Optional[str] = None,
+           output_dir: Optional[str] = None, run_id: Optional[str] = None, reporter: Reporter = SilentReporter(),
+           on_step=lambda message: None):
+    """``qbench search``: the smallest configuration meeting ``budget``
+    (``"kld<=0.05"``, ``"acc>=0.99*base"``, ``"weights<=150MiB"``) among the
+    uniform variants of ``backends`` and torchao recipes that upgrade the
+    most sensitive units of one of them. Returns a ``SearchResult`` (every
+    configuration tried, the chosen one, why, the cost); rerun with the same
+    ``run_id`` to finish an interrupted search."""
+    from qbench.search import run_search
+
+    return run_search(budget, backends, model, suite, device, unit, tokens, base, output_dir, run_id, reporter,
+                      on_step)
+
+
+__all__ = ["run", "create_run", "resume_run", "load_results", "find_run", "sensitivity", "search"]
 
 
 def sensitivity(

@@ -238,6 +238,50 @@ def sensitivity(variant, model, suite, unit, converse, tokens, device, output_di
 
 
 @cli.command()
+@click.option("--budget", required=True, metavar="BUDGET",
+              help='"kld<=0.05", "acc>=0.99*base", "acc>=0.7" or "weights<=150MiB". A quality bound must hold at '
+                   "the error bar (95%), not just the point estimate.")
+@click.option("--backends", "-b", multiple=True, metavar="SPEC",
+              help="The uniform variants to try, as for `qbench run` (default: every one `qbench run` plans here).")
+@click.option("--model", "-m", default="smollm2-135m", show_default=True)
+@click.option("--suite", "-s", default="default", show_default=True,
+              help="Its perplexity (and, for an acc budget, task) sections are used.")
+@click.option("--base", default=None, metavar="VARIANT",
+              help="The torchao variant mixed recipes start from (default: chosen from the uniform results).")
+@click.option("--unit", type=click.Choice(["layer", "type", "block"]), default="layer", show_default=True,
+              help="What a recipe upgrades, ranked by sensitivity.")
+@click.option("--tokens", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="Scored tokens per unit in the sensitivity pass.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--output-dir", "-o", default=None, help="Where the folder goes (default: results/ or $QBENCH_RESULTS).")
+@click.option("--run-id", default=None, help="Folder name; rerun with the same one to finish an interrupted search.")
+def search(budget, backends, model, suite, base, unit, tokens, device, output_dir, run_id) -> None:
+    """The smallest configuration that meets a quality budget (or the best within a size)."""
+    from qbench.search import Z, describe, run_search
+
+    result = run_search(budget, list(backends) or None, model, suite, device, unit, tokens, base, output_dir,
+                        run_id, RichReporter(), on_step=lambda message: console.print(escape(message), highlight=False))
+    table = Table(title=f"qbench search {result.budget.text}: every configuration tried ({result.folder})")
+    for column in ("configuration", "weights MiB", "KLD ± 95%", "acc ± 95%", "at the error bar", "meets"):
+        table.add_column(column, justify="left" if column == "configuration" else "right", overflow="fold")
+    for v in result.path:
+        name = v.cell if v.kind == "uniform" else f"{v.cell} (k={v.k})"
+        table.add_row(escape(name), f"{v.weight_bytes / 2**20:.1f}" if v.weight_bytes else "-",
+                      f"{v.kld:.5f} ± {Z * (v.kld_stderr or 0):.5f}" if v.kld is not None else "-",
+                      f"{v.acc:.4f} ± {Z * (v.acc_stderr or 0):.4f}" if v.acc is not None else "-",
+                      f"{v.at_error_bar:.5g}" if v.at_error_bar is not None else escape(v.error or "-"),
+                      "[green]yes[/]" if v.meets else "[red]no[/]")
+    console.print(table)
+    cost = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in result.seconds.items())
+    console.print(f"search cost: {cost}", highlight=False)
+    if result.chosen is None:
+        console.print(f"[red]nothing meets {escape(result.budget.text)}[/]: {escape(result.why)}")
+        raise SystemExit(1)
+    console.print(f"[green]chosen[/]: {escape(describe(result.chosen, result.budget))}; {escape(result.why)}",
+                  highlight=False)
+
+
+@cli.command()
 @click.argument("run_id")
 @click.option("--json", "as_json", is_flag=True, help="Print the records as JSON lines.")
 @click.option("--markdown", is_flag=True, help="Print a GitHub-ready markdown table.")

@@ -217,9 +217,10 @@ def load_rows(folder: Path) -> list[SensitivityRow]:
     return rows
 
 
-def check_settings(folder: Path, settings: dict[str, Any]) -> None:
-    """A folder holds one pass: resuming with other settings would mix rows."""
-    path = folder / SETTINGS_FILE
+def check_settings(folder: Path, settings: dict[str, Any], file: str = SETTINGS_FILE,
+                   what: str = "a sensitivity pass") -> None:
+    """A folder holds one pass (or search): resuming with other settings would mix rows."""
+    path = folder / file
     if path.exists():
         try:
             before = json.loads(path.read_text())
@@ -230,7 +231,7 @@ def check_settings(folder: Path, settings: dict[str, Any]) -> None:
                               "to measure it again") from None
         changed = sorted(k for k in settings if before.get(k) != settings[k])
         if changed:
-            raise QBenchError(f"{folder} holds a sensitivity pass with other settings ({', '.join(changed)}): "
+            raise QBenchError(f"{folder} holds {what} with other settings ({', '.join(changed)}): "
                               "choose another --run-id")
     else:
         write_atomic(path, json.dumps(settings, indent=1))

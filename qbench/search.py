@@ -1,0 +1,383 @@
+"""``qbench search``: the smallest configuration that meets a quality budget.
+
+A search folder holds everything: ``search.json`` (its settings),
+``suite.yaml`` (the sections of the user's suite that the budget needs),
+``cells/`` (a normal run folder: every configuration tried is one of its
+cells, so ``show``, ``report`` and ``compare`` work on it),
+``sensitivity/`` (the ranking the mixed recipes are built from),
+``recipes/`` and ``search_result.json``. Every step is decided from records
+already on disk, so running the same search again skips what was measured
+and finishes what was not.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional
+
+import yaml
+from pydantic import BaseModel
+
+from qbench.errors import QBenchError
+from qbench.io import write_atomic
+from qbench.recipes import keep_most_sensitive, write_recipe
+from qbench.records import CellRecord
+
+#: a bound holds "at the error bar" when it holds at the end of the 95% interval
+Z = 1.96
+SETTINGS_FILE, SUITE_FILE, RESULT_FILE, PLOT_FILE = "search.json", "suite.yaml", "search_result.json", "search.png"
+CELLS, SENSITIVITY, RECIPES = "cells", "sensitivity", "recipes"
+RECIPE_BACKEND = "torchao"  # the backend whose variants recipes mix
+_BUDGET = re.compile(r"^\s*(kld|acc|weights)\s*(<=|>=)\s*(.+?)\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"^([0-9.]+)\s*(MiB|GiB|MB|GB)?$", re.IGNORECASE)
+_UNITS = {"mib": 2**20, "gib": 2**30, "mb": 1e6, "gb": 1e9}
+
+
+class Budget(BaseModel):
+    """``kld<=X``, ``acc>=X`` or ``acc>=F*base``, ``weights<=X MiB``."""
+
+    metric: Literal["kld", "acc", "weights"]
+    bound: float
+    relative: bool = False  # acc>=F*base: F times the baseline's accuracy
+    text: str
+
+    @classmethod
+    def parse(cls, text: str) -> "Budget":
+        hint = "write kld<=0.05, acc>=0.99*base, acc>=0.7 or weights<=150MiB"
+        found = _BUDGET.match(text)
+        if not found:
+            raise QBenchError(f"budget '{text}' is not understood: {hint}")
+        metric, op, value = found.group(1).lower(), found.group(2), found.group(3).replace(" ", "")
+        if op != (">=" if metric == "acc" else "<="):
+            raise QBenchError(f"budget '{text}': {metric} takes '{'>=' if metric == 'acc' else '<='}': {hint}")
+        relative = metric == "acc" and value.lower().endswith("*base")
+        if relative:
+            value = value[:-len("*base")]
+        if metric == "weights":
+            size = _SIZE.match(value)
+            if not size:
+                raise QBenchError(f"budget '{text}': the size needs a number and MiB, GiB, MB or GB: {hint}")
+            bound = float(size.group(1)) * _UNITS[(size.group(2) or "MiB").lower()]
+        else:
+            try:
+                bound = float(value)
+            except ValueError:
+                raise QBenchError(f"budget '{text}': '{value}' is not a number: {hint}") from None
+        if bound <= 0 or (metric == "acc" and not relative and bound > 1):
+            raise QBenchError(f"budget '{text}': the bound must be positive{' and at most 1' * (metric == 'acc')}")
+        return cls(metric=metric, bound=bound, relative=relative, text=text.strip())
+
+
+class Verdict(BaseModel):
+    """One configuration against the budget."""
+
+    cell: str
+    kind: Literal["uniform", "recipe"]
+    k: Optional[int] = None  # units upgraded, for recipes
+    weight_bytes: Optional[float] = None
+    kld: Optional[float] = None
+    kld_stderr: Optional[float] = None
+    acc: Optional[float] = None
+    acc_stderr: Optional[float] = None
+    #: the budget's figure at the error bar (kld + Z*se, acc - Z*se), or the weights
+    at_error_bar: Optional[float] = None
+    target: float
+    meets: bool
+    error: Optional[str] = None
+
+
+class SearchResult(BaseModel):
+    budget: Budget
+    path: list[Verdict]
+    chosen: Optional[Verdict] = None
+    best_uniform: Optional[Verdict] = None
+    why: str
+    seconds: dict[str, float]
+    folder: str
+
+
+def judge(budget: Budget, record: CellRecord, baseline: Optional[CellRecord], kind: str,
+          k: Optional[int] = None) -> Verdict:
+    """Whether one measured configuration meets the budget at its error bar:
+    KLD's upper end (value + 1.96 stderr) under the bound, accuracy's lower
+    end above it, weights as measured. A failed cell never meets it."""
+    figures = {name: record.value(name) for name in ("weight_bytes", "kld", "acc")}
+    errors = {name: record.stderr(name) or 0.0 for name in ("kld", "acc")}
+    target = budget.bound
+    if budget.metric == "acc" and budget.relative:
+        base_acc = baseline.value("acc") if baseline is not None else None
+        if base_acc is None:
+            raise QBenchError("budget acc>=F*base needs the baseline's accuracy: the suite needs tasks")
+        target = budget.bound * base_acc
+    verdict = dict(cell=record.cell, kind=kind, k=k, weight_bytes=figures["weight_bytes"], kld=figures["kld"],
+                   kld_stderr=record.stderr("kld"), acc=figures["acc"], acc_stderr=record.stderr("acc"),
+                   target=target)
+    if not record.ok:
+        return Verdict(**verdict, meets=False, error=record.error)
+    if budget.metric == "weights":
+        at = figures["weight_bytes"]
+        return Verdict(**verdict, at_error_bar=at, meets=at is not None and at <= target)
+    if figures[budget.metric] is None:
+        return Verdict(**verdict, meets=False, error=f"the record has no {budget.metric}")
+    if budget.metric == "kld":
+        at = figures["kld"] + Z * errors["kld"]
+        return Verdict(**verdict, at_error_bar=at, meets=at <= target)
+    at = figures["acc"] - Z * errors["acc"]
+    return Verdict(**verdict, at_error_bar=at, meets=at >= target)
+
+
+def quality(verdict: Verdict, budget: Budget) -> float:
+    """Lower is better: KLD, or minus accuracy for an accuracy budget."""
+    if budget.metric == "acc":
+        return -(verdict.acc if verdict.acc is not None else -1.0)
+    return verdict.kld if verdict.kld is not None else float("inf")
+
+
+def derived_suite(suite, budget: Budget) -> dict[str, Any]:
+    """The sections of ``suite`` that the budget needs (perplexity and
+    fidelity; tasks for an accuracy budget; calibration for the variants that
+    calibrate), with data paths made absolute: no latency, no generation."""
+    def corpus(spec) -> dict[str, Any]:
+        data = spec.model_dump(mode="json")
+        source = data["corpus"]["source"]
+        if not source.startswith(("builtin:", "hf:")):
+            data["corpus"]["source"] = str((Path(suite.root) / source).resolve())
+        return data
+
+    if suite.perplexity is None:
+        raise QBenchError(f"suite '{suite.name}' has no perplexity section: the search scores KLD on its windows")
+    out: dict[str, Any] = {"name": f"{suite.name}-search",
+                           "description": f"the sections of suite '{suite.name}' that `qbench search` needs",
+                           "bos": suite.bos, "task_bos": suite.task_bos, "perplexity": corpus(suite.perplexity),
+                           "fidelity": suite.fidelity.model_dump(mode="json")}
+    if suite.calibration is not None:
+        out["calibration"] = corpus(suite.calibration)
+    if budget.metric == "acc":
+        if not suite.tasks:
+            raise QBenchError(f"budget '{budget.text}' needs tasks, and suite '{suite.name}' has no native tasks")
+        out["tasks"] = [{**t.model_dump(mode="json"), "path": str((Path(suite.root) / t.path).resolve())}
+                        for t in suite.tasks]
+    return out
+
+
+def cell_path(path: Path) -> str:
+    """A recipe's path as it appears in its cell's name: relative to the
+    working folder when inside it (readable tables), else absolute."""
+    try:
+        return os.path.relpath(path) if Path(path).resolve().is_relative_to(Path.cwd()) else str(path)
+    except ValueError:
+        return str(path)
+
+
+def pick_base(budget: Budget, uniform: list[Verdict], best: Optional[Verdict]) -> Optional[Verdict]:
+    """The uniform variant a mixed recipe starts from: one of the recipe
+    backend's that misses the budget (or, for a size budget, fits it), and,
+    for a quality budget, is smaller than the best uniform answer; of those,
+    the best in quality, which needs the fewest units upgraded."""
+    mine = [v for v in uniform if v.cell.startswith(RECIPE_BACKEND + ":") and v.error is None
+            and v.weight_bytes is not None]
+    if budget.metric == "weights":
+        pool = [v for v in mine if v.meets]
+    else:
+        pool = [v for v in mine if not v.meets and (best is None or v.weight_bytes < best.weight_bytes)]
+    return min(pool, key=lambda v: quality(v, budget)) if pool else None
+
+
+def pick_upgrade(budget: Budget, uniform: list[Verdict], base: Verdict, configs: dict[str, Any]) -> Optional[str]:
+    """What the most sensitive units become: the smallest of the recipe
+    backend's uniform variants that meets a quality budget (or, for a size
+    budget, the best in quality that does not fit), with the base's compute
+    dtype and device; None (full precision) when there is none."""
+    base_config = configs[base.cell]
+    same = [v for v in uniform if v.cell in configs and v.cell != base.cell and v.error is None
+            and configs[v.cell].compute_key() == base_config.compute_key()]
+    if budget.metric == "weights":
+        pool = sorted((v for v in same if not v.meets), key=lambda v: quality(v, budget))
+    else:
+        pool = sorted((v for v in same if v.meets), key=lambda v: v.weight_bytes or float("inf"))
+    return pool[0].cell.split(":", 1)[1] if pool else None
+
+
+def run_search(budget_text: str, backends: Optional[list[str]], model: str, suite: str, device: str,
+               unit: str, tokens: int, base: Optional[str], output_dir: Optional[str], run_id: Optional[str],
+               reporter, on_step: Callable[[str], None] = lambda message: None) -> SearchResult:
+    from qbench import api
+    from qbench import sensitivity as sens
+    from qbench.paths import results_dir
+    from qbench.plugins import PluginSettings, get_backend, load_plugins
+    from qbench.results import ResultStore
+    from qbench.runner import PLAN_FILE, CellSpec, check_run_id, execute, new_run_id, save_plan
+    from qbench.suites import load_suite, suite_path
+
+    budget = Budget.parse(budget_text)
+    if run_id is not None:
+        check_run_id(run_id)
+    folder = Path(output_dir or results_dir()) / (run_id or f"search-{new_run_id()}")
+    device = api.resolve_device(device)
+    source_suite = load_suite(str(suite_path(suite)))
+    sens.check_settings(folder, {"budget": budget.text, "backends": backends, "model": model,
+                                 "suite": source_suite.content_hash(), "device": device, "unit": unit,
+                                 "tokens": tokens, "base": base}, SETTINGS_FILE, "a search")
+    spent: dict[str, float] = {"cells": 0.0, "sensitivity": 0.0}
+    run_dir = folder / CELLS
+    started = time.perf_counter()
+    if (run_dir / PLAN_FILE).exists():
+        plan, run_dir = api.resume_run(str(run_dir))
+        on_step(f"resuming {run_dir}")
+    else:
+        write_atomic(folder / SUITE_FILE, yaml.safe_dump(derived_suite(source_suite, budget), sort_keys=False))
+        plan, run_dir = api.create_run(model=model, suite=str(folder / SUITE_FILE), backends=backends,
+                                       device=device, output_dir=str(folder), run_id=CELLS, allow_outside_data=True)
+    execute(plan, run_dir, reporter)
+    spent["cells"] += time.perf_counter() - started
+    loaded = load_plugins(PluginSettings.from_env(()))
+    recipe_backend = get_backend(loaded, RECIPE_BACKEND) if RECIPE_BACKEND in loaded.backends else None
+    baseline_cell = next(c.cell for c in plan.cells if c.baseline)
+
+    def records() -> dict[str, CellRecord]:
+        return ResultStore(run_dir).latest()
+
+    def uniform_verdicts() -> list[Verdict]:
+        latest = records()
+        return [judge(budget, latest[c.cell], latest.get(baseline_cell), "uniform") for c in plan.cells
+                if not c.baseline and "recipe=" not in c.variant and c.cell in latest]
+
+    uniform = uniform_verdicts()
+    path = list(uniform)
+    best = best_of(budget, uniform)
+    configs = {v.cell: recipe_backend.parse_variant(v.cell.split(":", 1)[1])[1] for v in uniform
+               if recipe_backend is not None and v.cell.startswith(RECIPE_BACKEND + ":")}
+    base_verdict = (next((v for v in uniform if v.cell == f"{RECIPE_BACKEND}:{base}"), None) if base
+                    else pick_base(budget, uniform, best))
+    if base and base_verdict is None:
+        raise QBenchError(f"--base {base} is not among the searched variants: add -b {RECIPE_BACKEND}:{base}")
+    why = ""
+    if base_verdict is None:
+        why = (f"no {RECIPE_BACKEND} variant to start a mixed recipe from: none "
+               + ("fits the size" if budget.metric == "weights" else "misses the budget while being smaller than "
+                  "the best uniform variant") + " (searched: " + ", ".join(v.cell for v in uniform) + ")")
+    else:
+        base_variant = base_verdict.cell.split(":", 1)[1]
+        upgrade = pick_upgrade(budget, uniform, base_verdict, configs)
+        on_step(f"mixed recipes from {base_verdict.cell}: its most sensitive {unit}s become "
+                f"{upgrade or 'full precision'}")
+        began = time.perf_counter()
+        api.sensitivity(f"{RECIPE_BACKEND}:{base_variant}", model=model, suite=str(folder / SUITE_FILE), unit=unit,
+                        device=device, max_tokens=tokens, output_dir=str(folder), run_id=SENSITIVITY)
+        spent["sensitivity"] = time.perf_counter() - began
+        ranked_units = [(row.unit, row.layers) for row in sens.ranked(sens.load_rows(folder / SENSITIVITY))]
+        source = {"search": folder.name, "budget": budget.text, "sensitivity": str(folder / SENSITIVITY),
+                  "unit": unit, "tokens": tokens}
+
+        def evaluate(k: int) -> Verdict:
+            recipe = keep_most_sensitive(RECIPE_BACKEND, base_variant, ranked_units, k, upgrade, source)
+            file = write_recipe(recipe, folder / RECIPES / f"{base_variant}-{upgrade or 'keep'}-k{k}.yaml")
+            cell = f"{RECIPE_BACKEND}:recipe={cell_path(file)}"
+            if not any(c.cell == cell for c in plan.cells):
+                plan.cells.append(CellSpec(cell=cell, backend=RECIPE_BACKEND, variant=f"recipe={cell_path(file)}"))
+                save_plan(plan, run_dir)
+            began = time.perf_counter()
+            execute(plan, run_dir, reporter)
+            spent["cells"] += time.perf_counter() - began
+            latest = records()
+            verdict = judge(budget, latest[cell], latest.get(baseline_cell), "recipe", k)
+            path.append(verdict)
+            on_step(f"k={k}: {describe(verdict, budget)}")
+            return verdict
+
+        if budget.metric == "weights":
+            # the most units upgraded that still fit: base fits (k=0), everything upgraded does not
+            lo, hi = 0, len(ranked_units)
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (mid, hi) if evaluate(mid).meets else (lo, mid)
+        else:
+            # the fewest units upgraded that meet the budget: the base misses it (k=0); with every unit
+            # upgraded the model is the upgrade variant (which meets it) or full precision
+            lo, hi = 0, len(ranked_units)
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if evaluate(mid).meets else (mid, hi)
+    chosen = best_of(budget, path)
+    recipes = [v for v in path if v.kind == "recipe" and v.meets]
+    if chosen is None:
+        why = why or "no configuration meets the budget"
+    elif chosen.kind == "recipe":
+        why = (f"the mixed recipe is smaller than every uniform variant meeting the budget" if budget.metric != "weights"
+               else "the mixed recipe has the best quality within the size")
+    elif not why:
+        why = ("no mixed recipe meeting the budget is smaller than the best uniform variant" if recipes or
+               budget.metric != "weights" else "no mixed recipe within the size beats the best uniform variant")
+    result = SearchResult(budget=budget, path=path, chosen=chosen, best_uniform=best, why=why, seconds=spent,
+                          folder=str(folder))
+    write_atomic(folder / RESULT_FILE, result.model_dump_json(indent=1))
+    write_plot(result, folder / PLOT_FILE)
+    return result
+
+
+def best_of(budget: Budget, verdicts: list[Verdict]) -> Optional[Verdict]:
+    """The answer among ``verdicts``: for a quality budget the smallest that
+    meets it (ties: the better quality); for a size budget the best quality
+    that fits."""
+    meeting = [v for v in verdicts if v.meets and v.weight_bytes is not None]
+    if not meeting:
+        return None
+    if budget.metric == "weights":
+        return min(meeting, key=lambda v: (quality(v, budget), v.weight_bytes))
+    return min(meeting, key=lambda v: (v.weight_bytes, quality(v, budget)))
+
+
+def describe(verdict: Verdict, budget: Budget) -> str:
+    size = f"{verdict.weight_bytes / 2**20:.1f} MiB" if verdict.weight_bytes else "size unknown"
+    if verdict.error:
+        return f"{verdict.cell}: failed ({verdict.error})"
+    figure = (f"kld {verdict.kld:.5f} ± {Z * (verdict.kld_stderr or 0):.5f}" if verdict.kld is not None else "")
+    if budget.metric == "acc":
+        figure = f"acc {verdict.acc:.4f} ± {Z * (verdict.acc_stderr or 0):.4f}"
+    return f"{size}, {figure}: {'meets' if verdict.meets else 'misses'} {budget.text}"
+
+
+def write_plot(result: SearchResult, path: Path) -> Optional[Path]:
+    """Quality against weights for every configuration tried, the budget
+    drawn, the chosen one circled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = "acc" if result.budget.metric == "acc" else "kld"
+    points = [v for v in result.path if v.weight_bytes and getattr(v, metric) is not None]
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for kind, marker in (("uniform", "s"), ("recipe", "o")):
+        chosen = [v for v in points if v.kind == kind]
+        if chosen:
+            ax.errorbar([v.weight_bytes / 2**20 for v in chosen], [getattr(v, metric) for v in chosen],
+                        yerr=[Z * (getattr(v, f"{metric}_stderr") or 0) for v in chosen], fmt=marker,
+                        label=f"{kind} ({len(chosen)})", capsize=3)
+    for v in points:
+        label = v.cell.split(":", 1)[1] if v.kind == "uniform" else f"k={v.k}"
+        ax.annotate(label, (v.weight_bytes / 2**20, getattr(v, metric)), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points")
+    if result.budget.metric == "weights":
+        ax.axvline(result.budget.bound / 2**20, color="grey", linestyle="--", label=result.budget.text)
+    else:
+        ax.axhline(result.path[0].target if result.path else result.budget.bound, color="grey", linestyle="--",
+                   label=result.budget.text)
+    if result.chosen is not None and getattr(result.chosen, metric) is not None:
+        ax.scatter([result.chosen.weight_bytes / 2**20], [getattr(result.chosen, metric)], s=200,
+                   facecolors="none", edgecolors="red", label="chosen")
+    ax.set_xlabel("weights (MiB)")
+    ax.set_ylabel("KL divergence from the baseline (nats)" if metric == "kld" else "accuracy")
+    if metric == "kld":
+        ax.set_yscale("log")
+    ax.set_title(f"qbench search: {result.budget.text}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    write_atomic(path, lambda target: fig.savefig(target, dpi=110, format="png"))
+    plt.close(fig)
+    return path
