@@ -256,9 +256,16 @@ def run_search(budget_text: str, backends: Optional[list[str]], model: str, suit
         raise QBenchError(f"--base {base} is not among the searched variants: add -b {RECIPE_BACKEND}:{base}")
     why = ""
     if base_verdict is None:
-        why = (f"no {RECIPE_BACKEND} variant to start a mixed recipe from: none "
-               + ("fits the size" if budget.metric == "weights" else "misses the budget while being smaller than "
-                  "the best uniform variant") + " (searched: " + ", ".join(v.cell for v in uniform) + ")")
+        sizes = ", ".join(f"{v.cell} {v.weight_bytes / 2**20:.1f} MiB" if v.weight_bytes else f"{v.cell} failed"
+                          for v in uniform)
+        if budget.metric == "weights":
+            why = f"no {RECIPE_BACKEND} variant fits the size to start a mixed recipe from ({sizes})"
+        elif best is None:
+            why = f"no {RECIPE_BACKEND} variant ran to start a mixed recipe from ({sizes})"
+        else:
+            why = (f"no {RECIPE_BACKEND} variant that misses the budget is smaller than {best.cell} "
+                   f"({best.weight_bytes / 2**20:.1f} MiB), so no mixed recipe of them can be ({sizes}); "
+                   "--base VARIANT starts from one anyway")
     else:
         base_variant = base_verdict.cell.split(":", 1)[1]
         upgrade = pick_upgrade(budget, uniform, base_verdict, configs)
