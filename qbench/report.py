@@ -201,7 +201,7 @@ def plots(records: list[CellRecord]) -> list[tuple[str, str, bytes]]:
     return out
 
 
-def blocks(plan: RunPlan, records: list[CellRecord], kld_budget: float) -> list[Block]:
+def blocks(plan: RunPlan, records: list[CellRecord], kld_budget: float, extra: tuple[Block, ...] = ()) -> list[Block]:
     out = [Block("p", text=f"Model `{plan.model.name}` (fingerprint {plan.model.fingerprint}), suite "
                  f"`{plan.suite_name}` (hash {plan.suite_hash}), device {plan.device}, run "
                  f"`{plan.run_id}` started {time.strftime('%Y-%m-%d %H:%M', time.localtime(plan.created))}.")]
@@ -241,6 +241,7 @@ def blocks(plan: RunPlan, records: list[CellRecord], kld_budget: float) -> list[
     notes = [f"`{r.cell}`: {n}" for r in records for n in r.notes]
     if notes:
         out += [Block("h2", text="Notes"), Block("list", items=tuple(notes))]
+    out += list(extra)
     out.append(Block("h2", text="Plots"))
     for name, caption, png in plots(records):
         out += [Block("img", text=name, png=png), Block("p", text=caption)]
@@ -404,7 +405,9 @@ def write_report(run_dir: Path, kld_budget: float = DEFAULT_KLD_BUDGET) -> tuple
         raise QBenchError(f"run {plan.run_id} has no finished cell yet: nothing to report; finish it with "
                           f"`qbench run --resume {plan.run_id}`")
     title = f"qbench report: {plan.model.name} on suite {plan.suite_name}"
-    body = blocks(plan, records, kld_budget)
+    from qbench.search import report_blocks
+
+    body = blocks(plan, records, kld_budget, tuple(report_blocks(run_dir)))
     files = run_dir / "report_files"
     files.mkdir(exist_ok=True)
     for b in body:

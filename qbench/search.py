@@ -322,6 +322,9 @@ def run_search(budget_text: str, backends: Optional[list[str]], model: str, suit
                           folder=str(folder))
     write_atomic(folder / RESULT_FILE, result.model_dump_json(indent=1))
     write_plot(result, folder / PLOT_FILE)
+    from qbench.report import write_report
+
+    write_report(run_dir)
     return result
 
 
@@ -388,3 +391,46 @@ def write_plot(result: SearchResult, path: Path) -> Optional[Path]:
     write_atomic(path, lambda target: fig.savefig(target, dpi=110, format="png"))
     plt.close(fig)
     return path
+
+
+def report_blocks(run_dir: Path) -> list:
+    """The report's search section, for a run folder that is a search's
+    ``cells``: every configuration tried, the answer and why, the plot, and
+    the sensitivity ranking with its heatmap. Nothing for other runs."""
+    from qbench import sensitivity as sens
+    from qbench.report import Block
+
+    folder = Path(run_dir).parent
+    if Path(run_dir).name != CELLS or not (folder / RESULT_FILE).is_file():
+        return []
+    result = SearchResult.model_validate_json((folder / RESULT_FILE).read_text())
+    budget = result.budget
+    rows = tuple((v.cell if v.kind == "uniform" else f"{v.cell} (k={v.k})",
+                  f"{v.weight_bytes / 2**20:.1f}" if v.weight_bytes else "-",
+                  f"{v.kld:.5f} ± {Z * (v.kld_stderr or 0):.5f}" if v.kld is not None else "-",
+                  f"{v.acc:.4f} ± {Z * (v.acc_stderr or 0):.4f}" if v.acc is not None else "-",
+                  f"{v.at_error_bar:.5g}" if v.at_error_bar is not None else (v.error or "-"),
+                  "yes" if v.meets else "no") for v in result.path)
+    answer = (f"Chosen: `{result.chosen.cell}`, {describe(result.chosen, budget)}; {result.why}."
+              if result.chosen else f"Nothing meets `{budget.text}`: {result.why}.")
+    out = [Block("h2", text=f"Search: {budget.text}"),
+           Block("p", text=f"Every configuration tried, in order (a bound must hold at the end of the 95% "
+                           f"interval, value ± 1.96 standard errors). {answer} Cost: " +
+                           ", ".join(f"{name} {seconds:.0f} s" for name, seconds in result.seconds.items()) + "."),
+           Block("table", headers=("configuration", "weights MiB", "KLD ± 95%", "acc ± 95%", "at the error bar",
+                                   "meets"), rows=rows)]
+    if (folder / PLOT_FILE).is_file():
+        out += [Block("img", text=PLOT_FILE, png=(folder / PLOT_FILE).read_bytes()),
+                Block("p", text="Quality against weights for every configuration tried; the budget dashed.")]
+    ranking = sens.ranked(sens.load_rows(folder / SENSITIVITY)) if (folder / SENSITIVITY).is_dir() else []
+    if ranking:
+        out += [Block("p", text=f"Sensitivity the recipes were built from (each unit quantized alone; the "
+                                f"{min(10, len(ranking))} most harmful of {len(ranking)}):"),
+                Block("table", headers=("unit", "layers", "KLD ± 95%", "same top %"),
+                      rows=tuple((r.unit, str(len(r.layers)), f"{r.kld.value:.5f} ± {Z * (r.kld.stderr or 0):.5f}",
+                                  f"{100 * r.same_top_p.value:.1f}") for r in ranking[:10]))]
+        heatmap = folder / SENSITIVITY / sens.HEATMAP_FILE
+        if heatmap.is_file():
+            out += [Block("img", text=sens.HEATMAP_FILE, png=heatmap.read_bytes()),
+                    Block("p", text="KLD of each layer quantized alone, block by layer type.")]
+    return out

@@ -127,6 +127,11 @@ def test_search_builds_recipes_from_sensitivity_and_resumes_an_interrupted_searc
     plan = load_plan(folder / "cells")
     assert {c.cell for c in plan.cells} == {v.cell for v in result.path} | {"fp:fp32"}
     assert (folder / "sensitivity" / "sensitivity.jsonl").exists()
+    # The cells' report carries the search: its path, the answer, the plot and the ranking.
+    report = (folder / "cells" / "report.md").read_text()
+    assert f"## Search: kld<={bound:.6g}" in report and f"Chosen: `{chosen.cell}`" in report
+    assert "search.png" in report and (folder / "cells" / "report_files" / "search.png").exists()
+    assert "Sensitivity the recipes were built from" in report
 
     # Interrupted before the last recipe's record was written: the rerun measures that cell only.
     results_file = folder / "cells" / "results.jsonl"
