@@ -47,6 +47,7 @@ def create_run(
     suite_file = suite_path(suite)
     suite_obj = load_suite(str(suite_file), allow_outside_data=allow_outside_data)
     cells, skipped = plan_cells(loaded, list(backends or []), baseline, device)
+    check_calibration_sets(loaded, cells, suite_obj)
     spec = resolve_model(model, trust_remote_code=trust_remote_code)
     check_workload(suite_obj, spec.path, trust_remote_code)
     check_lm_eval_tasks(suite_obj, trust_task_code)
@@ -90,6 +91,21 @@ def check_lm_eval_tasks(suite, trust_task_code: bool) -> None:
         if unknown:
             raise QBenchError(f"{suite.file}: lm-eval has no task '{unknown[0]}' (see `lm-eval ls tasks`), or "
                               "give a task YAML file of your own")
+
+
+def check_calibration_sets(loaded, cells, suite) -> None:
+    """``calibration=NAME`` names a set of the suite, on a variant that calibrates."""
+    from qbench.plugins import get_backend
+
+    for cell in cells:
+        backend = get_backend(loaded, cell.backend)
+        _, config = backend.parse_variant(cell.variant)
+        if config.calibration == "default":
+            continue
+        if not backend.needs_calibration(config):
+            raise QBenchError(f"{cell.cell}: this variant does not calibrate, so calibration={config.calibration} "
+                              "would change nothing: use it with a calibrating variant (gptq, torchao int8-static)")
+        suite.calibration_spec(config.calibration)
 
 
 def check_options(threads: Optional[int], cell_timeout: float) -> None:
@@ -169,6 +185,7 @@ def sensitivity(
     run_id: Optional[str] = None,
     trust_remote_code: bool = False,
     on_row=None,
+    allow_outside_data: bool = False,
 ) -> tuple[pd.DataFrame, Path]:
     """``qbench sensitivity``: each unit of ``variant`` (``backend:variant``)
     quantized alone (``mode="only"``) or left out (``"all-but"``), scored
@@ -196,7 +213,7 @@ def sensitivity(
     if not availability.ok:
         raise QBenchError(f"{variant} cannot run on {device}: {availability.reason}")
     spec = resolve_model(model, trust_remote_code=trust_remote_code)
-    suite_obj = load_suite(str(suite_path(suite)))
+    suite_obj = load_suite(str(suite_path(suite)), allow_outside_data=allow_outside_data)
     if suite_obj.perplexity is None:
         raise QBenchError(f"suite '{suite_obj.name}' has no perplexity section: sensitivity scores its windows")
     if run_id is not None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Callable, ClassVar, Literal, Optional
 
 import torch
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from qbench.errors import QBenchError, describe_validation
 
@@ -38,6 +38,11 @@ class VariantConfig(BaseModel):
     #: of set-up), ``reduce-overhead`` keeps inductor's default kernels (the
     #: whole decode step replayed as one CUDA graph either way).
     compile_mode: Literal["max-autotune", "reduce-overhead"] = "max-autotune"
+    #: Which of the suite's calibration sets a calibrating variant uses:
+    #: ``default`` (the suite's ``calibration``) or a name from its
+    #: ``calibration_sets``. The samples' hash joins the artifact cache key,
+    #: so the name itself stays out of it.
+    calibration: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
     @model_validator(mode="after")
     def _compile_mode_needs_compiled(self):
@@ -60,7 +65,8 @@ class VariantConfig(BaseModel):
         return self.model_dump(mode="json")
 
     def cache_settings(self) -> dict[str, Any]:
-        skip = set(self.load_only) | {"runtime", "compile_mode"}  # how it decodes never changes the bytes
+        # How it decodes never changes the bytes; the calibration samples' own hash is in the key.
+        skip = set(self.load_only) | {"runtime", "compile_mode", "calibration"}
         return {k: v for k, v in self.settings().items() if k not in skip}
 
 

@@ -451,7 +451,7 @@ def suites_validate(file, allow_outside_data) -> None:
 
     suite = load_suite(file, allow_outside_data=allow_outside_data)
     row = _suite_row(suite)
-    for section in (suite.perplexity, suite.calibration):
+    for section in (suite.perplexity, suite.calibration, *suite.calibration_sets.values()):
         if section and not section.corpus.source.startswith("hf:"):  # hub corpora are checked when a run loads them
             load_documents(section.corpus, suite)
     out.print(escape(f"valid: {file}: suite '{suite.name}' (hash {row[1]}); perplexity {row[2]}; tasks {row[3]}; "
@@ -474,7 +474,8 @@ def _suite_row(suite) -> list[str]:
         tasks or "-",
         f"{len(gen.prompts)} prompts x {gen.max_new_tokens} tokens" if gen else "-",
         f"{lat.prompt_tokens}+{lat.new_tokens} tokens, batch {', '.join(map(str, lat.batch_sizes))}" if lat else "-",
-        f"{cal.samples} x {cal.seq_len} tokens of {cal.corpus.source}" if cal else "-",
+        "; ".join(f"{name}: {spec.samples} x {spec.seq_len} tokens of {spec.corpus.source}"
+                  for name, spec in ([("default", cal)] if cal else []) + list(suite.calibration_sets.items())) or "-",
         (suite.description or "").strip(),
     ]
 

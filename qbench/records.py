@@ -64,6 +64,8 @@ class ArtifactRef(BaseModel):
 class CalibrationRef(BaseModel):
     hash: str
     samples: int
+    #: the suite's calibration set (``default``: its ``calibration`` section)
+    name: str = "default"
 
 
 class CellRecord(BaseModel):

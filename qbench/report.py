@@ -232,7 +232,7 @@ def blocks(plan: RunPlan, records: list[CellRecord], kld_budget: float, extra: t
     ran = kernel_rows(records)
     if ran:
         out += [Block("p", text="How each row ran (speed depends on the kernel as much as on the bit width):"),
-                Block("table", headers=("variant", "kernel", "compute dtype", "runtime", "library"),
+                Block("table", headers=("variant", "kernel", "compute dtype", "runtime", "calibration", "library"),
                       rows=tuple(ran))]
     failed = [f"`{r.cell}`: {r.error}" for r in records if not r.ok]
     skipped = [f"`{cell}` (skipped): {why}" for cell, why in plan.skipped.items()]
@@ -309,8 +309,9 @@ def kernel_rows(records: list[CellRecord]) -> list[tuple]:
         compiled = r.metrics.get("compile_seconds")
         runtime = (r.config or {}).get("runtime", "eager") + (f" (compiled in {compiled.value:.0f} s)"
                                                               if compiled is not None else "")
+        calibration = f"{r.calibration.name} ({r.calibration.samples} samples)" if r.calibration else "-"
         rows.append((r.cell, session.get("kernel") or "transformers (PyTorch)", str(dtype).removeprefix("torch."),
-                     runtime, r.backend_version or ""))
+                     runtime, calibration, r.backend_version or ""))
     return rows
 
 

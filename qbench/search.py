@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import re
-import time
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
@@ -155,6 +154,8 @@ def derived_suite(suite, budget: Budget) -> dict[str, Any]:
                            "fidelity": suite.fidelity.model_dump(mode="json")}
     if suite.calibration is not None:
         out["calibration"] = corpus(suite.calibration)
+    if suite.calibration_sets:
+        out["calibration_sets"] = {name: corpus(spec) for name, spec in suite.calibration_sets.items()}
     if budget.metric == "acc":
         if not suite.tasks:
             raise QBenchError(f"budget '{budget.text}' needs tasks, and suite '{suite.name}' has no native tasks")
@@ -221,9 +222,7 @@ def run_search(budget_text: str, backends: Optional[list[str]], model: str, suit
     sens.check_settings(folder, {"budget": budget.text, "backends": backends, "model": model,
                                  "suite": source_suite.content_hash(), "device": device, "unit": unit,
                                  "tokens": tokens, "base": base}, SETTINGS_FILE, "a search")
-    spent: dict[str, float] = {"cells": 0.0, "sensitivity": 0.0}
     run_dir = folder / CELLS
-    started = time.perf_counter()
     if (run_dir / PLAN_FILE).exists():
         plan, run_dir = api.resume_run(str(run_dir))
         on_step(f"resuming {run_dir}")
@@ -232,7 +231,6 @@ def run_search(budget_text: str, backends: Optional[list[str]], model: str, suit
         plan, run_dir = api.create_run(model=model, suite=str(folder / SUITE_FILE), backends=backends,
                                        device=device, output_dir=str(folder), run_id=CELLS, allow_outside_data=True)
     execute(plan, run_dir, reporter)
-    spent["cells"] += time.perf_counter() - started
     loaded = load_plugins(PluginSettings.from_env(()))
     recipe_backend = get_backend(loaded, RECIPE_BACKEND) if RECIPE_BACKEND in loaded.backends else None
     baseline_cell = next(c.cell for c in plan.cells if c.baseline)
@@ -271,10 +269,11 @@ def run_search(budget_text: str, backends: Optional[list[str]], model: str, suit
         upgrade = pick_upgrade(budget, uniform, base_verdict, configs)
         on_step(f"mixed recipes from {base_verdict.cell}: its most sensitive {unit}s become "
                 f"{upgrade or 'full precision'}")
-        began = time.perf_counter()
         api.sensitivity(f"{RECIPE_BACKEND}:{base_variant}", model=model, suite=str(folder / SUITE_FILE), unit=unit,
-                        device=device, max_tokens=tokens, output_dir=str(folder), run_id=SENSITIVITY)
-        spent["sensitivity"] = time.perf_counter() - began
+                        device=device, max_tokens=tokens, output_dir=str(folder), run_id=SENSITIVITY,
+                        allow_outside_data=True,  # the suite's own data, made absolute in derived_suite
+                        on_row=lambda row, done, total: on_step(
+                            f"sensitivity [{done}/{total}] {row.unit}: KLD {row.kld.value:.5f}"))
         ranked_units = [(row.unit, row.layers) for row in sens.ranked(sens.load_rows(folder / SENSITIVITY))]
         source = {"search": folder.name, "budget": budget.text, "sensitivity": str(folder / SENSITIVITY),
                   "unit": unit, "tokens": tokens}
@@ -286,9 +285,7 @@ def run_search(budget_text: str, backends: Optional[list[str]], model: str, suit
             if not any(c.cell == cell for c in plan.cells):
                 plan.cells.append(CellSpec(cell=cell, backend=RECIPE_BACKEND, variant=f"recipe={cell_path(file)}"))
                 save_plan(plan, run_dir)
-            began = time.perf_counter()
             execute(plan, run_dir, reporter)
-            spent["cells"] += time.perf_counter() - began
             latest = records()
             verdict = judge(budget, latest[cell], latest.get(baseline_cell), "recipe", k)
             path.append(verdict)
@@ -308,6 +305,12 @@ def run_search(budget_text: str, backends: Optional[list[str]], model: str, suit
             while hi - lo > 1:
                 mid = (lo + hi) // 2
                 lo, hi = (lo, mid) if evaluate(mid).meets else (mid, hi)
+    # The cost from what was measured (each cell's wall time, each unit's
+    # scoring time), so a search finished over several invocations counts all of it.
+    latest = records()
+    spent = {"cells": sum(latest[c.cell].wall_seconds or 0.0 for c in plan.cells if c.cell in latest),
+             "sensitivity": sum(row.seconds for row in sens.load_rows(folder / SENSITIVITY))
+             if (folder / SENSITIVITY).is_dir() else 0.0}
     chosen = best_of(budget, path)
     recipes = [v for v in path if v.kind == "recipe" and v.meets]
     if chosen is None:

@@ -181,6 +181,9 @@ class Suite(_Strict):
     generation: Optional[GenerationSpec] = None
     latency: Optional[LatencySpec] = None
     calibration: Optional[CalibrationSpec] = None
+    #: more calibration sets by name, besides ``calibration`` (named
+    #: ``default``): a calibrating variant picks one with ``calibration=NAME``
+    calibration_sets: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")], CalibrationSpec] = {}
     #: folder of the suite file; relative data paths resolve against it
     root: str = Field("", exclude=True)
     #: the suite file itself, for messages
@@ -195,6 +198,22 @@ class Suite(_Strict):
         if twice:
             raise ValueError(f"task name '{twice[0]}' is used twice: each task needs its own name")
         return self
+
+    @model_validator(mode="after")
+    def _calibration_set_names(self):
+        if "default" in self.calibration_sets:
+            raise ValueError("calibration_sets cannot name a set 'default': that is the 'calibration' section")
+        return self
+
+    def calibration_spec(self, name: str = "default") -> Optional[CalibrationSpec]:
+        """The calibration set called ``name`` (``default``: the ``calibration`` section)."""
+        if name == "default":
+            return self.calibration
+        if name not in self.calibration_sets:
+            known = ["default"] * (self.calibration is not None) + list(self.calibration_sets)
+            raise QBenchError(f"suite '{self.name}' has no calibration set '{name}': choose one of "
+                              f"{', '.join(known) or '(none: add a calibration section)'}")
+        return self.calibration_sets[name]
 
     @model_validator(mode="after")
     def _latency_needs_text(self):
@@ -225,7 +244,8 @@ class Suite(_Strict):
             if not entry.startswith("lm_eval:"):
                 files.append(self.resolve(entry))
         files += [self.resolve(p) for p in (self.lm_eval.local_data.values() if self.lm_eval else [])]
-        for corpus in (self.perplexity and self.perplexity.corpus, self.calibration and self.calibration.corpus):
+        for corpus in (self.perplexity and self.perplexity.corpus, self.calibration and self.calibration.corpus,
+                       *(spec.corpus for spec in self.calibration_sets.values())):
             if corpus and not corpus.source.startswith(("builtin:", "hf:")):
                 files.append(self.resolve(corpus.source))
         return files

@@ -247,7 +247,8 @@ class CellPipeline:
                               "step replays as a CUDA graph)")
         self.suite = load_suite(task.suite_path, allow_outside_data=task.allow_outside_data)
         self.work = Workload(self.suite, load_tokenizer(self.model.path, self.model.trust_remote_code))
-        self.calibration, self.calibration_hash = (self.work.calibration() if self.backend.needs_calibration(
+        self.calibration, self.calibration_hash = (self.work.calibration(self.config.calibration)
+                                                   if self.backend.needs_calibration(
             self.config) else (None, None))
         if not task.latency_trial:
             self.work.prepare()
@@ -495,7 +496,8 @@ class CellPipeline:
             "backend_version": self.backend.version(),
             "artifact": {"key": self.artifact_key, "cache_hit": self.cache_hit, "path": self.artifact.path,
                          "meta": self.artifact.meta, "verify_seconds": self.artifact.verify_seconds},
-            "calibration": ({"hash": self.calibration_hash, "samples": len(self.calibration)}
+            "calibration": ({"hash": self.calibration_hash, "samples": len(self.calibration),
+                             "name": self.config.calibration}
                             if self.calibration else None),
             "workload": self.work.fingerprint(),
             "session": describe,

@@ -163,10 +163,10 @@ class Workload:
                               f"{spec.prompt_tokens}: lower latency.prompt_tokens")
         return torch.tensor([ids] * (batch_size or spec.batch_sizes[0]))
 
-    def calibration(self) -> tuple[Optional[list[list[int]]], Optional[str]]:
-        """Calibration samples (token ids) and their hash, from data kept apart
-        from the evaluation data."""
-        spec = self.suite.calibration
+    def calibration(self, name: str = "default") -> tuple[Optional[list[list[int]]], Optional[str]]:
+        """Calibration samples (token ids) of the set ``name`` and their hash,
+        from data kept apart from the evaluation data."""
+        spec = self.suite.calibration_spec(name)
         if spec is None:
             return None, None
         docs = load_documents(spec.corpus, self.suite)
@@ -223,14 +223,16 @@ class Workload:
             longest = max(p.shape[1] for p in self.generation_prompts)
             fits(longest + self.suite.generation.max_new_tokens, "generation (longest prompt + max_new_tokens)",
                  "lower max_new_tokens or shorten the prompts")
-        if self.suite.calibration:
-            spec = self.suite.calibration
-            samples, _ = self.calibration()
+        sets = {"calibration": "default"} if self.suite.calibration else {}
+        sets.update({f"calibration_sets.{name}": name for name in self.suite.calibration_sets})
+        for where, name in sets.items():
+            spec = self.suite.calibration_spec(name)
+            samples, _ = self.calibration(name)
             if len(samples) < spec.samples:
-                raise QBenchError(f"{self.suite.file}: the calibration corpus gives {len(samples)} of the "
+                raise QBenchError(f"{self.suite.file}: the {where} corpus gives {len(samples)} of the "
                                   f"{spec.samples} samples of {spec.seq_len} tokens asked for: lower "
-                                  "calibration.samples or seq_len, or use more text")
-            fits(spec.seq_len, "calibration.seq_len", "lower it")
+                                  f"{where}.samples or seq_len, or use more text")
+            fits(spec.seq_len, f"{where}.seq_len", "lower it")
         if self.suite.latency:
             lat = self.suite.latency
             available = len(self._bos_prefix()) + len(self.stream)

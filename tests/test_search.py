@@ -72,19 +72,32 @@ def test_the_answer_is_the_smallest_that_meets_a_quality_budget_or_the_best_with
 
 
 @pytest.fixture(scope="module")
-def uniform_klds(tiny_model, tiny_suite, tmp_path_factory):
+def search_suite(tiny_suite, tmp_path_factory):
+    """The tiny suite with a calibration set read from a file beside it: the
+    search's own suite, in its own folder, must still find that file."""
+    folder = tmp_path_factory.mktemp("search-suite")
+    (folder / "code.txt").write_text("\n\n".join(f"def f{i}(x):\n    return x * {i}" for i in range(60)))
+    (folder / "mc.jsonl").write_text((tiny_suite.parent / "mc.jsonl").read_text())
+    path = folder / "tiny.yaml"
+    path.write_text(tiny_suite.read_text() + "calibration_sets:\n  code: {corpus: {source: code.txt}, samples: 2, "
+                    "seq_len: 32}\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def uniform_klds(tiny_model, search_suite, tmp_path_factory):
     """The two uniform variants' KLD on the tiny model, to set a budget between them."""
     import qbench
     from qbench.results import ResultStore
 
-    df = qbench.run(model=str(tiny_model), suite=str(tiny_suite), backends=["torchao:int8-wo", "torchao:int4-wo-g32"],
+    df = qbench.run(model=str(tiny_model), suite=str(search_suite), backends=["torchao:int8-wo", "torchao:int4-wo-g32"],
                     device="cpu", output_dir=str(tmp_path_factory.mktemp("uniform")))
     records = ResultStore(df.attrs["run_dir"]).latest()
     return {cell: (records[cell].value("kld"), records[cell].stderr("kld"))
             for cell in ("torchao:int8-wo", "torchao:int4-wo-g32")}
 
 
-def test_search_builds_recipes_from_sensitivity_and_resumes_an_interrupted_search(tiny_model, tiny_suite, tmp_path,
+def test_search_builds_recipes_from_sensitivity_and_resumes_an_interrupted_search(tiny_model, search_suite, tmp_path,
                                                                                    uniform_klds):
     from qbench.api import search
     from qbench.results import ResultStore
@@ -93,7 +106,7 @@ def test_search_builds_recipes_from_sensitivity_and_resumes_an_interrupted_searc
     (int8, int8_se), (int4, int4_se) = uniform_klds["torchao:int8-wo"], uniform_klds["torchao:int4-wo-g32"]
     bound = ((int8 + 2 * int8_se) * (int4 - 2 * int4_se)) ** 0.5  # between the two, clear of both error bars
     options = dict(backends=["torchao:int8-wo", "torchao:int4-wo-g32"], model=str(tiny_model),
-                   suite=str(tiny_suite), device="cpu", unit="type", tokens=200, output_dir=str(tmp_path),
+                   suite=str(search_suite), device="cpu", unit="type", tokens=200, output_dir=str(tmp_path),
                    run_id="s")
     # On this model torchao's CPU int4 (codes stored in int8, plus group scales) holds more bytes than
     # int8-wo: no recipe mixing them can be smaller than int8-wo, and the search says so.
