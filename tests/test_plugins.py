@@ -19,7 +19,8 @@ def backends_json(*args):
 def test_builtin_fp_backend_lists_its_variants_with_settings():
     fp = backends_json()["fp"]
     assert [v["name"] for v in fp["variants"]] == ["fp32", "bf16", "fp16"]
-    assert fp["variants"][1]["settings"] == {"dtype": "bf16", "runtime": "eager", "compile_mode": "max-autotune"}
+    assert fp["variants"][1]["settings"] == {"dtype": "bf16", "runtime": "eager", "compile_mode": "max-autotune",
+                                          "calibration": "default"}
     assert fp["variants"][1]["nominal_bits"] == 16
     assert fp["available"] and fp["version"]
     assert fp["plugin"] == "fp"  # registered through the entry point, like a third-party plugin
