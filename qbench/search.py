@@ -188,15 +188,16 @@ def pick_base(budget: Budget, uniform: list[Verdict], best: Optional[Verdict]) -
 
 
 def pick_upgrade(budget: Budget, uniform: list[Verdict], base: Verdict, configs: dict[str, Any]) -> Optional[str]:
-    """What the most sensitive units become: the smallest of the recipe
-    backend's uniform variants that meets a quality budget (or, for a size
-    budget, the best in quality that does not fit), with the base's compute
-    dtype and device; None (full precision) when there is none."""
+    """What the most sensitive units become: for a quality budget, the
+    smallest of the recipe backend's uniform variants that meets it; for a
+    size budget, the best in quality of those better than the base. Only
+    variants with the base's compute dtype and device can mix with it; None
+    (full precision) when none qualifies."""
     base_config = configs[base.cell]
     same = [v for v in uniform if v.cell in configs and v.cell != base.cell and v.error is None
             and configs[v.cell].compute_key() == base_config.compute_key()]
     if budget.metric == "weights":
-        pool = sorted((v for v in same if not v.meets), key=lambda v: quality(v, budget))
+        pool = sorted((v for v in same if quality(v, budget) < quality(base, budget)), key=lambda v: quality(v, budget))
     else:
         pool = sorted((v for v in same if v.meets), key=lambda v: v.weight_bytes or float("inf"))
     return pool[0].cell.split(":", 1)[1] if pool else None

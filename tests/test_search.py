@@ -162,3 +162,26 @@ def test_search_builds_recipes_from_sensitivity_and_resumes_an_interrupted_searc
     # Another budget in the same folder would mix two searches.
     with pytest.raises(QBenchError, match="holds a search with other settings"):
         search("kld<=0.5", **options)
+
+
+def test_upgrades_improve_quality_whatever_the_budget():
+    """For a size budget the upgrade is a better variant than the base, never
+    merely a bigger one; for a quality budget the smallest that meets it."""
+    from qbench.search import pick_upgrade
+
+    class Config:
+        def compute_key(self):
+            return ("float32", False)
+
+    def v(cell, weights, kld, meets):
+        return Verdict(cell=cell, kind="uniform", weight_bytes=weights, kld=kld, target=0, meets=meets)
+
+    int8, int4, wide = v("torchao:int8", 200, 0.003, True), v("torchao:int4", 220, 0.35, False), \
+        v("torchao:int8-g", 230, 0.002, True)
+    configs = {x.cell: Config() for x in (int8, int4, wide)}
+    # Within 210 MiB (int8 fits, int4 and int8-g do not): from int8, only int8-g is better.
+    size = Budget.parse("weights<=210MiB")
+    fits = [x.model_copy(update={"meets": x.weight_bytes <= 210}) for x in (int8, int4, wide)]
+    assert pick_upgrade(size, fits, fits[0], configs) == "int8-g"
+    assert pick_upgrade(size, fits[:2], fits[0], configs) is None  # int4 is worse: keep in full precision
+    assert pick_upgrade(Budget.parse("kld<=0.05"), [int8, int4, wide], int4, configs) == "int8"
