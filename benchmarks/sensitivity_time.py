@@ -3,8 +3,8 @@ per layer type x block (every linear layer on its own), timed end to end
 on this machine. Prints the wall time, the time per unit and the ten most
 harmful layers.
 
-    .venv/bin/python benchmarks/sensitivity_time.py                       # torchao:int4-wo-g32, 2048 tokens
-    .venv/bin/python benchmarks/sensitivity_time.py --tokens 1024 --variant torchao:int4-wo-g128
+    .venv/bin/python benchmarks/sensitivity_time.py                       # torchao:int4-wo-g32, 1024 tokens (qbench's default)
+    .venv/bin/python benchmarks/sensitivity_time.py --tokens 2048 --variant torchao:int4-wo-g128
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", default="torchao:int4-wo-g32")
     parser.add_argument("--unit", default="layer", choices=("layer", "type", "block"))
-    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--tokens", type=int, default=1024)
     args = parser.parse_args()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:

@@ -154,6 +154,30 @@ def run(model: str = DEFAULT_MODEL, suite: str = "default", backends: Optional[l
     return df
 
 
+def recipe_from_sensitivity(folder: str | Path, variant: str, top: int, use: Optional[str], path: str | Path) -> Path:
+    """A recipe from a sensitivity pass: ``variant`` (``backend:variant``,
+    the pass's) with its ``top`` most harmful units kept in full precision,
+    or quantized as ``use``. Checked like any recipe before it is written."""
+    from qbench import sensitivity as sens
+    from qbench.plugins import get_backend
+    from qbench.recipes import keep_most_sensitive, write_recipe
+
+    rows = sens.ranked(sens.load_rows(Path(folder)))
+    if not rows:
+        raise QBenchError(f"{folder} holds no sensitivity rows to build a recipe from")
+    backend_name, _, base = variant.partition(":")
+    recipe = keep_most_sensitive(backend_name, base, [(r.unit, r.layers) for r in rows], top, use,
+                                 {"sensitivity": str(folder), "mode": rows[0].mode})
+    target = write_recipe(recipe, Path(path))
+    backend = get_backend(load_plugins(PluginSettings.from_env(())), backend_name)
+    try:
+        backend.parse_variant(f"recipe={target}")  # the overrides' variants exist and can mix with the base
+    except QBenchError:
+        target.unlink()
+        raise
+    return target
+
+
 def search(budget: str, backends: Optional[list[str]] = None, model: str = DEFAULT_MODEL, suite: str = "default",
            device: str = "auto", unit: str = "layer", tokens: int = 1024, base: Optional[str] = None,
            output_dir: Optional[str] = None, run_id: Optional[str] = None, reporter: Reporter = SilentReporter(),
@@ -170,7 +194,8 @@ def search(budget: str, backends: Optional[list[str]] = None, model: str = DEFAU
                       on_step)
 
 
-__all__ = ["run", "create_run", "resume_run", "load_results", "find_run", "sensitivity", "search"]
+__all__ = ["run", "create_run", "resume_run", "load_results", "find_run", "sensitivity", "recipe_from_sensitivity",
+           "search"]
 
 
 def sensitivity(
@@ -180,7 +205,7 @@ def sensitivity(
     unit: str = "type",
     mode: str = "only",
     device: str = "auto",
-    max_tokens: int = 2048,
+    max_tokens: int = 1024,
     output_dir: Optional[str] = None,
     run_id: Optional[str] = None,
     trust_remote_code: bool = False,

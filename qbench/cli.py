@@ -210,14 +210,22 @@ def backends(as_json, device, plugins_dir) -> None:
 @click.option("--unit", type=click.Choice(["layer", "type", "block"]), default="type", show_default=True,
               help="A linear layer, a layer type across blocks (*.down_proj), or a decoder block.")
 @click.option("--converse", is_flag=True, help="Quantize everything but the unit (which unit helps most when kept).")
-@click.option("--tokens", type=click.IntRange(min=1), default=2048, show_default=True,
+@click.option("--tokens", type=click.IntRange(min=1), default=1024, show_default=True,
               help="Scored tokens per unit (the suite's first windows).")
+@click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write a mixed-precision recipe: the variant with its --top most harmful units kept in "
+                   "full precision (or quantized as --use).")
+@click.option("--top", type=click.IntRange(min=1), default=1, show_default=True, help="Units the --recipe upgrades.")
+@click.option("--use", default=None, metavar="VARIANT",
+              help="What --recipe makes of those units (another variant of the backend); default: full precision.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--output-dir", "-o", default=None, help="Where the folder goes (default: results/ or $QBENCH_RESULTS).")
 @click.option("--run-id", default=None, help="Folder name; rerun with the same one to finish an interrupted pass.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the hub (off by default).")
-def sensitivity(variant, model, suite, unit, converse, tokens, device, output_dir, run_id, trust_remote_code) -> None:
+def sensitivity(variant, model, suite, unit, converse, tokens, recipe_path, top, use, device, output_dir, run_id,
+                trust_remote_code) -> None:
     """Which units hurt most when quantized: KLD and top-1 agreement per unit."""
+    from qbench.api import recipe_from_sensitivity
     from qbench.api import sensitivity as measure
 
     def progress(row, done, total) -> None:
@@ -235,6 +243,11 @@ def sensitivity(variant, model, suite, unit, converse, tokens, device, output_di
         rich_table.add_row(escape(row.unit), str(row.layers), f"{row.kld:.5f} ± {row.kld_stderr or 0:.5f}",
                            f"{100 * row.same_top_p:.1f}", f"{row.ln_ppl_ratio:+.4f}")
     console.print(rich_table)
+    if recipe_path:
+        written = recipe_from_sensitivity(folder, variant, top, use, recipe_path)
+        backend = variant.partition(":")[0]
+        console.print(f"recipe written: {escape(str(written))} (run it with -b {escape(backend)}:recipe="
+                      f"{escape(str(written))})", highlight=False)
 
 
 @cli.command()

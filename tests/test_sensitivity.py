@@ -62,6 +62,23 @@ def test_every_layer_is_measured_ranked_and_drawn(int4_pass):
     assert (folder / "sensitivity_heatmap.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_recipe_from_a_pass_upgrades_its_most_harmful_units(int4_pass, tmp_path):
+    from qbench.api import recipe_from_sensitivity
+    from qbench.errors import QBenchError
+    from qbench.recipes import load_recipe
+
+    table, folder, _ = int4_pass
+    path = recipe_from_sensitivity(folder, "torchao:int4-wo-g32", 2, "int8-wo", tmp_path / "top2.yaml")
+    recipe = load_recipe(path)
+    assert recipe.base == "int4-wo-g32" and recipe.source["kept_units"] == list(table["unit"][:2])
+    assert [recipe.decide(unit).use for unit in table["unit"][:2]] == ["int8-wo", "int8-wo"]
+    assert all(recipe.decide(unit) is None for unit in table["unit"][2:])
+    # A recipe that could not run (a CUDA-only variant beside a CPU one) is refused and not left behind.
+    with pytest.raises(QBenchError, match="one compute dtype and device"):
+        recipe_from_sensitivity(folder, "torchao:int4-wo-g32", 1, "float8-wo", tmp_path / "bad.yaml")
+    assert not (tmp_path / "bad.yaml").exists()
+
+
 def test_coarser_quantization_moves_every_unit_more(int4_pass, tiny_model, tiny_suite):
     from qbench.api import sensitivity
 
