@@ -60,9 +60,10 @@ def configure_gemlite(choice: str) -> None:
 
     GemLiteLinear.reset_config()
     gemlite.set_autotune("max" if choice == "max" else "fast")
-    table = get_default_cache_config() if choice in ("", "max") else \
-        str(Path(gemlite.__file__).parent / "configs" / f"{choice}.json")
-    if choice != "max" and table:
+    if choice == "max":
+        return
+    table = str(Path(gemlite.__file__).parent / "configs" / f"{choice}.json") if choice else get_default_cache_config()
+    if table:
         print(f"  gemlite kernel table: {table}", flush=True)
         if not GemLiteLinear.load_config(table):
             raise SystemExit(f"gemlite has no table {table}")

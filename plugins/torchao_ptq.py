@@ -11,6 +11,7 @@ legacy path stores int8 codes and scales as plain safetensors.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import re
@@ -164,15 +165,17 @@ class TorchAOConfig(VariantConfig):
         return self.kernel in ("tinygemm", "gemlite") or self.dtype == "float8"
 
 
+@functools.lru_cache(maxsize=None)
 def _plain_variant(spec: str, what: str) -> TorchAOConfig:
-    """A named torchao variant or ``key=value`` settings, without a recipe of its own."""
+    """A named torchao variant or ``key=value`` settings, without a recipe of
+    its own (refused before parsing, so a recipe naming itself cannot
+    recurse). Cached: a recipe asks for its variants once per layer."""
+    if "recipe" in spec:
+        raise ValueError(f"{what} ('{spec}') names a recipe: a recipe's variants are plain ones")
     try:
-        config = TorchAO().parse_variant(spec)[1]
+        return TorchAO().parse_variant(spec)[1]
     except QBenchError as exc:
         raise ValueError(f"{what}: {exc}") from None
-    if config.recipe is not None:
-        raise ValueError(f"{what} is a recipe itself: a recipe's variants are plain ones")
-    return config
 
 
 def _granularity(config: TorchAOConfig, in_features: int):

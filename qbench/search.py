@@ -12,6 +12,7 @@ and finishes what was not.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -55,16 +56,18 @@ class Budget(BaseModel):
         relative = metric == "acc" and value.lower().endswith("*base")
         if relative:
             value = value[:-len("*base")]
+        unit = 1.0
         if metric == "weights":
             size = _SIZE.match(value)
             if not size:
                 raise QBenchError(f"budget '{text}': the size needs a number and MiB, GiB, MB or GB: {hint}")
-            bound = float(size.group(1)) * _UNITS[(size.group(2) or "MiB").lower()]
-        else:
-            try:
-                bound = float(value)
-            except ValueError:
-                raise QBenchError(f"budget '{text}': '{value}' is not a number: {hint}") from None
+            value, unit = size.group(1), _UNITS[(size.group(2) or "MiB").lower()]
+        try:
+            bound = float(value) * unit
+        except ValueError:
+            raise QBenchError(f"budget '{text}': '{value}' is not a number: {hint}") from None
+        if not math.isfinite(bound):
+            raise QBenchError(f"budget '{text}': the bound must be a finite number: {hint}")
         if bound <= 0 or (metric == "acc" and not relative and bound > 1):
             raise QBenchError(f"budget '{text}': the bound must be positive{' and at most 1' * (metric == 'acc')}")
         return cls(metric=metric, bound=bound, relative=relative, text=text.strip())
@@ -239,12 +242,9 @@ def run_search(budget_text: str, backends: Optional[list[str]], model: str, suit
     def records() -> dict[str, CellRecord]:
         return ResultStore(run_dir).latest()
 
-    def uniform_verdicts() -> list[Verdict]:
-        latest = records()
-        return [judge(budget, latest[c.cell], latest.get(baseline_cell), "uniform") for c in plan.cells
-                if not c.baseline and "recipe=" not in c.variant and c.cell in latest]
-
-    uniform = uniform_verdicts()
+    latest = records()
+    uniform = [judge(budget, latest[c.cell], latest.get(baseline_cell), "uniform") for c in plan.cells
+               if not c.baseline and "recipe=" not in c.variant and c.cell in latest]
     path = list(uniform)
     best = best_of(budget, uniform)
     configs = {v.cell: recipe_backend.parse_variant(v.cell.split(":", 1)[1])[1] for v in uniform
@@ -293,19 +293,17 @@ def run_search(budget_text: str, backends: Optional[list[str]], model: str, suit
             on_step(f"k={k}: {describe(verdict, budget)}")
             return verdict
 
-        if budget.metric == "weights":
-            # the most units upgraded that still fit: base fits (k=0), everything upgraded does not
-            lo, hi = 0, len(ranked_units)
-            while hi - lo > 1:
-                mid = (lo + hi) // 2
-                lo, hi = (mid, hi) if evaluate(mid).meets else (lo, mid)
-        else:
-            # the fewest units upgraded that meet the budget: the base misses it (k=0); with every unit
-            # upgraded the model is the upgrade variant (which meets it) or full precision
-            lo, hi = 0, len(ranked_units)
-            while hi - lo > 1:
-                mid = (lo + hi) // 2
-                lo, hi = (lo, mid) if evaluate(mid).meets else (mid, hi)
+        # Bisection over k. A quality budget: the fewest units upgraded that meet it (the base, k=0,
+        # misses it; with every unit upgraded the model is the upgrade variant, which meets it, or full
+        # precision). A size budget: the most that still fit (the base fits; everything upgraded does not).
+        grow = budget.metric == "weights"
+        lo, hi = 0, len(ranked_units)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if evaluate(mid).meets == grow:
+                lo = mid
+            else:
+                hi = mid
     # The cost from what was measured (each cell's wall time, each unit's
     # scoring time), so a search finished over several invocations counts all of it.
     latest = records()

@@ -148,6 +148,8 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], int, str]] = [
      "a recipe mixes variants of one compute dtype and device"),
     ("recipe-beside-settings", lambda c: c.run_args("-b", "torchao:int8-wo:recipe=" + str(c.write(
         "r.yaml", "base: int4-wo-g32\n"))), 2, "give the recipe alone"),
+    ("recipe-names-itself", lambda c: c.run_args("-b", "torchao:recipe=" + str(c.write(
+        "r.yaml", f"base: recipe={c.tmp / 'r.yaml'}\n"))), 2, "names a recipe"),
     ("search-bad-budget", lambda c: ["search", "--budget", "kld<0.05", "-m", str(c.model), "-s", str(c.suite),
                                      "-o", str(c.tmp / "out")], 2, "budget 'kld<0.05' is not understood"),
     ("search-budget-direction", lambda c: ["search", "--budget", "kld>=0.05", "-m", str(c.model), "-s",

@@ -27,7 +27,8 @@ def test_budgets_parse(text, metric, bound, relative):
 
 
 @pytest.mark.parametrize("text", ["kld<0.05", "kld>=0.05", "acc<=0.9", "acc>=1.5", "weights<=big", "ppl<=10",
-                                  "kld<=-1"])
+                                  "kld<=-1", "kld<=nan", "kld<=inf", "acc>=nan*base", "weights<=1.2.3MiB",
+                                  "weights<=."])
 def test_bad_budgets_say_how_to_write_one(text):
     with pytest.raises(QBenchError, match="budget"):
         Budget.parse(text)
