@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
 import yaml
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from qbench.errors import QBenchError
 from qbench.io import write_atomic
@@ -405,7 +405,11 @@ def report_blocks(run_dir: Path) -> list:
     folder = Path(run_dir).parent
     if Path(run_dir).name != CELLS or not (folder / RESULT_FILE).is_file():
         return []
-    result = SearchResult.model_validate_json((folder / RESULT_FILE).read_text())
+    try:
+        result = SearchResult.model_validate_json((folder / RESULT_FILE).read_text())
+    except (ValidationError, UnicodeDecodeError):
+        raise QBenchError(f"{folder / RESULT_FILE} is not the search result qbench wrote: rerun the search "
+                          f"(same --run-id) to write it again") from None
     budget = result.budget
     rows = tuple((v.cell if v.kind == "uniform" else f"{v.cell} (k={v.k})",
                   f"{v.weight_bytes / 2**20:.1f}" if v.weight_bytes else "-",

@@ -160,6 +160,12 @@ def test_search_builds_recipes_from_sensitivity_and_resumes_an_interrupted_searc
         counts[json.loads(line)["cell"]] = counts.get(json.loads(line)["cell"], 0) + 1
     assert counts[last] == 1 and all(n == 1 for n in counts.values())
     assert ResultStore(folder / "cells").latest()[last].ok
+    # A damaged result file: the report says how to write it again, in one line.
+    from qbench.report import write_report
+
+    (folder / "search_result.json").write_text('{"budget":')
+    with pytest.raises(QBenchError, match="rerun the search"):
+        write_report(folder / "cells")
     # Another budget in the same folder would mix two searches.
     with pytest.raises(QBenchError, match="holds a search with other settings"):
         search("kld<=0.5", **options)
