@@ -11,7 +11,10 @@ copy-benchmark peak, then each goal with its ratio.
 
 A row is ``bf16-eager``, ``hf-generate-eager``, ``bf16-compiled``, any
 torchao variant of qbench's (``int4-gemlite-g128``, ``int8-wo`` ...), or
-``bnb-nf4`` / ``bnb-fp4`` (bitsandbytes 4-bit, bf16 compute); every row but
+``bnb-nf4`` / ``bnb-fp4`` (bitsandbytes 4-bit, bf16 compute), or
+``gptq-marlin`` (gptqmodel's Marlin kernel, 4-bit g128, bf16 compute, on
+random packed weights: GPTQ's calibration changes the values, not the
+kernel's speed; the kernel is compiled on first use, minutes); every row but
 the first two decodes through the compiled runtime. A gemlite row may name
 how gemlite picks its Triton kernel configurations: ``int4-gemlite-g128``
 (gemlite's own choice: the tuned table shipped for this GPU if its name
@@ -35,7 +38,7 @@ SHAPES = {  # hidden, layers, heads, kv heads, MLP; vocabulary 49152 (SmolLM2's 
     "8b": (4096, 32, 32, 8, 14336),
 }
 ROWS = ("bf16-eager", "hf-generate-eager", "bf16-compiled", "int4-tinygemm-g128", "int4-gemlite-g128",
-        "int8-gemlite", "bnb-nf4")
+        "int8-gemlite", "bnb-nf4", "gptq-marlin")
 
 
 def build(shape: str, dtype: torch.dtype = torch.bfloat16):
@@ -102,6 +105,28 @@ def bnb_quantized(shape: str, quant_type: str):
     return model
 
 
+def marlin_quantized(shape: str, group_size: int = 128):
+    """A fresh bf16 model with its linear layers (lm_head kept) swapped for
+    gptqmodel's Marlin layers holding random 4-bit weights and scales, packed
+    and permuted by gptqmodel's own ``post_init``."""
+    from gptqmodel.nn_modules.qlinear.marlin import MarlinLinear
+
+    from qbench.hf import linear_layers
+
+    model = build(shape)
+    for name, layer in linear_layers(model, ("lm_head",)).items():
+        parent, _, child = name.rpartition(".")
+        four = MarlinLinear(bits=4, group_size=group_size, desc_act=False, sym=True, in_features=layer.in_features,
+                            out_features=layer.out_features, bias=False, dtype=torch.bfloat16).to("cuda")
+        four.qweight.data = torch.randint(-2**31, 2**31 - 1, four.qweight.shape, dtype=torch.int32, device="cuda")
+        four.scales.data = torch.rand(four.scales.shape, dtype=torch.bfloat16, device="cuda") * 0.01
+        four.g_idx.data = torch.arange(layer.in_features, dtype=torch.int32, device="cuda") // group_size
+        four.qzeros.data.zero_()
+        four.post_init()
+        setattr(model.get_submodule(parent), child, four)
+    return model
+
+
 def time_session(session, prompt, new_tokens: int, reps: int) -> list[float]:
     """Per repetition, the median gap between decode steps, as qbench's latency phase takes it."""
     from qbench.metrics.cost import time_generate
@@ -161,6 +186,12 @@ def main() -> None:
         started = time.perf_counter()
         if row.startswith(("bf16", "hf")):
             model = build(args.shape)
+        elif row == "gptq-marlin":
+            try:
+                model = marlin_quantized(args.shape)
+            except (ImportError, ModuleNotFoundError, ValueError) as error:  # no gptqmodel, or no Marlin build
+                print(f"{row:22s} not measured: {type(error).__name__}: {error}", flush=True)
+                continue
         elif row.startswith("bnb-"):
             model = bnb_quantized(args.shape, row.removeprefix("bnb-"))
         else:
@@ -202,7 +233,7 @@ def main() -> None:
     print("goals:")
     if "bf16-compiled" in results:
         print(f"  bf16 compiled at {results['bf16-compiled:fraction']:.1%} of peak (goal >= 70%)")
-    fours = [r for r in results if r.startswith(("int4", "bnb")) and not r.endswith(":fraction")]
+    fours = [r for r in results if r.startswith(("int4", "bnb", "gptq")) and not r.endswith(":fraction")]
     if fours:
         best = min(fours, key=results.get)
         print(f"  best 4-bit row {best} at {results[best + ':fraction']:.1%} of peak (goal >= 50%)")

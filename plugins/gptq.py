@@ -29,6 +29,8 @@ KERNELS = {"torch": "gptq_torch", "torch_fused": "gptq_torch_fused", "triton": "
            "marlin": "gptq_marlin", "exllama_v2": "gptq_exllama_v2", "machete": "gptq_machete",
            "bitblas": "gptq_bitblas", "torch_aten": "gptq_torch_aten"}
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+#: Kernels gptqmodel builds only for CUDA (it refuses them on the CPU at load).
+CUDA_KERNELS = ("triton", "marlin", "exllama_v2", "machete", "bitblas")
 
 
 class GPTQConfig(VariantConfig):
@@ -133,6 +135,9 @@ class GPTQ(Backend):
     def variant_available(self, config: GPTQConfig, device: str) -> Availability:
         if config.path == "":
             return Availability.no("needs the checkpoint: -b gptq:prequantized:path=FOLDER_OR_HUB_ID")
+        if device == "cpu" and config.kernel in CUDA_KERNELS:
+            return Availability.no(f"gptqmodel's {config.kernel} kernel runs on CUDA only: use --device cuda, or "
+                                   "kernel=auto on the CPU")
         return self.available(device)
 
     def default_skip_reason(self, config: GPTQConfig, device: str) -> Optional[str]:

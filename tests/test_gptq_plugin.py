@@ -179,6 +179,9 @@ def test_variants_settings_and_cache_key(backends):
     with pytest.raises(QBenchError, match="come from the checkpoint"):
         gptq.parse_variant("prequantized:path=x,bits=3")
     assert not gptq.variant_available(gptq.variants()["prequantized"], "cpu").ok
+    # gptqmodel's CUDA kernels are refused on the CPU before anything is quantized.
+    marlin = gptq.variant_available(gptq.parse_variant("w4g128:kernel=marlin")[1], "cpu")
+    assert not marlin.ok and "runs on CUDA only" in marlin.reason
     # The kernel is chosen at load: it does not rebuild the artifact.
     _, fused = gptq.parse_variant("w4g32:kernel=torch_fused")
     assert artifact_key("m", gptq, fused, "c") == artifact_key("m", gptq, gptq.variants()["w4g32"], "c")

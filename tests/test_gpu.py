@@ -183,3 +183,68 @@ def test_gemlite_int4_artifact_round_trips_through_the_cache(tiny_model, tiny_su
     assert built.ok and cached.ok, (built.error, cached.error)
     assert cached.artifact.cache_hit and "UIntxBitPackedTensor" in cached.session["kernel"]
     assert cached.value("kld") == pytest.approx(built.value("kld"), rel=1e-4) and cached.value("kld") > 0
+
+
+@pytest.mark.parametrize("spec,layer_class", [
+    ("w4g128:kernel=marlin,compute_dtype=bf16", "MarlinLinear"),
+    ("w4g128:kernel=triton", "TritonV2Linear"),
+])
+def test_gptq_runs_through_gptqmodel_cuda_kernels(wide_tiny_model, spec, layer_class):
+    """GPTQ quantizes (on the CPU, as on every device), then loads on CUDA
+    through the kernel asked for: its KLD agrees with the CPU's float32
+    kernel on the same artifact, and the compiled runtime decodes the eager
+    loop's tokens through it."""
+    pytest.importorskip("gptqmodel")
+    from transformers import AutoModelForCausalLM
+
+    from qbench.artifacts import obtain_artifact
+    from qbench.metrics.scoring import reference_from
+    from qbench.models import fingerprint
+    from qbench.plugins import PluginSettings, load_plugins
+
+    gptq = load_plugins(PluginSettings(allow=("builtin",))).backends["gptq"]
+    name, config = gptq.parse_variant(spec)
+    ids = [(i * 7) % 377 + 3 for i in range(16 * 64)]
+    calibration = [ids[i: i + 64] for i in range(0, len(ids), 64)]
+    artifact, _, _ = obtain_artifact(gptq, name, config, str(wide_tiny_model), fingerprint(wide_tiny_model),
+                                     calibration, "gpu-test")
+    session = gptq.load(artifact, "cuda")
+    assert type(session.model.get_submodule("model.layers.0.mlp.up_proj")).__name__ == layer_class
+    assert session.facts["kernel"] == f"gptqmodel {layer_class}"
+    base = HFSession(AutoModelForCausalLM.from_pretrained(wide_tiny_model, dtype=torch.float32).to("cuda"), "cuda")
+    windows = make_windows([(i * 5) % 380 for i in range(300)], 64, None, "none", None)
+    ref = reference_from(score_windows(base, windows, 2, top_k=512))
+    kld = score_windows(session, windows, 2, reference=ref).tensor("kld").mean().item()
+    cpu_ref = reference_from(score_windows(HFSession(AutoModelForCausalLM.from_pretrained(
+        wide_tiny_model, dtype=torch.float32), "cpu"), windows, 2, top_k=512))
+    on_cpu = artifact.model_copy(update={"config": {**artifact.config, "kernel": "auto", "compute_dtype": "auto"}})
+    cpu_kld = score_windows(gptq.load(on_cpu, "cpu"), windows, 2, reference=cpu_ref).tensor("kld").mean().item()
+    assert 0 < kld < 1.5 and kld == pytest.approx(cpu_kld, rel=0.2)
+    prompt = torch.tensor([list(range(3, 40))])
+    eager = session.generate(prompt, 8, ignore_step)
+    assert session.use_runtime("compiled", "reduce-overhead") is None
+    compiled = session.generate(prompt, 8, ignore_step)
+    assert (compiled == eager).float().mean() >= 0.75
+
+
+def test_cli_runs_gptq_through_marlin_compiled_on_cuda(wide_tiny_model, tiny_suite, tmp_path):
+    """`qbench run --device cuda` end to end with a GPTQ row on gptqmodel's
+    Marlin kernel, decoding through the compiled runtime."""
+    pytest.importorskip("gptqmodel")
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    row = "gptq:w4g128:kernel=marlin,compute_dtype=bf16,runtime=compiled,compile_mode=reduce-overhead"
+    proc = subprocess.run([sys.executable, "-m", "qbench.cli", "run", "--model", str(wide_tiny_model), "--suite",
+                           str(tiny_suite), "--device", "cuda", "-b", row, "-o", str(tmp_path), "--run-id", "gptq"],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "gptq" / "results.jsonl").read_text().splitlines()]
+    gptq = records[-1]
+    assert gptq["status"] == "ok" and gptq["backend"] == "gptq"
+    assert gptq["session"]["kernel"] == "gptqmodel MarlinLinear" and gptq["config"]["runtime"] == "compiled"
+    assert 0 < gptq["metrics"]["kld"]["value"] < 1.5
+    assert gptq["metrics"]["decode_ms_per_token"]["value"] > 0
