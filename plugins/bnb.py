@@ -16,8 +16,8 @@ from pydantic import Field, model_validator
 
 from qbench import hookimpl
 from qbench.backend import Artifact, Backend, ModulePatterns, VariantConfig
+from qbench.dtypes import DTYPES
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 class BnbConfig(VariantConfig):

@@ -8,8 +8,8 @@ from typing import Any, Literal, Optional
 
 from qbench import hookimpl
 from qbench.backend import Artifact, Availability, Backend, VariantConfig
+from qbench.dtypes import DTYPES
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 class FPConfig(VariantConfig):

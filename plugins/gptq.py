@@ -22,13 +22,13 @@ from pydantic import Field, model_validator
 
 from qbench import hookimpl
 from qbench.backend import Artifact, Availability, Backend, ModulePatterns, VariantConfig
+from qbench.dtypes import DTYPES
 from qbench.errors import QBenchError
 
 #: gptqmodel's load-time kernels ("backends") by the names users pass.
 KERNELS = {"torch": "gptq_torch", "torch_fused": "gptq_torch_fused", "triton": "gptq_triton",
            "marlin": "gptq_marlin", "exllama_v2": "gptq_exllama_v2", "machete": "gptq_machete",
            "bitblas": "gptq_bitblas", "torch_aten": "gptq_torch_aten"}
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 #: Kernels gptqmodel builds only for CUDA (it refuses them on the CPU at load).
 CUDA_KERNELS = ("triton", "marlin", "exllama_v2", "machete", "bitblas")
 
@@ -83,10 +83,12 @@ def _is_gptq_layer(module) -> bool:
     return isinstance(module, BaseQuantLinear)
 
 
-def quantized_layer_inputs(folder: Path, bits: int) -> dict[str, int]:
-    """Input features of each layer stored as GPTQ codes in a checkpoint
-    (``*.qweight`` tensors pack 32 // bits codes per int32 row), from the
-    safetensors headers alone."""
+def quantized_layer_inputs(folder: Path, bits: int, method: str = "gptq") -> dict[str, int]:
+    """Input features of each layer stored as codes in a checkpoint, from the
+    safetensors headers alone: GPTQ's ``*.qweight`` packs 32 // bits codes per
+    int32 row, AWQ's (GEMM layout) packs along the outputs and keeps one row
+    per input."""
+    per_row = 32 // bits if method == "gptq" else 1
     from safetensors import safe_open
 
     inputs = {}
@@ -94,11 +96,11 @@ def quantized_layer_inputs(folder: Path, bits: int) -> dict[str, int]:
         with safe_open(str(path), framework="pt") as handle:
             for key in handle.keys():
                 if key.endswith(".qweight"):
-                    inputs[key.removesuffix(".qweight")] = handle.get_slice(key).get_shape()[0] * 32 // bits
+                    inputs[key.removesuffix(".qweight")] = handle.get_slice(key).get_shape()[0] * per_row
     return dict(sorted(inputs.items()))
 
 
-def checkpoint_quantize_config(folder: Path) -> dict[str, Any]:
+def checkpoint_quantize_config(folder: Path, method: str = "gptq") -> dict[str, Any]:
     """The GPTQ settings a checkpoint declares: ``config.json``'s
     ``quantization_config`` (transformers, gptqmodel) or ``quantize_config.json``
     (AutoGPTQ-era checkpoints)."""
@@ -106,10 +108,10 @@ def checkpoint_quantize_config(folder: Path) -> dict[str, Any]:
     declared = config.get("quantization_config")
     if declared is None and (folder / "quantize_config.json").is_file():
         declared = json.loads((folder / "quantize_config.json").read_text())
-    method = (declared or {}).get("quant_method", "gptq")
-    if not declared or method != "gptq":
-        raise QBenchError(f"{folder} is not a GPTQ checkpoint (no quantization_config with quant_method gptq, "
-                          "no quantize_config.json): pass the folder of a GPTQ-quantized model")
+    declared_method = (declared or {}).get("quant_method", "gptq")
+    if not declared or declared_method != method:
+        raise QBenchError(f"{folder} is not a {method.upper()} checkpoint (no quantization_config with quant_method "
+                          f"{method}, no quantize_config.json): pass the folder of a {method.upper()}-quantized model")
     return declared
 
 
@@ -119,6 +121,10 @@ class GPTQ(Backend):
     config_class = GPTQConfig
     requires = {"gptqmodel": "gptqmodel"}
     extra = "gptq"
+    #: gptqmodel's quantization method, as checkpoints declare it (``quant_method``)
+    method = "gptq"
+    #: dtype the model is quantized in (the baseline's: the row differs from it only by the quantization)
+    quantize_dtype = "float32"
 
     def variants(self) -> dict[str, VariantConfig]:
         return {"w4g128": GPTQConfig(), "w4g32": GPTQConfig(group_size=32), "w3g128": GPTQConfig(bits=3),
@@ -134,7 +140,7 @@ class GPTQ(Backend):
 
     def variant_available(self, config: GPTQConfig, device: str) -> Availability:
         if config.path == "":
-            return Availability.no("needs the checkpoint: -b gptq:prequantized:path=FOLDER_OR_HUB_ID")
+            return Availability.no(f"needs the checkpoint: -b {self.name}:prequantized:path=FOLDER_OR_HUB_ID")
         if device == "cpu" and config.kernel in CUDA_KERNELS:
             return Availability.no(f"gptqmodel's {config.kernel} kernel runs on CUDA only: use --device cuda, or "
                                    "kernel=auto on the CPU")
@@ -146,6 +152,18 @@ class GPTQ(Backend):
                     "bfloat16: several minutes per cell")
         return None
 
+    def quantize_config(self, config: GPTQConfig):
+        """gptqmodel's quantize config for these settings."""
+        from gptqmodel import QuantizeConfig
+
+        return QuantizeConfig(bits=config.bits, group_size=config.group_size, desc_act=config.desc_act,
+                              sym=config.sym, damp_percent=config.damp_percent,
+                              fallback=None)  # no silent round-to-nearest for layers seeing few tokens
+
+    def kernel_and_dtype(self, config: GPTQConfig, bits: int, group: int, in_features: list[int], device: str
+                         ) -> tuple[str, str, Optional[str]]:
+        return _kernel_and_dtype(config, bits, group, in_features, device)
+
     def cache_inputs(self, config: GPTQConfig) -> Optional[str]:
         """A prequantized checkpoint is read in place: its content is part of the key."""
         if not config.path:
@@ -156,30 +174,28 @@ class GPTQ(Backend):
 
     def quantize(self, model_path: Path, config: GPTQConfig, calibration, workdir: Path) -> dict[str, Any]:
         if config.path is not None:
-            return _check_prequantized(model_path, config)
+            return _check_prequantized(model_path, config, self.method)
         import torch
 
         from qbench import progress
         from qbench.hf import planned_layers
 
         _import_gptqmodel()
-        from gptqmodel import GPTQModel, QuantizeConfig
+        from gptqmodel import GPTQModel
 
         if not calibration:
-            raise QBenchError("gptq needs calibration samples: add a calibration section to the suite")
+            raise QBenchError(f"{self.name} needs calibration samples: add a calibration section to the suite")
         rows = [row[: config.seq_len] for row in calibration[: config.samples]]
         model_rows = [{"input_ids": torch.tensor([row]), "attention_mask": torch.ones(1, len(row), dtype=torch.long)}
                       for row in rows]
-        qconfig = QuantizeConfig(bits=config.bits, group_size=config.group_size, desc_act=config.desc_act,
-                                 sym=config.sym, damp_percent=config.damp_percent,
-                                 fallback=None)  # no silent round-to-nearest for layers seeing few tokens
+        qconfig = self.quantize_config(config)
         _, kept = planned_layers(str(model_path), config.keep)
         # gptqmodel quantizes every linear layer of the decoder blocks and never
         # lm_head: other exclusions are per-module "dynamic" rules.
         skip = [name for name in kept if name != "lm_head"]
         if skip:
             qconfig.dynamic = {f"-:^{re.escape(name)}$": {} for name in skip}
-        model = GPTQModel.load(str(model_path), qconfig, device="cpu", dtype=torch.float32)
+        model = GPTQModel.load(str(model_path), qconfig, device="cpu", dtype=getattr(torch, self.quantize_dtype))
         blocks = _decoder_blocks(model.model)
         hooks = [block.register_forward_pre_hook(_progress_hook(i, len(blocks))) for i, block in enumerate(blocks)]
         # gptqmodel writes its per-layer log under ./logs: keep it in the
@@ -194,7 +210,7 @@ class GPTQ(Backend):
                 hook.remove()
         progress.report("saving")
         model.save(str(workdir))
-        written = quantized_layer_inputs(workdir, config.bits)
+        written = quantized_layer_inputs(workdir, config.bits, self.method)
         if not written:
             raise QBenchError("gptqmodel wrote no quantized layers: nothing to benchmark")
         return {"quantized_layers": len(written), "kept_full_precision": kept,
@@ -207,15 +223,15 @@ class GPTQ(Backend):
 
         from qbench.hf import HFSession, require_quantized_layers
 
-        config = GPTQConfig(**artifact.config)
+        config = self.config_class(**artifact.config)
         _import_gptqmodel()
         from gptqmodel import BACKEND, GPTQModel
 
         folder = Path(artifact.meta.get("checkpoint") or artifact.path)
-        declared = checkpoint_quantize_config(folder)
+        declared = checkpoint_quantize_config(folder, self.method)
         bits, group = int(declared.get("bits", config.bits)), int(declared.get("group_size", config.group_size))
-        inputs = quantized_layer_inputs(folder, bits)
-        kernel, dtype, why = _kernel_and_dtype(config, bits, group, list(inputs.values()), device)
+        inputs = quantized_layer_inputs(folder, bits, self.method)
+        kernel, dtype, why = self.kernel_and_dtype(config, bits, group, list(inputs.values()), device)
         if kernel == "gptq_torch" and device == "cpu":
             # TorchLinear compiles its dequantization with torch.compile, which
             # recompiles per layer and shape on CPU (seconds per decoded token):
@@ -224,7 +240,7 @@ class GPTQ(Backend):
         model = GPTQModel.load(str(folder), device=device, backend=BACKEND(kernel), dtype=getattr(torch, dtype))
         hf_model = model.model.eval()
         expected = list(inputs)
-        require_quantized_layers(hf_model, expected, _is_gptq_layer, "gptq")
+        require_quantized_layers(hf_model, expected, _is_gptq_layer, self.name)
         kernel_class = type(hf_model.get_submodule(expected[0])).__name__
         facts = {"kernel": f"gptqmodel {kernel_class}", "compute_dtype": f"torch.{dtype}",
                  "checkpoint_bits": bits, "checkpoint_group_size": group,
@@ -275,9 +291,9 @@ def resolve_checkpoint(path: str) -> Path:
     return _from_hub(path)
 
 
-def _check_prequantized(model_path: Path, config: GPTQConfig) -> dict[str, Any]:
+def _check_prequantized(model_path: Path, config: GPTQConfig, method: str) -> dict[str, Any]:
     folder = resolve_checkpoint(config.path)
-    declared = checkpoint_quantize_config(folder)
+    declared = checkpoint_quantize_config(folder, method)
     ours = json.loads((model_path / "config.json").read_text())
     theirs = json.loads((folder / "config.json").read_text())
     if ours.get("vocab_size") != theirs.get("vocab_size"):
@@ -285,7 +301,7 @@ def _check_prequantized(model_path: Path, config: GPTQConfig) -> dict[str, Any]:
             f"GPTQ checkpoint {folder} has vocabulary size {theirs.get('vocab_size')}, the run's model "
             f"{ours.get('vocab_size')}: it is not a quantization of this model; pass --model its base model")
     declared_bits = int(declared.get("bits", 4))
-    if not quantized_layer_inputs(folder, declared_bits):
+    if not quantized_layer_inputs(folder, declared_bits, method):
         raise QBenchError(f"GPTQ checkpoint {folder} holds no quantized layers (*.qweight tensors)")
     notes = []
     if ours.get("model_type") != theirs.get("model_type") or ours.get("hidden_size") != theirs.get("hidden_size"):

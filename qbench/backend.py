@@ -235,6 +235,13 @@ class Backend(abc.ABC):
         None. It joins the artifact cache key."""
         return None
 
+    def with_suite(self, config: VariantConfig, suite: Any) -> VariantConfig:
+        """The variant with the settings it leaves to the suite filled in
+        (e.g. QAT's training steps from the suite's ``qat`` section), so the
+        record and the artifact cache key hold the values used. Called once
+        the suite is loaded, before calibration and quantization."""
+        return config
+
     def needs_calibration(self, config: VariantConfig) -> bool:
         """Whether ``quantize`` needs the suite's calibration samples for this
         variant. Their hash then joins the artifact's cache key."""

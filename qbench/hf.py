@@ -50,7 +50,8 @@ def _leaf_tensors(tensor: torch.Tensor, depth: int = 0):
 def _attribute_tensors(attrs: dict, depth: int):
     for value in attrs.values():
         if isinstance(value, torch.Tensor):
-            yield value
+            # flattened too: a wrapper subclass (quanto's PackedTensor) has no storage of its own
+            yield from _leaf_tensors(value, 1)
         elif depth < 2 and hasattr(value, "__dict__") and not isinstance(value, (torch.nn.Module, type)):
             yield from _attribute_tensors(vars(value), depth + 1)
 

@@ -164,6 +164,16 @@ class CalibrationSpec(_Strict):
     seq_len: int = Field(256, gt=1)
 
 
+class QATSpec(_Strict):
+    """How quantization-aware training fine-tunes (the ``qat`` backend): on
+    the variant's calibration set, its tokens cut into rows of ``seq_len``."""
+
+    steps: int = Field(100, gt=0, description="optimizer steps")
+    lr: float = Field(1e-5, gt=0, allow_inf_nan=False, description="AdamW learning rate")
+    seq_len: int = Field(256, gt=1, description="tokens per training row")
+    batch_size: int = Field(4, gt=0, description="rows per step")
+
+
 class Suite(_Strict):
     name: str
     description: str = ""
@@ -184,6 +194,8 @@ class Suite(_Strict):
     #: more calibration sets by name, besides ``calibration`` (named
     #: ``default``): a calibrating variant picks one with ``calibration=NAME``
     calibration_sets: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")], CalibrationSpec] = {}
+    #: fine-tuning of the ``qat`` backend (its variants may override each field)
+    qat: QATSpec = QATSpec()
     #: folder of the suite file; relative data paths resolve against it
     root: str = Field("", exclude=True)
     #: the suite file itself, for messages

@@ -246,6 +246,7 @@ class CellPipeline:
             raise QBenchError(f"{task.cell} cannot run on {task.device}: runtime=compiled needs CUDA (its decode "
                               "step replays as a CUDA graph)")
         self.suite = load_suite(task.suite_path, allow_outside_data=task.allow_outside_data)
+        self.config = self.backend.with_suite(self.config, self.suite)
         self.work = Workload(self.suite, load_tokenizer(self.model.path, self.model.trust_remote_code))
         self.calibration, self.calibration_hash = (self.work.calibration(self.config.calibration)
                                                    if self.backend.needs_calibration(

@@ -85,6 +85,13 @@ def tiny_model(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
+@pytest.fixture(scope="session")
+def wide_tiny_model(tmp_path_factory) -> Path:
+    """Input features divisible by 128, as tinygemm's int4 packing and
+    quanto's int4 groups need."""
+    return make_tiny_model(tmp_path_factory.mktemp("wide-tiny"), hidden=256, intermediate=512)
+
+
 MC_ITEMS = [
     {"context": "Question: What is 2 + 2?\nAnswer:", "choices": [" 4", " 5", " 22"], "gold": 0},
     {"context": "The sky is", "choices": [" blue", " green"], "gold": 0},

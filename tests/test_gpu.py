@@ -51,14 +51,6 @@ def test_cli_run_on_cuda_end_to_end(tiny_model, tiny_suite, tmp_path):
     assert 0 < records[1]["metrics"]["kld"]["value"] < 0.05
 
 
-@pytest.fixture(scope="module")
-def wide_tiny_model(tmp_path_factory):
-    """Input features divisible by 128, as tinygemm's int4 packing needs."""
-    from tests.conftest import make_tiny_model
-
-    return make_tiny_model(tmp_path_factory.mktemp("wide-tiny"), hidden=256, intermediate=512)
-
-
 @pytest.mark.parametrize("backend,variant,layer_type", [
     ("torchao", "int4-tinygemm-g128", "Int4TilePackedTo4dTensor"),
     ("torchao", "float8-wo", "Float8Tensor"),

@@ -1,0 +1,20 @@
+"""The one map from the dtype names users write in variant settings to
+torch's: every backend reads it, so ``compute_dtype=bf16`` means the same
+everywhere."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+#: Setting value -> torch dtype attribute name.
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+#: The type of a ``dtype`` / ``compute_dtype`` setting.
+DtypeName = Literal["fp32", "bf16", "fp16"]
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """``"bf16"`` -> ``torch.bfloat16``."""
+    return getattr(torch, DTYPES[name])
