@@ -13,13 +13,15 @@ At load gptqmodel picks the AWQ kernel for the device (on an AVX-512 CPU its
 
 from __future__ import annotations
 
-from typing import Optional
+from pathlib import Path
+from typing import Any, Optional
 
 from pydantic import Field, model_validator
 from qbench_plugins.gptq import GPTQ, GPTQConfig
 
 from qbench import hookimpl
 from qbench.backend import VariantConfig
+from qbench.errors import QBenchError
 
 
 class AWQConfig(GPTQConfig):
@@ -48,9 +50,20 @@ class AWQ(GPTQ):
         return {"w4g128": AWQConfig(), "w4g64": AWQConfig(group_size=64), "prequantized": AWQConfig(path="")}
 
     def default_skip_reason(self, config: AWQConfig, device: str) -> Optional[str]:
-        if device == "cpu" and config.path is None and config.group_size == 64:
-            return "one AWQ row per default CPU run"
+        if device == "cpu" and config.path is None and config.group_size != 64:
+            return "one AWQ row per default CPU run (group 64 divides more models' widths, SmolLM2's 576 among them)"
         return None
+
+    def quantize(self, model_path: Path, config: AWQConfig, calibration, workdir: Path) -> dict[str, Any]:
+        if config.path is None and config.group_size != -1:
+            from qbench.hf import linear_layers, meta_skeleton
+
+            for name, layer in linear_layers(meta_skeleton(str(model_path)), config.keep).items():
+                if layer.in_features % config.group_size:
+                    raise QBenchError(f"awq: group_size {config.group_size} does not divide the {layer.in_features} "
+                                      f"input features of {name} (gptqmodel's AWQ needs it to): use a group size "
+                                      "that does, e.g. awq:w4g64")
+        return super().quantize(model_path, config, calibration, workdir)
 
     def quantize_config(self, config: AWQConfig):
         from gptqmodel.quantization.config import AWQConfig as GptqmodelAWQ

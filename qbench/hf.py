@@ -72,15 +72,19 @@ def linear_layers(model: torch.nn.Module, keep: tuple[str, ...]) -> dict[str, to
     return chosen
 
 
-def planned_layers(model_path: str, keep: tuple[str, ...], trust_remote_code: bool = False
-                   ) -> tuple[list[str], list[str]]:
-    """(layers to quantize, linear layers kept), from the model's structure
-    alone (a skeleton on the meta device: no weights read)."""
+def meta_skeleton(model_path: str, trust_remote_code: bool = False) -> torch.nn.Module:
+    """The model's structure on the meta device: shapes and names, no weights read."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def planned_layers(model_path: str, keep: tuple[str, ...], trust_remote_code: bool = False
+                   ) -> tuple[list[str], list[str]]:
+    """(layers to quantize, linear layers kept), from the model's structure alone."""
+    skeleton = meta_skeleton(model_path, trust_remote_code)
     chosen = list(linear_layers(skeleton, keep))
     kept = sorted(set(linear_layers(skeleton, ())) - set(chosen))
     return chosen, kept

@@ -76,3 +76,13 @@ def test_settings_that_do_not_apply_to_awq_are_refused(awq):
         with pytest.raises(QBenchError, match="invalid variant"):
             awq.parse_variant(spec)
     assert not awq.variant_available(awq.variants()["prequantized"], "cpu").ok
+
+
+def test_group_size_that_does_not_divide_a_layer_is_refused_before_quantizing(awq, tiny_model):
+    from qbench.artifacts import obtain_artifact
+    from qbench.models import fingerprint
+
+    # the tiny model's layers take 64 inputs (and 128): group 128 divides not all of them
+    with pytest.raises(QBenchError, match="group_size 128 does not divide the 64 input features"):
+        obtain_artifact(awq, "w4g128", awq.variants()["w4g128"], str(tiny_model), fingerprint(tiny_model),
+                        CALIBRATION, "test")
