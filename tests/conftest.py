@@ -42,6 +42,7 @@ def isolated_env(tmp_path_factory, monkeypatch):
 
 def _train_tokenizer(folder: Path) -> None:
     from pydoc_data.topics import topics
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -90,6 +91,38 @@ def wide_tiny_model(tmp_path_factory) -> Path:
     """Input features divisible by 128, as tinygemm's int4 packing and
     quanto's int4 groups need."""
     return make_tiny_model(tmp_path_factory.mktemp("wide-tiny"), hidden=256, intermediate=512)
+
+
+@pytest.fixture(scope="session")
+def builtin_backends():
+    """qbench's own backends, as a run with QBENCH_PLUGINS=builtin loads them."""
+    from qbench.plugins import PluginSettings, load_plugins
+
+    return load_plugins(PluginSettings(allow=("builtin",))).backends
+
+
+@pytest.fixture(scope="session")
+def wide_reference(wide_tiny_model):
+    """The wide tiny model's fp32 baseline on shared evaluation tokens:
+    (windows, top-64 reference, its weight bytes)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qbench.hf import HFSession
+    from qbench.metrics.scoring import reference_from, score_windows
+    from qbench.windows import make_windows
+
+    base = HFSession(AutoModelForCausalLM.from_pretrained(wide_tiny_model, dtype=torch.float32), "cpu")
+    windows = make_windows([(i * 5) % 380 for i in range(300)], 64, None, "none", None)
+    return windows, reference_from(score_windows(base, windows, 2, top_k=64)), base.weight_bytes()
+
+
+def mean_kld(session, reference) -> float:
+    """Mean per-token KLD of a session against a ``wide_reference``."""
+    from qbench.metrics.scoring import score_windows
+
+    windows, ref, _ = reference
+    return score_windows(session, windows, 2, reference=ref).tensor("kld").mean().item()
 
 
 MC_ITEMS = [

@@ -3,13 +3,9 @@ with calibration samples into real AWQ layers that hold 4-bit codes, and an
 AWQ checkpoint made elsewhere runs as it is with the same result."""
 
 import pytest
-import torch
 
 from qbench.errors import QBenchError
-from qbench.hf import HFSession
-from qbench.metrics.scoring import reference_from, score_windows
-from qbench.plugins import PluginSettings, load_plugins
-from qbench.windows import make_windows
+from tests.conftest import mean_kld
 
 pytest.importorskip("gptqmodel")
 
@@ -17,8 +13,8 @@ CALIBRATION = [[(i * 7 + j) % 377 + 3 for j in range(64)] for i in range(16)]
 
 
 @pytest.fixture(scope="module")
-def awq():
-    return load_plugins(PluginSettings(allow=("builtin",))).backends["awq"]
+def awq(builtin_backends):
+    return builtin_backends["awq"]
 
 
 @pytest.fixture(scope="module")
@@ -31,41 +27,28 @@ def artifact(awq, wide_tiny_model):
     return built
 
 
-@pytest.fixture(scope="module")
-def reference(wide_tiny_model):
-    from transformers import AutoModelForCausalLM
-
-    base = HFSession(AutoModelForCausalLM.from_pretrained(wide_tiny_model, dtype=torch.float32), "cpu")
-    windows = make_windows([(i * 5) % 380 for i in range(300)], 64, None, "none", None)
-    return windows, reference_from(score_windows(base, windows, 2, top_k=64)), base.weight_bytes()
-
-
-def kld(session, reference) -> float:
-    windows, ref, _ = reference
-    return score_windows(session, windows, 2, reference=ref).tensor("kld").mean().item()
-
-
-def test_awq_quantizes_into_4bit_awq_layers(awq, artifact, reference):
+def test_awq_quantizes_into_4bit_awq_layers(awq, artifact, wide_reference):
     session = awq.load(artifact, "cpu")
     layer = session.model.get_submodule("model.layers.0.mlp.up_proj")
     assert "Awq" in type(layer).__name__ and session.facts["kernel"].startswith("gptqmodel ")
     assert layer.qweight.numel() * 8 == 256 * 512  # eight 4-bit codes per int32
     assert "bfloat16" in session.facts["notes"][0]
-    assert 0 < kld(session, reference) < 1.5
+    assert 0 < mean_kld(session, wide_reference) < 1.5
     # bf16 embeddings and head plus 4-bit layers: under a third of the fp32 bytes
-    assert session.weight_bytes() < reference[2] / 3
+    assert session.weight_bytes() < wide_reference[2] / 3
 
 
-def test_awq_checkpoint_runs_as_it_is(awq, artifact, reference, wide_tiny_model):
+def test_awq_checkpoint_runs_as_it_is(awq, artifact, wide_reference, wide_tiny_model, builtin_backends):
     from qbench.artifacts import obtain_artifact
     from qbench.models import fingerprint
 
     name, config = awq.parse_variant(f"prequantized:path={artifact.path}")
     checkpoint, _, _ = obtain_artifact(awq, name, config, str(wide_tiny_model), fingerprint(wide_tiny_model),
                                        None, None)
-    assert kld(awq.load(checkpoint, "cpu"), reference) == pytest.approx(kld(awq.load(artifact, "cpu"), reference))
+    same = mean_kld(awq.load(artifact, "cpu"), wide_reference)
+    assert mean_kld(awq.load(checkpoint, "cpu"), wide_reference) == pytest.approx(same)
     # A GPTQ backend refuses it: the checkpoint says AWQ.
-    gptq = load_plugins(PluginSettings(allow=("builtin",))).backends["gptq"]
+    gptq = builtin_backends["gptq"]
     with pytest.raises(QBenchError, match="is not a GPTQ checkpoint"):
         obtain_artifact(gptq, "prequantized", gptq.parse_variant(f"prequantized:path={artifact.path}")[1],
                         str(wide_tiny_model), fingerprint(wide_tiny_model), None, None)

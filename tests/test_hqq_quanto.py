@@ -7,32 +7,11 @@ import torch
 
 from qbench.errors import QBenchError
 from qbench.hf import HFSession
-from qbench.metrics.scoring import reference_from, score_windows
-from qbench.plugins import PluginSettings, load_plugins
-from qbench.windows import make_windows
-from tests.conftest import session_for
+from qbench.metrics.scoring import score_windows
+from tests.conftest import mean_kld, session_for
 
 pytest.importorskip("hqq")
 pytest.importorskip("optimum.quanto")
-
-
-@pytest.fixture(scope="module")
-def backends():
-    return load_plugins(PluginSettings(allow=("builtin",))).backends
-
-
-@pytest.fixture(scope="module")
-def reference(wide_tiny_model):
-    from transformers import AutoModelForCausalLM
-
-    base = HFSession(AutoModelForCausalLM.from_pretrained(wide_tiny_model, dtype=torch.float32), "cpu")
-    windows = make_windows([(i * 5) % 380 for i in range(300)], 64, None, "none", None)
-    return windows, reference_from(score_windows(base, windows, 2, top_k=64)), base.weight_bytes()
-
-
-def kld(session, reference) -> float:
-    windows, ref, _ = reference
-    return score_windows(session, windows, 2, reference=ref).tensor("kld").mean().item()
 
 
 CALIBRATION = [[(i * 7 + j) % 377 + 3 for j in range(64)] for i in range(8)]
@@ -42,21 +21,21 @@ CALIBRATION = [[(i * 7 + j) % 377 + 3 for j in range(64)] for i in range(8)]
     ("hqq", ["w8g64", "w4g64", "w2g32"], "HQQLinear"),
     ("quanto", ["w8", "w4", "w2"], "QLinear"),
 ])
-def test_fewer_bits_mean_fewer_bytes_and_more_divergence(backends, wide_tiny_model, reference, backend, ladder,
-                                                         layer_type):
-    sessions = [session_for(backends[backend], spec, wide_tiny_model) for spec in ladder]
+def test_fewer_bits_mean_fewer_bytes_and_more_divergence(builtin_backends, wide_tiny_model, wide_reference, backend,
+                                                         ladder, layer_type):
+    sessions = [session_for(builtin_backends[backend], spec, wide_tiny_model) for spec in ladder]
     for session in sessions:
         assert type(session.model.get_submodule("model.layers.1.mlp.down_proj")).__name__ == layer_type
         assert type(session.model.get_submodule("lm_head")).__name__ == "Linear"  # kept by default
-    divergence = [kld(s, reference) for s in sessions]
+    divergence = [mean_kld(s, wide_reference) for s in sessions]
     size = [s.weight_bytes() for s in sessions]
     assert 0 < divergence[0] < 0.05, divergence  # 8-bit: close to the baseline
     assert divergence[0] < divergence[1] < divergence[2], divergence
-    assert reference[2] > size[0] > size[1] > size[2], size
+    assert wide_reference[2] > size[0] > size[1] > size[2], size
 
 
-def test_hqq_counts_its_scales_and_zero_points(backends, wide_tiny_model):
-    session = session_for(backends["hqq"], "w4g64", wide_tiny_model)
+def test_hqq_counts_its_scales_and_zero_points(builtin_backends, wide_tiny_model):
+    session = session_for(builtin_backends["hqq"], "w4g64", wide_tiny_model)
     layer = session.model.get_submodule("model.layers.0.mlp.up_proj")
     codes = layer.W_q.numel() * layer.W_q.element_size()
     assert codes == 512 * 256 // 2  # two 4-bit codes per byte
@@ -69,33 +48,33 @@ def test_hqq_counts_its_scales_and_zero_points(backends, wide_tiny_model):
         if type(m).__name__ == "HQQLinear")
 
 
-def test_artifacts_reload_to_the_same_logits(backends, wide_tiny_model, reference):
-    windows = reference[0]
+def test_artifacts_reload_to_the_same_logits(builtin_backends, wide_tiny_model, wide_reference):
+    windows = wide_reference[0]
     for backend, spec, calibration in (("hqq", "w4g64", None), ("quanto", "w4", None),
                                        ("quanto", "w8a8", CALIBRATION)):
-        first = session_for(backends[backend], spec, wide_tiny_model, calibration)  # quantizes
-        second = session_for(backends[backend], spec, wide_tiny_model, calibration)  # from the cache
+        first = session_for(builtin_backends[backend], spec, wide_tiny_model, calibration)  # quantizes
+        second = session_for(builtin_backends[backend], spec, wide_tiny_model, calibration)  # from the cache
         a = score_windows(first, windows, 2).tensor("token_logprobs")
         b = score_windows(second, windows, 2).tensor("token_logprobs")
         assert torch.equal(a, b), (backend, spec)
 
 
-def test_quanto_int8_activations_calibrate_and_cost_quality(backends, wide_tiny_model, reference):
-    quanto = backends["quanto"]
+def test_quanto_int8_activations_calibrate_and_cost_quality(builtin_backends, wide_tiny_model, wide_reference):
+    quanto = builtin_backends["quanto"]
     assert quanto.needs_calibration(quanto.variants()["w8a8"]) and not quanto.needs_calibration(
         quanto.variants()["w8"])
-    weights_only = kld(session_for(quanto, "w8", wide_tiny_model), reference)
-    with_activations = kld(session_for(quanto, "w8a8", wide_tiny_model, CALIBRATION), reference)
+    weights_only = mean_kld(session_for(quanto, "w8", wide_tiny_model), wide_reference)
+    with_activations = mean_kld(session_for(quanto, "w8a8", wide_tiny_model, CALIBRATION), wide_reference)
     assert weights_only < with_activations < 0.5
 
 
-def test_bad_settings_are_refused_with_the_fix(backends):
+def test_bad_settings_are_refused_with_the_fix(builtin_backends):
     with pytest.raises(QBenchError, match="group_size must be a power of two"):
-        backends["hqq"].parse_variant("bits=4,group_size=48")
+        builtin_backends["hqq"].parse_variant("bits=4,group_size=48")
     with pytest.raises(QBenchError, match="invalid variant"):
-        backends["hqq"].parse_variant("bits=5")
+        builtin_backends["hqq"].parse_variant("bits=5")
     with pytest.raises(QBenchError, match="invalid variant"):
-        backends["quanto"].parse_variant("weights=int3")
+        builtin_backends["quanto"].parse_variant("weights=int3")
 
 
 @pytest.fixture(scope="module")
@@ -117,10 +96,10 @@ def tied_model(wide_tiny_model, tmp_path_factory):
 
 
 @pytest.mark.parametrize("backend,spec", [("hqq", "w8g64"), ("quanto", "w8"), ("quanto", "w4")])
-def test_tied_embeddings_reload_tied(backends, tied_model, backend, spec):
+def test_tied_embeddings_reload_tied(builtin_backends, tied_model, backend, spec):
     from transformers import AutoModelForCausalLM
 
-    session = session_for(backends[backend], spec, tied_model)
+    session = session_for(builtin_backends[backend], spec, tied_model)
     model = session.model
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     base = HFSession(AutoModelForCausalLM.from_pretrained(tied_model, dtype=torch.float32), "cpu")
