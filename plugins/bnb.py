@@ -64,6 +64,7 @@ class BitsAndBytes(Backend):
     config_class = BnbConfig
     requires = {"bitsandbytes": "bitsandbytes"}
     extra = "bnb"
+    versions_of = ('bitsandbytes', 'transformers')
 
     def variants(self) -> dict[str, VariantConfig]:
         return {"int8": BnbConfig(mode="int8"), "nf4": BnbConfig(mode="nf4"), "fp4": BnbConfig(mode="fp4"),
@@ -74,11 +75,6 @@ class BitsAndBytes(Backend):
             return ("bitsandbytes' CPU path repacks 4-bit weights at the first forward pass and drops the "
                     "double-quantized scales: same bytes as without (161.9 MiB both on the default model)")
         return None
-
-    def version(self) -> Optional[str]:
-        from qbench.environment import package_version
-
-        return f"bitsandbytes {package_version('bitsandbytes')}; transformers {package_version('transformers')}"
 
     def quantize(self, model_path: Path, config: BnbConfig, calibration, workdir: Path) -> dict[str, Any]:
         from qbench.errors import QBenchError

@@ -121,6 +121,7 @@ class GPTQ(Backend):
     config_class = GPTQConfig
     requires = {"gptqmodel": "gptqmodel"}
     extra = "gptq"
+    versions_of = ('gptqmodel', 'torch')
     #: gptqmodel's quantization method, as checkpoints declare it (``quant_method``)
     method = "gptq"
     #: dtype the model is quantized in (the baseline's: the row differs from it only by the quantization)
@@ -129,11 +130,6 @@ class GPTQ(Backend):
     def variants(self) -> dict[str, VariantConfig]:
         return {"w4g128": GPTQConfig(), "w4g32": GPTQConfig(group_size=32), "w3g128": GPTQConfig(bits=3),
                 "w8g128": GPTQConfig(bits=8), "prequantized": GPTQConfig(path="")}
-
-    def version(self) -> Optional[str]:
-        from qbench.environment import package_version
-
-        return f"gptqmodel {package_version('gptqmodel')}; torch {package_version('torch')}"
 
     def needs_calibration(self, config: GPTQConfig) -> bool:
         return config.path is None

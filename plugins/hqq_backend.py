@@ -87,6 +87,7 @@ class HQQ(Backend):
     config_class = HQQConfig
     requires = {"hqq": "hqq"}
     extra = "hqq"
+    versions_of = ('hqq', 'torch')
 
     def variants(self) -> dict[str, VariantConfig]:
         return {"w8g64": HQQConfig(bits=8), "w4g64": HQQConfig(bits=4), "w3g64": HQQConfig(bits=3),
@@ -97,11 +98,6 @@ class HQQ(Backend):
             return ("hqq dequantizes every layer on every call (a 4-bit cell takes about 5 minutes on a 2-core "
                     "CPU): one row by default on the CPU")
         return None
-
-    def version(self) -> Optional[str]:
-        from qbench.environment import package_version
-
-        return f"hqq {package_version('hqq')}; torch {package_version('torch')}"
 
     def quantize(self, model_path: Path, config: HQQConfig, calibration, workdir: Path) -> dict[str, Any]:
         from hqq.core.quantize import HQQLinear

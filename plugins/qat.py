@@ -111,6 +111,7 @@ class QAT(Backend):
     config_class = QATConfig
     requires = {"torchao": "torchao"}
     extra = "torchao"
+    versions_of = ('torchao', 'torch')
     uses_calibration = True
 
     def variants(self) -> dict[str, VariantConfig]:
@@ -125,11 +126,6 @@ class QAT(Backend):
         if config.torchao().needs_cuda:
             return Availability.no("QAT converts to torchao's portable intx layout, not a CUDA-only kernel")
         return self.available(device)
-
-    def version(self) -> Optional[str]:
-        from qbench.environment import package_version
-
-        return f"torchao {package_version('torchao')}; torch {package_version('torch')}"
 
     def with_suite(self, config: QATConfig, suite: Any) -> QATConfig:
         spec = suite.qat

@@ -93,6 +93,7 @@ class Quanto(Backend):
     config_class = QuantoConfig
     requires = {"optimum.quanto": "optimum-quanto"}
     extra = "quanto"
+    versions_of = ('optimum-quanto', 'torch')
 
     def variants(self) -> dict[str, VariantConfig]:
         return {"w8": QuantoConfig(weights="int8"), "w4": QuantoConfig(weights="int4"),
@@ -106,11 +107,6 @@ class Quanto(Backend):
         if device == "cpu" and (config.weights, config.activations) not in (("int4", "none"), ("int8", "int8")):
             return "run by name on the CPU, to keep the default run short"
         return None
-
-    def version(self) -> Optional[str]:
-        from qbench.environment import package_version
-
-        return f"optimum-quanto {package_version('optimum-quanto')}; torch {package_version('torch')}"
 
     def quantize(self, model_path: Path, config: QuantoConfig, calibration, workdir: Path) -> dict[str, Any]:
         import torch

@@ -286,6 +286,7 @@ class TorchAO(Backend):
     config_class = TorchAOConfig
     requires = {"torchao": "torchao"}
     extra = "torchao"
+    versions_of = ('torchao', 'torch')
     artifact_format = 2
 
     def variants(self) -> dict[str, VariantConfig]:
@@ -302,11 +303,6 @@ class TorchAO(Backend):
             "float8-wo": TorchAOConfig(dtype="float8"),
             "float8-dyn": TorchAOConfig(dtype="float8", activations="dynamic"),
         }
-
-    def version(self) -> Optional[str]:
-        from qbench.environment import package_version
-
-        return f"torchao {package_version('torchao')}; torch {package_version('torch')}"
 
     def needs_calibration(self, config: TorchAOConfig) -> bool:
         return config.activations == "static"

@@ -203,10 +203,18 @@ class Backend(abc.ABC):
     def variants(self) -> dict[str, VariantConfig]:
         """Named variants, in the order they should run."""
 
+    #: Distributions whose versions make up ``version()``: ``("hqq", "torch")``
+    #: gives "hqq 0.2.8; torch 2.14.1".
+    versions_of: ClassVar[tuple[str, ...]] = ()
+
     def version(self) -> Optional[str]:
         """Version of the library doing the quantization (recorded and part of
         the artifact cache key)."""
-        return None
+        if not self.versions_of:
+            return None
+        from qbench.environment import package_version
+
+        return "; ".join(f"{name} {package_version(name)}" for name in self.versions_of)
 
     def available(self, device: str) -> Availability:
         """Whether ``variants`` can run on ``device`` ("cpu" or "cuda")."""
