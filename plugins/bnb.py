@@ -64,7 +64,7 @@ class BitsAndBytes(Backend):
     config_class = BnbConfig
     requires = {"bitsandbytes": "bitsandbytes"}
     extra = "bnb"
-    versions_of = ('bitsandbytes', 'transformers')
+    versions_of = ("bitsandbytes", "transformers")
 
     def variants(self) -> dict[str, VariantConfig]:
         return {"int8": BnbConfig(mode="int8"), "nf4": BnbConfig(mode="nf4"), "fp4": BnbConfig(mode="fp4"),

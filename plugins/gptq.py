@@ -121,7 +121,7 @@ class GPTQ(Backend):
     config_class = GPTQConfig
     requires = {"gptqmodel": "gptqmodel"}
     extra = "gptq"
-    versions_of = ('gptqmodel', 'torch')
+    versions_of = ("gptqmodel", "torch")
     #: gptqmodel's quantization method, as checkpoints declare it (``quant_method``)
     method = "gptq"
     #: dtype the model is quantized in (the baseline's: the row differs from it only by the quantization)

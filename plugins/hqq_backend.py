@@ -76,9 +76,10 @@ def _is_hqq(module) -> bool:
 
 
 def _swap(model: torch.nn.Module, names: list[str], make) -> None:
+    from qbench.hf import replace_module
+
     for name in names:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, make(model.get_submodule(name)))
+        replace_module(model, name, make(model.get_submodule(name)))
 
 
 class HQQ(Backend):
@@ -87,7 +88,7 @@ class HQQ(Backend):
     config_class = HQQConfig
     requires = {"hqq": "hqq"}
     extra = "hqq"
-    versions_of = ('hqq', 'torch')
+    versions_of = ("hqq", "torch")
 
     def variants(self) -> dict[str, VariantConfig]:
         return {"w8g64": HQQConfig(bits=8), "w4g64": HQQConfig(bits=4), "w3g64": HQQConfig(bits=3),

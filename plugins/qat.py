@@ -111,7 +111,7 @@ class QAT(Backend):
     config_class = QATConfig
     requires = {"torchao": "torchao"}
     extra = "torchao"
-    versions_of = ('torchao', 'torch')
+    versions_of = ("torchao", "torch")
     uses_calibration = True
 
     def variants(self) -> dict[str, VariantConfig]:

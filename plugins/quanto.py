@@ -93,7 +93,7 @@ class Quanto(Backend):
     config_class = QuantoConfig
     requires = {"optimum.quanto": "optimum-quanto"}
     extra = "quanto"
-    versions_of = ('optimum-quanto', 'torch')
+    versions_of = ("optimum-quanto", "torch")
 
     def variants(self) -> dict[str, VariantConfig]:
         return {"w8": QuantoConfig(weights="int8"), "w4": QuantoConfig(weights="int4"),

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from qbench.errors import QBenchError
-from qbench.hf import HFSession, unique_state_dict, unique_tensor_bytes
+from qbench.hf import HFSession, replace_module, unique_state_dict, unique_tensor_bytes
 
 DynamicLinear = torch.ao.nn.quantized.dynamic.Linear
 
@@ -76,8 +76,7 @@ def load_legacy(model, weights: Path) -> None:
                 codes, scales, torch.zeros_like(scales, dtype=torch.long), 0)
         layer = DynamicLinear(codes.shape[1], codes.shape[0], bias_=f"q:{name}.bias" in tensors, dtype=torch.qint8)
         layer.set_weight_bias(qweight, tensors.get(f"q:{name}.bias"))
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, layer)
+        replace_module(model, name, layer)
 
 
 def is_legacy_quantized(module) -> bool:

@@ -286,7 +286,7 @@ class TorchAO(Backend):
     config_class = TorchAOConfig
     requires = {"torchao": "torchao"}
     extra = "torchao"
-    versions_of = ('torchao', 'torch')
+    versions_of = ("torchao", "torch")
     artifact_format = 2
 
     def variants(self) -> dict[str, VariantConfig]:

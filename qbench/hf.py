@@ -72,6 +72,12 @@ def linear_layers(model: torch.nn.Module, keep: tuple[str, ...]) -> dict[str, to
     return chosen
 
 
+def replace_module(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
+    """Put ``module`` where the submodule called ``name`` is (a quantized layer for a linear one)."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
+
+
 def meta_skeleton(model_path: str, trust_remote_code: bool = False) -> torch.nn.Module:
     """The model's structure on the meta device: shapes and names, no weights read."""
     from transformers import AutoConfig, AutoModelForCausalLM
