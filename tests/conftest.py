@@ -117,6 +117,24 @@ def wide_reference(wide_tiny_model):
     return windows, reference_from(score_windows(base, windows, 2, top_k=64)), base.weight_bytes()
 
 
+@pytest.fixture(scope="session")
+def tied_model(wide_tiny_model, tmp_path_factory):
+    """The wide tiny model with its output head tied to the embeddings, as
+    SmolLM2 has: safetensors stores the shared tensor once."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path_factory.mktemp("tied")
+    for item in wide_tiny_model.iterdir():
+        if item.is_file() and not item.name.endswith(".safetensors"):
+            shutil.copy(item, folder / item.name)
+    model = AutoModelForCausalLM.from_pretrained(wide_tiny_model, tie_word_embeddings=True)
+    model.tie_weights()
+    model.save_pretrained(folder)
+    return folder
+
+
 def mean_kld(session, reference) -> float:
     """Mean per-token KLD of a session against a ``wide_reference``."""
     from qbench.metrics.scoring import score_windows

@@ -77,24 +77,6 @@ def test_bad_settings_are_refused_with_the_fix(builtin_backends):
         builtin_backends["quanto"].parse_variant("weights=int3")
 
 
-@pytest.fixture(scope="module")
-def tied_model(wide_tiny_model, tmp_path_factory):
-    """The wide tiny model with its output head tied to the embeddings, as
-    SmolLM2 has: safetensors stores the shared tensor once."""
-    import shutil
-
-    from transformers import AutoModelForCausalLM
-
-    folder = tmp_path_factory.mktemp("tied")
-    for item in wide_tiny_model.iterdir():
-        if item.is_file() and not item.name.endswith(".safetensors"):
-            shutil.copy(item, folder / item.name)
-    model = AutoModelForCausalLM.from_pretrained(wide_tiny_model, tie_word_embeddings=True)
-    model.tie_weights()
-    model.save_pretrained(folder)
-    return folder
-
-
 @pytest.mark.parametrize("backend,spec", [("hqq", "w8g64"), ("quanto", "w8"), ("quanto", "w4")])
 def test_tied_embeddings_reload_tied(builtin_backends, tied_model, backend, spec):
     from transformers import AutoModelForCausalLM
