@@ -10,9 +10,10 @@ Llama-architecture models only (``model_type: llama``, default rope, no
 biases): the family of the embedded model. Anything else is refused with the
 way around it (convert with llama.cpp, then ``-b gguf:prequantized:path=``).
 
-The tokenizer is written so that llama.cpp can load the file; qbench never
-uses it, because the harness tokenizes and hands llama.cpp token ids, like
-every other backend. Hence ``tokenizer.ggml.pre = default``.
+The tokenizer is written so that llama.cpp can load the file and split text
+as the Hugging Face tokenizer does where its pre-tokenizer is one llama.cpp
+names (``pre_tokenizer``); qbench itself never uses it, because the harness
+tokenizes and hands llama.cpp token ids, like every other backend.
 """
 
 from __future__ import annotations
@@ -65,9 +66,27 @@ def _rope_theta(config: dict[str, Any]) -> float:
     return float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
 
 
+def pre_tokenizer(spec) -> str:
+    """llama.cpp's name for the text splitting of a tokenizer.json
+    ``pre_tokenizer``: ``gpt-2`` for byte-level BPE with GPT-2's regex alone,
+    ``smollm`` for the same after splitting every digit, else ``default``."""
+    def is_gpt2(step) -> bool:
+        return bool(step) and step.get("type") == "ByteLevel" and step.get("use_regex", True) \
+            and not step.get("add_prefix_space", False)
+
+    if is_gpt2(spec):
+        return "gpt-2"
+    steps = (spec or {}).get("pretokenizers", []) if (spec or {}).get("type") == "Sequence" else []
+    if len(steps) == 2 and steps[0].get("type") == "Digits" and steps[0].get("individual_digits") \
+            and is_gpt2(steps[1]):
+        return "smollm"
+    return "default"
+
+
 def write_vocabulary(writer, model_path: Path, vocab_size: int) -> int:
     """A byte-level BPE vocabulary (gpt2 style) from tokenizer.json; returns
-    how many ids were padded to reach the model's vocabulary size."""
+    how many ids were padded to reach the model's vocabulary size, and the
+    pre-tokenizer name written."""
     import gguf
 
     spec = json.loads((model_path / "tokenizer.json").read_text())
@@ -88,12 +107,13 @@ def write_vocabulary(writer, model_path: Path, vocab_size: int) -> int:
             padded += 1
     ids = range(vocab_size)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
+    pre = pre_tokenizer(spec.get("pre_tokenizer"))
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list([tokens[i] for i in ids])
     writer.add_token_types([int(types[i]) for i in ids])
     special = gguf.SpecialVocab(model_path, load_merges=True, n_vocab=vocab_size)
     special.add_to_gguf(writer, quiet=True)
-    return padded
+    return padded, pre
 
 
 def convert_llama(model_path: Path, out: Path) -> dict[str, Any]:
@@ -123,7 +143,7 @@ def convert_llama(model_path: Path, out: Path) -> dict[str, Any]:
     writer.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-6))
     writer.add_vocab_size(config["vocab_size"])
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    padded = write_vocabulary(writer, model_path, config["vocab_size"])
+    padded, pre = write_vocabulary(writer, model_path, config["vocab_size"])
     tied = config.get("tie_word_embeddings", False)
     files = sorted(model_path.glob("*.safetensors"))
     if not files:
@@ -151,7 +171,8 @@ def convert_llama(model_path: Path, out: Path) -> dict[str, Any]:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return {"converter": f"qbench (gguf-py {_gguf_version()})", "tensors": written, "padded_vocab": padded}
+    return {"converter": f"qbench (gguf-py {_gguf_version()})", "tensors": written, "padded_vocab": padded,
+            "tokenizer_pre": pre}
 
 
 def _gguf_version() -> str:

@@ -151,3 +151,21 @@ def test_bad_files_and_settings_are_named(gguf, wide_tiny_model, tiny_model, tmp
     file = session_for(gguf, "q8_0", wide_tiny_model).facts["file"]
     with pytest.raises(QBenchError, match="vocabulary of 384 tokens, the run's model 999"):
         gguf.quantize(other, GGUFConfig(path=file), None, tmp_path)
+
+
+def test_llama_cpp_splits_text_as_the_tokenizer_does(wide_tiny_model, tmp_path):
+    """The converted file names GPT-2's pre-tokenizer, so llama.cpp's own
+    tokenizer gives the Hugging Face ids (what llama-perplexity reads)."""
+    from transformers import AutoTokenizer
+
+    from qbench_plugins.gguf_convert import convert_llama, pre_tokenizer
+
+    assert pre_tokenizer({"type": "ByteLevel", "use_regex": True, "add_prefix_space": False}) == "gpt-2"
+    assert pre_tokenizer({"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True}, {"type": "ByteLevel", "use_regex": True}]}) == "smollm"
+    assert pre_tokenizer({"type": "Metaspace"}) == "default"
+    assert convert_llama(wide_tiny_model, tmp_path / "m.gguf")["tokenizer_pre"] == "gpt-2"
+    text = "The with statement, 1234 times:\n    x = f(y)  # it's done"
+    model = llama_cpp.Llama(str(tmp_path / "m.gguf"), vocab_only=True, verbose=False)
+    ours = model.tokenize(text.encode(), add_bos=False, special=False)
+    assert ours == AutoTokenizer.from_pretrained(wide_tiny_model)(text, add_special_tokens=False)["input_ids"]
