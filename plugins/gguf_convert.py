@@ -112,8 +112,19 @@ def write_vocabulary(writer, model_path: Path, vocab_size: int) -> int:
     writer.add_token_list([tokens[i] for i in ids])
     writer.add_token_types([int(types[i]) for i in ids])
     special = gguf.SpecialVocab(model_path, load_merges=True, n_vocab=vocab_size)
+    # What the tokenizer does, not what its config may leave unsaid:
+    # llama.cpp's tools (llama-perplexity) then see the same tokens.
+    special.add_special_token["bos"] = _tokenizer_adds_bos(model_path)
     special.add_to_gguf(writer, quiet=True)
     return padded, pre
+
+
+def _tokenizer_adds_bos(model_path: Path) -> bool:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
 
 
 def convert_llama(model_path: Path, out: Path) -> dict[str, Any]:

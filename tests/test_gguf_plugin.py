@@ -169,3 +169,7 @@ def test_llama_cpp_splits_text_as_the_tokenizer_does(wide_tiny_model, tmp_path):
     model = llama_cpp.Llama(str(tmp_path / "m.gguf"), vocab_only=True, verbose=False)
     ours = model.tokenize(text.encode(), add_bos=False, special=False)
     assert ours == AutoTokenizer.from_pretrained(wide_tiny_model)(text, add_special_tokens=False)["input_ids"]
+    import gguf
+
+    fields = gguf.GGUFReader(str(tmp_path / "m.gguf")).fields
+    assert fields["tokenizer.ggml.add_bos_token"].contents() is False  # as the tokenizer: "a" gets no BOS
