@@ -369,12 +369,17 @@ def _check_prequantized(model_path: Path, config: GGUFConfig) -> dict[str, Any]:
 
     path = resolve_file(config.path)
     file = GGUFFile(path)
+    marker = model_path / ".qbench-complete"  # the embedded model's folder names the file it came from
+    from_this_file = marker.is_file() and marker.read_text().strip() == path.name
+    if config.path == EMBEDDED and not from_this_file:
+        raise QBenchError(f"gguf:embedded is the embedded default model's own file, not a quantization of "
+                          f"{model_path.name}: run it with the default model, or pass "
+                          "-b gguf:prequantized:path=FILE.gguf")
     ours = json.loads((model_path / "config.json").read_text()).get("vocab_size")
     if file.vocab_size != ours:
         raise QBenchError(f"GGUF file {path} has a vocabulary of {file.vocab_size} tokens, the run's model {ours}: "
                           "it is not a quantization of this model; pass --model its base model")
-    marker = model_path / ".qbench-complete"  # the embedded model's folder names the file it came from
-    if marker.is_file() and marker.read_text().strip() == path.name:
+    if from_this_file:
         notes = ["the baseline is this very file dequantized to fp32: the row measures llama.cpp's kernels alone "
                  "(on the CPU they quantize activations to 8 bits in quantized dot products)"]
     else:

