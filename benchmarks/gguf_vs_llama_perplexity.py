@@ -136,7 +136,9 @@ def main() -> None:
             rows.append((name, metrics["kld"]["value"], metrics["kld"]["stderr"], *number(r"Mean\s+KLD", output),
                          metrics["perplexity"]["value"], number(r"Mean PPL\(Q\)", output)[0]))
         fp32 = records["fp:fp32"]["metrics"]
-        print(f"text: {text.stat().st_size} bytes; qbench scored {fp32['perplexity']['n']} tokens in {args.chunks} chunks of {args.ctx}; llama.cpp: {next(g for g in found.groups() if g)} chunks")
+        their_chunks = next((g for g in found.groups() if g), "?") if found else "?"
+        print(f"text: {text.stat().st_size} bytes; qbench scored {fp32['perplexity']['n']} tokens in {args.chunks} "
+              f"chunks of {args.ctx}; llama.cpp: {their_chunks} chunks")
         print(f"baseline PPL: qbench fp32 (PyTorch) {fp32['perplexity']['value']:.4f}, llama.cpp F32 "
               f"{llama_ppl[0]:.4f} ± {llama_ppl[1]:.4f}")
         print("| type | qbench KLD | llama-perplexity KLD | ratio | qbench PPL | llama.cpp PPL |")
