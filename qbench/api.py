@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -35,13 +36,16 @@ def create_run(
     run_id: Optional[str] = None,
     allow_outside_data: bool = False,
     trust_task_code: bool = False,
+    gpus: Optional[str] = None,
 ) -> tuple[RunPlan, Path]:
     """Validate everything that can be validated before any cell runs, and
-    write the plan. Bad input fails here, with nothing measured yet."""
+    write the plan. Bad input fails here, with nothing measured yet.
+    ``gpus``: ``"0,1"`` or ``"all"``, cells in parallel, one per GPU."""
     check_options(threads, cell_timeout)
     if run_id is not None:
         check_run_id(run_id)
     device = resolve_device(device)
+    gpu_ids = resolve_gpus(gpus, device)
     settings = PluginSettings.from_env(plugin_dirs)
     loaded = load_plugins(settings)
     suite_file = suite_path(suite)
@@ -64,9 +68,38 @@ def create_run(
                    plugin_allow=list(settings.allow) if settings.allow is not None else None,
                    plugin_block=list(settings.block), cells=cells, skipped=skipped,
                    allow_outside_data=allow_outside_data, trust_task_code=trust_task_code,
-                   suite_files=suite_obj.data_hashes())
+                   suite_files=suite_obj.data_hashes(), gpus=gpu_ids)
     save_plan(plan, run_dir)
     return plan, run_dir
+
+
+def resolve_gpus(spec: Optional[str], device: str) -> list[str]:
+    """``--gpus``: ``all`` or indices among the GPUs this process sees, as
+    the ``CUDA_VISIBLE_DEVICES`` values each worker will get."""
+    if spec is None:
+        return []
+    if device != "cuda":
+        raise QBenchError(f"--gpus runs cells on GPUs, but the run's device is {device}: use --device cuda on a "
+                          "machine with GPUs, or leave --gpus out")
+    import torch
+
+    count = torch.cuda.device_count()
+    # Indices count the GPUs this process sees; a worker needs the names its parent's mask gives them.
+    names = [n.strip() for n in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if n.strip()] \
+        or [str(i) for i in range(count)]
+    if spec.strip() == "all":
+        return names[:count]
+    try:
+        wanted = [int(part) for part in spec.split(",") if part.strip()]
+    except ValueError:
+        raise QBenchError(f"--gpus takes 'all' or GPU indices like 0,1, not '{spec}'") from None
+    if not wanted or len(set(wanted)) != len(wanted):
+        raise QBenchError(f"--gpus '{spec}' names no GPU or one twice: give each index once, like 0,1")
+    bad = [i for i in wanted if not 0 <= i < count]
+    if bad:
+        raise QBenchError(f"--gpus names GPU {bad[0]}, but this machine shows {count} (0-{count - 1}): see "
+                          "nvidia-smi, or use --gpus all")
+    return [names[i] for i in wanted]
 
 
 def check_lm_eval_tasks(suite, trust_task_code: bool) -> None:

@@ -22,29 +22,52 @@ out = Console(width=None if sys.stdout.isatty() else 250)
 
 
 class RichReporter:
-    """Progress for long runs: which cell, which phase, elapsed time."""
+    """Progress for long runs: which cells run, their phases, elapsed time.
+    Several cells at once with ``--gpus``: one status line lists them all."""
 
     def __init__(self) -> None:
         self.status = None
-        self.started = 0.0
-        self.label = ""
+        self.running: dict[str, list] = {}  # key -> [label, started, phase]
 
     def cell_started(self, cell: str, index: int, total: int) -> None:
-        self.started = time.monotonic()
-        self.label = escape(f"[{index}/{total}] {cell}")  # cell names and errors are user text: never markup
-        self.status = console.status(f"{self.label} · starting worker")
-        self.status.start()
+        # cell names and errors are user text: never markup
+        self.running[cell] = [escape(f"[{index}/{total}] {cell}"), time.monotonic(), "starting worker"]
+        self._show()
+
+    def _entry(self, cell: str) -> Optional[list]:
+        # a latency trial is reported as "CELL · latency trial k of K", its phases as CELL
+        return self.running.get(cell) or next(
+            (entry for key, entry in self.running.items() if key.startswith(cell + " · ")), None)
 
     def phase(self, cell: str, name: str) -> None:
-        elapsed = time.monotonic() - self.started
-        self.status.update(f"{self.label} · {escape(name)} · {elapsed:.0f}s into the cell")
+        entry = self._entry(cell)
+        if entry is not None:
+            entry[2] = escape(name)
+            self._show()
 
     def cell_finished(self, cell: str, status: str, seconds: float, error: Optional[str]) -> None:
-        self.status.stop()
+        entry = self.running.pop(cell, None)
+        label = entry[0] if entry else escape(cell)
+        self._show()
         if status == "ok":
-            console.print(f"[green]✓[/] {self.label} finished in {seconds:.0f}s")
+            console.print(f"[green]✓[/] {label} finished in {seconds:.0f}s")
         else:
-            console.print(f"[red]✗[/] {self.label} failed after {seconds:.0f}s: {escape(error or '?')}")
+            console.print(f"[red]✗[/] {label} failed after {seconds:.0f}s: {escape(error or '?')}")
+
+    def _show(self) -> None:
+        if not self.running:
+            if self.status is not None:
+                self.status.stop()
+                self.status = None
+            return
+        now = time.monotonic()
+        text = "  |  ".join(f"{label} · {phase} · {now - started:.0f}s into the cell"
+                            for label, started, phase in self.running.values())
+        if self.status is None:
+            self.status = console.status(text)
+            self.status.start()
+        else:
+            self.status.update(text)
 
     def warn(self, message: str) -> None:
         console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False)
@@ -101,9 +124,11 @@ def cli() -> None:
               help="Let the suite read data files outside its own folder (off: a shared suite cannot read your files).")
 @click.option("--trust-task-code", is_flag=True,
               help="Let the suite's lm-eval task files run Python ('!function', datasets' trust_remote_code).")
+@click.option("--gpus", default=None, metavar="all|0,1,...",
+              help="Run cells in parallel, one worker per GPU (the baseline first, alone). Needs --device cuda.")
 @click.pass_context
 def run(ctx, model, suite, backends, baseline, device, threads, cell_timeout, plugins_dir, output_dir, run_id,
-        resume, retry_failed, trust_remote_code, allow_outside_data, trust_task_code) -> None:
+        resume, retry_failed, trust_remote_code, allow_outside_data, trust_task_code, gpus) -> None:
     """Run a benchmark: every backend variant against the baseline."""
     from qbench.api import create_run, resume_run
     from qbench.results import ResultStore
@@ -124,13 +149,15 @@ def run(ctx, model, suite, backends, baseline, device, threads, cell_timeout, pl
                                        device=device, threads=threads, cell_timeout=cell_timeout,
                                        plugin_dirs=tuple(plugins_dir), output_dir=output_dir,
                                        trust_remote_code=trust_remote_code, run_id=run_id,
-                                       allow_outside_data=allow_outside_data, trust_task_code=trust_task_code)
+                                       allow_outside_data=allow_outside_data, trust_task_code=trust_task_code,
+                                       gpus=gpus)
     store = ResultStore(run_dir)
     reporter = RichReporter()
     preflight(run_dir, store, reporter)  # a torn tail or records saved aside change what is left to run
     todo = pending_cells(plan, store, retry_failed)
     console.print(escape(f"run {plan.run_id} → {run_dir.resolve()}  model {plan.model.name} "
-                         f"({plan.model.fingerprint}) suite {plan.suite_name} ({plan.suite_hash}) device {plan.device}"))
+                         f"({plan.model.fingerprint}) suite {plan.suite_name} ({plan.suite_hash}) device {plan.device}"
+                         + (f" on GPUs {','.join(plan.gpus)}" if plan.gpus else "")))
     for cell, why in plan.skipped.items():
         console.print(f"[yellow]skipped[/] {escape(cell)}: {escape(why)}")
     if len(todo) < len(plan.cells):
@@ -154,7 +181,7 @@ def run(ctx, model, suite, backends, baseline, device, threads, cell_timeout, pl
 
 #: Options a resumed run takes from its plan, never from the command line.
 RUN_PLAN_OPTIONS = ("model", "suite", "backends", "baseline", "device", "threads", "cell_timeout", "plugins_dir",
-                    "run_id", "trust_remote_code", "allow_outside_data", "trust_task_code")
+                    "run_id", "trust_remote_code", "allow_outside_data", "trust_task_code", "gpus")
 
 
 @cli.command()

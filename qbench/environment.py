@@ -76,6 +76,9 @@ def collect_environment(device: str) -> dict[str, Any]:
         "device": device,
         "git_commit": git_commit(),
     }
+    if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
+        # which GPU measured the record, with --gpus one per worker
+        env["cuda_visible_devices"] = os.environ["CUDA_VISIBLE_DEVICES"]
     if device == "cuda" and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         env["gpu"] = {

@@ -55,6 +55,9 @@ class RunPlan(BaseModel):
     trust_task_code: bool = False
     #: resolved path -> sha256 prefix of every data file of the suite
     suite_files: dict[str, str] = {}
+    #: GPUs the cells run on, one worker each (``--gpus``); empty: the
+    #: default device, one cell at a time
+    gpus: list[str] = []
 
     def plugin_settings(self) -> PluginSettings:
         return PluginSettings(tuple(self.plugin_dirs), tuple(self.plugin_allow) if self.plugin_allow is not None
@@ -212,13 +215,31 @@ def execute(plan: RunPlan, run_dir: Path, reporter: Reporter = SilentReporter(),
     store = ResultStore(run_dir)
     preflight(run_dir, store, reporter)
     todo = pending_cells(plan, store, retry_failed)
-    written = []
-    for index, cell in enumerate(todo, 1):
-        reporter.cell_started(cell.cell, index, len(todo))
-        record = run_cell(plan, run_dir, cell, reporter)
+    written: list[CellRecord] = []
+    position = iter(range(1, len(todo) + 1))
+
+    def measure(cell: CellSpec, gpu: Optional[str], lane_reporter) -> CellRecord:
+        lane_reporter.cell_started(cell.cell, next(position), len(todo))
+        return run_cell(plan, run_dir, cell, lane_reporter, gpu)
+
+    def keep(cell: CellSpec, record: CellRecord) -> None:
         store.append(record)
         written.append(record)
         reporter.cell_finished(cell.cell, record.status, record.wall_seconds or 0.0, record.error)
+
+    # The baseline first and alone: every other cell reads its reference.
+    first = [cell for cell in todo if cell.baseline]
+    rest = [cell for cell in todo if not cell.baseline]
+    if len(plan.gpus) > 1:
+        for cell in first:
+            keep(cell, measure(cell, plan.gpus[0], reporter))
+        from qbench.parallel import run_on_gpus
+
+        run_on_gpus(rest, plan.gpus, measure, keep, reporter)
+    else:
+        gpu = plan.gpus[0] if plan.gpus else None
+        for cell in first + rest:
+            keep(cell, measure(cell, gpu, reporter))
     return written + run_latency_trials(plan, run_dir, store, reporter)
 
 
@@ -238,13 +259,18 @@ def run_latency_trials(plan: RunPlan, run_dir: Path, store: ResultStore, reporte
         latest = store.latest()  # read once per round; this round writes each cell's record once
         cells = [c for c in plan.cells if c.cell in latest and latest[c.cell].ok
                  and 0 < trials_attempted(latest[c.cell]) < trial]
-        for index, cell in enumerate(cells, 1):
-            label = f"{cell.cell} · latency trial {trial} of {wanted}"
-            reporter.cell_started(label, index, len(cells))
-            outcome, started, _ = _run_worker(plan, run_dir, cell, reporter, latency_trial=trial)
-            record = latest[cell.cell]
-            seconds = round(time.time() - started, 3)
-            error = None
+        position = iter(range(1, len(cells) + 1))
+
+        def label(cell: CellSpec) -> str:
+            return f"{cell.cell} · latency trial {trial} of {wanted}"
+
+        def measure(cell: CellSpec, gpu: Optional[str], lane_reporter):
+            lane_reporter.cell_started(label(cell), next(position), len(cells))
+            outcome, started, _ = _run_worker(plan, run_dir, cell, lane_reporter, latency_trial=trial, gpu=gpu)
+            return outcome, round(time.time() - started, 3)
+
+        def keep(cell: CellSpec, result) -> None:
+            (outcome, seconds), record, error = result, latest[cell.cell], None
             if outcome[0] == "result":
                 record = add_trial(record, outcome[1]["trial"])
             else:
@@ -254,8 +280,23 @@ def run_latency_trials(plan: RunPlan, run_dir: Path, store: ResultStore, reporte
             record = record.updated(trial_wall_seconds=record.trial_wall_seconds + [seconds])
             store.append(record)
             written.append(record)
-            reporter.cell_finished(label, "failed" if error else "ok", seconds, error)
+            reporter.cell_finished(label(cell), "failed" if error else "ok", seconds, error)
+
+        if len(plan.gpus) > 1:
+            from qbench.parallel import run_on_gpus
+
+            # each trial on the GPU that measured its cell: a row's trials are one GPU's figures
+            run_on_gpus(cells, plan.gpus, measure, keep, reporter,
+                        assign=lambda cell: measured_on(latest[cell.cell]))
+        else:
+            for cell in cells:
+                keep(cell, measure(cell, plan.gpus[0] if plan.gpus else None, reporter))
     return written
+
+
+def measured_on(record: CellRecord) -> Optional[str]:
+    """The GPU (``CUDA_VISIBLE_DEVICES``) a cell's worker ran on, if any."""
+    return (record.env or {}).get("cuda_visible_devices")
 
 
 def _base_record(plan: RunPlan, cell: CellSpec) -> dict[str, Any]:
@@ -266,8 +307,9 @@ def _base_record(plan: RunPlan, cell: CellSpec) -> dict[str, Any]:
                       "data_files": plan.suite_files}}
 
 
-def run_cell(plan: RunPlan, run_dir: Path, cell: CellSpec, reporter: Reporter) -> CellRecord:
-    outcome, started, log_path = _run_worker(plan, run_dir, cell, reporter)
+def run_cell(plan: RunPlan, run_dir: Path, cell: CellSpec, reporter: Reporter, gpu: Optional[str] = None
+             ) -> CellRecord:
+    outcome, started, log_path = _run_worker(plan, run_dir, cell, reporter, gpu=gpu)
     finished = time.time()
     record = {**_base_record(plan, cell), "log": str(log_path), "finished": finished,
               "wall_seconds": round(finished - started, 3)}
@@ -281,15 +323,18 @@ def run_cell(plan: RunPlan, run_dir: Path, cell: CellSpec, reporter: Reporter) -
                                       "error": outcome[1]["error"]})
 
 
-def _run_worker(plan: RunPlan, run_dir: Path, cell: CellSpec, reporter: Reporter, latency_trial: int = 0
-                ) -> tuple[tuple[str, dict[str, Any]], float, Path]:
-    """Run one task in a fresh worker: ((kind, payload), start time,
-    log file). kind is "result" or "error"; a worker that died or hung is
-    an error naming the phase it was in."""
+def _run_worker(plan: RunPlan, run_dir: Path, cell: CellSpec, reporter: Reporter, latency_trial: int = 0,
+                gpu: Optional[str] = None) -> tuple[tuple[str, dict[str, Any]], float, Path]:
+    """Run one task in a fresh worker, on ``gpu`` alone when given: ((kind,
+    payload), start time, log file). kind is "result" or "error"; a worker
+    that died or hung is an error naming the phase it was in."""
+    env = dict(os.environ)
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu  # read by CUDA when the worker first touches it
     task = CellTask(run_id=plan.run_id, run_dir=str(run_dir), cell=cell.cell, backend=cell.backend,
                     variant=cell.variant, is_baseline=cell.baseline, model=plan.model.model_dump(),
                     suite_path=plan.suite_path, device=plan.device, threads=plan.threads,
-                    plugins=plan.plugin_settings(), latency_trial=latency_trial, env=dict(os.environ),
+                    plugins=plan.plugin_settings(), latency_trial=latency_trial, env=env,
                     allow_outside_data=plan.allow_outside_data, trust_task_code=plan.trust_task_code)
     log_path = run_dir / "logs" / (cell_file_stem(cell.cell) + ".log")
     ctx = worker_context()
