@@ -127,3 +127,25 @@ def test_a_run_on_two_fake_gpus_matches_a_serial_run(tiny_model, tiny_suite, tmp
     spans = sorted((parallel[c].started, parallel[c].finished) for c in cells)
     assert spans[1][0] < spans[0][1]  # two cells were measured at the same time
     assert parallel["fp:fp32"].finished <= min(start for start, _ in spans)  # the baseline alone, first
+
+
+def test_a_worker_dying_on_one_gpu_loses_nothing_elsewhere(tiny_model, tiny_suite, tmp_path):
+    """One cell's worker exits mid-cell on one fake GPU while the other GPU
+    measures: its failure is recorded with the reason, every other record
+    is kept, and the run can be resumed to retry it."""
+    from qbench.api import create_run
+    from qbench.results import ResultStore
+    from qbench.runner import execute, pending_cells, save_plan
+    from tests.conftest import FAKE_PLUGINS
+
+    plan, run_dir = create_run(model=str(tiny_model), suite=str(tiny_suite), backends=["fake:exit", "fake:ok",
+                               "fake:slow"], device="cpu", output_dir=str(tmp_path), run_id="dies",
+                               plugin_dirs=(str(FAKE_PLUGINS),))
+    plan = plan.model_copy(update={"gpus": ["0", "1"]})
+    save_plan(plan, run_dir)
+    execute(plan, run_dir)
+    latest = ResultStore(run_dir).latest()
+    assert {c: r.status for c, r in latest.items()} == {"fp:fp32": "ok", "fake:exit": "failed", "fake:ok": "ok",
+                                                          "fake:slow": "ok"}
+    assert "exited with code" in latest["fake:exit"].error
+    assert [c.cell for c in pending_cells(plan, ResultStore(run_dir), retry_failed=True)] == ["fake:exit"]
