@@ -130,6 +130,18 @@ class LlamaLog:
         return (errors or lines or ["no message"])[-1][:300]
 
 
+_LOG: Optional[LlamaLog] = None
+
+
+def llama_log() -> LlamaLog:
+    """The process's one LlamaLog: llama.cpp keeps calling the callback it
+    was given, so that callback must live as long as the process."""
+    global _LOG
+    if _LOG is None:
+        _LOG = LlamaLog()
+    return _LOG
+
+
 class LlamaCppSession(Session):
     """A GGUF model in llama.cpp: logits for every position of a batch (one
     sequence id per row), and batched greedy decoding with its KV cache."""
@@ -138,7 +150,7 @@ class LlamaCppSession(Session):
         import llama_cpp
         import torch
 
-        self.log = LlamaLog()
+        self.log = llama_log()
         llama_cpp.llama_backend_init()
         system = llama_cpp.llama_print_system_info().decode().strip()
         params = llama_cpp.llama_model_default_params()
@@ -355,7 +367,7 @@ def _llama_quantize(source: Path, target: Path, type_name: str) -> None:
     import llama_cpp
     import torch
 
-    log = LlamaLog()
+    log = llama_log()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, "LLAMA_FTYPE_" + TYPES[type_name][0])
     params.nthread = torch.get_num_threads()
