@@ -146,7 +146,7 @@ class LlamaCppSession(Session):
     """A GGUF model in llama.cpp: logits for every position of a batch (one
     sequence id per row), and batched greedy decoding with its KV cache."""
 
-    def __init__(self, path: Path, device: str, facts: dict[str, Any]):
+    def __init__(self, path: Path, file: GGUFFile, device: str, facts: dict[str, Any]):
         import llama_cpp
         import torch
 
@@ -168,7 +168,7 @@ class LlamaCppSession(Session):
         if not self.model:
             raise QBenchError(f"llama.cpp cannot load {path}: {self.log.last_error()}")
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
-        self.file = GGUFFile(path)
+        self.file = file
         self.threads = torch.get_num_threads()  # the run's --threads, as the PyTorch backends use
         self.ctx = None
         self.ctx_size = (0, 0)  # (positions, sequences) the context holds
@@ -360,7 +360,7 @@ class LlamaCpp(Backend):
         from qbench.environment import package_version
 
         kernel = f"llama.cpp (llama-cpp-python {package_version('llama-cpp-python')}), {device.upper()}"
-        return LlamaCppSession(path, device, {"kernel": kernel, "file": str(path)})
+        return LlamaCppSession(path, file, device, {"kernel": kernel, "file": str(path)})
 
 
 def _llama_quantize(source: Path, target: Path, type_name: str) -> None:

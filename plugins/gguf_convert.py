@@ -89,6 +89,8 @@ def write_vocabulary(writer, model_path: Path, vocab_size: int) -> int:
     pre-tokenizer name written."""
     import gguf
 
+    from qbench.workload import adds_bos, load_tokenizer
+
     spec = json.loads((model_path / "tokenizer.json").read_text())
     model = spec.get("model", {})
     if model.get("type") != "BPE" or model.get("byte_fallback"):
@@ -114,17 +116,9 @@ def write_vocabulary(writer, model_path: Path, vocab_size: int) -> int:
     special = gguf.SpecialVocab(model_path, load_merges=True, n_vocab=vocab_size)
     # What the tokenizer does, not what its config may leave unsaid:
     # llama.cpp's tools (llama-perplexity) then see the same tokens.
-    special.add_special_token["bos"] = _tokenizer_adds_bos(model_path)
+    special.add_special_token["bos"] = adds_bos(load_tokenizer(str(model_path)))
     special.add_to_gguf(writer, quiet=True)
     return padded, pre
-
-
-def _tokenizer_adds_bos(model_path: Path) -> bool:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
-    bos = tokenizer.bos_token_id
-    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
 
 
 def convert_llama(model_path: Path, out: Path) -> dict[str, Any]:

@@ -12,6 +12,7 @@ the reporter is only ever called from the main thread.
 
 from __future__ import annotations
 
+import multiprocessing
 import queue
 import threading
 from typing import Any, Callable, Optional, TypeVar
@@ -38,6 +39,19 @@ class _Relay:
         self.events.put(("call", "warn", (message,)))
 
 
+def run_cells(items: list[Item], gpus: list[str], work: Callable[[Item, Optional[str], Any], Any],
+              finish: Callable[[Item, Any], None], reporter: Any,
+              assign: Optional[Callable[[Item], Optional[str]]] = None) -> None:
+    """``work`` then ``finish`` for every item: one after another in this
+    thread on one GPU or none (``gpu`` is then that GPU or None), else
+    spread over the GPUs by ``run_on_gpus``."""
+    if len(gpus) > 1:
+        run_on_gpus(items, gpus, work, finish, reporter, assign)
+        return
+    for item in items:
+        finish(item, work(item, gpus[0] if gpus else None, reporter))
+
+
 def run_on_gpus(items: list[Item], gpus: list[str], work: Callable[[Item, str, Any], Any],
                 finish: Callable[[Item, Any], None], reporter: Any,
                 assign: Optional[Callable[[Item], Optional[str]]] = None) -> None:
@@ -46,7 +60,9 @@ def run_on_gpus(items: list[Item], gpus: list[str], work: Callable[[Item, str, A
     ends. ``assign(item)`` may pin an item to a GPU (a latency trial to the
     GPU that measured its cell); other items go to whichever GPU is free.
     An exception in ``work`` is a harness bug: the other lanes finish their
-    current item, nothing more starts, and it is raised here."""
+    current item, nothing more starts, and it is raised here. An exception
+    here (Ctrl-C, a failing ``finish``) stops the lanes' worker processes at
+    once: what they were measuring is lost, what was finished is kept."""
     events: queue.Queue = queue.Queue()
     shared: queue.Queue = queue.Queue()
     pinned: dict[str, queue.Queue] = {gpu: queue.Queue() for gpu in gpus}
@@ -77,15 +93,23 @@ def run_on_gpus(items: list[Item], gpus: list[str], work: Callable[[Item, str, A
     for thread in threads:
         thread.start()
     ended, crash = 0, None
-    while ended < len(threads):
-        kind, first, second = events.get()
-        if kind == "call":
-            getattr(reporter, first)(*second)
-        elif kind == "done":
-            finish(first, second)
-        elif kind == "crashed":
-            crash = crash or second
-        else:
-            ended += 1
+    try:
+        while ended < len(threads):
+            kind, first, second = events.get()
+            if kind == "call":
+                getattr(reporter, first)(*second)
+            elif kind == "done":
+                finish(first, second)
+            elif kind == "crashed":
+                crash = crash or second
+            else:
+                ended += 1
+    except BaseException:
+        stop.set()
+        # Lanes wait on worker processes that would otherwise run their cell
+        # to the end (and the interpreter would wait for them at exit).
+        for child in multiprocessing.active_children():
+            child.terminate()
+        raise
     if crash is not None:
         raise crash

@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field, ValidationError
 from qbench.errors import QBenchError, describe_validation
 from qbench.io import write_atomic
 from qbench.models import ModelSpec
+from qbench.parallel import run_cells
 from qbench.plugins import LoadedPlugins, PluginSettings, get_backend
 from qbench.records import CellRecord
 from qbench.results import PLAN_FILE, ResultStore, cell_file_stem
@@ -228,18 +229,8 @@ def execute(plan: RunPlan, run_dir: Path, reporter: Reporter = SilentReporter(),
         reporter.cell_finished(cell.cell, record.status, record.wall_seconds or 0.0, record.error)
 
     # The baseline first and alone: every other cell reads its reference.
-    first = [cell for cell in todo if cell.baseline]
-    rest = [cell for cell in todo if not cell.baseline]
-    if len(plan.gpus) > 1:
-        for cell in first:
-            keep(cell, measure(cell, plan.gpus[0], reporter))
-        from qbench.parallel import run_on_gpus
-
-        run_on_gpus(rest, plan.gpus, measure, keep, reporter)
-    else:
-        gpu = plan.gpus[0] if plan.gpus else None
-        for cell in first + rest:
-            keep(cell, measure(cell, gpu, reporter))
+    run_cells([cell for cell in todo if cell.baseline], plan.gpus[:1], measure, keep, reporter)
+    run_cells([cell for cell in todo if not cell.baseline], plan.gpus, measure, keep, reporter)
     return written + run_latency_trials(plan, run_dir, store, reporter)
 
 
@@ -282,15 +273,8 @@ def run_latency_trials(plan: RunPlan, run_dir: Path, store: ResultStore, reporte
             written.append(record)
             reporter.cell_finished(label(cell), "failed" if error else "ok", seconds, error)
 
-        if len(plan.gpus) > 1:
-            from qbench.parallel import run_on_gpus
-
-            # each trial on the GPU that measured its cell: a row's trials are one GPU's figures
-            run_on_gpus(cells, plan.gpus, measure, keep, reporter,
-                        assign=lambda cell: measured_on(latest[cell.cell]))
-        else:
-            for cell in cells:
-                keep(cell, measure(cell, plan.gpus[0] if plan.gpus else None, reporter))
+        # each trial on the GPU that measured its cell: a row's trials are one GPU's figures
+        run_cells(cells, plan.gpus, measure, keep, reporter, assign=lambda cell: measured_on(latest[cell.cell]))
     return written
 
 

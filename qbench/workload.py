@@ -23,6 +23,12 @@ from qbench.windows import Window, llama_cpp_windows, make_windows, rolling_wind
 OVERLAP_NGRAM = 13
 
 
+def adds_bos(tokenizer) -> bool:
+    """Whether ``tokenizer`` puts its BOS first by itself (llama.cpp's add_bos)."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+
+
 def load_tokenizer(model_path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
@@ -91,7 +97,7 @@ class Workload:
     @property
     def tokenizer_adds_bos(self) -> bool:
         """Whether the tokenizer puts BOS first by itself (llama.cpp's add_bos)."""
-        return self.bos_id is not None and self.tokenizer("a")["input_ids"][:1] == [self.bos_id]
+        return adds_bos(self.tokenizer)
 
     @cached_property
     def stream(self) -> list[int]:

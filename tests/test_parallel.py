@@ -74,6 +74,34 @@ def test_a_harness_error_stops_new_items_and_is_raised_after_the_others_finish()
     assert set(finished) == set(started) - {0}  # what was running finished and was kept
 
 
+def test_an_interrupt_stops_the_workers_still_measuring():
+    """Ctrl-C (here: ``finish`` raising) while a lane waits on a worker
+    process: the worker is stopped at once, not left to finish its cell."""
+    import multiprocessing
+
+    started = []
+
+    def work(item, gpu, _):
+        started.append(item)
+        if item == 0:
+            return item
+        child = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(60,))
+        child.start()
+        child.join()
+        return item
+
+    def finish(item, result):
+        time.sleep(1)  # the other lane's worker is running by now
+        raise KeyboardInterrupt
+
+    begun = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        run_on_gpus(list(range(6)), ["0", "1"], work, finish, Recorder())
+    time.sleep(0.5)
+    assert not multiprocessing.active_children()
+    assert time.monotonic() - begun < 30 and len(started) <= 3
+
+
 def test_gpus_option_names_the_problem(monkeypatch):
     import torch
 
