@@ -37,15 +37,17 @@ def create_run(
     allow_outside_data: bool = False,
     trust_task_code: bool = False,
     gpus: Optional[str] = None,
+    gpus_per_cell: int = 1,
 ) -> tuple[RunPlan, Path]:
     """Validate everything that can be validated before any cell runs, and
     write the plan. Bad input fails here, with nothing measured yet.
-    ``gpus``: ``"0,1"`` or ``"all"``, cells in parallel, one per GPU."""
+    ``gpus``: ``"0,1"`` or ``"all"``, cells in parallel, one per GPU (or per
+    ``gpus_per_cell`` GPUs, over which each cell's model is spread)."""
     check_options(threads, cell_timeout)
     if run_id is not None:
         check_run_id(run_id)
     device = resolve_device(device)
-    gpu_ids = resolve_gpus(gpus, device)
+    gpu_ids = resolve_gpus(gpus, device, gpus_per_cell)
     settings = PluginSettings.from_env(plugin_dirs)
     loaded = load_plugins(settings)
     suite_file = suite_path(suite)
@@ -68,38 +70,67 @@ def create_run(
                    plugin_allow=list(settings.allow) if settings.allow is not None else None,
                    plugin_block=list(settings.block), cells=cells, skipped=skipped,
                    allow_outside_data=allow_outside_data, trust_task_code=trust_task_code,
-                   suite_files=suite_obj.data_hashes(), gpus=gpu_ids)
+                   suite_files=suite_obj.data_hashes(), gpus=gpu_ids,
+                   gpus_per_cell=gpus_per_cell)
     save_plan(plan, run_dir)
     return plan, run_dir
 
 
-def resolve_gpus(spec: Optional[str], device: str) -> list[str]:
-    """``--gpus``: ``all`` or indices among the GPUs this process sees, as
-    the ``CUDA_VISIBLE_DEVICES`` values each worker will get."""
-    if spec is None:
+def resolve_gpus(spec: Optional[str], device: str, per_cell: int = 1) -> list[str]:
+    """``--gpus`` and ``--gpus-per-cell``: the ``CUDA_VISIBLE_DEVICES`` value
+    of each lane of workers: one GPU each, or groups of ``per_cell``.
+    ``spec`` is ``all`` or indices among the GPUs this process sees; with
+    ``per_cell`` > 1 and no ``spec``, the first ``per_cell`` GPUs."""
+    if spec is None and per_cell == 1:
         return []
+    option = "--gpus" if spec is not None else "--gpus-per-cell"
     if device != "cuda":
-        raise QBenchError(f"--gpus runs cells on GPUs, but the run's device is {device}: use --device cuda on a "
-                          "machine with GPUs, or leave --gpus out")
+        raise QBenchError(f"{option} runs cells on GPUs, but the run's device is {device}: use --device cuda on a "
+                          f"machine with GPUs, or leave {option} out")
     import torch
 
     count = torch.cuda.device_count()
     # Indices count the GPUs this process sees; a worker needs the names its parent's mask gives them.
     names = [n.strip() for n in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if n.strip()] \
         or [str(i) for i in range(count)]
-    if spec.strip() == "all":
-        return names[:count]
-    try:
-        wanted = [int(part) for part in spec.split(",") if part.strip()]
-    except ValueError:
-        raise QBenchError(f"--gpus takes 'all' or GPU indices like 0,1, not '{spec}'") from None
-    if not wanted or len(set(wanted)) != len(wanted):
-        raise QBenchError(f"--gpus '{spec}' names no GPU or one twice: give each index once, like 0,1")
-    bad = [i for i in wanted if not 0 <= i < count]
-    if bad:
-        raise QBenchError(f"--gpus names GPU {bad[0]}, but this machine shows {count} (0-{count - 1}): see "
-                          "nvidia-smi, or use --gpus all")
-    return [names[i] for i in wanted]
+    names = names[:count]
+    if spec is None or spec.strip() == "all":
+        chosen = names if spec is not None else names[:per_cell]
+    else:
+        try:
+            wanted = [int(part) for part in spec.split(",") if part.strip()]
+        except ValueError:
+            raise QBenchError(f"--gpus takes 'all' or GPU indices like 0,1, not '{spec}'") from None
+        if not wanted or len(set(wanted)) != len(wanted):
+            raise QBenchError(f"--gpus '{spec}' names no GPU or one twice: give each index once, like 0,1")
+        bad = [i for i in wanted if not 0 <= i < count]
+        if bad:
+            raise QBenchError(f"--gpus names GPU {bad[0]}, but this machine shows {count} (0-{count - 1}): see "
+                              "nvidia-smi, or use --gpus all")
+        chosen = [names[i] for i in wanted]
+    if len(chosen) < per_cell:
+        raise QBenchError(f"--gpus-per-cell {per_cell} needs {per_cell} GPUs, but the run has {len(chosen)}: "
+                          "lower it, or name more GPUs with --gpus")
+    if len(chosen) % per_cell:
+        raise QBenchError(f"--gpus names {len(chosen)} GPUs, which do not split into groups of {per_cell} "
+                          "(--gpus-per-cell): name a multiple of it")
+    return [",".join(chosen[i:i + per_cell]) for i in range(0, len(chosen), per_cell)]
+
+
+def make_executor(kind: str = "local", address: Optional[str] = None, files: str = "auto",
+                  cache_dir: Optional[str] = None, cell_memory_gib: Optional[float] = None):
+    """The executor that runs the plan's workers: this machine (one lane per
+    GPU group of the plan), or a Ray cluster."""
+    from qbench.runner import LocalExecutor
+
+    if kind == "local":
+        return LocalExecutor()
+    if kind != "ray":
+        raise QBenchError(f"unknown executor '{kind}': use local or ray")
+    from qbench.ray_executor import RayExecutor
+
+    return RayExecutor(address=address, files=files, cache_dir=cache_dir,
+                       task_memory=int(cell_memory_gib * 2**30) if cell_memory_gib else None)
 
 
 def check_lm_eval_tasks(suite, trust_task_code: bool) -> None:

@@ -126,13 +126,33 @@ def cli() -> None:
               help="Let the suite's lm-eval task files run Python ('!function', datasets' trust_remote_code).")
 @click.option("--gpus", default=None, metavar="all|0,1,...",
               help="Run cells in parallel, one worker per GPU (the baseline first, alone). Needs --device cuda.")
+@click.option("--gpus-per-cell", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Spread each cell's model over N GPUs (a model larger than one GPU). Needs --device cuda.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Where cells run: this machine, or a Ray cluster (pip install 'qbench[ray]').")
+@click.option("--address", default=None, metavar="ADDR",
+              help="With --executor ray: the cluster (e.g. ray://head:10001 or auto); default: start one here.")
+@click.option("--ray-files", type=click.Choice(["auto", "shared", "ship"]), default="auto", show_default=True,
+              help="With --executor ray: nodes read the model, suite and run folder from shared storage, or get "
+                   "them through Ray's object store (auto: ship models under 4 GiB to a remote cluster).")
+@click.option("--ray-cache", default=None, metavar="DIR",
+              help="With --executor ray: an artifact cache every node shares (default: each node's own).")
+@click.option("--cell-memory", type=click.FloatRange(min=0, min_open=True), default=None, metavar="GIB",
+              help="With --executor ray: memory each cell's task reserves on its node.")
 @click.pass_context
 def run(ctx, model, suite, backends, baseline, device, threads, cell_timeout, plugins_dir, output_dir, run_id,
-        resume, retry_failed, trust_remote_code, allow_outside_data, trust_task_code, gpus) -> None:
+        resume, retry_failed, trust_remote_code, allow_outside_data, trust_task_code, gpus, gpus_per_cell, executor,
+        address, ray_files, ray_cache, cell_memory) -> None:
     """Run a benchmark: every backend variant against the baseline."""
-    from qbench.api import create_run, resume_run
+    from qbench.api import create_run, make_executor, resume_run
     from qbench.results import ResultStore
     from qbench.runner import execute, pending_cells, preflight
+
+    if executor != "ray":
+        given = [f"--{name.replace('_', '-')}" for name in ("address", "ray_files", "ray_cache", "cell_memory")
+                 if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT]
+        if given:
+            raise QBenchError(f"{', '.join(given)} only apply with --executor ray")
 
     if resume:
         given = [f"--{name.replace('_', '-')}" for name in RUN_PLAN_OPTIONS
@@ -150,20 +170,26 @@ def run(ctx, model, suite, backends, baseline, device, threads, cell_timeout, pl
                                        plugin_dirs=tuple(plugins_dir), output_dir=output_dir,
                                        trust_remote_code=trust_remote_code, run_id=run_id,
                                        allow_outside_data=allow_outside_data, trust_task_code=trust_task_code,
-                                       gpus=gpus)
+                                       gpus=gpus, gpus_per_cell=gpus_per_cell)
+    runner = make_executor(executor, address=address, files=ray_files, cache_dir=ray_cache,
+                           cell_memory_gib=cell_memory)
     store = ResultStore(run_dir)
     reporter = RichReporter()
     preflight(run_dir, store, reporter)  # a torn tail or records saved aside change what is left to run
     todo = pending_cells(plan, store, retry_failed)
     console.print(escape(f"run {plan.run_id} → {run_dir.resolve()}  model {plan.model.name} "
                          f"({plan.model.fingerprint}) suite {plan.suite_name} ({plan.suite_hash}) device {plan.device}"
-                         + (f" on GPUs {','.join(plan.gpus)}" if plan.gpus else "")))
+                         + (f" on GPUs {','.join(plan.gpus)}" if plan.gpus else "")
+                         + (f" on Ray ({address or 'a cluster on this machine'})" if executor == "ray" else "")))
     for cell, why in plan.skipped.items():
         console.print(f"[yellow]skipped[/] {escape(cell)}: {escape(why)}")
     if len(todo) < len(plan.cells):
         console.print(f"{len(plan.cells) - len(todo)} cell(s) already finished; running {len(todo)}")
     _print_estimate(plan, run_dir, todo)
-    execute(plan, run_dir, reporter, retry_failed=retry_failed)
+    try:
+        execute(plan, run_dir, reporter, retry_failed=retry_failed, executor=runner)
+    finally:
+        runner.close()
     records = list(store.latest().values())
     print_table(records, f"qbench run {plan.run_id}")
     console.print(f"results: {escape(str(store.path.resolve()))}")
@@ -181,7 +207,8 @@ def run(ctx, model, suite, backends, baseline, device, threads, cell_timeout, pl
 
 #: Options a resumed run takes from its plan, never from the command line.
 RUN_PLAN_OPTIONS = ("model", "suite", "backends", "baseline", "device", "threads", "cell_timeout", "plugins_dir",
-                    "run_id", "trust_remote_code", "allow_outside_data", "trust_task_code", "gpus")
+                    "run_id", "trust_remote_code", "allow_outside_data", "trust_task_code", "gpus",
+                    "gpus_per_cell")
 
 
 @cli.command()

@@ -79,6 +79,9 @@ def collect_environment(device: str) -> dict[str, Any]:
     if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
         # which GPU measured the record, with --gpus one per worker
         env["cuda_visible_devices"] = os.environ["CUDA_VISIBLE_DEVICES"]
+    if os.environ.get("QBENCH_RAY_NODE"):
+        env["ray_node_id"] = os.environ["QBENCH_RAY_NODE"]  # set by qbench.ray_executor
+        env["hostname"] = platform.node()
     if device == "cuda" and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         env["gpu"] = {

@@ -20,8 +20,9 @@ from typing import Any, Callable, Optional, TypeVar
 Item = TypeVar("Item")
 
 
-class _Relay:
-    """A reporter for a lane: forwards its calls to the main thread."""
+class Relay:
+    """A reporter for a lane (or a Ray task): puts its calls on a queue that
+    the main thread reads and forwards to the real reporter."""
 
     def __init__(self, events: queue.Queue):
         self.events = events
@@ -72,7 +73,7 @@ def run_on_gpus(items: list[Item], gpus: list[str], work: Callable[[Item, str, A
     stop = threading.Event()
 
     def lane(gpu: str) -> None:
-        relay = _Relay(events)
+        relay = Relay(events)
         try:
             while not stop.is_set():
                 try:

@@ -11,7 +11,7 @@ import secrets
 import signal
 import time
 from pathlib import Path
-from typing import Any, Optional, Protocol
+from typing import Any, Callable, NamedTuple, Optional, Protocol
 
 from pydantic import BaseModel, Field, ValidationError
 
@@ -59,6 +59,8 @@ class RunPlan(BaseModel):
     #: GPUs the cells run on, one worker each (``--gpus``); empty: the
     #: default device, one cell at a time
     gpus: list[str] = []
+    #: GPUs one cell's model is spread over (``--gpus-per-cell``)
+    gpus_per_cell: int = Field(1, ge=1)
 
     def plugin_settings(self) -> PluginSettings:
         return PluginSettings(tuple(self.plugin_dirs), tuple(self.plugin_allow) if self.plugin_allow is not None
@@ -209,32 +211,82 @@ def preflight(run_dir: Path, store: ResultStore, reporter: Reporter) -> None:
         reporter.warn(f"added the record of {cell} that an earlier run saved aside")
 
 
+class Job(NamedTuple):
+    """One worker's task: a whole cell, or one latency trial of it."""
+    cell: CellSpec
+    label: str                # what the progress display calls it
+    latency_trial: int = 0    # 0: the whole cell
+
+
+class WorkerResult(NamedTuple):
+    outcome: tuple[str, dict[str, Any]]  # ("result", payload) or ("error", {"phase", "error"})
+    started: float
+    log: Path
+
+
+class Executor(Protocol):
+    """Where workers run: this machine (``LocalExecutor``: one at a time, or
+    one per GPU with ``--gpus``) or a Ray cluster (``qbench.ray_executor``)."""
+
+    def run(self, plan: RunPlan, run_dir: Path, jobs: list[Job], finish: Callable[[Job, WorkerResult], None],
+            reporter: Reporter, alone: bool = False, placed: Optional[Callable[[Job], Optional[str]]] = None
+            ) -> None:
+        """Run every job's worker and call ``finish(job, result)`` in the
+        calling thread as each ends. ``alone``: one job at a time on one
+        device (the baseline). ``placed(job)``: where the job must run (a
+        latency trial where its cell was measured), as ``placement`` said."""
+
+    def placement(self, record: CellRecord) -> Optional[str]:
+        """Where a record was measured, in the terms ``placed`` uses."""
+
+    def close(self) -> None: ...
+
+
+class LocalExecutor:
+    """Workers on this machine: one after another, or one per GPU of the
+    plan's ``--gpus`` at once (qbench.parallel)."""
+
+    def run(self, plan, run_dir, jobs, finish, reporter, alone=False, placed=None) -> None:
+        position = iter(range(1, len(jobs) + 1))
+
+        def work(job: Job, gpu: Optional[str], lane_reporter) -> WorkerResult:
+            lane_reporter.cell_started(job.label, next(position), len(jobs))
+            return run_worker(plan, run_dir, job.cell, lane_reporter, job.latency_trial, gpu)
+
+        run_cells(jobs, plan.gpus[:1] if alone else plan.gpus, work, finish, reporter, placed)
+
+    def placement(self, record: CellRecord) -> Optional[str]:
+        """The GPU (``CUDA_VISIBLE_DEVICES``) a cell's worker ran on, if any."""
+        return (record.env or {}).get("cuda_visible_devices")
+
+    def close(self) -> None:
+        pass
+
+
 def execute(plan: RunPlan, run_dir: Path, reporter: Reporter = SilentReporter(),
-            retry_failed: bool = False) -> list[CellRecord]:
+            retry_failed: bool = False, executor: Optional[Executor] = None) -> list[CellRecord]:
     """Run every unfinished cell of the plan, then the latency trials still
     missing; return the records written now."""
+    executor = executor or LocalExecutor()
     store = ResultStore(run_dir)
     preflight(run_dir, store, reporter)
-    todo = pending_cells(plan, store, retry_failed)
+    jobs = [Job(cell, cell.cell) for cell in pending_cells(plan, store, retry_failed)]
     written: list[CellRecord] = []
-    position = iter(range(1, len(todo) + 1))
 
-    def measure(cell: CellSpec, gpu: Optional[str], lane_reporter) -> CellRecord:
-        lane_reporter.cell_started(cell.cell, next(position), len(todo))
-        return run_cell(plan, run_dir, cell, lane_reporter, gpu)
-
-    def keep(cell: CellSpec, record: CellRecord) -> None:
+    def keep(job: Job, result: WorkerResult) -> None:
+        record = cell_record(plan, job.cell, result)
         store.append(record)
         written.append(record)
-        reporter.cell_finished(cell.cell, record.status, record.wall_seconds or 0.0, record.error)
+        reporter.cell_finished(job.label, record.status, record.wall_seconds or 0.0, record.error)
 
     # The baseline first and alone: every other cell reads its reference.
-    run_cells([cell for cell in todo if cell.baseline], plan.gpus[:1], measure, keep, reporter)
-    run_cells([cell for cell in todo if not cell.baseline], plan.gpus, measure, keep, reporter)
-    return written + run_latency_trials(plan, run_dir, store, reporter)
+    executor.run(plan, run_dir, [job for job in jobs if job.cell.baseline], keep, reporter, alone=True)
+    executor.run(plan, run_dir, [job for job in jobs if not job.cell.baseline], keep, reporter)
+    return written + run_latency_trials(plan, run_dir, store, reporter, executor)
 
 
-def run_latency_trials(plan: RunPlan, run_dir: Path, store: ResultStore, reporter: Reporter) -> list[CellRecord]:
+def run_latency_trials(plan: RunPlan, run_dir: Path, store: ResultStore, reporter: Reporter,
+                       executor: Optional[Executor] = None) -> list[CellRecord]:
     """Latency trials 2..K of every finished cell, each in a fresh worker,
     round by round (every cell's trial 2, then every cell's trial 3) so a
     slow spell of the machine does not fall on one cell's trials alone. A
@@ -242,45 +294,34 @@ def run_latency_trials(plan: RunPlan, run_dir: Path, store: ResultStore, reporte
     from qbench.metrics.trials import add_trial, trials_attempted
     from qbench.suites import load_suite
 
+    executor = executor or LocalExecutor()
     latency = load_suite(plan.suite_path, allow_outside_data=plan.allow_outside_data).latency
     wanted = latency.trials if latency else 1
     written = []
     for trial in range(2, wanted + 1):
         fresh_worker_server()
         latest = store.latest()  # read once per round; this round writes each cell's record once
-        cells = [c for c in plan.cells if c.cell in latest and latest[c.cell].ok
-                 and 0 < trials_attempted(latest[c.cell]) < trial]
-        position = iter(range(1, len(cells) + 1))
+        jobs = [Job(c, f"{c.cell} · latency trial {trial} of {wanted}", trial) for c in plan.cells
+                if c.cell in latest and latest[c.cell].ok and 0 < trials_attempted(latest[c.cell]) < trial]
 
-        def label(cell: CellSpec) -> str:
-            return f"{cell.cell} · latency trial {trial} of {wanted}"
-
-        def measure(cell: CellSpec, gpu: Optional[str], lane_reporter):
-            lane_reporter.cell_started(label(cell), next(position), len(cells))
-            outcome, started, _ = _run_worker(plan, run_dir, cell, lane_reporter, latency_trial=trial, gpu=gpu)
-            return outcome, round(time.time() - started, 3)
-
-        def keep(cell: CellSpec, result) -> None:
-            (outcome, seconds), record, error = result, latest[cell.cell], None
-            if outcome[0] == "result":
-                record = add_trial(record, outcome[1]["trial"])
+        def keep(job: Job, result: WorkerResult) -> None:
+            record, error = latest[job.cell.cell], None
+            seconds = round(time.time() - result.started, 3)
+            if result.outcome[0] == "result":
+                record = add_trial(record, result.outcome[1]["trial"])
             else:
-                error = f"latency trial {trial}: {outcome[1]['error']}"
+                error = f"latency trial {trial}: {result.outcome[1]['error']}"
                 record = record.updated(latency_trial_errors=record.latency_trial_errors + [error],
                                         notes=record.notes + [f"{error}; latency comes from the other trials"])
             record = record.updated(trial_wall_seconds=record.trial_wall_seconds + [seconds])
             store.append(record)
             written.append(record)
-            reporter.cell_finished(label(cell), "failed" if error else "ok", seconds, error)
+            reporter.cell_finished(job.label, "failed" if error else "ok", seconds, error)
 
-        # each trial on the GPU that measured its cell: a row's trials are one GPU's figures
-        run_cells(cells, plan.gpus, measure, keep, reporter, assign=lambda cell: measured_on(latest[cell.cell]))
+        # each trial where its cell was measured: a row's trials are one GPU's figures
+        executor.run(plan, run_dir, jobs, keep, reporter,
+                     placed=lambda job: executor.placement(latest[job.cell.cell]))
     return written
-
-
-def measured_on(record: CellRecord) -> Optional[str]:
-    """The GPU (``CUDA_VISIBLE_DEVICES``) a cell's worker ran on, if any."""
-    return (record.env or {}).get("cuda_visible_devices")
 
 
 def _base_record(plan: RunPlan, cell: CellSpec) -> dict[str, Any]:
@@ -291,12 +332,12 @@ def _base_record(plan: RunPlan, cell: CellSpec) -> dict[str, Any]:
                       "data_files": plan.suite_files}}
 
 
-def run_cell(plan: RunPlan, run_dir: Path, cell: CellSpec, reporter: Reporter, gpu: Optional[str] = None
-             ) -> CellRecord:
-    outcome, started, log_path = _run_worker(plan, run_dir, cell, reporter, gpu=gpu)
+def cell_record(plan: RunPlan, cell: CellSpec, result: WorkerResult) -> CellRecord:
+    """A cell's record from its worker's outcome, identity and timing added."""
+    outcome, log_path = result.outcome, result.log
     finished = time.time()
     record = {**_base_record(plan, cell), "log": str(log_path), "finished": finished,
-              "wall_seconds": round(finished - started, 3)}
+              "wall_seconds": round(finished - result.started, 3)}
     if outcome[0] == "result":
         try:
             return CellRecord.model_validate({**record, **outcome[1]})
@@ -307,11 +348,11 @@ def run_cell(plan: RunPlan, run_dir: Path, cell: CellSpec, reporter: Reporter, g
                                       "error": outcome[1]["error"]})
 
 
-def _run_worker(plan: RunPlan, run_dir: Path, cell: CellSpec, reporter: Reporter, latency_trial: int = 0,
-                gpu: Optional[str] = None) -> tuple[tuple[str, dict[str, Any]], float, Path]:
-    """Run one task in a fresh worker, on ``gpu`` alone when given: ((kind,
-    payload), start time, log file). kind is "result" or "error"; a worker
-    that died or hung is an error naming the phase it was in."""
+def run_worker(plan: RunPlan, run_dir: Path, cell: CellSpec, reporter: Reporter, latency_trial: int = 0,
+               gpu: Optional[str] = None) -> WorkerResult:
+    """Run one task in a fresh worker process, on ``gpu`` alone when given.
+    The outcome's kind is "result" or "error"; a worker that died or hung is
+    an error naming the phase it was in."""
     env = dict(os.environ)
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu  # read by CUDA when the worker first touches it
@@ -363,7 +404,7 @@ def _run_worker(plan: RunPlan, run_dir: Path, cell: CellSpec, reporter: Reporter
         else:
             why = f"worker exited with code {code} during {phase} without a result"
         outcome = ("error", {"phase": phase, "error": f"{why}; see {log_path}"})
-    return outcome, started, log_path
+    return WorkerResult(outcome, started, log_path)
 
 
 def worker_context():

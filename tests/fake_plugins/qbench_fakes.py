@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 from typing import Literal, Optional
 
@@ -13,9 +14,12 @@ from qbench.backend import Backend, Session, VariantConfig
 
 class FakeConfig(VariantConfig):
     #: "flaky": loads once, then raises (a marker file in $QBENCH_FAKE_MARKER_DIR)
+    #: "lose-node": the first load kills the Ray worker that runs the cell (a
+    #: node lost mid-cell), the next one loads normally
     #: "queued": uniform, and decodes like the compiled runtime (steps timed
     #: as they finish, handed to the harness after the last one)
-    behaviour: Literal["ok", "raise", "exit", "hang", "slow", "uniform", "flaky", "queued"] = "ok"
+    behaviour: Literal["ok", "raise", "exit", "hang", "slow", "uniform", "flaky", "queued",
+                       "lose-node"] = "ok"
     #: what the variant promises; "liar" promises 4 bits but loads fp32
     claims_bits: Optional[float] = None
 
@@ -66,7 +70,7 @@ class Fake(Backend):
 
     def variants(self):
         named = {b: FakeConfig(behaviour=b)
-                 for b in ("ok", "raise", "exit", "hang", "slow", "uniform", "flaky", "queued")}
+                 for b in ("ok", "raise", "exit", "hang", "slow", "uniform", "flaky", "queued", "lose-node")}
         return {**named, "liar": FakeConfig(claims_bits=4)}
 
     def quantize(self, model_path, config, calibration, workdir):
@@ -88,6 +92,15 @@ class Fake(Backend):
             if os.path.exists(marker):
                 raise RuntimeError("scripted failure in a second load")
             open(marker, "w").close()
+        if behaviour == "lose-node":
+            ray_worker = ray_worker_pid()
+            if ray_worker is None:
+                raise RuntimeError("lose-node runs only inside a Ray task")
+            marker = os.path.join(os.environ["QBENCH_FAKE_MARKER_DIR"], "node-lost")
+            if not os.path.exists(marker):
+                open(marker, "w").close()
+                os.kill(ray_worker, signal.SIGKILL)
+                time.sleep(60)  # die with it (the worker's parent-death signal)
         if behaviour == "slow":
             time.sleep(float(os.environ.get("QBENCH_FAKE_SLOW_SECONDS", "3")))
         import torch
@@ -100,6 +113,17 @@ class Fake(Backend):
                                   0.02 if behaviour == "queued" else None)
         model = AutoModelForCausalLM.from_pretrained(artifact.model_path, dtype=torch.float32)
         return HFSession(model, device)
+
+
+def ray_worker_pid() -> Optional[int]:
+    """The Ray worker process above this cell's worker, if any: killing it
+    is what losing its node does to a cell."""
+    import psutil
+
+    for ancestor in psutil.Process().parents():
+        if ancestor.cmdline() and ancestor.cmdline()[0].startswith("ray::"):
+            return ancestor.pid
+    return None
 
 
 @hookimpl
