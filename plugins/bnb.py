@@ -62,6 +62,7 @@ class BitsAndBytes(Backend):
     name = "bnb"
     description = "bitsandbytes via transformers: LLM.int8 and 4-bit NF4/FP4 (double quantization optional)"
     config_class = BnbConfig
+    shards_across_gpus = True
     requires = {"bitsandbytes": "bitsandbytes"}
     extra = "bnb"
     versions_of = ("bitsandbytes", "transformers")
@@ -93,7 +94,8 @@ class BitsAndBytes(Backend):
         from qbench.hf import HFSession, linear_layers, load_causal_lm, require_quantized_layers
 
         config = BnbConfig(**artifact.config)
-        model = load_causal_lm(artifact.path, device_map=device, trust_remote_code=artifact.trust_remote_code)
+        model = load_causal_lm(artifact.path, device_map=artifact.device_map(device),
+                               trust_remote_code=artifact.trust_remote_code)
         # bitsandbytes' layers subclass nn.Linear: the same selection names them.
         chosen = list(linear_layers(model, config.keep))
         require_quantized_layers(model, chosen, _is_bnb_quantized, "bitsandbytes")

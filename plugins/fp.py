@@ -23,6 +23,7 @@ class FullPrecision(Backend):
     name = "fp"
     description = "Unquantized weights via transformers (the baseline) and plain fp16/bf16 casts"
     config_class = FPConfig
+    shards_across_gpus = True
 
     def variants(self) -> dict[str, VariantConfig]:
         return {name: FPConfig(dtype=name) for name in DTYPES}
@@ -55,7 +56,11 @@ class FullPrecision(Backend):
         from qbench.hf import HFSession, load_causal_lm
 
         dtype = getattr(torch, DTYPES[artifact.config["dtype"]])
-        model = load_causal_lm(artifact.model_path, dtype, artifact.trust_remote_code).to(device)
+        if artifact.gpus > 1:
+            model = load_causal_lm(artifact.model_path, dtype, artifact.trust_remote_code,
+                                   device_map=artifact.device_map(device))
+        else:
+            model = load_causal_lm(artifact.model_path, dtype, artifact.trust_remote_code).to(device)
         return HFSession(model, device, {"dtype": str(dtype)})
 
 

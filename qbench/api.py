@@ -14,7 +14,7 @@ from qbench.environment import resolve_device
 from qbench.errors import QBenchError
 from qbench.models import DEFAULT_MODEL, resolve_model
 from qbench.paths import results_dir
-from qbench.plugins import PluginSettings, load_plugins
+from qbench.plugins import PluginSettings, get_backend, load_plugins
 from qbench.results import ResultStore, find_run, frame
 from qbench.results import load_results as load_results  # re-exported
 from qbench.runner import (DEFAULT_BASELINE, DEFAULT_CELL_TIMEOUT, RunPlan, Reporter, SilentReporter, check_run_id,
@@ -53,6 +53,7 @@ def create_run(
     suite_file = suite_path(suite)
     suite_obj = load_suite(str(suite_file), allow_outside_data=allow_outside_data)
     cells, skipped = plan_cells(loaded, list(backends or []), baseline, device)
+    check_spread(loaded, cells, gpus_per_cell)
     check_calibration_sets(loaded, cells, suite_obj)
     spec = resolve_model(model, trust_remote_code=trust_remote_code)
     check_workload(suite_obj, spec.path, trust_remote_code)
@@ -115,6 +116,17 @@ def resolve_gpus(spec: Optional[str], device: str, per_cell: int = 1) -> list[st
         raise QBenchError(f"--gpus names {len(chosen)} GPUs, which do not split into groups of {per_cell} "
                           "(--gpus-per-cell): name a multiple of it")
     return [",".join(chosen[i:i + per_cell]) for i in range(0, len(chosen), per_cell)]
+
+
+def check_spread(loaded, cells, gpus_per_cell: int) -> None:
+    """``--gpus-per-cell`` needs backends whose load spreads a model over GPUs."""
+    if gpus_per_cell == 1:
+        return
+    unable = sorted({c.backend for c in cells if not get_backend(loaded, c.backend).shards_across_gpus})
+    if unable:
+        able = sorted(name for name, b in loaded.backends.items() if b.shards_across_gpus)
+        raise QBenchError(f"--gpus-per-cell {gpus_per_cell}: backend {unable[0]} cannot spread a model over GPUs "
+                          f"(those that can: {', '.join(able)}); run it in another run with one GPU per cell")
 
 
 def make_executor(kind: str = "local", address: Optional[str] = None, files: str = "auto",

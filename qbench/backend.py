@@ -115,6 +115,14 @@ class Artifact(BaseModel):
     files: dict[str, tuple[int, str]] = {}
     #: seconds the check of ``files`` took on this load (cache hits only)
     verify_seconds: Optional[float] = None
+    #: GPUs the session spreads the model over (``--gpus-per-cell``; set for
+    #: the load, never cached)
+    gpus: int = 1
+
+    def device_map(self, device: str) -> str:
+        """transformers' ``device_map`` for the load: layers balanced over the
+        worker's GPUs by accelerate when spread, else all on ``device``."""
+        return "auto" if self.gpus > 1 else device
 
 
 def ignore_step(finished_at: Optional[float] = None) -> None:
@@ -198,6 +206,9 @@ class Backend(abc.ABC):
     #: Whether ``quantize`` consumes calibration token ids (for every variant;
     #: override ``needs_calibration`` to decide per variant).
     uses_calibration: ClassVar[bool] = False
+    #: Whether ``load`` can spread a model over the GPUs its worker sees when
+    #: ``artifact.gpus`` > 1 (``--gpus-per-cell``); the run refuses it otherwise.
+    shards_across_gpus: ClassVar[bool] = False
 
     @abc.abstractmethod
     def variants(self) -> dict[str, VariantConfig]:

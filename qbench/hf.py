@@ -251,6 +251,9 @@ class HFSession(Session):
         self.device = device
         self.facts = facts or {}
         self.decoder: CompiledDecoder | None = None
+        #: the GPUs holding the model's layers (several when spread with --gpus-per-cell)
+        held = {t.device.index or 0 for t in [*model.parameters(), *model.buffers()] if t.device.type == "cuda"}
+        self.gpus = sorted(held) or ([torch.cuda.current_device()] if device == "cuda" else [])
 
     def use_runtime(self, runtime: str, compile_mode: str = "max-autotune") -> str | None:
         if runtime == "eager":
@@ -259,13 +262,17 @@ class HFSession(Session):
         if runtime == "compiled":
             if self.device != "cuda":
                 return "runtime=compiled needs CUDA: its decode step replays as a CUDA graph"
+            if len(self.gpus) > 1:
+                return (f"runtime=compiled captures one GPU's decode step, and this model is spread over "
+                        f"{len(self.gpus)} GPUs: use runtime=eager with --gpus-per-cell")
             self.decoder = CompiledDecoder(self.model, self.device, mode=compile_mode)
             return None
         return super().use_runtime(runtime, compile_mode)
 
     def _sync(self) -> None:
-        if self.device == "cuda":
-            torch.cuda.synchronize()
+        # every GPU holding layers: a step ends on the last one
+        for gpu in self.gpus:
+            torch.cuda.synchronize(gpu)
 
     @torch.inference_mode()
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -360,7 +360,8 @@ def run_worker(plan: RunPlan, run_dir: Path, cell: CellSpec, reporter: Reporter,
                     variant=cell.variant, is_baseline=cell.baseline, model=plan.model.model_dump(),
                     suite_path=plan.suite_path, device=plan.device, threads=plan.threads,
                     plugins=plan.plugin_settings(), latency_trial=latency_trial, env=env,
-                    allow_outside_data=plan.allow_outside_data, trust_task_code=plan.trust_task_code)
+                    allow_outside_data=plan.allow_outside_data, trust_task_code=plan.trust_task_code,
+                    gpus_per_cell=plan.gpus_per_cell)
     log_path = run_dir / "logs" / (cell_file_stem(cell.cell) + ".log")
     ctx = worker_context()
     receiver, sender = ctx.Pipe(duplex=False)

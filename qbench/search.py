@@ -315,7 +315,7 @@ def run_search(budget_text: str, backends: Optional[list[str]], model: str, suit
     if chosen is None:
         why = why or "no configuration meets the budget"
     elif chosen.kind == "recipe":
-        why = (f"the mixed recipe is smaller than every uniform variant meeting the budget" if budget.metric != "weights"
+        why = ("the mixed recipe is smaller than every uniform variant meeting the budget" if budget.metric != "weights"
                else "the mixed recipe has the best quality within the size")
     elif not why:
         why = ("no mixed recipe meeting the budget is smaller than the best uniform variant" if recipes or

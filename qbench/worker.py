@@ -45,6 +45,8 @@ class CellTask:
     allow_outside_data: bool = False
     #: the user let lm-eval task files run code
     trust_task_code: bool = False
+    #: GPUs the model is spread over (``--gpus-per-cell``): the worker sees that many
+    gpus_per_cell: int = 1
 
 
 def worker_main(task: CellTask, conn, log_path: str) -> None:
@@ -263,6 +265,9 @@ class CellPipeline:
         if self.config.runtime == "compiled" and task.device != "cuda":
             raise QBenchError(f"{task.cell} cannot run on {task.device}: runtime=compiled needs CUDA (its decode "
                               "step replays as a CUDA graph)")
+        if task.gpus_per_cell > 1 and torch.cuda.device_count() < task.gpus_per_cell:
+            raise QBenchError(f"{task.cell} is to be spread over {task.gpus_per_cell} GPUs but its worker sees "
+                              f"{torch.cuda.device_count()}: check CUDA_VISIBLE_DEVICES and --gpus")
         self.suite = load_suite(task.suite_path, allow_outside_data=task.allow_outside_data)
         self.config = self.backend.with_suite(self.config, self.suite)
         self.work = Workload(self.suite, load_tokenizer(self.model.path, self.model.trust_remote_code))
@@ -290,7 +295,8 @@ class CellPipeline:
                 self.calibration, self.calibration_hash, on_build=lambda: self.enter("quantize (building artifact)"))
         finally:
             progress.set_sink(None)
-        self.artifact = artifact.model_copy(update={"trust_remote_code": self.model.trust_remote_code})
+        self.artifact = artifact.model_copy(update={"trust_remote_code": self.model.trust_remote_code,
+                                                    "gpus": self.task.gpus_per_cell})
 
     def load(self) -> None:
         from qbench.metrics.cost import BackendClock

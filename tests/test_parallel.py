@@ -177,3 +177,37 @@ def test_a_worker_dying_on_one_gpu_loses_nothing_elsewhere(tiny_model, tiny_suit
                                                           "fake:slow": "ok"}
     assert "exited with code" in latest["fake:exit"].error
     assert [c.cell for c in pending_cells(plan, ResultStore(run_dir), retry_failed=True)] == ["fake:exit"]
+
+
+def test_gpus_per_cell_groups_the_gpus_and_names_the_problem(monkeypatch):
+    import torch
+
+    from qbench.api import resolve_gpus
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert resolve_gpus("all", "cuda", per_cell=2) == ["0,1", "2,3"]  # two lanes of two GPUs
+    assert resolve_gpus(None, "cuda", per_cell=2) == ["0,1"]  # one cell at a time on the first two
+    assert resolve_gpus("3,1", "cuda", per_cell=2) == ["3,1"]
+    with pytest.raises(QBenchError, match="do not split into groups of 2"):
+        resolve_gpus("0,1,2", "cuda", per_cell=2)
+    with pytest.raises(QBenchError, match="--gpus-per-cell 8 needs 8 GPUs, but the run has 4"):
+        resolve_gpus("all", "cuda", per_cell=8)
+    with pytest.raises(QBenchError, match="--gpus-per-cell runs cells on GPUs, but the run's device is cpu"):
+        resolve_gpus(None, "cpu", per_cell=2)
+
+
+def test_gpus_per_cell_refuses_backends_that_cannot_spread_a_model():
+    from qbench.api import check_spread
+    from qbench.plugins import PluginSettings, load_plugins
+    from qbench.runner import CellSpec
+
+    builtin = load_plugins(PluginSettings(allow=("builtin",)))
+
+    def cells(*names):
+        return [CellSpec(cell=f"{n}:x", backend=n, variant="x") for n in names]
+
+    check_spread(builtin, cells("fp", "bnb", "torchao"), 1)  # one GPU per cell: anything goes
+    check_spread(builtin, cells("fp", "bnb"), 2)
+    with pytest.raises(QBenchError, match="backend torchao cannot spread a model over GPUs .those that can: bnb, fp"):
+        check_spread(builtin, cells("fp", "torchao"), 2)

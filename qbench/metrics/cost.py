@@ -137,10 +137,14 @@ def memory_metrics(session: Session, device: str) -> dict[str, Any]:
                                        "touches (a freshly started process would: 200-300 MB more here)"),
     }
     if device == "cuda" and torch.cuda.is_available():
-        out["cuda_peak_allocated_bytes"] = metric(torch.cuda.max_memory_allocated(), "bytes", None, None,
-                                                  label="PyTorch allocator peak allocated")
-        out["cuda_peak_reserved_bytes"] = metric(torch.cuda.max_memory_reserved(), "bytes", None, None,
-                                                 label="PyTorch allocator peak reserved")
+        # summed over the worker's GPUs (several with --gpus-per-cell), each GPU's figure beside
+        gpus = range(torch.cuda.device_count())
+        allocated = [torch.cuda.max_memory_allocated(i) for i in gpus]
+        reserved = [torch.cuda.max_memory_reserved(i) for i in gpus]
+        out["cuda_peak_allocated_bytes"] = metric(sum(allocated), "bytes", None, None, per_gpu=allocated,
+                                                  label="PyTorch allocator peak allocated, over the cell's GPUs")
+        out["cuda_peak_reserved_bytes"] = metric(sum(reserved), "bytes", None, None, per_gpu=reserved,
+                                                 label="PyTorch allocator peak reserved, over the cell's GPUs")
         nvml = _nvml_process_bytes()
         if nvml is not None:
             out["nvml_process_bytes"] = metric(nvml, "bytes", None, None,
