@@ -240,3 +240,27 @@ def test_cli_runs_gptq_through_marlin_compiled_on_cuda(wide_tiny_model, tiny_sui
     assert gptq["session"]["kernel"] == "gptqmodel MarlinLinear" and gptq["config"]["runtime"] == "compiled"
     assert 0 < gptq["metrics"]["kld"]["value"] < 1.5
     assert gptq["metrics"]["decode_ms_per_token"]["value"] > 0
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_a_model_spread_over_two_gpus_gives_one_gpus_figures_and_memory_per_gpu(tiny_model, tiny_suite, tmp_path):
+    """``--gpus-per-cell 2``: the cell's layers sit on both GPUs (each holds
+    some memory) and the quality figures equal those of the same cell on
+    one GPU."""
+    from qbench.api import create_run
+    from qbench.results import ResultStore
+    from qbench.runner import execute
+
+    records = {}
+    for per_cell in (1, 2):
+        plan, run_dir = create_run(model=str(tiny_model), suite=str(tiny_suite), backends=["fp:bf16"],
+                                   device="cuda", output_dir=str(tmp_path), run_id=f"spread{per_cell}",
+                                   gpus_per_cell=per_cell)
+        execute(plan, run_dir)
+        records[per_cell] = ResultStore(run_dir).latest()["fp:bf16"]
+    one, two = records[1], records[2]
+    assert one.ok and two.ok, (one.error, two.error)
+    assert len(two.metrics["cuda_peak_allocated_bytes"]["per_gpu"]) == 2
+    assert all(b > 0 for b in two.metrics["cuda_peak_allocated_bytes"]["per_gpu"])
+    assert two.env["cuda_visible_devices"].count(",") == 1
+    assert two.value("perplexity") == pytest.approx(one.value("perplexity"), rel=1e-3)
