@@ -153,7 +153,14 @@ def run(ctx, model, suite, backends, baseline, device, threads, cell_timeout, pl
                  if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT]
         if given:
             raise QBenchError(f"{', '.join(given)} only apply with --executor ray")
+    elif gpus is not None:
+        raise QBenchError("--gpus picks this machine's GPUs for its own workers; with --executor ray, Ray places "
+                          "each cell on a GPU of its cluster: drop --gpus (limit a local cluster's GPUs with "
+                          "CUDA_VISIBLE_DEVICES)")
 
+    # before the plan: an executor that cannot start leaves no run folder behind
+    runner = make_executor(executor, address=address, files=ray_files, cache_dir=ray_cache,
+                           cell_memory_gib=cell_memory)
     if resume:
         given = [f"--{name.replace('_', '-')}" for name in RUN_PLAN_OPTIONS
                  if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT]
@@ -171,8 +178,6 @@ def run(ctx, model, suite, backends, baseline, device, threads, cell_timeout, pl
                                        trust_remote_code=trust_remote_code, run_id=run_id,
                                        allow_outside_data=allow_outside_data, trust_task_code=trust_task_code,
                                        gpus=gpus, gpus_per_cell=gpus_per_cell)
-    runner = make_executor(executor, address=address, files=ray_files, cache_dir=ray_cache,
-                           cell_memory_gib=cell_memory)
     store = ResultStore(run_dir)
     reporter = RichReporter()
     preflight(run_dir, store, reporter)  # a torn tail or records saved aside change what is left to run

@@ -93,6 +93,23 @@ def ray_job(plan_json: str, run_dir: str, job: dict[str, Any], mode: str, static
     return out
 
 
+def check_reachable(address: Optional[str], timeout: float = 5.0) -> None:
+    """Refuse a ``host:port`` (or ``ray://host:port``) nobody answers at:
+    Ray itself retries such an address for minutes before giving up."""
+    import socket
+
+    if not address or address == "auto" or ":" not in address:
+        return
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except ValueError:
+        raise QBenchError(f"--address {address} is not host:port (or ray://host:port, or auto)") from None
+    except OSError as exc:
+        raise QBenchError(f"cannot reach the Ray cluster at {address} ({exc.strerror or exc}): start it with "
+                          "`ray start --head`, or check --address") from None
+
+
 class RayExecutor:
     """Runs jobs as Ray tasks on the cluster at ``address`` (None: start one
     on this machine, with ``local_resources`` such as ``num_gpus`` for a
@@ -106,6 +123,12 @@ class RayExecutor:
                  task_cpus: Optional[float] = None, local_resources: Optional[dict[str, Any]] = None):
         if files not in FILES_MODES:
             raise QBenchError(f"--ray-files takes {', '.join(FILES_MODES)}, not '{files}'")
+        from importlib.util import find_spec
+
+        if find_spec("ray") is None:
+            raise QBenchError("--executor ray needs Ray: pip install 'qbench[ray]'")
+        if address:
+            check_reachable(address)
         self.address, self.files, self.cache_dir = address, files, cache_dir
         self.task_memory, self.task_gpus, self.task_cpus = task_memory, task_gpus, task_cpus
         self.local_resources = local_resources or {}
@@ -118,11 +141,9 @@ class RayExecutor:
     def _start(self, plan: RunPlan) -> None:
         if self.ready:
             return
-        try:
-            import ray
-            from ray.util.queue import Queue
-        except ImportError:
-            raise QBenchError("--executor ray needs Ray: pip install 'qbench[ray]'") from None
+        import ray
+        from ray.util.queue import Queue
+
         if not ray.is_initialized():
             try:
                 ray.init(address=self.address, include_dashboard=False, log_to_driver=False,

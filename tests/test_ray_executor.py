@@ -114,3 +114,22 @@ def test_ship_mode_runs_without_the_driver_files(tiny_model, tiny_suite, tmp_pat
     assert latest["fp:bf16"].value("kld") > 0
     assert (run_dir / "reference" / "meta.json").is_file() and (run_dir / "bandwidth.json").is_file()
     assert "phase: perplexity" in (run_dir / "logs" / "fp__bf16.log").read_text()
+    # a cell no node can hold is refused at once, not left waiting for resources forever
+    from qbench.errors import QBenchError
+    from qbench.ray_executor import RayExecutor
+
+    with pytest.raises(QBenchError, match=r"no node of the Ray cluster has what one cell asks for \(1 CPU, 8 GPU\)"):
+        RayExecutor(task_gpus=8, task_cpus=1)._start(plan)
+
+
+def test_executor_options_are_refused_in_one_line_before_any_run_folder(tiny_model, tiny_suite, tmp_path):
+    from tests.test_cli import one_line_error, qbench
+
+    base = ["run", "--model", str(tiny_model), "--suite", str(tiny_suite), "-b", "fp:bf16", "-o", str(tmp_path)]
+    for extra, message in ((["--address", "127.0.0.1:1"], "--address only apply with --executor ray"),
+                           (["--executor", "ray", "--gpus", "all"], "with --executor ray, Ray places each cell"),
+                           (["--executor", "ray", "--address", "127.0.0.1:1"],
+                            "cannot reach the Ray cluster at 127.0.0.1:1 (Connection refused)")):
+        code, _, err = qbench(*base, *extra)
+        assert code == 2 and message in one_line_error(err), err
+    assert not list(tmp_path.iterdir())
