@@ -336,6 +336,7 @@ def provenance(plan: RunPlan, records: list[CellRecord]) -> list[str]:
                  + f"; torch threads {env.get('torch_threads')}")
     items.append(f"software: Python {env.get('python')}, " + ", ".join(
         f"{k} {v}" for k, v in sorted((env.get("packages") or {}).items())))
+    items += placement(records)
     shares = [(r.metrics["harness_share"], _value(r, "harness_share")) for r in records
               if _value(r, "harness_share") is not None]
     if shares:
@@ -345,6 +346,28 @@ def provenance(plan: RunPlan, records: list[CellRecord]) -> list[str]:
         items.append(f"harness share of the measurement phases (time outside backend calls): {whole}"
                      f"{100 * min(v for _, v in shares):.1f}–{100 * max(v for _, v in shares):.1f}% across cells")
     items.append(f"qbench git commit: {env.get('git_commit')}")
+    return items
+
+
+def placement(records: list[CellRecord]) -> list[str]:
+    """Where the cells were measured, when a run was spread (``--gpus``, Ray):
+    cells grouped by node and GPU, each node's hardware when they differ."""
+    groups: dict[str, list[str]] = {}
+    hardware: dict[str, str] = {}
+    for record in records:
+        env = record.env or {}
+        node = env.get("hostname") or ""
+        gpu = env.get("cuda_visible_devices")
+        where = " ".join(part for part in (f"node {node}" if node else "", f"GPU {gpu}" if gpu else "") if part)
+        if where:
+            groups.setdefault(where, []).append(record.cell)
+            hardware[node] = f"{env.get('cpu')}" + (f", {env['gpu'].get('name')}" if env.get("gpu") else "")
+    if len(groups) < 2 and not any(k.startswith("node") for k in groups):
+        return []
+    items = ["measured on: " + "; ".join(f"{where}: {', '.join(cells)}" for where, cells in groups.items())]
+    if len(set(hardware.values())) > 1:
+        items.append("nodes' hardware differs, so latency compares across them only roughly: "
+                     + "; ".join(f"{node}: {what}" for node, what in hardware.items()))
     return items
 
 

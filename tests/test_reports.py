@@ -280,3 +280,20 @@ def test_html_report_renders_in_headless_chromium(finished_run, tmp_path):
     assert plots > 2000 and plots > 10 * max(top, 1), (top, plots)
     if os.environ.get("QBENCH_KEEP_SCREENSHOT"):
         shutil.copy(shot, os.environ["QBENCH_KEEP_SCREENSHOT"])
+
+
+def test_provenance_says_where_spread_cells_were_measured():
+    from qbench.report import placement
+    from tests.conftest import make_record
+
+    def on(cell, **env):
+        return make_record(cell=cell, env={"cpu": "Xeon", **env})
+
+    assert placement([on("fp:fp32"), on("fp:bf16")]) == []  # one machine, one device: nothing to say
+    assert placement([on("fp:fp32", cuda_visible_devices="0"), on("fp:bf16", cuda_visible_devices="1"),
+                      on("bnb:nf4", cuda_visible_devices="0")]) == [
+        "measured on: GPU 0: fp:fp32, bnb:nf4; GPU 1: fp:bf16"]
+    lines = placement([on("fp:fp32", hostname="a", cuda_visible_devices="0", gpu={"name": "H200"}),
+                       on("fp:bf16", hostname="b", cuda_visible_devices="0", gpu={"name": "H100"})])
+    assert lines[0] == "measured on: node a GPU 0: fp:fp32; node b GPU 0: fp:bf16"
+    assert "latency compares across them only roughly: a: Xeon, H200; b: Xeon, H100" in lines[1]
