@@ -49,7 +49,8 @@ def test_four_cells_run_at_once_on_ray_and_match_a_serial_run(tiny_model, tiny_s
     (suite / "tiny.yaml").write_text(text)
     cells = ["fp:bf16", "torchao:int8-wo", "torchao:int4-wo-g32", "fake:slow"]
     runs = {}
-    for name, executor in (("serial", LocalExecutor()), ("ray", ray_executor())):
+    shared_cache = tmp_path / "shared-cache"
+    for name, executor in (("serial", LocalExecutor()), ("ray", ray_executor(cache_dir=str(shared_cache)))):
         plan, run_dir = create_run(model=str(tiny_model), suite=str(suite / "tiny.yaml"), backends=cells,
                                    device="cpu", output_dir=str(tmp_path), run_id=name, threads=1,
                                    plugin_dirs=(str(FAKE_PLUGINS),))
@@ -68,6 +69,9 @@ def test_four_cells_run_at_once_on_ray_and_match_a_serial_run(tiny_model, tiny_s
     assert max(start for start, _ in spans) < min(end for _, end in spans)  # all four measured at once
     assert on_ray["fp:fp32"].finished <= min(start for start, _ in spans)  # the baseline first, alone
     assert "ray_node_id" not in serial["fp:bf16"].env
+    # --ray-cache: the Ray run built its artifacts in the shared folder, not in the serial run's cache
+    assert on_ray["torchao:int8-wo"].artifact.path.startswith(str(shared_cache))
+    assert not on_ray["torchao:int8-wo"].artifact.cache_hit
 
 
 def test_a_lost_ray_worker_fails_its_record_and_is_retried_once_and_runs_resume_across_executors(
