@@ -59,7 +59,15 @@ def test_failing_cells_are_recorded_and_the_others_finish(tiny_model, tiny_suite
 def _run_cli(args, **kwargs):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "qbench.cli", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=_default_sigint, **kwargs)
+
+
+def _default_sigint() -> None:
+    """The runner starts with Ctrl-C's default disposition whatever the test
+    process inherited (a job started without job control ignores SIGINT,
+    and Python then never raises KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def test_resume_after_sigkill_keeps_finished_records(tiny_model, tiny_suite, tmp_path, monkeypatch):
@@ -258,14 +266,16 @@ def test_store_validates_records_and_names_the_bad_line(tmp_path):
 
 def test_ctrl_c_keeps_finished_records_and_resume_finishes(tiny_model, tiny_suite, tmp_path, monkeypatch):
     monkeypatch.setenv("QBENCH_FAKE_SLOW_SECONDS", "60")
+    monkeypatch.setenv("QBENCH_FAKE_MARKER_DIR", str(tmp_path))
     args = ["run", "--model", str(tiny_model), "--suite", str(tiny_suite), "--device", "cpu", "-b",
             "fake:slow,fp:bf16", "--plugins-dir", str(FAKE_PLUGINS), "-o", str(tmp_path), "--run-id", "int"]
     proc = _run_cli(args, start_new_session=True)
-    results = tmp_path / "int" / "results.jsonl"
+    results, loads = tmp_path / "int" / "results.jsonl", tmp_path / "loads"
     deadline = time.time() + 240
-    while time.time() < deadline and not (results.is_file() and results.read_text().count("\n") == 1):
+    while time.time() < deadline and not (loads.is_file() and "slow" in loads.read_text()):
         time.sleep(0.2)
-    time.sleep(2)  # fake:slow is now sleeping in load
+    time.sleep(1)  # fake:slow is now sleeping in load
+    assert results.read_text().count("\n") == 1  # the baseline's record, nothing more
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the runner and its worker, as in a terminal
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 130 and "aborted" in output and "Traceback" not in output, output
