@@ -126,7 +126,7 @@ def cli() -> None:
               help="Let the suite's lm-eval task files run Python ('!function', datasets' trust_remote_code).")
 @click.option("--gpus", default=None, metavar="all|0,1,...",
               help="Run cells in parallel, one worker per GPU (the baseline first, alone). Needs --device cuda.")
-@click.option("--gpus-per-cell", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--gpus-per-cell", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
               help="Spread each cell's model over N GPUs (a model larger than one GPU). Needs --device cuda.")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="Where cells run: this machine, or a Ray cluster (pip install 'qbench[ray]').")
