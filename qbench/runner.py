@@ -1,6 +1,8 @@
 """Plan a run (model x suite x backend variants) and execute each cell in its
 own worker process, appending a record as soon as each cell ends; then the
-latency trials, each in a worker of its own."""
+latency trials, each in a worker of its own. Where the workers run is an
+executor's choice (this machine here, a Ray cluster in qbench.ray_executor);
+records are written here, by this process alone."""
 
 from __future__ import annotations
 
