@@ -141,6 +141,9 @@ def make_executor(kind: str = "local", address: Optional[str] = None, files: str
         raise QBenchError(f"unknown executor '{kind}': use local or ray")
     from qbench.ray_executor import RayExecutor
 
+    if cache_dir and not address:  # a cluster started here: its nodes are this machine
+        check_writable(Path(cache_dir).expanduser(), "shared artifact cache (--ray-cache)",
+                       "choose a folder you can write to")
     return RayExecutor(address=address, files=files, cache_dir=cache_dir,
                        task_memory=int(cell_memory_gib * 2**30) if cell_memory_gib else None)
 

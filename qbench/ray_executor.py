@@ -115,8 +115,9 @@ class RayExecutor:
     on this machine, with ``local_resources`` such as ``num_gpus`` for a
     cluster of logical GPUs). ``task_gpus``/``task_cpus``/``task_memory``
     override what each task asks for (default: one GPU per cell on CUDA;
-    ``--threads`` CPUs, else a whole node's CPUs on the CPU, so that CPU
-    latency is never measured beside another cell)."""
+    ``--threads`` CPUs, else on the CPU as many CPUs as the smallest node
+    has, so that on a uniform cluster CPU latency is never measured beside
+    another cell)."""
 
     def __init__(self, address: Optional[str] = None, files: str = "auto", cache_dir: Optional[str] = None,
                  task_memory: Optional[int] = None, task_gpus: Optional[float] = None,
@@ -186,7 +187,9 @@ class RayExecutor:
         elif plan.device == "cuda":
             cpus = 1.0
         else:
-            cpus = min(n["Resources"].get("CPU", 1.0) for n in ray.nodes() if n["Alive"])
+            # the smallest worker node's CPUs (a head started with --num-cpus 0 holds no cells)
+            cpus = min((cpu for n in ray.nodes() if n["Alive"] and (cpu := n["Resources"].get("CPU", 0.0)) > 0),
+                       default=1.0)
         out: dict[str, Any] = {"num_cpus": cpus, "num_gpus": gpus}
         if self.task_memory:
             out["memory"] = self.task_memory

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -38,15 +39,11 @@ def pack(paths: Iterable[Path]) -> dict[str, bytes]:
     files are links into its blob store)."""
     files: dict[str, bytes] = {}
     for path in paths:
-        path = Path(path).absolute()
+        path = _absolute(path)
         for found in (sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]):
             if found.is_file():
                 files[str(found)] = found.read_bytes()
     return files
-
-
-def pack_size(files: dict[str, bytes]) -> int:
-    return sum(len(content) for content in files.values())
 
 
 def digest(files: dict[str, bytes]) -> str:
@@ -74,7 +71,14 @@ def unpack(files: dict[str, bytes]) -> Path:
 
 def under(root: Path, path: str) -> Path:
     """Where the absolute ``path`` of the driver lies below ``root``."""
-    return root / Path(path).absolute().relative_to(Path(path).absolute().anchor)
+    path = _absolute(path)
+    return root / path.relative_to(path.anchor)
+
+
+def _absolute(path) -> Path:
+    """Absolute, with ``..`` folded away by name (not by following links: a
+    hub snapshot's files are links, and must keep their snapshot names)."""
+    return Path(os.path.normpath(Path(path).absolute()))
 
 
 def read_run_files(run_dir: Path) -> dict[str, bytes]:

@@ -12,7 +12,7 @@ ray = pytest.importorskip("ray")
 
 from qbench.api import create_run  # noqa: E402
 from qbench.results import ResultStore  # noqa: E402
-from qbench.runner import LocalExecutor, execute, save_plan  # noqa: E402
+from qbench.runner import LocalExecutor, execute  # noqa: E402
 
 QUALITY = ("perplexity", "kld", "same_top_p", "acc", "gen_exact_match", "weight_bytes")
 
@@ -137,3 +137,15 @@ def test_executor_options_are_refused_in_one_line_before_any_run_folder(tiny_mod
         code, _, err = qbench(*base, *extra)
         assert code == 2 and message in one_line_error(err), err
     assert not list(tmp_path.iterdir())
+
+
+def test_shipped_files_keep_their_names_below_the_node_root(tmp_path):
+    from pathlib import Path
+
+    from qbench.shipping import pack, under
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "w.bin").write_bytes(b"w")
+    files = pack([tmp_path / "suite" / ".." / "model"])  # ".." folded by name, as the suite resolves it
+    assert list(files) == [str(tmp_path / "model" / "w.bin")]
+    assert under(Path("/root-of-node"), "/a/b/../c") == Path("/root-of-node/a/c")
