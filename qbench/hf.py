@@ -10,6 +10,7 @@ from typing import Any, Callable
 import torch
 
 from qbench.backend import Session
+from qbench.metrics.scoring import to_device
 
 
 def unique_tensor_bytes(module: torch.nn.Module) -> int:
@@ -276,7 +277,8 @@ class HFSession(Session):
 
     @torch.inference_mode()
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
+        device = torch.device(self.device)
+        out = self.model(input_ids=to_device(input_ids, device), attention_mask=to_device(attention_mask, device),
                          use_cache=False)
         return out.logits
 

@@ -1,5 +1,7 @@
 """CUDA paths: synchronised timing and CUDA memory figures. Skipped without a GPU."""
 
+import time
+
 import pytest
 import torch
 
@@ -28,6 +30,39 @@ def test_cuda_session_matches_cpu_and_reports_cuda_memory(tiny_model):
     assert lat["prefill_ms"]["value"] > 0 and lat["latency_workload"]["step_clock"] == HOST_CLOCK
     mem = memory_metrics(gpu, "cuda")
     assert mem["cuda_peak_allocated_bytes"]["value"] >= gpu.weight_bytes()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_scoring_runs_ahead_of_the_device_and_gives_float32_log_softmax_figures(tiny_model, dtype):
+    """Results reach the host one batch late and the clock times CUDA work
+    with events; float16 logits go through CUDA's half-to-float log-softmax.
+    Every figure must still be the float32 log-softmax of the model's own
+    logits, window by window."""
+    from transformers import AutoModelForCausalLM
+
+    from qbench.metrics.cost import BackendClock
+    from qbench.metrics.scoring import reference_from
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=dtype).to("cuda")
+    session = BackendClock(HFSession(model, "cuda"))
+    windows = make_windows([(i * 7) % 380 for i in range(400)], 48, None, "none", None)
+    started = time.perf_counter()
+    ref = reference_from(score_windows(session, windows, 1, top_k=64, greedy=True))
+    wall = time.perf_counter() - started
+    assert 0 < session.seconds < wall
+    again = score_windows(session, windows, 1, reference=ref, greedy=True)
+    assert torch.equal(again.tensor("token_logprobs"), ref.token_logprobs)
+    assert again.tensor("kld").abs().max() < 1e-6 and again.tensor("same_top").min() == 1
+    hand, hand_greedy = [], []
+    with torch.inference_mode():
+        for w in windows:
+            ids = torch.tensor([w.input_ids], device="cuda")
+            logits = model(input_ids=ids[:, :-1], use_cache=False).logits[0, -w.n_scored:]
+            lp = torch.log_softmax(logits.float(), -1)
+            hand.append(lp.gather(-1, ids[0, -w.n_scored:, None])[:, 0].cpu())
+            hand_greedy.append((lp.argmax(-1) == ids[0, -w.n_scored:]).cpu())
+    assert torch.allclose(ref.token_logprobs, torch.cat(hand), atol=1e-6, rtol=0)
+    assert torch.equal(again.tensor("greedy"), torch.cat(hand_greedy))
 
 
 def test_cli_run_on_cuda_end_to_end(tiny_model, tiny_suite, tmp_path):

@@ -81,19 +81,46 @@ def latency_metrics(session: Session, prompt: torch.Tensor, new_tokens: int, war
 
 class BackendClock(Session):
     """Wraps a session and adds up the seconds spent inside its calls, so the
-    harness's own share of a cell's time can be reported. CUDA work is
-    synchronised before the clock stops: it belongs to the backend."""
+    harness's own share of a cell's time can be reported. CUDA work belongs
+    to the backend: on one GPU it is timed with CUDA events around the call,
+    so the clock never makes the harness wait for the device (a wait after
+    every forward pass leaves the GPU idle while Python prepares the next
+    one); a model spread over several GPUs is synchronised instead."""
 
     def __init__(self, inner: Session):
         self.inner = inner
-        self.seconds = 0.0
+        self._host_seconds = 0.0
+        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []  # not yet added up
+        gpus = list(getattr(inner, "gpus", ()))
+        self._gpu: int | None = gpus[0] if len(gpus) == 1 and torch.cuda.is_available() else None
+
+    @property
+    def seconds(self) -> float:
+        if self._events:
+            self._events[-1][1].synchronize()
+            self._host_seconds += sum(start.elapsed_time(end) for start, end in self._events) / 1e3
+            self._events.clear()
+        return self._host_seconds
+
+    @seconds.setter
+    def seconds(self, value: float) -> None:
+        self._events.clear()
+        self._host_seconds = value
 
     def _timed(self, call, *args):
-        start = time.perf_counter()
+        if self._gpu is not None:
+            start = torch.cuda.Event(enable_timing=True)
+            start.record(torch.cuda.current_stream(self._gpu))
+        began = time.perf_counter()
         out = call(*args)
         if isinstance(out, torch.Tensor) and out.is_cuda:
+            if self._gpu is not None:
+                end = torch.cuda.Event(enable_timing=True)
+                end.record(torch.cuda.current_stream(self._gpu))
+                self._events.append((start, end))
+                return out
             torch.cuda.synchronize()
-        self.seconds += time.perf_counter() - start
+        self._host_seconds += time.perf_counter() - began
         return out
 
     def logits(self, input_ids, attention_mask):

@@ -92,7 +92,6 @@ def score_windows(
     the fidelity statistics; with ``top_k`` also the data for a reference;
     with ``greedy`` whether each actual token is the argmax (lm-eval's
     ``is_greedy``)."""
-    scores = TokenScores()
     # Row of the reference where each window's scored tokens start.
     starts = list(itertools.accumulate((w.n_scored for w in windows), initial=0))
     if reference is not None and starts[-1] != reference.token_logprobs.numel():
@@ -104,59 +103,99 @@ def score_windows(
     per_window: list[dict[str, torch.Tensor]] = [{} for _ in windows]
     done = 0
     buffers = _RowBuffers()
+    # On a GPU a batch's results reach the host while the next batch runs:
+    # the harness never waits for the device between batches, so the GPU is
+    # never idle while Python prepares the next one.
+    pending: Optional[_InFlight] = None
     for ids, mask, chunk in batches([windows[i] for i in order], batch_size):
         indices = order[done: done + len(chunk)]
+        done += len(chunk)
         # A window's last token is only ever a target: its logits would go unused.
         logits = session.logits(ids[:, :-1], mask[:, :-1])
-        device = logits.device
-        parts: dict[str, list[torch.Tensor]] = {"token_logprobs": [], "topk_logprobs": [], "topk_ids": [],
-                                                "lq": [], "same_top": [], "greedy": []}
-        if reference is not None:
-            rows = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in indices])
-            # The batch's reference ids travel to the device once.
-            batch_ref = reference.topk_ids[rows].to(device, torch.long)
-        local = 0
-        for row, window in enumerate(chunk):
-            n = len(window.input_ids)
-            # log-softmax in float32 by the harness, whatever dtype the backend
-            # returned, on the logits' own device; only gathered values are
-            # kept. Row by row: on CPU that measured faster than one call over
-            # the batch (cache-friendlier); 32-token slices measured no faster.
-            # torch's fused log_softmax beats logsumexp on CPU (6.6 vs 40 ms
-            # per 511 x 49,152 row).
-            lp = buffers.log_softmax(logits[row, n - 1 - window.n_scored: n - 1])
-            targets = ids[row, n - window.n_scored: n].to(device)
-            parts["token_logprobs"].append(lp.gather(-1, targets[:, None])[:, 0])
-            if greedy:
-                parts["greedy"].append(lp.argmax(-1) == targets)
-            if top_k:
-                values, top_ids = lp.topk(min(top_k, lp.shape[-1]), dim=-1)
-                parts["topk_logprobs"].append(values)
-                parts["topk_ids"].append(top_ids.to(torch.int32))
-            if reference is not None:
-                ref_ids = batch_ref[local: local + window.n_scored]
-                lq = lp.gather(-1, ref_ids)
-                parts["lq"].append(lq)
-                parts["same_top"].append(agrees_with_top1(lp, lq, ref_ids))
-            local += window.n_scored
+        rows = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in indices])
+        parts = _score_batch(logits, to_device(ids, logits.device), chunk, buffers, greedy, top_k,
+                             None if reference is None else to_device(reference.topk_ids[rows], logits.device))
         del logits
-        # One device-to-host copy per batch and quantity, not per row.
-        batch = {k: torch.cat(v).cpu() for k, v in parts.items() if v}
-        if reference is not None:
-            batch["kld"], batch["tail_mass"] = kl_against_topk(reference.topk_logprobs[rows],
-                                                               reference.topk_ids[rows], batch.pop("lq"))
-            batch["same_top"] = batch["same_top"].float()
-        sizes = [w.n_scored for w in chunk]
-        for name, values in batch.items():
-            for i, piece in zip(indices, values.split(sizes)):
-                per_window[i][name] = piece
-        done += len(chunk)
-        if on_batch:
-            on_batch(done, len(windows))
+        if pending is not None:
+            pending.finish(reference, per_window, on_batch, len(windows))
+        pending = _InFlight(parts, rows, indices, [w.n_scored for w in chunk], done)
+    if pending is not None:
+        pending.finish(reference, per_window, on_batch, len(windows))
+    scores = TokenScores()
     for found in per_window:  # back in the windows' own order
         for name, piece in found.items():
             getattr(scores, name).append(piece)
     return scores
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without waiting for the device's queue: a
+    plain copy from pageable memory synchronises the stream first."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def _score_batch(logits: torch.Tensor, ids: torch.Tensor, chunk: list[Window], buffers: "_RowBuffers",
+                 greedy: bool, top_k: int, batch_ref: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-token quantities of one batch, concatenated in the batch's window
+    order, still on the logits' device."""
+    parts: dict[str, list[torch.Tensor]] = {"token_logprobs": [], "topk_logprobs": [], "topk_ids": [],
+                                            "lq": [], "same_top": [], "greedy": []}
+    local = 0
+    for row, window in enumerate(chunk):
+        n = len(window.input_ids)
+        # log-softmax in float32 by the harness, whatever dtype the backend
+        # returned, on the logits' own device; only gathered values are
+        # kept. Row by row: on CPU that measured faster than one call over
+        # the batch (cache-friendlier); 32-token slices measured no faster.
+        # torch's fused log_softmax beats logsumexp on CPU (6.6 vs 40 ms
+        # per 511 x 49,152 row).
+        lp = buffers.log_softmax(logits[row, n - 1 - window.n_scored: n - 1])
+        targets = ids[row, n - window.n_scored: n]
+        parts["token_logprobs"].append(lp.gather(-1, targets[:, None])[:, 0])
+        if greedy:
+            parts["greedy"].append(lp.argmax(-1) == targets)
+        if top_k:
+            values, top_ids = lp.topk(min(top_k, lp.shape[-1]), dim=-1)
+            parts["topk_logprobs"].append(values)
+            parts["topk_ids"].append(top_ids.to(torch.int32))
+        if batch_ref is not None:
+            ref_ids = batch_ref[local: local + window.n_scored].long()
+            lq = lp.gather(-1, ref_ids)
+            parts["lq"].append(lq)
+            parts["same_top"].append(agrees_with_top1(lp, lq, ref_ids))
+        local += window.n_scored
+    return {k: torch.cat(v) for k, v in parts.items() if v}
+
+
+class _InFlight:
+    """One batch's results on their way to the host: one copy per quantity,
+    started at once, waited for only when the next batch is queued."""
+
+    def __init__(self, parts: dict[str, torch.Tensor], rows: torch.Tensor, indices: list[int], sizes: list[int],
+                 done: int):
+        self.parts = {k: v.to("cpu", non_blocking=True) for k, v in parts.items()}  # pinned when from a GPU
+        self.copied = None
+        if any(v.is_cuda for v in parts.values()):
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+        self.rows, self.indices, self.sizes, self.done = rows, indices, sizes, done
+
+    def finish(self, reference: Optional[Reference], per_window: list[dict[str, torch.Tensor]],
+               on_batch: Optional[Callable[[int, int], None]], total: int) -> None:
+        if self.copied is not None:
+            self.copied.synchronize()
+        batch = self.parts
+        if reference is not None:
+            batch["kld"], batch["tail_mass"] = kl_against_topk(reference.topk_logprobs[self.rows],
+                                                               reference.topk_ids[self.rows], batch.pop("lq"))
+            batch["same_top"] = batch["same_top"].float()
+        for name, values in batch.items():
+            for i, piece in zip(self.indices, values.split(self.sizes)):
+                per_window[i][name] = piece
+        if on_batch:
+            on_batch(self.done, total)
 
 
 def agrees_with_top1(lp: torch.Tensor, lq: torch.Tensor, ref_ids: torch.Tensor) -> torch.Tensor:
@@ -205,6 +244,11 @@ class _RowBuffers:
         return held[: like.shape[0]]
 
     def log_softmax(self, logits: torch.Tensor) -> torch.Tensor:
+        if logits.is_cuda and logits.dtype == torch.float16:
+            # CUDA's kernel reads float16 and computes and writes float32 in
+            # one pass (half_to_float): no float32 copy of the logits first.
+            # It has no such mode for bfloat16, nor has the CPU kernel.
+            return torch.ops.aten._log_softmax.out(logits, -1, True, out=self._rows("out", logits))
         if logits.dtype != torch.float32:
             logits = self._rows("cast", logits).copy_(logits)
         out = self._rows("out", logits)
