@@ -184,9 +184,13 @@ class _InFlight:
 
     def finish(self, reference: Optional[Reference], per_window: list[dict[str, torch.Tensor]],
                on_batch: Optional[Callable[[int, int], None]], total: int) -> None:
+        batch = self.parts
         if self.copied is not None:
             self.copied.synchronize()
-        batch = self.parts
+            # Out of page-locked memory, which goes back to the pool for the
+            # next batches: a whole pass's reference kept pinned would lock
+            # gigabytes of host memory on a large corpus.
+            batch = {k: torch.empty(v.shape, dtype=v.dtype).copy_(v) for k, v in batch.items()}
         if reference is not None:
             batch["kld"], batch["tail_mass"] = kl_against_topk(reference.topk_logprobs[self.rows],
                                                                reference.topk_ids[self.rows], batch.pop("lq"))
