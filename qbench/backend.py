@@ -136,7 +136,9 @@ class Session(abc.ABC):
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, T, V]`` for every position (any float dtype; the
         harness casts to float32 before log-softmax). Padding is on the right
-        and masked by ``attention_mask``."""
+        and marked by ``attention_mask``; a causal model may ignore the mask,
+        since no real position attends to right padding, and the logits at
+        padded positions are never read."""
 
     @abc.abstractmethod
     def generate(

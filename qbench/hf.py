@@ -277,9 +277,13 @@ class HFSession(Session):
 
     @torch.inference_mode()
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        device = torch.device(self.device)
-        out = self.model(input_ids=to_device(input_ids, device), attention_mask=to_device(attention_mask, device),
-                         use_cache=False)
+        # No mask, as lm-eval's HF model: padding is on the right, so in a
+        # causal model no real position attends to it and the mask changes
+        # no logit the harness reads. Without one, attention takes its causal
+        # kernel (flash on a GPU), and transformers skips building a mask and
+        # the host synchronisation that checks it for padding.
+        del attention_mask
+        out = self.model(input_ids=to_device(input_ids, torch.device(self.device)), use_cache=False)
         return out.logits
 
     @torch.inference_mode()
