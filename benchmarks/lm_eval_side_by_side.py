@@ -9,8 +9,9 @@ throughput of each (scored tokens per second) with the ratio.
     .venv/bin/python benchmarks/lm_eval_side_by_side.py --tasks lm-eval    # a suite's lm_eval tasks, both engines
 
 Each side runs the whole work once untimed (a warm-up: on a GPU each new
-batch shape pays for its kernel choices once), then timed. qbench's pass is
-timed twice: plain (what a candidate pays, scoring against nothing) and as a
+batch shape pays for its kernel choices once), then ``--repeats`` times
+timed; the median is reported with the range. qbench's pass is timed two
+ways: plain (what a candidate pays, scoring against nothing) and as a
 baseline (also keeping the top-k reference for KLD).
 """
 
@@ -20,6 +21,7 @@ import argparse
 import json
 import math
 import re
+import statistics
 import sysconfig
 import tempfile
 import textwrap
@@ -45,7 +47,7 @@ def documents(spec: str) -> list[str]:
     raise SystemExit(f"unknown --documents {spec}: use license or pydoc:N")
 
 
-def lm_eval_side(path: str, docs: list[str], args) -> tuple[list[float], float]:
+def lm_eval_side(path: str, docs: list[str], args) -> tuple[list[float], list[float]]:
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
@@ -57,9 +59,12 @@ def lm_eval_side(path: str, docs: list[str], args) -> tuple[list[float], float]:
     # kernel choices once (cuDNN attention plans), and the two sides feed
     # different shapes.
     lm.loglikelihood_rolling(requests, disable_tqdm=True)
-    started = time.perf_counter()
-    ll = lm.loglikelihood_rolling(requests, disable_tqdm=True)
-    return ll, time.perf_counter() - started
+    seconds = []
+    for _ in range(args.repeats):
+        started = time.perf_counter()
+        ll = lm.loglikelihood_rolling(requests, disable_tqdm=True)
+        seconds.append(time.perf_counter() - started)
+    return ll, seconds
 
 
 def qbench_side(path: str, docs: list[str], args, folder: Path):
@@ -87,14 +92,15 @@ def qbench_side(path: str, docs: list[str], args, folder: Path):
     session = BackendClock(backend.load(Artifact(backend="fp", variant=args.dtype, config=config.settings(), path=path,
                                                  model_path=path), args.device))
     score_windows(session, windows, args.batch_size)  # warm-up, as lm-eval's side
-    timings = {}
-    for label, kwargs in (("plain", {}), ("baseline", {"top_k": 512})):
-        session.seconds = 0.0
-        started = time.perf_counter()
-        scores = score_windows(session, windows, args.batch_size, **kwargs)
-        timings[label] = (time.perf_counter() - started, session.seconds)
-        if kwargs:
-            reference_from(scores)
+    timings: dict[str, list[tuple[float, float]]] = {"plain": [], "baseline": []}
+    for _ in range(args.repeats):
+        for label, kwargs in (("plain", {}), ("baseline", {"top_k": 512})):
+            session.seconds = 0.0
+            started = time.perf_counter()
+            scores = score_windows(session, windows, args.batch_size, **kwargs)
+            if kwargs:
+                reference_from(scores)
+            timings[label].append((time.perf_counter() - started, session.seconds))
     logprobs = scores.tensor("token_logprobs").double()
     n_bytes, n_words = work.scored_text_stats
     return -logprobs.sum().item(), logprobs.numel(), n_bytes, n_words, timings
@@ -174,6 +180,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="the weights' dtype on both sides")
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes per side (median and range printed)")
     parser.add_argument("--tasks", metavar="SUITE", help="compare a suite's lm_eval tasks instead of perplexity")
     args = parser.parse_args()
     if args.threads:
@@ -194,12 +201,22 @@ def main() -> None:
     for name in theirs:
         print(f"{name}: lm-eval {theirs[name]:.6f}, qbench {ours[name]:.6f}, "
               f"difference {100 * (ours[name] / theirs[name] - 1):+.4f}%")
-    print(f"lm-eval: {lm_seconds:.1f} s, {tokens / lm_seconds:.0f} tokens/s")
-    for label, (seconds, forward) in timings.items():
-        print(f"qbench {label} pass: {seconds:.1f} s, {tokens / seconds:.0f} tokens/s, "
-              f"{lm_seconds / seconds:.2f}x lm-eval; the model's forward passes {forward:.1f} s "
+    lm_median = statistics.median(lm_seconds)
+    print(f"lm-eval: {spread(lm_seconds, tokens)}")
+    for label, passes in timings.items():
+        seconds = statistics.median(wall for wall, _ in passes)
+        forward = statistics.median(forward for _, forward in passes)
+        print(f"qbench {label} pass: {spread([wall for wall, _ in passes], tokens)}, "
+              f"{lm_median / seconds:.2f}x lm-eval (medians); the model's forward passes {forward:.2f} s "
               f"({100 * forward / seconds:.0f}%): no harness can beat lm-eval by more than "
-              f"{lm_seconds / forward:.2f}x with this model and device")
+              f"{lm_median / forward:.2f}x with this model and device")
+
+
+def spread(seconds: list[float], tokens: int) -> str:
+    """Median seconds and tokens/s of timed passes, with the range."""
+    rates = sorted(tokens / s for s in seconds)
+    return (f"{statistics.median(seconds):.2f} s, {statistics.median(rates):.0f} tokens/s "
+            f"(median of {len(seconds)}; {rates[0]:.0f}-{rates[-1]:.0f})")
 
 
 if __name__ == "__main__":
