@@ -119,7 +119,7 @@ class BackendClock(Session):
                 end.record(torch.cuda.current_stream(self._gpu))
                 self._events.append((start, end))
                 return out
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(out.device)  # the output is ready only once every GPU of a spread model is done
         self._host_seconds += time.perf_counter() - began
         return out
 

@@ -177,9 +177,12 @@ class _InFlight:
                  done: int):
         self.parts = {k: v.to("cpu", non_blocking=True) for k, v in parts.items()}  # pinned when from a GPU
         self.copied = None
-        if any(v.is_cuda for v in parts.values()):
+        gpu = next((v.device for v in parts.values() if v.is_cuda), None)
+        if gpu is not None:
+            # on the results' own GPU, which need not be the current one
+            # when a model is spread over several
             self.copied = torch.cuda.Event()
-            self.copied.record()
+            self.copied.record(torch.cuda.current_stream(gpu))
         self.rows, self.indices, self.sizes, self.done = rows, indices, sizes, done
 
     def finish(self, reference: Optional[Reference], per_window: list[dict[str, torch.Tensor]],
