@@ -204,9 +204,9 @@ def main() -> None:
     lm_median = statistics.median(lm_seconds)
     print(f"lm-eval: {spread(lm_seconds, tokens)}")
     for label, passes in timings.items():
-        seconds = statistics.median(wall for wall, _ in passes)
-        forward = statistics.median(forward for _, forward in passes)
-        print(f"qbench {label} pass: {spread([wall for wall, _ in passes], tokens)}, "
+        walls, forwards = zip(*passes)
+        seconds, forward = statistics.median(walls), statistics.median(forwards)
+        print(f"qbench {label} pass: {spread(list(walls), tokens)}, "
               f"{lm_median / seconds:.2f}x lm-eval (medians); the model's forward passes {forward:.2f} s "
               f"({100 * forward / seconds:.0f}%): no harness can beat lm-eval by more than "
               f"{lm_median / forward:.2f}x with this model and device")

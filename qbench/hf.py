@@ -9,8 +9,7 @@ from typing import Any, Callable
 
 import torch
 
-from qbench.backend import Session
-from qbench.metrics.scoring import to_device
+from qbench.backend import Session, to_device
 
 
 def unique_tensor_bytes(module: torch.nn.Module) -> int:

@@ -12,7 +12,7 @@ from typing import Callable, Optional
 
 import torch
 
-from qbench.backend import Session
+from qbench.backend import Session, to_device
 from qbench.windows import Window, batches
 
 
@@ -112,9 +112,11 @@ def score_windows(
         done += len(chunk)
         # A window's last token is only ever a target: its logits would go unused.
         logits = session.logits(ids[:, :-1], mask[:, :-1])
-        rows = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in indices])
-        parts = _score_batch(logits, to_device(ids, logits.device), chunk, buffers, greedy, top_k,
-                             None if reference is None else to_device(reference.topk_ids[rows], logits.device))
+        rows = batch_ref = None
+        if reference is not None:
+            rows = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in indices])
+            batch_ref = to_device(reference.topk_ids[rows], logits.device)
+        parts = _score_batch(logits, to_device(ids, logits.device), chunk, buffers, greedy, top_k, batch_ref)
         del logits
         if pending is not None:
             pending.finish(reference, per_window, on_batch, len(windows))
@@ -126,14 +128,6 @@ def score_windows(
         for name, piece in found.items():
             getattr(scores, name).append(piece)
     return scores
-
-
-def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on ``device`` without waiting for the device's queue: a
-    plain copy from pageable memory synchronises the stream first."""
-    if device.type != "cuda":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _score_batch(logits: torch.Tensor, ids: torch.Tensor, chunk: list[Window], buffers: "_RowBuffers",
@@ -173,8 +167,8 @@ class _InFlight:
     """One batch's results on their way to the host: one copy per quantity,
     started at once, waited for only when the next batch is queued."""
 
-    def __init__(self, parts: dict[str, torch.Tensor], rows: torch.Tensor, indices: list[int], sizes: list[int],
-                 done: int):
+    def __init__(self, parts: dict[str, torch.Tensor], rows: Optional[torch.Tensor], indices: list[int],
+                 sizes: list[int], done: int):
         self.parts = {k: v.to("cpu", non_blocking=True) for k, v in parts.items()}  # pinned when from a GPU
         self.copied = None
         gpu = next((v.device for v in parts.values() if v.is_cuda), None)
