@@ -30,7 +30,11 @@ QUANTIZED_OPS = {"MatMulNBits", "MatMulInteger", "DynamicQuantizeMatMul", "QLine
 
 
 class OnnxConfig(VariantConfig):
-    precision: Literal["fp32", "int8", "int4"] = "fp32"
+    precision: Literal["fp32", "fp16", "int8", "int4"] = Field(
+        "fp32", description="fp16 is for CUDA; int8/int4 compute in fp32 on the CPU and in fp16 on CUDA")
+    target: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="the execution provider the graph is exported for (the builder's -e); auto: the run's "
+                            "--device")
     activations: Literal["none", "dynamic"] = Field(
         "none", description="dynamic: int8 weights and activations via onnxruntime.quantization")
     block_size: int = Field(32, description="weights per scale for int8/int4 MatMulNBits: 16|32|64|128|256")
@@ -46,31 +50,64 @@ class OnnxConfig(VariantConfig):
         return self
 
     def nominal_bits(self) -> Optional[float]:
-        return {"fp32": None, "int8": 8, "int4": 4}[self.precision]
+        return {"fp32": None, "fp16": None, "int8": 8, "int4": 4}[self.precision]
+
+
+#: ONNX element type -> (numpy dtype name, torch dtype name) of the buffers bound to it
+ORT_TYPES = {"tensor(float)": ("float32", "float32"), "tensor(float16)": ("float16", "float16")}
 
 
 class OnnxSession(Session):
     """An exported decoder with a KV cache: logits for every position, and
-    our own greedy loop feeding ``present.*`` back as ``past_key_values.*``."""
+    our own greedy loop feeding ``present.*`` back as ``past_key_values.*``.
+
+    Runs through ORT's I/O binding on both devices: the cache stays where ORT
+    put it (on the GPU, on CUDA) from step to step, and logits land in a torch
+    tensor on the session's device. On CUDA, ORT runs on torch's current
+    stream, so the harness's CUDA events time ORT's kernels and no buffer is
+    reused while the other library still reads it."""
 
     def __init__(self, folder: Path, device: str, facts: dict[str, Any]):
         import onnxruntime as ort
+        import torch
 
-        decoder = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
+        config = json.loads((folder / "genai_config.json").read_text())["model"]
+        decoder = config["decoder"]
         self.layers, self.kv_heads = decoder["num_hidden_layers"], decoder["num_key_value_heads"]
-        self.head_size = decoder["head_size"]
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+        self.head_size, self.vocab = decoder["head_size"], config["vocab_size"]
+        self.device = device
         options = ort.SessionOptions()
-        self.session = ort.InferenceSession(str(folder / MODEL_FILE), options, providers=providers)
+        if device == "cuda":
+            self.gpus = [torch.cuda.current_device()]
+            self.bind_at = ("cuda", self.gpus[0])
+            stream = torch.cuda.current_stream().cuda_stream
+            providers = [("CUDAExecutionProvider", {"device_id": self.gpus[0], "has_user_compute_stream": "1",
+                                                    "user_compute_stream": str(stream)})]
+            # A node without a CUDA kernel would silently run on the CPU, with
+            # copies either side: refuse the graph instead of timing that as CUDA.
+            options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+        else:
+            self.gpus, self.bind_at, providers = [], ("cpu", 0), ["CPUExecutionProvider"]
+        try:
+            self.session = ort.InferenceSession(str(folder / MODEL_FILE), options, providers=providers)
+        except Exception as exc:  # ORT's own words: which node, which kernel
+            raise QBenchError(f"onnxruntime cannot run this graph on {device}: "
+                              f"{str(exc).strip().splitlines()[-1][:300]}") from None
         if device == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
             # ORT drops an unavailable provider silently: never time CPU as CUDA.
             raise QBenchError("onnxruntime did not enable its CUDA provider: pip install onnxruntime-gpu")
-        self.device = device
-        self.past_dtype = {"tensor(float)": "float32", "tensor(float16)": "float16"}[
-            next(i.type for i in self.session.get_inputs() if i.name.startswith("past_key_values"))]
+        types = {v.name: v.type for v in [*self.session.get_inputs(), *self.session.get_outputs()]}
+        past_type = next(t for n, t in types.items() if n.startswith("past_key_values"))
+        self.past_dtype = ORT_TYPES[past_type][0]
+        self.logits_np, torch_name = ORT_TYPES[types["logits"]]
+        self.logits_dtype = getattr(torch, torch_name)
+        self.present_names = [f"present.{i}.{kind}" for i in range(self.layers) for kind in ("key", "value")]
         # Parsed once: weight_bytes is asked more than once.
         self._weight_bytes = graph_weight_bytes(folder / MODEL_FILE)
         self.facts = {**facts, "providers": self.session.get_providers()}
+        if device == "cuda":
+            self.facts["notes"] = ["ONNX Runtime holds its CUDA memory in its own arena: this row's PyTorch "
+                                   "allocator figures (cuda_peak_*) do not count it"]
 
     def _empty_past(self, batch: int) -> dict:
         import numpy as np
@@ -79,18 +116,35 @@ class OnnxSession(Session):
         return {f"past_key_values.{i}.{kind}": np.zeros(shape, dtype=self.past_dtype)
                 for i in range(self.layers) for kind in ("key", "value")}
 
-    def _run(self, ids, mask, past: dict) -> tuple:
-        names = ["logits"] + [f"present.{i}.{kind}" for i in range(self.layers) for kind in ("key", "value")]
-        out = self.session.run(names, {"input_ids": ids, "attention_mask": mask, **past})
-        present = {f"past_key_values.{n[len('present.'):]}": v for n, v in zip(names[1:], out[1:])}
-        return out[0], present
-
-    def logits(self, input_ids, attention_mask):
+    def _run(self, ids, mask, past: dict):
+        """One pass: ``ids`` and ``mask`` are host arrays, ``past`` host arrays
+        or the previous pass's OrtValues. Returns the logits (a torch tensor
+        on the session's device) and the new cache (OrtValues where ORT made
+        them)."""
+        import numpy as np
         import torch
 
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("attention_mask", mask)
+        for name, value in past.items():
+            if isinstance(value, np.ndarray):
+                binding.bind_cpu_input(name, value)
+            else:
+                binding.bind_ortvalue_input(name, value)
+        logits = torch.empty((*ids.shape, self.vocab), dtype=self.logits_dtype, device=self.device)
+        binding.bind_output("logits", *self.bind_at, element_type=np.dtype(self.logits_np),
+                            shape=tuple(logits.shape), buffer_ptr=logits.data_ptr())
+        for name in self.present_names:
+            binding.bind_output(name, *self.bind_at)
+        self.session.run_with_iobinding(binding)
+        present = binding.get_outputs()[1:]
+        return logits, {f"past_key_values.{n[len('present.'):]}": v for n, v in zip(self.present_names, present)}
+
+    def logits(self, input_ids, attention_mask):
         ids = input_ids.cpu().numpy().astype("int64")
         logits, _ = self._run(ids, attention_mask.cpu().numpy().astype("int64"), self._empty_past(ids.shape[0]))
-        return torch.from_numpy(logits)
+        return logits
 
     def generate(self, input_ids, max_new_tokens: int, on_token: Callable[[], None]):
         import numpy as np
@@ -103,8 +157,9 @@ class OnnxSession(Session):
         step = ids
         for _ in range(max_new_tokens):
             logits, past = self._run(step, mask, past)
-            step = logits[:, -1].argmax(-1)[:, None].astype("int64")
-            on_token()  # ORT's run() returns when the work is done, on CPU and CUDA alike
+            # ORT's run returns when its work is done; .cpu() waits for the argmax
+            step = logits[:, -1].argmax(-1, keepdim=True).cpu().numpy()
+            on_token()
             produced.append(step)
             mask = np.concatenate([mask, np.ones_like(step)], axis=1)
         return torch.from_numpy(np.concatenate(produced, axis=1))
@@ -124,7 +179,7 @@ class OnnxSession(Session):
         return 2 * self.layers * self.kv_heads * self.head_size * np.dtype(self.past_dtype).itemsize
 
     def describe(self) -> dict[str, Any]:
-        return self.facts
+        return dict(self.facts)
 
 
 def _graph(path: Path):
@@ -155,23 +210,41 @@ class OnnxRuntime(Backend):
     extra = "onnx"
 
     def variants(self) -> dict[str, VariantConfig]:
-        return {"fp32": OnnxConfig(), "int8": OnnxConfig(precision="int8"), "int4": OnnxConfig(precision="int4"),
-                "int8-dyn": OnnxConfig(precision="int8", activations="dynamic")}
+        return {"fp32": OnnxConfig(), "fp16": OnnxConfig(precision="fp16"), "int8": OnnxConfig(precision="int8"),
+                "int4": OnnxConfig(precision="int4"), "int8-dyn": OnnxConfig(precision="int8", activations="dynamic")}
 
     def version(self) -> Optional[str]:
         from qbench.environment import package_version
 
-        return (f"onnxruntime {package_version('onnxruntime')}; onnxruntime-genai "
-                f"{package_version('onnxruntime-genai')}")
+        import onnxruntime as ort
+
+        # From the module, not the metadata: onnxruntime and onnxruntime-gpu
+        # install the same package under two distribution names.
+        build = "GPU" if "CUDAExecutionProvider" in ort.get_available_providers() else "CPU"
+        return f"onnxruntime {ort.__version__} ({build} build); onnxruntime-genai {package_version('onnxruntime-genai')}"
+
+    def for_device(self, config: OnnxConfig, device: str) -> OnnxConfig:
+        # A graph is exported for one provider: resolved before the cache key is made.
+        return config.model_copy(update={"target": device}) if config.target == "auto" else config
 
     def variant_available(self, config: OnnxConfig, device: str) -> Availability:
         base = self.available(device)
-        if not base.ok or device != "cuda":
+        if not base.ok:
+            return base
+        config = self.for_device(config, device)
+        if config.target != device:
+            return Availability.no(f"target={config.target}: the graph is exported for {config.target}, the run is on "
+                                   f"{device} (leave target=auto)")
+        if device == "cpu" and config.precision == "fp16":
+            return Availability.no("precision=fp16 is for CUDA: ONNX Runtime's CPU provider has no fp16 kernels for "
+                                   "most of the graph")
+        if device != "cuda":
             return base
         import onnxruntime as ort
 
         if "CUDAExecutionProvider" not in ort.get_available_providers():
-            return Availability.no("onnxruntime has no CUDA provider here: pip install onnxruntime-gpu")
+            return Availability.no("onnxruntime has no CUDA provider here: pip install onnxruntime-gpu (in place of "
+                                   "onnxruntime)")
         return base
 
     def quantize(self, model_path: Path, config: OnnxConfig, calibration, workdir: Path) -> dict[str, Any]:
@@ -181,8 +254,9 @@ class OnnxRuntime(Backend):
             options += [f"block_size={config.block_size}", f"is_symmetric={str(config.symmetric).lower()}"]
             if config.keep_lm_head:
                 options.append("nodes_to_exclude=/lm_head/MatMul")
-        export(model_path, workdir, precision, options)
-        meta: dict[str, Any] = {"exporter": "onnxruntime_genai.models.builder", "builder_precision": precision}
+        export(model_path, workdir, precision, config.target, options)
+        meta: dict[str, Any] = {"exporter": "onnxruntime_genai.models.builder", "builder_precision": precision,
+                                "builder_execution_provider": config.target}
         if config.activations == "dynamic":
             meta.update(quantize_dynamic_int8(workdir, config.keep_lm_head))
         meta["op_counts"] = {op: n for op, n in op_counts(workdir / MODEL_FILE).items() if op in QUANTIZED_OPS}
@@ -201,11 +275,11 @@ class OnnxRuntime(Backend):
                                                 op for op in counts if op in QUANTIZED_OPS) or "MatMul (fp32)")})
 
 
-def export(model_path: Path, out: Path, precision: str, options: list[str]) -> None:
+def export(model_path: Path, out: Path, precision: str, target: str, options: list[str]) -> None:
     """Run the builder in a child process (it is a script, and prints a lot)."""
     cache = out.parent / "builder-cache"
     command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_path), "-o", str(out),
-               "-p", precision, "-e", "cpu", "-c", str(cache)]
+               "-p", precision, "-e", target, "-c", str(cache)]
     if options:
         command += ["--extra_options", *options]
     proc = subprocess.run(command, capture_output=True, text=True)

@@ -264,6 +264,13 @@ class Backend(abc.ABC):
         None. It joins the artifact cache key."""
         return None
 
+    def for_device(self, config: VariantConfig, device: str) -> VariantConfig:
+        """The variant with the settings it leaves to the device filled in
+        (e.g. the execution provider an exported graph targets), so the
+        record and the artifact cache key hold the values used. Called in
+        the cell's worker before anything else looks at the settings."""
+        return config
+
     def with_suite(self, config: VariantConfig, suite: Any) -> VariantConfig:
         """The variant with the settings it leaves to the suite filled in
         (e.g. QAT's training steps from the suite's ``qat`` section), so the

@@ -258,7 +258,8 @@ class CellPipeline:
             self.start_canary = MachineCanary().measure()
         self.model = ModelSpec(**task.model)
         self.backend = get_backend(load_plugins(task.plugins), task.backend)
-        self.variant, self.config = self.backend.parse_variant(task.variant)
+        self.variant, config = self.backend.parse_variant(task.variant)
+        self.config = self.backend.for_device(config, task.device)
         availability = self.backend.variant_available(self.config, task.device)
         if not availability.ok:
             raise QBenchError(f"{task.cell} cannot run on {task.device}: {availability.reason}")

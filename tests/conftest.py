@@ -182,14 +182,20 @@ def tiny_suite(tmp_path_factory) -> Path:
 def session_for(backend, spec: str, model: Path, calibration=None):
     """Quantize ``model`` with ``backend:spec`` (through the artifact cache)
     and load it on the CPU, as a worker does."""
+    return load_on(backend, spec, model, "cpu", calibration)
+
+
+def load_on(backend, spec: str, model: Path, device: str, calibration=None):
+    """``session_for`` on ``device``."""
     from qbench.artifacts import obtain_artifact
     from qbench.models import fingerprint
 
     variant, config = backend.parse_variant(spec)
+    config = backend.for_device(config, device)
     calibration_hash = "test" if calibration is not None else None
     artifact, _, _ = obtain_artifact(backend, variant, config, str(model), fingerprint(model), calibration,
                                      calibration_hash)
-    return backend.load(artifact, "cpu")
+    return backend.load(artifact, device)
 
 
 def make_record(**fields):

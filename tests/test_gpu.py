@@ -133,6 +133,42 @@ def test_quantized_variants_on_cuda(wide_tiny_model, backend, variant, layer_typ
     assert lat["decode_ms_per_token"]["value"] > 0
 
 
+def test_onnx_runtime_runs_on_its_cuda_provider(tiny_model):
+    """Graphs exported for CUDA run on ORT's CUDA provider (no node left on
+    the CPU), logits stay on the GPU, the fp32 graph gives PyTorch's figures
+    and tokens, and coarser weights move further from them."""
+    pytest.importorskip("onnxruntime_genai")
+    import onnxruntime as ort
+
+    from qbench.metrics.scoring import reference_from
+    from qbench.plugins import PluginSettings, load_plugins
+    from tests.conftest import load_on
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime without its CUDA provider: pip install onnxruntime-gpu")
+    from transformers import AutoModelForCausalLM
+
+    b = load_plugins(PluginSettings(allow=("builtin",))).backends["onnx"]
+    base = HFSession(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).to("cuda"), "cuda")
+    windows = make_windows([(i * 5) % 380 for i in range(300)], 64, None, "none", None)
+    ref = reference_from(score_windows(base, windows, 2, top_k=512))
+    kld = {}
+    for variant in ("fp32", "fp16", "int8", "int4"):
+        session = load_on(b, variant, tiny_model, "cuda")
+        assert session.describe()["providers"][0] == "CUDAExecutionProvider"
+        assert session.logits(torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long)).is_cuda
+        kld[variant] = score_windows(session, windows, 2, reference=ref).tensor("kld").mean().item()
+        if variant == "fp32":
+            prompt = torch.tensor([[5, 6, 7, 8]])
+            assert session.generate(prompt, 6, ignore_step).tolist() == base.generate(prompt, 6, ignore_step).tolist()
+        if variant == "int4":
+            lat = latency_metrics(session, torch.tensor([list(range(3, 19))]), new_tokens=4, warmup=1, min_reps=2,
+                                  min_seconds=0, max_reps=3)
+            assert lat["decode_ms_per_token"]["value"] > 0
+    assert kld["fp32"] < 1e-4
+    assert 0 < kld["fp16"] < kld["int4"] and 0 < kld["int8"] < kld["int4"]
+
+
 def test_compiled_step_with_graph_breaks_is_captured_whole(tiny_model):
     """A backend whose kernels dynamo cannot trace splits the compiled step
     into regions: the runtime still captures the whole step (regions and the

@@ -59,3 +59,20 @@ def test_impossible_variants(onnx_backend):
         onnx_backend.parse_variant("precision=int4,block_size=48")
     with pytest.raises(QBenchError, match="activations=dynamic needs precision=int8"):
         onnx_backend.parse_variant("precision=int4,activations=dynamic")
+
+
+def test_the_graph_is_exported_for_the_runs_device(onnx_backend, sessions):
+    """target=auto follows --device, so the cache key and the record name the
+    provider the graph was built for; a graph built for the other device, or
+    fp16 on the CPU, is refused with the reason."""
+    _, config = onnx_backend.parse_variant("int4")
+    assert config.target == "auto"
+    assert onnx_backend.for_device(config, "cpu").target == "cpu"
+    assert onnx_backend.for_device(config, "cuda").target == "cuda"
+    assert onnx_backend.for_device(config, "cpu").cache_settings() != onnx_backend.for_device(config, "cuda"
+                                                                                            ).cache_settings()
+    for spec, reason in [("fp16", "precision=fp16 is for CUDA"), ("int4:target=cuda", "exported for cuda")]:
+        availability = onnx_backend.variant_available(onnx_backend.parse_variant(spec)[1], "cpu")
+        assert not availability.ok and reason in availability.reason
+    assert sessions["int4"].describe()["providers"] == ["CPUExecutionProvider"]
+    assert sessions["int4"].logits(torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long)).dtype == torch.float32
