@@ -13,8 +13,10 @@ applied to the fp32 export.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional
@@ -27,6 +29,9 @@ from qbench.errors import QBenchError
 
 MODEL_FILE = "model.onnx"
 QUANTIZED_OPS = {"MatMulNBits", "MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul"}
+#: Ops that carry a step's work: on the CPU they would make a CUDA row a CPU one.
+HEAVY_OPS = QUANTIZED_OPS | {"MatMul", "Gemm", "Attention", "GroupQueryAttention", "MultiHeadAttention",
+                             "PagedAttention", "GatherBlockQuantized", "SkipSimplifiedLayerNormalization"}
 
 
 class OnnxConfig(VariantConfig):
@@ -83,9 +88,10 @@ class OnnxSession(Session):
             stream = torch.cuda.current_stream().cuda_stream
             providers = [("CUDAExecutionProvider", {"device_id": self.gpus[0], "has_user_compute_stream": "1",
                                                     "user_compute_stream": str(stream)})]
-            # A node without a CUDA kernel would silently run on the CPU, with
-            # copies either side: refuse the graph instead of timing that as CUDA.
-            options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+            # ORT runs a node without a CUDA kernel on the CPU, silently: one
+            # profiled pass at load says where each node ran (below).
+            options.enable_profiling = True
+            options.profile_file_prefix = str(Path(tempfile.mkdtemp(prefix="qbench-ort-")) / "load")
         else:
             self.gpus, self.bind_at, providers = [], ("cpu", 0), ["CPUExecutionProvider"]
         try:
@@ -106,8 +112,27 @@ class OnnxSession(Session):
         self._weight_bytes = graph_weight_bytes(folder / MODEL_FILE)
         self.facts = {**facts, "providers": self.session.get_providers()}
         if device == "cuda":
+            self.facts["ops_on_cpu"] = self._ops_on_cpu()
             self.facts["notes"] = ["ONNX Runtime holds its CUDA memory in its own arena: this row's PyTorch "
                                    "allocator figures (cuda_peak_*) do not count it"]
+
+    def _ops_on_cpu(self) -> dict[str, int]:
+        """Run 8 tokens with the profiler on, then stop it: the op types ORT
+        placed on its CPU provider. Shape arithmetic there is ORT's own
+        choice; a matmul or attention there would time the CPU as CUDA."""
+        import numpy as np
+
+        self._run(np.arange(3, 11, dtype=np.int64)[None], np.ones((1, 8), dtype=np.int64), self._empty_past(1))
+        trace = Path(self.session.end_profiling())
+        events = json.loads(trace.read_text())
+        shutil.rmtree(trace.parent, ignore_errors=True)
+        on_cpu = Counter(e["args"]["op_name"] for e in events
+                         if e.get("cat") == "Node" and e.get("args", {}).get("provider") == "CPUExecutionProvider")
+        heavy = sorted(set(on_cpu) & HEAVY_OPS)
+        if heavy:
+            raise QBenchError(f"onnxruntime has no CUDA kernel for this graph's {', '.join(heavy)} and would run "
+                              "them on the CPU: refusing to time that as CUDA")
+        return dict(on_cpu)
 
     def _empty_past(self, batch: int) -> dict:
         import numpy as np
@@ -238,6 +263,13 @@ class OnnxRuntime(Backend):
         if device == "cpu" and config.precision == "fp16":
             return Availability.no("precision=fp16 is for CUDA: ONNX Runtime's CPU provider has no fp16 kernels for "
                                    "most of the graph")
+        if device == "cuda" and (config.precision == "fp32" or config.activations == "dynamic"):
+            # Seen with onnxruntime-genai 0.18.0: ORT refuses the graph ("This is an invalid model. Graph output
+            # ... "), and quantize_dynamic names the present.* outputs as unknown tensors.
+            return Availability.no("onnxruntime-genai's builder writes an fp32 graph for CUDA whose present.* outputs "
+                                   "no node produces: use onnx:fp16 as the unquantized CUDA row"
+                                   + (" (int8-dyn quantizes that fp32 graph)" if config.activations == "dynamic"
+                                      else ""))
         if device != "cuda":
             return base
         import onnxruntime as ort
