@@ -4,10 +4,12 @@
 are the harness's, exactly as for the PyTorch backends.
 
 Variants: ``fp32`` (the exported graph at full precision: export effects apart
-from quantization effects), ``int8`` / ``int4`` weight-only (MatMulNBits,
-block size a setting) from the builder, and ``int8-dyn`` (dynamic int8
-weights and activations) from ``onnxruntime.quantization.quantize_dynamic``
-applied to the fp32 export.
+from quantization effects; CPU), ``fp16`` (CUDA), ``int8`` / ``int4``
+weight-only (MatMulNBits, block size a setting) from the builder, and
+``int8-dyn`` (dynamic int8 weights and activations; CPU) from
+``onnxruntime.quantization.quantize_dynamic`` applied to the fp32 export.
+The graph is exported for the run's device (the builder's execution
+provider), so a CUDA run gets the CUDA graph and ORT's CUDA provider.
 """
 
 from __future__ import annotations
@@ -315,8 +317,6 @@ def export(model_path: Path, out: Path, precision: str, target: str, options: li
     if options:
         command += ["--extra_options", *options]
     proc = subprocess.run(command, capture_output=True, text=True)
-    import shutil
-
     shutil.rmtree(cache, ignore_errors=True)
     if proc.returncode or not (out / MODEL_FILE).is_file():
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
