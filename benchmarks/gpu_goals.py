@@ -12,10 +12,14 @@ copy-benchmark peak, then each goal with its ratio.
 A row is ``bf16-eager``, ``hf-generate-eager``, ``bf16-compiled``, any
 torchao variant of qbench's (``int4-gemlite-g128``, ``int8-wo`` ...), or
 ``bnb-nf4`` / ``bnb-fp4`` (bitsandbytes 4-bit, bf16 compute), or
+``onnx-int4`` / ``onnx-int8`` / ``onnx-fp16`` (qbench's ``onnx`` backend:
+the random model saved, exported by onnxruntime-genai's builder for CUDA and
+run by ONNX Runtime's CUDA provider, eager: needs onnxruntime-gpu and
+``--tokenizer-from``), or
 ``gptq-marlin`` (gptqmodel's Marlin kernel, 4-bit g128, bf16 compute, on
 random packed weights: GPTQ's calibration changes the values, not the
 kernel's speed; the kernel is compiled on first use, minutes); every row but
-the first two decodes through the compiled runtime. A gemlite row may name
+the first two and the onnx rows decodes through the compiled runtime. A gemlite row may name
 how gemlite picks its Triton kernel configurations: ``int4-gemlite-g128``
 (gemlite's own choice: the tuned table shipped for this GPU if its name
 matches one, else a short autotune), ``int4-gemlite-g128+h100`` (the table
@@ -28,7 +32,9 @@ from __future__ import annotations
 import argparse
 import gc
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -39,9 +45,11 @@ SHAPES = {  # hidden, layers, heads, kv heads, MLP; vocabulary 49152 (SmolLM2's 
 }
 ROWS = ("bf16-eager", "hf-generate-eager", "bf16-compiled", "int4-tinygemm-g128", "int4-gemlite-g128",
         "int8-gemlite", "bnb-nf4", "gptq-marlin")
+#: By name only: they need onnxruntime-gpu and --tokenizer-from.
+ONNX_ROWS = ("onnx-int4", "onnx-int8", "onnx-fp16")
 
 
-def build(shape: str, dtype: torch.dtype = torch.bfloat16):
+def build(shape: str, dtype: torch.dtype = torch.bfloat16, device: str = "cuda"):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     hidden, layers, heads, kv, mlp = SHAPES[shape]
@@ -49,7 +57,7 @@ def build(shape: str, dtype: torch.dtype = torch.bfloat16):
                          num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=8192,
                          tie_word_embeddings=True)
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = LlamaForCausalLM(config).to(dtype)
     return model.eval()
 
@@ -127,6 +135,29 @@ def marlin_quantized(shape: str, group_size: int = 128):
     return model
 
 
+def onnx_session(shape: str, precision: str, tokenizer_from: Path, workdir: Path, device: str = "cuda"):
+    """The random model through qbench's ``onnx`` backend: saved as a Hugging
+    Face folder beside a copy of the tokenizer (the builder writes it out
+    too), exported for ``device`` at ``precision`` the way a run's cell
+    does, and loaded as the backend's session."""
+    import shutil
+
+    from qbench_plugins.onnx_ort import OnnxConfig, OnnxRuntime, OnnxSession
+
+    folder = workdir / f"{shape}-hf"
+    if not (folder / "config.json").is_file():
+        build(shape, device=device).save_pretrained(folder)
+        torch.cuda.empty_cache()  # ONNX Runtime allocates its own memory, beside torch's cache
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if (tokenizer_from / name).is_file():
+                shutil.copy(tokenizer_from / name, folder / name)
+    out = workdir / f"{shape}-onnx-{precision}"
+    if not (out / "model.onnx").is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        OnnxRuntime().quantize(folder, OnnxConfig(precision=precision, target=device), None, out)
+    return OnnxSession(out, device, {})
+
+
 def time_session(session, prompt, new_tokens: int, reps: int) -> list[float]:
     """Per repetition, the median gap between decode steps, as qbench's latency phase takes it."""
     from qbench.metrics.cost import time_generate
@@ -165,15 +196,21 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=SHAPES, default="1b")
-    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, from {', '.join(ROWS)}")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, from {', '.join(ROWS + ONNX_ROWS)}")
     parser.add_argument("--mode", default="max-autotune", help="torch.compile mode of the compiled rows")
     parser.add_argument("--sync", action="store_true", help="compiled rows wait for each step (host-timed)")
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--profile", action="store_true", help="GPU kernel time per step of compiled rows")
+    parser.add_argument("--tokenizer-from", type=Path, help="onnx rows: a folder holding SmolLM2's tokenizer.json")
+    parser.add_argument("--workdir", type=Path, help="onnx rows: where the saved model and its exports stay "
+                                                     "(default: a temporary folder)")
     args = parser.parse_args()
     rows = args.rows.split(",")
+    if any(r.startswith("onnx-") for r in rows) and args.tokenizer_from is None:
+        parser.error("the onnx rows need --tokenizer-from DIR (a folder holding SmolLM2's tokenizer.json)")
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="gpu-goals-"))
     peak = copy_bandwidth("cuda")
     print(f"{torch.cuda.get_device_name()}: copy peak {peak / 1e12:.2f} TB/s; torch {torch.__version__}; "
           f"shape {args.shape}; prompt {args.prompt_tokens} + {args.new_tokens} new tokens; batch 1", flush=True)
@@ -194,17 +231,22 @@ def main() -> None:
                 continue
         elif row.startswith("bnb-"):
             model = bnb_quantized(args.shape, row.removeprefix("bnb-"))
+        elif row.startswith("onnx-"):
+            model = None
         else:
             variant, _, choice = row.partition("+")
             if "gemlite" in variant:
                 configure_gemlite(choice)
             model = quantized(args.shape, variant)
-        session = HFSession(model, "cuda")
+        if model is None:  # ONNX Runtime runs its own graph, eager: no compiled runtime
+            session = onnx_session(args.shape, row.removeprefix("onnx-"), args.tokenizer_from, workdir)
+        else:
+            session = HFSession(model, "cuda")
         if row == "hf-generate-eager":
             setup = time.perf_counter() - started
             values = time_hf_generate(model, prompt, args.new_tokens, args.reps)
         else:
-            if row != "bf16-eager":
+            if row != "bf16-eager" and model is not None:
                 from qbench.hf import CompiledDecoder
 
                 session.decoder = CompiledDecoder(model, "cuda", mode=args.mode, pipelined=not args.sync)
@@ -219,7 +261,7 @@ def main() -> None:
               f"{per_step / 1e9:.2f} GB/step -> {per_step / ms / 1e6:.0f} GB/s = {per_step / ms * 1e3 / peak:.1%} "
               f"of peak; set-up and warm-up {setup:.0f} s", flush=True)
         results[row + ":fraction"] = per_step / ms * 1e3 / peak
-        if args.profile and session.decoder is not None:
+        if args.profile and getattr(session, "decoder", None) is not None:
             from torch.profiler import ProfilerActivity, profile
 
             with profile(activities=[ProfilerActivity.CUDA]) as prof:  # the warmed-up shape: no recompiling
@@ -233,7 +275,7 @@ def main() -> None:
     print("goals:")
     if "bf16-compiled" in results:
         print(f"  bf16 compiled at {results['bf16-compiled:fraction']:.1%} of peak (goal >= 70%)")
-    fours = [r for r in results if r.startswith(("int4", "bnb", "gptq")) and not r.endswith(":fraction")]
+    fours = [r for r in results if r.startswith(("int4", "bnb", "gptq", "onnx-int4")) and not r.endswith(":fraction")]
     if fours:
         best = min(fours, key=results.get)
         print(f"  best 4-bit row {best} at {results[best + ':fraction']:.1%} of peak (goal >= 50%)")
