@@ -140,17 +140,14 @@ def onnx_session(shape: str, precision: str, tokenizer_from: Path, workdir: Path
     Face folder beside a copy of the tokenizer (the builder writes it out
     too), exported for ``device`` at ``precision`` the way a run's cell
     does, and loaded as the backend's session."""
-    import shutil
-
+    from make_gpu_model import copy_tokenizer  # beside this script
     from qbench_plugins.onnx_ort import OnnxConfig, OnnxRuntime, OnnxSession
 
     folder = workdir / f"{shape}-hf"
     if not (folder / "config.json").is_file():
         build(shape, device=device).save_pretrained(folder)
         torch.cuda.empty_cache()  # ONNX Runtime allocates its own memory, beside torch's cache
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-            if (tokenizer_from / name).is_file():
-                shutil.copy(tokenizer_from / name, folder / name)
+        copy_tokenizer(tokenizer_from, folder)
     out = workdir / f"{shape}-onnx-{precision}"
     if not (out / "model.onnx").is_file():
         out.mkdir(parents=True, exist_ok=True)
@@ -232,16 +229,14 @@ def main() -> None:
         elif row.startswith("bnb-"):
             model = bnb_quantized(args.shape, row.removeprefix("bnb-"))
         elif row.startswith("onnx-"):
-            model = None
+            model = None  # ONNX Runtime runs its own graph, eager: no compiled runtime
         else:
             variant, _, choice = row.partition("+")
             if "gemlite" in variant:
                 configure_gemlite(choice)
             model = quantized(args.shape, variant)
-        if model is None:  # ONNX Runtime runs its own graph, eager: no compiled runtime
-            session = onnx_session(args.shape, row.removeprefix("onnx-"), args.tokenizer_from, workdir)
-        else:
-            session = HFSession(model, "cuda")
+        session = (HFSession(model, "cuda") if model is not None
+                   else onnx_session(args.shape, row.removeprefix("onnx-"), args.tokenizer_from, workdir))
         if row == "hf-generate-eager":
             setup = time.perf_counter() - started
             values = time_hf_generate(model, prompt, args.new_tokens, args.reps)

@@ -19,6 +19,13 @@ import torch
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
+def copy_tokenizer(source: Path, folder: Path) -> None:
+    """The tokenizer files ``source`` has, copied beside a saved model."""
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy(source / name, folder / name)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path)
@@ -40,9 +47,7 @@ def main() -> None:
     with torch.device(device):
         model = LlamaForCausalLM(config)
     model.save_pretrained(args.out)
-    for name in TOKENIZER_FILES:
-        if (args.tokenizer_from / name).is_file():
-            shutil.copy(args.tokenizer_from / name, args.out / name)
+    copy_tokenizer(args.tokenizer_from, args.out)
     print(f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters -> {args.out}")
 
 
