@@ -14,12 +14,14 @@ torchao variant of qbench's (``int4-gemlite-g128``, ``int8-wo`` ...), or
 ``bnb-nf4`` / ``bnb-fp4`` (bitsandbytes 4-bit, bf16 compute), or
 ``onnx-int4`` / ``onnx-int8`` / ``onnx-fp16`` (qbench's ``onnx`` backend:
 the random model saved, exported by onnxruntime-genai's builder for CUDA and
-run by ONNX Runtime's CUDA provider, eager: needs onnxruntime-gpu and
-``--tokenizer-from``), or
+run by ONNX Runtime's CUDA provider, compiled as ONNX Runtime's CUDA graphs
+over a fixed-size cache; ``+eager`` runs it eager, and ``+key=value`` sets
+the variant, e.g. ``onnx-int4+block_size=128+keep_lm_head=false``: needs
+onnxruntime-gpu and ``--tokenizer-from``), or
 ``gptq-marlin`` (gptqmodel's Marlin kernel, 4-bit g128, bf16 compute, on
 random packed weights: GPTQ's calibration changes the values, not the
 kernel's speed; the kernel is compiled on first use, minutes); every row but
-the first two and the onnx rows decodes through the compiled runtime. A gemlite row may name
+the first two (and ``+eager`` onnx rows) decodes through its compiled runtime. A gemlite row may name
 how gemlite picks its Triton kernel configurations: ``int4-gemlite-g128``
 (gemlite's own choice: the tuned table shipped for this GPU if its name
 matches one, else a short autotune), ``int4-gemlite-g128+h100`` (the table
@@ -135,11 +137,11 @@ def marlin_quantized(shape: str, group_size: int = 128):
     return model
 
 
-def onnx_session(shape: str, precision: str, tokenizer_from: Path, workdir: Path, device: str = "cuda"):
+def onnx_session(shape: str, spec: str, tokenizer_from: Path, workdir: Path, device: str = "cuda"):
     """The random model through qbench's ``onnx`` backend: saved as a Hugging
     Face folder beside a copy of the tokenizer (the builder writes it out
-    too), exported for ``device`` at ``precision`` the way a run's cell
-    does, and loaded as the backend's session."""
+    too), exported for ``device`` as ``spec`` (``PRECISION[+key=value...]``)
+    the way a run's cell does, and loaded as the backend's session."""
     from make_gpu_model import copy_tokenizer  # beside this script
     from qbench_plugins.onnx_ort import OnnxConfig, OnnxRuntime, OnnxSession
 
@@ -148,10 +150,12 @@ def onnx_session(shape: str, precision: str, tokenizer_from: Path, workdir: Path
         build(shape, device=device).save_pretrained(folder)
         torch.cuda.empty_cache()  # ONNX Runtime allocates its own memory, beside torch's cache
         copy_tokenizer(tokenizer_from, folder)
-    out = workdir / f"{shape}-onnx-{precision}"
+    precision, *settings = spec.split("+")
+    config = OnnxConfig(precision=precision, target=device, **dict(s.split("=", 1) for s in settings))
+    out = workdir / f"{shape}-onnx-{spec}"
     if not (out / "model.onnx").is_file():
         out.mkdir(parents=True, exist_ok=True)
-        OnnxRuntime().quantize(folder, OnnxConfig(precision=precision, target=device), None, out)
+        OnnxRuntime().quantize(folder, config, None, out)
     return OnnxSession(out, device, {})
 
 
@@ -229,22 +233,32 @@ def main() -> None:
         elif row.startswith("bnb-"):
             model = bnb_quantized(args.shape, row.removeprefix("bnb-"))
         elif row.startswith("onnx-"):
-            model = None  # ONNX Runtime runs its own graph, eager: no compiled runtime
+            model = None  # ONNX Runtime runs its own graph
         else:
             variant, _, choice = row.partition("+")
             if "gemlite" in variant:
                 configure_gemlite(choice)
             model = quantized(args.shape, variant)
+        eager = row in ("bf16-eager", "hf-generate-eager") or row.endswith("+eager")
         session = (HFSession(model, "cuda") if model is not None
-                   else onnx_session(args.shape, row.removeprefix("onnx-"), args.tokenizer_from, workdir))
+                   else onnx_session(args.shape, row.removeprefix("onnx-").removesuffix("+eager"),
+                                     args.tokenizer_from, workdir))
         if row == "hf-generate-eager":
             setup = time.perf_counter() - started
             values = time_hf_generate(model, prompt, args.new_tokens, args.reps)
         else:
-            if row != "bf16-eager" and model is not None:
+            if not eager and model is not None:
                 from qbench.hf import CompiledDecoder
 
                 session.decoder = CompiledDecoder(model, "cuda", mode=args.mode, pipelined=not args.sync)
+            elif not eager:
+                eager_tokens = session.generate(prompt, args.new_tokens, lambda *a: None)
+                reason = session.use_runtime("compiled")  # ONNX Runtime's CUDA graphs
+                if reason:
+                    raise SystemExit(f"{row}: {reason}")
+                same = torch.equal(session.generate(prompt, args.new_tokens, lambda *a: None), eager_tokens)
+                print(f"  {row}: CUDA-graph tokens {'identical to' if same else 'DIFFER from'} the eager loop's",
+                      flush=True)
             time_session(session, prompt, args.new_tokens, 1)  # warm-up (compiles)
             setup = time.perf_counter() - started
             values = time_session(session, prompt, args.new_tokens, args.reps)
@@ -256,7 +270,7 @@ def main() -> None:
               f"{per_step / 1e9:.2f} GB/step -> {per_step / ms / 1e6:.0f} GB/s = {per_step / ms * 1e3 / peak:.1%} "
               f"of peak; set-up and warm-up {setup:.0f} s", flush=True)
         results[row + ":fraction"] = per_step / ms * 1e3 / peak
-        if args.profile and getattr(session, "decoder", None) is not None:
+        if args.profile and not eager:
             from torch.profiler import ProfilerActivity, profile
 
             with profile(activities=[ProfilerActivity.CUDA]) as prof:  # the warmed-up shape: no recompiling

@@ -75,35 +75,18 @@ class OnnxSession(Session):
     reused while the other library still reads it."""
 
     def __init__(self, folder: Path, device: str, facts: dict[str, Any]):
-        import onnxruntime as ort
         import torch
 
         config = json.loads((folder / "genai_config.json").read_text())["model"]
         decoder = config["decoder"]
         self.layers, self.kv_heads = decoder["num_hidden_layers"], decoder["num_key_value_heads"]
         self.head_size, self.vocab = decoder["head_size"], config["vocab_size"]
-        self.device = device
-        options = ort.SessionOptions()
-        if device == "cuda":
-            self.gpus = [torch.cuda.current_device()]
-            self.bind_at = ("cuda", self.gpus[0])
-            stream = torch.cuda.current_stream().cuda_stream
-            providers = [("CUDAExecutionProvider", {"device_id": self.gpus[0], "has_user_compute_stream": "1",
-                                                    "user_compute_stream": str(stream)})]
-            # ORT runs a node without a CUDA kernel on the CPU, silently: one
-            # profiled pass at load says where each node ran (below).
-            options.enable_profiling = True
-            options.profile_file_prefix = str(Path(tempfile.mkdtemp(prefix="qbench-ort-")) / "load")
-        else:
-            self.gpus, self.bind_at, providers = [], ("cpu", 0), ["CPUExecutionProvider"]
-        try:
-            self.session = ort.InferenceSession(str(folder / MODEL_FILE), options, providers=providers)
-        except Exception as exc:  # ORT's own words: which node, which kernel
-            raise QBenchError(f"onnxruntime cannot run this graph on {device}: "
-                              f"{str(exc).strip().splitlines()[-1][:300]}") from None
-        if device == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
-            # ORT drops an unavailable provider silently: never time CPU as CUDA.
-            raise QBenchError("onnxruntime did not enable its CUDA provider: pip install onnxruntime-gpu")
+        self.folder, self.device = folder, device
+        self.gpus = [torch.cuda.current_device()] if device == "cuda" else []
+        self.bind_at = ("cuda", self.gpus[0]) if device == "cuda" else ("cpu", 0)
+        #: Set by use_runtime("compiled"): decode over a fixed-size cache (StaticDecode).
+        self.static: Optional[StaticDecode] = None
+        self.session = self._open(profile=device == "cuda")
         types = {v.name: v.type for v in [*self.session.get_inputs(), *self.session.get_outputs()]}
         past_type = next(t for n, t in types.items() if n.startswith("past_key_values"))
         self.past_dtype = ORT_TYPES[past_type][0]
@@ -117,6 +100,37 @@ class OnnxSession(Session):
             self.facts["ops_on_cpu"] = self._ops_on_cpu()
             self.facts["notes"] = ["ONNX Runtime holds its CUDA memory in its own arena: this row's PyTorch "
                                    "allocator figures (cuda_peak_*) do not count it"]
+
+    def _open(self, profile: bool = False, stream=None):
+        """An ORT session of the graph on the session's device. On CUDA it
+        runs on ``stream`` (default: torch's current one); with a stream of
+        its own, ORT also captures CUDA graphs (use_runtime)."""
+        import onnxruntime as ort
+        import torch
+
+        options = ort.SessionOptions()
+        if self.device == "cuda":
+            cuda = {"device_id": self.gpus[0], "has_user_compute_stream": "1",
+                    "user_compute_stream": str((stream or torch.cuda.current_stream()).cuda_stream)}
+            if stream is not None:
+                cuda["enable_cuda_graph"] = "1"
+            providers = [("CUDAExecutionProvider", cuda)]
+            if profile:
+                # ORT runs a node without a CUDA kernel on the CPU, silently: one
+                # profiled pass at load says where each node ran (_ops_on_cpu).
+                options.enable_profiling = True
+                options.profile_file_prefix = str(Path(tempfile.mkdtemp(prefix="qbench-ort-")) / "load")
+        else:
+            providers = ["CPUExecutionProvider"]
+        try:
+            session = ort.InferenceSession(str(self.folder / MODEL_FILE), options, providers=providers)
+        except Exception as exc:  # ORT's own words: which node, which kernel
+            raise QBenchError(f"onnxruntime cannot run this graph on {self.device}: "
+                              f"{str(exc).strip().splitlines()[-1][:300]}") from None
+        if self.device == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
+            # ORT drops an unavailable provider silently: never time CPU as CUDA.
+            raise QBenchError("onnxruntime did not enable its CUDA provider: pip install onnxruntime-gpu")
+        return session
 
     def _ops_on_cpu(self) -> dict[str, int]:
         """Run 8 tokens with the profiler on, then stop it: the op types ORT
@@ -177,6 +191,8 @@ class OnnxSession(Session):
         import numpy as np
         import torch
 
+        if self.static is not None:
+            return self.static.generate(input_ids, max_new_tokens, on_token)
         ids = input_ids.cpu().numpy().astype("int64")
         mask = np.ones_like(ids)
         past = self._empty_past(ids.shape[0])
@@ -195,10 +211,28 @@ class OnnxSession(Session):
         return self._weight_bytes
 
     def use_runtime(self, runtime: str, compile_mode: str = "max-autotune") -> Optional[str]:
+        """``compiled``: ONNX Runtime's own CUDA graphs (``enable_cuda_graph``)
+        over a fixed-size KV cache, one graph per batch size and length: the
+        graph's counterpart of PyTorch's compiled runtime. ``compile_mode``
+        is torch.compile's and does not apply."""
         if runtime == "eager":
+            self.static = None
             return None
-        return (f"runtime={runtime} is a PyTorch runtime; ONNX Runtime runs its own optimised graph (its speed is "
-                "this backend's eager row)")
+        if self.device != "cuda":
+            return "runtime=compiled on an ONNX row is ONNX Runtime's CUDA graphs: CUDA only"
+        import torch
+
+        stream = torch.cuda.Stream(self.gpus[0])  # capture cannot run on the legacy default stream
+        del self.session  # the weights once on the GPU, not twice
+        try:
+            self.session = self._open(stream=stream)
+        except QBenchError as error:
+            self.session = self._open()
+            return f"ONNX Runtime refused CUDA graphs for this graph: {error}"
+        self.static = StaticDecode(self, stream)
+        self.facts["runtime"] = ("ONNX Runtime CUDA graphs (enable_cuda_graph), one per batch size and length, over "
+                                 "a fixed-size KV cache that past and present share; prefill runs uncaptured")
+        return None
 
     def kv_bytes_per_position(self) -> Optional[int]:
         import numpy as np
@@ -207,6 +241,108 @@ class OnnxSession(Session):
 
     def describe(self) -> dict[str, Any]:
         return dict(self.facts)
+
+
+class StaticDecode:
+    """Greedy decode over a KV cache of fixed size, the layout ONNX Runtime's
+    CUDA graphs need (fixed shapes and addresses from step to step).
+
+    The builder's GroupQueryAttention reads past and writes present in place
+    when both are bound to one buffer ``[batch, kv_heads, length, head]``
+    (past_present_share_buffer, as onnxruntime-genai runs it); the attention
+    mask is ``[batch, length]`` with ones up to and including the position
+    fed, so every decode step binds the same tensors and only their contents
+    change. Prefill runs uncaptured (``gpu_graph_id=-1``) with the prompt's
+    own mask, as onnxruntime-genai runs it; each (batch,
+    length) gets its own graph id, captured by ORT after its warm-up runs
+    and replayed from then on. Without a stream (on the CPU) the same loop
+    runs without graphs: it is how CI checks the layout."""
+
+    def __init__(self, owner: OnnxSession, stream=None):
+        self.owner, self.stream = owner, stream
+        self.shapes: dict[tuple[int, int], dict[str, Any]] = {}  # (batch, length) -> buffers and binding
+
+    def _run_options(self, graph_id: int):
+        import onnxruntime as ort
+
+        options = ort.RunOptions()
+        if self.stream is not None:
+            options.add_run_config_entry("gpu_graph_id", str(graph_id))
+        return options
+
+    def _bind(self, binding, name: str, tensor, output: bool = False) -> None:
+        import numpy as np
+
+        kind = "bind_output" if output else "bind_input"
+        getattr(binding, kind)(name, *self.owner.bind_at, np.dtype(str(tensor.dtype).removeprefix("torch.")),
+                               tuple(tensor.shape), tensor.data_ptr())
+
+    def _buffers(self, batch: int, length: int) -> dict[str, Any]:
+        """The tensors and the decode binding of one (batch, length), kept for
+        the session's life: a captured graph holds their addresses."""
+        import torch
+
+        if (batch, length) in self.shapes:
+            return self.shapes[(batch, length)]
+        o = self.owner
+        dev = o.device
+        cache_dtype = getattr(torch, o.past_dtype)
+        state = {"graph_id": len(self.shapes) + 1,
+                 "ids": torch.zeros((batch, 1), dtype=torch.int64, device=dev),
+                 "mask": torch.zeros((batch, length), dtype=torch.int64, device=dev),
+                 "logits": torch.empty((batch, 1, o.vocab), dtype=o.logits_dtype, device=dev),
+                 "cache": {n: torch.zeros((batch, o.kv_heads, length, o.head_size), dtype=cache_dtype, device=dev)
+                           for n in o.present_names}}
+        binding = o.session.io_binding()
+        self._bind_step(binding, state, state["ids"], state["logits"])
+        state["binding"] = binding
+        self.shapes[(batch, length)] = state
+        return state
+
+    def _bind_step(self, binding, state: dict[str, Any], ids, logits, mask=None) -> None:
+        self._bind(binding, "input_ids", ids)
+        self._bind(binding, "attention_mask", state["mask"] if mask is None else mask)
+        for name, buffer in state["cache"].items():
+            self._bind(binding, "past_key_values." + name.removeprefix("present."), buffer)
+            self._bind(binding, name, buffer, output=True)
+        self._bind(binding, "logits", logits, output=True)
+
+    def generate(self, input_ids, max_new_tokens: int, on_token: Callable[[], None]):
+        import contextlib
+
+        import torch
+
+        o = self.owner
+        batch, prompt = input_ids.shape
+        state = self._buffers(batch, prompt + max_new_tokens)
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+            mask = state["mask"]
+            mask.zero_()
+            mask[:, :prompt] = 1
+            ids = input_ids.to(o.device, torch.int64)
+            logits = torch.empty((batch, prompt, o.vocab), dtype=o.logits_dtype, device=o.device)
+            prefill = o.session.io_binding()
+            # The prompt's own mask: attention sees a first prompt (ORT's GQA
+            # takes a longer mask as a continuation, batch 1 only), and writes
+            # it into the shared cache from position 0.
+            prompt_mask = mask[:, :prompt].contiguous()  # held: ORT reads it by address
+            self._bind_step(prefill, state, ids, logits, prompt_mask)
+            o.session.run_with_iobinding(prefill, self._run_options(-1))  # returns once ORT's stream is done
+            produced = torch.empty((batch, max_new_tokens), dtype=torch.int64, device=o.device)
+            step_options = self._run_options(state["graph_id"])
+            for i in range(max_new_tokens):
+                if i:
+                    state["ids"].copy_(produced[:, i - 1:i])
+                    mask[:, prompt + i - 1] = 1
+                    o.session.run_with_iobinding(state["binding"], step_options)
+                    logits = state["logits"]
+                produced[:, i] = logits[:, -1].argmax(-1)
+                on_token()
+        if self.stream is not None:
+            torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
+        return produced.cpu()
 
 
 def _graph(path: Path):

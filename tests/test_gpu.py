@@ -171,6 +171,14 @@ def test_onnx_runtime_runs_on_its_cuda_provider(tiny_model):
                           min_seconds=0, max_reps=3)
     assert lat["decode_ms_per_token"]["value"] > 0
     assert 0 < kld["fp16"] < kld["int8"] < kld["int4"]
+    # runtime=compiled: ORT's CUDA graphs (captured after ORT's warm-up runs,
+    # then replayed) decode the eager loop's tokens, at two batch sizes.
+    prompts = [torch.tensor([list(range(3, 19))]), torch.tensor([list(range(3, 19)), list(range(40, 56))])]
+    eager = [session.generate(p, 12, ignore_step) for p in prompts]
+    assert session.use_runtime("compiled") is None
+    for _ in range(3):
+        assert [session.generate(p, 12, ignore_step).tolist() for p in prompts] == [e.tolist() for e in eager]
+    assert "CUDA graphs" in session.describe()["runtime"]
 
 
 def test_compiled_step_with_graph_breaks_is_captured_whole(tiny_model):

@@ -76,3 +76,23 @@ def test_the_graph_is_exported_for_the_runs_device(onnx_backend, sessions):
         assert not availability.ok and reason in availability.reason
     assert sessions["int4"].describe()["providers"] == ["CPUExecutionProvider"]
     assert sessions["int4"].logits(torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long)).dtype == torch.float32
+
+
+@pytest.mark.parametrize("variant", ["fp32", "int4"])
+def test_fixed_size_cache_decodes_the_growing_caches_tokens(sessions, variant):
+    """The layout ORT's CUDA graphs need (past and present sharing one
+    fixed-size buffer, a fixed-size mask) decodes exactly the tokens of the
+    growing cache, for two batch sizes and prompt lengths in one session
+    (each keeps its own buffers) and when a shape comes back."""
+    from qbench_plugins.onnx_ort import StaticDecode
+
+    session = sessions[variant]
+    prompts = [torch.tensor([[5, 6, 7, 8]]), torch.tensor([list(range(3, 12)), list(range(20, 29))])]
+    eager = [session.generate(p, 7, ignore_step) for p in prompts]
+    static = StaticDecode(session)
+    steps = []
+    for prompt, expected in zip(prompts + prompts[:1], eager + eager[:1]):
+        out = static.generate(prompt, 7, lambda: steps.append(1))
+        assert out.tolist() == expected.tolist()
+    assert len(steps) == 21 and sorted(static.shapes) == [(1, 11), (2, 16)]
+    assert [s["graph_id"] for s in static.shapes.values()] == [1, 2]

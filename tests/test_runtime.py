@@ -35,9 +35,10 @@ def test_compiled_runtime_on_cpu_fails_the_cell_with_the_reason(tiny_model, tiny
 def test_a_session_without_the_runtime_says_why():
     from qbench_plugins.onnx_ort import OnnxSession
 
-    reason = OnnxSession.use_runtime(object.__new__(OnnxSession), "compiled")
-    assert "ONNX Runtime runs its own optimised graph" in reason
-    assert OnnxSession.use_runtime(object.__new__(OnnxSession), "eager") is None
+    session = object.__new__(OnnxSession)
+    session.device = "cpu"
+    assert "ONNX Runtime's CUDA graphs: CUDA only" in OnnxSession.use_runtime(session, "compiled")
+    assert OnnxSession.use_runtime(session, "eager") is None
 
 
 def test_batch_sweep_times_every_batch_size_and_reports_it(tiny_model, tiny_suite, tmp_path):
