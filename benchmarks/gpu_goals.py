@@ -256,9 +256,12 @@ def main() -> None:
                 reason = session.use_runtime("compiled")  # ONNX Runtime's CUDA graphs
                 if reason:
                     raise SystemExit(f"{row}: {reason}")
-                same = torch.equal(session.generate(prompt, args.new_tokens, lambda *a: None), eager_tokens)
-                print(f"  {row}: CUDA-graph tokens {'identical to' if same else 'DIFFER from'} the eager loop's",
-                      flush=True)
+                # Random weights leave near-tied logits: the fixed-size cache's
+                # attention sums in another order, and a tie can flip.
+                differ = (session.generate(prompt, args.new_tokens, lambda *a: None) != eager_tokens).nonzero()
+                print(f"  {row}: CUDA-graph tokens " + (
+                    "identical to the eager loop's" if not len(differ) else
+                    f"follow the eager loop's for {int(differ[0, 1])} of {args.new_tokens} steps"), flush=True)
             time_session(session, prompt, args.new_tokens, 1)  # warm-up (compiles)
             setup = time.perf_counter() - started
             values = time_session(session, prompt, args.new_tokens, args.reps)

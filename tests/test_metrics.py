@@ -243,3 +243,21 @@ def test_roofline_is_bytes_per_step_over_time_against_the_peak(tmp_path, tiny_mo
     # The peak is measured once per run and shared by every cell.
     first = run_bandwidth(tmp_path, "cpu")
     assert first["bytes_per_s"] > 1e8 and run_bandwidth(tmp_path, "cpu") == first
+
+
+def test_switching_runtime_counts_as_backend_time():
+    """A runtime switch can reload the model (ONNX Runtime opens a second
+    session for its CUDA graphs): the clock books it to the backend, not to
+    the harness's share."""
+    import time
+
+    from qbench.metrics.cost import BackendClock
+
+    class SlowSwitch(FixedLogits):
+        def use_runtime(self, runtime, compile_mode="max-autotune"):
+            time.sleep(0.2)
+            return None if runtime == "compiled" else "no"
+
+    clock = BackendClock(SlowSwitch(lambda ids: ids))
+    assert clock.use_runtime("compiled") is None and clock.use_runtime("other") == "no"
+    assert clock.seconds >= 0.4
