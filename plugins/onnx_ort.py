@@ -10,6 +10,8 @@ weight-only (MatMulNBits, block size a setting) from the builder, and
 ``onnxruntime.quantization.quantize_dynamic`` applied to the fp32 export.
 The graph is exported for the run's device (the builder's execution
 provider), so a CUDA run gets the CUDA graph and ORT's CUDA provider.
+``runtime=compiled`` (CUDA) decodes through ONNX Runtime's own CUDA graphs
+over a fixed-size KV cache (``StaticDecode``).
 """
 
 from __future__ import annotations
