@@ -220,6 +220,8 @@ class OnnxSession(Session):
         if runtime == "eager":
             self.static = None
             return None
+        if compile_mode != "max-autotune":  # the default, left as it is when nobody sets it
+            return f"compile_mode={compile_mode} is torch.compile's; ONNX Runtime's CUDA graphs have no modes"
         if self.device != "cuda":
             return "runtime=compiled on an ONNX row is ONNX Runtime's CUDA graphs: CUDA only"
         import torch

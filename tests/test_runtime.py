@@ -39,6 +39,7 @@ def test_a_session_without_the_runtime_says_why():
     session.device = "cpu"
     assert "ONNX Runtime's CUDA graphs: CUDA only" in OnnxSession.use_runtime(session, "compiled")
     assert OnnxSession.use_runtime(session, "eager") is None
+    assert "ONNX Runtime's CUDA graphs have no modes" in OnnxSession.use_runtime(session, "compiled", "reduce-overhead")
 
 
 def test_batch_sweep_times_every_batch_size_and_reports_it(tiny_model, tiny_suite, tmp_path):
