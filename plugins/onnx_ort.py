@@ -88,6 +88,8 @@ class OnnxSession(Session):
         self.bind_at = ("cuda", self.gpus[0]) if device == "cuda" else ("cpu", 0)
         #: Set by use_runtime("compiled"): decode over a fixed-size cache (StaticDecode).
         self.static: Optional[StaticDecode] = None
+        #: Run options of every pass outside a captured graph (None: ORT's defaults).
+        self.uncaptured = None
         self.session = self._open(profile=device == "cuda")
         types = {v.name: v.type for v in [*self.session.get_inputs(), *self.session.get_outputs()]}
         past_type = next(t for n, t in types.items() if n.startswith("past_key_values"))
@@ -180,7 +182,7 @@ class OnnxSession(Session):
                             shape=tuple(logits.shape), buffer_ptr=logits.data_ptr())
         for name in self.present_names:
             binding.bind_output(name, *self.bind_at)
-        self.session.run_with_iobinding(binding)
+        self.session.run_with_iobinding(binding, self.uncaptured)
         present = binding.get_outputs()[1:]
         return logits, {f"past_key_values.{n[len('present.'):]}": v for n, v in zip(self.present_names, present)}
 
@@ -233,6 +235,9 @@ class OnnxSession(Session):
         except QBenchError as error:
             self.session = self._open()
             return f"ONNX Runtime refused CUDA graphs for this graph: {error}"
+        # A graph-enabled session would capture any pass under graph id 0:
+        # logits() and prefill say -1 (no capture), whatever their shapes.
+        self.uncaptured = graph_run_options(-1)
         self.static = StaticDecode(self, stream)
         self.facts["runtime"] = ("ONNX Runtime CUDA graphs (enable_cuda_graph), one per batch size and length, over "
                                  "a fixed-size KV cache that past and present share; prefill runs uncaptured")
@@ -257,22 +262,13 @@ class StaticDecode:
     mask is ``[batch, length]`` with ones up to and including the position
     fed, so every decode step binds the same tensors and only their contents
     change. Prefill runs uncaptured (``gpu_graph_id=-1``) with the prompt's
-    own mask, as onnxruntime-genai runs it; each (batch,
-    length) gets its own graph id, captured by ORT after its warm-up runs
-    and replayed from then on. Without a stream (on the CPU) the same loop
+    own mask; each (batch, length) gets its own graph id, captured by ORT
+    after its warm-up runs and replayed from then on. Without a stream (on the CPU) the same loop
     runs without graphs: it is how CI checks the layout."""
 
     def __init__(self, owner: OnnxSession, stream=None):
         self.owner, self.stream = owner, stream
         self.shapes: dict[tuple[int, int], dict[str, Any]] = {}  # (batch, length) -> buffers and binding
-
-    def _run_options(self, graph_id: int):
-        import onnxruntime as ort
-
-        options = ort.RunOptions()
-        if self.stream is not None:
-            options.add_run_config_entry("gpu_graph_id", str(graph_id))
-        return options
 
     def _bind(self, binding, name: str, tensor, output: bool = False) -> None:
         import numpy as np
@@ -333,9 +329,9 @@ class StaticDecode:
             # it into the shared cache from position 0.
             prompt_mask = mask[:, :prompt].contiguous()  # held: ORT reads it by address
             self._bind_step(prefill, state, ids, logits, prompt_mask)
-            o.session.run_with_iobinding(prefill, self._run_options(-1))  # returns once ORT's stream is done
+            o.session.run_with_iobinding(prefill, o.uncaptured)  # returns once ORT's stream is done
             produced = torch.empty((batch, max_new_tokens), dtype=torch.int64, device=o.device)
-            step_options = self._run_options(state["graph_id"])
+            step_options = graph_run_options(state["graph_id"]) if self.stream is not None else None
             for i in range(max_new_tokens):
                 if i:
                     state["ids"].copy_(produced[:, i - 1:i])
@@ -347,6 +343,16 @@ class StaticDecode:
         if self.stream is not None:
             torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
         return produced.cpu()
+
+
+def graph_run_options(graph_id: int):
+    """ORT run options for a graph-enabled CUDA session: capture or replay
+    graph ``graph_id`` (1, 2, ...), or run uncaptured (-1)."""
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    options.add_run_config_entry("gpu_graph_id", str(graph_id))
+    return options
 
 
 def _graph(path: Path):

@@ -179,6 +179,8 @@ def test_onnx_runtime_runs_on_its_cuda_provider(tiny_model):
     for _ in range(3):
         assert [session.generate(p, 12, ignore_step).tolist() for p in prompts] == [e.tolist() for e in eager]
     assert "CUDA graphs" in session.describe()["runtime"]
+    # Passes outside the graphs (quality's logits) still run, uncaptured, at any shape.
+    assert session.logits(full, torch.ones_like(full))[0, 3:-1].argmax(-1).tolist() == new[0].tolist()
 
 
 def test_compiled_step_with_graph_breaks_is_captured_whole(tiny_model):
