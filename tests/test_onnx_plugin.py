@@ -59,6 +59,31 @@ def test_impossible_variants(onnx_backend):
         onnx_backend.parse_variant("precision=int4,block_size=48")
     with pytest.raises(QBenchError, match="activations=dynamic needs precision=int8"):
         onnx_backend.parse_variant("precision=int4,activations=dynamic")
+    with pytest.raises(QBenchError, match=r"prepacked=2 needs block_size in \(64, 128\), got 32"):
+        onnx_backend.parse_variant("int4:prepacked=2")
+    with pytest.raises(QBenchError, match="prepacked needs precision=int8 or int4"):
+        onnx_backend.parse_variant("fp16:prepacked=1")
+    with pytest.raises(QBenchError, match="prepacked is a CUDA weight layout"):
+        onnx_backend.parse_variant("int4:prepacked=1,target=cpu")
+    availability = onnx_backend.variant_available(onnx_backend.parse_variant("int4:prepacked=1")[1], "cpu")
+    assert not availability.ok and "prepacked=1 is a CUDA weight layout" in availability.reason
+
+
+def test_fused_gate_up_reads_one_matmul_fewer_per_layer(onnx_backend, sessions, tiny_model):
+    """fuse_gate_up concatenates the gate and up weights before quantizing:
+    blocks run along each output row, so the fused graph holds the same int4
+    values and gives the same logits, with one MatMulNBits fewer per layer."""
+    from transformers import AutoConfig
+
+    fused = session_for(onnx_backend, "int4:fuse_gate_up=true", tiny_model)
+    layers = AutoConfig.from_pretrained(tiny_model).num_hidden_layers
+    counts = fused.describe()["op_counts"]
+    assert counts["MatMulNBits"] == sessions["int4"].describe()["op_counts"]["MatMulNBits"] - layers
+    assert counts["Split"] >= layers
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    mask = torch.ones_like(ids)
+    assert torch.allclose(fused.logits(ids, mask), sessions["int4"].logits(ids, mask), atol=1e-4)
+    assert fused.weight_bytes() == sessions["int4"].weight_bytes()
 
 
 def test_the_graph_is_exported_for_the_runs_device(onnx_backend, sessions):
