@@ -49,6 +49,8 @@ ROWS = ("bf16-eager", "hf-generate-eager", "bf16-compiled", "int4-tinygemm-g128"
         "int8-gemlite", "bnb-nf4", "gptq-marlin")
 #: By name only: they need onnxruntime-gpu and --tokenizer-from.
 ONNX_ROWS = ("onnx-int4", "onnx-int8", "onnx-fp16")
+#: By name only: needs fbgemm-gpu-genai.
+FBGEMM_ROWS = ("fbgemm-int4",)
 
 
 def build(shape: str, dtype: torch.dtype = torch.bfloat16, device: str = "cuda"):
@@ -112,6 +114,40 @@ def bnb_quantized(shape: str, quant_type: str):
                                  compute_dtype=torch.bfloat16, quant_type=quant_type, device="cuda")
         four.weight = bnb.nn.Params4bit(layer.weight.data, requires_grad=False, quant_type=quant_type).to("cuda")
         setattr(model.get_submodule(parent), child, four)
+    return model
+
+
+class FbgemmInt4Linear(torch.nn.Module):
+    """A linear layer on FBGEMM GenAI's int4 x bf16 mixed-input GEMM
+    (``bf16i4bf16_shuffled``, the kernel torchao's preshuffled int4 layout
+    calls through mslk): weights in groups of 128 with zero points."""
+
+    def __init__(self, layer: torch.nn.Linear):
+        from fbgemm_gpu.experimental.gen_ai.quantize import quantize_int4_preshuffle
+
+        super().__init__()
+        self.out_features = layer.out_features
+        wq, (scale, zero) = quantize_int4_preshuffle(layer.weight.data, group_size=128, dtype="bf16")
+        self.register_buffer("wq", wq)
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero", zero)
+
+    def forward(self, x):
+        out = torch.ops.fbgemm.bf16i4bf16_shuffled(x.reshape(-1, x.shape[-1]), self.wq, self.scale, self.zero)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def fbgemm_quantized(shape: str):
+    """A fresh bf16 model with every linear layer but the head on FBGEMM GenAI's int4 kernel."""
+    import fbgemm_gpu.experimental.gen_ai  # noqa: F401  (registers torch.ops.fbgemm's GenAI kernels)
+
+    from qbench.hf import linear_layers
+
+    model = build(shape)
+    for name, layer in linear_layers(model, ("lm_head",)).items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, FbgemmInt4Linear(layer))
+    torch.cuda.empty_cache()
     return model
 
 
@@ -197,7 +233,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=SHAPES, default="1b")
-    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, from {', '.join(ROWS + ONNX_ROWS)}")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, from {', '.join(ROWS + ONNX_ROWS + FBGEMM_ROWS)}")
     parser.add_argument("--mode", default="max-autotune", help="torch.compile mode of the compiled rows")
     parser.add_argument("--sync", action="store_true", help="compiled rows wait for each step (host-timed)")
     parser.add_argument("--prompt-tokens", type=int, default=512)
@@ -230,6 +266,8 @@ def main() -> None:
             except (ImportError, ModuleNotFoundError, ValueError) as error:  # no gptqmodel, or no Marlin build
                 print(f"{row:22s} not measured: {type(error).__name__}: {error}", flush=True)
                 continue
+        elif row == "fbgemm-int4":
+            model = fbgemm_quantized(args.shape)
         elif row.startswith("bnb-"):
             model = bnb_quantized(args.shape, row.removeprefix("bnb-"))
         elif row.startswith("onnx-"):
@@ -287,7 +325,7 @@ def main() -> None:
     print("goals:")
     if "bf16-compiled" in results:
         print(f"  bf16 compiled at {results['bf16-compiled:fraction']:.1%} of peak (goal >= 70%)")
-    fours = [r for r in results if r.startswith(("int4", "bnb", "gptq", "onnx-int4")) and not r.endswith(":fraction")]
+    fours = [r for r in results if r.startswith(("int4", "bnb", "gptq", "onnx-int4", "fbgemm-int4")) and not r.endswith(":fraction")]
     if fours:
         best = min(fours, key=results.get)
         print(f"  best 4-bit row {best} at {results[best + ':fraction']:.1%} of peak (goal >= 50%)")

@@ -17,6 +17,7 @@ over a fixed-size KV cache (``StaticDecode``).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -50,10 +51,7 @@ class OnnxConfig(VariantConfig):
     symmetric: bool = True
     keep_lm_head: bool = Field(True, description="leave the output head in full precision")
     fuse_gate_up: bool = Field(False, description="one MatMul for the MLP's gate and up projections (the builder's "
-                                                  "fuse_mlp_gate_up): one weight read per layer fewer")
-    prepacked: int = Field(
-        0, description="CUDA int8/int4: weights stored in the fpA_intB kernel's layout, 1 for SM80 (block 32/64/128), "
-                       "2 for SM90 (block 64/128); ORT then runs them through that kernel family")
+                                                  "fuse_mlp_gate_up): one launch per layer fewer, the same bytes")
 
     @model_validator(mode="after")
     def _combination(self):
@@ -61,16 +59,6 @@ class OnnxConfig(VariantConfig):
             raise ValueError(f"block_size must be 16, 32, 64, 128 or 256, got {self.block_size}")
         if self.activations == "dynamic" and self.precision != "int8":
             raise ValueError("activations=dynamic needs precision=int8")
-        if self.prepacked not in (0, 1, 2):
-            raise ValueError(f"prepacked must be 0 (off), 1 (SM80 layout) or 2 (SM90 layout), got {self.prepacked}")
-        if self.prepacked:
-            if self.precision not in ("int8", "int4") or self.activations == "dynamic" or not self.symmetric:
-                raise ValueError("prepacked needs precision=int8 or int4 with symmetric weights (no activations)")
-            if self.target == "cpu":
-                raise ValueError("prepacked is a CUDA weight layout: leave target=auto or set target=cuda")
-            allowed = (32, 64, 128) if self.prepacked == 1 else (64, 128)
-            if self.block_size not in allowed:
-                raise ValueError(f"prepacked={self.prepacked} needs block_size in {allowed}, got {self.block_size}")
         return self
 
     def nominal_bits(self) -> Optional[float]:
@@ -144,8 +132,7 @@ class OnnxSession(Session):
         try:
             session = ort.InferenceSession(str(self.folder / MODEL_FILE), options, providers=providers)
         except Exception as exc:  # ORT's own words: which node, which kernel
-            raise QBenchError(f"onnxruntime cannot run this graph on {self.device}: "
-                              f"{str(exc).strip().splitlines()[-1][:300]}") from None
+            raise QBenchError(f"onnxruntime cannot run this graph on {self.device}: {ort_reason(exc)}") from None
         if self.device == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
             # ORT drops an unavailable provider silently: never time CPU as CUDA.
             raise QBenchError("onnxruntime did not enable its CUDA provider: pip install onnxruntime-gpu")
@@ -360,6 +347,14 @@ class StaticDecode:
         return produced.cpu()
 
 
+def ort_reason(exc: Exception, limit: int = 400) -> str:
+    """ORT's message without its C++ frame (``/onnxruntime_src/FILE:LINE
+    SIGNATURE``), which can fill the line before the reason starts."""
+    text = str(exc).strip().splitlines()[-1]
+    text = re.sub(r"/onnxruntime_src/\S+:\d+ [^(]*\([^)]*\)( \[with [^\]]*\])? ", "", text)
+    return text[:limit]
+
+
 def graph_run_options(graph_id: int):
     """ORT run options for a graph-enabled CUDA session: capture or replay
     graph ``graph_id`` (1, 2, ...), or run uncaptured (-1)."""
@@ -378,12 +373,6 @@ def _graph(path: Path):
 
 def op_counts(path: Path) -> Counter:
     return Counter(node.op_type for node in _graph(path).graph.node)
-
-
-def prepacked_matmuls(path: Path) -> int:
-    """MatMulNBits nodes whose weights the builder stored in the fpA_intB layout."""
-    return sum(1 for node in _graph(path).graph.node if node.op_type == "MatMulNBits"
-               and any(a.name == "weight_prepacked" and a.i > 0 for a in node.attribute))
 
 
 def graph_weight_bytes(path: Path) -> int:
@@ -429,9 +418,6 @@ class OnnxRuntime(Backend):
         if config.target != device:
             return Availability.no(f"target={config.target}: the graph is exported for {config.target}, the run is on "
                                    f"{device} (leave target=auto)")
-        if device == "cpu" and config.prepacked:
-            return Availability.no(f"prepacked={config.prepacked} is a CUDA weight layout (ORT's fpA_intB kernels): "
-                                   "drop it on the CPU")
         if device == "cpu" and config.precision == "fp16":
             return Availability.no("precision=fp16 is for CUDA: ONNX Runtime's CPU provider has no fp16 kernels for "
                                    "most of the graph")
@@ -458,8 +444,6 @@ class OnnxRuntime(Backend):
             options += [f"block_size={config.block_size}", f"is_symmetric={str(config.symmetric).lower()}"]
             if config.keep_lm_head:
                 options.append("nodes_to_exclude=/lm_head/MatMul")
-            if config.prepacked:
-                options.append(f"matmulnbits_weights_prepacked={config.prepacked}")
         if config.fuse_gate_up:
             options.append("fuse_mlp_gate_up=true")
         export(model_path, workdir, precision, config.target, options)
@@ -468,8 +452,6 @@ class OnnxRuntime(Backend):
         if config.activations == "dynamic":
             meta.update(quantize_dynamic_int8(workdir, config.keep_lm_head))
         meta["op_counts"] = {op: n for op, n in op_counts(workdir / MODEL_FILE).items() if op in QUANTIZED_OPS}
-        if config.prepacked:
-            meta["prepacked_matmuls"] = prepacked_matmuls(workdir / MODEL_FILE)
         return meta
 
     def load(self, artifact: Artifact, device: str) -> Session:
@@ -480,16 +462,9 @@ class OnnxRuntime(Backend):
         if config.nominal_bits() is not None and not quantized:
             raise QBenchError(f"onnx:{artifact.variant}: the graph has no quantized MatMul "
                               f"({', '.join(sorted(QUANTIZED_OPS))}): refusing to report fp32 numbers")
-        kernel = "ONNX Runtime " + (", ".join(op for op in counts if op in QUANTIZED_OPS) or "MatMul (fp32)")
-        if config.prepacked:
-            # The builder skips a node the layout cannot hold: never time the raw kernels as prepacked ones.
-            prepacked = prepacked_matmuls(folder / MODEL_FILE)
-            if not prepacked:
-                raise QBenchError(f"onnx:{artifact.variant}: no MatMulNBits holds the prepacked layout (the builder "
-                                  "skipped every node): drop prepacked or change block_size")
-            kernel += f" ({prepacked} of {counts['MatMulNBits']} in the fpA_intB layout)"
         return OnnxSession(folder, device, {"quantized_matmuls": quantized, "op_counts": dict(counts),
-                                            "kernel": kernel})
+                                            "kernel": "ONNX Runtime " + (", ".join(
+                                                op for op in counts if op in QUANTIZED_OPS) or "MatMul (fp32)")})
 
 
 def export(model_path: Path, out: Path, precision: str, target: str, options: list[str]) -> None:

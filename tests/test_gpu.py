@@ -183,11 +183,10 @@ def test_onnx_runtime_runs_on_its_cuda_provider(tiny_model):
     assert session.logits(full, torch.ones_like(full))[0, 3:-1].argmax(-1).tolist() == new[0].tolist()
 
 
-def test_onnx_int4_layouts_for_faster_kernels_keep_the_raw_layouts_logits(wide_tiny_model):
-    """prepacked (weights in the fpA_intB kernels' layout, SM90's on Hopper)
-    and fuse_gate_up hold the same int4 values as the plain export: on CUDA
-    they give its logits to fp16 rounding, and ORT's CUDA graphs decode the
-    eager loop's tokens through them."""
+def test_onnx_fused_gate_up_keeps_the_plain_exports_logits_on_cuda(wide_tiny_model):
+    """fuse_gate_up holds the plain export's int4 values in one MatMulNBits
+    per layer: on CUDA it gives the plain graph's logits to fp16 rounding,
+    and ORT's CUDA graphs decode the eager loop's tokens through it."""
     pytest.importorskip("onnxruntime_genai")
     import onnxruntime as ort
 
@@ -197,20 +196,14 @@ def test_onnx_int4_layouts_for_faster_kernels_keep_the_raw_layouts_logits(wide_t
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("onnxruntime without its CUDA provider: pip install onnxruntime-gpu")
     b = load_plugins(PluginSettings(allow=("builtin",))).backends["onnx"]
-    layout = 2 if torch.cuda.get_device_capability()[0] >= 9 else 1
     ids = torch.tensor([list(range(3, 40))])
     mask = torch.ones_like(ids)
-    plain = load_on(b, "int4:block_size=64", wide_tiny_model, "cuda")
-    expected = plain.logits(ids, mask)
-    for spec in (f"int4:block_size=64,prepacked={layout}", "int4:block_size=64,fuse_gate_up=true"):
-        session = load_on(b, spec, wide_tiny_model, "cuda")
-        if "prepacked" in spec:
-            assert "in the fpA_intB layout" in session.describe()["kernel"]
-        logits = session.logits(ids, mask)
-        assert (logits - expected).abs().max().item() < 2e-2 * expected.abs().max().item(), spec
-        tokens = session.generate(ids, 8, ignore_step)
-        assert session.use_runtime("compiled") is None
-        assert session.generate(ids, 8, ignore_step).tolist() == tokens.tolist(), spec
+    expected = load_on(b, "int4:block_size=64", wide_tiny_model, "cuda").logits(ids, mask)
+    fused = load_on(b, "int4:block_size=64,fuse_gate_up=true", wide_tiny_model, "cuda")
+    assert (fused.logits(ids, mask) - expected).abs().max().item() < 2e-2 * expected.abs().max().item()
+    tokens = fused.generate(ids, 8, ignore_step)
+    assert fused.use_runtime("compiled") is None
+    assert fused.generate(ids, 8, ignore_step).tolist() == tokens.tolist()
 
 
 def test_compiled_step_with_graph_breaks_is_captured_whole(tiny_model):

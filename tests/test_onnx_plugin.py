@@ -59,17 +59,25 @@ def test_impossible_variants(onnx_backend):
         onnx_backend.parse_variant("precision=int4,block_size=48")
     with pytest.raises(QBenchError, match="activations=dynamic needs precision=int8"):
         onnx_backend.parse_variant("precision=int4,activations=dynamic")
-    with pytest.raises(QBenchError, match=r"prepacked=2 needs block_size in \(64, 128\), got 32"):
-        onnx_backend.parse_variant("int4:prepacked=2")
-    with pytest.raises(QBenchError, match="prepacked needs precision=int8 or int4"):
-        onnx_backend.parse_variant("fp16:prepacked=1")
-    with pytest.raises(QBenchError, match="prepacked is a CUDA weight layout"):
-        onnx_backend.parse_variant("int4:prepacked=1,target=cpu")
-    availability = onnx_backend.variant_available(onnx_backend.parse_variant("int4:prepacked=1")[1], "cpu")
-    assert not availability.ok and "prepacked=1 is a CUDA weight layout" in availability.reason
 
 
-def test_fused_gate_up_reads_one_matmul_fewer_per_layer(onnx_backend, sessions, tiny_model):
+def test_ort_errors_keep_the_reason_and_drop_the_cpp_frame():
+    """ORT puts a C++ file, line and signature before its reason; the
+    one-line error keeps the reason within its length."""
+    from qbench_plugins.onnx_ort import ort_reason
+
+    frame = ("/onnxruntime_src/onnxruntime/contrib_ops/cuda/quantization/matmul_nbits.h:313 onnxruntime::contrib::"
+             "cuda::MatMulNBits<T>::MatMulNBits(const onnxruntime::OpKernelInfo&) [with T = onnxruntime::MLFloat16] ")
+    error = RuntimeError("trace\n[ONNXRuntimeError] : 1 : FAIL : Exception during initialization: " + frame
+                         + "has_fpA_intB_gemm_ was false. " + "x" * 500)
+    assert ort_reason(error).startswith("[ONNXRuntimeError] : 1 : FAIL : Exception during initialization: "
+                                        "has_fpA_intB_gemm_ was false.")
+    assert len(ort_reason(error)) == 400
+    assert ort_reason(RuntimeError("INVALID_GRAPH : This is an invalid model.")) == \
+        "INVALID_GRAPH : This is an invalid model."
+
+
+def test_fused_gate_up_runs_one_matmul_fewer_per_layer(onnx_backend, sessions, tiny_model):
     """fuse_gate_up concatenates the gate and up weights before quantizing:
     blocks run along each output row, so the fused graph holds the same int4
     values and gives the same logits, with one MatMulNBits fewer per layer."""
