@@ -20,7 +20,10 @@ the variant, e.g. ``onnx-int4+block_size=128+keep_lm_head=false``: needs
 onnxruntime-gpu and ``--tokenizer-from``), or
 ``gptq-marlin`` (gptqmodel's Marlin kernel, 4-bit g128, bf16 compute, on
 random packed weights: GPTQ's calibration changes the values, not the
-kernel's speed; the kernel is compiled on first use, minutes); every row but
+kernel's speed; the kernel is compiled on first use, minutes), or
+``fbgemm-int4`` (FBGEMM GenAI's int4 x bf16 GEMM, g128 with zero points, the
+kernel torchao's preshuffled int4 layout calls through mslk: needs
+fbgemm-gpu-genai); every row but
 the first two (and ``+eager`` onnx rows) decodes through its compiled runtime. A gemlite row may name
 how gemlite picks its Triton kernel configurations: ``int4-gemlite-g128``
 (gemlite's own choice: the tuned table shipped for this GPU if its name
