@@ -54,6 +54,8 @@ ROWS = ("bf16-eager", "hf-generate-eager", "bf16-compiled", "int4-tinygemm-g128"
 ONNX_ROWS = ("onnx-int4", "onnx-int8", "onnx-fp16")
 #: By name only: needs fbgemm-gpu-genai.
 FBGEMM_ROWS = ("fbgemm-int4",)
+#: Row prefixes that compete for the best-4-bit-row goal.
+FOUR_BIT_ROWS = ("int4", "bnb", "gptq", "onnx-int4", "fbgemm-int4")
 
 
 def build(shape: str, dtype: torch.dtype = torch.bfloat16, device: str = "cuda"):
@@ -236,7 +238,8 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=SHAPES, default="1b")
-    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, from {', '.join(ROWS + ONNX_ROWS + FBGEMM_ROWS)}")
+    parser.add_argument("--rows", default=",".join(ROWS),
+                        help=f"comma-separated, from {', '.join(ROWS + ONNX_ROWS + FBGEMM_ROWS)}")
     parser.add_argument("--mode", default="max-autotune", help="torch.compile mode of the compiled rows")
     parser.add_argument("--sync", action="store_true", help="compiled rows wait for each step (host-timed)")
     parser.add_argument("--prompt-tokens", type=int, default=512)
@@ -328,7 +331,7 @@ def main() -> None:
     print("goals:")
     if "bf16-compiled" in results:
         print(f"  bf16 compiled at {results['bf16-compiled:fraction']:.1%} of peak (goal >= 70%)")
-    fours = [r for r in results if r.startswith(("int4", "bnb", "gptq", "onnx-int4", "fbgemm-int4")) and not r.endswith(":fraction")]
+    fours = [r for r in results if r.startswith(FOUR_BIT_ROWS) and not r.endswith(":fraction")]
     if fours:
         best = min(fours, key=results.get)
         print(f"  best 4-bit row {best} at {results[best + ':fraction']:.1%} of peak (goal >= 50%)")
