@@ -84,6 +84,9 @@ class GGUFFile:
         except Exception as exc:  # a truncated or foreign file: say which, not a numpy traceback
             raise QBenchError(f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc}): pass a .gguf "
                               "file written by llama.cpp or qbench") from None
+        if "general.architecture" not in reader.fields:
+            raise QBenchError(f"{path} is a GGUF file without general.architecture: it holds no model llama.cpp can "
+                              "load; pass a model .gguf file")
         self.arch = str(reader.fields["general.architecture"].contents())
         self.meta = {k: f.contents() for k, f in reader.fields.items()
                      if k.startswith(self.arch + ".") and len(f.data) == 1}
@@ -336,6 +339,10 @@ class LlamaCpp(Backend):
         from qbench.artifacts import file_digest
 
         return file_digest(resolve_file(config.path))[:16]
+
+    def check_inputs(self, config: GGUFConfig, model_path: Path) -> None:
+        if config.path:
+            _check_prequantized(Path(model_path), config)
 
     def quantize(self, model_path: Path, config: GGUFConfig, calibration, workdir: Path) -> dict[str, Any]:
         if config.path is not None:

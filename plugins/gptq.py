@@ -168,6 +168,10 @@ class GPTQ(Backend):
 
         return fingerprint(resolve_checkpoint(config.path))
 
+    def check_inputs(self, config: GPTQConfig, model_path: Path) -> None:
+        if config.path:
+            _check_prequantized(Path(model_path), config, self.method)
+
     def quantize(self, model_path: Path, config: GPTQConfig, calibration, workdir: Path) -> dict[str, Any]:
         if config.path is not None:
             return _check_prequantized(model_path, config, self.method)

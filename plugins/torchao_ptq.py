@@ -304,6 +304,15 @@ class TorchAO(Backend):
             "float8-dyn": TorchAOConfig(dtype="float8", activations="dynamic"),
         }
 
+    def check_inputs(self, config: TorchAOConfig, model_path: Path) -> None:
+        """A recipe's overrides against the model's linear layers, from its
+        structure alone (no weights read): one that matches nothing fails
+        the plan (see Recipe.check_matches)."""
+        if config.recipe is not None:
+            from qbench.hf import planned_layers
+
+            config.recipe.check_matches(planned_layers(str(model_path), config.keep)[0])
+
     def needs_calibration(self, config: TorchAOConfig) -> bool:
         return config.activations == "static"
 
@@ -329,6 +338,7 @@ class TorchAO(Backend):
         device = "cuda" if config.needs_cuda else "cpu"
         model = load_causal_lm(str(model_path), compute_dtype(config)).to(device).eval()
         layers = linear_layers(model, config.keep)
+        recipe_notes = config.recipe.check_matches(list(layers)) if config.recipe is not None else []
         variants = {name: config.layer_variant(name) for name in layers}
         layers = {name: layer for name, layer in layers.items() if variants[name] is not None}
         if not layers:
@@ -360,10 +370,13 @@ class TorchAO(Backend):
             meta["recipe"] = {"sha256": config.recipe.digest(), "base_layers": len(layers) - len(uses),
                               "override_layers": len(uses),
                               "kept_layers": sum(v is None for v in variants.values())}
+        notes = list(recipe_notes)
         if fallbacks:
             meta["granularity_fallback"] = {"layers": len(fallbacks), "example": next(iter(fallbacks.items()))}
-            meta["notes"] = [f"{len(fallbacks)} of {len(layers)} layers use per-channel scales: "
-                             f"{next(iter(fallbacks.values()))}"]
+            notes.append(f"{len(fallbacks)} of {len(layers)} layers use per-channel scales: "
+                         f"{next(iter(fallbacks.values()))}")
+        if notes:
+            meta["notes"] = notes
         return meta
 
     def layer_quantizer(self, model_path: str, config: TorchAOConfig, device: str,

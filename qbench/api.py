@@ -56,8 +56,8 @@ def create_run(
     check_spread(loaded, cells, gpus_per_cell)
     check_calibration_sets(loaded, cells, suite_obj)
     spec = resolve_model(model, trust_remote_code=trust_remote_code)
-    check_workload(suite_obj, spec.path, trust_remote_code)
-    check_lm_eval_tasks(suite_obj, trust_task_code)
+    check_inputs(loaded, cells, spec.path, device)
+    check_suite(suite_obj, spec.path, trust_remote_code, trust_task_code)
     root = Path(output_dir or results_dir())
     check_writable(root, "results folder", "choose another with -o/--output-dir (or $QBENCH_RESULTS), or fix its "
                    "permissions")
@@ -172,6 +172,28 @@ def check_lm_eval_tasks(suite, trust_task_code: bool) -> None:
                               "give a task YAML file of your own")
 
 
+def check_inputs(loaded, cells, model_path: str, device: str) -> None:
+    """Each runnable cell's own inputs (a prequantized file's path, type and
+    vocabulary), before the baseline spends minutes."""
+    for cell in cells:
+        backend = get_backend(loaded, cell.backend)
+        _, config = backend.parse_variant(cell.variant)
+        if backend.variant_available(config, device).ok:
+            try:
+                backend.check_inputs(config, Path(model_path))
+            except QBenchError as exc:
+                raise QBenchError(f"{cell.cell}: {exc}") from None
+
+
+def check_suite(suite, model_path: str, trust_remote_code: bool = False, trust_task_code: bool = False) -> None:
+    """Every check of a suite that planning makes, in one place, so that
+    `qbench suites validate` and `qbench run` agree: its data read as the
+    cells will read it, tokenized with the run's tokenizer and checked
+    against the model's positions, and its lm-eval tasks."""
+    check_workload(suite, model_path, trust_remote_code)
+    check_lm_eval_tasks(suite, trust_task_code)
+
+
 def check_calibration_sets(loaded, cells, suite) -> None:
     """``calibration=NAME`` names a set of the suite, on a variant that calibrates."""
     from qbench.plugins import get_backend
@@ -233,10 +255,14 @@ def run(model: str = DEFAULT_MODEL, suite: str = "default", backends: Optional[l
     return df
 
 
-def recipe_from_sensitivity(folder: str | Path, variant: str, top: int, use: Optional[str], path: str | Path) -> Path:
+def recipe_from_sensitivity(folder: str | Path, variant: str, top: int, use: Optional[str], path: str | Path,
+                            force: bool = False) -> Path:
     """A recipe from a sensitivity pass: ``variant`` (``backend:variant``,
     the pass's) with its ``top`` most harmful units kept in full precision,
-    or quantized as ``use``. Checked like any recipe before it is written."""
+    or quantized as ``use``. Checked like any recipe before it is written;
+    an existing ``path`` is replaced only with ``force``."""
+    from qbench.results import check_output
+
     from qbench import sensitivity as sens
     from qbench.plugins import get_backend
     from qbench.recipes import keep_most_sensitive, write_recipe
@@ -247,7 +273,7 @@ def recipe_from_sensitivity(folder: str | Path, variant: str, top: int, use: Opt
     backend_name, _, base = variant.partition(":")
     recipe = keep_most_sensitive(backend_name, base, [(r.unit, r.layers) for r in rows], top, use,
                                  {"sensitivity": str(folder), "mode": rows[0].mode})
-    target = write_recipe(recipe, Path(path))
+    target = write_recipe(recipe, check_output(path, force))
     backend = get_backend(load_plugins(PluginSettings.from_env(())), backend_name)
     try:
         backend.parse_variant(f"recipe={target}")  # the overrides' variants exist and can mix with the base

@@ -5,10 +5,14 @@ backend, backend version, variant settings and calibration-data hash. It is a
 folder holding the backend's files and ``artifact.json``, written last, so a
 killed quantization never leaves an entry that looks complete.
 
-``artifact.json`` lists every file with its size and sha256, and a cache hit
-checks them all before the entry is used: a file copied in from another
-variant, truncated or added by hand makes the cell fail with the ``rm -r``
-that fixes it, instead of producing a row for the wrong variant.
+``artifact.json`` is the entry's manifest. It names what the entry holds
+(the key it was written under, and everything that key was computed from:
+model fingerprint, backend and its version, artifact format, the variant's
+cache settings, calibration hash, cache layout version) and lists every file
+with its size and sha256. A cache hit checks all of it before the entry is
+used: an entry copied whole from another variant (manifest included), a
+file copied in, truncated or added by hand makes the cell fail with the
+``rm -r`` that fixes it, instead of producing a row for the wrong variant.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from pydantic import ValidationError
 
@@ -28,9 +32,10 @@ from qbench.io import write_atomic
 from qbench.paths import cache_dir, file_lock
 
 
-#: Version of the entry layout: 2 added per-file checksums (entries of 1 are
-#: not found under the new keys and get rebuilt, never used unchecked).
-CACHE_FORMAT = 2
+#: Version of the entry layout: 2 added per-file checksums, 3 the manifest's
+#: identity (entries of older layouts are not found under the new keys and
+#: get rebuilt, never used unchecked).
+CACHE_FORMAT = 3
 
 
 def file_digest(path: Path) -> str:
@@ -73,9 +78,11 @@ def verify_entry(entry: Path, artifact: Artifact) -> None:
         raise QBenchError(f"artifact cache entry {entry} does not match its checksums ({problem}): {fix}")
 
 
-def artifact_key(model_fingerprint: str, backend: Backend, config: VariantConfig,
-                 calibration_hash: Optional[str]) -> str:
-    payload = {
+def artifact_identity(model_fingerprint: str, backend: Backend, config: VariantConfig,
+                      calibration_hash: Optional[str]) -> dict[str, Any]:
+    """Everything that decides an entry's bytes; its hash is the key, and the
+    manifest keeps it whole so that a hit can say what differs."""
+    return {
         "model": model_fingerprint,
         "backend": backend.name,
         "backend_version": backend.version(),
@@ -85,7 +92,36 @@ def artifact_key(model_fingerprint: str, backend: Backend, config: VariantConfig
         "inputs": backend.cache_inputs(config),
         "cache_format": CACHE_FORMAT,
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def key_of(identity: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def artifact_key(model_fingerprint: str, backend: Backend, config: VariantConfig,
+                 calibration_hash: Optional[str]) -> str:
+    return key_of(artifact_identity(model_fingerprint, backend, config, calibration_hash))
+
+
+def verify_identity(entry: Path, artifact: Artifact, key: str, identity: dict[str, Any]) -> None:
+    """The manifest must name the entry it sits in and what was asked for:
+    the key (the folder's name too) and each field the key was computed from."""
+    fix = f"delete it (rm -r '{entry}') and run again to re-quantize"
+    problem = None
+    if entry.name != key:
+        problem = f"it lies in folder {entry.name}, not under its key {key}"
+    elif artifact.key != key:
+        problem = (f"its manifest was written under key {artifact.key or '(none)'} for "
+                   f"{artifact.backend}:{artifact.variant}, not under {key}: it was copied from another entry")
+    else:
+        stored = json.loads(json.dumps(artifact.identity, sort_keys=True))
+        wanted = json.loads(json.dumps(identity, sort_keys=True))
+        differ = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
+        if differ:
+            problem = (f"its manifest holds {differ[0]}={stored.get(differ[0])!r}, this cell asks for "
+                       f"{wanted.get(differ[0])!r}")
+    if problem:
+        raise QBenchError(f"artifact cache entry {entry} is not the entry asked for ({problem}): {fix}")
 
 
 def obtain_artifact(
@@ -99,7 +135,8 @@ def obtain_artifact(
     on_build: Callable[[], None] = lambda: None,
 ) -> tuple[Artifact, bool, str]:
     """Return (artifact, cache_hit, key), quantizing only on a cache miss."""
-    key = artifact_key(model_fingerprint, backend, config, calibration_hash)
+    identity = artifact_identity(model_fingerprint, backend, config, calibration_hash)
+    key = key_of(identity)
     entry = cache_dir() / "artifacts" / backend.name / key
     record = entry / "artifact.json"
     with file_lock(entry.parent / f"{key}.lock"):
@@ -112,6 +149,7 @@ def obtain_artifact(
                     f"(rm -r '{entry}') and run again to re-quantize"
                 ) from None
             started = time.perf_counter()
+            verify_identity(entry, artifact, key, identity)
             verify_entry(entry, artifact)
             verified = time.perf_counter() - started
             # Same content, maybe elsewhere now: the key is the model's
@@ -133,7 +171,7 @@ def obtain_artifact(
         seconds = time.perf_counter() - started
         artifact = Artifact(backend=backend.name, variant=variant, config=config.settings(), path=str(workdir),
                             model_path=model_path, meta=dict(meta or {}), quantize_seconds=seconds,
-                            files=digest_files(workdir))
+                            files=digest_files(workdir), key=key, identity=identity)
         write_atomic(record, artifact.model_dump_json(indent=1))
         return artifact, False, key
 

@@ -113,6 +113,10 @@ class Artifact(BaseModel):
     #: every file the backend wrote: relative path -> (size, sha256), checked
     #: before a cached entry is used
     files: dict[str, tuple[int, str]] = {}
+    #: the cache key the entry was written under, and what it was computed
+    #: from (qbench.artifacts.artifact_identity), checked on every hit
+    key: str = ""
+    identity: dict[str, Any] = {}
     #: seconds the check of ``files`` took on this load (cache hits only)
     verify_seconds: Optional[float] = None
     #: GPUs the session spreads the model over (``--gpus-per-cell``; set for
@@ -263,6 +267,12 @@ class Backend(abc.ABC):
         that the artifact depends on (e.g. a checkpoint read in place), or
         None. It joins the artifact cache key."""
         return None
+
+    def check_inputs(self, config: VariantConfig, model_path: Path) -> None:
+        """Check the inputs a variant reads besides the model (a prequantized
+        file or checkpoint) when the run is planned, so that a wrong path
+        fails before any cell runs; raise ``QBenchError`` with the fix. The
+        default checks nothing."""
 
     def for_device(self, config: VariantConfig, device: str) -> VariantConfig:
         """The variant with the settings it leaves to the device filled in

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import sys
@@ -15,6 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from qbench.errors import QBenchError
+from qbench.io import write_atomic
 
 console = Console(stderr=True, soft_wrap=True)  # messages never wrap mid-word in logs
 # Piped output (CI logs, files) gets a wide table instead of an 80-column wrap.
@@ -138,6 +140,7 @@ def cli() -> None:
 @click.option("--ray-cache", default=None, metavar="DIR",
               help="With --executor ray: an artifact cache every node shares (default: each node's own).")
 @click.option("--cell-memory", type=click.FloatRange(min=0, min_open=True), default=None, metavar="GIB",
+              callback=_finite,
               help="With --executor ray: memory each cell's task reserves on its node.")
 @click.pass_context
 def run(ctx, model, suite, backends, baseline, device, threads, cell_timeout, plugins_dir, output_dir, run_id,
@@ -145,8 +148,7 @@ def run(ctx, model, suite, backends, baseline, device, threads, cell_timeout, pl
         address, ray_files, ray_cache, cell_memory) -> None:
     """Run a benchmark: every backend variant against the baseline."""
     from qbench.api import create_run, make_executor, resume_run
-    from qbench.results import ResultStore
-    from qbench.runner import execute, pending_cells, preflight
+    from qbench.results import run_lock
 
     if executor != "ray":
         given = [f"--{name.replace('_', '-')}" for name in ("address", "ray_files", "ray_cache", "cell_memory")
@@ -178,6 +180,14 @@ def run(ctx, model, suite, backends, baseline, device, threads, cell_timeout, pl
                                        trust_remote_code=trust_remote_code, run_id=run_id,
                                        allow_outside_data=allow_outside_data, trust_task_code=trust_task_code,
                                        gpus=gpus, gpus_per_cell=gpus_per_cell)
+    with run_lock(run_dir):  # one process measures a run at a time; the second is told who holds it
+        _run_locked(plan, run_dir, runner, retry_failed, executor, address)
+
+
+def _run_locked(plan, run_dir: Path, runner, retry_failed: bool, executor: str, address) -> None:
+    from qbench.results import ResultStore
+    from qbench.runner import execute, pending_cells, preflight
+
     store = ResultStore(run_dir)
     reporter = RichReporter()
     preflight(run_dir, store, reporter)  # a torn tail or records saved aside change what is left to run
@@ -274,6 +284,7 @@ def backends(as_json, device, plugins_dir) -> None:
 @click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False), default=None,
               help="Also write a mixed-precision recipe: the variant with its --top most harmful units kept in "
                    "full precision (or quantized as --use).")
+@click.option("--force", "force_recipe", is_flag=True, help="Let --recipe replace an existing file.")
 @click.option("--top", type=click.IntRange(min=1), default=1, show_default=True, help="Units the --recipe upgrades.")
 @click.option("--use", default=None, metavar="VARIANT",
               help="What --recipe makes of those units (another variant of the backend); default: full precision.")
@@ -281,11 +292,15 @@ def backends(as_json, device, plugins_dir) -> None:
 @click.option("--output-dir", "-o", default=None, help="Where the folder goes (default: results/ or $QBENCH_RESULTS).")
 @click.option("--run-id", default=None, help="Folder name; rerun with the same one to finish an interrupted pass.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the hub (off by default).")
-def sensitivity(variant, model, suite, unit, converse, tokens, recipe_path, top, use, device, output_dir, run_id,
-                trust_remote_code) -> None:
+def sensitivity(variant, model, suite, unit, converse, tokens, recipe_path, force_recipe, top, use, device,
+                output_dir, run_id, trust_remote_code) -> None:
     """Which units hurt most when quantized: KLD and top-1 agreement per unit."""
     from qbench.api import recipe_from_sensitivity
     from qbench.api import sensitivity as measure
+    from qbench.results import check_output
+
+    if recipe_path:
+        check_output(recipe_path, force_recipe, "--force")  # before minutes of measuring, not after
 
     def progress(row, done, total) -> None:
         console.print(f"[{done}/{total}] {escape(row.unit)}: KLD {row.kld.value:.5f} ± {row.kld.stderr or 0:.5f}, "
@@ -303,7 +318,7 @@ def sensitivity(variant, model, suite, unit, converse, tokens, recipe_path, top,
                            f"{100 * row.same_top_p:.1f}", f"{row.ln_ppl_ratio:+.4f}")
     console.print(rich_table)
     if recipe_path:
-        written = recipe_from_sensitivity(folder, variant, top, use, recipe_path)
+        written = recipe_from_sensitivity(folder, variant, top, use, recipe_path, force_recipe)
         backend = variant.partition(":")[0]
         console.print(f"recipe written: {escape(str(written))} (run it with -b {escape(backend)}:recipe="
                       f"{escape(str(written))})", highlight=False)
@@ -467,23 +482,25 @@ def compare(run_a, run_b, markdown, allow_suite_change) -> None:
 @click.argument("run_id")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Write the tidy table as CSV.")
 @click.option("--parquet", "parquet_path", type=click.Path(dir_okay=False), help="Write it as Parquet.")
-def export(run_id, csv_path, parquet_path) -> None:
+@click.option("--force", is_flag=True, help="Replace an existing file (never one of a run folder's own files).")
+def export(run_id, csv_path, parquet_path, force) -> None:
     """Export a run's tidy results (one row per cell and metric, with unit, n
-    and standard error). Default: results.csv and results.parquet in the run folder."""
-    from qbench.results import ResultStore, find_run, tidy
+    and standard error). Default: results.csv and results.parquet in the run
+    folder (views of its records, replaced on every export)."""
+    from qbench.results import ResultStore, check_output, find_run, tidy
 
     run_dir = find_run(run_id)
     df = tidy(ResultStore(run_dir).latest().values())
     if not csv_path and not parquet_path:
-        csv_path, parquet_path = run_dir / "results.csv", run_dir / "results.parquet"
-    for path, write in ((csv_path, df.to_csv), (parquet_path, df.to_parquet)):
-        if not path:
-            continue
-        path = Path(path)
-        if not path.parent.is_dir():
-            raise QBenchError(f"cannot write {path}: folder {path.parent} does not exist (create it first)")
+        csv_path, parquet_path, force = run_dir / "results.csv", run_dir / "results.parquet", True
+    # every target checked before anything is written: a refusal leaves no half-export behind
+    targets = [(check_output(path, force), write) for path, write in ((csv_path, df.to_csv),
+                                                                      (parquet_path, df.to_parquet)) if path]
+    if len(targets) == 2 and targets[0][0].resolve() == targets[1][0].resolve():
+        raise QBenchError("--csv and --parquet name the same file: give each its own")
+    for path, write in targets:
         try:
-            write(path, index=False)
+            write_atomic(path, lambda tmp, write=write: write(tmp, index=False))
         except OSError as exc:
             raise QBenchError(f"cannot write {path}: {exc.strerror or exc}") from None
         console.print(escape(f"wrote {path} ({len(df)} rows)"))
@@ -515,19 +532,26 @@ def suites(ctx, as_json) -> None:
 
 @suites.command("validate")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--model", "-m", default="smollm2-135m", show_default=True,
+              help="The model whose tokenizer and positions the suite is checked against, as `qbench run` does.")
 @click.option("--allow-outside-data", is_flag=True, help="Let the suite read data files outside its own folder.")
-def suites_validate(file, allow_outside_data) -> None:
-    """Check a suite file: schema, data files, corpora, task items. Exits 2 if invalid."""
-    from qbench.corpus import load_documents
+@click.option("--trust-task-code", is_flag=True, help="Let the suite's lm-eval task files run Python.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow the model's tokenizer code from the hub.")
+def suites_validate(file, model, allow_outside_data, trust_task_code, trust_remote_code) -> None:
+    """Check a suite file as `qbench run` checks it before any cell: schema,
+    data files, corpora, task items and templates, lm-eval tasks, and the
+    tokens against the model (scored tokens exist, sequences fit its
+    positions). Exits 2 if invalid."""
+    from qbench.api import check_suite
+    from qbench.models import locate_model
     from qbench.suites import load_suite
 
     suite = load_suite(file, allow_outside_data=allow_outside_data)
+    check_suite(suite, str(locate_model(model).path), trust_remote_code, trust_task_code)
     row = _suite_row(suite)
-    for section in (suite.perplexity, suite.calibration, *suite.calibration_sets.values()):
-        if section and not section.corpus.source.startswith("hf:"):  # hub corpora are checked when a run loads them
-            load_documents(section.corpus, suite)
     out.print(escape(f"valid: {file}: suite '{suite.name}' (hash {row[1]}); perplexity {row[2]}; tasks {row[3]}; "
-                     f"generation {row[4]}; latency {row[5]}; calibration {row[6]}"), highlight=False)
+                     f"generation {row[4]}; latency {row[5]}; calibration {row[6]}; checked against {model}"),
+              highlight=False)
 
 
 def _suite_row(suite) -> list[str]:
@@ -557,10 +581,14 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def main(argv: Optional[list[str]] = None) -> None:
+    import logging
     import os
     import warnings
 
     warnings.showwarning = _show_warning  # one line per warning, without the source line
+    # torchao 0.18 registers enums that torch 2.14 calls deprecated when it is imported (here, when planning
+    # builds a model's skeleton); the warning is for torchao's authors, not for whoever runs qbench
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     try:
         cli.main(args=argv, prog_name="qbench", standalone_mode=False)
     except QBenchError as exc:
@@ -577,13 +605,34 @@ def main(argv: Optional[list[str]] = None) -> None:
     except click.ClickException as exc:
         console.print(f"[red]error:[/] {escape(exc.format_message())}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
+    except OSError as exc:
+        if exc.errno not in DISK_ERRORS:
+            _unexpected(exc)
+        # the machine's problem, not qbench's: every record already appended is on disk
+        what = f"cannot write {exc.filename}" if exc.filename else "a write failed"
+        console.print(f"[red]error:[/] {escape(what)} ({escape(exc.strerror or str(exc))}): free space or fix the "
+                      "folder's permissions, then run the command again (finished records are kept)",
+                      highlight=False, soft_wrap=True)
+        sys.exit(2)
     except Exception as exc:  # a bug, not bad input: still one line, the traceback on request
-        if os.environ.get("QBENCH_DEBUG"):
-            raise
-        first = (str(exc).strip().splitlines() or [""])[0][:300]
-        console.print(f"[red]error:[/] unexpected {type(exc).__name__}: {escape(first)} (a qbench bug: rerun with "
-                      "QBENCH_DEBUG=1 for the traceback and report it)", highlight=False, soft_wrap=True)
-        sys.exit(3)
+        _unexpected(exc)
+
+
+#: errno values that mean the disk or the folder, not qbench, stopped a write
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _unexpected(exc: Exception) -> None:
+    """A bug, not bad input: one line, the traceback with QBENCH_DEBUG=1.
+    Called inside the ``except`` that caught ``exc``."""
+    import os
+
+    if os.environ.get("QBENCH_DEBUG"):
+        raise  # noqa: PLE0704 - re-raises the exception being handled
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    console.print(f"[red]error:[/] unexpected {type(exc).__name__}: {escape(first)} (a qbench bug: rerun with "
+                  "QBENCH_DEBUG=1 for the traceback and report it)", highlight=False, soft_wrap=True)
+    sys.exit(3)
 
 
 if __name__ == "__main__":

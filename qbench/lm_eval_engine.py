@@ -43,7 +43,7 @@ def _template_env():
     so templates that render in lm-eval render the same here."""
     from lm_eval.utils import regex_replace
 
-    from qbench.lm_eval_tasks import template_environment
+    from qbench.untrusted import template_environment
 
     env = template_environment()
     env.keep_trailing_newline = True
@@ -295,6 +295,7 @@ def evaluate(session: Session, tokenizer, spec, suite, trust_task_code: bool, ma
     metrics as lm-eval reports them: ``{metric: (value, stderr)}``, plus the
     number of samples and the task's config version."""
     import lm_eval
+    from jinja2.sandbox import SecurityError
     from lm_eval.tasks import TaskManager
 
     model = session_lm(session, tokenizer, max_length, spec.batch_size, spec.max_gen_toks)
@@ -307,6 +308,9 @@ def evaluate(session: Session, tokenizer, spec, suite, trust_task_code: bool, ma
                                               numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
         except QBenchError:
             raise
+        except SecurityError as exc:  # a task template the sandbox refused: the file's problem, not the data's
+            raise QBenchError(f"an lm-eval task template was refused by the sandbox ({exc}): task templates may "
+                              "only read the document's fields") from None
         except Exception as exc:  # lm-eval's own errors: an unknown task, a dataset it cannot load
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             raise QBenchError(f"lm-eval could not run the suite's tasks: {type(exc).__name__}: {first} (offline, "

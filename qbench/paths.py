@@ -22,9 +22,17 @@ def results_dir() -> Path:
 
 @contextlib.contextmanager
 def file_lock(path: Path):
-    """An exclusive lock so two runs never build the same cache entry at once."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
+    """An exclusive lock so two runs never build the same cache entry at once.
+    A cache folder that cannot hold the lock file is one line naming it."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a+")
+    except OSError as exc:
+        from qbench.errors import QBenchError
+
+        raise QBenchError(f"cannot create the lock file {path} ({exc.strerror or exc}): the cache folder is not "
+                          "writable; set $QBENCH_CACHE to a folder you can write to") from None
+    with handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield

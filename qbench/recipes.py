@@ -29,7 +29,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from qbench.errors import QBenchError, describe_validation
+from qbench.datafiles import read_text
 from qbench.io import write_atomic
+from qbench.untrusted import load_yaml
 
 
 class Override(BaseModel):
@@ -81,6 +83,34 @@ class Recipe(BaseModel):
         """The override that decides ``layer`` (the first that matches), or None for the base."""
         return next((o for o in self.overrides if o.matches(layer)), None)
 
+    def check_matches(self, layers: list[str]) -> list[str]:
+        """The overrides against the model's linear layers. An override that
+        matches no layer is an error naming the layer names closest to its
+        patterns (a recipe that silently ran as its uniform base once passed
+        for a mixed one); returns notes for what matched less than written:
+        a pattern that matches nothing beside ones that do, and an override
+        whose layers an earlier override already decided."""
+        import difflib
+
+        notes, decided = [], set()
+        for number, override in enumerate(self.overrides, 1):
+            matched = [layer for layer in layers if override.matches(layer)]
+            if not matched:
+                close = sorted({c for p in override.match for c in difflib.get_close_matches(p, layers, n=3,
+                                                                                              cutoff=0.0)})[:3]
+                raise QBenchError(f"recipe override {number} ({', '.join(override.match)}) matches none of the "
+                                  f"model's {len(layers)} linear layers; closest names: {', '.join(close) or '-'} "
+                                  "(patterns are fnmatch over full names, e.g. '*.down_proj')")
+            for pattern in override.match:
+                if not any(fnmatchcase(layer, pattern) for layer in layers):
+                    notes.append(f"recipe override {number}: pattern '{pattern}' matches no layer")
+            mine = [layer for layer in matched if layer not in decided]
+            if len(mine) < len(matched):
+                notes.append(f"recipe override {number} matches {len(matched)} layers, of which "
+                             f"{len(matched) - len(mine)} an earlier override decides (the first match wins)")
+            decided.update(matched)
+        return notes
+
     def variants(self) -> set[str]:
         """Every variant the recipe names."""
         return {self.base} | {o.use for o in self.overrides if o.use is not None}
@@ -104,12 +134,7 @@ def load_recipe(path: Union[str, Path]) -> Recipe:
     if not file.is_file():
         raise QBenchError(f"recipe file {file} not found: give the path of a recipe YAML "
                           "(`qbench search` writes them, see README 'Mixed-precision recipes')")
-    try:
-        data = yaml.safe_load(file.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        where = getattr(exc, "problem_mark", None)
-        line = f" (line {where.line + 1})" if where is not None else ""
-        raise QBenchError(f"recipe file {file} is not valid YAML{line}: fix the file") from None
+    data = load_yaml(read_text(file), f"recipe file {file}")
     if not isinstance(data, dict):
         raise QBenchError(f"recipe file {file} must be a mapping with 'base' and 'overrides', "
                           f"not {type(data).__name__}")

@@ -6,18 +6,50 @@ error naming the file and line instead of a KeyError in some view, and a
 field holding the wrong thing (once, the artifact cache key overwritten by a
 loop variable) fails where it is written.
 
-Schema history: 1 kept per-task accuracy, the latency trials and the latency
+Schema versions: 1 kept per-task accuracy, the latency trials and the latency
 workload inside ``metrics``; 2 gives each its own field, so that every entry
-of ``metrics`` is a ``Metric``. Version-1 lines are migrated when read.
+of ``metrics`` is a ``Metric``; 3 adds ``completed_phases`` (a failed cell
+keeps the figures of the phases it finished). Older lines are migrated when
+read.
+
+Forward compatibility, one rule: every change of the fields raises
+``SCHEMA_VERSION``. A line of a newer version is refused as a whole, naming
+the version that wrote it (upgrade qbench to read it); it is never called
+malformed, since it is a valid record this qbench cannot read.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+
+
+class NewerSchema(ValueError):
+    """A record written by a newer qbench than this one."""
+
+    def __init__(self, version: int):
+        super().__init__(f"written by a newer qbench (record schema {version}; this qbench reads up to "
+                         f"{SCHEMA_VERSION}): upgrade qbench (pip install -U qbench) to read it")
+        self.version = version
+
+
+def parse_record(text: str) -> "CellRecord":
+    """One JSON record, checked for its schema version before its fields:
+    ``NewerSchema`` for a newer one, pydantic's ``ValidationError`` for a
+    line that is not a record."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = None
+    if isinstance(data, dict):
+        version = data.get("schema", SCHEMA_VERSION)
+        if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
+            raise NewerSchema(version)
+    return CellRecord.model_validate_json(text)
 
 
 class Metric(BaseModel):
@@ -74,7 +106,7 @@ class CellRecord(BaseModel):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    schema_version: int = Field(SCHEMA_VERSION, alias="schema")
+    schema_version: int = Field(SCHEMA_VERSION, alias="schema", ge=1, le=SCHEMA_VERSION)
     run_id: str
     cell: str
     backend: str
@@ -87,6 +119,10 @@ class CellRecord(BaseModel):
     phase: Optional[str] = None
     error: Optional[str] = None
     log: Optional[str] = None
+    #: measurement phases that finished; for a failed cell, the phases whose
+    #: figures the record still holds (a disk that filled up during latency
+    #: does not take the cell's perplexity with it)
+    completed_phases: list[str] = []
     metrics: dict[str, Metric] = {}
     #: per task: acc and acc_norm
     tasks: dict[str, dict[str, Metric]] = {}
@@ -116,8 +152,10 @@ class CellRecord(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _migrate(cls, data: Any) -> Any:
-        if not isinstance(data, dict) or data.get("schema", SCHEMA_VERSION) != 1:
+        if not isinstance(data, dict) or data.get("schema", SCHEMA_VERSION) not in (1, 2):
             return data
+        if data["schema"] == 2:  # 3 only added a field with a default
+            return {**data, "schema": SCHEMA_VERSION}
         data = dict(data)
         metrics = dict(data.get("metrics") or {})
         for key in ("tasks", "latency_trials", "latency_workload"):

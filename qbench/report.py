@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Optional
 
 from qbench.errors import QBenchError
 from qbench.records import CellRecord
-from qbench.table import markdown_rows, table_rows
+from qbench.io import write_atomic
+from qbench.table import markdown_rows, md_text, table_rows
 
 if TYPE_CHECKING:
     from qbench.runner import RunPlan
@@ -372,14 +373,16 @@ def placement(records: list[CellRecord]) -> list[str]:
 
 
 def to_markdown(title: str, body: list[Block]) -> str:
-    lines = [f"# {title}", ""]
+    """GitHub-ready markdown; every text through ``md_text``, since names in
+    it come from suite and task files that others wrote."""
+    lines = [f"# {md_text(title)}", ""]
     for b in body:
         if b.kind == "h2":
-            lines += [f"## {b.text}", ""]
+            lines += [f"## {md_text(b.text)}", ""]
         elif b.kind == "p":
-            lines += [b.text, ""]
+            lines += [md_text(b.text), ""]
         elif b.kind == "list":
-            lines += [f"- {item}" for item in b.items] + [""]
+            lines += [f"- {md_text(item)}" for item in b.items] + [""]
         elif b.kind == "table":
             lines += markdown_rows(list(b.headers), [list(r) for r in b.rows]) + [""]
         elif b.kind == "img":
@@ -433,11 +436,15 @@ def write_report(run_dir: Path, kld_budget: float = DEFAULT_KLD_BUDGET) -> tuple
 
     body = blocks(plan, records, kld_budget, tuple(report_blocks(run_dir)))
     files = run_dir / "report_files"
-    files.mkdir(exist_ok=True)
-    for b in body:
-        if b.kind == "img":
-            (files / b.text).write_bytes(b.png)
     md, page = run_dir / "report.md", run_dir / "report.html"
-    md.write_text(to_markdown(title, body))
-    page.write_text(to_html(title, body))
+    try:
+        files.mkdir(exist_ok=True)
+        for b in body:
+            if b.kind == "img":
+                write_atomic(files / b.text, b.png)
+        write_atomic(md, to_markdown(title, body))
+        write_atomic(page, to_html(title, body))
+    except OSError as exc:
+        raise QBenchError(f"cannot write the report into {run_dir} ({exc.strerror or exc}): free space or fix the "
+                          "folder's permissions, then run `qbench report` again (the records are untouched)") from None
     return md, page

@@ -8,8 +8,10 @@ record of each cell is the one views show.
 
 from __future__ import annotations
 
-import json
+import contextlib
+import fcntl
 import os
+import socket
 import tempfile
 import time
 import warnings
@@ -22,12 +24,18 @@ from pydantic import ValidationError
 from qbench.errors import QBenchError, describe_validation
 from qbench.io import write_atomic
 from qbench.paths import cache_dir, results_dir
-from qbench.records import CellRecord
+from qbench.records import CellRecord, NewerSchema, parse_record
 
 RESULTS_FILE = "results.jsonl"
 PLAN_FILE = "plan.json"
 #: Where a record goes when results.jsonl cannot take it (see ResultStore.append).
 PENDING_DIR = "pending"
+#: The advisory lock of a run folder: one process measures a run at a time.
+LOCK_FILE = "run.lock"
+#: Files of a run folder that are views of its records, written again by
+#: `qbench report` and `qbench export`; every other file in a run folder is
+#: the run's own and no command writes over it.
+DERIVED_FILES = frozenset({"results.csv", "results.parquet", "report.md", "report.html"})
 
 
 class ResultStore:
@@ -86,13 +94,16 @@ class ResultStore:
                 continue
             torn = number == len(lines)  # no newline after it: a killed writer's fragment
             try:
-                out.append(CellRecord.model_validate_json(line))
+                out.append(parse_record(line))
+            except NewerSchema as exc:
+                raise QBenchError(f"{self.path}:{number}: {exc}") from None
             except ValidationError as exc:
                 if torn:
                     warnings.warn(f"{self.path}:{number}: ignoring an incomplete last line")
                     continue
-                raise QBenchError(f"{self.path}:{number}: not a qbench record ({describe_validation(exc)}); was the file "
-                                  "edited by hand? Remove that line or start a new run") from None
+                raise QBenchError(f"{self.path}:{number}: not a qbench record ({describe_validation(exc)}): the line "
+                                  "was changed by hand or by another tool; restore it from a copy of the file, "
+                                  "or start a new run") from None
         return out
 
     def latest(self) -> dict[str, CellRecord]:
@@ -102,17 +113,35 @@ class ResultStore:
             latest[record.cell] = record  # an update keeps the cell's place
         return latest
 
-    def adopt_pending(self) -> list[str]:
+    def adopt_pending(self, plan=None) -> list[str]:
         """Append records that an earlier run saved aside because this file
-        could not take them; returns their cells."""
+        could not take them; returns their cells. A record is adopted only
+        when it is this run's: its run id, suite hash, model fingerprint and
+        cell (backend, variant, baseline) all as the plan has them. Another
+        run's record (another run id) is left alone; one that claims this
+        run but differs from its plan is moved to ``rejected/`` beside it,
+        with a warning that says why."""
+        plan = plan if plan is not None else _read_plan(self.run_dir)
         adopted = []
         for path in pending_files(self.run_dir):
             try:
-                record = CellRecord.model_validate_json(path.read_text())
-            except (ValidationError, OSError) as exc:
-                warnings.warn(f"{path}: not a readable record ({type(exc).__name__}): left where it is")
+                record = parse_record(path.read_text())
+            except (ValidationError, OSError, UnicodeDecodeError, NewerSchema) as exc:
+                why = str(exc) if isinstance(exc, NewerSchema) else f"not a readable record ({type(exc).__name__})"
+                warnings.warn(f"{path}: {why}: left where it is")
                 continue
-            if record.run_id != self.run_dir.name and record.run_id != _plan_run_id(self.run_dir):
+            if plan is None or record.run_id != plan.run_id:
+                continue
+            why = mismatch(record, plan)
+            if why:
+                aside = path.parent / "rejected" / path.name
+                try:
+                    aside.parent.mkdir(exist_ok=True)
+                    path.replace(aside)
+                except OSError:
+                    aside = path
+                warnings.warn(f"pending record {path.name} was not added to run {plan.run_id}: {why}; set aside "
+                              f"in {aside}")
                 continue
             self.append(record)
             path.unlink()
@@ -120,15 +149,34 @@ class ResultStore:
         return adopted
 
 
+def mismatch(record: CellRecord, plan) -> Optional[str]:
+    """Why ``record`` is not a record of a cell of ``plan`` (None when it is)."""
+    cell = next((c for c in plan.cells if c.cell == record.cell), None)
+    if cell is None:
+        return f"its cell {record.cell} is not in the run's plan"
+    if (cell.backend, cell.variant, cell.baseline) != (record.backend, record.variant, record.baseline):
+        return f"its cell {record.cell} is not the plan's (backend, variant or baseline differ)"
+    if record.suite.hash != plan.suite_hash:
+        return f"it measured suite hash {record.suite.hash}, the run's suite is {plan.suite_hash}"
+    if record.model.fingerprint != plan.model.fingerprint:
+        return f"it measured model {record.model.fingerprint}, the run's model is {plan.model.fingerprint}"
+    if record.device != plan.device:
+        return f"it ran on {record.device}, the run's device is {plan.device}"
+    return None
+
+
 def cell_file_stem(cell: str) -> str:
     """A cell name as a file name: "torchao:int4-wo-g32" -> "torchao__int4-wo-g32"."""
     return cell.replace(":", "__").replace("/", "_")[:120]
 
 
-def _plan_run_id(run_dir: Path) -> Optional[str]:
+def _read_plan(run_dir: Path):
+    """The run's plan, or None when it is missing or unreadable."""
+    from qbench.runner import RunPlan
+
     try:
-        return json.loads((run_dir / PLAN_FILE).read_text()).get("run_id")
-    except (OSError, ValueError, AttributeError):
+        return RunPlan.model_validate_json((Path(run_dir) / PLAN_FILE).read_text())
+    except (OSError, ValueError):
         return None
 
 
@@ -173,6 +221,80 @@ def find_run(run: str | Path, root: Optional[str | Path] = None) -> Path:
     runs = sorted(p.name for p in root.glob("*") if (p / PLAN_FILE).is_file()) if root.is_dir() else []
     hint = f"; runs under {root}: {', '.join(runs[-5:])}" if runs else ""
     raise QBenchError(f"run '{run}' not found (no {PLAN_FILE}){hint}")
+
+
+def run_folder_of(path: Path) -> Optional[Path]:
+    """The run folder ``path`` lies in (a folder above it holding a plan), if any."""
+    for folder in Path(path).parents:
+        if (folder / PLAN_FILE).is_file():
+            return folder
+    return None
+
+
+def check_output(path: str | Path, force: bool = False, option: str = "--force") -> Path:
+    """A file a command is about to write for the user, refused in one line
+    when writing it would lose something: a file of a run folder that is not
+    one of its views (its records, plan, reference, pending records, logs)
+    whatever ``force`` says, and any other existing file unless ``force``."""
+    target = Path(path).expanduser()
+    resolved = target.resolve()  # a link to results.jsonl is results.jsonl
+    if resolved.is_dir():
+        raise QBenchError(f"cannot write {target}: it is a folder; give a file name")
+    run = run_folder_of(resolved)
+    if run is not None and resolved.exists() and (resolved.parent != run or resolved.name not in DERIVED_FILES):
+        raise QBenchError(f"refusing to write {target}: it is {resolved.relative_to(run)} of run folder {run}, "
+                          f"and writing it would lose the run's data; choose another file")
+    if resolved.exists() and not force:
+        raise QBenchError(f"{target} already exists: choose another file, or pass {option} to replace it")
+    if not resolved.parent.is_dir():
+        raise QBenchError(f"cannot write {target}: folder {resolved.parent} does not exist (create it first)")
+    return target
+
+
+_held_locks: dict[Path, list] = {}  # run folder -> [open lock file, depth]
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """Hold the run folder's advisory lock (``run.lock``, flock) while
+    measuring, so that two processes never run one run's cells at once. The
+    same process may take it again (a search runs its cells in steps). A
+    second process gets one line naming the holder (pid, host, since when);
+    the lock goes with the process, so a killed run never leaves it held."""
+    key = Path(run_dir).resolve()
+    if key in _held_locks:
+        _held_locks[key][1] += 1
+        try:
+            yield
+        finally:
+            _held_locks[key][1] -= 1
+        return
+    lock_path = key / LOCK_FILE
+    try:
+        handle = open(lock_path, "a+")
+    except OSError as exc:
+        raise QBenchError(f"cannot open the run's lock {lock_path} ({exc.strerror or exc}): fix the run folder's "
+                          "permissions") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise QBenchError(f"run {key.name} is being measured by {holder}: wait for it to finish (or stop that "
+                          "process), then --resume it; one process runs a run's cells at a time") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"qbench pid {os.getpid()} on host {socket.gethostname()} since "
+                 f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.flush()
+    _held_locks[key] = [handle, 1]
+    try:
+        yield
+    finally:
+        del _held_locks[key]
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
 
 
 def frame(records: Iterable[CellRecord]) -> pd.DataFrame:

@@ -23,7 +23,7 @@ from qbench.models import ModelSpec
 from qbench.parallel import run_cells
 from qbench.plugins import LoadedPlugins, PluginSettings, get_backend
 from qbench.records import CellRecord
-from qbench.results import PLAN_FILE, ResultStore, cell_file_stem
+from qbench.results import PLAN_FILE, ResultStore, cell_file_stem, run_lock
 from qbench.worker import CellTask, worker_main
 
 DEFAULT_BASELINE = "fp:fp32"
@@ -206,6 +206,11 @@ def preflight(run_dir: Path, store: ResultStore, reporter: Reporter) -> None:
     if store.path.exists() and not os.access(store.path, os.W_OK):
         raise QBenchError(f"{store.path} is not writable: fix its permissions (chmod u+w) before running")
     check_writable(cache_dir() / "artifacts", "artifact cache", "set $QBENCH_CACHE to a writable folder")
+    try:
+        (run_dir / "logs").mkdir(exist_ok=True)  # each worker writes its log there; someone may have deleted it
+    except OSError as exc:
+        raise QBenchError(f"cannot create {run_dir / 'logs'} ({exc.strerror or exc}): fix the run folder's "
+                          "permissions") from None
     repaired = store.repair_tail()
     if repaired:
         reporter.warn(repaired)
@@ -266,13 +271,20 @@ class LocalExecutor:
 
 
 def execute(plan: RunPlan, run_dir: Path, reporter: Reporter = SilentReporter(),
-            retry_failed: bool = False, executor: Optional[Executor] = None) -> list[CellRecord]:
-    """Run every unfinished cell of the plan, then the latency trials still
-    missing; return the records written now."""
+            retry_failed: bool = False, executor: Optional[Executor] = None,
+            select: Callable[[CellSpec], bool] = lambda cell: True) -> list[CellRecord]:
+    """Run every unfinished cell of the plan (of those ``select`` picks),
+    then the latency trials still missing; return the records written now.
+    The run folder is locked meanwhile (see qbench.results.run_lock)."""
+    with run_lock(run_dir):
+        return _execute(plan, run_dir, reporter, retry_failed, executor, select)
+
+
+def _execute(plan, run_dir, reporter, retry_failed, executor, select) -> list[CellRecord]:
     executor = executor or LocalExecutor()
     store = ResultStore(run_dir)
     preflight(run_dir, store, reporter)
-    jobs = [Job(cell, cell.cell) for cell in pending_cells(plan, store, retry_failed)]
+    jobs = [Job(cell, cell.cell) for cell in pending_cells(plan, store, retry_failed) if select(cell)]
     written: list[CellRecord] = []
 
     def keep(job: Job, result: WorkerResult) -> None:
@@ -284,11 +296,12 @@ def execute(plan: RunPlan, run_dir: Path, reporter: Reporter = SilentReporter(),
     # The baseline first and alone: every other cell reads its reference.
     executor.run(plan, run_dir, [job for job in jobs if job.cell.baseline], keep, reporter, alone=True)
     executor.run(plan, run_dir, [job for job in jobs if not job.cell.baseline], keep, reporter)
-    return written + run_latency_trials(plan, run_dir, store, reporter, executor)
+    return written + run_latency_trials(plan, run_dir, store, reporter, executor, select)
 
 
 def run_latency_trials(plan: RunPlan, run_dir: Path, store: ResultStore, reporter: Reporter,
-                       executor: Optional[Executor] = None) -> list[CellRecord]:
+                       executor: Optional[Executor] = None,
+                       select: Callable[[CellSpec], bool] = lambda cell: True) -> list[CellRecord]:
     """Latency trials 2..K of every finished cell, each in a fresh worker,
     round by round (every cell's trial 2, then every cell's trial 3) so a
     slow spell of the machine does not fall on one cell's trials alone. A
@@ -304,7 +317,7 @@ def run_latency_trials(plan: RunPlan, run_dir: Path, store: ResultStore, reporte
         fresh_worker_server()
         latest = store.latest()  # read once per round; this round writes each cell's record once
         jobs = [Job(c, f"{c.cell} · latency trial {trial} of {wanted}", trial) for c in plan.cells
-                if c.cell in latest and latest[c.cell].ok and 0 < trials_attempted(latest[c.cell]) < trial]
+                if select(c) and c.cell in latest and latest[c.cell].ok and 0 < trials_attempted(latest[c.cell]) < trial]
 
         def keep(job: Job, result: WorkerResult) -> None:
             record, error = latest[job.cell.cell], None
@@ -346,8 +359,13 @@ def cell_record(plan: RunPlan, cell: CellSpec, result: WorkerResult) -> CellReco
         except ValidationError as exc:  # a harness bug: say so, keep the cell's place
             outcome = ("error", {"phase": "record", "error": f"the cell's record is malformed "
                                  f"({describe_validation(exc)}): a qbench bug, please report it; see {log_path}"})
-    return CellRecord.model_validate({**record, "status": "failed", "phase": outcome[1]["phase"],
-                                      "error": outcome[1]["error"]})
+    failed = {**record, "status": "failed", "phase": outcome[1]["phase"], "error": outcome[1]["error"]}
+    if outcome[1].get("partial"):  # phases that finished before the failure keep their figures
+        try:
+            return CellRecord.model_validate({**outcome[1]["partial"], **failed})
+        except ValidationError:
+            pass
+    return CellRecord.model_validate(failed)
 
 
 def run_worker(plan: RunPlan, run_dir: Path, cell: CellSpec, reporter: Reporter, latency_trial: int = 0,

@@ -131,6 +131,39 @@ def judge(budget: Budget, record: CellRecord, baseline: Optional[CellRecord], ki
     return Verdict(**verdict, at_error_bar=at, meets=at >= target)
 
 
+#: Fewest task items a relative accuracy budget is judged on.
+MIN_RELATIVE_ITEMS = 20
+
+
+def check_relative_items(suite, budget: Budget) -> None:
+    """Before any cell: ``acc>=F*base`` needs tasks with enough items for
+    the baseline's accuracy to be an estimate at all."""
+    from qbench.metrics.choice import load_items
+
+    items = sum(len(load_items(suite.resolve(t.path), t.limit)) for t in suite.tasks)
+    if items < MIN_RELATIVE_ITEMS:
+        raise QBenchError(f"budget '{budget.text}' is relative to the baseline's accuracy, but suite '{suite.name}' "
+                          f"has {items} task item(s) (at least {MIN_RELATIVE_ITEMS} needed): add items, or use an "
+                          "absolute budget (acc>=0.7) or kld<=X")
+
+
+def check_relative_baseline(budget: Budget, baseline: Optional[CellRecord]) -> None:
+    """After the baseline, before any other cell: a relative budget against
+    an accuracy whose 95% interval reaches 0 would call anything a pass
+    (0.99 times nothing is nothing)."""
+    if baseline is None or not baseline.ok:
+        why = baseline.error if baseline is not None else "it did not run"
+        raise QBenchError(f"budget '{budget.text}' needs the baseline's accuracy, and the baseline failed: {why}")
+    acc, stderr, n = baseline.value("acc"), baseline.stderr("acc") or 0.0, baseline.metrics["acc"].n \
+        if "acc" in baseline.metrics else None
+    if acc is None:
+        raise QBenchError(f"budget '{budget.text}' needs the baseline's accuracy: the suite needs tasks")
+    if acc - Z * stderr <= 0:
+        raise QBenchError(f"budget '{budget.text}': the baseline's accuracy is {acc:.4f} ± {Z * stderr:.4f} (95%, "
+                          f"{n} items), an interval that reaches 0, so any fraction of it is met by chance: use an "
+                          "absolute budget (acc>=0.7), kld<=X, or tasks the baseline can do")
+
+
 def quality(verdict: Verdict, budget: Budget) -> float:
     """Lower is better: KLD, or minus accuracy for an accuracy budget."""
     if budget.metric == "acc":
@@ -234,10 +267,14 @@ def run_search(budget_text: str, backends: Optional[list[str]], model: str, suit
         write_atomic(folder / SUITE_FILE, yaml.safe_dump(derived_suite(source_suite, budget), sort_keys=False))
         plan, run_dir = api.create_run(model=model, suite=str(folder / SUITE_FILE), backends=backends,
                                        device=device, output_dir=str(folder), run_id=CELLS, allow_outside_data=True)
+    baseline_cell = next(c.cell for c in plan.cells if c.baseline)
+    if budget.relative:  # its target is a fraction of the baseline's accuracy: that accuracy must mean something
+        check_relative_items(source_suite, budget)
+        execute(plan, run_dir, reporter, select=lambda cell: cell.baseline)
+        check_relative_baseline(budget, ResultStore(run_dir).latest().get(baseline_cell))
     execute(plan, run_dir, reporter)
     loaded = load_plugins(PluginSettings.from_env(()))
     recipe_backend = get_backend(loaded, RECIPE_BACKEND) if RECIPE_BACKEND in loaded.backends else None
-    baseline_cell = next(c.cell for c in plan.cells if c.baseline)
 
     def records() -> dict[str, CellRecord]:
         return ResultStore(run_dir).latest()

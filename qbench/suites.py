@@ -7,11 +7,11 @@ import json
 from pathlib import Path
 from typing import Annotated, Literal, Optional, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from qbench.datafiles import check_inside, read_text
 from qbench.errors import QBenchError, describe_validation
+from qbench.untrusted import load_yaml
 
 #: The package that carries the shipped suites (``suites/`` in a checkout).
 SUITES_PACKAGE = "qbench_suites"
@@ -319,12 +319,7 @@ def load_suite(name_or_path: str, allow_outside_data: bool = False) -> Suite:
     """A suite file, validated: schema, and every data file present, text,
     and (unless ``allow_outside_data``) inside the suite's folder."""
     path = suite_path(name_or_path)
-    try:
-        raw = yaml.safe_load(read_text(path))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark else ""
-        raise QBenchError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    raw = load_yaml(read_text(path), path)
     if not isinstance(raw, dict):
         raise QBenchError(f"{path}: a suite file must be a YAML mapping with at least 'name'")
     try:

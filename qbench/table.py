@@ -3,6 +3,7 @@ error bars, failures with their reason."""
 
 from __future__ import annotations
 
+import re
 from typing import Optional
 
 from qbench.records import CellRecord, Metric
@@ -46,8 +47,12 @@ def table_rows(records: list[CellRecord]) -> tuple[list[str], list[list[str]]]:
     rows = []
     for r in records:
         label = r.cell + (" (baseline)" if r.baseline else "")
-        if not r.ok:
+        if not r.ok and not r.completed_phases:
             rows.append([label, "FAILED: " + (r.error or "?")] + ["-"] * len(COLUMNS))
+            continue
+        if not r.ok:  # the figures of the phases it finished, with what failed after them
+            status = f"FAILED in {r.phase} (kept: {', '.join(r.completed_phases)}): {r.error or '?'}"
+            rows.append([label, status] + [_num(_value(r, m), fmt, scale, err) for _, m, fmt, scale, err in COLUMNS])
             continue
         rows.append([label, "ok"] + [_num(_value(r, m), fmt, scale, err) for _, m, fmt, scale, err in COLUMNS])
     # Drop columns that no record has a value for (e.g. a suite without tasks).
@@ -55,15 +60,33 @@ def table_rows(records: list[CellRecord]) -> tuple[list[str], list[list[str]]]:
     return [headers[i] for i in keep], [[row[i] for i in keep] for row in rows]
 
 
+#: What starts raw HTML in CommonMark: '<' before a tag name, '/', '!' or '?'
+_HTML_START = re.compile(r"<(?=[A-Za-z/!?])")
+
+
+def md_text(text: str) -> str:
+    """Text for markdown that is published: HTML in it (a suite or task
+    named ``<script>``) is escaped, so a renderer shows it instead of running
+    it; ``kld<=0.05`` starts no tag and stays as written. Code spans
+    (between backticks) render literally and are kept; an unclosed
+    backtick's tail is escaped like text."""
+    parts = str(text).split("`")
+    closed = len(parts) if len(parts) % 2 else len(parts) - 1  # the parts before an unclosed backtick
+    return "`".join(p if i % 2 and i < closed else _HTML_START.sub("&lt;", p) for i, p in enumerate(parts))
+
+
 def markdown_rows(headers: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    return lines + ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    def cell(value) -> str:
+        return md_text(str(value)).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(map(cell, headers)) + " |", "|" + "---|" * len(headers)]
+    return lines + ["| " + " | ".join(map(cell, row)) + " |" for row in rows]
 
 
 def markdown_table(records: list[CellRecord]) -> str:
     headers, rows = table_rows(records)
     lines = markdown_rows(headers, rows)
-    notes = [f"- {r.cell}: {note}" for r in records for note in r.notes]
+    notes = [f"- {md_text(r.cell)}: {md_text(note)}" for r in records for note in r.notes]
     if notes:
         lines += ["", "Notes:", ""] + notes
     return "\n".join(lines)

@@ -7,6 +7,7 @@ record through a pipe; the parent alone writes results.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import time
@@ -69,12 +70,18 @@ def worker_main(task: CellTask, conn, log_path: str) -> None:
         print(f"[qbench] phase: {name}", flush=True)
         conn.send(("phase", name))
 
+    pipeline = None
     try:
-        record = CellPipeline(task, enter).run()
+        pipeline = CellPipeline(task, enter)
+        record = pipeline.run()
         conn.send(("result", record))
     except BaseException as exc:  # everything becomes a failed record, never a lost cell
         traceback.print_exc()
-        conn.send(("error", {"phase": phase, "error": describe_error(exc, phase)}))
+        outcome = {"phase": phase, "error": describe_error(exc, phase)}
+        kept = pipeline.finished_part() if pipeline is not None else None
+        if kept:  # the phases that finished before this one keep their figures
+            outcome["partial"] = kept
+        conn.send(("error", outcome))
         conn.close()
         sys.exit(1)
     conn.close()
@@ -105,6 +112,10 @@ def describe_error(exc: BaseException, phase: str) -> str:
                 f"max_length in the suite, or another device")
     if isinstance(exc, QBenchError):
         return str(exc)
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = f" writing {exc.filename}" if exc.filename else ""
+        return (f"no space left on the disk during {phase}{where} ({exc.strerror}): free space there (or point "
+                f"$QBENCH_CACHE / -o elsewhere), then rerun this cell with --resume --retry-failed")
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__} during {phase}: {first}"[:500]
 
@@ -209,6 +220,9 @@ class CellPipeline:
         self._phase_started = time.perf_counter()
         self.started = time.time()
         self.start_canary: Optional[float] = None
+        #: measurement phases finished, with a snapshot of the figures they left
+        self.completed: list[str] = []
+        self._kept: tuple[dict, dict, list] = ({}, {}, [])
         self.reference = BaselineReference(Path(task.run_dir))
 
     def phase(self, name: str) -> None:
@@ -227,17 +241,43 @@ class CellPipeline:
             trial = self.measure_latency_trial()
             self.phase("done")
             return {"status": "ok", "trial": trial, "phase_seconds": self.phase_seconds}
-        if self.suite.perplexity:
-            self.measure_perplexity()
-        if self.work.tasks:
-            self.measure_tasks()
-        if self.suite.lm_eval:
-            self.measure_lm_eval()
-        if self.suite.generation:
-            self.measure_generation()
-        if self.suite.latency:
-            self.measure_latency()
+        for name, wanted, measure in (("perplexity", self.suite.perplexity, self.measure_perplexity),
+                                      ("tasks", self.work.tasks, self.measure_tasks),
+                                      ("lm-eval", self.suite.lm_eval, self.measure_lm_eval),
+                                      ("generation", self.suite.generation, self.measure_generation),
+                                      ("latency", self.suite.latency, self.measure_latency)):
+            if wanted:
+                measure()
+                self.completed.append(name)
+                self._kept = (dict(self.metrics), dict(self.tasks), list(self.notes))
         return self.record()
+
+    def finished_part(self) -> Optional[dict[str, Any]]:
+        """What the phases that finished measured, for the record of a cell
+        that failed in a later phase (None when none finished). Never
+        raises: it runs while the cell is already failing."""
+        if not self.completed:
+            return None
+        metrics, tasks, notes = (dict(part) if isinstance(part, dict) else list(part) for part in self._kept)
+        try:
+            from qbench.metrics import metric
+
+            metrics["weight_bytes"] = metric(self.weight_bytes, "bytes", None, None,
+                                             label="bytes of weights held by the loaded model (packed storage, scales "
+                                                   "included)")
+        except Exception:  # noqa: BLE001 - the partial record is worth more than this figure
+            pass
+        part: dict[str, Any] = {"metrics": metrics, "tasks": tasks, "notes": notes,
+                                "completed_phases": list(self.completed), "phase_seconds": dict(self.phase_seconds),
+                                "started": self.started}
+        try:
+            part.update(config=self.config.settings(), nominal_bits=self.config.nominal_bits(),
+                        backend_version=self.backend.version(), workload=self.work.fingerprint(),
+                        artifact={"key": self.artifact_key, "cache_hit": self.cache_hit, "path": self.artifact.path,
+                                  "meta": self.artifact.meta})
+        except Exception:  # noqa: BLE001
+            pass
+        return part
 
     def prepare(self) -> None:
         import torch
@@ -529,5 +569,6 @@ class CellPipeline:
             "session": describe,
             "env": collect_environment(self.task.device),
             "phase_seconds": self.phase_seconds,
+            "completed_phases": self.completed,
             "started": self.started,
         }

@@ -96,3 +96,61 @@ def test_cache_hit_follows_the_model_and_cache_to_their_current_folders(tiny_mod
     monkeypatch.setenv("QBENCH_CACHE", str(moved_cache))
     again, hit, _ = obtain_artifact(fp, name, config, str(moved_model), fingerprint(moved_model), None, None)
     assert hit and again.model_path == str(moved_model) and again.path.startswith(str(moved_cache))
+
+
+def test_an_entry_copied_whole_from_another_variant_is_refused(rtn, tiny_model):
+    """Copied with its own artifact.json, every checksum matches: only the
+    manifest's identity (the key it was written under, what it holds) tells."""
+    import shutil
+    from pathlib import Path
+
+    int8, _, key8 = obtain(rtn, "w8g32", tiny_model)
+    int4, _, key4 = obtain(rtn, "w4g32", tiny_model)
+    entry8, entry4 = Path(int8.path).parent, Path(int4.path).parent
+    shutil.rmtree(entry8)
+    shutil.copytree(entry4, entry8)
+    with pytest.raises(QBenchError, match=rf"is not the entry asked for \(its manifest was written under key {key4} "
+                                          rf"for rtn:w4g32, not under {key8}: it was copied from another entry\).*rm -r"):
+        obtain(rtn, "w8g32", tiny_model)
+
+
+def test_a_manifest_edited_to_match_its_new_key_still_names_what_it_holds(rtn, tiny_model):
+    import json
+    from pathlib import Path
+
+    int8, _, key8 = obtain(rtn, "w8g32", tiny_model)
+    int4, _, _ = obtain(rtn, "w4g32", tiny_model)
+    manifest = Path(int4.path).parent / "artifact.json"
+    data = json.loads(manifest.read_text())
+    data["key"] = key8  # as if written under the other variant's key
+    (Path(int8.path).parent / "artifact.json").write_text(json.dumps(data))
+    for name in Path(int8.path).iterdir():
+        name.unlink()
+    for name in Path(int4.path).iterdir():
+        (Path(int8.path) / name.name).write_bytes(name.read_bytes())
+    with pytest.raises(QBenchError, match=r"its manifest holds config=.*'bits': 4.*this cell asks for .*'bits': 8"):
+        obtain(rtn, "w8g32", tiny_model)
+
+
+def test_two_processes_asking_for_one_entry_build_it_once(tiny_model, tmp_path):
+    """The entry's lock: one process builds, the other waits and then uses
+    the finished entry (after checking it)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    script = ("import sys; from qbench.artifacts import obtain_artifact; from qbench.models import fingerprint; "
+              "from qbench.plugins import PluginSettings, load_plugins; "
+              f"b = load_plugins(PluginSettings(plugin_dirs=({str(RTN_PLUGIN)!r},), allow=())).backends['rtn']; "
+              "v, c = b.parse_variant('w4g32'); "
+              f"a, hit, key = obtain_artifact(b, v, c, {str(tiny_model)!r}, fingerprint({str(tiny_model)!r}), None, None); "
+              "print(hit, key)")
+    env = {**os.environ, "QBENCH_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(REPO)}
+    procs = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outputs = sorted(p.communicate(timeout=300)[0].split() for p in procs)
+    assert all(p.returncode == 0 for p in procs)
+    assert [o[0] for o in outputs] == ["False", "True"] and outputs[0][1] == outputs[1][1]
+    entries = list((tmp_path / "cache" / "artifacts" / "rtn").iterdir())
+    assert sorted(e.name for e in entries if e.is_dir()) == [outputs[0][1]]

@@ -119,6 +119,56 @@ def no_tokenizer_model(c: Ctx) -> list[str]:
     return ["run", "--model", str(folder), "--suite", str(c.suite), "-o", str(c.tmp / "out")]
 
 
+def yaml_bomb(levels: int = 7, width: int = 9) -> str:
+    """A "billion laughs" flow mapping: 9^7 leaves from 54 aliases in 300 bytes."""
+    rows = [f"l0: &l0 [{', '.join(['x'] * width)}]"]
+    rows += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * width)}]" for i in range(1, levels)]
+    return "{" + ", ".join(rows) + "}"
+
+
+def newer_record(c: Ctx) -> str:
+    record = json.loads((c.run / "results.jsonl").read_text().splitlines()[0])
+    return json.dumps({**record, "schema": 4, "kv_cache": "q8_0"})
+
+
+def unknown_field(c: Ctx) -> str:
+    record = json.loads((c.run / "results.jsonl").read_text().splitlines()[0])
+    return json.dumps({**record, "surprise": 1})
+
+
+def link_to_results(c: Ctx) -> list[str]:
+    link = c.tmp / "export.csv"
+    os.symlink(c.run / "results.jsonl", link)
+    return ["export", str(c.run), "--csv", str(link), "--force"]
+
+
+def empty_weights_model(c: Ctx) -> list[str]:
+    folder = c.tmp / "model"
+    shutil.copytree(c.model, folder)
+    (folder / "model.safetensors").write_bytes(b"")
+    return ["run", "--model", str(folder), "--suite", str(c.suite), "--device", "cpu", "-o", str(c.tmp / "out")]
+
+
+def empty_gguf(c: Ctx) -> Path:
+    """A valid GGUF file with no metadata and no tensors."""
+    import gguf
+
+    path = c.tmp / "empty.gguf"
+    writer = gguf.GGUFWriter(str(path), arch="llama")
+    writer.kv_data[0].pop("general.architecture", None)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def relative_budget_few_items(c: Ctx) -> list[str]:
+    suite = c.suite_file(PPL + TASK, t__jsonl=GOOD_ITEM + "\n")
+    return ["search", "--budget", "acc>=0.99*base", "-m", str(c.model), "-s", str(suite), "--device", "cpu",
+            "-o", str(c.tmp / "out")]
+
+
 # (id, build(ctx) -> argv, expected exit code, text the error line must hold)
 CASES: list[tuple[str, Callable[[Ctx], list[str]], int, str]] = [
     # -- the run command's options
@@ -137,7 +187,7 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], int, str]] = [
     ("recipe-missing", lambda c: c.run_args("-b", f"torchao:recipe={c.tmp / 'none.yaml'}"), 2,
      "recipe file"),
     ("recipe-not-yaml", lambda c: c.run_args("-b", f"torchao:recipe={c.write('r.yaml', 'base: [x')}"), 2,
-     "is not valid YAML"),
+     "not valid YAML"),
     ("recipe-both-actions", lambda c: c.run_args("-b", "torchao:recipe=" + str(c.write(
         "r.yaml", "base: int4-wo-g32\noverrides:\n  - {match: '*', keep: true, use: int8-wo}\n"))), 2,
      "exactly one of 'keep: true' or 'use: VARIANT'"),
@@ -360,6 +410,83 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], int, str]] = [
     ("cache-unwritable", lambda c: c.run_args("-b", "fp:bf16") if c.write("cachefile", "x") else [], 2,
      "artifact cache"),
     ("run-folder-exists", lambda c: c.run_args("--run-id", existing(c.tmp / "out" / "dup")), 2, "already exists"),
+    # -- no command writes over a run's own files (results, plan, reference, pending, logs) or, unasked, any file
+    ("export-over-results", lambda c: ["export", str(c.run), "--csv", str(c.run / "results.jsonl")], 2,
+     "refusing to write"),
+    ("export-over-plan-forced", lambda c: ["export", str(c.run), "--parquet", str(c.run / "plan.json"), "--force"],
+     2, "refusing to write"),
+    ("export-over-reference", lambda c: ["export", str(c.run), "--csv", str(next((c.run / "reference").iterdir())),
+                                         "--force"], 2, "refusing to write"),
+    ("export-through-a-link", link_to_results, 2, "refusing to write"),
+    ("export-over-a-file", lambda c: ["export", str(c.run), "--csv", str(c.write("mine.csv", "keep me"))], 2,
+     "already exists"),
+    ("export-into-a-folder", lambda c: ["export", str(c.run), "--csv", str(c.tmp)], 2, "is a directory"),
+    ("export-same-file-twice", lambda c: ["export", str(c.run), "--csv", str(c.tmp / "x"), "--parquet",
+                                          str(c.tmp / "x")], 2, "the same file"),
+    ("sensitivity-recipe-over-results", lambda c: ["sensitivity", "-b", "torchao:int8-wo", "-m", str(c.model), "-s",
+                                                   str(c.suite), "--device", "cpu", "-o", str(c.tmp / "out"),
+                                                   "--recipe", str(c.run / "results.jsonl"), "--force"], 2,
+     "refusing to write"),
+    ("report-folder-blocked", lambda c: (shutil.rmtree(c.run / "report_files", ignore_errors=True),
+                                         c.write("run/report_files", "a file")) and ["report", str(c.run)], 2,
+     "cannot write the report"),
+    # -- records and cache entries: what cannot be read is named, never advised away
+    ("show-newer-schema", lambda c: ["show", str(corrupt_results(c, newer_record(c)))], 2,
+     "written by a newer qbench (record schema 4"),
+    ("show-unknown-field", lambda c: ["show", str(corrupt_results(c, unknown_field(c)))], 2,
+     "restore it from a copy"),
+    ("cache-unwritable-embedded", lambda c: ["run", "--suite", str(c.suite), "--device", "cpu", "-o",
+                                             str(c.tmp / "out")] if c.write("cachefile", "x") else [], 2,
+     "the cache folder is not writable"),
+    # -- inputs checked when the run is planned, before the baseline runs
+    ("cell-memory-nan", lambda c: c.run_args("--executor", "ray", "--cell-memory", "nan"), 2, "not a finite number"),
+    ("model-empty-safetensors", empty_weights_model, 2, "not a readable safetensors file"),
+    ("gguf-no-architecture", lambda c: c.run_args("-b", f"gguf:prequantized:path={empty_gguf(c)}"), 2,
+     "without general.architecture"),
+    ("gguf-file-missing", lambda c: c.run_args("-b", f"gguf:prequantized:path={c.tmp / 'none.gguf'}"), 2,
+     "gguf:prequantized:path="),
+    ("recipe-matches-nothing", lambda c: c.run_args("-b", "torchao:recipe=" + str(c.write(
+        "r.yaml", "base: int8-wo\noverrides:\n  - {match: '*.dwon_proj', keep: true}\n"))), 2,
+     "matches none of the model's 14 linear layers; closest names"),
+    ("search-relative-few-items", relative_budget_few_items, 2, "at least 20 needed"),
+    # -- untrusted files: bounded work
+    ("recipe-alias-bomb", lambda c: c.run_args("-b", "torchao:recipe=" + str(c.write(
+        "r.yaml", f"base: int8-wo\nsource: {yaml_bomb()}\n"))), 2, "a YAML bomb?"),
+    ("suite-alias-bomb", lambda c: ["suites", "validate", str(c.write("s.yaml", f"name: s\nx: {yaml_bomb()}\n"))],
+     2, "a YAML bomb?"),
+    ("suite-many-aliases", lambda c: ["suites", "validate", str(c.write(
+        "s.yaml", "name: &n s\nx: [" + ", ".join(["*n"] * 101) + "]\n"))], 2, "more than 100 aliases"),
+    ("suite-too-large", lambda c: ["suites", "validate", str(c.write(
+        "s.yaml", "name: s\ndescription: '" + "x" * (5 * 2**20) + "'\n"))], 2, "larger than 4 MiB"),
+    ("task-alias-bomb", lambda c: ["suites", "validate", str(c.suite_file(
+        "tasks:\n  - {name: x, path: task.yaml}\n", task__yaml=f"task: x\nbomb: {yaml_bomb()}\n"))], 2,
+     "a YAML bomb?"),
+    ("lm-eval-join-bomb", lambda c: lm_eval_suite(c, "{{ (country*166)|list|join(country*166666) }}"), 2,
+     "needs more than 256 MiB to render"),
+    ("lm-eval-loop-bomb", lambda c: lm_eval_suite(
+        c, "{% for i in range(10000) %}{% for j in range(10000) %}{{ country }}{% endfor %}{% endfor %}"), 2,
+     "renders more than 1,000,000 characters"),
+    ("lm-eval-endless-loop", lambda c: lm_eval_suite(
+        c, "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"), 2,
+     "took longer than 2 s"),
+    # -- validate runs every check that planning runs
+    ("validate-no-scored-tokens", lambda c: ["suites", "validate", str(c.suite_file(
+        "perplexity:\n  corpus: {source: c.txt}\n", c__txt="a"))], 2, "scored token"),
+    ("validate-lm-eval-function", lambda c: ["suites", "validate", str(c.suite_file(
+        "lm_eval: {tasks: [task.yaml]}\n", task__yaml="task: x\ndoc_to_text: !function utils.f\n"))], 2,
+     "run with --trust-task-code"),
+    ("validate-lm-eval-remote-code", lambda c: ["suites", "validate", str(c.suite_file(
+        "lm_eval: {tasks: [task.yaml]}\n",
+        task__yaml="task: x\ndataset_path: someone/data\ndataset_kwargs: {trust_remote_code: true}\n"))], 2,
+     "trust_remote_code runs the dataset's own script"),
+    ("validate-lm-eval-include-outside", lambda c: ["suites", "validate", str(c.suite_file(
+        "lm_eval: {tasks: [task.yaml]}\n", task__yaml="include: ../../../../../../etc/hostname\ntask: x\n"))], 2,
+     "outside the suite's folder"),
+    ("validate-lm-eval-include-cycle", lambda c: ["suites", "validate", str(c.suite_file(
+        "lm_eval: {tasks: [task.yaml]}\n", task__yaml="include: task.yaml\ntask: x\n"))], 2, "include cycle"),
+    ("validate-windows-past-positions", lambda c: ["suites", "validate", str(c.suite_file(
+        "perplexity:\n  corpus: {source: 'builtin:pydoc-topics'}\n  max_length: 600\n  max_tokens: 1300\n"))], 2,
+     "needs 599 positions but the model has 512"),
 ]
 
 
@@ -372,6 +499,13 @@ def finished(tiny_model, tiny_suite, tmp_path_factory) -> Path:
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     return out / "done"
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    """Every file under a run folder but the ones a refused command may
+    itself damage in the test (results.jsonl and plan.json are damaged on
+    purpose by some cases, before the command runs)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def qbench_cli(args: list[str], cwd: Path, env: Optional[dict] = None) -> subprocess.CompletedProcess:
@@ -397,11 +531,18 @@ def test_bad_input_gives_one_clear_line(build, code, text, tiny_model, tiny_suit
     shutil.copytree(finished, run_copy)
     ctx = Ctx(tmp=tmp_path, model=tiny_model, suite=tiny_suite, run=run_copy)
     args = build(ctx)
+    if args[:2] == ["suites", "validate"]:  # checked against the tiny model, as the run cases are
+        args += ["--model", str(tiny_model)]
+    before = folder_bytes(run_copy)
     env = {"QBENCH_RESULTS": str(tmp_path / "results")}
     if (tmp_path / "cachefile").exists():
         env["QBENCH_CACHE"] = str(tmp_path / "cachefile" / "cache")  # under a file: nothing can be written
     proc = qbench_cli(args, cwd=tmp_path, env=env)
     assert_one_line_error(proc, code, text)
+    # A refused command loses nothing: the run's records, plan and reference are as they were.
+    after = folder_bytes(run_copy)
+    assert {k: v for k, v in after.items() if k in before} == {k: v for k, v in before.items() if k in after}
+    assert set(before) <= set(after), set(before) - set(after)
     assert not (tmp_path / "pwned").exists()  # no template ever ran code
     assert not (tmp_path / "escaped").exists() and not (tmp_path.parent / "escaped").exists()
 
@@ -423,3 +564,79 @@ def test_user_text_is_never_read_as_markup(tiny_model, tmp_path):
                        "-o", str(tmp_path / "out"), "--run-id", "r-1.x_y"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "suite [/]evil [bold]x" in proc.stderr and "Traceback" not in proc.stderr + proc.stdout
+
+
+BOMBS = {"join": "{{ (country*166)|list|join(country*166666) }}",
+         "loops": "{% for i in range(10000) %}{% for j in range(10000) %}{{ country }}{% endfor %}{% endfor %}",
+         "silent-loops": "{% for i in range(10000) %}{% for j in range(10000) %}{% endfor %}{% endfor %}"}
+
+
+@pytest.mark.parametrize("name", list(BOMBS))
+def test_template_bombs_are_refused_within_a_bounded_budget(name, tmp_path):
+    """The 1,000,000-character cap was once checked after rendering: the
+    join bomb built 995M characters (2.5 GB), the loops took 5 s and 1.4 GB.
+    Measured in a child process that imports only what renders templates:
+    its peak RSS stays under 300 MB and the render returns within 3 s."""
+    # A process started from pytest's inherits its peak RSS through exec (Linux keeps ru_maxrss across
+    # execve), so the child forks the render into a grandchild and reads that one's peak.
+    script = textwrap.dedent(f"""
+        import json, os, resource, sys, time
+        from qbench.untrusted import template_environment
+        env = template_environment()
+        read, write = os.pipe()
+        if os.fork() == 0:
+            started = time.perf_counter()
+            try:
+                env.from_string({BOMBS[name]!r}).render(country="France")
+                outcome = "rendered"
+            except Exception as exc:
+                outcome = f"{{type(exc).__name__}}: {{exc}}"
+            os.write(write, json.dumps({{"outcome": outcome, "seconds": time.perf_counter() - started}}).encode())
+            os._exit(0)
+        os.close(write)
+        found = json.loads(os.read(read, 65536))
+        os.wait()
+        found.update(peak_mb=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+                     torch="torch" in sys.modules)
+        print(json.dumps(found))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    found = json.loads(proc.stdout)
+    assert found["outcome"].startswith("SecurityError") and not found["torch"], found
+    assert found["seconds"] < 3 and found["peak_mb"] < 300, found
+
+
+def validation_cases() -> list[tuple[str, Callable[[Ctx], list[str]]]]:
+    """Every case that names a suite it built: checked by `suites validate`,
+    or by `run` with no variant named (the suite is what is wrong)."""
+    return [(case, build) for case, build, _, _ in CASES
+            if case.startswith(("suite-", "corpus-", "task-", "lm-eval-", "validate-", "windows-", "latency-",
+                                "generation-", "calibration-too-short", "stride-"))]
+
+
+@pytest.mark.parametrize("build", [c[1] for c in validation_cases()], ids=[c[0] for c in validation_cases()])
+def test_validate_and_run_planning_agree(build, tiny_model, tmp_path):
+    """`suites validate` once said "valid" for task files and corpora that
+    `run` refused. Both now make the same checks: on every bad suite they
+    fail with the same line (or both accept it)."""
+    from qbench.api import check_suite, create_run
+    from qbench.errors import QBenchError
+    from qbench.suites import load_suite
+
+    ctx = Ctx(tmp=tmp_path, model=tiny_model, suite=tmp_path / "none.yaml", run=tmp_path / "run")
+    args = build(ctx)
+    suite = args[2] if args[:2] == ["suites", "validate"] else args[args.index("--suite") + 1]
+    outside = "--allow-outside-data" in args
+
+    def error_of(action) -> Optional[str]:
+        try:
+            action()
+        except QBenchError as exc:
+            return str(exc)
+        return None
+
+    validated = error_of(lambda: check_suite(load_suite(suite, allow_outside_data=outside), str(tiny_model)))
+    planned = error_of(lambda: create_run(model=str(tiny_model), suite=suite, backends=["fp:bf16"], device="cpu",
+                                          output_dir=str(tmp_path / "out"), allow_outside_data=outside))
+    assert validated == planned

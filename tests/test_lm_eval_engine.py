@@ -5,6 +5,7 @@ run trusts it."""
 
 import json
 import textwrap
+import time
 
 import pytest
 import torch
@@ -132,9 +133,18 @@ def test_task_templates_render_in_the_sandbox(both, task_folder):
         '"{{context}}"', '"{{ cycler.__init__.__globals__.os.system(\'touch pwned\') }}"'))
     suite = _suite(task_folder, "name: evil\nlm_eval: {tasks: [evil.yaml]}\n")
     plain = lm_eval.utils.env
-    with pytest.raises(QBenchError, match="SecurityError"):
+    with pytest.raises(QBenchError, match="template was refused by the sandbox") as refused:
         evaluate(ours.session, ours.tokenizer, suite.lm_eval, suite, False, 64)
+    assert "offline" not in str(refused.value)  # the file's problem: no hint about hub data
     assert lm_eval.utils.env is plain and not (task_folder / "pwned").exists()
+    # A template that would build 995 million characters fails at its allocation, inside lm-eval too.
+    (task_folder / "bomb.yaml").write_text(MC_TASK.replace("tiny_mc", "bomb").replace(
+        '"{{context}}"', '"{{ (context*10)|list|join(context*29000) }}"'))
+    suite = _suite(task_folder, "name: bomb\nlm_eval: {tasks: [bomb.yaml]}\n")
+    started = time.perf_counter()
+    with pytest.raises(QBenchError, match="refused by the sandbox .*(MiB to render|characters)"):
+        evaluate(ours.session, ours.tokenizer, suite.lm_eval, suite, False, 64)
+    assert time.perf_counter() - started < 30
 
 
 def test_task_code_runs_only_when_trusted(tiny_model, task_folder, tmp_path):

@@ -48,7 +48,7 @@ def test_digest_follows_content_not_formatting_or_provenance(tmp_path):
 
 
 @pytest.mark.parametrize("text,message", [
-    ("base: [int4", "is not valid YAML"),
+    ("base: [int4", "not valid YAML"),
     ("- base: int4-wo-g32\n", "must be a mapping"),
     ("overrides: []\n", "base"),
     ("base: int4-wo-g32\nsalt: 1\n", "salt"),
@@ -116,3 +116,25 @@ def test_recipe_cells_land_between_their_variants(tiny_model, tiny_suite, tmp_pa
     assert kept.value("kld") < int4.value("kld")
     assert kept.config["recipe_sha256"] == load_recipe(keep).digest()
     assert kept.artifact.meta["recipe"]["kept_layers"] == 2  # two blocks' down_proj
+
+
+def test_overrides_are_checked_against_the_models_layers():
+    """An override that matches no layer once ran silently as the uniform
+    base (override_layers: 0). Now it is an error with the closest names;
+    what matches less than written is a note."""
+    from qbench.errors import QBenchError
+    from qbench.recipes import Override, Recipe
+
+    layers = [f"model.layers.{i}.{kind}" for i in range(2)
+              for kind in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")]
+    typo = Recipe(base="int4-wo-g32", overrides=[Override(match=("*.dwon_proj",), keep=True)])
+    with pytest.raises(QBenchError, match=r"override 1 \(\*\.dwon_proj\) matches none of the model's 6 linear "
+                                          r"layers; closest names: .*mlp.down_proj"):
+        typo.check_matches(layers)
+    recipe = Recipe(base="int4-wo-g32", overrides=[
+        Override(match=("model.layers.0.*",), keep=True),
+        Override(match=("*.down_proj", "*.gate_proj"), use="int8-wo")])
+    assert recipe.check_matches(layers) == [
+        "recipe override 2: pattern '*.gate_proj' matches no layer",
+        "recipe override 2 matches 2 layers, of which 1 an earlier override decides (the first match wins)"]
+    assert Recipe(base="int4-wo-g32", overrides=[Override(match=("*.v_proj",), keep=True)]).check_matches(layers) == []

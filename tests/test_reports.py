@@ -225,17 +225,17 @@ def test_compare_needs_shared_cells(finished_run, tmp_path):
     assert code == 2 and "share no finished cells" in err
 
 
-def test_suites_lists_shipped_suites_and_validates_files(tmp_path):
+def test_suites_lists_shipped_suites_and_validates_files(tmp_path, tiny_model):
     code, stdout, _ = qbench("suites", "--json")
     listed = {s["suite"]: s for s in json.loads(stdout)}
     assert code == 0 and {"default", "smoke"} <= set(listed)
     assert listed["default"]["tasks (items)"] == "arithmetic (100), capitals (102), antonyms (100), agreement (120)"
     assert len(listed["default"]["hash"]) == 16
-    code, stdout, _ = qbench("suites", "validate", "suites/smoke.yaml")
+    code, stdout, _ = qbench("suites", "validate", "suites/smoke.yaml", "--model", str(tiny_model))
     assert code == 0 and "valid" in stdout
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nperplexity:\n  max_tokens: -1\n")
-    code, _, err = qbench("suites", "validate", str(bad))
+    code, _, err = qbench("suites", "validate", str(bad), "--model", str(tiny_model))
     assert code == 2 and "bad.yaml" in err and "perplexity" in err
 
 

@@ -260,7 +260,7 @@ def test_store_validates_records_and_names_the_bad_line(tmp_path):
                                   "latency_workload": {"new_tokens": 4}, "latency_trials": [{"x": 1}]})
     (tmp_path / "results.jsonl").write_text(json.dumps(old) + "\n")
     record = store.records()[0]
-    assert record.schema_version == 2 and record.tasks["t"]["acc"].value == 0.5
+    assert record.schema_version == 3 and record.tasks["t"]["acc"].value == 0.5
     assert record.latency_workload == {"new_tokens": 4} and set(record.metrics) == {"acc"}
 
 
@@ -284,3 +284,121 @@ def test_ctrl_c_keeps_finished_records_and_resume_finishes(tiny_model, tiny_suit
     resumed = _run_cli(["run", "--resume", str(tmp_path / "int")])
     output = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0 and "1 cell(s) already finished; running 2" in output, output
+
+
+def test_one_process_measures_a_run_at_a_time(tiny_model, tiny_suite, tmp_path, monkeypatch):
+    """Two `--resume` of one run at once once ran every cell twice, with
+    decode figures 30x slower and no note. The second is now refused in one
+    line naming the holder; the first finishes alone, each cell once."""
+    monkeypatch.setenv("QBENCH_FAKE_SLOW_SECONDS", "6")
+    monkeypatch.setenv("QBENCH_FAKE_MARKER_DIR", str(tmp_path))
+    plan, run_dir = create_run(model=str(tiny_model), suite=str(tiny_suite), backends=["fake:slow"], device="cpu",
+                               plugin_dirs=(str(FAKE_PLUGINS),), output_dir=str(tmp_path), run_id="shared")
+    first = _run_cli(["run", "--resume", str(run_dir)])
+    deadline = time.time() + 240
+    while time.time() < deadline and not (run_dir / "run.lock").is_file():
+        time.sleep(0.1)
+    second = _run_cli(["run", "--resume", str(run_dir)])
+    output = second.communicate(timeout=120)[0]
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert second.returncode == 2 and len(errors) == 1, output
+    assert f"run shared is being measured by qbench pid {first.pid} on host" in errors[0], errors[0]
+    assert first.communicate(timeout=300)[0] and first.returncode == 0
+    assert sorted(r.cell for r in ResultStore(run_dir).records()) == ["fake:slow", "fp:fp32"]
+    # The lock goes with its process: the run can be resumed (nothing left to do) right after.
+    again = _run_cli(["run", "--resume", str(run_dir)])
+    assert "2 cell(s) already finished; running 0" in again.communicate(timeout=300)[0] and again.returncode == 0
+
+
+def test_pending_records_are_adopted_only_when_they_match_the_plan(tiny_model, tiny_suite, tmp_path, monkeypatch):
+    """A pending record of another suite (a doctored perplexity in it) was
+    once adopted with a warning. Now: run id, suite hash, model fingerprint
+    and the plan's cell must all match; the rest is set aside with the
+    reason, and another run's record is left alone."""
+    import warnings
+
+    from qbench.results import save_pending
+    from tests.conftest import make_record
+
+    plan, run_dir = create_run(model=str(tiny_model), suite=str(tiny_suite), backends=["fp:bf16"], device="cpu",
+                               output_dir=str(tmp_path), run_id="adopt")
+    ours = {"run_id": plan.run_id, "model": plan.model.model_dump(), "device": "cpu",
+            "suite": {"name": plan.suite_name, "path": plan.suite_path, "hash": plan.suite_hash}}
+    good = make_record(**ours, cell="fp:bf16", variant="bf16", metrics={"perplexity": {"value": 12.0, "unit": "ppl"}})
+    other_suite = good.updated(suite={**ours["suite"], "hash": "0123456789abcdef"},
+                               metrics={"perplexity": {"value": 1.0, "unit": "ppl"}})
+    other_model = good.updated(model={**ours["model"], "fingerprint": "feedfacefeedface"})
+    not_planned = good.updated(cell="fp:fp16", variant="fp16")
+    other_run = good.updated(run_id="someone-else")
+    saved = [save_pending(run_dir, r) for r in (good, other_suite, other_model, not_planned, other_run)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        adopted = ResultStore(run_dir).adopt_pending()
+    assert adopted == ["fp:bf16"]
+    assert [r.value("perplexity") for r in ResultStore(run_dir).records()] == [12.0]
+    messages = sorted(str(w.message) for w in caught)
+    assert len(messages) == 3, messages
+    assert any("suite hash 0123456789abcdef, the run's suite is" in m for m in messages)
+    assert any("model feedfacefeedface" in m for m in messages)
+    assert any("its cell fp:fp16 is not in the run's plan" in m for m in messages)
+    aside = sorted(p.name for p in (run_dir / "pending" / "rejected").iterdir())
+    assert aside == sorted(p.name for p in saved[1:4])
+    assert saved[4].is_file() and not saved[0].exists()  # another run's record stays where it was
+
+
+def test_a_full_disk_in_a_later_phase_keeps_the_finished_phases(tiny_model, tiny_suite, tmp_path):
+    """ENOSPC during latency once threw the cell's perplexity and accuracy
+    away and ended the run with "unexpected OSError". Now the record keeps
+    the finished phases' figures, names the failing phase, and says in one
+    line that the disk is full and where."""
+    out = tmp_path / "out"
+    proc = _run_cli(["run", "--model", str(tiny_model), "--suite", str(tiny_suite), "--device", "cpu", "-b",
+                     "fake:disk-full", "--plugins-dir", str(FAKE_PLUGINS), "-o", str(out), "--run-id", "full"])
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 1 and "Traceback" not in output and "unexpected" not in output, output
+    record = ResultStore(out / "full").latest()["fake:disk-full"]
+    assert record.status == "failed" and record.phase == "latency"
+    assert record.completed_phases == ["perplexity", "tasks", "generation"]
+    assert record.value("perplexity") == pytest.approx(len(__import__("transformers").AutoTokenizer
+                                                           .from_pretrained(tiny_model)), rel=1e-5)
+    assert record.value("acc") is not None and record.value("decode_ms_per_token") is None
+    assert "no space left on the disk during latency writing /full/disk/machine_canary.json" in record.error
+    assert "FAILED in latency (kept: perplexity, tasks," in output  # the table folds the rest
+
+
+def test_resume_after_the_logs_folder_was_deleted(tiny_model, tiny_suite, tmp_path):
+    import shutil
+
+    plan, run_dir = create_run(model=str(tiny_model), suite=str(tiny_suite), backends=["fake:uniform"],
+                               device="cpu", plugin_dirs=(str(FAKE_PLUGINS),), output_dir=str(tmp_path),
+                               run_id="nologs")
+    shutil.rmtree(run_dir / "logs")
+    proc = _run_cli(["run", "--resume", str(run_dir)])
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0 and "Traceback" not in output, output
+    assert all(r.ok for r in ResultStore(run_dir).records()) and (run_dir / "logs" / "fp__fp32.log").is_file()
+
+
+def test_a_cache_entry_swapped_in_from_another_variant_fails_its_cell(tiny_model, tiny_suite, tmp_path):
+    """Copying a w4g32 entry, manifest and all, over the w8g32 key once
+    reported w4g32's figures as w8g32's with exit 0."""
+    import shutil
+
+    from qbench.paths import cache_dir
+    from tests.conftest import RTN_PLUGIN
+
+    common = ["--model", str(tiny_model), "--suite", str(tiny_suite), "--device", "cpu", "--plugins-dir",
+              str(RTN_PLUGIN), "-o", str(tmp_path)]
+    first = _run_cli(["run", *common, "-b", "rtn:w8g32,rtn:w4g32", "--run-id", "first"])
+    assert first.communicate(timeout=300)[0] and first.returncode == 0
+    records = ResultStore(tmp_path / "first").latest()
+    entries = cache_dir() / "artifacts" / "rtn"
+    int8, int4 = (entries / records[cell].artifact.key for cell in ("rtn:w8g32", "rtn:w4g32"))
+    shutil.rmtree(int8)
+    shutil.copytree(int4, int8)
+    second = _run_cli(["run", *common, "-b", "rtn:w8g32", "--run-id", "second"])
+    output = second.communicate(timeout=300)[0]
+    assert second.returncode == 1 and "Traceback" not in output, output
+    record = ResultStore(tmp_path / "second").latest()["rtn:w8g32"]
+    assert record.status == "failed" and record.phase == "quantize" and record.value("kld") is None
+    assert "was written under key" in record.error and "for rtn:w4g32" in record.error and "rm -r" in record.error

@@ -34,12 +34,12 @@ def test_bad_budgets_say_how_to_write_one(text):
         Budget.parse(text)
 
 
-def _record(cell: str, kld=None, acc=None, weights=100 * 2**20, **extra):
+def _record(cell: str, kld=None, acc=None, weights=100 * 2**20, n=None, **extra):
     metrics = {"weight_bytes": Metric(value=weights, unit="bytes")}
     if kld is not None:
         metrics["kld"] = Metric(value=kld[0], unit="nats", stderr=kld[1])
     if acc is not None:
-        metrics["acc"] = Metric(value=acc[0], unit="fraction", stderr=acc[1])
+        metrics["acc"] = Metric(value=acc[0], unit="fraction", stderr=acc[1], n=n)
     backend, _, variant = cell.partition(":")
     return make_record(cell=cell, backend=backend, variant=variant, metrics=metrics, **extra)
 
@@ -192,3 +192,18 @@ def test_upgrades_improve_quality_whatever_the_budget():
     assert pick_upgrade(size, fits, fits[0], configs) == "int8-g"
     assert pick_upgrade(size, fits[:2], fits[0], configs) is None  # int4 is worse: keep in full precision
     assert pick_upgrade(Budget.parse("kld<=0.05"), [int8, int4, wide], int4, configs) == "int8"
+
+
+def test_a_relative_budget_needs_a_baseline_accuracy_away_from_zero():
+    """acc>=0.99*base against a baseline at 0 once called int4 a pass."""
+    from qbench.errors import QBenchError
+    from qbench.search import check_relative_baseline
+
+    budget = Budget.parse("acc>=0.99*base")
+    with pytest.raises(QBenchError, match=r"baseline's accuracy is 0.0000 ± 0.0000 \(95%, 40 items\).*reaches 0"):
+        check_relative_baseline(budget, _record("fp:fp32", acc=(0.0, 0.0), n=40))
+    with pytest.raises(QBenchError, match=r"0.0500 ± 0.0676"):
+        check_relative_baseline(budget, _record("fp:fp32", acc=(0.05, 0.0345), n=40))
+    check_relative_baseline(budget, _record("fp:fp32", acc=(0.8, 0.063), n=40))  # 0.68 .. 0.92: judged
+    with pytest.raises(QBenchError, match="the baseline failed: boom"):
+        check_relative_baseline(budget, _record("fp:fp32", status="failed", error="boom"))

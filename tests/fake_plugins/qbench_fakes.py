@@ -18,8 +18,9 @@ class FakeConfig(VariantConfig):
     #: node lost mid-cell), the next one loads normally
     #: "queued": uniform, and decodes like the compiled runtime (steps timed
     #: as they finish, handed to the harness after the last one)
+    #: "disk-full": uniform, until the latency phase meets a full disk (ENOSPC)
     behaviour: Literal["ok", "raise", "exit", "hang", "slow", "uniform", "flaky", "queued",
-                       "lose-node"] = "ok"
+                       "lose-node", "disk-full"] = "ok"
     #: what the variant promises; "liar" promises 4 bits but loads fp32
     claims_bits: Optional[float] = None
 
@@ -63,6 +64,16 @@ class UniformSession(Session):
         pass
 
 
+class DiskFullSession(UniformSession):
+    """Uniform through the quality phases; the disk fills up when the
+    latency phase begins (the harness switches the runtime first)."""
+
+    def use_runtime(self, runtime, compile_mode="max-autotune"):
+        import errno
+
+        raise OSError(errno.ENOSPC, "No space left on device", "/full/disk/machine_canary.json")
+
+
 class Fake(Backend):
     name = "fake"
     description = "test double: full precision, or a scripted failure"
@@ -70,7 +81,8 @@ class Fake(Backend):
 
     def variants(self):
         named = {b: FakeConfig(behaviour=b)
-                 for b in ("ok", "raise", "exit", "hang", "slow", "uniform", "flaky", "queued", "lose-node")}
+                 for b in ("ok", "raise", "exit", "hang", "slow", "uniform", "flaky", "queued", "lose-node",
+                           "disk-full")}
         return {**named, "liar": FakeConfig(claims_bits=4)}
 
     def quantize(self, model_path, config, calibration, workdir):
@@ -108,6 +120,8 @@ class Fake(Backend):
 
         from qbench.hf import HFSession
 
+        if behaviour == "disk-full":
+            return DiskFullSession(AutoConfig.from_pretrained(artifact.model_path).vocab_size)
         if behaviour in ("uniform", "queued"):
             return UniformSession(AutoConfig.from_pretrained(artifact.model_path).vocab_size,
                                   0.02 if behaviour == "queued" else None)
