@@ -388,8 +388,10 @@ def _check_prequantized(model_path: Path, config: GGUFConfig) -> dict[str, Any]:
 
     path = resolve_file(config.path)
     file = GGUFFile(path)
-    marker = model_path / ".qbench-complete"  # the embedded model's folder names the file it came from
-    from_this_file = marker.is_file() and marker.read_text().strip() == path.name
+    from qbench.models import embedded_source
+
+    # the embedded model's folder names the file it came from
+    from_this_file = (embedded_source(model_path) or {}).get("gguf") == path.name
     if config.path == EMBEDDED and not from_this_file:
         raise QBenchError(f"gguf:embedded is the embedded default model's own file, not a quantization of "
                           f"{model_path.name}: run it with the default model, or pass "

@@ -15,7 +15,7 @@ from qbench.errors import QBenchError
 from qbench.models import DEFAULT_MODEL, resolve_model
 from qbench.paths import results_dir
 from qbench.plugins import PluginSettings, get_backend, load_plugins
-from qbench.results import ResultStore, find_run, frame
+from qbench.results import ResultStore, find_run, frame, run_lock
 from qbench.results import load_results as load_results  # re-exported
 from qbench.runner import (DEFAULT_BASELINE, DEFAULT_CELL_TIMEOUT, RunPlan, Reporter, SilentReporter, check_run_id,
                            check_writable, execute, load_plan, new_run_id, plan_cells, save_plan)
@@ -325,7 +325,6 @@ def sensitivity(
     with the same ``run_id`` to finish an interrupted pass."""
     from qbench import sensitivity as sens
     from qbench.plugins import get_backend
-    from qbench.workload import load_tokenizer
 
     if mode not in sens.MODES:
         raise QBenchError(f"unknown mode '{mode}': choose one of {', '.join(sens.MODES)}")
@@ -349,10 +348,21 @@ def sensitivity(
     if run_id is not None:
         check_run_id(run_id)
     folder = Path(output_dir or results_dir()) / (run_id or f"sensitivity-{new_run_id()}")
+    sens.check_not_a_run(folder, "a sensitivity pass")  # before minutes of loading the model
     quantizer = backend.layer_quantizer(spec.path, config, device, trust_remote_code)
     sens.check_settings(folder, {"variant": variant, "settings": config.settings(), "model": spec.fingerprint,
                                  "suite": suite_obj.content_hash(), "unit": unit, "mode": mode,
                                  "max_tokens": max_tokens, "device": device})
+    with run_lock(folder):  # one process appends a pass's rows at a time
+        return _measure_sensitivity(variant, spec, suite_obj, device, max_tokens, trust_remote_code, on_row,
+                                    quantizer, folder, unit, mode)
+
+
+def _measure_sensitivity(variant, spec, suite_obj, device, max_tokens, trust_remote_code, on_row, quantizer,
+                         folder, unit, mode) -> tuple[pd.DataFrame, Path]:
+    from qbench import sensitivity as sens
+    from qbench.workload import load_tokenizer
+
     unit_layers = sens.units(quantizer.layers(), unit)
     scorer = sens.Scorer(folder, spec.path, suite_obj, load_tokenizer(spec.path, trust_remote_code), device,
                          max_tokens, trust_remote_code)

@@ -582,7 +582,6 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 def main(argv: Optional[list[str]] = None) -> None:
     import logging
-    import os
     import warnings
 
     warnings.showwarning = _show_warning  # one line per warning, without the source line

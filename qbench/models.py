@@ -8,6 +8,7 @@ import json
 import multiprocessing
 import shutil
 from pathlib import Path
+from typing import Optional
 
 from pydantic import BaseModel
 
@@ -132,15 +133,37 @@ def embedded_gguf() -> Path:
     return gguf
 
 
+#: Written last into the embedded model's converted folder: the GGUF it came
+#: from and the folder's fingerprint, checked on every use.
+EMBEDDED_MARKER = ".qbench-complete"
+
+
+def embedded_source(folder: Path) -> Optional[dict]:
+    """What the marker of a converted embedded model says (``gguf``: the
+    file's name, ``fingerprint``: the folder's), or None for any other
+    folder. A marker of an older qbench holds the file's name alone."""
+    try:
+        text = (Path(folder) / EMBEDDED_MARKER).read_text().strip()
+    except OSError:
+        return None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = None
+    return data if isinstance(data, dict) and "gguf" in data else {"gguf": text}
+
+
 def _embedded_model() -> Path:
     gguf = embedded_gguf()
     stat = gguf.stat()
     target = cache_dir() / "models" / f"{DEFAULT_MODEL}-{stat.st_size}"
-    done = target / ".qbench-complete"
+    done = target / EMBEDDED_MARKER
     if done.is_file():  # converted already: no lock needed, and a read-only cache still serves it
+        _check_converted(target)
         return target
     with file_lock(cache_dir() / "models" / ".lock"):
         if done.is_file():
+            _check_converted(target)
             return target
         if target.exists():  # a half-written conversion from a killed run
             shutil.rmtree(target)
@@ -156,8 +179,25 @@ def _embedded_model() -> Path:
                 f"converting {gguf.name} to a Hugging Face folder failed (exit code {proc.exitcode}); "
                 f"check that `gguf` and `accelerate` are installed"
             )
-        done.write_text(gguf.name + "\n")
+        done.write_text(json.dumps({"gguf": gguf.name, "fingerprint": fingerprint(target)}) + "\n")
     return target
+
+
+def _check_converted(target: Path) -> None:
+    """The converted folder is still what the conversion wrote: a folder
+    swapped in from another model would run as "the embedded model"."""
+    stored = (embedded_source(target) or {}).get("fingerprint")
+    if stored is None:  # converted by an older qbench: record what is there from now on
+        try:
+            (target / EMBEDDED_MARKER).write_text(json.dumps({"gguf": embedded_source(target)["gguf"],
+                                                             "fingerprint": fingerprint(target)}) + "\n")
+        except OSError:
+            pass
+        return
+    if fingerprint(target) != stored:
+        raise QBenchError(f"the converted embedded model {target} is not what its conversion wrote (fingerprint "
+                          f"{fingerprint(target)}, written {stored}): delete it (rm -r '{target}') and run again to "
+                          "convert it anew")
 
 
 def _convert_gguf(gguf: str, target: str) -> None:

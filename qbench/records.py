@@ -39,12 +39,14 @@ class NewerSchema(ValueError):
 
 def parse_record(text: str) -> "CellRecord":
     """One JSON record, checked for its schema version before its fields:
-    ``NewerSchema`` for a newer one, pydantic's ``ValidationError`` for a
-    line that is not a record."""
+    ``NewerSchema`` for a newer one, a ``ValueError`` (pydantic's
+    ``ValidationError`` is one) for a line that is not a record."""
     try:
         data = json.loads(text)
     except ValueError:
         data = None
+    except RecursionError:
+        raise ValueError("the line nests too deeply to be a record") from None
     if isinstance(data, dict):
         version = data.get("schema", SCHEMA_VERSION)
         if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:

@@ -97,11 +97,12 @@ class ResultStore:
                 out.append(parse_record(line))
             except NewerSchema as exc:
                 raise QBenchError(f"{self.path}:{number}: {exc}") from None
-            except ValidationError as exc:
+            except ValueError as exc:  # pydantic's ValidationError is one
                 if torn:
                     warnings.warn(f"{self.path}:{number}: ignoring an incomplete last line")
                     continue
-                raise QBenchError(f"{self.path}:{number}: not a qbench record ({describe_validation(exc)}): the line "
+                why = describe_validation(exc) if isinstance(exc, ValidationError) else str(exc)
+                raise QBenchError(f"{self.path}:{number}: not a qbench record ({why}): the line "
                                   "was changed by hand or by another tool; restore it from a copy of the file, "
                                   "or start a new run") from None
         return out
@@ -126,7 +127,7 @@ class ResultStore:
         for path in pending_files(self.run_dir):
             try:
                 record = parse_record(path.read_text())
-            except (ValidationError, OSError, UnicodeDecodeError, NewerSchema) as exc:
+            except (ValueError, OSError) as exc:  # ValidationError, NewerSchema and UnicodeDecodeError are ValueErrors
                 why = str(exc) if isinstance(exc, NewerSchema) else f"not a readable record ({type(exc).__name__})"
                 warnings.warn(f"{path}: {why}: left where it is")
                 continue

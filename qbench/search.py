@@ -245,9 +245,8 @@ def run_search(budget_text: str, backends: Optional[list[str]], model: str, suit
     from qbench import api
     from qbench import sensitivity as sens
     from qbench.paths import results_dir
-    from qbench.plugins import PluginSettings, get_backend, load_plugins
-    from qbench.results import ResultStore
-    from qbench.runner import PLAN_FILE, CellSpec, check_run_id, execute, new_run_id, save_plan
+    from qbench.results import run_lock
+    from qbench.runner import check_run_id, new_run_id
     from qbench.suites import load_suite, suite_path
 
     budget = Budget.parse(budget_text)
@@ -259,6 +258,19 @@ def run_search(budget_text: str, backends: Optional[list[str]], model: str, suit
     sens.check_settings(folder, {"budget": budget.text, "backends": backends, "model": model,
                                  "suite": source_suite.content_hash(), "device": device, "unit": unit,
                                  "tokens": tokens, "base": base}, SETTINGS_FILE, "a search")
+    with run_lock(folder):  # one process searches in a folder at a time
+        return _search(budget, backends, model, suite, device, unit, tokens, base, folder, source_suite, reporter,
+                       on_step)
+
+
+def _search(budget: Budget, backends, model, suite, device, unit, tokens, base, folder: Path, source_suite,
+            reporter, on_step) -> SearchResult:
+    from qbench import api
+    from qbench import sensitivity as sens
+    from qbench.plugins import PluginSettings, get_backend, load_plugins
+    from qbench.results import ResultStore
+    from qbench.runner import PLAN_FILE, CellSpec, execute, save_plan
+
     run_dir = folder / CELLS
     if (run_dir / PLAN_FILE).exists():
         plan, run_dir = api.resume_run(str(run_dir))

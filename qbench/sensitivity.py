@@ -217,10 +217,17 @@ def load_rows(folder: Path) -> list[SensitivityRow]:
     return rows
 
 
+def check_not_a_run(folder: Path, what: str) -> None:
+    """A pass or a search never writes into a run's folder."""
+    if (folder / "plan.json").is_file():
+        raise QBenchError(f"{folder} is a run folder (it holds plan.json), not {what}: choose another --run-id")
+
+
 def check_settings(folder: Path, settings: dict[str, Any], file: str = SETTINGS_FILE,
                    what: str = "a sensitivity pass") -> None:
     """A folder holds one pass (or search): resuming with other settings would mix rows."""
     path = folder / file
+    check_not_a_run(folder, what)
     if path.exists():
         try:
             before = json.loads(path.read_text())

@@ -101,10 +101,12 @@ class LatencySpec(_Strict):
     #: reported per batch size, since weight-only kernels that win at batch 1
     #: can lose at larger batches
     batch_size: Union[PositiveInt, Annotated[list[PositiveInt], Field(min_length=1)]] = 1
-    warmup: int = Field(1, ge=0)
-    min_reps: int = Field(3, gt=0)
-    min_seconds: float = Field(2.0, ge=0)
-    max_reps: int = Field(50, gt=0)
+    # Upper bounds so that a shared suite cannot ask for days of timing (a
+    # cell's timeout would end it, but only after the time was spent).
+    warmup: int = Field(1, ge=0, le=100)
+    min_reps: int = Field(3, gt=0, le=1000)
+    min_seconds: float = Field(2.0, ge=0, le=600, allow_inf_nan=False)
+    max_reps: int = Field(50, gt=0, le=10_000)
     #: independent worker processes the workload is measured in (each with
     #: its warm-up and repetitions): speed differs between processes more
     #: than between repetitions, so error bars need at least 2.

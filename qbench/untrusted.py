@@ -38,6 +38,8 @@ MAX_YAML_BYTES = 4 * 2**20
 MAX_ALIASES = 100
 #: Nodes one document may hold once its aliases are expanded.
 MAX_YAML_NODES = 200_000
+#: Nesting depth of one document (PyYAML composes nodes recursively).
+MAX_YAML_DEPTH = 100
 #: Longest text a template may build, or repeat.
 MAX_RENDERED = 1_000_000
 #: Time one template render may take.
@@ -58,6 +60,7 @@ class BoundedLoader(yaml.SafeLoader):
     def __init__(self, stream: Any) -> None:
         super().__init__(stream)
         self._aliases = 0
+        self._depth = 0
         self._sizes: dict[int, int] = {}
 
     def compose_node(self, parent: Any, index: Any) -> Any:
@@ -65,7 +68,13 @@ class BoundedLoader(yaml.SafeLoader):
             self._aliases += 1
             if self._aliases > MAX_ALIASES:
                 raise YamlTooLarge(f"more than {MAX_ALIASES} aliases (*name): write the content out instead")
-        node = super().compose_node(parent, index)
+        self._depth += 1
+        if self._depth > MAX_YAML_DEPTH:
+            raise YamlTooLarge(f"it nests deeper than {MAX_YAML_DEPTH} levels")
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
         if id(node) not in self._sizes:
             if isinstance(node, yaml.MappingNode):
                 size = 1 + sum(self._sizes.get(id(k), 1) + self._sizes.get(id(v), 1) for k, v in node.value)
@@ -171,6 +180,8 @@ def template_environment():
                         pieces.append(piece)
             except RenderTimeout as exc:
                 raise SecurityError(f"the template {exc} to render") from None
+            except RecursionError:
+                raise SecurityError("the template recurses too deeply to render") from None
             except MemoryError:
                 raise SecurityError(f"the template needs more than {RENDER_MEMORY // 2**20} MiB to render") from None
             return "".join(pieces)
@@ -178,6 +189,12 @@ def template_environment():
     class TaskTemplates(ImmutableSandboxedEnvironment):
         intercepted_binops = frozenset(["*", "**"])
         template_class = BoundedTemplate
+
+        def _parse(self, source, name, filename):
+            try:
+                return super()._parse(source, name, filename)
+            except RecursionError:  # jinja2 parses expressions recursively
+                raise SecurityError("the template nests too deeply to parse") from None
 
         def call_binop(self, context, operator, left, right):
             if operator == "**":

@@ -223,7 +223,10 @@ class CellPipeline:
         #: measurement phases finished, with a snapshot of the figures they left
         self.completed: list[str] = []
         self._kept: tuple[dict, dict, list] = ({}, {}, [])
-        self.reference = BaselineReference(Path(task.run_dir))
+        baseline = task.cell if task.is_baseline else None
+        self.reference = BaselineReference(Path(task.run_dir), {
+            "run_id": task.run_id, "model": ModelSpec(**task.model).fingerprint, **({"cell": baseline} if baseline
+                                                                                   else {})})
 
     def phase(self, name: str) -> None:
         now = time.perf_counter()

@@ -163,6 +163,17 @@ def empty_gguf(c: Ctx) -> Path:
     return path
 
 
+def swapped_embedded_model(c: Ctx) -> list[str]:
+    """Another model's folder where the embedded model's conversion lies."""
+    from qbench.models import DEFAULT_MODEL, EMBEDDED_MARKER, embedded_gguf
+    from qbench.paths import cache_dir
+
+    target = cache_dir() / "models" / f"{DEFAULT_MODEL}-{embedded_gguf().stat().st_size}"
+    shutil.copytree(c.model, target)
+    (target / EMBEDDED_MARKER).write_text(json.dumps({"gguf": embedded_gguf().name, "fingerprint": "0" * 16}))
+    return ["run", "--suite", str(c.suite), "--device", "cpu", "-o", str(c.tmp / "out")]
+
+
 def relative_budget_few_items(c: Ctx) -> list[str]:
     suite = c.suite_file(PPL + TASK, t__jsonl=GOOD_ITEM + "\n")
     return ["search", "--budget", "acc>=0.99*base", "-m", str(c.model), "-s", str(suite), "--device", "cpu",
@@ -439,6 +450,7 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], int, str]] = [
                                              str(c.tmp / "out")] if c.write("cachefile", "x") else [], 2,
      "the cache folder is not writable"),
     # -- inputs checked when the run is planned, before the baseline runs
+    ("embedded-model-swapped", swapped_embedded_model, 2, "is not what its conversion wrote"),
     ("cell-memory-nan", lambda c: c.run_args("--executor", "ray", "--cell-memory", "nan"), 2, "not a finite number"),
     ("model-empty-safetensors", empty_weights_model, 2, "not a readable safetensors file"),
     ("gguf-no-architecture", lambda c: c.run_args("-b", f"gguf:prequantized:path={empty_gguf(c)}"), 2,
@@ -469,6 +481,19 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], int, str]] = [
     ("lm-eval-endless-loop", lambda c: lm_eval_suite(
         c, "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"), 2,
      "took longer than 2 s"),
+    ("suite-deep-nesting", lambda c: ["suites", "validate", str(c.write(
+        "s.yaml", "name: s\nx: " + "[" * 5000 + "]" * 5000 + "\n"))], 2, "nests deeper than 100 levels"),
+    ("suite-latency-forever", lambda c: ["suites", "validate", str(c.suite_file(
+        PPL + "latency: {min_seconds: 1000000000}\n"))], 2, "latency.min_seconds"),
+    ("lm-eval-deep-template", lambda c: lm_eval_suite(c, "{{ " + "(" * 5000 + "country" + ")" * 5000 + " }}"), 2,
+     "nests too deeply to parse"),
+    ("lm-eval-recursive-macro", lambda c: lm_eval_suite(
+        c, "{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}"), 2, "recurses too deeply"),
+    ("show-deeply-nested-line", lambda c: ["show", str(corrupt_results(c, "[" * 100000 + "]" * 100000))], 2,
+     "nests too deeply to be a record"),
+    ("sensitivity-into-a-run", lambda c: ["sensitivity", "-b", "torchao:int8-wo", "-m", str(c.model), "-s",
+                                          str(c.suite), "--device", "cpu", "-o", str(c.tmp), "--run-id", "run"], 2,
+     "is a run folder (it holds plan.json)"),
     # -- validate runs every check that planning runs
     ("validate-no-scored-tokens", lambda c: ["suites", "validate", str(c.suite_file(
         "perplexity:\n  corpus: {source: c.txt}\n", c__txt="a"))], 2, "scored token"),

@@ -402,3 +402,23 @@ def test_a_cache_entry_swapped_in_from_another_variant_fails_its_cell(tiny_model
     record = ResultStore(tmp_path / "second").latest()["rtn:w8g32"]
     assert record.status == "failed" and record.phase == "quantize" and record.value("kld") is None
     assert "was written under key" in record.error and "for rtn:w4g32" in record.error and "rm -r" in record.error
+
+
+def test_a_baseline_reference_copied_from_another_run_fails_the_cells_that_read_it(tiny_model, tiny_suite,
+                                                                                   tmp_path):
+    """Same suite, same windows: only the reference's own identity (run,
+    model, sha256) tells that it is not this run's baseline."""
+    import shutil
+
+    runs = {}
+    for name in ("a", "b"):
+        runs[name] = create_run(model=str(tiny_model), suite=str(tiny_suite), backends=["fake:uniform"],
+                                device="cpu", plugin_dirs=(str(FAKE_PLUGINS),), output_dir=str(tmp_path),
+                                run_id=name)
+        execute(*runs[name], select=lambda cell: cell.baseline)
+    shutil.rmtree(runs["b"][1] / "reference")
+    shutil.copytree(runs["a"][1] / "reference", runs["b"][1] / "reference")
+    execute(*runs["b"])
+    record = ResultStore(runs["b"][1]).latest()["fake:uniform"]
+    assert record.status == "failed" and record.phase == "perplexity"
+    assert "was written for run_id a, this run's is b: it was copied from another run" in record.error
