@@ -63,8 +63,13 @@ def create_run(
                    "permissions")
     run_id = run_id or new_run_id()
     run_dir = root / run_id
-    if run_dir.exists():
-        raise QBenchError(f"run folder {run_dir} already exists: pick another --run-id or use --resume")
+    try:  # created here, once: of two runs given one --run-id at once, the second is refused
+        run_dir.mkdir()
+    except FileExistsError:
+        raise QBenchError(f"run folder {run_dir} already exists: pick another --run-id or use --resume") from None
+    except OSError as exc:
+        raise QBenchError(f"cannot create the run folder {run_dir} ({exc.strerror or exc}): choose another with "
+                          "-o/--output-dir (or $QBENCH_RESULTS), or fix its permissions") from None
     plan = RunPlan(run_id=run_id, created=time.time(), model=spec, suite_path=str(suite_file.resolve()),
                    suite_name=suite_obj.name, suite_hash=suite_obj.content_hash(), device=device,
                    threads=threads, cell_timeout=cell_timeout, plugin_dirs=list(settings.plugin_dirs),

@@ -57,11 +57,16 @@ def verify_entry(entry: Path, artifact: Artifact) -> None:
     was built; a one-line error with the fix when anything differs."""
     fix = f"delete it (rm -r '{entry}') and run again to re-quantize"
     folder = entry / "files"
-    found = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()} if folder.is_dir() else set()
-    problem = None
+    paths = list(folder.rglob("*")) if folder.is_dir() else []
+    # backends write plain files; a link could point anywhere (a device, another entry)
+    links = sorted(str(p.relative_to(folder)) for p in paths if p.is_symlink())
+    found = {str(p.relative_to(folder)) for p in paths if p.is_file()}
     missing = sorted(set(artifact.files) - found)
     extra = sorted(found - set(artifact.files))
-    if missing:
+    problem = None
+    if links:
+        problem = f"{links[0]} is a link, not a file the backend wrote"
+    elif missing:
         problem = f"{missing[0]} is missing"
     elif extra:
         problem = f"{extra[0]} was not part of the entry when it was built"

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from qbench.errors import QBenchError
 
+#: Largest data file a suite may point to (the work a shared suite can cause is bounded).
+MAX_DATA_BYTES = 2**30
 #: The switch that lets a suite read files outside its folder.
 ALLOW_FLAG = "--allow-outside-data"
 
@@ -16,6 +18,10 @@ def read_text(path: Path) -> str:
     """A data file's text, or a one-line error when it is unreadable, binary
     or not UTF-8."""
     try:
+        size = Path(path).stat().st_size
+        if size > MAX_DATA_BYTES:
+            raise QBenchError(f"{path} has {size / 2**30:.1f} GiB, more than the {MAX_DATA_BYTES // 2**30} GiB "
+                              "qbench reads from one data file: cut it to what the suite evaluates")
         data = Path(path).read_bytes()
     except OSError as exc:
         raise QBenchError(f"cannot read {path}: {exc.strerror or exc}") from None

@@ -30,6 +30,8 @@ RESULTS_FILE = "results.jsonl"
 PLAN_FILE = "plan.json"
 #: Where a record goes when results.jsonl cannot take it (see ResultStore.append).
 PENDING_DIR = "pending"
+#: Longest record qbench reads (a line of results.jsonl, a pending file).
+MAX_RECORD_BYTES = 64 * 2**20
 #: The advisory lock of a run folder: one process measures a run at a time.
 LOCK_FILE = "run.lock"
 #: Files of a run folder that are views of its records, written again by
@@ -81,30 +83,41 @@ class ResultStore:
                               f"{self.run_dir}` adds it") from None
 
     def records(self) -> list[CellRecord]:
+        """Every record, in order, read line by line: a line longer than
+        ``MAX_RECORD_BYTES`` is an error, never read whole into memory."""
         if not self.path.is_file():
             return []
         out = []
         try:
-            data = self.path.read_bytes()
+            handle = open(self.path, "rb")
         except OSError as exc:
             raise QBenchError(f"cannot read {self.path}: {exc.strerror or exc}") from None
-        lines = data.decode("utf-8", errors="replace").split("\n")
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            torn = number == len(lines)  # no newline after it: a killed writer's fragment
-            try:
-                out.append(parse_record(line))
-            except NewerSchema as exc:
-                raise QBenchError(f"{self.path}:{number}: {exc}") from None
-            except ValueError as exc:  # pydantic's ValidationError is one
-                if torn:
-                    warnings.warn(f"{self.path}:{number}: ignoring an incomplete last line")
+        with handle:
+            number = 0
+            while True:
+                raw = handle.readline(MAX_RECORD_BYTES + 1)
+                if not raw:
+                    break
+                number += 1
+                if len(raw) > MAX_RECORD_BYTES and not raw.endswith(b"\n"):
+                    raise QBenchError(f"{self.path}:{number}: a line longer than {MAX_RECORD_BYTES // 2**20} MiB is "
+                                      "not a qbench record: restore the file from a copy, or start a new run")
+                torn = not raw.endswith(b"\n")  # no newline after it: a killed writer's fragment
+                line = raw.decode("utf-8", errors="replace")
+                if not line.strip():
                     continue
-                why = describe_validation(exc) if isinstance(exc, ValidationError) else str(exc)
-                raise QBenchError(f"{self.path}:{number}: not a qbench record ({why}): the line "
-                                  "was changed by hand or by another tool; restore it from a copy of the file, "
-                                  "or start a new run") from None
+                try:
+                    out.append(parse_record(line))
+                except NewerSchema as exc:
+                    raise QBenchError(f"{self.path}:{number}: {exc}") from None
+                except ValueError as exc:  # pydantic's ValidationError is one
+                    if torn:
+                        warnings.warn(f"{self.path}:{number}: ignoring an incomplete last line")
+                        continue
+                    why = describe_validation(exc) if isinstance(exc, ValidationError) else str(exc)
+                    raise QBenchError(f"{self.path}:{number}: not a qbench record ({why}): the line "
+                                      "was changed by hand or by another tool; restore it from a copy of the file, "
+                                      "or start a new run") from None
         return out
 
     def latest(self) -> dict[str, CellRecord]:
@@ -208,7 +221,9 @@ def pending_files(run_dir: Path) -> list[Path]:
     found: list[Path] = []
     for folder in _pending_places(run_dir):
         if folder.is_dir():
-            found += sorted(p for p in folder.glob("*.json") if p.stat().st_uid == os.getuid())
+            # plain files only (a link to a device or a pipe would never end), of sane size
+            found += sorted(p for p in folder.glob("*.json") if not p.is_symlink() and p.is_file()
+                            and p.stat().st_uid == os.getuid() and p.stat().st_size <= MAX_RECORD_BYTES)
     return found
 
 

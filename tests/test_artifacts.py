@@ -154,3 +154,14 @@ def test_two_processes_asking_for_one_entry_build_it_once(tiny_model, tmp_path):
     assert [o[0] for o in outputs] == ["False", "True"] and outputs[0][1] == outputs[1][1]
     entries = list((tmp_path / "cache" / "artifacts" / "rtn").iterdir())
     assert sorted(e.name for e in entries if e.is_dir()) == [outputs[0][1]]
+
+
+def test_a_link_in_an_entry_is_refused_before_anything_reads_it(rtn, tiny_model, tmp_path):
+    """A link could point at a device that never ends or at another entry's
+    file: entries hold the plain files the backend wrote."""
+    artifact, _, _ = obtain(rtn, "w8g32", tiny_model)
+    target = os.path.join(artifact.path, "rtn.safetensors")
+    os.replace(target, tmp_path / "elsewhere.safetensors")
+    os.symlink(tmp_path / "elsewhere.safetensors", target)
+    with pytest.raises(QBenchError, match=r"rtn.safetensors is a link, not a file the backend wrote.*rm -r"):
+        obtain(rtn, "w8g32", tiny_model)
