@@ -6,9 +6,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Optional
-
-import pandas as pd
+from typing import TYPE_CHECKING, Optional
 
 from qbench.environment import resolve_device
 from qbench.errors import QBenchError
@@ -20,6 +18,9 @@ from qbench.results import load_results as load_results  # re-exported
 from qbench.runner import (DEFAULT_BASELINE, DEFAULT_CELL_TIMEOUT, RunPlan, Reporter, SilentReporter, check_run_id,
                            check_writable, execute, load_plan, new_run_id, plan_cells, save_plan)
 from qbench.suites import load_suite, suite_path
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def create_run(
@@ -384,6 +385,8 @@ def _measure_sensitivity(variant, spec, suite_obj, device, max_tokens, trust_rem
     ordered = sens.ranked(rows)
     which = "only this layer" if mode == "only" else "all but this layer"
     sens.write_heatmap(ordered, folder / sens.HEATMAP_FILE, f"{variant}: KLD with {which} quantized")
+    import pandas as pd
+
     table = pd.DataFrame([{"unit": r.unit, "layers": len(r.layers), "mode": r.mode, "kld": r.kld.value,
                            "kld_stderr": r.kld.stderr, "same_top_p": r.same_top_p.value,
                            "same_top_p_stderr": r.same_top_p.stderr, "ln_ppl_ratio": r.ln_ppl_ratio.value,

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import abc
 from pathlib import Path
-from typing import Annotated, Any, Callable, ClassVar, Literal, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Callable, ClassVar, Literal, Optional
 
-import torch
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from qbench.errors import QBenchError, describe_validation
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: a command that reads results stays quick
+    import torch
 
 
 class VariantConfig(BaseModel):

@@ -16,15 +16,17 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Optional
 
-import pandas as pd
 from pydantic import ValidationError
 
 from qbench.errors import QBenchError, describe_validation
 from qbench.io import write_atomic
 from qbench.paths import cache_dir, results_dir
 from qbench.records import CellRecord, NewerSchema, parse_record
+
+if TYPE_CHECKING:  # pandas is imported by the views that build frames: reading records stays quick
+    import pandas as pd
 
 RESULTS_FILE = "results.jsonl"
 PLAN_FILE = "plan.json"
@@ -316,6 +318,8 @@ def run_lock(run_dir: Path):
 def frame(records: Iterable[CellRecord]) -> pd.DataFrame:
     """One row per cell: identity columns, then ``<metric>`` values and
     ``<metric>_stderr`` where an error estimate exists."""
+    import pandas as pd
+
     rows = []
     for r in records:
         row: dict[str, Any] = {"cell": r.cell, "backend": r.backend, "variant": r.variant,
@@ -330,6 +334,8 @@ def frame(records: Iterable[CellRecord]) -> pd.DataFrame:
 
 def tidy(records: Iterable[CellRecord]) -> pd.DataFrame:
     """Long form: one row per cell x metric, with unit, n and stderr."""
+    import pandas as pd
+
     rows = []
     for r in records:
         for name, m in r.metrics.items():

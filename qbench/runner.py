@@ -389,7 +389,7 @@ def run_worker(plan: RunPlan, run_dir: Path, cell: CellSpec, reporter: Reporter,
     started = time.time()
     proc.start()
     sender.close()  # so the parent sees EOF when the worker dies
-    phase, outcome = "start", None
+    phase, outcome, partial = "start", None, None
     deadline = time.monotonic() + plan.cell_timeout
     try:
         while outcome is None:
@@ -407,6 +407,8 @@ def run_worker(plan: RunPlan, run_dir: Path, cell: CellSpec, reporter: Reporter,
                 if kind == "phase":
                     phase = payload
                     reporter.phase(cell.cell, payload)
+                elif kind == "partial":  # what the finished phases measured, kept if the worker dies later
+                    partial = payload
                 else:
                     outcome = (kind, payload)
             elif not proc.is_alive() and not receiver.poll(0):
@@ -425,6 +427,8 @@ def run_worker(plan: RunPlan, run_dir: Path, cell: CellSpec, reporter: Reporter,
         else:
             why = f"worker exited with code {code} during {phase} without a result"
         outcome = ("error", {"phase": phase, "error": f"{why}; see {log_path}"})
+    if outcome[0] == "error" and partial and not outcome[1].get("partial"):
+        outcome = ("error", {**outcome[1], "partial": partial})
     return WorkerResult(outcome, started, log_path)
 
 

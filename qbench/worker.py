@@ -72,7 +72,7 @@ def worker_main(task: CellTask, conn, log_path: str) -> None:
 
     pipeline = None
     try:
-        pipeline = CellPipeline(task, enter)
+        pipeline = CellPipeline(task, enter, lambda part: conn.send(("partial", part)))
         record = pipeline.run()
         conn.send(("result", record))
     except BaseException as exc:  # everything becomes a failed record, never a lost cell
@@ -209,9 +209,13 @@ class CellPipeline:
 
     QUALITY_PHASES = ("perplexity", "tasks", "lm-eval", "generation", "latency")
 
-    def __init__(self, task: CellTask, enter: Callable[[str], None]):
+    def __init__(self, task: CellTask, enter: Callable[[str], None],
+                 checkpoint: Callable[[dict[str, Any]], None] = lambda part: None):
         self.task = task
         self.enter = enter
+        #: receives ``finished_part()`` after each measurement phase, so the
+        #: parent keeps it even if this process is killed in a later one
+        self.checkpoint = checkpoint
         self.metrics: dict[str, Any] = {}
         self.tasks: dict[str, Any] = {}
         self.notes: list[str] = []
@@ -253,6 +257,8 @@ class CellPipeline:
                 measure()
                 self.completed.append(name)
                 self._kept = (dict(self.metrics), dict(self.tasks), list(self.notes))
+                if name != "latency":  # the record follows at once
+                    self.checkpoint(self.finished_part())
         return self.record()
 
     def finished_part(self) -> Optional[dict[str, Any]]:

@@ -665,3 +665,23 @@ def test_validate_and_run_planning_agree(build, tiny_model, tmp_path):
     planned = error_of(lambda: create_run(model=str(tiny_model), suite=suite, backends=["fp:bf16"], device="cpu",
                                           output_dir=str(tmp_path / "out"), allow_outside_data=outside))
     assert validated == planned
+
+
+def test_published_markdown_carries_no_markup_from_suite_and_task_names(tiny_model, tmp_path):
+    """report.md once carried raw <script> and <img onerror> from a suite's
+    and a task's names (report.html escaped them)."""
+    folder = tmp_path / "suite"
+    folder.mkdir()
+    (folder / "t.jsonl").write_text(GOOD_ITEM + "\n")
+    suite = folder / "evil.yaml"
+    suite.write_text("name: '<script>alert(1)</script>'\n" + PPL
+                     + "tasks:\n  - {name: '<img src=x onerror=alert(2)>', path: t.jsonl}\n")
+    proc = qbench_cli(["run", "--model", str(tiny_model), "--suite", str(suite), "--device", "cpu", "-b",
+                       "fake:uniform", "--plugins-dir", str(FAKE_PLUGINS), "-o", str(tmp_path / "out"), "--run-id",
+                       "r"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    markdown = (tmp_path / "out" / "r" / "report.md").read_text()
+    assert "&lt;script>alert(1)&lt;/script>" in markdown and "<script" not in markdown
+    assert "<img" not in markdown.replace("![", "")  # the report's own images are markdown, not HTML
+    page = (tmp_path / "out" / "r" / "report.html").read_text()
+    assert "<script>alert" not in page and "onerror=alert(2)>" not in page

@@ -422,3 +422,22 @@ def test_a_baseline_reference_copied_from_another_run_fails_the_cells_that_read_
     record = ResultStore(runs["b"][1]).latest()["fake:uniform"]
     assert record.status == "failed" and record.phase == "perplexity"
     assert "was written for run_id a, this run's is b: it was copied from another run" in record.error
+
+
+def test_a_relative_budget_against_a_baseline_at_zero_is_refused_before_any_other_cell(tiny_model, tmp_path):
+    """acc>=0.99*base with a baseline accuracy of 0 once called int4 (KLD
+    0.64) a pass. Twenty items whose two choices are the same text: the
+    first is always picked, the gold is the second, so the baseline scores 0."""
+    folder = tmp_path / "suite"
+    folder.mkdir()
+    item = {"context": "The answer is", "choices": [" yes", " yes"], "gold": 1}
+    (folder / "t.jsonl").write_text("".join(json.dumps(item) + "\n" for _ in range(20)))
+    (folder / "s.yaml").write_text("name: zero\nperplexity:\n  corpus: {source: 'builtin:pydoc-topics'}\n"
+                                   "  max_tokens: 300\n  max_length: 64\ntasks:\n  - {name: t, path: t.jsonl}\n")
+    proc = _run_cli(["search", "--budget", "acc>=0.99*base", "-b", "fp:bf16", "-m", str(tiny_model), "-s",
+                     str(folder / "s.yaml"), "--device", "cpu", "-o", str(tmp_path), "--run-id", "s"])
+    output = proc.communicate(timeout=300)[0]
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in output, output
+    assert "the baseline's accuracy is 0.0000 ± 0.0000 (95%, 20 items), an interval that reaches 0" in errors[0]
+    assert [r.cell for r in ResultStore(tmp_path / "s" / "cells").records()] == ["fp:fp32"]
