@@ -344,7 +344,8 @@ def sensitivity(variant, model, suite, unit, converse, tokens, recipe_path, forc
 @click.option("--run-id", default=None, help="Folder name; rerun with the same one to finish an interrupted search.")
 def search(budget, backends, model, suite, base, unit, tokens, device, output_dir, run_id) -> None:
     """The smallest configuration that meets a quality budget (or the best within a size)."""
-    from qbench.search import Z, describe, run_search
+    from qbench.decisions import Z
+    from qbench.search import describe, run_search
 
     result = run_search(budget, list(backends) or None, model, suite, device, unit, tokens, base, output_dir,
                         run_id, RichReporter(), on_step=lambda message: console.print(escape(message), highlight=False))

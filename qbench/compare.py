@@ -93,7 +93,7 @@ def _latency_log_error(name: str, record: CellRecord, pooled: Optional[float]) -
 def _machine_busy(record: CellRecord) -> Optional[str]:
     canary = record.metrics.get("machine_canary_ms")
     if canary is not None and canary.get("busy") and canary.get("typical"):
-        return f"machine {canary.value / canary.get('typical') - 1:.0%} slower than usual"
+        return f"machine {(canary.get('ratio') or canary.value / canary.get('typical')) - 1:.0%} slower than usual"
     return None
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
+from qbench.decisions import QUALITY, WEIGHTS, pareto, quality, recommend
 from qbench.errors import QBenchError
 from qbench.records import CellRecord
 from qbench.io import write_atomic
@@ -45,49 +46,15 @@ def _stderr(record: CellRecord, name: str) -> Optional[float]:
     return record.stderr(name)
 
 
-def quality(record: CellRecord) -> Optional[float]:
-    """The quality axis: mean KLD to the baseline (0 for the baseline)."""
-    return 0.0 if record.baseline else _value(record, "kld")
-
-
 def pareto_front(records: list[CellRecord]) -> list[CellRecord]:
-    """Cells no other cell beats on both weight memory and KLD."""
-    points = [r for r in records if quality(r) is not None and _value(r, "weight_bytes")]
-    front = []
-    for r in points:
-        q, w = quality(r), _value(r, "weight_bytes")
-        dominated = any(quality(o) <= q and _value(o, "weight_bytes") <= w and
-                        (quality(o) < q or _value(o, "weight_bytes") < w) for o in points)
-        if not dominated:
-            front.append(r)
-    return sorted(front, key=lambda r: _value(r, "weight_bytes"))
+    """Cells no other cell beats on both weight memory and KLD: the 2-D
+    front the quality-against-memory plot draws (the recommendation's front
+    adds the speed axes, see qbench.decisions)."""
+    return pareto(records, [QUALITY, WEIGHTS])[0]
 
 
 def recommendation(records: list[CellRecord], kld_budget: float) -> list[str]:
-    ok = [r for r in records if r.ok]
-    if not any(r.baseline for r in ok):
-        return ["The baseline has no result in this run, so no variant could be measured against it: rerun it "
-                "with `qbench run --resume RUN --retry-failed`."]
-    front = pareto_front(ok)
-    lines = []
-    if front:
-        lines.append("Pareto-optimal on weight memory and KLD: " + ", ".join(
-            f"`{r.cell}` ({_value(r, 'weight_bytes') / MIB:.1f} MiB, KLD {quality(r):.4f})" for r in front))
-    within = [r for r in ok if not r.baseline and quality(r) is not None and quality(r) <= kld_budget
-              and _value(r, "weight_bytes")]
-    base = next((r for r in ok if r.baseline), None)
-    if within:
-        best = min(within, key=lambda r: _value(r, "weight_bytes"))
-        share = (f", {100 * _value(best, 'weight_bytes') / _value(base, 'weight_bytes'):.0f}% of the baseline's "
-                 "weights" if base else "")
-        se = _stderr(best, "kld")
-        lines.append(f"Smallest within the quality budget (mean KLD ≤ {kld_budget:g}): `{best.cell}`: "
-                     f"{_value(best, 'weight_bytes') / MIB:.1f} MiB{share}, KLD {quality(best):.4f}"
-                     + (f" ± {se:.4f}" if se else "") + ".")
-    else:
-        lines.append(f"No variant stays within the quality budget (mean KLD ≤ {kld_budget:g}): keep the baseline, "
-                     "or loosen the budget with --kld-budget.")
-    return lines
+    return recommend(records, kld_budget)
 
 
 def delta_rows(records: list[CellRecord]) -> tuple[tuple, list[tuple]]:

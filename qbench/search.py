@@ -21,13 +21,12 @@ from typing import Any, Callable, Literal, Optional
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from qbench.decisions import Z, at_error_bar, holds
 from qbench.errors import QBenchError
 from qbench.io import write_atomic
 from qbench.recipes import keep_most_sensitive, write_recipe
 from qbench.records import CellRecord
 
-#: a bound holds "at the error bar" when it holds at the end of the 95% interval
-Z = 1.96
 SETTINGS_FILE, SUITE_FILE, RESULT_FILE, PLOT_FILE = "search.json", "suite.yaml", "search_result.json", "search.png"
 CELLS, SENSITIVITY, RECIPES = "cells", "sensitivity", "recipes"
 RECIPE_BACKEND = "torchao"  # the backend whose variants recipes mix
@@ -124,11 +123,9 @@ def judge(budget: Budget, record: CellRecord, baseline: Optional[CellRecord], ki
         return Verdict(**verdict, at_error_bar=at, meets=at is not None and at <= target)
     if figures[budget.metric] is None:
         return Verdict(**verdict, meets=False, error=f"the record has no {budget.metric}")
-    if budget.metric == "kld":
-        at = figures["kld"] + Z * errors["kld"]
-        return Verdict(**verdict, at_error_bar=at, meets=at <= target)
-    at = figures["acc"] - Z * errors["acc"]
-    return Verdict(**verdict, at_error_bar=at, meets=at >= target)
+    higher = budget.metric == "acc"
+    return Verdict(**verdict, at_error_bar=at_error_bar(figures[budget.metric], errors[budget.metric], higher),
+                   meets=holds(figures[budget.metric], errors[budget.metric], target, higher))
 
 
 #: Fewest task items a relative accuracy budget is judged on.

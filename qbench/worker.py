@@ -159,42 +159,61 @@ def count_parameters(model_path: str) -> Optional[int]:
 
 
 def gated_latency(session, prompt, spec, run_dir: Path, cell: str,
-                  start_canary: Optional[float] = None) -> dict[str, Any]:
-    """The latency workload, timed while a machine canary says the machine
-    runs at its usual speed for this run: a measurement taken while it ran
-    slower is paused and retried, and labelled if it never recovers. The
-    run's first cell compares with its own canary from the cell's start.
-    Returns one trial's figures (see qbench.metrics.trials)."""
+                  start_canary: Optional[dict[str, float]] = None, device: str = "cpu",
+                  eager: bool = True) -> dict[str, Any]:
+    """The latency workload, timed while a canary of the resource the row's
+    speed depends on (see qbench.metrics.canary: the CPU; on CUDA the GPU's
+    memory bandwidth, and the host's kernel launches for ``eager`` rows)
+    says the machine runs at its usual speed for this run: a measurement
+    taken while it ran slower is paused and retried, and labelled if it
+    never recovers. The canary is read after ``settle`` lets the backend's
+    own threads go idle (ONNX Runtime's pool spins after each run), and
+    judged against the run's earlier cells, read the same way; the run's
+    first cell compares with its own reading from the cell's start (on the
+    CPU) or its best reading around the measurement. Returns one trial's
+    figures (see qbench.metrics.trials)."""
     from qbench.metrics import metric
-    from qbench.metrics.canary import MAX_ATTEMPTS, PAUSE_SECONDS, SLOW_FACTOR, MachineCanary, append_history, \
-        typical_ms
+    from qbench.metrics.canary import MAX_ATTEMPTS, PAUSE_SECONDS, SLOW_FACTOR, append_history, make_canary, \
+        slowdown, typical
     from qbench.metrics.cost import latency_metrics
 
     gate_started = time.perf_counter()
-    canary = MachineCanary()
+    canary = make_canary(device)
     history = run_dir / "machine_canary.json"
     measuring = 0.0  # seconds inside latency_metrics
-    typical = typical_ms(history) or start_canary
+
+    def read() -> dict[str, float]:
+        settle = getattr(session, "settle", None)
+        if settle is not None:
+            settle()
+        return canary.read(eager)
+
+    usual = typical(history) or dict(start_canary or {})
     for attempt in range(1, MAX_ATTEMPTS + 1):
-        before = canary.measure()
+        before = read()
         started = time.perf_counter()
         result = latency_metrics(session, prompt, spec.new_tokens, spec.warmup, spec.min_reps, spec.min_seconds,
                                  spec.max_reps)
         measuring += time.perf_counter() - started
-        after = canary.measure()
-        during = max(before, after)
-        reference = typical if typical is not None else min(before, after)
-        if during <= SLOW_FACTOR * reference or attempt == MAX_ATTEMPTS:
+        after = read()
+        during = {key: max(before[key], after[key]) for key in before}
+        best = {key: min(before[key], after[key]) for key in before}
+        reference = {key: usual.get(key) or best[key] for key in during}
+        ratio, key = slowdown(during, reference)
+        if ratio <= SLOW_FACTOR or attempt == MAX_ATTEMPTS:
             break
-        print(f"[qbench] machine canary {during:.1f} ms vs typical {reference:.1f} ms: latency measured again "
-              f"in {PAUSE_SECONDS:g}s", flush=True)
+        print(f"[qbench] canary ({canary.resources[key]}) {during[key]:.3f} ms vs typical {reference[key]:.3f} ms: "
+              f"latency measured again in {PAUSE_SECONDS:g}s", flush=True)
         time.sleep(PAUSE_SECONDS)
-    busy = during > SLOW_FACTOR * reference
-    append_history(history, cell, min(before, after))
+    append_history(history, cell, best)
     result["machine_canary_ms"] = metric(
-        during, "ms", None, None, typical=reference, attempts=attempt, busy=busy, before=round(before, 3),
-        after=round(after, 3), gate_seconds=round(time.perf_counter() - gate_started - measuring, 3),
-        label="a fixed decode-like workload (40 MB of float32 matrix-vector products) timed around the latency "
+        during["ms"], "ms", None, None, typical=reference["ms"], attempts=attempt, busy=ratio > SLOW_FACTOR,
+        ratio=round(ratio, 4), resource=canary.resources[key], before=round(before["ms"], 4),
+        after=round(after["ms"], 4), **({"launch_ms": round(during["launch_ms"], 4),
+                                         "typical_launch_ms": round(reference["launch_ms"], 4)}
+                                        if "launch_ms" in during else {}),
+        gate_seconds=round(time.perf_counter() - gate_started - measuring, 3),
+        label=f"a fixed workload of {', and '.join(canary.resources[k] for k in during)}, timed around the latency "
               "phase; typical: the median over the run's earlier cells")
     return result
 
@@ -223,7 +242,7 @@ class CellPipeline:
         self._phase: Optional[str] = None
         self._phase_started = time.perf_counter()
         self.started = time.time()
-        self.start_canary: Optional[float] = None
+        self.start_canary: Optional[dict[str, float]] = None
         #: measurement phases finished, with a snapshot of the figures they left
         self.completed: list[str] = []
         self._kept: tuple[dict, dict, list] = ({}, {}, [])
@@ -301,10 +320,10 @@ class CellPipeline:
         self.phase("prepare")
         # The machine's speed at the cell's start, before anything heavy: the
         # reference of the run's first latency measurement (see gated_latency).
-        if task.is_baseline and not task.latency_trial:
+        if task.is_baseline and not task.latency_trial and task.device != "cuda":
             from qbench.metrics.canary import MachineCanary
 
-            self.start_canary = MachineCanary().measure()
+            self.start_canary = MachineCanary().read()
         self.model = ModelSpec(**task.model)
         self.backend = get_backend(load_plugins(task.plugins), task.backend)
         self.variant, config = self.backend.parse_variant(task.variant)
@@ -457,8 +476,7 @@ class CellPipeline:
 
         self.phase("latency")
         self.switch_runtime()
-        self.trial = gated_latency(self.session, self.work.latency_prompt(), self.suite.latency,
-                                   Path(self.task.run_dir), self.task.cell, self.start_canary)
+        self.trial = self.gated(self.work.latency_prompt(), self.start_canary)
         self.trial["latency_workload"]["runtime"] = self.config.runtime
         self.metrics.update(combine_trials([self.trial]))
         self.notes += busy_notes(self.metrics)
@@ -480,8 +498,7 @@ class CellPipeline:
                 trial = self.trial
             else:
                 try:
-                    trial = gated_latency(self.session, self.work.latency_prompt(batch), spec,
-                                          Path(self.task.run_dir), self.task.cell)
+                    trial = self.gated(self.work.latency_prompt(batch))
                 except (torch.OutOfMemoryError, MemoryError):
                     self.notes.append(f"batch sweep stopped at batch {batch}: out of memory")
                     break
@@ -505,11 +522,15 @@ class CellPipeline:
     def measure_latency_trial(self) -> dict[str, Any]:
         self.phase("latency")
         self.switch_runtime()
-        trial = gated_latency(self.session, self.work.latency_prompt(), self.suite.latency,
-                              Path(self.task.run_dir), self.task.cell)
+        trial = self.gated(self.work.latency_prompt())
         trial["latency_workload"]["runtime"] = self.config.runtime
         self.session.close()
         return trial
+
+    def gated(self, prompt, start_canary: Optional[dict[str, float]] = None) -> dict[str, Any]:
+        """The latency workload on ``prompt`` behind the canary of this cell's device and runtime."""
+        return gated_latency(self.session, prompt, self.suite.latency, Path(self.task.run_dir), self.task.cell,
+                             start_canary, self.task.device, eager=self.config.runtime == "eager")
 
     def cost_metrics(self) -> None:
         from qbench.artifacts import artifact_weight_bytes

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -583,7 +584,7 @@ def test_user_text_is_never_read_as_markup(tiny_model, tmp_path):
     folder.mkdir()
     suite = folder / "evil.yaml"
     suite.write_text("name: '[/]evil [bold]x'\n" + PPL)
-    proc = qbench_cli(["suites", "validate", str(suite)], cwd=tmp_path)
+    proc = qbench_cli(["suites", "validate", str(suite), "--model", str(tiny_model)], cwd=tmp_path)
     assert proc.returncode == 0 and "suite '[/]evil [bold]x'" in proc.stdout, proc.stderr
     proc = qbench_cli(["run", "--model", str(tiny_model), "--suite", str(suite), "--device", "cpu", "-b", "fp:bf16",
                        "-o", str(tmp_path / "out"), "--run-id", "r-1.x_y"], cwd=tmp_path)
@@ -681,7 +682,8 @@ def test_published_markdown_carries_no_markup_from_suite_and_task_names(tiny_mod
                        "r"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     markdown = (tmp_path / "out" / "r" / "report.md").read_text()
-    assert "&lt;script>alert(1)&lt;/script>" in markdown and "<script" not in markdown
-    assert "<img" not in markdown.replace("![", "")  # the report's own images are markdown, not HTML
+    # Code spans render literally (CommonMark): outside them, nothing may start a tag.
+    text = re.sub(r"`[^`]*`", "", markdown)
+    assert "&lt;script>alert(1)&lt;/script>" in text and "<script" not in text and "<img" not in text
     page = (tmp_path / "out" / "r" / "report.html").read_text()
     assert "<script>alert" not in page and "onerror=alert(2)>" not in page

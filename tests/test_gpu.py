@@ -373,3 +373,38 @@ def test_a_model_spread_over_two_gpus_gives_one_gpus_figures_and_memory_per_gpu(
     assert all(b > 0 for b in two.metrics["cuda_peak_allocated_bytes"]["per_gpu"])
     assert two.env["cuda_visible_devices"].count(",") == 1
     assert two.value("perplexity") == pytest.approx(one.value("perplexity"), rel=1e-3)
+
+
+def test_the_cuda_canary_times_the_gpu_and_catches_a_busy_one():
+    """On CUDA the canary reads the GPU's memory bandwidth with CUDA events
+    (and the host's launches for eager rows): steady on an idle GPU, and
+    slower while another stream streams memory on the same GPU."""
+    import threading
+
+    from qbench.metrics.canary import SLOW_FACTOR, DeviceCanary, slowdown
+
+    canary = DeviceCanary()
+    idle = [canary.read(eager=True) for _ in range(5)]
+    typical = {key: sorted(r[key] for r in idle)[2] for key in idle[0]}
+    assert all(slowdown(r, typical)[0] < SLOW_FACTOR for r in idle), idle
+    hog_source = torch.empty(2**30 // 4, device="cuda")
+    hog_target = torch.empty_like(hog_source)
+    stop = threading.Event()
+
+    def hog() -> None:
+        with torch.cuda.stream(torch.cuda.Stream()):
+            while not stop.is_set():
+                for _ in range(20):
+                    hog_target.copy_(hog_source)
+                torch.cuda.current_stream().synchronize()
+
+    thread = threading.Thread(target=hog)
+    thread.start()
+    try:
+        time.sleep(0.5)
+        busy = canary.read(eager=False)
+    finally:
+        stop.set()
+        thread.join()
+    ratio, key = slowdown(busy, typical)
+    assert key == "ms" and ratio > SLOW_FACTOR, (busy, typical)

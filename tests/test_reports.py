@@ -38,6 +38,52 @@ def test_pareto_front_and_budget_recommendation():
     assert len(lines) == 1 and "baseline has no result" in lines[0]
 
 
+def timed(cell, kld, weight, decode, throughput8, baseline=False, **extra):
+    metrics = {"weight_bytes": {"value": weight * 2**20, "unit": "bytes"},
+               "decode_ms_per_token": {"value": decode, "unit": "ms"}}
+    if kld is not None:
+        metrics["kld"] = {"value": kld[0], "stderr": kld[1], "unit": "nats"}
+    sweep = {1: {"decode_tokens_per_s": {"value": 1000 / decode, "unit": "tokens/s"}},
+             8: {"decode_tokens_per_s": {"value": throughput8, "unit": "tokens/s"}}}
+    backend, _, variant = cell.partition(":")
+    return make_record(cell=cell, backend=backend, variant=variant, baseline=baseline, metrics=metrics,
+                       latency_sweep=sweep, **extra)
+
+
+def test_the_recommendation_weighs_quality_memory_and_speed():
+    """A front over KLD, weights, batch-1 decode time and batch-8 throughput;
+    the answers users ask, each within the budget at the error bar; each
+    dominated row with what dominates it; launch-bound eager rows on CUDA."""
+    from qbench.decisions import compiled_twins
+
+    records = [timed("fp:fp32", None, 400, 10.0, 200, baseline=True),
+               timed("q:a", (0.010, 0.001), 100, 8.0, 500),
+               timed("q:b", (0.005, 0.001), 150, 4.0, 900),
+               timed("q:c", (0.020, 0.001), 160, 9.0, 300),    # a and b are better on every axis
+               timed("q:d", (0.500, 0.010), 50, 12.0, 150),
+               timed("q:g", (0.0115, 0.001), 90, 30.0, 100)]   # 0.0115 meets 0.012, its upper bound 0.0135 does not
+    lines = recommendation(records, kld_budget=0.012)
+    assert lines[0] == ("Pareto-optimal on mean KLD, weight memory, decode time at batch 1, throughput at batch 8: "
+                        "`q:d`, `q:g`, `q:a`, `q:b`, `fp:fp32`.")
+    assert lines[1].startswith("Smallest within the quality budget (mean KLD ≤ 0.012 at its 95% upper bound): "
+                               "`q:a`: 100.0 MiB (25% of the baseline's), KLD 0.0100 ± 0.0020, 8.00 ms/token "
+                               "(1.25x the baseline's speed)")
+    assert lines[2].startswith("Fastest at batch 1 within the budget: `q:b`: 150.0 MiB")
+    assert lines[3] == "Highest throughput at batch 8 within the budget: `q:b`: 900.0 tokens/s."
+    assert lines[4] == "Dominated (another row is as good on every axis and better on one): `q:c` by `q:a`."
+    cuda = dict(device="cuda")
+    eager = timed("fp:bf16", (0.0001, 0.0), 200, 9.53, 100, config={"dtype": "bf16", "runtime": "eager"}, **cuda)
+    compiled = timed("fp:bf16:runtime=compiled", (0.0001, 0.0), 200, 1.40, 700,
+                     config={"dtype": "bf16", "runtime": "compiled", "compile_mode": "max-autotune"}, **cuda)
+    assert compiled_twins([eager, compiled]) == {"fp:bf16": compiled}
+    lines = recommendation(records + [eager, compiled], kld_budget=0.012)
+    assert lines[-1] == ("`fp:bf16` is launch-bound: it decodes at 9.53 ms/token eager, its compiled twin "
+                         "`fp:bf16:runtime=compiled` at 1.40; the eager time is Python launching kernels, not the "
+                         "weights.")
+    assert "`fp:bf16` by `fp:bf16:runtime=compiled`" in lines[-2]
+    assert compiled_twins([eager.updated(device="cpu"), compiled]) == {}  # the CPU has no launch overhead to lose
+
+
 def metric(value, stderr=None, samples=None):
     return {"value": value, "stderr": stderr, "unit": "x", **({"samples": samples} if samples else {})}
 

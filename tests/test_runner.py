@@ -364,19 +364,14 @@ def test_a_full_disk_in_a_later_phase_keeps_the_finished_phases(tiny_model, tiny
     assert record.value("acc") is not None and record.value("decode_ms_per_token") is None
     assert "no space left on the disk during latency writing /full/disk/machine_canary.json" in record.error
     assert "FAILED in latency (kept: perplexity, tasks," in output  # the table folds the rest
-
-
-def test_resume_after_the_logs_folder_was_deleted(tiny_model, tiny_suite, tmp_path):
+    # Its retry, after someone deleted the run's logs folder: the folder comes back, no worker traceback.
     import shutil
 
-    plan, run_dir = create_run(model=str(tiny_model), suite=str(tiny_suite), backends=["fake:uniform"],
-                               device="cpu", plugin_dirs=(str(FAKE_PLUGINS),), output_dir=str(tmp_path),
-                               run_id="nologs")
-    shutil.rmtree(run_dir / "logs")
-    proc = _run_cli(["run", "--resume", str(run_dir)])
-    output = proc.communicate(timeout=300)[0]
-    assert proc.returncode == 0 and "Traceback" not in output, output
-    assert all(r.ok for r in ResultStore(run_dir).records()) and (run_dir / "logs" / "fp__fp32.log").is_file()
+    shutil.rmtree(out / "full" / "logs")
+    retry = _run_cli(["run", "--resume", str(out / "full"), "--retry-failed"])
+    output = retry.communicate(timeout=300)[0]
+    assert retry.returncode == 1 and "Traceback" not in output and "logs/" not in output, output
+    assert (out / "full" / "logs" / "fake__disk-full.log").is_file()
 
 
 def test_a_cache_entry_swapped_in_from_another_variant_fails_its_cell(tiny_model, tiny_suite, tmp_path):

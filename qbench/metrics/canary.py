@@ -1,7 +1,11 @@
-"""A machine canary: the same small decode-like workload timed around every
-latency measurement, so that a measurement taken while the machine was slow
-(other tenants, frequency changes) is seen as such instead of being read as a
-backend's speed.
+"""A machine canary: the same small workload timed around every latency
+measurement, so that a measurement taken while the machine was slow (other
+tenants, frequency changes) is seen as such instead of being read as a
+backend's speed. It measures the resource the row's speed depends on: on the
+CPU a decode-like matrix-vector workload (``MachineCanary``); on CUDA the
+GPU's memory bandwidth, timed with CUDA events, and for eager rows the host's
+kernel launches (``DeviceCanary``): a CPU workload on a GPU machine once
+labelled every row of an idle H100 "busy".
 
 Seen on this project's shared 2-core machines: the same cell decoding 1.4-3x
 slower for minutes at a time, and the canary slower with it (32 -> 101 ms).
@@ -32,6 +36,10 @@ PAUSE_SECONDS = 10.0
 
 
 class MachineCanary:
+    """The CPU canary. ``read()`` gives ``{"ms": ...}``."""
+
+    resources = {"ms": "the CPU (a decode-like matrix-vector workload)"}
+
     def __init__(self, matrices: int = 12, rows: int = 1536, cols: int = 576):
         generator = torch.Generator().manual_seed(0)
         self.weights = [torch.randn(rows, cols, generator=generator) for _ in range(matrices)]
@@ -49,20 +57,85 @@ class MachineCanary:
         self._once()  # warm caches and thread pool
         return statistics.median(self._once() for _ in range(repeats))
 
+    def read(self, eager: bool = True) -> dict[str, float]:
+        return {"ms": self.measure()}
+
+
+class DeviceCanary:
+    """The CUDA canary: ``ms``, a 64 MiB device-to-device copy repeated 4
+    times and timed with CUDA events (the GPU's memory bandwidth, which a
+    decode step streams its weights through and another tenant would share);
+    ``launch_ms``, the host's wall time to launch 64 tiny kernels and wait
+    for them (what an eager decode step waits on), read for eager rows only."""
+
+    resources = {"ms": "the GPU's memory bandwidth (a device copy timed with CUDA events)",
+                 "launch_ms": "the host's kernel launches"}
+
+    def __init__(self, mib: int = 64):
+        self.source = torch.empty(mib * 2**20 // 4, device="cuda")
+        self.target = torch.empty_like(self.source)
+        self.small = torch.zeros(16, device="cuda")
+
+    def _device_ms(self) -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(4):
+            self.target.copy_(self.source)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+
+    def _launch_ms(self) -> float:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(64):
+            self.small.add_(1.0)
+        torch.cuda.synchronize()
+        return (time.perf_counter() - start) * 1e3
+
+    def read(self, eager: bool = True, repeats: int = 9) -> dict[str, float]:
+        self._device_ms(), self._launch_ms()  # warm up: clocks, the allocator, the launch path
+        out = {"ms": statistics.median(self._device_ms() for _ in range(repeats))}
+        if eager:
+            out["launch_ms"] = statistics.median(self._launch_ms() for _ in range(repeats))
+        return out
+
+
+def make_canary(device: str):
+    return DeviceCanary() if device == "cuda" else MachineCanary()
+
+
+def slowdown(reading: dict[str, float], typical: dict[str, float]) -> tuple[float, str]:
+    """The largest ratio of a reading to its typical value, and its key."""
+    ratios = {key: value / typical[key] for key, value in reading.items() if typical.get(key)}
+    if not ratios:
+        return 1.0, "ms"
+    key = max(ratios, key=ratios.get)
+    return ratios[key], key
+
+
+def typical(history: Path) -> dict[str, float]:
+    """Median of each canary figure over the run's earlier cells (empty for
+    the first cell)."""
+    try:
+        entries = [e for e in json.loads(history.read_text()) if isinstance(e, dict)]
+    except (OSError, ValueError, TypeError, RecursionError):
+        return {}
+    keys = {k for e in entries for k, v in e.items() if k != "cell" and isinstance(v, (int, float))}
+    return {k: statistics.median(e[k] for e in entries if isinstance(e.get(k), (int, float))) for k in keys}
+
 
 def typical_ms(history: Path) -> Optional[float]:
     """Median canary time of the run's earlier cells, or None for the first."""
-    try:
-        values = [entry["ms"] for entry in json.loads(history.read_text())]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return statistics.median(values) if values else None
+    return typical(history).get("ms")
 
 
-def append_history(history: Path, cell: str, ms: float) -> None:
+def append_history(history: Path, cell: str, reading: dict[str, float] | float) -> None:
     try:
         entries = json.loads(history.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         entries = []
-    entries.append({"cell": cell, "ms": round(ms, 3)})
+    if not isinstance(reading, dict):
+        reading = {"ms": reading}
+    entries.append({"cell": cell, **{k: round(v, 4) for k, v in reading.items()}})
     write_atomic(history, json.dumps(entries))

@@ -88,8 +88,10 @@ def busy_notes(latency: dict[str, Any]) -> list[str]:
     canary = latency["machine_canary_ms"]
     if not canary.get("busy"):
         return []
-    return [f"{BUSY_NOTE}: the machine canary ran {canary['value'] / canary['typical'] - 1:.0%} slower than usual "
-            f"for this run in every latency trial, after retries; its latency figures are unreliable"]
+    ratio = canary.get("ratio") or canary["value"] / canary["typical"]
+    resource = canary.get("resource") or "the machine"
+    return [f"{BUSY_NOTE}: the canary of {resource} ran {ratio - 1:.0%} slower than usual for this run in every "
+            f"latency trial, after retries; its latency figures are unreliable"]
 
 
 def add_trial(record: CellRecord, trial: dict[str, Any]) -> CellRecord:
