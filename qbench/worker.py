@@ -166,12 +166,10 @@ def gated_latency(session, prompt, spec, run_dir: Path, cell: str,
     memory bandwidth, and the host's kernel launches for ``eager`` rows)
     says the machine runs at its usual speed for this run: a measurement
     taken while it ran slower is paused and retried, and labelled if it
-    never recovers. The canary is read after ``settle`` lets the backend's
-    own threads go idle (ONNX Runtime's pool spins after each run), and
-    judged against the run's earlier cells, read the same way; the run's
-    first cell compares with its own reading from the cell's start (on the
-    CPU) or its best reading around the measurement. Returns one trial's
-    figures (see qbench.metrics.trials)."""
+    never recovers. The canary is judged against the run's earlier cells,
+    read the same way; the run's first cell compares with its own reading
+    from the cell's start (on the CPU) or its best reading around the
+    measurement. Returns one trial's figures (see qbench.metrics.trials)."""
     from qbench.metrics import metric
     from qbench.metrics.canary import MAX_ATTEMPTS, PAUSE_SECONDS, SLOW_FACTOR, append_history, make_canary, \
         slowdown, typical
@@ -182,20 +180,14 @@ def gated_latency(session, prompt, spec, run_dir: Path, cell: str,
     history = run_dir / "machine_canary.json"
     measuring = 0.0  # seconds inside latency_metrics
 
-    def read() -> dict[str, float]:
-        settle = getattr(session, "settle", None)
-        if settle is not None:
-            settle()
-        return canary.read(eager)
-
     usual = typical(history) or dict(start_canary or {})
     for attempt in range(1, MAX_ATTEMPTS + 1):
-        before = read()
+        before = canary.read(eager)
         started = time.perf_counter()
         result = latency_metrics(session, prompt, spec.new_tokens, spec.warmup, spec.min_reps, spec.min_seconds,
                                  spec.max_reps)
         measuring += time.perf_counter() - started
-        after = read()
+        after = canary.read(eager)
         during = {key: max(before[key], after[key]) for key in before}
         best = {key: min(before[key], after[key]) for key in before}
         reference = {key: usual.get(key) or best[key] for key in during}
