@@ -129,15 +129,14 @@ class ResultStore:
             latest[record.cell] = record  # an update keeps the cell's place
         return latest
 
-    def adopt_pending(self, plan=None) -> list[str]:
+    def adopt_pending(self, plan) -> list[str]:
         """Append records that an earlier run saved aside because this file
         could not take them; returns their cells. A record is adopted only
         when it is this run's: its run id, suite hash, model fingerprint and
         cell (backend, variant, baseline) all as the plan has them. Another
         run's record (another run id) is left alone; one that claims this
         run but differs from its plan is moved to ``rejected/`` beside it,
-        with a warning that says why."""
-        plan = plan if plan is not None else _read_plan(self.run_dir)
+        with a warning that says why. ``plan``: the run's ``RunPlan``."""
         adopted = []
         for path in pending_files(self.run_dir):
             try:
@@ -146,7 +145,7 @@ class ResultStore:
                 why = str(exc) if isinstance(exc, NewerSchema) else f"not a readable record ({type(exc).__name__})"
                 warnings.warn(f"{path}: {why}: left where it is")
                 continue
-            if plan is None or record.run_id != plan.run_id:
+            if record.run_id != plan.run_id:
                 continue
             why = mismatch(record, plan)
             if why:
@@ -184,16 +183,6 @@ def mismatch(record: CellRecord, plan) -> Optional[str]:
 def cell_file_stem(cell: str) -> str:
     """A cell name as a file name: "torchao:int4-wo-g32" -> "torchao__int4-wo-g32"."""
     return cell.replace(":", "__").replace("/", "_")[:120]
-
-
-def _read_plan(run_dir: Path):
-    """The run's plan, or None when it is missing or unreadable."""
-    from qbench.runner import RunPlan
-
-    try:
-        return RunPlan.model_validate_json((Path(run_dir) / PLAN_FILE).read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _pending_places(run_dir: Path) -> list[Path]:

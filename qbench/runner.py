@@ -214,7 +214,7 @@ def preflight(run_dir: Path, store: ResultStore, reporter: Reporter) -> None:
     repaired = store.repair_tail()
     if repaired:
         reporter.warn(repaired)
-    for cell in store.adopt_pending():
+    for cell in store.adopt_pending(load_plan(run_dir)):
         reporter.warn(f"added the record of {cell} that an earlier run saved aside")
 
 

@@ -333,7 +333,7 @@ def test_pending_records_are_adopted_only_when_they_match_the_plan(tiny_model, t
     saved = [save_pending(run_dir, r) for r in (good, other_suite, other_model, not_planned, other_run)]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        adopted = ResultStore(run_dir).adopt_pending()
+        adopted = ResultStore(run_dir).adopt_pending(plan)
     assert adopted == ["fp:bf16"]
     assert [r.value("perplexity") for r in ResultStore(run_dir).records()] == [12.0]
     messages = sorted(str(w.message) for w in caught)
