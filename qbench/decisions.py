@@ -153,7 +153,8 @@ def recommend(records: list[CellRecord], kld_budget: float) -> list[str]:
         lines.append(f"No variant stays within the quality budget ({budget}): keep the baseline, or loosen the "
                      "budget with --kld-budget.")
     else:
-        smallest = min(within, key=lambda r: (WEIGHTS.read(r), quality(r)))
+        # ties (one weight file, two runtimes) go to the better, then the faster row
+        smallest = min(within, key=lambda r: (WEIGHTS.read(r), quality(r), DECODE.read(r) or float("inf")))
         lines.append(f"Smallest within the quality budget ({budget}): `{smallest.cell}`: {_figures(smallest, base)}.")
         timed = [r for r in within if DECODE.read(r) is not None]
         if timed:
