@@ -436,3 +436,17 @@ def test_a_relative_budget_against_a_baseline_at_zero_is_refused_before_any_othe
     assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in output, output
     assert "the baseline's accuracy is 0.0000 ± 0.0000 (95%, 20 items), an interval that reaches 0" in errors[0]
     assert [r.cell for r in ResultStore(tmp_path / "s" / "cells").records()] == ["fp:fp32"]
+
+
+def test_a_cell_killed_in_a_later_phase_keeps_the_phases_it_finished(tiny_model, tiny_suite, tmp_path):
+    """The worker hands each finished phase's figures to the runner as it
+    goes: a cell killed at its timeout during latency keeps its quality."""
+    out = tmp_path / "out"
+    proc = _run_cli(["run", "--model", str(tiny_model), "--suite", str(tiny_suite), "--device", "cpu", "-b",
+                     "fake:hang-in-latency", "--plugins-dir", str(FAKE_PLUGINS), "-o", str(out), "--run-id", "hung",
+                     "--cell-timeout", "25"])
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 1 and "Traceback" not in output, output
+    record = ResultStore(out / "hung").latest()["fake:hang-in-latency"]
+    assert record.phase == "latency" and "timed out after 25s during latency" in record.error
+    assert record.completed_phases == ["perplexity", "tasks", "generation"] and record.value("acc") is not None

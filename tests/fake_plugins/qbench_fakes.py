@@ -19,8 +19,9 @@ class FakeConfig(VariantConfig):
     #: "queued": uniform, and decodes like the compiled runtime (steps timed
     #: as they finish, handed to the harness after the last one)
     #: "disk-full": uniform, until the latency phase meets a full disk (ENOSPC)
+    #: "hang-in-latency": uniform, until the latency phase hangs (the cell times out)
     behaviour: Literal["ok", "raise", "exit", "hang", "slow", "uniform", "flaky", "queued",
-                       "lose-node", "disk-full"] = "ok"
+                       "lose-node", "disk-full", "hang-in-latency"] = "ok"
     #: what the variant promises; "liar" promises 4 bits but loads fp32
     claims_bits: Optional[float] = None
 
@@ -68,9 +69,13 @@ class DiskFullSession(UniformSession):
     """Uniform through the quality phases; the disk fills up when the
     latency phase begins (the harness switches the runtime first)."""
 
+    hang = False
+
     def use_runtime(self, runtime, compile_mode="max-autotune"):
         import errno
 
+        if self.hang:
+            time.sleep(3600)
         raise OSError(errno.ENOSPC, "No space left on device", "/full/disk/machine_canary.json")
 
 
@@ -82,7 +87,7 @@ class Fake(Backend):
     def variants(self):
         named = {b: FakeConfig(behaviour=b)
                  for b in ("ok", "raise", "exit", "hang", "slow", "uniform", "flaky", "queued", "lose-node",
-                           "disk-full")}
+                           "disk-full", "hang-in-latency")}
         return {**named, "liar": FakeConfig(claims_bits=4)}
 
     def quantize(self, model_path, config, calibration, workdir):
@@ -120,8 +125,10 @@ class Fake(Backend):
 
         from qbench.hf import HFSession
 
-        if behaviour == "disk-full":
-            return DiskFullSession(AutoConfig.from_pretrained(artifact.model_path).vocab_size)
+        if behaviour in ("disk-full", "hang-in-latency"):
+            session = DiskFullSession(AutoConfig.from_pretrained(artifact.model_path).vocab_size)
+            session.hang = behaviour == "hang-in-latency"
+            return session
         if behaviour in ("uniform", "queued"):
             return UniformSession(AutoConfig.from_pretrained(artifact.model_path).vocab_size,
                                   0.02 if behaviour == "queued" else None)
