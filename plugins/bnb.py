@@ -16,7 +16,7 @@ from pydantic import Field, model_validator
 
 from qbench import hookimpl
 from qbench.backend import Artifact, Backend, ModulePatterns, VariantConfig
-from qbench.dtypes import DTYPES
+from qbench.dtypes import DTYPES, ComputeDtype, device_dtype
 
 
 
@@ -24,12 +24,13 @@ class BnbConfig(VariantConfig):
     mode: Literal["int8", "nf4", "fp4"] = "nf4"
     threshold: float = Field(6.0, ge=0, description="LLM.int8 outlier threshold (mode=int8); 0 disables it")
     double_quant: bool = Field(False, description="quantize the 4-bit scales again (mode=nf4|fp4)")
-    compute_dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="4-bit matmul dtype")
+    compute_dtype: ComputeDtype = Field("auto", description="4-bit matmul dtype (auto: fp32 on the CPU, bf16 on "
+                                                          "CUDA)")
     keep: ModulePatterns = Field(("lm_head",), description="layers left in full precision ('+'-separated)")
 
     @model_validator(mode="after")
     def _combination(self):
-        if self.mode == "int8" and (self.double_quant or self.compute_dtype != "fp32"):
+        if self.mode == "int8" and (self.double_quant or self.compute_dtype not in ("auto", "fp32")):
             raise ValueError("double_quant and compute_dtype apply to mode=nf4|fp4 only "
                              "(LLM.int8 computes in fp16 internally)")
         if self.mode != "int8" and self.threshold != 6.0:
@@ -66,6 +67,11 @@ class BitsAndBytes(Backend):
     requires = {"bitsandbytes": "bitsandbytes"}
     extra = "bnb"
     versions_of = ("bitsandbytes", "transformers")
+
+    def for_device(self, config: BnbConfig, device: str) -> BnbConfig:
+        # LLM.int8 computes in fp16 inside bitsandbytes whatever is set: its setting stays fp32
+        dtype = "fp32" if config.mode == "int8" else device_dtype(config.compute_dtype, device)
+        return config.model_copy(update={"compute_dtype": dtype})
 
     def variants(self) -> dict[str, VariantConfig]:
         return {"int8": BnbConfig(mode="int8"), "nf4": BnbConfig(mode="nf4"), "fp4": BnbConfig(mode="fp4"),

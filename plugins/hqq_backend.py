@@ -24,7 +24,7 @@ from pydantic import Field, model_validator
 
 from qbench import hookimpl
 from qbench.backend import Artifact, Backend, ModulePatterns, VariantConfig
-from qbench.dtypes import DtypeName, torch_dtype
+from qbench.dtypes import ComputeDtype, device_dtype, torch_dtype
 from qbench.hf import HFSession
 
 WEIGHTS_FILE = "hqq_model.safetensors"
@@ -35,7 +35,8 @@ class HQQConfig(VariantConfig):
     group_size: int = Field(64, description="weights per scale and zero point (a power of two, 8 or more)")
     axis: int = Field(1, ge=0, le=1, description="grouping axis: 1 along the inputs (hqq's advice for quality), 0 "
                                                "along the outputs")
-    compute_dtype: DtypeName = Field("fp32", description="dtype the dequantized weights compute in")
+    compute_dtype: ComputeDtype = Field("auto", description="dtype the dequantized weights compute in (auto: "
+                                                         "fp32 on the CPU, bf16 on CUDA)")
     keep: ModulePatterns = Field(("lm_head",), description="layers left in full precision ('+'-separated)")
 
     @model_validator(mode="after")
@@ -89,6 +90,9 @@ class HQQ(Backend):
     requires = {"hqq": "hqq"}
     extra = "hqq"
     versions_of = ("hqq", "torch")
+
+    def for_device(self, config: HQQConfig, device: str) -> HQQConfig:
+        return config.model_copy(update={"compute_dtype": device_dtype(config.compute_dtype, device)})
 
     def variants(self) -> dict[str, VariantConfig]:
         return {"w8g64": HQQConfig(bits=8), "w4g64": HQQConfig(bits=4), "w3g64": HQQConfig(bits=3),

@@ -24,7 +24,7 @@ from pydantic import Field
 
 from qbench import hookimpl
 from qbench.backend import Artifact, Backend, ModulePatterns, VariantConfig
-from qbench.dtypes import DtypeName, torch_dtype
+from qbench.dtypes import ComputeDtype, device_dtype, torch_dtype
 
 WEIGHTS_FILE = "quanto_model.safetensors"
 MAP_FILE = "quanto_qmap.json"
@@ -35,7 +35,8 @@ class QuantoConfig(VariantConfig):
     weights: Literal["int8", "int4", "int2", "float8"] = Field("int8", description="weight type")
     activations: Literal["none", "int8"] = Field("none", description="activation type (int8: static scales "
                                                                      "calibrated on the suite's samples)")
-    compute_dtype: DtypeName = Field("fp32", description="dtype the model computes in")
+    compute_dtype: ComputeDtype = Field("auto", description="dtype the model computes in (auto: fp32 on the CPU, "
+                                                         "bf16 on CUDA)")
     keep: ModulePatterns = Field(("lm_head",), description="layers left in full precision ('+'-separated)")
 
     def nominal_bits(self) -> Optional[float]:
@@ -94,6 +95,9 @@ class Quanto(Backend):
     requires = {"optimum.quanto": "optimum-quanto"}
     extra = "quanto"
     versions_of = ("optimum-quanto", "torch")
+
+    def for_device(self, config: QuantoConfig, device: str) -> QuantoConfig:
+        return config.model_copy(update={"compute_dtype": device_dtype(config.compute_dtype, device)})
 
     def variants(self) -> dict[str, VariantConfig]:
         return {"w8": QuantoConfig(weights="int8"), "w4": QuantoConfig(weights="int4"),

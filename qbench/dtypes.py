@@ -13,6 +13,17 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 #: The type of a ``dtype`` / ``compute_dtype`` setting.
 DtypeName = Literal["fp32", "bf16", "fp16"]
+#: A ``compute_dtype`` setting that may follow the device (``auto``).
+ComputeDtype = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+def device_dtype(name: str, device: str) -> str:
+    """``auto`` as the device computes: float32 on the CPU, bfloat16 on CUDA
+    (what a GPU user computes in); any other name as given. Backends resolve
+    it in ``for_device``, so records and cache keys hold the dtype used."""
+    if name != "auto":
+        return name
+    return "bf16" if device == "cuda" else "fp32"
 
 
 def torch_dtype(name: str) -> torch.dtype:

@@ -105,6 +105,7 @@ def test_quantized_variants_on_cuda(wide_tiny_model, backend, variant, layer_typ
 
     b = load_plugins(PluginSettings(allow=("builtin",))).backends[backend]
     name, config = b.parse_variant(variant)
+    config = b.for_device(config, "cuda")  # as the worker does: compute_dtype=auto becomes bf16
     availability = b.variant_available(config, "cuda")
     if not availability.ok:
         pytest.skip(availability.reason)

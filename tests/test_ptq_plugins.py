@@ -108,6 +108,7 @@ def test_artifacts_are_safetensors_not_pickle(backends, tiny_model, calibration)
     for backend, variant in [("torchao", "int8-static"), ("torchao", "int8-dyn-legacy"), ("bnb", "nf4")]:
         b = backends[backend]
         name, config = b.parse_variant(variant)
+        config = b.for_device(config, "cpu")  # as the worker does
         artifact, _, _ = obtain_artifact(b, name, config, str(tiny_model), fingerprint(tiny_model), calibration, "c")
         suffixes = {p.suffix for p in Path(artifact.path).iterdir()}
         assert ".safetensors" in suffixes and not suffixes & {".bin", ".pt", ".pth", ".pkl"}, suffixes
@@ -203,3 +204,18 @@ def test_gemlite_packed_weights_round_trip_through_safetensors(tmp_path):
     for name in ("qdata", "scale", "zero_point"):
         assert torch.equal(getattr(loaded, name), getattr(packed, name))
     assert torch.equal(again.norm.weight, model.norm.weight)
+
+
+@pytest.mark.parametrize("spec,cpu,cuda", [
+    ("bnb:nf4", "fp32", "bf16"), ("bnb:int8", "fp32", "fp32"), ("bnb:nf4:compute_dtype=fp16", "fp16", "fp16"),
+    ("hqq:w4g64", "fp32", "bf16"), ("quanto:w8", "fp32", "bf16"), ("quanto:w8:compute_dtype=fp32", "fp32", "fp32"),
+])
+def test_compute_dtype_follows_the_device_unless_set(builtin_backends, spec, cpu, cuda):
+    """A user on a GPU computes in bf16, on the CPU in fp32: ``auto`` is
+    resolved where the cell runs, before the record and the cache key are made."""
+    backend_name, _, variant = spec.partition(":")
+    backend = builtin_backends[backend_name]
+    _, config = backend.parse_variant(variant)
+    assert backend.for_device(config, "cpu").compute_dtype == cpu
+    assert backend.for_device(config, "cuda").compute_dtype == cuda
+    assert backend.for_device(config, "cpu").cache_settings()["compute_dtype"] == cpu
