@@ -267,11 +267,10 @@ def recipe_from_sensitivity(folder: str | Path, variant: str, top: int, use: Opt
     the pass's) with its ``top`` most harmful units kept in full precision,
     or quantized as ``use``. Checked like any recipe before it is written;
     an existing ``path`` is replaced only with ``force``."""
-    from qbench.results import check_output
-
     from qbench import sensitivity as sens
     from qbench.plugins import get_backend
     from qbench.recipes import keep_most_sensitive, write_recipe
+    from qbench.results import check_output
 
     rows = sens.ranked(sens.load_rows(Path(folder)))
     if not rows:
