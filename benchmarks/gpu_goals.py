@@ -10,7 +10,8 @@ copy-benchmark peak, then each goal with its ratio.
     python benchmarks/gpu_goals.py --rows bf16-compiled,int4-gemlite-g128 --mode max-autotune
 
 A row is ``bf16-eager``, ``hf-generate-eager``, ``bf16-compiled``, any
-torchao variant of qbench's (``int4-gemlite-g128``, ``int8-wo`` ...), or
+torchao variant of qbench's, settings included (``int4-gemlite-g128``, ``int8-wo``,
+``int8-wo:compute_dtype=fp32`` ...; computing as on a cell's GPU), or
 ``bnb-nf4`` / ``bnb-fp4`` (bitsandbytes 4-bit, bf16 compute), or
 ``onnx-int4`` / ``onnx-int8`` / ``onnx-fp16`` (qbench's ``onnx`` backend:
 the random model saved, exported by onnxruntime-genai's builder for CUDA and
@@ -96,7 +97,8 @@ def quantized(shape: str, variant: str):
     from qbench.hf import linear_layers
     from qbench_plugins.torchao_ptq import TorchAO, compute_dtype, layer_config
 
-    config = TorchAO().variants()[variant]
+    backend = TorchAO()
+    config = backend.for_device(backend.parse_variant(variant)[1], "cuda")  # as a cell's worker does
     model = build(shape, compute_dtype(config))
     layers = linear_layers(model, config.keep)
     quantize_(model, FqnToConfig({name: layer_config(config, layer.in_features)[0]
@@ -241,6 +243,9 @@ def main() -> None:
     parser.add_argument("--rows", default=",".join(ROWS),
                         help=f"comma-separated, from {', '.join(ROWS + ONNX_ROWS + FBGEMM_ROWS)}")
     parser.add_argument("--mode", default="max-autotune", help="torch.compile mode of the compiled rows")
+    parser.add_argument("--coordinate-descent", choices=("qbench", "on", "off"), default="qbench",
+                        help="inductor's coordinate-descent tuning for the compiled rows: as qbench sets it (on), "
+                             "or forced")
     parser.add_argument("--sync", action="store_true", help="compiled rows wait for each step (host-timed)")
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
@@ -295,6 +300,8 @@ def main() -> None:
                 from qbench.hf import CompiledDecoder
 
                 session.decoder = CompiledDecoder(model, "cuda", mode=args.mode, pipelined=not args.sync)
+                if args.coordinate_descent != "qbench":
+                    torch._inductor.config.coordinate_descent_tuning = args.coordinate_descent == "on"
             elif not eager:
                 eager_tokens = session.generate(prompt, args.new_tokens, lambda *a: None)
                 reason = session.use_runtime("compiled")  # ONNX Runtime's CUDA graphs

@@ -6,7 +6,7 @@ checkpoints run as they are (``awq:prequantized:path=...``).
 
 gptqmodel packs AWQ layers only from bfloat16 or float16 weights, so the
 model is quantized and run in bfloat16 on the CPU (float16 on CUDA): the
-row's KLD includes that cast, as its notes say (compare with ``fp:bf16``).
+row's KLD includes that cast, as the report's notes say (compare with ``fp:bf16``).
 At load gptqmodel picks the AWQ kernel for the device (on an AVX-512 CPU its
 ``TorchCpuAvx512AwqLinear``) and the record names it.
 """
@@ -72,9 +72,8 @@ class AWQ(GPTQ):
 
     def kernel_and_dtype(self, config: AWQConfig, bits: int, group: int, in_features: list[int], device: str
                          ) -> tuple[str, str, Optional[str]]:
-        dtype = "bfloat16" if device == "cpu" else "float16"
-        return "auto", dtype, (f"AWQ packs and computes in {dtype}, not the baseline's float32: this row's KLD "
-                               f"includes that cast (compare with fp:{'bf16' if dtype == 'bfloat16' else 'fp16'})")
+        # The report notes a dtype other than the baseline's (qbench.dtypes.cast_note).
+        return "auto", "bfloat16" if device == "cpu" else "float16", None
 
 
 @hookimpl

@@ -73,6 +73,9 @@ class BitsAndBytes(Backend):
         dtype = "fp32" if config.mode == "int8" else device_dtype(config.compute_dtype, device)
         return config.model_copy(update={"compute_dtype": dtype})
 
+    def compute_dtype(self, config: BnbConfig, device: str) -> Optional[str]:
+        return "fp16" if config.mode == "int8" else super().compute_dtype(config, device)
+
     def variants(self) -> dict[str, VariantConfig]:
         return {"int8": BnbConfig(mode="int8"), "nf4": BnbConfig(mode="nf4"), "fp4": BnbConfig(mode="fp4"),
                 "nf4-dq": BnbConfig(mode="nf4", double_quant=True)}
@@ -105,7 +108,8 @@ class BitsAndBytes(Backend):
         # bitsandbytes' layers subclass nn.Linear: the same selection names them.
         chosen = list(linear_layers(model, config.keep))
         require_quantized_layers(model, chosen, _is_bnb_quantized, "bitsandbytes")
-        facts = {"kernel": _kernel(config, device)}
+        facts = {"kernel": _kernel(config, device),
+                 "compute_dtype": "torch.float16" if config.mode == "int8" else f"torch.{DTYPES[config.compute_dtype]}"}
         if config.mode == "int8":
             _log_once("bitsandbytes.autograd._functions", "MatMul8bitLt: inputs will be cast")
             facts["int8_inputs"] = "LLM.int8 casts float32 activations to float16 before quantizing them"

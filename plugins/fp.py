@@ -46,6 +46,9 @@ class FullPrecision(Backend):
             return "fp16 matmuls are slow on most CPUs (prefill ~3x fp32's on this project's 2-core machine)"
         return None
 
+    def compute_dtype(self, config: FPConfig, device: str) -> Optional[str]:
+        return config.dtype
+
     def quantize(self, model_path: Path, config: FPConfig, calibration, workdir: Path) -> dict[str, Any]:
         # A dtype cast needs no files: load() casts the source weights.
         return {"note": "cast at load time; no quantized files"}

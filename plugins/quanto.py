@@ -170,7 +170,8 @@ class Quanto(Backend):
             for name in chosen:
                 _outside_inference_mode(model.get_submodule(name))
         kind = "int8 x int8 matmul" if config.activations == "int8" else "weight-only"
-        return HFSession(model, device, {"kernel": f"optimum-quanto {config.weights} {kind}"})
+        return HFSession(model, device, {"kernel": f"optimum-quanto {config.weights} {kind}",
+                                         "compute_dtype": str(torch_dtype(config.compute_dtype))})
 
 
 @hookimpl

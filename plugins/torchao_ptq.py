@@ -22,6 +22,7 @@ from pydantic import Field, model_validator
 
 from qbench import hookimpl
 from qbench.backend import Artifact, Availability, Backend, LayerQuantizer, ModulePatterns, VariantConfig
+from qbench.dtypes import ComputeDtype, device_dtype, torch_dtype
 from qbench.errors import QBenchError
 from qbench.recipes import Recipe, load_recipe
 
@@ -39,6 +40,9 @@ class TorchAOConfig(VariantConfig):
     kernel: Literal["auto", "tinygemm", "gemlite", "legacy"] = Field(
         "auto", description="tinygemm: CUDA int4; gemlite: Triton GEMV/GEMM kernels for 4- and 8-bit weights "
                             "(CUDA); legacy: torch.ao quantize_dynamic (fbgemm)")
+    compute_dtype: ComputeDtype = Field(
+        "auto", description="activation dtype (auto: the kernel's own where it has one, fp16 for gemlite, bf16 for "
+                            "tinygemm and float8; else fp32 on the CPU, bf16 on CUDA)")
     keep: ModulePatterns = Field(("lm_head",), description="layers left in full precision ('+'-separated)")
     recipe: Optional[Recipe] = Field(
         None, description="a mixed-precision recipe YAML (its base variant plus per-layer overrides); given as "
@@ -61,8 +65,9 @@ class TorchAOConfig(VariantConfig):
             raise ValueError(f"the recipe is for backend '{recipe.backend}', not torchao: run it with "
                              f"-b {recipe.backend}:recipe=PATH")
         base = _plain_variant(recipe.base, "its base")
-        runtime = {key: data[key] for key in ("runtime", "compile_mode") if key in data}
-        given = {key: value for key, value in data.items() if key not in ("recipe", "runtime", "compile_mode")}
+        runtime = {key: data[key] for key in ("runtime", "compile_mode", "compute_dtype") if key in data}
+        given = {key: value for key, value in data.items()
+                 if key not in ("recipe", "runtime", "compile_mode", "compute_dtype")}
         if given:
             merged = TorchAOConfig(**{**base.settings(), **given}).settings()
             changed = [key for key in given if merged.get(key) != base.settings().get(key)]
@@ -100,6 +105,10 @@ class TorchAOConfig(VariantConfig):
         # The recipe by its digest: its provenance ("source") does not change the bytes.
         out = super().cache_settings()
         out.pop("recipe", None)
+        # The dtype each variant computed in before compute_dtype existed
+        # keeps the key it had: such artifacts stay valid.
+        if out.get("compute_dtype") in ("auto", _kernel_dtype(self, "cpu")):
+            out.pop("compute_dtype")
         return out
 
     def compute_key(self) -> tuple[str, bool]:
@@ -125,6 +134,13 @@ class TorchAOConfig(VariantConfig):
             if self.bits != 8 or group is not None or self.activations == "static" or self.kernel != "auto":
                 raise ValueError("dtype=float8 needs bits=8, granularity tensor or channel, activations "
                                  "none or dynamic, kernel auto")
+        kernel_dtype = _kernel_dtype(self, "cuda")
+        if self.compute_dtype not in ("auto", kernel_dtype) and self.needs_cuda:
+            raise ValueError(f"kernel={self.kernel} dtype={self.dtype} computes in {kernel_dtype} only: leave "
+                             "compute_dtype out (auto)")
+        if self.kernel == "legacy" and self.compute_dtype not in ("auto", "fp32"):
+            raise ValueError("kernel=legacy (torch.ao quantize_dynamic) computes in fp32 only: leave compute_dtype "
+                             "out (auto)")
         if self.kernel == "tinygemm" and (self.bits != 4 or group not in (32, 64, 128, 256)
                                           or self.activations != "none" or self.symmetric):
             raise ValueError("kernel=tinygemm needs bits=4, granularity group:32|64|128|256, "
@@ -210,17 +226,20 @@ def layer_config(config: TorchAOConfig, in_features: int, act_scale=None):
         PerTensor,
     )
 
+    # set_inductor_config=False everywhere: torchao's recommended inductor
+    # settings are process-wide, and would apply to a compiled cell only
+    # when it quantized (not on a cache hit); qbench's compiled runtime sets
+    # the inductor configuration itself (qbench.hf.CompiledDecoder).
     granularity, note = _granularity(config, in_features)
     mapping = MappingType.SYMMETRIC if config.symmetric else MappingType.ASYMMETRIC
     weight_dtype = getattr(torch, f"int{config.bits}")
     if config.dtype == "float8":
         fp8 = PerTensor() if config.granularity == "tensor" else PerRow()
         if config.activations == "dynamic":
-            return Float8DynamicActivationFloat8WeightConfig(granularity=fp8), None
-        return Float8WeightOnlyConfig(), None
+            return Float8DynamicActivationFloat8WeightConfig(granularity=fp8, set_inductor_config=False), None
+        return Float8WeightOnlyConfig(set_inductor_config=False), None
     if config.kernel == "tinygemm":
         if in_features % 128 == 0 and note is None:
-            # set_inductor_config=False: see the gemlite case below.
             return Int4WeightOnlyConfig(group_size=config.group_size, int4_packing_format="tile_packed_to_4d",
                                         set_inductor_config=False), None
         note = note or f"tinygemm needs input features divisible by 128, not {in_features}: per-channel scales"
@@ -228,20 +247,18 @@ def layer_config(config: TorchAOConfig, in_features: int, act_scale=None):
     if config.kernel == "gemlite":
         from torchao.prototype.quantization.quant_api import UIntxWeightOnlyConfig
 
-        # set_inductor_config=False: torchao's recommended settings include
-        # TF32 float32 matmuls, which would change the process's fp32 numbers.
         return UIntxWeightOnlyConfig(group_size=None if note else config.group_size, bit_width=config.bits,
                                      set_inductor_config=False), note
     if config.activations == "static":
         return Int8StaticActivationInt8WeightConfig(
-            act_quant_scale=act_scale, granularity=[PerTensor(), granularity]), None
+            act_quant_scale=act_scale, granularity=[PerTensor(), granularity], set_inductor_config=False), None
     if config.activations == "dynamic":
         if config._int8_fast_path:
-            return Int8DynamicActivationInt8WeightConfig(granularity=granularity), note
+            return Int8DynamicActivationInt8WeightConfig(granularity=granularity, set_inductor_config=False), note
         return Int8DynamicActivationIntxWeightConfig(
             weight_dtype=weight_dtype, weight_granularity=granularity, weight_mapping_type=mapping), note
     if config._int8_fast_path:
-        return Int8WeightOnlyConfig(granularity=granularity), note
+        return Int8WeightOnlyConfig(granularity=granularity, set_inductor_config=False), note
     return IntxWeightOnlyConfig(weight_dtype=weight_dtype, granularity=granularity, mapping_type=mapping), note
 
 
@@ -270,14 +287,29 @@ def calibrate_activation_scales(model, layers: dict, calibration: list[list[int]
     return {name: torch.tensor(max(value, 1e-8) / 127.0).reshape(1, 1, 1) for name, value in amax.items()}
 
 
-def compute_dtype(config: TorchAOConfig):
-    import torch
-
-    # gemlite's kernels (as torchao 0.18 builds them) take float16
-    # activations; tinygemm and the float8 matmuls take bfloat16.
+def _kernel_dtype(config: TorchAOConfig, device: str) -> str:
+    """What ``compute_dtype=auto`` means for this variant on ``device``:
+    gemlite's kernels (as torchao 0.18 builds them) take float16
+    activations, tinygemm and the float8 matmuls bfloat16, the legacy
+    kernel float32; the others follow the device (torchao's int8 and intx
+    weight-only paths compute in the activations' dtype)."""
     if config.kernel == "gemlite":
-        return torch.float16
-    return torch.bfloat16 if config.needs_cuda else torch.float32
+        return "fp16"
+    if config.needs_cuda:
+        return "bf16"
+    if config.kernel == "legacy":
+        return "fp32"
+    return device_dtype("auto", device)
+
+
+def compute_dtype(config: TorchAOConfig):
+    """The torch dtype the variant computes in: its setting once
+    ``for_device`` resolved it; ``auto`` (a config not yet placed) as on the
+    device its kernel needs, the CPU for the others."""
+    name = config.compute_dtype
+    if name == "auto":
+        name = _kernel_dtype(config, "cuda" if config.needs_cuda else "cpu")
+    return torch_dtype(name)
 
 
 class TorchAO(Backend):
@@ -303,6 +335,11 @@ class TorchAO(Backend):
             "float8-wo": TorchAOConfig(dtype="float8"),
             "float8-dyn": TorchAOConfig(dtype="float8", activations="dynamic"),
         }
+
+    def for_device(self, config: TorchAOConfig, device: str) -> TorchAOConfig:
+        if config.compute_dtype != "auto":
+            return config
+        return config.model_copy(update={"compute_dtype": _kernel_dtype(config, device)})
 
     def check_inputs(self, config: TorchAOConfig, model_path: Path) -> None:
         """A recipe's overrides against the model's linear layers, from its

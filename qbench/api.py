@@ -15,8 +15,8 @@ from qbench.paths import results_dir
 from qbench.plugins import PluginSettings, get_backend, load_plugins
 from qbench.results import ResultStore, find_run, frame, run_lock
 from qbench.results import load_results as load_results  # re-exported
-from qbench.runner import (DEFAULT_BASELINE, DEFAULT_CELL_TIMEOUT, RunPlan, Reporter, SilentReporter, check_run_id,
-                           check_writable, execute, load_plan, new_run_id, plan_cells, save_plan)
+from qbench.runner import (DEFAULT_BASELINE, DEFAULT_CELL_TIMEOUT, RunPlan, Reporter, SilentReporter, cast_notes,
+                           check_run_id, check_writable, execute, load_plan, new_run_id, plan_cells, save_plan)
 from qbench.suites import load_suite, suite_path
 
 if TYPE_CHECKING:
@@ -76,6 +76,7 @@ def create_run(
                    threads=threads, cell_timeout=cell_timeout, plugin_dirs=list(settings.plugin_dirs),
                    plugin_allow=list(settings.allow) if settings.allow is not None else None,
                    plugin_block=list(settings.block), cells=cells, skipped=skipped,
+                   notes=cast_notes(loaded, cells, device),
                    allow_outside_data=allow_outside_data, trust_task_code=trust_task_code,
                    suite_files=suite_obj.data_hashes(), gpus=gpu_ids,
                    gpus_per_cell=gpus_per_cell)
@@ -346,6 +347,7 @@ def sensitivity(
     availability = backend.variant_available(config, device)
     if not availability.ok:
         raise QBenchError(f"{variant} cannot run on {device}: {availability.reason}")
+    config = backend.for_device(config, device)  # as a run's worker does: settings the device decides, filled in
     spec = resolve_model(model, trust_remote_code=trust_remote_code)
     suite_obj = load_suite(str(suite_path(suite)), allow_outside_data=allow_outside_data)
     if suite_obj.perplexity is None:

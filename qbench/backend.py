@@ -35,10 +35,10 @@ class VariantConfig(BaseModel):
     #: compile fails the cell with the reason.
     runtime: Literal["eager", "compiled"] = "eager"
     #: ``torch.compile``'s mode for ``runtime=compiled``: ``max-autotune``
-    #: benchmarks kernel choices per matmul shape (the fastest decode: 4.87
-    #: against 5.66 ms/token for an 8B shape on an H200, for 88 against 66 s
-    #: of set-up), ``reduce-overhead`` keeps inductor's default kernels (the
-    #: whole decode step replayed as one CUDA graph either way).
+    #: (torchao's benchmarks) benchmarks kernel choices per matmul shape,
+    #: ``reduce-overhead`` (gpt-fast's) keeps inductor's default kernels.
+    #: Both tune inductor's own kernels by coordinate descent, as both
+    #: benchmarks do, and the whole decode step replays as one CUDA graph.
     compile_mode: Literal["max-autotune", "reduce-overhead"] = "max-autotune"
     #: Which of the suite's calibration sets a calibrating variant uses:
     #: ``default`` (the suite's ``calibration``) or a name from its
@@ -282,6 +282,18 @@ class Backend(abc.ABC):
         record and the artifact cache key hold the values used. Called in
         the cell's worker before anything else looks at the settings."""
         return config
+
+    def compute_dtype(self, config: VariantConfig, device: str) -> Optional[str]:
+        """The dtype (``fp32``, ``bf16``, ``fp16``) the variant's matmuls
+        compute in on ``device``, as far as the plan can tell, or None where
+        the library picks it inside or at load (llama.cpp, ONNX Runtime,
+        gptqmodel's kernels). A run warns when a row's differs from the
+        baseline's. The default reads a ``compute_dtype`` setting once
+        ``for_device`` has filled it in."""
+        from qbench.dtypes import DTYPES
+
+        value = getattr(self.for_device(config, device), "compute_dtype", None)
+        return value if value in DTYPES else None
 
     def with_suite(self, config: VariantConfig, suite: Any) -> VariantConfig:
         """The variant with the settings it leaves to the suite filled in

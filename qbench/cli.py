@@ -198,6 +198,8 @@ def _run_locked(plan, run_dir: Path, runner, retry_failed: bool, executor: str, 
                          + (f" on Ray ({address or 'a cluster on this machine'})" if executor == "ray" else "")))
     for cell, why in plan.skipped.items():
         console.print(f"[yellow]skipped[/] {escape(cell)}: {escape(why)}")
+    for cell, note in plan.notes.items():
+        console.print(f"[yellow]note[/] {escape(cell)}: {escape(note)}")
     if len(todo) < len(plan.cells):
         console.print(f"{len(plan.cells) - len(todo)} cell(s) already finished; running {len(todo)}")
     _print_estimate(plan, run_dir, todo)

@@ -150,12 +150,14 @@ class CompiledDecoder:
     (``max-autotune`` becomes ``max-autotune-no-cudagraphs``,
     ``reduce-overhead`` becomes ``default``) and this class captures.
 
-    ``mode="max-autotune"`` (a benchmarked choice among cuBLAS and Triton
-    kernels for each matmul shape) and inductor's coordinate-descent tuning
-    of its own kernels, as gpt-fast sets it: on an H200 they took an
-    8B-shaped bf16 model from 61.5% to 71.8% of the copy peak against
-    ``mode="reduce-overhead"`` (5.68 to 4.87 ms/token), for a longer compile
-    (66 to 88 s with the model's set-up).
+    Inductor's coordinate-descent tuning of its own kernels is on in both
+    modes, as gpt-fast and torchao set it: with it, inductor turns a
+    one-row matmul into a reduction kernel that fuses the weight's
+    dequantization (an int8 weight read as int8), where without it cuBLAS
+    reads a dequantized copy of every weight each step. ``max-autotune``
+    (torchao's benchmarks) adds a benchmarked choice among cuBLAS and Triton
+    kernels for each matmul shape; ``reduce-overhead`` (gpt-fast's) keeps
+    inductor's defaults and compiles sooner.
 
     The host queues the steps without waiting for each, as gpt-fast's and
     torchao's benchmarks do: a CUDA event after each step times it on the
@@ -171,7 +173,7 @@ class CompiledDecoder:
         import torch._inductor.config
 
         # A process-wide setting; a cell's worker process is its own.
-        torch._inductor.config.coordinate_descent_tuning = mode == "max-autotune"
+        torch._inductor.config.coordinate_descent_tuning = True
         self.model, self.device, self.pipelined = model, device, pipelined
         self.cache = None
         self.shape: tuple[int, int] = (0, 0)

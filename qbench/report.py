@@ -206,7 +206,8 @@ def blocks(plan: RunPlan, records: list[CellRecord], kld_budget: float, extra: t
     skipped = [f"`{cell}` (skipped): {why}" for cell, why in plan.skipped.items()]
     if failed or skipped:
         out += [Block("h2", text="Cells without results"), Block("list", items=tuple(failed + skipped))]
-    notes = [f"`{r.cell}`: {n}" for r in records for n in r.notes]
+    notes = [f"`{r.cell}`: {n}" for r in records for n in r.notes] + \
+        [f"`{cell}`: {note}" for cell, note in recorded_cast_notes(records).items()]
     if notes:
         out += [Block("h2", text="Notes"), Block("list", items=tuple(notes))]
     out += list(extra)
@@ -267,13 +268,31 @@ def sweep_rows(records: list[CellRecord]) -> list[tuple]:
     return rows
 
 
+def recorded_dtype(record: CellRecord) -> Optional[str]:
+    """The dtype a row's session said it computes in, if it said."""
+    session = record.session or {}
+    return session.get("compute_dtype") or session.get("dtype")
+
+
+def recorded_cast_notes(records: list[CellRecord]) -> dict[str, str]:
+    """Rows that computed in another dtype than the baseline, from their records."""
+    from qbench.dtypes import cast_note
+
+    base = next((r for r in records if r.baseline and r.ok), None)
+    if base is None:
+        return {}
+    notes = {r.cell: cast_note(recorded_dtype(r), recorded_dtype(base), base.cell)
+             for r in records if r.ok and not r.baseline}
+    return {cell: note for cell, note in notes.items() if note}
+
+
 def kernel_rows(records: list[CellRecord]) -> list[tuple]:
     rows = []
     for r in records:
         if not r.ok:
             continue
         session = r.session or {}
-        dtype = session.get("compute_dtype") or session.get("dtype") or ""
+        dtype = recorded_dtype(r) or ""
         compiled = r.metrics.get("compile_seconds")
         runtime = (r.config or {}).get("runtime", "eager") + (f" (compiled in {compiled.value:.0f} s)"
                                                               if compiled is not None else "")

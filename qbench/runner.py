@@ -52,6 +52,9 @@ class RunPlan(BaseModel):
     plugin_block: list[str]
     cells: list[CellSpec]
     skipped: dict[str, str] = {}  # cell -> why it was left out of the plan
+    #: cell -> what the plan found worth saying before it runs (a compute
+    #: dtype other than the baseline's)
+    notes: dict[str, str] = {}
     #: the user let the suite read data outside its folder (--allow-outside-data)
     allow_outside_data: bool = False
     #: the user let task files run code (--trust-task-code)
@@ -139,6 +142,24 @@ def plan_cells(loaded: LoadedPlugins, specs: list[str], baseline: str, device: s
             for v in get_backend(loaded, name).variants():
                 add(name, v)
     return cells, skipped
+
+
+def cast_notes(loaded: LoadedPlugins, cells: list[CellSpec], device: str) -> dict[str, str]:
+    """Cells that will compute in another dtype than the baseline, as far as
+    the plan can tell (see ``Backend.compute_dtype``); the report says it
+    again from what each row recorded."""
+    from qbench.dtypes import cast_note
+
+    def dtype(cell: CellSpec) -> Optional[str]:
+        backend = get_backend(loaded, cell.backend)
+        return backend.compute_dtype(backend.parse_variant(cell.variant)[1], device)
+
+    base = next((c for c in cells if c.baseline), None)
+    if base is None:
+        return {}
+    base_dtype = dtype(base)
+    notes = {c.cell: cast_note(dtype(c), base_dtype, base.cell) for c in cells if not c.baseline}
+    return {cell: note for cell, note in notes.items() if note}
 
 
 def new_run_id() -> str:

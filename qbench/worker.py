@@ -235,6 +235,9 @@ class CellPipeline:
         self._phase_started = time.perf_counter()
         self.started = time.time()
         self.start_canary: Optional[dict[str, float]] = None
+        #: seconds the canary's readings and pauses took, over every latency
+        #: measurement of the cell (each batch size of a sweep has its own)
+        self.gate_seconds = 0.0
         #: measurement phases finished, with a snapshot of the figures they left
         self.completed: list[str] = []
         self._kept: tuple[dict, dict, list] = ({}, {}, [])
@@ -521,8 +524,10 @@ class CellPipeline:
 
     def gated(self, prompt, start_canary: Optional[dict[str, float]] = None) -> dict[str, Any]:
         """The latency workload on ``prompt`` behind the canary of this cell's device and runtime."""
-        return gated_latency(self.session, prompt, self.suite.latency, Path(self.task.run_dir), self.task.cell,
-                             start_canary, self.task.device, eager=self.config.runtime == "eager")
+        result = gated_latency(self.session, prompt, self.suite.latency, Path(self.task.run_dir), self.task.cell,
+                               start_canary, self.task.device, eager=self.config.runtime == "eager")
+        self.gate_seconds += result["machine_canary_ms"]["gate_seconds"]
+        return result
 
     def cost_metrics(self) -> None:
         from qbench.artifacts import artifact_weight_bytes
@@ -545,10 +550,9 @@ class CellPipeline:
     def harness_share(self) -> None:
         from qbench.metrics import metric
 
-        measured = sum(self.phase_seconds.get(p, 0.0) for p in self.QUALITY_PHASES)
         # The canary's measurements and pauses wait for the machine on purpose:
         # not harness work around backend calls.
-        measured -= (self.metrics.get("machine_canary_ms") or {}).get("gate_seconds", 0.0)
+        measured = sum(self.phase_seconds.get(p, 0.0) for p in self.QUALITY_PHASES) - self.gate_seconds
         harness = max(measured - self.session.seconds, 0.0)
         self.metrics["harness_share"] = metric(
             harness / measured if measured else 0.0, "fraction", None, None, seconds=round(harness, 3),

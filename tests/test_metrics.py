@@ -261,3 +261,28 @@ def test_switching_runtime_counts_as_backend_time():
     clock = BackendClock(SlowSwitch(lambda ids: ids))
     assert clock.use_runtime("compiled") is None and clock.use_runtime("other") == "no"
     assert clock.seconds >= 0.4
+
+
+def test_harness_share_leaves_out_every_canary_gate_of_the_sweep(monkeypatch):
+    """Phases 2 s + 10 s, of which the canary waited 3 s at batch 1 and 1 s at
+    batch 8 (a sweep's second measurement has its own gate), the backend 6 s:
+    the harness took 12 - 4 - 6 = 2 s of the 8 s measured."""
+    from types import SimpleNamespace
+
+    from qbench.worker import CellPipeline
+
+    pipeline = CellPipeline.__new__(CellPipeline)
+    pipeline.metrics, pipeline.phase_seconds = {}, {"perplexity": 2.0, "latency": 10.0, "load": 50.0}
+    pipeline.session = SimpleNamespace(seconds=6.0)
+    pipeline.gate_seconds = 0.0
+    pipeline.suite = SimpleNamespace(latency=None)
+    pipeline.task = SimpleNamespace(run_dir="run", cell="c", device="cpu")
+    pipeline.config = SimpleNamespace(runtime="eager")
+    gates = iter((3.0, 1.0))
+    monkeypatch.setattr("qbench.worker.gated_latency",
+                        lambda *a, **k: {"machine_canary_ms": {"gate_seconds": next(gates)}})
+    pipeline.gated("prompt at batch 1")
+    pipeline.gated("prompt at batch 8")
+    pipeline.harness_share()
+    share = pipeline.metrics["harness_share"]
+    assert share["value"] == pytest.approx(2.0 / 8.0) and share["seconds"] == pytest.approx(2.0)

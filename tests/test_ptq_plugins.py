@@ -3,6 +3,7 @@ quantizes, reloads from its artifact, stays close to the baseline without
 being identical to it, and holds the bytes its bit width promises."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -209,6 +210,8 @@ def test_gemlite_packed_weights_round_trip_through_safetensors(tmp_path):
 @pytest.mark.parametrize("spec,cpu,cuda", [
     ("bnb:nf4", "fp32", "bf16"), ("bnb:int8", "fp32", "fp32"), ("bnb:nf4:compute_dtype=fp16", "fp16", "fp16"),
     ("hqq:w4g64", "fp32", "bf16"), ("quanto:w8", "fp32", "bf16"), ("quanto:w8:compute_dtype=fp32", "fp32", "fp32"),
+    ("torchao:int8-wo", "fp32", "bf16"), ("torchao:int4-wo-g32", "fp32", "bf16"),
+    ("torchao:int8-dyn-legacy", "fp32", "fp32"), ("torchao:int8-wo:compute_dtype=fp32", "fp32", "fp32"),
 ])
 def test_compute_dtype_follows_the_device_unless_set(builtin_backends, spec, cpu, cuda):
     """A user on a GPU computes in bf16, on the CPU in fp32: ``auto`` is
@@ -218,4 +221,36 @@ def test_compute_dtype_follows_the_device_unless_set(builtin_backends, spec, cpu
     _, config = backend.parse_variant(variant)
     assert backend.for_device(config, "cpu").compute_dtype == cpu
     assert backend.for_device(config, "cuda").compute_dtype == cuda
-    assert backend.for_device(config, "cpu").cache_settings()["compute_dtype"] == cpu
+    assert backend.compute_dtype(config, "cuda") == ("fp16" if spec == "bnb:int8" else cuda)
+    if backend_name != "torchao":
+        assert backend.for_device(config, "cpu").cache_settings()["compute_dtype"] == cpu
+
+
+@pytest.mark.parametrize("variant,cpu_key_has_dtype,cuda", [
+    ("int8-wo", False, "bf16"), ("int8-wo:compute_dtype=bf16", True, "bf16"),
+    ("int4-tinygemm-g128", False, "bf16"), ("int4-gemlite-g128", False, "fp16"), ("float8-wo", False, "bf16"),
+])
+def test_torchao_compute_dtype_keeps_old_cache_keys(builtin_backends, variant, cpu_key_has_dtype, cuda):
+    """The dtype each torchao variant computed in before ``compute_dtype``
+    existed (fp32 for the CPU paths, the kernel's own for tinygemm, gemlite
+    and float8) leaves the cache key as it was; another dtype joins it, so a
+    bf16 artifact never answers for an fp32 one."""
+    backend = builtin_backends["torchao"]
+    _, config = backend.parse_variant(variant)
+    on_cpu, on_cuda = backend.for_device(config, "cpu"), backend.for_device(config, "cuda")
+    assert ("compute_dtype" in on_cpu.cache_settings()) is cpu_key_has_dtype
+    assert on_cuda.compute_dtype == cuda
+    kernel_owned = config.needs_cuda
+    assert ("compute_dtype" in on_cuda.cache_settings()) is (not kernel_owned)
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("int4-tinygemm-g128:compute_dtype=fp32", "computes in bf16 only"),
+    ("int4-gemlite-g128:compute_dtype=bf16", "computes in fp16 only"),
+    ("int8-dyn-legacy:compute_dtype=bf16", "kernel=legacy (torch.ao quantize_dynamic) computes in fp32 only"),
+])
+def test_torchao_refuses_a_dtype_its_kernel_lacks(builtin_backends, spec, message):
+    from qbench.errors import QBenchError
+
+    with pytest.raises(QBenchError, match=re.escape(message)):
+        builtin_backends["torchao"].parse_variant(spec)

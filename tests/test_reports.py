@@ -343,3 +343,31 @@ def test_provenance_says_where_spread_cells_were_measured():
                        on("fp:bf16", hostname="b", cuda_visible_devices="0", gpu={"name": "H100"})])
     assert lines[0] == "measured on: node a GPU 0: fp:fp32; node b GPU 0: fp:bf16"
     assert "latency compares across them only roughly: a: Xeon, H200; b: Xeon, H100" in lines[1]
+
+
+def test_a_row_computing_in_another_dtype_than_the_baseline_is_noted(builtin_backends):
+    """Planned from the variants' settings, and said again from what each row
+    recorded; rows whose library picks its dtype inside get no note."""
+    from qbench.dtypes import cast_note
+    from qbench.plugins import LoadedPlugins
+    from qbench.report import recorded_cast_notes
+    from qbench.runner import CellSpec, cast_notes
+
+    assert cast_note("torch.float32", "torch.bfloat16", "fp:bf16") == (
+        "computes in fp32, the baseline `fp:bf16` in bf16: its KLD includes that cast and its speed is not the "
+        "quantization's alone (compare with fp:fp32)")
+    assert cast_note("bfloat16", "bf16", "fp:bf16") is None and cast_note(None, "bf16", "fp:bf16") is None
+    loaded = LoadedPlugins(pm=None, backends=builtin_backends)
+    cells = [CellSpec(cell="fp:bf16", backend="fp", variant="bf16", baseline=True),
+             CellSpec(cell="torchao:int8-wo", backend="torchao", variant="int8-wo"),
+             CellSpec(cell="hqq:w4g64", backend="hqq", variant="w4g64"),
+             CellSpec(cell="gguf:q4_0", backend="gguf", variant="q4_0")]
+    assert cast_notes(loaded, cells, "cuda") == {}
+    on_cpu = cast_notes(loaded, cells, "cpu")
+    assert sorted(on_cpu) == ["hqq:w4g64", "torchao:int8-wo"]
+    assert on_cpu["hqq:w4g64"].startswith("computes in fp32, the baseline `fp:bf16` in bf16")
+    records = [make_record(cell="fp:bf16", baseline=True, session={"dtype": "torch.bfloat16"}),
+               make_record(cell="torchao:int8-wo", session={"compute_dtype": "torch.float32"}),
+               make_record(cell="bnb:nf4", session={"compute_dtype": "torch.bfloat16"}),
+               make_record(cell="gguf:q4_0", session={})]
+    assert list(recorded_cast_notes(records)) == ["torchao:int8-wo"]
