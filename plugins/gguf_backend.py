@@ -175,7 +175,15 @@ class LlamaCppSession(Session):
         self.threads = torch.get_num_threads()  # the run's --threads, as the PyTorch backends use
         self.ctx = None
         self.ctx_size = (0, 0)  # (positions, sequences) the context holds
+        # Flash attention off on the CPU, as llama-cpp-python's Llama sets it:
+        # llama.cpp's "auto" turns it on there, and it decoded the embedded
+        # model 1.6x slower at 640 positions on a 2-core x86 machine (16.2
+        # against 10.1 ms/token, benchmarks/fidelity.py). On CUDA, llama.cpp
+        # decides.
+        self.flash_attention = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED if device == "cpu"
+                                else llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO)
         self.facts = {**facts, "threads": self.threads, "tensor_types": dict(self.file.types), "system_info": system,
+                      "flash_attention": "off" if device == "cpu" else "llama.cpp's choice (auto)",
                       "extra_buffer_types": bool(params.use_extra_bufts), "notes": notes}
 
     def _context(self, positions: int, sequences: int, batch: int):
@@ -199,6 +207,7 @@ class LlamaCppSession(Session):
         params.n_batch = batch
         params.n_ubatch = min(batch, 512)
         params.n_threads = params.n_threads_batch = self.threads
+        params.flash_attn_type = self.flash_attention
         params.no_perf = True
         self.ctx = llama_cpp.llama_init_from_model(self.model, params)
         if not self.ctx:
