@@ -120,7 +120,7 @@ def test_group_size_not_dividing_the_inputs_falls_back_to_torch_kernel_with_a_no
     session = session_for(backends["gptq"], "w4g128", tiny_model, calibration)
     facts = session.describe()
     assert facts["kernel"] == "gptqmodel TorchLinear" and facts["compute_dtype"] == "torch.bfloat16"
-    assert "not a multiple of the group size 128" in facts["notes"][0] and "fp:bf16" in facts["notes"][0]
+    assert "not a multiple of the group size 128" in facts["notes"][0]
     assert 0 < mean_kld(session, reference) < 1.0
 
 
