@@ -53,7 +53,13 @@ def create_run(
     loaded = load_plugins(settings)
     suite_file = suite_path(suite)
     suite_obj = load_suite(str(suite_file), allow_outside_data=allow_outside_data)
-    cells, skipped = plan_cells(loaded, list(backends or []), baseline, device)
+    # Rows named on the command line, else the suite's own (its default rows).
+    try:
+        cells, skipped = plan_cells(loaded, list(backends or suite_obj.backends or []), baseline, device)
+    except QBenchError as exc:
+        if backends or not suite_obj.backends:
+            raise
+        raise QBenchError(f"{suite_obj.file}: its backends list: {exc}") from None
     check_spread(loaded, cells, gpus_per_cell)
     check_calibration_sets(loaded, cells, suite_obj)
     spec = resolve_model(model, trust_remote_code=trust_remote_code)

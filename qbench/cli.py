@@ -186,7 +186,7 @@ def run(ctx, model, suite, backends, baseline, device, threads, cell_timeout, pl
 
 def _run_locked(plan, run_dir: Path, runner, retry_failed: bool, executor: str, address) -> None:
     from qbench.results import ResultStore
-    from qbench.runner import execute, pending_cells, preflight
+    from qbench.runner import execute, pending_cells, preflight, skipped_summary
 
     store = ResultStore(run_dir)
     reporter = RichReporter()
@@ -196,8 +196,9 @@ def _run_locked(plan, run_dir: Path, runner, retry_failed: bool, executor: str, 
                          f"({plan.model.fingerprint}) suite {plan.suite_name} ({plan.suite_hash}) device {plan.device}"
                          + (f" on GPUs {','.join(plan.gpus)}" if plan.gpus else "")
                          + (f" on Ray ({address or 'a cluster on this machine'})" if executor == "ray" else "")))
-    for cell, why in plan.skipped.items():
-        console.print(f"[yellow]skipped[/] {escape(cell)}: {escape(why)}")
+    left_out = skipped_summary(plan.skipped)
+    if left_out:
+        console.print(f"[yellow]skipped[/] {escape(left_out)}")
     for cell, note in plan.notes.items():
         console.print(f"[yellow]note[/] {escape(cell)}: {escape(note)}")
     if len(todo) < len(plan.cells):

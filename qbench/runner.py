@@ -144,6 +144,21 @@ def plan_cells(loaded: LoadedPlugins, specs: list[str], baseline: str, device: s
     return cells, skipped
 
 
+def skipped_summary(skipped: dict[str, str]) -> Optional[str]:
+    """One line for the variants a run left out, counted by why."""
+    if not skipped:
+        return None
+    kinds: dict[str, int] = {}
+    for why in skipped.values():
+        kind = ("run by name" if "ask for it by name" in why else
+                "need CUDA" if "CUDA" in why else
+                "need a package" if "pip install" in why or "missing" in why else "cannot run here")
+        kinds[kind] = kinds.get(kind, 0) + 1
+    counts = ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items(), key=lambda item: -item[1]))
+    return (f"{len(skipped)} variant(s) not run: {counts} (`qbench backends` says why for each; name one with -b "
+            "to run it)")
+
+
 def cast_notes(loaded: LoadedPlugins, cells: list[CellSpec], device: str) -> dict[str, str]:
     """Cells that will compute in another dtype than the baseline, as far as
     the plan can tell (see ``Backend.compute_dtype``); the report says it
@@ -239,6 +254,21 @@ def preflight(run_dir: Path, store: ResultStore, reporter: Reporter) -> None:
         reporter.warn(f"added the record of {cell} that an earlier run saved aside")
 
 
+class Numbered:
+    """A reporter that numbers one executor call's cells within the whole
+    run's (the baseline runs alone first, then the others): [1/6], [2/6] ...
+    rather than [1/1], [1/5]."""
+
+    def __init__(self, inner: Reporter, offset: int, total: int):
+        self.inner, self.offset, self.total = inner, offset, total
+
+    def cell_started(self, cell: str, index: int, total: int) -> None:
+        self.inner.cell_started(cell, index + self.offset, self.total)
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+
 class Job(NamedTuple):
     """One worker's task: a whole cell, or one latency trial of it."""
     cell: CellSpec
@@ -315,8 +345,10 @@ def _execute(plan, run_dir, reporter, retry_failed, executor, select) -> list[Ce
         reporter.cell_finished(job.label, record.status, record.wall_seconds or 0.0, record.error)
 
     # The baseline first and alone: every other cell reads its reference.
-    executor.run(plan, run_dir, [job for job in jobs if job.cell.baseline], keep, reporter, alone=True)
-    executor.run(plan, run_dir, [job for job in jobs if not job.cell.baseline], keep, reporter)
+    first = [job for job in jobs if job.cell.baseline]
+    executor.run(plan, run_dir, first, keep, Numbered(reporter, 0, len(jobs)), alone=True)
+    executor.run(plan, run_dir, [job for job in jobs if not job.cell.baseline], keep,
+                 Numbered(reporter, len(first), len(jobs)))
     return written + run_latency_trials(plan, run_dir, store, reporter, executor, select)
 
 

@@ -198,6 +198,12 @@ class Suite(_Strict):
     calibration_sets: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")], CalibrationSpec] = {}
     #: fine-tuning of the ``qat`` backend (its variants may override each field)
     qat: QATSpec = QATSpec()
+    #: the rows a run of this suite makes when ``-b`` names none, as ``-b``
+    #: takes them (``backend`` or ``backend:variant``); unset: every variant
+    #: that runs on the device by default. Which rows run is not what a
+    #: cell measures, so it stays out of the suite's hash.
+    backends: Optional[list[Annotated[str, Field(min_length=1, max_length=200)]]] = Field(
+        None, min_length=1, max_length=100, exclude=True)
     #: folder of the suite file; relative data paths resolve against it
     root: str = Field("", exclude=True)
     #: the suite file itself, for messages

@@ -28,7 +28,22 @@ def test_failing_cells_are_recorded_and_the_others_finish(tiny_model, tiny_suite
         model=str(tiny_model), suite=str(tiny_suite), device="cpu", cell_timeout=45,
         backends=["fake:raise", "fake:exit", "fake:hang", "fp:bf16"], plugin_dirs=(str(FAKE_PLUGINS),),
         output_dir=str(tmp_path))
-    execute(plan, run_dir)
+
+    class Numbers:
+        started: list[tuple[str, int, int]] = []
+
+        def cell_started(self, cell, index, total):
+            self.started.append((cell, index, total))
+
+        def phase(self, cell, name): pass
+        def cell_finished(self, cell, status, seconds, error): pass
+        def warn(self, message): pass
+
+    numbers = Numbers()
+    execute(plan, run_dir, numbers)
+    # one numbering for the run: the baseline is [1/5], not [1/1]
+    assert numbers.started == [("fp:fp32", 1, 5), ("fake:raise", 2, 5), ("fake:exit", 3, 5), ("fake:hang", 4, 5),
+                               ("fp:bf16", 5, 5)]
     records = {r.cell: r for r in ResultStore(run_dir).records()}
     assert list(records) == ["fp:fp32", "fake:raise", "fake:exit", "fake:hang", "fp:bf16"]
     assert records["fake:raise"].status == "failed"
