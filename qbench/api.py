@@ -55,7 +55,8 @@ def create_run(
     suite_obj = load_suite(str(suite_file), allow_outside_data=allow_outside_data)
     # Rows named on the command line, else the suite's own (its default rows).
     try:
-        cells, skipped = plan_cells(loaded, list(backends or suite_obj.backends or []), baseline, device)
+        cells, skipped = plan_cells(loaded, list(backends or suite_obj.backends or []), baseline, device,
+                                    from_suite=not backends and bool(suite_obj.backends))
     except QBenchError as exc:
         if backends or not suite_obj.backends:
             raise

@@ -109,7 +109,8 @@ def cli() -> None:
 @click.option("--suite", "-s", default="default", show_default=True, help="Suite name (suites/) or YAML file.")
 @click.option("--backends", "-b", multiple=True,
               help="Backends or cells: 'fp', 'fp:bf16', 'rtn:bits=4,group_size=32'. Comma-separated or "
-                   "repeated. Default: every variant available here.")
+                   "repeated; 'all': every variant available here. Default: the suite's rows (its backends: "
+                   "list), else all.")
 @click.option("--baseline", default="fp:fp32", show_default=True, help="The reference cell, run first.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads per worker (default: torch's).")

@@ -38,12 +38,15 @@ def short_name(dtype: str) -> str:
     return next((short for short, long in DTYPES.items() if name in (short, long)), name)
 
 
-def cast_note(row: str | None, baseline: str | None, baseline_cell: str) -> str | None:
+def cast_note(row: str | None, baseline: str | None, baseline_cell: str, row_cell: str = "") -> str | None:
     """The note for a row that computes in another dtype than the baseline,
     or None (same dtype, or either unknown: llama.cpp and ONNX Runtime pick
-    theirs inside). Used when a run is planned and again on its records."""
+    theirs inside; or the row is that cast, ``fp:bf16``). Used when a run is
+    planned and again on its records."""
     if not row or not baseline or short_name(row) == short_name(baseline):
         return None
     mine, theirs = short_name(row), short_name(baseline)
+    if row_cell == f"fp:{mine}":
+        return None
     return (f"computes in {mine}, the baseline `{baseline_cell}` in {theirs}: its KLD includes that cast and its "
             f"speed is not the quantization's alone (compare with fp:{mine})")

@@ -281,7 +281,7 @@ def recorded_cast_notes(records: list[CellRecord]) -> dict[str, str]:
     base = next((r for r in records if r.baseline and r.ok), None)
     if base is None:
         return {}
-    notes = {r.cell: cast_note(recorded_dtype(r), recorded_dtype(base), base.cell)
+    notes = {r.cell: cast_note(recorded_dtype(r), recorded_dtype(base), base.cell, r.cell)
              for r in records if r.ok and not r.baseline}
     return {cell: note for cell, note in notes.items() if note}
 

@@ -103,14 +103,17 @@ def split_backend_specs(specs: list[str]) -> list[str]:
     return out
 
 
-def plan_cells(loaded: LoadedPlugins, specs: list[str], baseline: str, device: str
+def plan_cells(loaded: LoadedPlugins, specs: list[str], baseline: str, device: str, from_suite: bool = False
                ) -> tuple[list[CellSpec], dict[str, str]]:
-    """Expand backend specs into cells, baseline first. With no specs, every
-    variant of every backend available on ``device``. Unavailable variants
+    """Expand backend specs into cells, baseline first. With no specs (or
+    ``all``), every variant of every backend available on ``device``. Unavailable variants
     asked for by name (``backend:variant``) stay in the plan and fail with the
     reason; those reached through a whole backend or "everything" are listed
-    as skipped."""
-    pieces = split_backend_specs(specs) if specs else sorted(loaded.backends)
+    as skipped. ``from_suite``: the specs are a suite's default rows, chosen
+    for a device: one that cannot run on this one is skipped, not failed."""
+    pieces = split_backend_specs(specs)
+    if not pieces or pieces == ["all"]:
+        pieces = sorted(loaded.backends)
     cells: list[CellSpec] = []
     skipped: dict[str, str] = {}
 
@@ -121,7 +124,7 @@ def plan_cells(loaded: LoadedPlugins, specs: list[str], baseline: str, device: s
         if any(c.cell == key for c in cells):
             return
         availability = backend.variant_available(config, device)
-        if not availability.ok and not explicit and not is_baseline:
+        if not availability.ok and (from_suite or not explicit) and not is_baseline:
             skipped[key] = availability.reason
             return
         reason = None if explicit or is_baseline else backend.default_skip_reason(config, device)
@@ -173,7 +176,7 @@ def cast_notes(loaded: LoadedPlugins, cells: list[CellSpec], device: str) -> dic
     if base is None:
         return {}
     base_dtype = dtype(base)
-    notes = {c.cell: cast_note(dtype(c), base_dtype, base.cell) for c in cells if not c.baseline}
+    notes = {c.cell: cast_note(dtype(c), base_dtype, base.cell, c.cell) for c in cells if not c.baseline}
     return {cell: note for cell, note in notes.items() if note}
 
 

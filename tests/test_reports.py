@@ -357,8 +357,10 @@ def test_a_row_computing_in_another_dtype_than_the_baseline_is_noted(builtin_bac
         "computes in fp32, the baseline `fp:bf16` in bf16: its KLD includes that cast and its speed is not the "
         "quantization's alone (compare with fp:fp32)")
     assert cast_note("bfloat16", "bf16", "fp:bf16") is None and cast_note(None, "bf16", "fp:bf16") is None
+    assert cast_note("bf16", "fp32", "fp:fp32", "fp:bf16") is None  # the row is the cast itself
     loaded = LoadedPlugins(pm=None, backends=builtin_backends)
     cells = [CellSpec(cell="fp:bf16", backend="fp", variant="bf16", baseline=True),
+             CellSpec(cell="fp:fp32", backend="fp", variant="fp32"),
              CellSpec(cell="torchao:int8-wo", backend="torchao", variant="int8-wo"),
              CellSpec(cell="hqq:w4g64", backend="hqq", variant="w4g64"),
              CellSpec(cell="gguf:q4_0", backend="gguf", variant="q4_0")]

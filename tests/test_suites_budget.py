@@ -45,10 +45,15 @@ def test_a_suites_rows_are_the_default_and_bad_ones_fail_the_plan(tmp_path, tiny
 
     folder = tmp_path / "s"
     folder.mkdir()
-    (folder / "few.yaml").write_text("name: few\nbackends: [fp:bf16]\n")
+    (folder / "few.yaml").write_text("name: few\nbackends: [fp:bf16, torchao:int4-tinygemm-g128]\n")
     plan, _ = create_run(model=str(tiny_model), suite=str(folder / "few.yaml"), device="cpu",
                          output_dir=str(tmp_path / "r1"))
+    # a suite's row that cannot run on this device is left out, not failed
     assert [c.cell for c in plan.cells] == ["fp:fp32", "fp:bf16"]
+    assert "CUDA" in plan.skipped["torchao:int4-tinygemm-g128"]
+    plan, _ = create_run(model=str(tiny_model), suite=str(folder / "few.yaml"), device="cpu", backends=["all"],
+                         output_dir=str(tmp_path / "r0"))
+    assert len(plan.cells) > 10  # -b all: every variant that runs here by default
     plan, _ = create_run(model=str(tiny_model), suite=str(folder / "few.yaml"), device="cpu", backends=["fp:fp16"],
                          output_dir=str(tmp_path / "r2"))
     assert [c.cell for c in plan.cells] == ["fp:fp32", "fp:fp16"]  # -b wins
