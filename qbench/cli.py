@@ -234,7 +234,9 @@ RUN_PLAN_OPTIONS = ("model", "suite", "backends", "baseline", "device", "threads
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
 @click.option("--plugins-dir", multiple=True, type=click.Path(file_okay=False))
-def backends(as_json, device, plugins_dir) -> None:
+@click.option("--verbose", "-v", is_flag=True, help="Every setting of every variant (default: those that differ "
+                                                      "from the backend's defaults).")
+def backends(as_json, device, plugins_dir, verbose) -> None:
     """List backends and variants, and whether each can run here (and why not)."""
     from qbench.environment import resolve_device
     from qbench.plugins import PluginSettings, load_plugins
@@ -263,15 +265,30 @@ def backends(as_json, device, plugins_dir) -> None:
     if as_json:
         click.echo(json.dumps(entries, indent=1))
         return
-    table = Table(title=f"qbench backends (device: {device})")
-    for column in ("backend", "variant", "here?", "settings", "version", "plugin"):
+    title = f"qbench backends (device: {device})" + ("" if verbose else
+                                                      "; a backend's row holds the settings all its variants share")
+    table = Table(title=title)
+    for column in ("backend", "variant", "here?", "settings"):
         table.add_column(column, overflow="fold")
+
+    def listed(settings: dict) -> str:
+        return escape(", ".join(f"{k}={val}" for k, val in settings.items()))
+
     for e in entries:
+        shared = {} if verbose or not e["variants"] else {
+            k: val for k, val in e["variants"][0]["settings"].items()
+            if all(v["settings"].get(k) == val for v in e["variants"])}
+        # the backend's description, version and plugin once; a reason the whole backend shares, once
+        table.add_row(f"[bold]{escape(e['backend'])}[/]", "", "" if e["available"] else
+                      f"[red]no[/]: {escape(e['reason'])}",
+                      escape(f"{e['description']} ({e['version'] or 'not installed'}; {e['plugin']})")
+                      + (f"\nall variants: {listed(shared)}" if shared else ""))
         for v in e["variants"]:
-            here = "[green]yes[/]" if v["available"] else f"[red]no[/]: {escape(v['reason'])}"
-            settings = ", ".join(f"{k}={val}" for k, val in v["settings"].items())
-            table.add_row(escape(e["backend"]), escape(v["name"]), here, escape(settings), escape(e["version"] or "-"),
-                          escape(e["plugin"]))
+            here = ("[green]yes[/]" if v["available"] else "[red]no[/]" if not e["available"]
+                    else f"[red]no[/]: {escape(v['reason'])}")
+            table.add_row("", escape(v["name"]), here,
+                          listed({k: val for k, val in v["settings"].items() if k not in shared}))
+        table.add_section()
     out.print(table)
 
 

@@ -16,6 +16,21 @@ def backends_json(*args):
     return {e["backend"]: e for e in json.loads(result.output)}
 
 
+def test_backends_table_shows_each_backends_settings_once(monkeypatch):
+    """A backend's row holds the settings its variants share; a variant's row
+    what sets it apart; --verbose every setting on every row."""
+    monkeypatch.setenv("COLUMNS", "300")
+    monkeypatch.setenv("QBENCH_PLUGINS", "builtin")
+    short = CliRunner().invoke(cli, ["backends", "--device", "cpu"])
+    assert short.exit_code == 0, short.output
+    lines = short.output.splitlines()
+    bf16 = next(line for line in lines if " bf16 " in line and "dtype=" in line)
+    assert "dtype=bf16" in bf16 and "runtime=" not in bf16
+    assert short.output.count("runtime=eager") == short.output.count("all variants:")  # once per backend
+    full = CliRunner().invoke(cli, ["backends", "--device", "cpu", "--verbose"])
+    assert full.exit_code == 0 and full.output.count("runtime=eager") > 20
+
+
 def test_builtin_fp_backend_lists_its_variants_with_settings():
     fp = backends_json()["fp"]
     assert [v["name"] for v in fp["variants"]] == ["fp32", "bf16", "fp16"]
