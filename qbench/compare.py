@@ -19,11 +19,13 @@ choice between quantizations turns on, and a machine drifts by that much
 over an hour. A latency measured while the machine canary said the machine
 was slower than usual for its run is not judged at all, and is listed so.
 
-Runs with a single trial per cell (older runs, suites with ``trials: 1``)
-have no between-process error: the within-process error of the repetitions
-is widened by the run-to-run spread measured across the two runs' cells (the
-robust SD, 1.4826 x MAD, of the log-ratios of every latency figure they
-share, when there are at least ``MIN_SPREAD_FIGURES``).
+A latency measured in a single worker process (older runs, suites with
+``trials: 1`` such as smoke) has no between-process error, and the speed of
+one artifact differs more between processes than between repetitions: it is
+shown with the z of its repetitions but not judged, and the exit code does
+not count it. ``latency_spread`` (the robust SD of the log-ratios of every
+latency figure two runs share) describes how far the machine moved between
+them; it judges nothing.
 
 Memory has no noise model: a change of more than 5% is flagged.
 """
@@ -43,7 +45,7 @@ LATENCY = ("prefill_ms", "decode_ms_per_token")
 MEMORY = ("weight_bytes",)
 MEMORY_TOLERANCE = 0.05
 LATENCY_FLOOR = 0.10
-MIN_SPREAD_FIGURES = 8
+MIN_SPREAD_FIGURES = 8  # latency_spread: fewer figures tell nothing
 
 
 def _repetitions(name: str, record: CellRecord) -> list[float]:
@@ -136,21 +138,17 @@ def holm(p_values: list[float], alpha: float = ALPHA) -> list[bool]:
     return rejected
 
 
-def _z_score(name: str, ra: CellRecord, rb: CellRecord, pooled: dict[str, tuple],
-             spread: Optional[tuple]) -> Optional[float]:
+def _z_score(name: str, ra: CellRecord, rb: CellRecord, pooled: dict[str, tuple]) -> Optional[float]:
     """Change over its combined standard error; None without an error."""
     va, vb = ra.value(name), rb.value(name)
     if name in LATENCY:
         if va <= 0 or vb <= 0:
             return None
-        (sa, trials_a), (sb, trials_b) = (_latency_log_error(name, ra, pooled[name][0]),
-                                          _latency_log_error(name, rb, pooled[name][1]))
+        (sa, _), (sb, _) = (_latency_log_error(name, ra, pooled[name][0]),
+                            _latency_log_error(name, rb, pooled[name][1]))
         if sa is None or sb is None:
             return None
-        error = math.hypot(sa, sb)
-        if not (trials_a and trials_b) and spread:
-            error = max(error, spread[0])  # no between-process error in a run: the cross-cell spread stands in
-        change = math.log(vb / va)
+        error, change = math.hypot(sa, sb), math.log(vb / va)
     else:
         sa, sb = ra.stderr(name), rb.stderr(name)
         if sa is None or sb is None:
@@ -165,7 +163,6 @@ def compare_records(a: dict[str, CellRecord], b: dict[str, CellRecord]) -> tuple
     """(headers, rows, number of flagged changes) over the cells that finished
     in both runs."""
     headers = ["cell", "metric", "run A", "run B", "change", "z", "beyond noise?"]
-    spread = latency_spread(a, b)
     pooled = {name: (pooled_trial_spread(a, name), pooled_trial_spread(b, name)) for name in LATENCY}
     rows: list[list[str]] = []
     tests: list[tuple[int, float, bool]] = []  # (row, p-value, large enough to matter)
@@ -183,10 +180,16 @@ def compare_records(a: dict[str, CellRecord], b: dict[str, CellRecord]) -> tuple
                 which, busy = ("A", _machine_busy(ra)) if _machine_busy(ra) else ("B", _machine_busy(rb))
                 row[-1] = f"not judged ({busy} in run {which})"
             else:
-                z = _z_score(name, ra, rb, pooled, spread)
+                z = _z_score(name, ra, rb, pooled)
                 if z is None:
                     continue
                 row[5] = f"{z:+.1f}"
+                single = [w for w, r in (("A", ra), ("B", rb)) if len(_trials(name, r)) < 2]
+                if name in LATENCY and single:
+                    row[-1] = (f"not judged (one worker process in run {' and '.join(single)}: speed differs "
+                               "between processes; latency trials >= 2 give it an error bar)")
+                    rows.append(row)
+                    continue
                 matters = name not in LATENCY or abs(vb / va - 1) >= LATENCY_FLOOR
                 tests.append((len(rows), p_value(z), matters))
             rows.append(row)
