@@ -297,7 +297,7 @@ def recipe_from_sensitivity(folder: str | Path, variant: str, top: int, use: Opt
 
 
 def search(budget: str, backends: Optional[list[str]] = None, model: str = DEFAULT_MODEL, suite: str = "default",
-           device: str = "auto", unit: str = "layer", tokens: int = 1024, base: Optional[str] = None,
+           device: str = "auto", unit: str = "type", tokens: int = 1024, base: Optional[str] = None,
            output_dir: Optional[str] = None, run_id: Optional[str] = None, reporter: Reporter = SilentReporter(),
            on_step=lambda message: None):
     """``qbench search``: the smallest configuration meeting ``budget``

@@ -356,7 +356,7 @@ def sensitivity(variant, model, suite, unit, converse, tokens, recipe_path, forc
               help="Its perplexity (and, for an acc budget, task) sections are used.")
 @click.option("--base", default=None, metavar="VARIANT",
               help="The torchao variant mixed recipes start from (default: chosen from the uniform results).")
-@click.option("--unit", type=click.Choice(["layer", "type", "block"]), default="layer", show_default=True,
+@click.option("--unit", type=click.Choice(["layer", "type", "block"]), default="type", show_default=True,
               help="What a recipe upgrades, ranked by sensitivity.")
 @click.option("--tokens", type=click.IntRange(min=1), default=1024, show_default=True,
               help="Scored tokens per unit in the sensitivity pass.")

@@ -226,8 +226,11 @@ def find_run(run: str | Path, root: Optional[str | Path] = None) -> Path:
         if (candidate / PLAN_FILE).is_file():
             return candidate
     runs = sorted(p.name for p in root.glob("*") if (p / PLAN_FILE).is_file()) if root.is_dir() else []
-    hint = f"; runs under {root}: {', '.join(runs[-5:])}" if runs else ""
-    raise QBenchError(f"run '{run}' not found (no {PLAN_FILE}){hint}")
+    hint = (f"; runs there: {', '.join(runs[-5:])}" if runs else "") + \
+        "; give the run folder's path (a run made with -o DIR lies in DIR/RUN_ID), or set $QBENCH_RESULTS to DIR"
+    looked = f"{path.resolve()}" + (f" and {(root / str(run)).resolve()}" if path.resolve() != (root / str(run)).resolve()
+                                    else "")
+    raise QBenchError(f"run '{run}' not found (no {PLAN_FILE} in {looked}){hint}")
 
 
 def run_folder_of(path: Path) -> Optional[Path]:

@@ -32,6 +32,9 @@ from qbench.io import write_atomic
 from qbench.records import Metric
 
 UNIT_KINDS = ("layer", "type", "block")
+#: The unit of sensitivity and of search, one default for both: a layer type
+#: across blocks (*.down_proj), a handful of units where layers are hundreds.
+DEFAULT_UNIT = "type"
 MODES = ("only", "all-but")
 ROWS_FILE, REFERENCE_FILE, SETTINGS_FILE = "sensitivity.jsonl", "reference.safetensors", "sensitivity.json"
 HEATMAP_FILE = "sensitivity_heatmap.png"

@@ -368,3 +368,15 @@ def test_a_row_computing_in_another_dtype_than_the_baseline_is_noted(builtin_bac
                make_record(cell="bnb:nf4", session={"compute_dtype": "torch.bfloat16"}),
                make_record(cell="gguf:q4_0", session={})]
     assert list(recorded_cast_notes(records)) == ["torchao:int8-wo"]
+
+
+def test_a_run_not_found_says_where_it_was_looked_for(tmp_path, monkeypatch):
+    from qbench.errors import QBenchError
+    from qbench.results import find_run
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(QBenchError) as error:
+        find_run("r1", root=tmp_path / "results")
+    message = str(error.value)
+    assert f"no plan.json in {tmp_path / 'r1'} and {tmp_path / 'results' / 'r1'}" in message
+    assert "-o DIR lies in DIR/RUN_ID" in message

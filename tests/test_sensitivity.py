@@ -174,3 +174,19 @@ def test_a_damaged_folder_resumes_or_says_what_to_do(int4_pass, tiny_model, tiny
     (folder / "sensitivity.json").write_text("[1, 2]")
     with pytest.raises(QBenchError, match="sensitivity.json is not the JSON qbench wrote"):
         again()
+
+
+def test_sensitivity_and_search_share_one_default_unit():
+    """The CLI spells the default out (qbench.sensitivity imports torch); it
+    must stay the one the API and the module name."""
+    import inspect
+
+    from qbench import api
+    from qbench.cli import cli
+    from qbench.sensitivity import DEFAULT_UNIT
+
+    for command in ("sensitivity", "search"):
+        unit = next(p for p in cli.commands[command].params if p.name == "unit")
+        assert unit.default == DEFAULT_UNIT, command
+    for function in (api.sensitivity, api.search):
+        assert inspect.signature(function).parameters["unit"].default == DEFAULT_UNIT
