@@ -5,7 +5,7 @@ artifact, device and threads, in one process, and the ratio
 qbench / reference (goal: 0.95-1.05).
 
     python benchmarks/fidelity.py                                   # CPU rows, embedded model
-    python benchmarks/fidelity.py --device cuda -m DIR --rows fp:bf16,torchao:int8-wo
+    python benchmarks/fidelity.py --device cuda -m DIR --rows torchao:int8-wo:runtime=compiled
 
 References:
 
