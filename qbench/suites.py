@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Literal, Optional, Union
 
@@ -210,6 +211,17 @@ class Suite(_Strict):
     file: str = Field("", exclude=True)
     #: whether data files may lie outside ``root`` (--allow-outside-data)
     allow_outside_data: bool = Field(False, exclude=True)
+
+    @model_validator(mode="after")
+    def _rows_name_no_files(self):
+        # A suite is untrusted: its rows may not point a backend at a file or
+        # a hub id (a recipe, a prequantized checkpoint) that the run would
+        # read or download outside the suite's own data rules.
+        for row in self.backends or []:
+            if re.search(r"(^|[:,])\s*(path|recipe)\s*=", row):
+                raise ValueError(f"backends: '{row}' names a file (path= or recipe=): a suite's rows may not; "
+                                 "give that row with -b on the command line")
+        return self
 
     @model_validator(mode="after")
     def _unique_task_names(self):

@@ -57,6 +57,11 @@ def test_a_suites_rows_are_the_default_and_bad_ones_fail_the_plan(tmp_path, tiny
     plan, _ = create_run(model=str(tiny_model), suite=str(folder / "few.yaml"), device="cpu", backends=["fp:fp16"],
                          output_dir=str(tmp_path / "r2"))
     assert [c.cell for c in plan.cells] == ["fp:fp32", "fp:fp16"]  # -b wins
+    for row in ("gguf:prequantized:path=/etc/passwd", "torchao:recipe=../r.yaml", "awq:prequantized,path=org/m"):
+        (folder / "files.yaml").write_text(f"name: files\nbackends: ['{row}']\n")
+        with pytest.raises(QBenchError, match="names a file .*give that row with -b"):
+            create_run(model=str(tiny_model), suite=str(folder / "files.yaml"), device="cpu",
+                       output_dir=str(tmp_path / "r4"))
     (folder / "bad.yaml").write_text("name: bad\nbackends: [nosuch:row]\n")
     with pytest.raises(QBenchError, match="bad.yaml: its backends list: .*nosuch"):
         create_run(model=str(tiny_model), suite=str(folder / "bad.yaml"), device="cpu", output_dir=str(tmp_path / "r3"))
