@@ -174,25 +174,28 @@ class LlamaCppSession(Session):
         self.file = file
         self.threads = torch.get_num_threads()  # the run's --threads, as the PyTorch backends use
         self.ctx = None
-        self.ctx_size = (0, 0)  # (positions, sequences) the context holds
-        # Flash attention off on the CPU, as llama-cpp-python's Llama sets it:
-        # llama.cpp's "auto" turns it on there, and it decoded the embedded
-        # model 1.6x slower at 640 positions on a 2-core x86 machine (16.2
-        # against 10.1 ms/token, benchmarks/fidelity.py). On CUDA, llama.cpp
-        # decides.
-        self.flash_attention = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED if device == "cpu"
-                                else llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO)
+        self.ctx_size = (0, 0, -2)  # (positions, sequences, flash attention) of the context
+        # Decoding runs with flash attention off on the CPU, as
+        # llama-cpp-python's Llama sets it: llama.cpp's "auto" turns it on
+        # there, and it decoded the embedded model 1.6x slower at 640
+        # positions on a 2-core x86 machine (16.2 against 10.1 ms/token,
+        # benchmarks/fidelity.py). Scoring keeps llama.cpp's choice, as
+        # llama-perplexity does, so quality figures stay comparable with it.
+        self.decode_flash = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED if device == "cpu"
+                             else llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO)
         self.facts = {**facts, "threads": self.threads, "tensor_types": dict(self.file.types), "system_info": system,
-                      "flash_attention": "off" if device == "cpu" else "llama.cpp's choice (auto)",
+                      "flash_attention": ("llama.cpp's choice (auto) when scoring, off when decoding" if device == "cpu"
+                                          else "llama.cpp's choice (auto)"),
                       "extra_buffer_types": bool(params.use_extra_bufts), "notes": notes}
 
-    def _context(self, positions: int, sequences: int, batch: int):
-        """A context for ``sequences`` rows of ``positions`` tokens, reused
+    def _context(self, positions: int, sequences: int, batch: int, flash: int = -1):
+        """A context for ``sequences`` rows of ``positions`` tokens with
+        flash attention ``flash`` (llama.cpp's type; -1: auto), reused
         (emptied) when big enough."""
         import llama_cpp
 
         if self.ctx is not None and self.ctx_size[0] >= positions and self.ctx_size[1] >= sequences \
-                and llama_cpp.llama_n_batch(self.ctx) >= batch:
+                and self.ctx_size[2] == flash and llama_cpp.llama_n_batch(self.ctx) >= batch:
             llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
             return self.ctx
         if self.ctx is not None:
@@ -207,13 +210,13 @@ class LlamaCppSession(Session):
         params.n_batch = batch
         params.n_ubatch = min(batch, 512)
         params.n_threads = params.n_threads_batch = self.threads
-        params.flash_attn_type = self.flash_attention
+        params.flash_attn_type = flash
         params.no_perf = True
         self.ctx = llama_cpp.llama_init_from_model(self.model, params)
         if not self.ctx:
             raise QBenchError(f"llama.cpp cannot create a context of {positions} x {sequences} positions: "
                               f"{self.log.last_error()}")
-        self.ctx_size = (positions, sequences)
+        self.ctx_size = (positions, sequences, flash)
         return self.ctx
 
     def _decode(self, ctx, rows: list[tuple[int, int, list[int]]], outputs: str):
@@ -260,7 +263,7 @@ class LlamaCppSession(Session):
         import torch
 
         batch, prompt = input_ids.shape
-        ctx = self._context(prompt + max_new_tokens, batch, batch * prompt)
+        ctx = self._context(prompt + max_new_tokens, batch, batch * prompt, self.decode_flash)
         rows = [(b, 0, input_ids[b].tolist()) for b in range(batch)]
         produced = []
         for step in range(max_new_tokens):
