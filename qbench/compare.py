@@ -80,16 +80,16 @@ def pooled_trial_spread(records: dict[str, CellRecord], name: str) -> Optional[f
     return math.sqrt(sum_sq / dof) if dof else None
 
 
-def _latency_log_error(name: str, record: CellRecord, pooled: Optional[float]) -> tuple[Optional[float], bool]:
-    """(standard error of log(value), whether it covers process-to-process
-    variation)."""
+def _latency_log_error(name: str, record: CellRecord, pooled: Optional[float]) -> Optional[float]:
+    """Standard error of log(value): from the between-process trials where
+    there are two or more, else from the repetitions of one process."""
     trials = _trials(name, record)
     if len(trials) >= 2:
-        return max(log_spread(trials), pooled or 0.0) / math.sqrt(len(trials)), True
+        return max(log_spread(trials), pooled or 0.0) / math.sqrt(len(trials))
     reps = _repetitions(name, record)
     if len(reps) < 2:
-        return None, False
-    return 1.2533 * statistics.stdev(reps) / math.sqrt(len(reps)) / record.metrics[name].value, False
+        return None
+    return 1.2533 * statistics.stdev(reps) / math.sqrt(len(reps)) / record.metrics[name].value
 
 
 def _machine_busy(record: CellRecord) -> Optional[str]:
@@ -144,8 +144,7 @@ def _z_score(name: str, ra: CellRecord, rb: CellRecord, pooled: dict[str, tuple]
     if name in LATENCY:
         if va <= 0 or vb <= 0:
             return None
-        (sa, _), (sb, _) = (_latency_log_error(name, ra, pooled[name][0]),
-                            _latency_log_error(name, rb, pooled[name][1]))
+        sa, sb = _latency_log_error(name, ra, pooled[name][0]), _latency_log_error(name, rb, pooled[name][1])
         if sa is None or sb is None:
             return None
         error, change = math.hypot(sa, sb), math.log(vb / va)
