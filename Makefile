@@ -3,6 +3,18 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
+# DEVICE=cuda sets up a GPU machine: llama.cpp built with CUDA (needs nvcc;
+# for this GPU's architecture only, which keeps the build to minutes),
+# onnxruntime-gpu in place of onnxruntime, and gemlite's Triton kernels;
+# `make run DEVICE=cuda` then runs on the GPU. Each device has its own stamp,
+# so switching reinstalls what differs.
+DEVICE ?= cpu
+ifeq ($(DEVICE),cuda)
+LLAMA_DEVICE_ARGS := -DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=native
+RUN_DEVICE := --device cuda
+else ifneq ($(DEVICE),cpu)
+$(error DEVICE must be cpu or cuda, not '$(DEVICE)')
+endif
 STAMP  := $(VENV)/.qbench-installed-$(DEVICE)
 # gptqmodel (the `gptq` backend) needs torch>=2.14.1; PyPI's 2.14.1 is a CUDA
 # build that also runs on the CPU (~5.5 GB in the venv). Override for another
@@ -18,18 +30,6 @@ ifeq ($(shell uname -m),x86_64)
 LLAMA_CFLAGS ?= -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 endif
 ARGS   ?=
-# DEVICE=cuda sets up a GPU machine: llama.cpp built with CUDA (needs nvcc;
-# for this GPU's architecture only, which keeps the build to minutes),
-# onnxruntime-gpu in place of onnxruntime, and gemlite's Triton kernels;
-# `make run DEVICE=cuda` then runs on the GPU. Each device has its own stamp,
-# so switching reinstalls what differs.
-DEVICE ?= cpu
-ifeq ($(DEVICE),cuda)
-LLAMA_CMAKE_ARGS += -DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=native
-RUN_DEVICE := --device cuda
-else ifneq ($(DEVICE),cpu)
-$(error DEVICE must be cpu or cuda, not '$(DEVICE)')
-endif
 
 .PHONY: run test test-slow bench clean-venv
 
@@ -38,7 +38,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q "$(TORCH)"
 	# --no-cache-dir: a wheel cached from a build with other flags would be
 	# reused; --force-reinstall: so would one installed for the other DEVICE
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CFLAGS="$(LLAMA_CFLAGS)" CXXFLAGS="$(LLAMA_CFLAGS)" \
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS) $(LLAMA_DEVICE_ARGS)" CFLAGS="$(LLAMA_CFLAGS)" CXXFLAGS="$(LLAMA_CFLAGS)" \
 		$(BIN)/pip install -q --no-cache-dir --force-reinstall "$(LLAMA_CPP)"
 	$(BIN)/pip uninstall -q -y onnxruntime-gpu onnxruntime
 	$(BIN)/pip install -q -e ".[all,test]"
