@@ -15,7 +15,7 @@ from qbench.paths import results_dir
 from qbench.plugins import PluginSettings, get_backend, load_plugins
 from qbench.results import ResultStore, find_run, frame, run_lock
 from qbench.results import load_results as load_results  # re-exported
-from qbench.runner import (DEFAULT_BASELINE, DEFAULT_CELL_TIMEOUT, RunPlan, Reporter, SilentReporter, cast_notes,
+from qbench.runner import (DEFAULT_CELL_TIMEOUT, RunPlan, Reporter, SilentReporter, cast_notes, default_baseline,
                            check_run_id, check_writable, execute, load_plan, new_run_id, plan_cells, save_plan)
 from qbench.suites import load_suite, suite_path
 
@@ -27,7 +27,7 @@ def create_run(
     model: str = DEFAULT_MODEL,
     suite: str = "default",
     backends: Optional[list[str]] = None,
-    baseline: str = DEFAULT_BASELINE,
+    baseline: Optional[str] = None,
     device: str = "auto",
     threads: Optional[int] = None,
     cell_timeout: float = DEFAULT_CELL_TIMEOUT,
@@ -48,6 +48,7 @@ def create_run(
     if run_id is not None:
         check_run_id(run_id)
     device = resolve_device(device)
+    baseline = baseline or default_baseline(device)
     gpu_ids = resolve_gpus(gpus, device, gpus_per_cell)
     settings = PluginSettings.from_env(plugin_dirs)
     loaded = load_plugins(settings)

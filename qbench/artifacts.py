@@ -108,6 +108,11 @@ def artifact_key(model_fingerprint: str, backend: Backend, config: VariantConfig
     return key_of(artifact_identity(model_fingerprint, backend, config, calibration_hash))
 
 
+def is_cached(backend_name: str, key: str) -> bool:
+    """Whether the cache holds a (not yet verified) entry under ``key``."""
+    return (cache_dir() / "artifacts" / backend_name / key / "artifact.json").is_file()
+
+
 def verify_identity(entry: Path, artifact: Artifact, key: str, identity: dict[str, Any]) -> None:
     """The manifest must name the entry it sits in and what was asked for:
     the key (the folder's name too) and each field the key was computed from."""

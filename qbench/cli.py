@@ -14,6 +14,7 @@ import click
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from qbench.errors import QBenchError
 from qbench.io import write_atomic
@@ -23,6 +24,10 @@ console = Console(stderr=True, soft_wrap=True)  # messages never wrap mid-word i
 out = Console(width=None if sys.stdout.isatty() else 250)
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
 class RichReporter:
     """Progress for long runs: which cells run, their phases, elapsed time.
     Several cells at once with ``--gpus``: one status line lists them all."""
@@ -30,6 +35,27 @@ class RichReporter:
     def __init__(self) -> None:
         self.status = None
         self.running: dict[str, list] = {}  # key -> [label, started, phase]
+        self.expected: dict[str, float] = {}  # worker label -> seconds, from the estimate
+        self.started = time.monotonic()
+
+    def expect(self, estimate) -> None:
+        """Each worker's expected seconds (qbench.estimate.Estimate), for the ETA."""
+        self.expected = dict(estimate.workers)
+        self.started = time.monotonic()
+
+    def _left(self) -> Optional[float]:
+        """Seconds the run has left by the estimate: workers not finished,
+        those running counted for what they have left (at least 0)."""
+        if not self.expected:
+            return None
+        now = time.monotonic()
+        return sum(max(seconds - (now - self.running[k][1]), 0.0) if k in self.running else seconds
+                   for k, seconds in self.expected.items())
+
+    def _eta(self) -> str:
+        left = self._left()
+        run = f"run {_duration(time.monotonic() - self.started)} in"
+        return run + (f", about {_duration(left)} left" if left is not None else "")
 
     def cell_started(self, cell: str, index: int, total: int) -> None:
         # cell names and errors are user text: never markup
@@ -49,12 +75,23 @@ class RichReporter:
 
     def cell_finished(self, cell: str, status: str, seconds: float, error: Optional[str]) -> None:
         entry = self.running.pop(cell, None)
+        expected = self.expected.pop(cell, None)
         label = entry[0] if entry else escape(cell)
         self._show()
+        took = f"{seconds:.0f}s" + (f" (expected {expected:.0f}s)" if expected is not None else "")
         if status == "ok":
-            console.print(f"[green]✓[/] {label} finished in {seconds:.0f}s")
+            console.print(f"[green]✓[/] {label} finished in {took}; {self._eta()}")
         else:
-            console.print(f"[red]✗[/] {label} failed after {seconds:.0f}s: {escape(error or '?')}")
+            console.print(f"[red]✗[/] {label} failed after {took}: {escape(error or '?')}; {self._eta()}")
+
+    def __rich__(self) -> Text:
+        """The status line, rendered anew at each refresh of the spinner: the
+        seconds and the ETA move between a worker's events."""
+        now = time.monotonic()
+        text = "  |  ".join(f"{label} · {phase} · {now - started:.0f}s"
+                            + (f" of about {self.expected[key]:.0f}s" if key in self.expected else "")
+                            for key, (label, started, phase) in list(self.running.items()))
+        return Text.from_markup(text + "  |  " + escape(self._eta()))
 
     def _show(self) -> None:
         if not self.running:
@@ -62,23 +99,18 @@ class RichReporter:
                 self.status.stop()
                 self.status = None
             return
-        now = time.monotonic()
-        text = "  |  ".join(f"{label} · {phase} · {now - started:.0f}s into the cell"
-                            for label, started, phase in self.running.values())
         if self.status is None:
-            self.status = console.status(text)
+            self.status = console.status(self, refresh_per_second=2)
             self.status.start()
-        else:
-            self.status.update(text)
 
     def warn(self, message: str) -> None:
         console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False)
 
 
-def print_table(records, title: str) -> None:
+def print_table(records, title: str, metrics: str | None = None) -> None:
     from qbench.table import table_rows
 
-    headers, rows = table_rows(records)
+    headers, rows = table_rows(records, metrics)
     table = Table(title=escape(title), show_lines=False)
     for i, h in enumerate(headers):
         table.add_column(h, justify="left" if i < 2 else "right", overflow="fold")
@@ -88,6 +120,11 @@ def print_table(records, title: str) -> None:
     for record in records:
         for note in record.notes:
             out.print(f"[yellow]note[/] {escape(record.cell)}: {escape(note)}", highlight=False)
+
+
+METRICS_HELP = ("The comparison table's columns, comma-separated: a record's metric (kld, word_perplexity, "
+                "bits_per_byte, byte_perplexity, ...) or a task's, TASK/METRIC (lm_eval:arc_easy/acc_norm). Each "
+                "with a leading + joins the default columns: --metrics +word_perplexity,+bits_per_byte.")
 
 
 def _finite(ctx, param, value):
@@ -111,7 +148,8 @@ def cli() -> None:
               help="Backends or cells: 'fp', 'fp:bf16', 'rtn:bits=4,group_size=32'. Comma-separated or "
                    "repeated; 'all': every variant available here. Default: the suite's rows (its backends: "
                    "list), else all.")
-@click.option("--baseline", default="fp:fp32", show_default=True, help="The reference cell, run first.")
+@click.option("--baseline", default=None,
+              help="The reference cell, run first. Default: fp:fp32 on the CPU, fp:bf16 on CUDA.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads per worker (default: torch's).")
 @click.option("--cell-timeout", type=click.FloatRange(min=0, min_open=True), default=3600, show_default=True,
@@ -204,7 +242,7 @@ def _run_locked(plan, run_dir: Path, runner, retry_failed: bool, executor: str, 
         console.print(f"[yellow]note[/] {escape(cell)}: {escape(note)}")
     if len(todo) < len(plan.cells):
         console.print(f"{len(plan.cells) - len(todo)} cell(s) already finished; running {len(todo)}")
-    _print_estimate(plan, run_dir, todo)
+    _print_estimate(plan, run_dir, todo, reporter)
     try:
         execute(plan, run_dir, reporter, retry_failed=retry_failed, executor=runner)
     finally:
@@ -394,7 +432,8 @@ def search(budget, backends, model, suite, base, unit, tokens, device, output_di
 @click.argument("run_id")
 @click.option("--json", "as_json", is_flag=True, help="Print the records as JSON lines.")
 @click.option("--markdown", is_flag=True, help="Print a GitHub-ready markdown table.")
-def show(run_id, as_json, markdown) -> None:
+@click.option("--metrics", help=METRICS_HELP)
+def show(run_id, as_json, markdown, metrics) -> None:
     """Print the comparison table of a run."""
     from qbench.results import ResultStore, find_run
     from qbench.runner import load_plan
@@ -408,39 +447,52 @@ def show(run_id, as_json, markdown) -> None:
             click.echo(r.to_json())
         return
     if markdown:
-        click.echo(markdown_table(records))
+        click.echo(markdown_table(records, metrics))
         return
-    print_table(records, f"qbench run {plan.run_id}: {plan.model.name} on suite {plan.suite_name}")
+    print_table(records, f"qbench run {plan.run_id}: {plan.model.name} on suite {plan.suite_name}", metrics)
     unfinished = [c.cell for c in plan.cells if c.cell not in {r.cell for r in records}]
     if unfinished:
         console.print(f"[yellow]not run yet[/]: {escape(', '.join(unfinished))} "
                       f"(qbench run --resume {escape(plan.run_id)})")
 
 
-def _print_estimate(plan, run_dir: Path, todo) -> None:
-    from qbench.estimate import estimate, past_durations
+def _print_estimate(plan, run_dir: Path, todo, reporter: "RichReporter") -> None:
+    """The run's expected time before it starts (artifact builds included),
+    and each worker's expected time for the progress display."""
+    from qbench.artifacts import is_cached
+    from qbench.estimate import estimate, past_costs
+    from qbench.suites import load_suite
 
-    history = past_durations(run_dir.parent, plan.model.fingerprint, plan.suite_hash, plan.device,
-                             warn=RichReporter().warn)
-    seconds, unknown = estimate([c.cell for c in todo], history)
-    if seconds is None:
+    costs = past_costs(run_dir.parent, plan.model.fingerprint, plan.suite_hash, plan.device, warn=reporter.warn)
+    latency = load_suite(plan.suite_path, allow_outside_data=plan.allow_outside_data).latency
+    found = estimate([(c.cell, c.backend) for c in todo], costs, latency.trials if latency else 1, is_cached)
+    if found is None:
         console.print(f"time estimate: none yet ({len(todo)} cell(s), no earlier run of this model, suite and "
                       "device in the results folder)")
         return
-    extra = f"; {unknown} cell(s) without history counted as a typical one" if unknown else ""
-    console.print(f"time estimate: about {seconds / 60:.0f} min for {len(todo)} cell(s), from earlier runs{extra}")
+    reporter.expect(found)
+    parts = [f"about {_duration(found.seconds)} for {len(todo)} cell(s), from earlier runs"]
+    builds = {cell: seconds for cell, seconds in found.builds.items() if seconds >= 1}  # not a dtype cast's
+    if builds:
+        parts.append(f"{_duration(sum(builds.values()))} of it building {len(builds)} artifact(s) not in the "
+                     f"cache ({', '.join(builds)})")
+    if found.unknown:
+        parts.append(f"{len(found.unknown)} cell(s) never run here counted as a typical one, their artifact "
+                     "builds not counted")
+    console.print(escape("time estimate: " + "; ".join(parts)))
 
 
 @cli.command()
 @click.argument("run_id")
 @click.option("--kld-budget", type=click.FloatRange(min=0), default=0.02, show_default=True, callback=_finite,
               help="Quality budget of the recommendation: the largest acceptable mean KLD.")
-def report(run_id, kld_budget) -> None:
+@click.option("--metrics", help=METRICS_HELP)
+def report(run_id, kld_budget, metrics) -> None:
     """Write report.md and a self-contained report.html into the run folder."""
     from qbench.report import write_report
     from qbench.results import find_run
 
-    md, page = write_report(find_run(run_id), kld_budget)
+    md, page = write_report(find_run(run_id), kld_budget, metrics)
     console.print(escape(f"wrote {md} and {page}"))
 
 

@@ -200,6 +200,12 @@ class CompiledDecoder:
         self.cache, self.shape = StaticCache(config=self.model.config, max_cache_len=shape[1]), shape
         self.token = torch.zeros((shape[0], 1), dtype=torch.long, device=self.device)
         self.position = torch.zeros(1, dtype=torch.long, device=self.device)
+        # One eager step first, as gpt-fast's eager prefill does: transformers
+        # allocates the cache's tensors at their first use. Traced instead,
+        # that allocation is compiled into the first graph, and the second
+        # step, now with an allocated cache, compiles the step again: two
+        # compilations per shape, the slowest part of a compiled cell.
+        self._decode(self.token, self.position)
         # Compiling and every backend's own autotuning happen in these
         # warm-up steps, on a side stream as CUDA graph capture requires.
         side = torch.cuda.Stream()

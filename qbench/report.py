@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
+from qbench.charts import Chart, Series, plotly_div, plotly_script, png
 from qbench.decisions import QUALITY, WEIGHTS, pareto, quality, recommend
 from qbench.errors import QBenchError
 from qbench.records import CellRecord
@@ -36,6 +36,10 @@ class Block:
     headers: tuple = ()
     rows: tuple = ()
     png: bytes = b""
+    #: the interactive version of an "img" block, for report.html
+    chart: Optional[Chart] = None
+    #: a "table" whose rows a reader can sort by clicking a header (report.html)
+    sortable: bool = False
 
 
 def _value(record: CellRecord, name: str) -> Optional[float]:
@@ -90,94 +94,83 @@ def delta_rows(records: list[CellRecord]) -> tuple[tuple, list[tuple]]:
     return headers, rows
 
 
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    import matplotlib.pyplot as plt
+def _hover(r: CellRecord) -> str:
+    """A row's figures, for the interactive charts' hover."""
+    parts = [f"<b>{html.escape(r.cell)}</b>"]
+    for name, label, fmt, scale in (("kld", "KLD", ".5f", 1), ("perplexity", "PPL", ".3f", 1),
+                                    ("weight_bytes", "weights MiB", ".1f", 1 / MIB),
+                                    ("decode_ms_per_token", "decode ms/token", ".2f", 1),
+                                    ("decode_tokens_per_s", "tokens/s", ".1f", 1), ("acc", "acc %", ".1f", 100)):
+        value, se = _value(r, name), _stderr(r, name)
+        if value is not None:
+            parts.append(f"{label} {value * scale:{fmt}}" + (f" ± {se * scale:{fmt}}" if se else ""))
+    return "<br>".join(parts)
 
-    plt.close(fig)
-    return buf.getvalue()
 
-
-def plots(records: list[CellRecord]) -> list[tuple[str, str, bytes]]:
-    """(file name, caption, PNG) for each plot that has data."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def charts(records: list[CellRecord]) -> list[Chart]:
+    """Each chart that has data, drawn as PNG for report.md and interactively
+    for report.html."""
     ok = [r for r in records if r.ok and quality(r) is not None]
     out = []
     if ok and any(_value(r, "weight_bytes") for r in ok):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for r in ok:
-            ax.errorbar(_value(r, "weight_bytes") / MIB, quality(r), yerr=_stderr(r, "kld") or 0, fmt="o")
-            ax.annotate(r.cell, (_value(r, "weight_bytes") / MIB, quality(r)), fontsize=7,
-                        xytext=(4, 3), textcoords="offset points")
-        front = pareto_front(ok)
-        ax.plot([_value(r, "weight_bytes") / MIB for r in front], [quality(r) for r in front], "--",
-                color="tab:red", label="Pareto front")
-        ax.set_xlabel("weight memory (MiB)")
-        ax.set_ylabel("mean KLD to the baseline (symlog)")
-        ax.set_yscale("symlog", linthresh=1e-4)
-        ax.legend()
-        ax.grid(alpha=0.3)
-        out.append(("quality_vs_memory.png", "Quality (KLD, lower is better) against weight memory; "
-                    "the dashed line joins the Pareto-optimal variants.", _png(fig)))
+        rows = [r for r in ok if _value(r, "weight_bytes")]
+        front = sorted(pareto_front(rows), key=lambda r: _value(r, "weight_bytes"))
+        out.append(Chart(
+            "quality_vs_memory.png", "Quality (KLD, lower is better) against weight memory; the dashed line joins "
+            "the variants no other beats on both.", "weight memory (MiB)", "mean KLD to the baseline",
+            [Series(r.cell, [_value(r, "weight_bytes") / MIB], [quality(r)], [_stderr(r, "kld") or 0], [_hover(r)])
+             for r in rows]
+            + [Series("Pareto front", [_value(r, "weight_bytes") / MIB for r in front], [quality(r) for r in front],
+                      guide=True)], y_scale="symlog"))
     speed = [r for r in ok if _value(r, "decode_tokens_per_s")]
     if speed:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for r in speed:
-            ax.errorbar(quality(r), _value(r, "decode_tokens_per_s"), yerr=_stderr(r, "decode_tokens_per_s") or 0,
-                        fmt="o")
-            ax.annotate(r.cell, (quality(r), _value(r, "decode_tokens_per_s")), fontsize=7,
-                        xytext=(4, 3), textcoords="offset points")
-        ax.set_xscale("symlog", linthresh=1e-4)
-        ax.set_xlabel("mean KLD to the baseline (symlog)")
-        ax.set_ylabel("decode tokens/s (bars: between-process SE)")
-        ax.grid(alpha=0.3)
-        out.append(("speed_vs_quality.png", "Decode speed against quality (up and left is better).", _png(fig)))
+        out.append(Chart(
+            "speed_vs_quality.png", "Decode speed against quality (up and left is better).",
+            "mean KLD to the baseline", "decode tokens/s (bars: between-process SE)",
+            [Series(r.cell, [quality(r)], [_value(r, "decode_tokens_per_s")],
+                    [_stderr(r, "decode_tokens_per_s") or 0], [_hover(r)]) for r in speed], x_scale="symlog"))
     swept = [r for r in records if r.ok and len(r.latency_sweep) > 1]
     if swept:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        series = []
         for r in swept:
             sizes = sorted(r.latency_sweep)
-            ax.plot(sizes, [r.latency_sweep[b]["decode_tokens_per_s"].value for b in sizes], "o-", label=r.cell)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("batch size")
-        ax.set_ylabel("decode tokens/s (all sequences)")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3, which="both")
-        out.append(("throughput_vs_batch.png", "Decode throughput against batch size, per variant.", _png(fig)))
-    tasks = sorted({t for r in ok for t, figures in r.tasks.items() if "acc" in figures})
+            speeds = [r.latency_sweep[b]["decode_tokens_per_s"].value for b in sizes]
+            series.append(Series(r.cell, sizes, speeds, lines=True,
+                                 hover=[f"<b>{html.escape(r.cell)}</b><br>batch {b}: {t:.1f} tokens/s"
+                                        for b, t in zip(sizes, speeds)]))
+        out.append(Chart("throughput_vs_batch.png", "Decode throughput against batch size, per variant.",
+                         "batch size", "decode tokens/s (all sequences)", series, x_scale="log2", y_scale="log"))
+    tasks = tuple(sorted({t for r in ok for t, figures in r.tasks.items() if "acc" in figures}))
     if tasks:
-        fig, ax = plt.subplots(figsize=(max(7, 1.2 * len(tasks) * max(1, len(ok)) / 3), 4.5))
-        width = 0.8 / len(ok)
-        colours = plt.get_cmap("tab20").colors
-        for i, r in enumerate(ok):
-            per = r.tasks
-            xs = [j + i * width for j in range(len(tasks))]
-            ys = [100 * per[t]["acc"].value if t in per else float("nan") for t in tasks]
-            es = [100 * (per[t]["acc"].stderr or 0) if t in per else 0 for t in tasks]
-            ax.bar(xs, ys, width, yerr=es, capsize=2, label=r.cell, color=colours[i % len(colours)])
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], tasks)
-        ax.set_ylabel("accuracy % (± standard error)")
-        ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
-        ax.grid(axis="y", alpha=0.3)
-        out.append(("task_accuracy.png", "Accuracy per task, with standard errors.", _png(fig)))
+        series = []
+        for r in ok:
+            have = [t for t in tasks if t in r.tasks and "acc" in r.tasks[t]]
+            accs = [r.tasks[t]["acc"] for t in have]
+            series.append(Series(r.cell, [100 * m.value for m in accs], list(have),
+                                 [100 * (m.stderr or 0) for m in accs],
+                                 [f"<b>{html.escape(r.cell)}</b><br>{html.escape(t)}: {100 * m.value:.1f} ± "
+                                  f"{100 * (m.stderr or 0):.1f} % (n {m.n})" for t, m in zip(have, accs)]))
+        out.append(Chart("task_accuracy.png", "Accuracy per task, ± standard error.", "accuracy %", "task",
+                         series, categories=tasks))
     return out
 
 
-def blocks(plan: RunPlan, records: list[CellRecord], kld_budget: float, extra: tuple[Block, ...] = ()) -> list[Block]:
+def blocks(plan: RunPlan, records: list[CellRecord], kld_budget: float, extra: tuple[Block, ...] = (),
+           metrics: Optional[str] = None) -> list[Block]:
     out = [Block("p", text=f"Model `{plan.model.name}` (fingerprint {plan.model.fingerprint}), suite "
                  f"`{plan.suite_name}` (hash {plan.suite_hash}), device {plan.device}, run "
                  f"`{plan.run_id}` started {time.strftime('%Y-%m-%d %H:%M', time.localtime(plan.created))}.")]
     if plan.model.note:
         out.append(Block("p", text=plan.model.note + "."))
     out += [Block("h2", text="Recommendation"), Block("list", items=tuple(recommendation(records, kld_budget)))]
-    headers, rows = table_rows(records)
-    out += [Block("h2", text="Comparison"), Block("table", headers=tuple(headers), rows=tuple(map(tuple, rows)))]
+    headers, rows = table_rows(records, metrics)
+    out += [Block("h2", text="Comparison"),
+            Block("table", headers=tuple(headers), rows=tuple(map(tuple, rows)), sortable=True)]
+    recorded = {r.cell for r in records}
+    unrun = [c.cell for c in plan.cells if c.cell not in recorded]
+    if unrun:  # a stopped run's report says so where the table is read
+        out.append(Block("p", text=f"{len(unrun)} of {len(plan.cells)} planned cells did not run: "
+                         + ", ".join(f"`{c}`" for c in unrun) + f" (`qbench run --resume {plan.run_id}` runs them)."))
     latency = latency_method(records)
     if latency:
         out.append(Block("p", text=latency))
@@ -185,12 +178,11 @@ def blocks(plan: RunPlan, records: list[CellRecord], kld_budget: float, extra: t
     if d_rows:
         out += [Block("p", text="Against the baseline (paired standard error for perplexity; independent for "
                       "accuracy):"), Block("table", headers=d_headers, rows=tuple(d_rows))]
-    per_task = task_rows(records)
+    t_headers, per_task = task_rows(records)
     if per_task:
         out += [Block("p", text="Per task, every figure as its engine reports it (qbench's own multiple-choice "
                       "scorer, or lm-evaluation-harness for `lm_eval:` tasks), ± standard error:"),
-                Block("table", headers=("task", "metric", "n", *[r.cell for r in records if r.ok]),
-                      rows=tuple(per_task))]
+                Block("table", headers=t_headers, rows=tuple(per_task), sortable=True)]
     sweep = sweep_rows(records)
     if sweep:
         out += [Block("p", text="Batch sweep (each batch size timed in the row's own worker process; weight-only "
@@ -203,17 +195,18 @@ def blocks(plan: RunPlan, records: list[CellRecord], kld_budget: float, extra: t
                 Block("table", headers=("variant", "kernel", "compute dtype", "runtime", "calibration", "library"),
                       rows=tuple(ran))]
     failed = [f"`{r.cell}`: {r.error}" for r in records if not r.ok]
+    never = [f"`{cell}` (not run): the run stopped before it" for cell in unrun]
     skipped = [f"`{cell}` (skipped): {why}" for cell, why in plan.skipped.items()]
-    if failed or skipped:
-        out += [Block("h2", text="Cells without results"), Block("list", items=tuple(failed + skipped))]
+    if failed or never or skipped:
+        out += [Block("h2", text="Cells without results"), Block("list", items=tuple(failed + never + skipped))]
     notes = [f"`{r.cell}`: {n}" for r in records for n in r.notes] + \
         [f"`{cell}`: {note}" for cell, note in recorded_cast_notes(records).items()]
     if notes:
         out += [Block("h2", text="Notes"), Block("list", items=tuple(notes))]
     out += list(extra)
     out.append(Block("h2", text="Plots"))
-    for name, caption, png in plots(records):
-        out += [Block("img", text=name, png=png), Block("p", text=caption)]
+    for chart in charts(records):
+        out += [Block("img", text=chart.file, png=png(chart), chart=chart), Block("p", text=chart.caption)]
     out += [Block("h2", text="Environment and provenance"), Block("list", items=tuple(provenance(plan, records)))]
     return out
 
@@ -238,22 +231,24 @@ def latency_method(records: list[CellRecord]) -> Optional[str]:
     return text
 
 
-def task_rows(records: list[CellRecord]) -> list[tuple]:
-    """One row per task and metric, one column per finished cell."""
+def task_rows(records: list[CellRecord]) -> tuple[tuple, list[tuple]]:
+    """One row per finished cell, one column per task and metric (its n in
+    the header): rows grow with variants, the table's width only with tasks."""
     ok = [r for r in records if r.ok]
     keys = sorted({(task, name) for r in ok for task, figures in r.tasks.items() for name in figures})
-    rows = []
+    headers = ["variant"]
     for task, name in keys:
-        cells, n = [], "-"
-        for r in ok:
+        ns = {m.n for r in ok if (m := r.tasks.get(task, {}).get(name)) is not None and m.n is not None}
+        headers.append(f"{task} {name}" + (f" (n {ns.pop()})" if len(ns) == 1 else ""))
+    rows = []
+    for r in ok:
+        cells = [r.cell]
+        for task, name in keys:
             m = r.tasks.get(task, {}).get(name)
-            if m is None or m.value is None:
-                cells.append("-")
-                continue
-            n = str(m.n) if m.n is not None else n
-            cells.append(f"{m.value:.4f}" + (f" ± {m.stderr:.4f}" if m.stderr is not None else ""))
-        rows.append((task, name, n, *cells))
-    return rows
+            cells.append("-" if m is None or m.value is None else
+                         f"{m.value:.4f}" + (f" ± {m.stderr:.4f}" if m.stderr is not None else ""))
+        rows.append(tuple(cells))
+    return tuple(headers), rows
 
 
 def sweep_rows(records: list[CellRecord]) -> list[tuple]:
@@ -313,8 +308,13 @@ def provenance(plan: RunPlan, records: list[CellRecord]) -> list[str]:
         items.append("calibration data hash: " + ", ".join(calib))
     workload = next((r.workload for r in records if r.workload), None)
     if workload:
-        items.append(f"BOS policy: {workload.get('bos_policy')}; perplexity tokens: "
-                     f"{workload.get('perplexity_tokens')}")
+        if workload.get("perplexity_protocol"):
+            # Records before the BOS was written out in words give the suite's policy.
+            bos = workload.get("perplexity_bos") or f"suite policy {workload.get('bos_policy')}"
+            items.append(f"perplexity: protocol {workload['perplexity_protocol']}, "
+                         f"{workload.get('perplexity_tokens')} tokens scored, BOS: {bos}")
+        else:
+            items.append(f"BOS policy: {workload.get('bos_policy')}")
     if env is None:
         return items + ["environment: not recorded (no cell finished)"]
     gpu = env.get("gpu")
@@ -382,14 +382,53 @@ def _inline(text: str) -> str:
     return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
 
 
+#: Sorts a table.sortable by the clicked header: numbers by value ("1.23 ± 0.04" by 1.23), text
+#: alphabetically, "-" and failures last; a second click reverses. aria-sort says the order.
+SORT_SCRIPT = """
+document.querySelectorAll("table.sortable").forEach(function (table) {
+  var heads = table.querySelectorAll("th");
+  heads.forEach(function (th, col) {
+    th.addEventListener("click", function () {
+      var asc = th.getAttribute("aria-sort") !== "ascending";
+      heads.forEach(function (h) { h.removeAttribute("aria-sort"); });
+      th.setAttribute("aria-sort", asc ? "ascending" : "descending");
+      var body = table.tBodies[0], rows = Array.prototype.slice.call(body.rows);
+      function key(row) {
+        var text = row.cells[col].textContent.trim(), num = parseFloat(text.replace(/,/g, ""));
+        return isNaN(num) ? text : num;
+      }
+      rows.sort(function (a, b) {
+        var x = key(a), y = key(b), xs = typeof x === "string", ys = typeof y === "string";
+        if (x === "-" || y === "-") { return (x === "-") - (y === "-"); }
+        if (xs !== ys) { return xs ? 1 : -1; }
+        var order = xs ? x.localeCompare(y) : x - y;
+        return asc ? order : -order;
+      });
+      rows.forEach(function (row) { body.appendChild(row); });
+    });
+  });
+});
+"""
+
+STYLE = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
+         ".scroll{overflow-x:auto;margin:1em 0}table{border-collapse:collapse;font-size:13px}"
+         "td,th{border:1px solid #ccc;padding:3px 7px;text-align:right;white-space:nowrap}"
+         "td:first-child,th:first-child{text-align:left;position:sticky;left:0;background:#fff}"
+         "tr:nth-child(even) td{background:#f6f6f6}table.sortable th{cursor:pointer;user-select:none}"
+         "th[aria-sort=ascending]::after{content:' \\25B2'}th[aria-sort=descending]::after{content:' \\25BC'}"
+         "code{background:#f0f0f0;padding:0 3px}img{max-width:100%}.chart{margin:1em 0}")
+
+
 def to_html(title: str, body: list[Block]) -> str:
+    """One self-contained page: plotly.js and every image inline, so it
+    opens offline and can be mailed or attached as one file."""
+    charts_in = [b for b in body if b.chart is not None]
     out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-           "<style>body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
-           "table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 7px;"
-           "text-align:right}td:first-child,th:first-child{text-align:left}tr:nth-child(even){background:#f6f6f6}"
-           "code{background:#f0f0f0;padding:0 3px}img{max-width:100%}</style></head><body>",
-           f"<h1>{html.escape(title)}</h1>"]
-    for b in body:
+           f"<style>{STYLE}</style>"]
+    if charts_in:
+        out.append(f"<script>{plotly_script()}</script>")
+    out += ["</head><body>", f"<h1>{html.escape(title)}</h1>"]
+    for index, b in enumerate(body):
         if b.kind == "h2":
             out.append(f"<h2>{html.escape(b.text)}</h2>")
         elif b.kind == "p":
@@ -397,18 +436,25 @@ def to_html(title: str, body: list[Block]) -> str:
         elif b.kind == "list":
             out.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in b.items) + "</ul>")
         elif b.kind == "table":
-            out.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in b.headers) + "</tr>"
+            out.append("<div class='scroll'><table" + (" class='sortable'" if b.sortable else "") + "><thead><tr>"
+                       + "".join(f"<th>{html.escape(h)}</th>" for h in b.headers) + "</tr></thead><tbody>"
                        + "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>"
-                                 for row in b.rows) + "</table>")
+                                 for row in b.rows) + "</tbody></table></div>")
+        elif b.kind == "img" and b.chart is not None:
+            out.append(f"<div class='chart'>{plotly_div(b.chart, f'chart-{index}')}</div>")
         elif b.kind == "img":
             data = base64.b64encode(b.png).decode()
             out.append(f"<img alt='{html.escape(b.text)}' src='data:image/png;base64,{data}'>")
+    if any(b.sortable for b in body):
+        out.append(f"<script>{SORT_SCRIPT}</script>")
     out.append("</body></html>")
     return "\n".join(out)
 
 
-def write_report(run_dir: Path, kld_budget: float = DEFAULT_KLD_BUDGET) -> tuple[Path, Path]:
-    """Write report.md (+ report_files/*.png) and report.html into the run folder."""
+def write_report(run_dir: Path, kld_budget: float = DEFAULT_KLD_BUDGET, metrics: Optional[str] = None
+                 ) -> tuple[Path, Path]:
+    """Write report.md (+ report_files/*.png) and report.html into the run folder;
+    ``metrics`` picks the comparison table's columns (see ``table.select_columns``)."""
     from qbench.results import ResultStore
     from qbench.runner import load_plan
 
@@ -420,7 +466,7 @@ def write_report(run_dir: Path, kld_budget: float = DEFAULT_KLD_BUDGET) -> tuple
     title = f"qbench report: {plan.model.name} on suite {plan.suite_name}"
     from qbench.search import report_blocks
 
-    body = blocks(plan, records, kld_budget, tuple(report_blocks(run_dir)))
+    body = blocks(plan, records, kld_budget, tuple(report_blocks(run_dir)), metrics)
     files = run_dir / "report_files"
     md, page = run_dir / "report.md", run_dir / "report.html"
     try:

@@ -324,16 +324,22 @@ def frame(records: Iterable[CellRecord]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+TIDY_COLUMNS = ["run_id", "cell", "task", "metric", "value", "unit", "n", "stderr"]
+
+
 def tidy(records: Iterable[CellRecord]) -> pd.DataFrame:
-    """Long form: one row per cell x metric, with unit, n and stderr."""
+    """Long form: one row per cell x metric, with unit, n and stderr; then
+    one per cell x task x metric (``task`` empty for the cell's own metrics),
+    named as the task's engine names them (lm-eval's for ``lm_eval:`` tasks)."""
     import pandas as pd
 
     rows = []
     for r in records:
-        for name, m in r.metrics.items():
-            rows.append({"run_id": r.run_id, "cell": r.cell, "metric": name, "value": m.value, "unit": m.unit,
-                         "n": m.n, "stderr": m.stderr})
-    return pd.DataFrame(rows, columns=["run_id", "cell", "metric", "value", "unit", "n", "stderr"])
+        figures = [("", name, m) for name, m in r.metrics.items()]
+        figures += [(task, name, m) for task, metrics in r.tasks.items() for name, m in metrics.items()]
+        rows += [{"run_id": r.run_id, "cell": r.cell, "task": task, "metric": name, "value": m.value, "unit": m.unit,
+                  "n": m.n, "stderr": m.stderr} for task, name, m in figures]
+    return pd.DataFrame(rows, columns=TIDY_COLUMNS)
 
 
 def load_results(run: str | Path, latest: bool = True) -> pd.DataFrame:

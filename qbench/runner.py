@@ -27,6 +27,14 @@ from qbench.results import PLAN_FILE, ResultStore, cell_file_stem, run_lock
 from qbench.worker import CellTask, worker_main
 
 DEFAULT_BASELINE = "fp:fp32"
+
+
+def default_baseline(device: str) -> str:
+    """The reference a run compares against when ``--baseline`` names none:
+    the model in the dtype a user of that device computes in (float32 on a
+    CPU, bfloat16 on a GPU, where a float32 reference would be neither what
+    anyone ships nor a fair speed reference)."""
+    return "fp:bf16" if device == "cuda" else DEFAULT_BASELINE
 DEFAULT_CELL_TIMEOUT = 3600.0
 
 

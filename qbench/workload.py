@@ -247,6 +247,22 @@ class Workload:
                                   f"perplexity corpus gives only {available} tokens: lower it or use more text")
             fits(lat.prompt_tokens + lat.new_tokens, "latency (prompt_tokens + new_tokens)", "lower them")
 
+    @property
+    def perplexity_bos(self) -> str:
+        """The BOS the perplexity windows actually hold, in words: the suite's
+        ``bos`` applies to the stream protocol only; the others follow their
+        tool (lm-eval's prefix token, llama.cpp's per-chunk BOS)."""
+        protocol = self.suite.perplexity.protocol
+        if protocol == "lm-eval-rolling":
+            prefix = self.rolling_prefix_id
+            kind = "BOS" if prefix == self.bos_id else "EOS"
+            return f"lm-eval's prefix token ({kind}, id {prefix}) before each document's first window"
+        if protocol == "llama.cpp":
+            return (f"BOS (id {self.bos_id}) first in every chunk, as llama-perplexity" if self.tokenizer_adds_bos
+                    else "none (the tokenizer adds no BOS, so llama-perplexity adds none)")
+        return {"none": "none", "document": f"BOS (id {self.bos_id}) before the corpus",
+                "window": f"BOS (id {self.bos_id}) before every window"}[self.suite.bos]
+
     def fingerprint(self) -> dict[str, Any]:
         out: dict[str, Any] = {"bos_policy": self.suite.bos, "bos_id": self.bos_id, "task_bos": self.suite.task_bos}
         if self.suite.perplexity:
@@ -257,6 +273,7 @@ class Workload:
                 out["perplexity_documents"] = len(self.rolling_documents)
             elif protocol == "llama.cpp":
                 out["perplexity_bos_per_chunk"] = self.tokenizer_adds_bos
+            out["perplexity_bos"] = self.perplexity_bos
             out["perplexity_windows"] = windows_hash(self.perplexity_windows)
             out["perplexity_tokens"] = sum(w.n_scored for w in self.perplexity_windows)
         return out

@@ -52,6 +52,7 @@ def test_uniform_logits_give_perplexity_equal_to_vocab_size():
     # bits per byte and word perplexity by hand: every token costs ln(37) nats.
     assert m["bits_per_byte"]["value"] == pytest.approx(n * math.log(vocab) / (n_bytes * math.log(2)))
     assert m["word_perplexity"]["value"] == pytest.approx(math.exp(n * math.log(vocab) / n_words))
+    assert m["byte_perplexity"]["value"] == pytest.approx(math.exp(n * math.log(vocab) / n_bytes))
 
 
 def test_hand_computed_kld_and_fidelity():

@@ -94,6 +94,9 @@ def test_lm_eval_rolling_matches_lm_eval_on_the_same_documents(tiny_model, tmp_p
     assert record.ok, record.error
     assert record.value("word_perplexity") == pytest.approx(word_ppl, rel=1e-5)
     assert record.value("bits_per_byte") == pytest.approx(bpb, rel=1e-5)
+    assert record.value("byte_perplexity") == pytest.approx(2 ** bpb, rel=1e-5)  # lm-eval's byte_perplexity
+    # The BOS the windows held is lm-eval's prefix token, not the suite's "none".
+    assert record.workload["perplexity_bos"].startswith("lm-eval's prefix token")
 
 
 def test_llama_cpp_protocol_on_uniform_logits_gives_the_vocabulary_size(tiny_model, tmp_path):

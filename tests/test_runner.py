@@ -465,3 +465,39 @@ def test_a_cell_killed_in_a_later_phase_keeps_the_phases_it_finished(tiny_model,
     record = ResultStore(out / "hung").latest()["fake:hang-in-latency"]
     assert record.phase == "latency" and "timed out after 25s during latency" in record.error
     assert record.completed_phases == ["perplexity", "tasks", "generation"] and record.value("acc") is not None
+
+
+def test_time_estimate_counts_artifact_builds_the_cache_lacks_and_each_latency_trial(tmp_path):
+    """By hand: cell a measured in 70 s after a 30 s build (not cached now),
+    trials 20 and 22 s; cell b 50 s with its artifact cached (built in 400 s
+    under another suite); cell c never ran here: the median cell (60 s) and
+    the median trial (21 s)."""
+    from qbench.estimate import estimate, past_costs
+    from tests.conftest import make_record
+
+    def record(cell, **fields):
+        return make_record(cell=cell, backend=cell.split(":")[0], variant=cell.split(":")[1],
+                           suite={"name": "s", "path": "s.yaml", "hash": fields.pop("suite", "h")}, **fields)
+
+    run = tmp_path / "old"
+    run.mkdir()
+    store = ResultStore(run)
+    store.append(record("a:x", wall_seconds=100.0, phase_seconds={"quantize": 30.0}, trial_wall_seconds=[20.0, 22.0],
+                        artifact={"key": "k1", "cache_hit": False, "path": "p"}, finished=1.0,
+                        metrics={"quantize_seconds": {"value": 30.0, "unit": "s"}}))
+    store.append(record("b:y", wall_seconds=50.0, artifact={"key": "k2", "cache_hit": True, "path": "p"},
+                        finished=1.0, metrics={"quantize_seconds": {"value": 400.0, "unit": "s"}}))
+    other = tmp_path / "other"
+    other.mkdir()  # a run of another suite: not this one's time
+    ResultStore(other).append(record("b:y", suite="other", wall_seconds=900.0, finished=2.0))
+    costs = past_costs(tmp_path, "f", "h", "cpu")
+    assert costs["a:x"] == (70.0, [20.0, 22.0], 30.0, "k1") and costs["b:y"] == (50.0, [], 400.0, "k2")
+    found = estimate([("a:x", "a"), ("b:y", "b"), ("c:z", "c")], costs, trials=3,
+                     cached=lambda backend, key: (backend, key) == ("b", "k2"))
+    assert found.builds == {"a:x": 30.0} and found.unknown == ["c:z"]
+    assert found.workers == {"a:x": 100.0, "a:x · latency trial 2 of 3": 20.0, "a:x · latency trial 3 of 3": 22.0,
+                             "b:y": 50.0, "b:y · latency trial 2 of 3": 21.0, "b:y · latency trial 3 of 3": 21.0,
+                             "c:z": 60.0, "c:z · latency trial 2 of 3": 21.0, "c:z · latency trial 3 of 3": 21.0}
+    assert found.seconds == 336.0
+    # Nothing cached: b's build counts too.
+    assert estimate([("b:y", "b")], costs, 1, lambda backend, key: False).workers == {"b:y": 450.0}

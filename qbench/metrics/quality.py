@@ -23,9 +23,10 @@ def _mean_se(x: torch.Tensor) -> tuple[float, float]:
 
 def perplexity_metrics(token_logprobs: torch.Tensor, n_bytes: int, n_words: int) -> dict[str, Any]:
     """Token perplexity exp(mean NLL) (GPTQ protocol) with a delta-method
-    standard error; word perplexity exp(sum NLL / words) and bits per byte
-    sum NLL / (bytes * ln 2), as lm-evaluation-harness defines them, over the
-    text of exactly the scored tokens."""
+    standard error; word perplexity exp(sum NLL / words), byte perplexity
+    exp(sum NLL / bytes) and bits per byte sum NLL / (bytes * ln 2), as
+    lm-evaluation-harness defines them, over the text of exactly the scored
+    tokens."""
     nll = -token_logprobs.double()
     n = nll.numel()
     mean, se = _mean_se(nll)
@@ -35,6 +36,7 @@ def perplexity_metrics(token_logprobs: torch.Tensor, n_bytes: int, n_words: int)
         "perplexity": metric(ppl, "ppl", n, ppl * se),
         "nll": metric(mean, "nats/token", n, se),
         "word_perplexity": metric(math.exp(total / n_words) if n_words else None, "ppl", n_words),
+        "byte_perplexity": metric(math.exp(total / n_bytes) if n_bytes else None, "ppl", n_bytes),
         "bits_per_byte": metric(total / (n_bytes * LN2) if n_bytes else None, "bits/byte", n_bytes),
     }
 
