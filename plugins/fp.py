@@ -23,6 +23,7 @@ class FullPrecision(Backend):
     name = "fp"
     description = "Unquantized weights via transformers (the baseline) and plain fp16/bf16 casts"
     config_class = FPConfig
+    builds_apart = False  # its quantize writes nothing: no process to spare
     shards_across_gpus = True
 
     def variants(self) -> dict[str, VariantConfig]:

@@ -191,3 +191,73 @@ def artifact_weight_bytes(artifact: Artifact) -> Optional[int]:
     e.g. a dtype cast done at load time)."""
     files = [f for f in Path(artifact.path).rglob("*") if f.suffix in (".safetensors", ".onnx", ".data", ".bin")]
     return sum(f.stat().st_size for f in files) or None
+
+
+def _build_in_child(conn, plugins, backend_name: str, variant: str, settings: dict[str, Any], model_path: str,
+                    model_fingerprint: str, calibration, calibration_hash, threads: Optional[int]) -> None:
+    """The child of ``build_apart``: builds the artifact into the cache and
+    says how it went over ``conn``: ("progress", text), then ("done",) or
+    ("error", kind, message)."""
+    from qbench import progress
+    from qbench.worker import die_with_parent
+
+    die_with_parent()
+    try:
+        import torch
+
+        from qbench.plugins import get_backend, load_plugins
+
+        if threads:
+            torch.set_num_threads(threads)
+        backend = get_backend(load_plugins(plugins), backend_name)
+        config = backend.config_class.model_validate(settings)
+        progress.set_sink(lambda text: conn.send(("progress", text)))
+        obtain_artifact(backend, variant, config, model_path, model_fingerprint, calibration, calibration_hash)
+        conn.send(("done",))
+    except BaseException as exc:  # noqa: BLE001 - the parent reports it as the cell's error
+        conn.send(("error", "QBenchError" if isinstance(exc, QBenchError) else type(exc).__name__, str(exc)))
+    finally:
+        conn.close()
+
+
+def build_apart(plugins, backend: Backend, variant: str, config: VariantConfig, model_path: str,
+                model_fingerprint: str, calibration: Optional[list[list[int]]], calibration_hash: Optional[str],
+                threads: Optional[int] = None, on_progress: Callable[[str], None] = lambda text: None) -> None:
+    """Build a cell's artifact into the cache in a fresh process (spawned:
+    nothing of this process's state, threads or allocator comes along), so
+    that whatever the quantization library leaves behind stays out of the
+    process that measures. The caller then obtains the artifact as a cache
+    hit. The child's errors come back as this process's: a QBenchError as
+    one, anything else as a RuntimeError naming its type."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_build_in_child, name=f"qbench build {backend.name}:{variant}", daemon=True,
+                       args=(child, plugins, backend.name, variant, config.settings(), model_path, model_fingerprint,
+                             calibration, calibration_hash, threads))
+    proc.start()
+    child.close()
+    outcome = None
+    try:
+        while outcome is None:
+            try:
+                message = parent.recv()
+            except EOFError:  # the child is gone without a word: killed
+                break
+            if message[0] == "progress":
+                on_progress(message[1])
+            else:
+                outcome = message
+    finally:
+        proc.join(timeout=60)
+        if proc.is_alive():
+            proc.kill()
+    if outcome is None:
+        code = proc.exitcode
+        why = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        raise RuntimeError(f"the process building the artifact died ({why}; a signal 9 is most likely the OS "
+                           "out-of-memory killer)")
+    if outcome[0] == "error":
+        kind, message = outcome[1], outcome[2]
+        raise QBenchError(message) if kind == "QBenchError" else RuntimeError(f"{kind}: {message}")

@@ -225,6 +225,12 @@ class Backend(abc.ABC):
     #: Whether ``load`` can spread a model over the GPUs its worker sees when
     #: ``artifact.gpus`` > 1 (``--gpus-per-cell``); the run refuses it otherwise.
     shards_across_gpus: ClassVar[bool] = False
+    #: Whether ``quantize`` runs in a process of its own rather than in the
+    #: cell's worker, which then loads the artifact from the cache: a
+    #: quantization library may leave the process changed (gptqmodel's left
+    #: a CPU decode 2x slower in the process that quantized). Off only for a
+    #: backend whose ``quantize`` writes nothing (a dtype cast at load).
+    builds_apart: ClassVar[bool] = True
 
     @abc.abstractmethod
     def variants(self) -> dict[str, VariantConfig]:

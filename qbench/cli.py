@@ -46,11 +46,13 @@ class RichReporter:
     def _left(self) -> Optional[float]:
         """Seconds the run has left by the estimate: workers not finished,
         those running counted for what they have left (at least 0)."""
-        if not self.expected:
+        # Copies: the spinner's thread renders while the main thread updates.
+        expected, running = dict(self.expected), dict(self.running)
+        if not expected:
             return None
         now = time.monotonic()
-        return sum(max(seconds - (now - self.running[k][1]), 0.0) if k in self.running else seconds
-                   for k, seconds in self.expected.items())
+        return sum(max(seconds - (now - running[k][1]), 0.0) if k in running else seconds
+                   for k, seconds in expected.items())
 
     def _eta(self) -> str:
         left = self._left()
@@ -87,10 +89,10 @@ class RichReporter:
     def __rich__(self) -> Text:
         """The status line, rendered anew at each refresh of the spinner: the
         seconds and the ETA move between a worker's events."""
-        now = time.monotonic()
+        now, expected = time.monotonic(), dict(self.expected)
         text = "  |  ".join(f"{label} · {phase} · {now - started:.0f}s"
-                            + (f" of about {self.expected[key]:.0f}s" if key in self.expected else "")
-                            for key, (label, started, phase) in list(self.running.items()))
+                            + (f" of about {expected[key]:.0f}s" if key in expected else "")
+                            for key, (label, started, phase) in dict(self.running).items())
         return Text.from_markup(text + "  |  " + escape(self._eta()))
 
     def _show(self) -> None:

@@ -349,16 +349,25 @@ class CellPipeline:
 
     def obtain_artifact(self) -> None:
         from qbench import progress
-        from qbench.artifacts import obtain_artifact
+        from qbench.artifacts import artifact_key, build_apart, is_cached, obtain_artifact
 
         self.phase("quantize")
+        built = False
+        key = artifact_key(self.model.fingerprint, self.backend, self.config, self.calibration_hash)
+        if self.backend.builds_apart and not is_cached(self.backend.name, key):
+            self.enter("quantize (building artifact in a process of its own)")
+            build_apart(self.task.plugins, self.backend, self.variant, self.config, self.model.path,
+                        self.model.fingerprint, self.calibration, self.calibration_hash, self.task.threads,
+                        on_progress=lambda text: self.enter(f"quantize (building artifact: {text})"))
+            built = True
         progress.set_sink(lambda text: self.enter(f"quantize (building artifact: {text})"))
         try:
-            artifact, self.cache_hit, self.artifact_key = obtain_artifact(
+            artifact, hit, self.artifact_key = obtain_artifact(
                 self.backend, self.variant, self.config, self.model.path, self.model.fingerprint,
                 self.calibration, self.calibration_hash, on_build=lambda: self.enter("quantize (building artifact)"))
         finally:
             progress.set_sink(None)
+        self.cache_hit = hit and not built  # built by this cell, in its child process
         self.artifact = artifact.model_copy(update={"trust_remote_code": self.model.trust_remote_code,
                                                     "gpus": self.task.gpus_per_cell})
 

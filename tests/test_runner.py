@@ -501,3 +501,44 @@ def test_time_estimate_counts_artifact_builds_the_cache_lacks_and_each_latency_t
     assert found.seconds == 336.0
     # Nothing cached: b's build counts too.
     assert estimate([("b:y", "b")], costs, 1, lambda backend, key: False).workers == {"b:y": 450.0}
+
+
+def test_the_fork_servers_preload_starts_no_thread_and_no_backend_library():
+    """Workers fork from a server that ran qbench.preload: a thread started
+    there would be missing, its locks possibly held, in every worker."""
+    import subprocess
+    import sys
+
+    code = ("import os, sys; import torch; before = len(os.listdir('/proc/self/task')); import qbench.preload; "
+            "print(before, len(os.listdir('/proc/self/task')), torch.cuda.is_initialized(), "
+            "[m for m in ('torchao', 'bitsandbytes', 'gptqmodel', 'onnxruntime', 'llama_cpp') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    before, after, cuda, backends = out.stdout.split(" ", 3)
+    assert after == before and cuda == "False" and backends.strip() == "[]", out.stdout
+
+
+def test_a_cells_artifact_is_built_in_a_process_of_its_own(tiny_model, tiny_suite, tmp_path, monkeypatch):
+    """A quantization library may leave its process changed (gptqmodel's
+    left a CPU decode 2x slower): the worker that measures only loads, from
+    the cache, what a child process built; the child's errors are the cell's."""
+    monkeypatch.setenv("QBENCH_FAKE_MARKER_DIR", str(tmp_path))
+    monkeypatch.setenv("QBENCH_CACHE", str(tmp_path / "cache"))
+
+    def run(name):
+        plan, run_dir = create_run(model=str(tiny_model), suite=str(tiny_suite), device="cpu", backends=["fake:uniform"],
+                                   plugin_dirs=(str(FAKE_PLUGINS),), output_dir=str(tmp_path / "out"), run_id=name)
+        execute(plan, run_dir)
+        return ResultStore(run_dir).latest()["fake:uniform"]
+
+    record = run("first")
+    assert record.ok and record.artifact.cache_hit is False
+    (built, builder, builder_parent), = [line.split() for line in (tmp_path / "builds").read_text().splitlines()]
+    (_, _, worker), = [line.split() for line in (tmp_path / "loads").read_text().splitlines() if line[0] == "u"]
+    assert built == "uniform" and builder_parent == worker and builder != worker
+    assert run("second").artifact.cache_hit is True  # built once
+    assert len((tmp_path / "builds").read_text().splitlines()) == 1
+    monkeypatch.setenv("QBENCH_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("QBENCH_FAKE_BUILD_FAILS", "1")
+    failed = run("third")
+    assert not failed.ok and failed.phase.startswith("quantize")
+    assert "scripted failure while building the artifact" in failed.error

@@ -91,13 +91,20 @@ class Fake(Backend):
         return {**named, "liar": FakeConfig(claims_bits=4)}
 
     def quantize(self, model_path, config, calibration, workdir):
+        if os.environ.get("QBENCH_FAKE_MARKER_DIR"):  # which process built it, and its parent
+            with open(os.path.join(os.environ["QBENCH_FAKE_MARKER_DIR"], "builds"), "a") as log:
+                log.write(f"{config.behaviour} {os.getpid()} {os.getppid()}\n")
+        if os.environ.get("QBENCH_FAKE_BUILD_FAILS"):
+            from qbench.errors import QBenchError
+
+            raise QBenchError("scripted failure while building the artifact")
         return {}
 
     def load(self, artifact, device):
         behaviour = artifact.config["behaviour"]
         if os.environ.get("QBENCH_FAKE_MARKER_DIR"):  # which process started this worker (the fork server)
             with open(os.path.join(os.environ["QBENCH_FAKE_MARKER_DIR"], "loads"), "a") as log:
-                log.write(f"{behaviour} {os.getppid()}\n")
+                log.write(f"{behaviour} {os.getppid()} {os.getpid()}\n")
         if behaviour == "raise":
             raise RuntimeError("scripted failure in load")
         if behaviour == "exit":
