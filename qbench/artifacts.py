@@ -199,7 +199,7 @@ def _build_in_child(conn, plugins, backend_name: str, variant: str, settings: di
     says how it went over ``conn``: ("progress", text), then ("done",) or
     ("error", kind, message)."""
     from qbench import progress
-    from qbench.worker import die_with_parent
+    from qbench.processes import die_with_parent
 
     die_with_parent()
     try:

@@ -20,6 +20,7 @@ from qbench.backend import ignore_step
 from qbench.errors import QBenchError
 from qbench.models import ModelSpec
 from qbench.plugins import PluginSettings
+from qbench.processes import die_with_parent
 from qbench.reference import BaselineReference
 
 
@@ -85,23 +86,6 @@ def worker_main(task: CellTask, conn, log_path: str) -> None:
         conn.close()
         sys.exit(1)
     conn.close()
-
-
-def die_with_parent() -> None:
-    """Let the kernel kill this worker when the process that started it
-    (the fork server) exits. The fork server exits with whoever started it,
-    so a runner killed outright, or a Ray worker lost with its node's task,
-    never leaves a cell measuring on without anyone to read its result.
-    Linux only (prctl); elsewhere nothing changes."""
-    import ctypes
-    import signal
-
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def describe_error(exc: BaseException, phase: str) -> str:
