@@ -191,7 +191,12 @@ def blocks(plan: RunPlan, records: list[CellRecord], kld_budget: float, extra: t
                                         "BW % of peak"), rows=tuple(sweep))]
     ran = kernel_rows(records)
     if ran:
-        out += [Block("p", text="How each row ran (speed depends on the kernel as much as on the bit width):"),
+        workload = next((r.workload for r in records if r.workload), None) or {}
+        scored = (f"; every row's perplexity windows: protocol {workload['perplexity_protocol']}, BOS: "
+                  f"{workload.get('perplexity_bos') or 'suite policy ' + str(workload.get('bos_policy'))}"
+                  if workload.get("perplexity_protocol") else "")
+        out += [Block("p", text="How each row ran (speed depends on the kernel as much as on the bit width"
+                      f"{scored}):"),
                 Block("table", headers=("variant", "kernel", "compute dtype", "runtime", "calibration", "library"),
                       rows=tuple(ran))]
     failed = [f"`{r.cell}`: {r.error}" for r in records if not r.ok]

@@ -391,8 +391,9 @@ def test_show_and_report_take_metrics(finished_run, tmp_path):
     assert code == 0, err
     md = (run_dir / "report.md").read_text()
     assert "| variant | status | KLD | bits/byte |" in md
-    # What the windows held: the protocol and the BOS used.
+    # What the windows held: the protocol and the BOS used, in the provenance and beside "How each row ran".
     assert "perplexity: protocol stream, " in md and "BOS: none" in md
+    assert "the bit width; every row's perplexity windows: protocol stream, BOS: none):" in md
 
 
 def chromium() -> str:
