@@ -264,6 +264,15 @@ class Backend(abc.ABC):
         backend's."""
         return self.available(device)
 
+    def cell_available(self, config: VariantConfig, device: str) -> Availability:
+        """Whether a cell of this variant can run on ``device``: the variant's
+        own answer, then its runtime's (the one rule the planner and the
+        worker both apply)."""
+        availability = self.variant_available(config, device)
+        if availability.ok and config.runtime == "compiled" and device != "cuda":
+            return Availability.no("runtime=compiled needs CUDA (its decode step replays as a CUDA graph)")
+        return availability
+
     def default_skip_reason(self, config: VariantConfig, device: str) -> Optional[str]:
         """Why a variant that can run here is still left out of a run that
         names no variants (e.g. far too slow on this device), or None. Asking

@@ -131,7 +131,7 @@ def plan_cells(loaded: LoadedPlugins, specs: list[str], baseline: str, device: s
         key = f"{backend_name}:{variant}"
         if any(c.cell == key for c in cells):
             return
-        availability = backend.variant_available(config, device)
+        availability = backend.cell_available(config, device)
         if not availability.ok and (from_suite or not explicit) and not is_baseline:
             skipped[key] = availability.reason
             return

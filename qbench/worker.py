@@ -307,12 +307,9 @@ class CellPipeline:
         self.backend = get_backend(load_plugins(task.plugins), task.backend)
         self.variant, config = self.backend.parse_variant(task.variant)
         self.config = self.backend.for_device(config, task.device)
-        availability = self.backend.variant_available(self.config, task.device)
+        availability = self.backend.cell_available(self.config, task.device)
         if not availability.ok:
             raise QBenchError(f"{task.cell} cannot run on {task.device}: {availability.reason}")
-        if self.config.runtime == "compiled" and task.device != "cuda":
-            raise QBenchError(f"{task.cell} cannot run on {task.device}: runtime=compiled needs CUDA (its decode "
-                              "step replays as a CUDA graph)")
         if task.gpus_per_cell > 1 and torch.cuda.device_count() < task.gpus_per_cell:
             raise QBenchError(f"{task.cell} is to be spread over {task.gpus_per_cell} GPUs but its worker sees "
                               f"{torch.cuda.device_count()}: check CUDA_VISIBLE_DEVICES and --gpus")

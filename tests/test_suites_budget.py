@@ -79,3 +79,19 @@ def test_variants_left_out_are_one_line_counted_by_why():
     assert line == ("4 variant(s) not run: 2 need CUDA, 1 run by name, 1 need a package (`qbench backends` says why "
                     "for each; name one with -b to run it)")
     assert skipped_summary({}) is None
+
+
+def test_a_gpu_suites_compiled_rows_are_left_out_of_a_cpu_run_not_failed():
+    """gpu-quick's rows decode through the compiled runtime (CUDA graphs): on
+    a CPU they are skipped with the reason, while one named with -b still
+    fails with it (the planner and the worker ask the same question)."""
+    from qbench.plugins import PluginSettings, load_plugins
+    from qbench.runner import default_baseline, plan_cells
+
+    suite = load_suite(str(suite_path("gpu-quick")))
+    loaded = load_plugins(PluginSettings.from_env(()))
+    cells, skipped = plan_cells(loaded, suite.backends, default_baseline("cpu"), "cpu", from_suite=True)
+    assert [c.cell for c in cells] == ["fp:fp32"]
+    assert all("needs CUDA" in why for why in skipped.values()) and len(skipped) == 4
+    named, _ = plan_cells(loaded, ["fp:bf16:runtime=compiled"], "fp:fp32", "cpu")
+    assert [c.cell for c in named] == ["fp:fp32", "fp:bf16:runtime=compiled"]
