@@ -79,7 +79,7 @@ class LoopVariant:
 def profile_session(session, prompt, new_tokens: int, device: str) -> str:
     from torch.profiler import ProfilerActivity, profile
 
-    from qbench.backend import ignore_step
+    from qbench.sdk.backend import ignore_step
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     session.generate(prompt, new_tokens, ignore_step)
@@ -89,7 +89,7 @@ def profile_session(session, prompt, new_tokens: int, device: str) -> str:
 
 
 def main() -> None:
-    from qbench.hf import HFSession
+    from qbench.sdk.hf import HFSession
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -19,13 +19,14 @@ import time
 
 import torch
 
-from qbench.backend import Artifact
+from qbench.sdk.backend import Artifact
 from qbench.metrics.cost import BackendClock
 from qbench.metrics.scoring import reference_from, score_windows
-from qbench.models import resolve_model
-from qbench.plugins import PluginSettings, load_plugins
-from qbench.suites import load_suite
-from qbench.workload import Workload, load_tokenizer
+from qbench.sdk.models import resolve_model
+from qbench.sdk.registry import PluginSettings, load_plugins
+from qbench.data.suites import load_suite
+from qbench.data.workload import Workload
+from qbench.sdk.hf import load_tokenizer
 
 
 def main() -> None:
@@ -72,8 +73,8 @@ def main() -> None:
 
 def run_share(run, model_fingerprint: str, suite_hash: str) -> None:
     """The harness share of a whole run, from its records."""
-    from qbench.paths import results_dir
-    from qbench.results import ResultStore, find_run
+    from qbench.core.paths import results_dir
+    from qbench.execute.results import ResultStore, find_run
 
     if run:
         folders = [find_run(run)]

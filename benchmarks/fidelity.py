@@ -46,8 +46,8 @@ CUDA_ROWS = ("fp:bf16:runtime=compiled", "torchao:int8-wo:runtime=compiled",
 
 def load_row(row: str, model, device: str):
     """The row's config (as a cell's worker sees it) and its loaded session."""
-    from qbench.artifacts import obtain_artifact
-    from qbench.plugins import PluginSettings, load_plugins
+    from qbench.cell.artifacts import obtain_artifact
+    from qbench.sdk.registry import PluginSettings, load_plugins
 
     backend_name, _, spec = row.partition(":")
     backend = load_plugins(PluginSettings.from_env(())).backends[backend_name]
@@ -189,7 +189,7 @@ def gpt_fast_reference(session, prompt, new_tokens: int, reps: int) -> float:
 
 
 def main() -> None:
-    from qbench.models import DEFAULT_MODEL, resolve_model
+    from qbench.sdk.models import DEFAULT_MODEL, resolve_model
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")

@@ -94,7 +94,7 @@ def quantized(shape: str, variant: str):
     """A fresh model quantized the way qbench's torchao backend does it."""
     from torchao.quantization import FqnToConfig, quantize_
 
-    from qbench.hf import linear_layers
+    from qbench.sdk.hf import linear_layers
     from qbench_plugins.torchao_ptq import TorchAO, compute_dtype, layer_config
 
     backend = TorchAO()
@@ -112,7 +112,7 @@ def bnb_quantized(shape: str, quant_type: str):
     build them, computing in bf16."""
     import bitsandbytes as bnb
 
-    from qbench.hf import linear_layers
+    from qbench.sdk.hf import linear_layers
 
     model = build(shape)
     for name, layer in linear_layers(model, ("lm_head",)).items():
@@ -148,7 +148,7 @@ def fbgemm_quantized(shape: str):
     """A fresh bf16 model with every linear layer but the head on FBGEMM GenAI's int4 kernel."""
     import fbgemm_gpu.experimental.gen_ai  # noqa: F401  (registers torch.ops.fbgemm's GenAI kernels)
 
-    from qbench.hf import linear_layers
+    from qbench.sdk.hf import linear_layers
 
     model = build(shape)
     for name, layer in linear_layers(model, ("lm_head",)).items():
@@ -164,7 +164,7 @@ def marlin_quantized(shape: str, group_size: int = 128):
     and permuted by gptqmodel's own ``post_init``."""
     from gptqmodel.nn_modules.qlinear.marlin import MarlinLinear
 
-    from qbench.hf import linear_layers
+    from qbench.sdk.hf import linear_layers
 
     model = build(shape)
     for name, layer in linear_layers(model, ("lm_head",)).items():
@@ -235,7 +235,7 @@ def time_hf_generate(model, prompt, new_tokens: int, reps: int, compile: bool = 
 
 
 def main() -> None:
-    from qbench.hf import HFSession
+    from qbench.sdk.hf import HFSession
     from qbench.metrics.roofline import copy_bandwidth, decode_bytes_per_step
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -297,7 +297,7 @@ def main() -> None:
             values = time_hf_generate(model, prompt, args.new_tokens, args.reps)
         else:
             if not eager and model is not None:
-                from qbench.hf import CompiledDecoder
+                from qbench.sdk.hf import CompiledDecoder
 
                 session.decoder = CompiledDecoder(model, "cuda", mode=args.mode, pipelined=not args.sync)
                 if args.coordinate_descent != "qbench":

@@ -19,9 +19,7 @@ from typing import Any, Optional
 from pydantic import Field, model_validator
 from qbench_plugins.gptq import GPTQ, GPTQConfig
 
-from qbench import hookimpl
-from qbench.backend import VariantConfig
-from qbench.errors import QBenchError
+from qbench.sdk import QBenchError, VariantConfig, hookimpl
 
 
 class AWQConfig(GPTQConfig):
@@ -56,7 +54,7 @@ class AWQ(GPTQ):
 
     def quantize(self, model_path: Path, config: AWQConfig, calibration, workdir: Path) -> dict[str, Any]:
         if config.path is None and config.group_size != -1:
-            from qbench.hf import linear_layers, meta_skeleton
+            from qbench.sdk import linear_layers, meta_skeleton
 
             for name, layer in linear_layers(meta_skeleton(str(model_path)), config.keep).items():
                 if layer.in_features % config.group_size:
@@ -72,7 +70,7 @@ class AWQ(GPTQ):
 
     def kernel_and_dtype(self, config: AWQConfig, bits: int, group: int, in_features: list[int], device: str
                          ) -> tuple[str, str, Optional[str]]:
-        # The report notes a dtype other than the baseline's (qbench.dtypes.cast_note).
+        # The report notes a dtype other than the baseline's (qbench.core.dtypes.cast_note).
         return "auto", "bfloat16" if device == "cpu" else "float16", None
 
 

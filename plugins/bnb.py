@@ -14,9 +14,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import Field, model_validator
 
-from qbench import hookimpl
-from qbench.backend import Artifact, Backend, ModulePatterns, VariantConfig
-from qbench.dtypes import DTYPES, ComputeDtype, device_dtype
+from qbench.sdk import Artifact, Backend, ComputeDtype, DTYPES, ModulePatterns, VariantConfig, device_dtype, hookimpl
 
 
 
@@ -87,8 +85,8 @@ class BitsAndBytes(Backend):
         return None
 
     def quantize(self, model_path: Path, config: BnbConfig, calibration, workdir: Path) -> dict[str, Any]:
-        from qbench.errors import QBenchError
-        from qbench.hf import load_causal_lm, planned_layers
+        from qbench.sdk import QBenchError
+        from qbench.sdk import load_causal_lm, planned_layers
 
         chosen, kept = planned_layers(str(model_path), config.keep)
         if not chosen:
@@ -100,7 +98,7 @@ class BitsAndBytes(Backend):
         return {"quantized_layers": len(chosen), "kept_full_precision": kept}
 
     def load(self, artifact: Artifact, device: str):
-        from qbench.hf import HFSession, linear_layers, load_causal_lm, require_quantized_layers
+        from qbench.sdk import HFSession, linear_layers, load_causal_lm, require_quantized_layers
 
         config = BnbConfig(**artifact.config)
         model = load_causal_lm(artifact.path, device_map=artifact.device_map(device),

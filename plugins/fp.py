@@ -6,9 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from qbench import hookimpl
-from qbench.backend import Artifact, Availability, Backend, VariantConfig
-from qbench.dtypes import DTYPES
+from qbench.sdk import Artifact, Availability, Backend, DTYPES, VariantConfig, hookimpl
 
 
 
@@ -30,7 +28,7 @@ class FullPrecision(Backend):
         return {name: FPConfig(dtype=name) for name in DTYPES}
 
     def version(self) -> Optional[str]:
-        from qbench.environment import package_version
+        from qbench.sdk import package_version
 
         return package_version("transformers")
 
@@ -57,7 +55,7 @@ class FullPrecision(Backend):
     def load(self, artifact: Artifact, device: str):
         import torch
 
-        from qbench.hf import HFSession, load_causal_lm
+        from qbench.sdk import HFSession, load_causal_lm
 
         dtype = getattr(torch, DTYPES[artifact.config["dtype"]])
         if artifact.gpus > 1:

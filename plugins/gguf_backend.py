@@ -25,9 +25,7 @@ from typing import Any, Callable, Literal, Optional
 
 from pydantic import Field, model_validator
 
-from qbench import hookimpl
-from qbench.backend import Artifact, Availability, Backend, Session, VariantConfig
-from qbench.errors import QBenchError
+from qbench.sdk import Artifact, Availability, Backend, QBenchError, Session, VariantConfig, hookimpl
 
 MODEL_FILE = "model.gguf"
 
@@ -306,7 +304,7 @@ class LlamaCppSession(Session):
 def resolve_file(path: str) -> Path:
     """A prequantized file's path, ``embedded`` being the default model's own."""
     if path == EMBEDDED:
-        from qbench.models import embedded_gguf
+        from qbench.sdk import embedded_gguf
 
         return embedded_gguf()
     file = Path(path).expanduser()
@@ -348,7 +346,7 @@ class LlamaCpp(Backend):
         """A prequantized file is read in place: its content is part of the key."""
         if not config.path:
             return None
-        from qbench.artifacts import file_digest
+        from qbench.sdk import file_digest
 
         return file_digest(resolve_file(config.path))[:16]
 
@@ -376,7 +374,7 @@ class LlamaCpp(Backend):
         if (config.path is not None or config.type not in ("f32", "f16", "bf16")) and not file.quantized_tensors():
             raise QBenchError(f"gguf:{artifact.variant}: {path.name} holds no quantized tensors "
                               f"({dict(file.types)}): refusing to report full-precision numbers")
-        from qbench.environment import package_version
+        from qbench.sdk import package_version
 
         kernel = f"llama.cpp (llama-cpp-python {package_version('llama-cpp-python')}), {device.upper()}"
         return LlamaCppSession(path, file, device, {"kernel": kernel, "file": str(path)})
@@ -400,7 +398,7 @@ def _check_prequantized(model_path: Path, config: GGUFConfig) -> dict[str, Any]:
 
     path = resolve_file(config.path)
     file = GGUFFile(path)
-    from qbench.models import embedded_source
+    from qbench.sdk import embedded_source
 
     # the embedded model's folder names the file it came from
     from_this_file = (embedded_source(model_path) or {}).get("gguf") == path.name

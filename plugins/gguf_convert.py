@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from qbench.errors import QBenchError
+from qbench.sdk import QBenchError
 
 #: Fields of a Llama config this converter does not translate; a model that
 #: sets them is refused rather than converted wrongly.
@@ -89,7 +89,7 @@ def write_vocabulary(writer, model_path: Path, vocab_size: int) -> int:
     pre-tokenizer name written."""
     import gguf
 
-    from qbench.workload import adds_bos, load_tokenizer
+    from qbench.sdk import adds_bos, load_tokenizer
 
     spec = json.loads((model_path / "tokenizer.json").read_text())
     model = spec.get("model", {})
@@ -181,6 +181,6 @@ def convert_llama(model_path: Path, out: Path) -> dict[str, Any]:
 
 
 def _gguf_version() -> str:
-    from qbench.environment import package_version
+    from qbench.sdk import package_version
 
     return str(package_version("gguf"))

@@ -20,10 +20,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import Field, model_validator
 
-from qbench import hookimpl
-from qbench.backend import Artifact, Availability, Backend, ModulePatterns, VariantConfig
-from qbench.dtypes import DTYPES
-from qbench.errors import QBenchError
+from qbench.sdk import Artifact, Availability, Backend, DTYPES, ModulePatterns, QBenchError, VariantConfig, hookimpl
 
 #: gptqmodel's load-time kernels ("backends") by the names users pass.
 KERNELS = {"torch": "gptq_torch", "torch_fused": "gptq_torch_fused", "triton": "gptq_triton",
@@ -164,7 +161,7 @@ class GPTQ(Backend):
         """A prequantized checkpoint is read in place: its content is part of the key."""
         if not config.path:
             return None
-        from qbench.models import fingerprint
+        from qbench.sdk import fingerprint
 
         return fingerprint(resolve_checkpoint(config.path))
 
@@ -177,8 +174,8 @@ class GPTQ(Backend):
             return _check_prequantized(model_path, config, self.method)
         import torch
 
-        from qbench import progress
-        from qbench.hf import planned_layers
+        from qbench.sdk import report_progress
+        from qbench.sdk import planned_layers
 
         _import_gptqmodel()
         from gptqmodel import GPTQModel
@@ -208,7 +205,7 @@ class GPTQ(Backend):
             os.chdir(cwd)
             for hook in hooks:
                 hook.remove()
-        progress.report("saving")
+        report_progress("saving")
         model.save(str(workdir))
         written = quantized_layer_inputs(workdir, config.bits, self.method)
         if not written:
@@ -221,7 +218,7 @@ class GPTQ(Backend):
     def load(self, artifact: Artifact, device: str):
         import torch
 
-        from qbench.hf import HFSession, require_quantized_layers
+        from qbench.sdk import HFSession, require_quantized_layers
 
         config = self.config_class(**artifact.config)
         _import_gptqmodel()
@@ -274,19 +271,19 @@ def _kernel_and_dtype(config: GPTQConfig, bits: int, group: int, in_features: li
         return kernel, DTYPES[config.compute_dtype], note
     if kernel == "gptq_torch_fused":
         return kernel, "float32", note
-    # The report notes a dtype other than the baseline's (qbench.dtypes.cast_note).
+    # The report notes a dtype other than the baseline's (qbench.core.dtypes.cast_note).
     return kernel, "bfloat16" if device == "cpu" else "float16", note
 
 
 def resolve_checkpoint(path: str) -> Path:
-    from qbench.models import _from_hub
+    from qbench.sdk import from_hub
 
     local = Path(path).expanduser()
     if local.exists():
         return local.resolve()
     if path.startswith((".", "/", "~")) or path.count("/") != 1:
         raise QBenchError(f"GPTQ checkpoint '{path}' not found: pass a local folder or a hub id like 'org/name'")
-    return _from_hub(path)
+    return from_hub(path)
 
 
 def _check_prequantized(model_path: Path, config: GPTQConfig, method: str) -> dict[str, Any]:
@@ -323,7 +320,7 @@ def _decoder_blocks(model) -> list:
 
 
 def _progress_hook(index: int, total: int):
-    from qbench import progress
+    from qbench.sdk import report_progress
 
     seen = False
 
@@ -331,7 +328,7 @@ def _progress_hook(index: int, total: int):
         nonlocal seen
         if not seen:
             seen = True
-            progress.report(f"GPTQ layer {index + 1} of {total}")
+            report_progress(f"GPTQ layer {index + 1} of {total}")
 
     return hook
 

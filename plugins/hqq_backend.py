@@ -22,10 +22,8 @@ from typing import Any, Optional
 import torch
 from pydantic import Field, model_validator
 
-from qbench import hookimpl
-from qbench.backend import Artifact, Backend, ModulePatterns, VariantConfig
-from qbench.dtypes import ComputeDtype, device_dtype, torch_dtype
-from qbench.hf import HFSession
+from qbench.sdk import (Artifact, Backend, ComputeDtype, HFSession, ModulePatterns, VariantConfig, device_dtype,
+                        hookimpl, torch_dtype)
 
 WEIGHTS_FILE = "hqq_model.safetensors"
 
@@ -77,7 +75,7 @@ def _is_hqq(module) -> bool:
 
 
 def _swap(model: torch.nn.Module, names: list[str], make) -> None:
-    from qbench.hf import replace_module
+    from qbench.sdk import replace_module
 
     for name in names:
         replace_module(model, name, make(model.get_submodule(name)))
@@ -108,8 +106,8 @@ class HQQ(Backend):
         from hqq.core.quantize import HQQLinear
         from safetensors.torch import save_model
 
-        from qbench.errors import QBenchError
-        from qbench.hf import linear_layers, load_causal_lm
+        from qbench.sdk import QBenchError
+        from qbench.sdk import linear_layers, load_causal_lm
 
         dtype = torch_dtype(config.compute_dtype)
         model = load_causal_lm(str(model_path), dtype=dtype)
@@ -131,7 +129,7 @@ class HQQ(Backend):
         from safetensors.torch import load_model
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        from qbench.hf import linear_layers, require_quantized_layers
+        from qbench.sdk import linear_layers, require_quantized_layers
 
         config = HQQConfig(**artifact.config)
         dtype = torch_dtype(config.compute_dtype)

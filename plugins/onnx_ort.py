@@ -28,9 +28,7 @@ from typing import Any, Callable, Literal, Optional
 
 from pydantic import Field, model_validator
 
-from qbench import hookimpl
-from qbench.backend import Artifact, Availability, Backend, Session, VariantConfig
-from qbench.errors import QBenchError
+from qbench.sdk import Artifact, Availability, Backend, QBenchError, Session, VariantConfig, hookimpl
 
 MODEL_FILE = "model.onnx"
 QUANTIZED_OPS = {"MatMulNBits", "MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul"}
@@ -397,7 +395,7 @@ class OnnxRuntime(Backend):
                 "int4": OnnxConfig(precision="int4"), "int8-dyn": OnnxConfig(precision="int8", activations="dynamic")}
 
     def version(self) -> Optional[str]:
-        from qbench.environment import package_version
+        from qbench.sdk import package_version
 
         import onnxruntime as ort
 

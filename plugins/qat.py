@@ -23,15 +23,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import Field
 
-from qbench import hookimpl
-from qbench.backend import (
-    Artifact,
-    Availability,
-    Backend,
-    ModulePatterns,
-    VariantConfig,
-)
-from qbench.errors import QBenchError
+from qbench.sdk import Artifact, Availability, Backend, ModulePatterns, QBenchError, VariantConfig, hookimpl
 
 
 class QATConfig(VariantConfig):
@@ -79,7 +71,7 @@ def fine_tune(model, rows: list[list[int]], config: QATConfig, teacher=None) -> 
     import torch
     import torch.nn.functional as F
 
-    from qbench import progress
+    from qbench.sdk import report_progress
 
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr)
@@ -99,7 +91,7 @@ def fine_tune(model, rows: list[list[int]], config: QATConfig, teacher=None) -> 
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
-        progress.report(f"QAT step {step + 1}/{config.steps}, loss {losses[-1]:.3f}, "
+        report_progress(f"QAT step {step + 1}/{config.steps}, loss {losses[-1]:.3f}, "
                         f"{time.perf_counter() - started:.0f} s")
     model.eval()
     return losses
@@ -145,8 +137,8 @@ class QAT(Backend):
         from torchao.quantization import quantize_
         from torchao.quantization.qat import QATConfig as TorchaoQAT
 
-        from qbench import progress
-        from qbench.hf import linear_layers, load_causal_lm
+        from qbench.sdk import report_progress
+        from qbench.sdk import linear_layers, load_causal_lm
 
         if None in (config.steps, config.lr, config.seq_len, config.batch_size):
             raise QBenchError("qat: training settings missing (the suite's qat section fills them in a run)")
@@ -171,7 +163,7 @@ class QAT(Backend):
             if step == "convert":
                 losses = fine_tune(model, rows, config, teacher)
                 del teacher
-                progress.report("converting")
+                report_progress("converting")
             for base, names in groups.values():
                 chosen = set(names)
                 quantize_(model, TorchaoQAT(base, step=step), filter_fn=lambda _m, fqn, chosen=chosen: fqn in chosen)

@@ -22,9 +22,8 @@ from typing import Any, Literal, Optional
 
 from pydantic import Field
 
-from qbench import hookimpl
-from qbench.backend import Artifact, Backend, ModulePatterns, VariantConfig
-from qbench.dtypes import ComputeDtype, device_dtype, torch_dtype
+from qbench.sdk import (Artifact, Backend, ComputeDtype, ModulePatterns, VariantConfig, device_dtype, hookimpl,
+                        torch_dtype)
 
 WEIGHTS_FILE = "quanto_model.safetensors"
 MAP_FILE = "quanto_qmap.json"
@@ -78,8 +77,8 @@ def _quantize_layers(model, config: QuantoConfig) -> list[str]:
     """Turn the chosen linear layers into quanto's modules (weights still in float until frozen or loaded)."""
     from optimum.quanto import quantize
 
-    from qbench.errors import QBenchError
-    from qbench.hf import linear_layers
+    from qbench.sdk import QBenchError
+    from qbench.sdk import linear_layers
 
     chosen = list(linear_layers(model, config.keep))
     if not chosen:
@@ -117,8 +116,8 @@ class Quanto(Backend):
         from optimum.quanto import Calibration, freeze, quantization_map
         from safetensors.torch import save_model
 
-        from qbench.errors import QBenchError
-        from qbench.hf import load_causal_lm
+        from qbench.sdk import QBenchError
+        from qbench.sdk import load_causal_lm
 
         model = load_causal_lm(str(model_path), dtype=torch_dtype(config.compute_dtype)).eval()
         chosen = _quantize_layers(model, config)
@@ -139,8 +138,8 @@ class Quanto(Backend):
     def load(self, artifact: Artifact, device: str):
         from safetensors.torch import load_file
 
-        from qbench.errors import QBenchError
-        from qbench.hf import HFSession, load_causal_lm, require_quantized_layers
+        from qbench.sdk import QBenchError
+        from qbench.sdk import HFSession, load_causal_lm, require_quantized_layers
 
         config = QuantoConfig(**artifact.config)
         model = load_causal_lm(artifact.model_path, dtype=torch_dtype(config.compute_dtype),

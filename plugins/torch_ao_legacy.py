@@ -18,8 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from qbench.errors import QBenchError
-from qbench.hf import HFSession, replace_module, unique_state_dict, unique_tensor_bytes
+from qbench.sdk import HFSession, QBenchError, replace_module, unique_state_dict, unique_tensor_bytes
 
 DynamicLinear = torch.ao.nn.quantized.dynamic.Linear
 

@@ -20,11 +20,8 @@ from typing import Any, Literal, Optional
 
 from pydantic import Field, model_validator
 
-from qbench import hookimpl
-from qbench.backend import Artifact, Availability, Backend, LayerQuantizer, ModulePatterns, VariantConfig
-from qbench.dtypes import ComputeDtype, device_dtype, torch_dtype
-from qbench.errors import QBenchError
-from qbench.recipes import Recipe, load_recipe
+from qbench.sdk import (Artifact, Availability, Backend, ComputeDtype, LayerQuantizer, ModulePatterns, QBenchError,
+                        Recipe, VariantConfig, device_dtype, hookimpl, load_recipe, torch_dtype)
 
 WEIGHTS_FILE = "quantized.safetensors"
 LAYOUT_FILE = "layers.json"
@@ -229,7 +226,7 @@ def layer_config(config: TorchAOConfig, in_features: int, act_scale=None):
     # set_inductor_config=False everywhere: torchao's recommended inductor
     # settings are process-wide, and would apply to a compiled cell only
     # when it quantized (not on a cache hit); qbench's compiled runtime sets
-    # the inductor configuration itself (qbench.hf.CompiledDecoder).
+    # the inductor configuration itself (qbench.sdk.hf.CompiledDecoder).
     granularity, note = _granularity(config, in_features)
     mapping = MappingType.SYMMETRIC if config.symmetric else MappingType.ASYMMETRIC
     weight_dtype = getattr(torch, f"int{config.bits}")
@@ -346,7 +343,7 @@ class TorchAO(Backend):
         structure alone (no weights read): one that matches nothing fails
         the plan (see Recipe.check_matches)."""
         if config.recipe is not None:
-            from qbench.hf import planned_layers
+            from qbench.sdk import planned_layers
 
             config.recipe.check_matches(planned_layers(str(model_path), config.keep)[0])
 
@@ -370,7 +367,7 @@ class TorchAO(Backend):
         return Availability.yes()
 
     def quantize(self, model_path: Path, config: TorchAOConfig, calibration, workdir: Path) -> dict[str, Any]:
-        from qbench.hf import linear_layers, load_causal_lm
+        from qbench.sdk import linear_layers, load_causal_lm
 
         device = "cuda" if config.needs_cuda else "cpu"
         model = load_causal_lm(str(model_path), compute_dtype(config)).to(device).eval()
@@ -428,7 +425,7 @@ class TorchAO(Backend):
         return TorchAOLayers(model_path, config, device, trust_remote_code)
 
     def load(self, artifact: Artifact, device: str):
-        from qbench.hf import HFSession, load_causal_lm, require_quantized_layers
+        from qbench.sdk import HFSession, load_causal_lm, require_quantized_layers
 
         config = TorchAOConfig(**artifact.config)
         model = load_causal_lm(artifact.model_path, compute_dtype(config), artifact.trust_remote_code)
@@ -454,7 +451,7 @@ class TorchAOLayers(LayerQuantizer):
     puts the original weight parameters back on their modules."""
 
     def __init__(self, model_path: str, config: TorchAOConfig, device: str, trust_remote_code: bool):
-        from qbench.hf import linear_layers, load_causal_lm
+        from qbench.sdk import linear_layers, load_causal_lm
 
         self.config = config
         self.model = load_causal_lm(model_path, compute_dtype(config), trust_remote_code).to(device).eval()
@@ -491,7 +488,7 @@ def save_quantized_state(model, path: Path) -> None:
     from safetensors.torch import save_file
     from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
 
-    from qbench.hf import unique_state_dict
+    from qbench.sdk import unique_state_dict
 
     state = unique_state_dict(model)
     packed = {key: state.pop(key) for key in [k for k, v in state.items() if type(v).__name__ == GEMLITE_CLASS]}

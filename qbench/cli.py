@@ -16,8 +16,8 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from qbench.errors import QBenchError
-from qbench.io import write_atomic
+from qbench.core.errors import QBenchError
+from qbench.core.io import write_atomic
 
 console = Console(stderr=True, soft_wrap=True)  # messages never wrap mid-word in logs
 # Piped output (CI logs, files) gets a wide table instead of an 80-column wrap.
@@ -39,7 +39,7 @@ class RichReporter:
         self.started = time.monotonic()
 
     def expect(self, estimate) -> None:
-        """Each worker's expected seconds (qbench.estimate.Estimate), for the ETA."""
+        """Each worker's expected seconds (qbench.execute.estimate.Estimate), for the ETA."""
         self.expected = dict(estimate.workers)
         self.started = time.monotonic()
 
@@ -110,7 +110,7 @@ class RichReporter:
 
 
 def print_table(records, title: str, metrics: str | None = None) -> None:
-    from qbench.table import table_rows
+    from qbench.present.table import table_rows
 
     headers, rows = table_rows(records, metrics)
     table = Table(title=escape(title), show_lines=False)
@@ -188,8 +188,8 @@ def run(ctx, model, suite, backends, baseline, device, threads, cell_timeout, pl
         resume, retry_failed, trust_remote_code, allow_outside_data, trust_task_code, gpus, gpus_per_cell, executor,
         address, ray_files, ray_cache, cell_memory) -> None:
     """Run a benchmark: every backend variant against the baseline."""
-    from qbench.api import create_run, make_executor, resume_run
-    from qbench.results import run_lock
+    from qbench.execute.runs import create_run, make_executor, resume_run
+    from qbench.execute.results import run_lock
 
     if executor != "ray":
         given = [f"--{name.replace('_', '-')}" for name in ("address", "ray_files", "ray_cache", "cell_memory")
@@ -226,8 +226,8 @@ def run(ctx, model, suite, backends, baseline, device, threads, cell_timeout, pl
 
 
 def _run_locked(plan, run_dir: Path, runner, retry_failed: bool, executor: str, address) -> None:
-    from qbench.results import ResultStore
-    from qbench.runner import execute, pending_cells, preflight, skipped_summary
+    from qbench.execute.results import ResultStore
+    from qbench.execute.runner import execute, pending_cells, preflight, skipped_summary
 
     store = ResultStore(run_dir)
     reporter = RichReporter()
@@ -253,7 +253,7 @@ def _run_locked(plan, run_dir: Path, runner, retry_failed: bool, executor: str, 
     print_table(records, f"qbench run {plan.run_id}")
     console.print(f"results: {escape(str(store.path.resolve()))}")
     if any(r.ok for r in records):
-        from qbench.report import write_report
+        from qbench.present.report import write_report
 
         md, page = write_report(run_dir)
         console.print(escape(f"report: {md.resolve()} and {page.resolve()}"))
@@ -278,8 +278,8 @@ RUN_PLAN_OPTIONS = ("model", "suite", "backends", "baseline", "device", "threads
                                                       "from the backend's defaults).")
 def backends(as_json, device, plugins_dir, verbose) -> None:
     """List backends and variants, and whether each can run here (and why not)."""
-    from qbench.environment import resolve_device
-    from qbench.plugins import PluginSettings, load_plugins
+    from qbench.core.environment import resolve_device
+    from qbench.sdk.registry import PluginSettings, load_plugins
 
     device = resolve_device(device)
     settings = PluginSettings.from_env(tuple(plugins_dir))
@@ -356,9 +356,9 @@ def backends(as_json, device, plugins_dir, verbose) -> None:
 def sensitivity(variant, model, suite, unit, converse, tokens, recipe_path, force_recipe, top, use, device,
                 output_dir, run_id, trust_remote_code) -> None:
     """Which units hurt most when quantized: KLD and top-1 agreement per unit."""
-    from qbench.api import recipe_from_sensitivity
-    from qbench.api import sensitivity as measure
-    from qbench.results import check_output
+    from qbench.analyze.sensitivity_run import recipe_from_sensitivity
+    from qbench.analyze.sensitivity_run import run_sensitivity as measure
+    from qbench.execute.results import check_output
 
     if recipe_path:
         check_output(recipe_path, force_recipe, "--force")  # before minutes of measuring, not after
@@ -405,8 +405,9 @@ def sensitivity(variant, model, suite, unit, converse, tokens, recipe_path, forc
 @click.option("--run-id", default=None, help="Folder name; rerun with the same one to finish an interrupted search.")
 def search(budget, backends, model, suite, base, unit, tokens, device, output_dir, run_id) -> None:
     """The smallest configuration that meets a quality budget (or the best within a size)."""
-    from qbench.decisions import Z
-    from qbench.search import describe, run_search
+    from qbench.analyze.decisions import Z
+    from qbench.analyze.search import describe
+    from qbench.present.publish import search as run_search
 
     result = run_search(budget, list(backends) or None, model, suite, device, unit, tokens, base, output_dir,
                         run_id, RichReporter(), on_step=lambda message: console.print(escape(message), highlight=False))
@@ -437,9 +438,9 @@ def search(budget, backends, model, suite, base, unit, tokens, device, output_di
 @click.option("--metrics", help=METRICS_HELP)
 def show(run_id, as_json, markdown, metrics) -> None:
     """Print the comparison table of a run."""
-    from qbench.results import ResultStore, find_run
-    from qbench.runner import load_plan
-    from qbench.table import markdown_table
+    from qbench.execute.results import ResultStore, find_run
+    from qbench.execute.runner import load_plan
+    from qbench.present.table import markdown_table
 
     run_dir = find_run(run_id)
     plan = load_plan(run_dir)
@@ -461,9 +462,9 @@ def show(run_id, as_json, markdown, metrics) -> None:
 def _print_estimate(plan, run_dir: Path, todo, reporter: "RichReporter") -> None:
     """The run's expected time before it starts (artifact builds included),
     and each worker's expected time for the progress display."""
-    from qbench.artifacts import is_cached
-    from qbench.estimate import estimate, past_costs
-    from qbench.suites import load_suite
+    from qbench.cell.artifacts import is_cached
+    from qbench.execute.estimate import estimate, past_costs
+    from qbench.data.suites import load_suite
 
     costs = past_costs(run_dir.parent, plan.model.fingerprint, plan.suite_hash, plan.device, warn=reporter.warn)
     latency = load_suite(plan.suite_path, allow_outside_data=plan.allow_outside_data).latency
@@ -491,8 +492,8 @@ def _print_estimate(plan, run_dir: Path, todo, reporter: "RichReporter") -> None
 @click.option("--metrics", help=METRICS_HELP)
 def report(run_id, kld_budget, metrics) -> None:
     """Write report.md and a self-contained report.html into the run folder."""
-    from qbench.report import write_report
-    from qbench.results import find_run
+    from qbench.present.report import write_report
+    from qbench.execute.results import find_run
 
     md, page = write_report(find_run(run_id), kld_budget, metrics)
     console.print(escape(f"wrote {md} and {page}"))
@@ -508,10 +509,10 @@ def compare(run_a, run_b, markdown, allow_suite_change) -> None:
     """The same cells in two runs: which figures changed beyond their error bars.
 
     Exits 1 when something did."""
-    from qbench.compare import ALPHA, compare_records, latency_spread, pooled_trial_spread, unmatched
-    from qbench.results import ResultStore, find_run
-    from qbench.runner import load_plan
-    from qbench.table import markdown_rows
+    from qbench.present.compare import ALPHA, compare_records, latency_spread, pooled_trial_spread, unmatched
+    from qbench.execute.results import ResultStore, find_run
+    from qbench.execute.runner import load_plan
+    from qbench.present.table import markdown_rows
 
     dir_a, dir_b = find_run(run_a), find_run(run_b)
     plan_a, plan_b = load_plan(dir_a), load_plan(dir_b)
@@ -563,7 +564,7 @@ def export(run_id, csv_path, parquet_path, force) -> None:
     """Export a run's tidy results (one row per cell and metric, with unit, n
     and standard error). Default: results.csv and results.parquet in the run
     folder (views of its records, replaced on every export)."""
-    from qbench.results import ResultStore, check_output, find_run, tidy
+    from qbench.execute.results import ResultStore, check_output, find_run, tidy
 
     run_dir = find_run(run_id)
     df = tidy(ResultStore(run_dir).latest().values())
@@ -592,7 +593,7 @@ def suites(ctx, as_json) -> None:
     """List the shipped suites with their contents and hashes."""
     if ctx.invoked_subcommand:
         return
-    from qbench.suites import load_suite, shipped_suites, suites_dir
+    from qbench.data.suites import load_suite, shipped_suites, suites_dir
 
     rows = [_suite_row(load_suite(str(path))) for path in shipped_suites()]
     if as_json:
@@ -618,9 +619,9 @@ def suites_validate(file, model, allow_outside_data, trust_task_code, trust_remo
     data files, corpora, task items and templates, lm-eval tasks, and the
     tokens against the model (scored tokens exist, sequences fit its
     positions). Exits 2 if invalid."""
-    from qbench.api import check_suite
-    from qbench.models import locate_model
-    from qbench.suites import load_suite
+    from qbench.execute.runs import check_suite
+    from qbench.sdk.models import locate_model
+    from qbench.data.suites import load_suite
 
     suite = load_suite(file, allow_outside_data=allow_outside_data)
     check_suite(suite, str(locate_model(model).path), trust_remote_code, trust_task_code)
@@ -631,7 +632,7 @@ def suites_validate(file, model, allow_outside_data, trust_task_code, trust_remo
 
 
 def _suite_row(suite) -> list[str]:
-    from qbench.metrics.choice import load_items
+    from qbench.data.tasks import load_items
 
     ppl = suite.perplexity
     tasks = ", ".join([f"{t.name} ({len(load_items(suite.resolve(t.path), t.limit))})" for t in suite.tasks]

@@ -96,7 +96,7 @@ def wide_tiny_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def builtin_backends():
     """qbench's own backends, as a run with QBENCH_PLUGINS=builtin loads them."""
-    from qbench.plugins import PluginSettings, load_plugins
+    from qbench.sdk.registry import PluginSettings, load_plugins
 
     return load_plugins(PluginSettings(allow=("builtin",))).backends
 
@@ -108,9 +108,9 @@ def wide_reference(wide_tiny_model):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from qbench.hf import HFSession
+    from qbench.sdk.hf import HFSession
     from qbench.metrics.scoring import reference_from, score_windows
-    from qbench.windows import make_windows
+    from qbench.data.windows import make_windows
 
     base = HFSession(AutoModelForCausalLM.from_pretrained(wide_tiny_model, dtype=torch.float32), "cpu")
     windows = make_windows([(i * 5) % 380 for i in range(300)], 64, None, "none", None)
@@ -187,8 +187,8 @@ def session_for(backend, spec: str, model: Path, calibration=None):
 
 def load_on(backend, spec: str, model: Path, device: str, calibration=None):
     """``session_for`` on ``device``."""
-    from qbench.artifacts import obtain_artifact
-    from qbench.models import fingerprint
+    from qbench.cell.artifacts import obtain_artifact
+    from qbench.sdk.models import fingerprint
 
     variant, config = backend.parse_variant(spec)
     config = backend.for_device(config, device)
@@ -201,7 +201,7 @@ def load_on(backend, spec: str, model: Path, device: str, calibration=None):
 def make_record(**fields):
     """A valid ``CellRecord`` with placeholder identity, for tests of code
     that reads records."""
-    from qbench.records import CellRecord
+    from qbench.core.records import CellRecord
 
     base = {"run_id": "test", "cell": "fp:fp32", "backend": "fp", "variant": "fp32", "device": "cpu",
             "model": {"name": "m", "fingerprint": "f", "source": "local"},

@@ -4,10 +4,10 @@ import os
 
 import pytest
 
-from qbench.artifacts import obtain_artifact
-from qbench.errors import QBenchError
-from qbench.models import fingerprint
-from qbench.plugins import PluginSettings, load_plugins
+from qbench.cell.artifacts import obtain_artifact
+from qbench.core.errors import QBenchError
+from qbench.sdk.models import fingerprint
+from qbench.sdk.registry import PluginSettings, load_plugins
 from tests.conftest import RTN_PLUGIN
 
 
@@ -140,8 +140,8 @@ def test_two_processes_asking_for_one_entry_build_it_once(tiny_model, tmp_path):
 
     from tests.conftest import REPO
 
-    script = ("import sys; from qbench.artifacts import obtain_artifact; from qbench.models import fingerprint; "
-              "from qbench.plugins import PluginSettings, load_plugins; "
+    script = ("import sys; from qbench.cell.artifacts import obtain_artifact; from qbench.sdk.models import fingerprint; "
+              "from qbench.sdk.registry import PluginSettings, load_plugins; "
               f"b = load_plugins(PluginSettings(plugin_dirs=({str(RTN_PLUGIN)!r},), allow=())).backends['rtn']; "
               "v, c = b.parse_variant('w4g32'); "
               f"a, hit, key = obtain_artifact(b, v, c, {str(tiny_model)!r}, fingerprint({str(tiny_model)!r}), None, None); "

@@ -4,7 +4,7 @@ AWQ checkpoint made elsewhere runs as it is with the same result."""
 
 import pytest
 
-from qbench.errors import QBenchError
+from qbench.core.errors import QBenchError
 from tests.conftest import mean_kld
 
 pytest.importorskip("gptqmodel")
@@ -19,8 +19,8 @@ def awq(builtin_backends):
 
 @pytest.fixture(scope="module")
 def artifact(awq, wide_tiny_model):
-    from qbench.artifacts import obtain_artifact
-    from qbench.models import fingerprint
+    from qbench.cell.artifacts import obtain_artifact
+    from qbench.sdk.models import fingerprint
 
     built, _, _ = obtain_artifact(awq, "w4g128", awq.variants()["w4g128"], str(wide_tiny_model),
                                   fingerprint(wide_tiny_model), CALIBRATION, "test")
@@ -32,7 +32,7 @@ def test_awq_quantizes_into_4bit_awq_layers(awq, artifact, wide_reference):
     layer = session.model.get_submodule("model.layers.0.mlp.up_proj")
     assert "Awq" in type(layer).__name__ and session.facts["kernel"].startswith("gptqmodel ")
     assert layer.qweight.numel() * 8 == 256 * 512  # eight 4-bit codes per int32
-    # packed and computed in bf16: the report notes the cast against an fp32 baseline (qbench.dtypes.cast_note)
+    # packed and computed in bf16: the report notes the cast against an fp32 baseline (qbench.core.dtypes.cast_note)
     assert session.facts["compute_dtype"] == "torch.bfloat16"
     assert 0 < mean_kld(session, wide_reference) < 1.5
     # bf16 embeddings and head plus 4-bit layers: under a third of the fp32 bytes
@@ -40,8 +40,8 @@ def test_awq_quantizes_into_4bit_awq_layers(awq, artifact, wide_reference):
 
 
 def test_awq_checkpoint_runs_as_it_is(awq, artifact, wide_reference, wide_tiny_model, builtin_backends):
-    from qbench.artifacts import obtain_artifact
-    from qbench.models import fingerprint
+    from qbench.cell.artifacts import obtain_artifact
+    from qbench.sdk.models import fingerprint
 
     name, config = awq.parse_variant(f"prequantized:path={artifact.path}")
     checkpoint, _, _ = obtain_artifact(awq, name, config, str(wide_tiny_model), fingerprint(wide_tiny_model),
@@ -63,8 +63,8 @@ def test_settings_that_do_not_apply_to_awq_are_refused(awq):
 
 
 def test_group_size_that_does_not_divide_a_layer_is_refused_before_quantizing(awq, tiny_model):
-    from qbench.artifacts import obtain_artifact
-    from qbench.models import fingerprint
+    from qbench.cell.artifacts import obtain_artifact
+    from qbench.sdk.models import fingerprint
 
     # the tiny model's layers take 64 inputs (and 128): group 128 divides not all of them
     with pytest.raises(QBenchError, match="group_size 128 does not divide the 64 input features"):

@@ -166,8 +166,8 @@ def empty_gguf(c: Ctx) -> Path:
 
 def swapped_embedded_model(c: Ctx) -> list[str]:
     """Another model's folder where the embedded model's conversion lies."""
-    from qbench.models import DEFAULT_MODEL, EMBEDDED_MARKER, embedded_gguf
-    from qbench.paths import cache_dir
+    from qbench.sdk.models import DEFAULT_MODEL, EMBEDDED_MARKER, embedded_gguf
+    from qbench.core.paths import cache_dir
 
     target = cache_dir() / "models" / f"{DEFAULT_MODEL}-{embedded_gguf().stat().st_size}"
     shutil.copytree(c.model, target)
@@ -607,7 +607,7 @@ def test_template_bombs_are_refused_within_a_bounded_budget(name, tmp_path):
     # execve), so the child forks the render into a grandchild and reads that one's peak.
     script = textwrap.dedent(f"""
         import json, os, resource, sys, time
-        from qbench.untrusted import template_environment
+        from qbench.core.untrusted import template_environment
         env = template_environment()
         read, write = os.pipe()
         if os.fork() == 0:
@@ -646,9 +646,9 @@ def test_validate_and_run_planning_agree(build, tiny_model, tmp_path):
     """`suites validate` once said "valid" for task files and corpora that
     `run` refused. Both now make the same checks: on every bad suite they
     fail with the same line (or both accept it)."""
-    from qbench.api import check_suite, create_run
-    from qbench.errors import QBenchError
-    from qbench.suites import load_suite
+    from qbench.execute.runs import check_suite, create_run
+    from qbench.core.errors import QBenchError
+    from qbench.data.suites import load_suite
 
     ctx = Ctx(tmp=tmp_path, model=tiny_model, suite=tmp_path / "none.yaml", run=tmp_path / "run")
     args = build(ctx)

@@ -5,8 +5,8 @@ import textwrap
 
 import pytest
 
-from qbench.errors import QBenchError
-from qbench.suites import load_suite
+from qbench.core.errors import QBenchError
+from qbench.data.suites import load_suite
 
 CODE = "\n\n".join(f"def f{i}(x):\n    return [x * {i} for _ in range({i})]" for i in range(40))
 
@@ -45,7 +45,7 @@ def test_each_set_calibrates_its_own_artifact_and_is_recorded(tiny_model, two_se
     """int8-static's activation scales come from the calibration samples: code
     and prose give different scales, so different artifacts and figures."""
     import qbench
-    from qbench.results import ResultStore
+    from qbench.execute.results import ResultStore
 
     cells = ["torchao:int8-static", "torchao:int8-static:calibration=code"]
     df = qbench.run(model=str(tiny_model), suite=str(two_set_suite), backends=cells, device="cpu",
@@ -60,7 +60,7 @@ def test_each_set_calibrates_its_own_artifact_and_is_recorded(tiny_model, two_se
     assert prose.value("kld") != code.value("kld")
     from pathlib import Path
 
-    from qbench.report import write_report
+    from qbench.present.report import write_report
 
     report = write_report(Path(df.attrs["run_dir"]))[0].read_text()
     assert "code (2 samples)" in report and "default (2 samples)" in report

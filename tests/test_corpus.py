@@ -5,9 +5,9 @@ import types
 
 import pytest
 
-from qbench.corpus import load_documents
-from qbench.errors import QBenchError
-from qbench.suites import CorpusSpec, Suite
+from qbench.data.corpus import load_documents
+from qbench.core.errors import QBenchError
+from qbench.data.suites import CorpusSpec, Suite
 
 
 def suite_at(folder) -> Suite:
@@ -40,8 +40,9 @@ def test_hub_spec_without_datasets_names_the_install(tmp_path, monkeypatch):
 
 
 def test_calibration_overlapping_evaluation_text_is_measured(tiny_suite, tiny_model):
-    from qbench.suites import load_suite
-    from qbench.workload import Workload, load_tokenizer
+    from qbench.data.suites import load_suite
+    from qbench.data.workload import Workload
+    from qbench.sdk.hf import load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_model))
     apart = Workload(load_suite(tiny_suite), tokenizer)

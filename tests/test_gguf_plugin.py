@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from qbench.errors import QBenchError
+from qbench.core.errors import QBenchError
 from tests.conftest import mean_kld, session_for
 
 pytest.importorskip("gguf")
@@ -62,7 +62,7 @@ def gguf(builtin_backends):
 def test_float32_gguf_in_llama_cpp_matches_pytorch(gguf, wide_tiny_model, wide_reference):
     session = session_for(gguf, "f32", wide_tiny_model)
     assert session.facts["tensor_types"] == {"F32": 2 * 7 + 2}
-    from qbench.worker import count_parameters
+    from qbench.cell.worker import count_parameters
 
     assert session.weight_bytes() == 4 * count_parameters(wide_tiny_model)  # every weight, four bytes each
     # not zero: llama.cpp keeps its KV cache in float16

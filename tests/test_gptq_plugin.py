@@ -9,12 +9,12 @@ import shutil
 import pytest
 import torch
 
-from qbench.artifacts import artifact_key
-from qbench.errors import QBenchError
-from qbench.hf import HFSession
+from qbench.cell.artifacts import artifact_key
+from qbench.core.errors import QBenchError
+from qbench.sdk.hf import HFSession
 from qbench.metrics.scoring import reference_from, score_windows
-from qbench.plugins import PluginSettings, load_plugins
-from qbench.windows import make_windows
+from qbench.sdk.registry import PluginSettings, load_plugins
+from qbench.data.windows import make_windows
 from tests.conftest import make_tiny_model, session_for
 
 pytest.importorskip("gptqmodel")
@@ -74,8 +74,8 @@ def mean_kld(session, reference) -> float:
 
 @pytest.fixture(scope="module")
 def w4g32_artifact(backends, tiny_model, calibration):
-    from qbench.artifacts import obtain_artifact
-    from qbench.models import fingerprint
+    from qbench.cell.artifacts import obtain_artifact
+    from qbench.sdk.models import fingerprint
 
     gptq = backends["gptq"]
     artifact, hit, _ = obtain_artifact(gptq, "w4g32", gptq.variants()["w4g32"], str(tiny_model),

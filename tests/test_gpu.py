@@ -5,11 +5,11 @@ import time
 import pytest
 import torch
 
-from qbench.backend import ignore_step
-from qbench.hf import HFSession
+from qbench.sdk.backend import ignore_step
+from qbench.sdk.hf import HFSession
 from qbench.metrics.cost import DEVICE_CLOCK, HOST_CLOCK, latency_metrics, memory_metrics
 from qbench.metrics.scoring import score_windows
-from qbench.windows import make_windows
+from qbench.data.windows import make_windows
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -100,10 +100,10 @@ def test_cli_run_on_cuda_end_to_end(tiny_model, tiny_suite, tmp_path):
 def test_quantized_variants_on_cuda(wide_tiny_model, backend, variant, layer_type):
     from transformers import AutoModelForCausalLM
 
-    from qbench.artifacts import obtain_artifact
+    from qbench.cell.artifacts import obtain_artifact
     from qbench.metrics.scoring import reference_from
-    from qbench.models import fingerprint
-    from qbench.plugins import PluginSettings, load_plugins
+    from qbench.sdk.models import fingerprint
+    from qbench.sdk.registry import PluginSettings, load_plugins
 
     b = load_plugins(PluginSettings(allow=("builtin",))).backends[backend]
     name, config = b.parse_variant(variant)
@@ -147,7 +147,7 @@ def test_onnx_runtime_runs_on_its_cuda_provider(tiny_model):
     import onnxruntime as ort
 
     from qbench.metrics.scoring import reference_from
-    from qbench.plugins import PluginSettings, load_plugins
+    from qbench.sdk.registry import PluginSettings, load_plugins
     from tests.conftest import load_on
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -195,7 +195,7 @@ def test_onnx_fused_gate_up_keeps_the_plain_exports_logits_on_cuda(wide_tiny_mod
     pytest.importorskip("onnxruntime_genai")
     import onnxruntime as ort
 
-    from qbench.plugins import PluginSettings, load_plugins
+    from qbench.sdk.registry import PluginSettings, load_plugins
     from tests.conftest import load_on
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -245,7 +245,7 @@ def test_compiled_runtime_decodes_the_same_tokens_and_records_its_compile_time(t
     from transformers import AutoModelForCausalLM
 
     import qbench
-    from qbench.results import ResultStore
+    from qbench.execute.results import ResultStore
 
     session = HFSession(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).to("cuda"), "cuda")
     prompt = torch.tensor([list(range(3, 40))])
@@ -283,7 +283,7 @@ def test_gemlite_int4_artifact_round_trips_through_the_cache(tiny_model, tiny_su
     about a quarter of fp16's bytes for its quantized layers."""
     pytest.importorskip("gemlite")
     import qbench
-    from qbench.results import ResultStore
+    from qbench.execute.results import ResultStore
 
     cell = "torchao:kernel=gemlite,bits=4,granularity=group:32,symmetric=false"
     records = []
@@ -309,10 +309,10 @@ def test_gptq_runs_through_gptqmodel_cuda_kernels(wide_tiny_model, spec, layer_c
     pytest.importorskip("gptqmodel")
     from transformers import AutoModelForCausalLM
 
-    from qbench.artifacts import obtain_artifact
+    from qbench.cell.artifacts import obtain_artifact
     from qbench.metrics.scoring import reference_from
-    from qbench.models import fingerprint
-    from qbench.plugins import PluginSettings, load_plugins
+    from qbench.sdk.models import fingerprint
+    from qbench.sdk.registry import PluginSettings, load_plugins
 
     gptq = load_plugins(PluginSettings(allow=("builtin",))).backends["gptq"]
     name, config = gptq.parse_variant(spec)
@@ -368,8 +368,8 @@ def test_a_model_spread_over_two_gpus_gives_one_gpus_figures_and_memory_per_gpu(
     some memory) and the quality figures equal those of the same cell on
     one GPU."""
     from qbench.api import create_run
-    from qbench.results import ResultStore
-    from qbench.runner import execute
+    from qbench.execute.results import ResultStore
+    from qbench.execute.runner import execute
 
     records = {}
     for per_cell in (1, 2):

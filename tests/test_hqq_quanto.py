@@ -5,8 +5,8 @@ artifacts that reload to the same logits."""
 import pytest
 import torch
 
-from qbench.errors import QBenchError
-from qbench.hf import HFSession
+from qbench.core.errors import QBenchError
+from qbench.sdk.hf import HFSession
 from qbench.metrics.scoring import score_windows
 from tests.conftest import mean_kld, session_for
 
@@ -41,7 +41,7 @@ def test_hqq_counts_its_scales_and_zero_points(builtin_backends, wide_tiny_model
     assert codes == 512 * 256 // 2  # two 4-bit codes per byte
     # fp32 scale and zero point per group of 64: 8 bytes per 64 weights.
     assert layer.meta["scale"].numel() * 4 + layer.meta["zero"].numel() * 4 == 512 * 256 // 64 * 8
-    from qbench.hf import HFSession as Plain
+    from qbench.sdk.hf import HFSession as Plain
 
     assert session.weight_bytes() - Plain.weight_bytes(session) == sum(
         (m.meta["scale"].numel() + m.meta["zero"].numel()) * 4 for m in session.model.modules()

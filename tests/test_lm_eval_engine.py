@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from qbench.errors import QBenchError
+from qbench.core.errors import QBenchError
 from tests.conftest import MC_ITEMS
 
 pytest.importorskip("lm_eval")
@@ -52,7 +52,7 @@ def task_folder(tmp_path):
 
 
 def _suite(folder, body: str):
-    from qbench.suites import load_suite
+    from qbench.data.suites import load_suite
 
     path = folder / "suite.yaml"
     path.write_text(textwrap.dedent(body))
@@ -65,8 +65,8 @@ def both(tiny_model):
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qbench.hf import HFSession
-    from qbench.lm_eval_engine import session_lm
+    from qbench.sdk.hf import HFSession
+    from qbench.cell.lm_eval_engine import session_lm
 
     theirs = HFLM(pretrained=str(tiny_model), device="cpu", max_length=64, batch_size=3, dtype="float32")
     session = HFSession(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32), "cpu")
@@ -105,7 +105,7 @@ def test_requests_score_as_lm_evals_hf_model(both):
 def test_local_tasks_give_lm_evals_figures(both, task_folder):
     import lm_eval
 
-    from qbench.lm_eval_engine import evaluate, read_task_file
+    from qbench.cell.lm_eval_engine import evaluate, read_task_file
 
     theirs, ours = both
     suite = _suite(task_folder, """
@@ -126,7 +126,7 @@ def test_local_tasks_give_lm_evals_figures(both, task_folder):
 def test_task_templates_render_in_the_sandbox(both, task_folder):
     import lm_eval.utils
 
-    from qbench.lm_eval_engine import evaluate
+    from qbench.cell.lm_eval_engine import evaluate
 
     theirs, ours = both
     (task_folder / "evil.yaml").write_text(MC_TASK.replace("tiny_mc", "evil").replace(
@@ -149,7 +149,7 @@ def test_task_templates_render_in_the_sandbox(both, task_folder):
 
 def test_task_code_runs_only_when_trusted(tiny_model, task_folder, tmp_path):
     import qbench
-    from qbench.results import ResultStore
+    from qbench.execute.results import ResultStore
 
     (task_folder / "helpers.py").write_text("def doc_to_text(doc):\n    return doc['context']\n")
     (task_folder / "coded.yaml").write_text(MC_TASK.replace("tiny_mc", "coded").replace(
@@ -171,7 +171,7 @@ def test_the_native_multiple_choice_path_gives_lm_evals_numbers(tiny_model, task
     same task file, the same acc and acc_norm in one run, even with a BOS
     policy for perplexity (lm-eval's BOS rule applies to tasks)."""
     import qbench
-    from qbench.results import ResultStore
+    from qbench.execute.results import ResultStore
 
     items = [{"context": f"Question: what is {a} plus {b}?\nAnswer:", "choices": [f" {a + b}", f" {a * b + 1}",
                                                                            f" {a + b + 10}"], "gold": 0}
@@ -195,7 +195,8 @@ def test_native_tasks_follow_lm_evals_bos_rule_unless_the_suite_says_otherwise(t
     """bos: document used to prefix every multiple-choice request with BOS,
     which lm-eval does not do: a different number with no word why. Now the
     native tasks tokenize as lm-eval does unless ``task_bos: suite``."""
-    from qbench.workload import Workload, load_tokenizer
+    from qbench.data.workload import Workload
+    from qbench.sdk.hf import load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_model))
     bos = tokenizer.bos_token_id
@@ -210,7 +211,7 @@ def test_native_tasks_follow_lm_evals_bos_rule_unless_the_suite_says_otherwise(t
 def test_generation_in_pieces_gives_lm_evals_text(both, monkeypatch):
     """generate_until decodes in pieces and stops after the piece with a stop
     string or EOS; the text is the one-go text, and lm-eval's."""
-    import qbench.lm_eval_engine as engine
+    import qbench.cell.lm_eval_engine as engine
 
     theirs, ours = both
     requests = [(item["context"], {"until": ["@@"], "max_gen_toks": 12, "do_sample": False}) for item in GEN_ITEMS]

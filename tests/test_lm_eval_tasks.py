@@ -6,8 +6,8 @@ import textwrap
 
 import pytest
 
-from qbench.errors import QBenchError
-from qbench.metrics.choice import load_items
+from qbench.core.errors import QBenchError
+from qbench.data.tasks import load_items
 from tests.conftest import REPO
 
 SUITES = REPO / "suites"

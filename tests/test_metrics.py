@@ -5,14 +5,15 @@ import math
 import pytest
 import torch
 
-from qbench.backend import Session
-from qbench.errors import QBenchError
-from qbench.hf import HFSession
-from qbench.metrics.choice import accuracy_metrics, request_windows
+from qbench.sdk.backend import Session
+from qbench.core.errors import QBenchError
+from qbench.sdk.hf import HFSession
+from qbench.data.tasks import request_windows
+from qbench.metrics.choice import accuracy_metrics
 from qbench.metrics.generation import generation_metrics
 from qbench.metrics.quality import fidelity_metrics, perplexity_metrics
 from qbench.metrics.scoring import kl_against_topk, reference_from, score_windows
-from qbench.windows import make_windows
+from qbench.data.windows import make_windows
 from tests.conftest import make_record
 
 
@@ -270,7 +271,7 @@ def test_harness_share_leaves_out_every_canary_gate_of_the_sweep(monkeypatch):
     the harness took 12 - 4 - 6 = 2 s of the 8 s measured."""
     from types import SimpleNamespace
 
-    from qbench.worker import CellPipeline
+    from qbench.cell.worker import CellPipeline
 
     pipeline = CellPipeline.__new__(CellPipeline)
     pipeline.metrics, pipeline.phase_seconds = {}, {"perplexity": 2.0, "latency": 10.0, "load": 50.0}
@@ -280,7 +281,7 @@ def test_harness_share_leaves_out_every_canary_gate_of_the_sweep(monkeypatch):
     pipeline.task = SimpleNamespace(run_dir="run", cell="c", device="cpu")
     pipeline.config = SimpleNamespace(runtime="eager")
     gates = iter((3.0, 1.0))
-    monkeypatch.setattr("qbench.worker.gated_latency",
+    monkeypatch.setattr("qbench.cell.worker.gated_latency",
                         lambda *a, **k: {"machine_canary_ms": {"gate_seconds": next(gates)}})
     pipeline.gated("prompt at batch 1")
     pipeline.gated("prompt at batch 8")

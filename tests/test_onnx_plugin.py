@@ -5,10 +5,10 @@ quantized MatMuls, and coarser weights move further from the baseline."""
 import pytest
 import torch
 
-from qbench.backend import ignore_step
-from qbench.errors import QBenchError
+from qbench.sdk.backend import ignore_step
+from qbench.core.errors import QBenchError
 from qbench.metrics.scoring import score_windows
-from qbench.plugins import PluginSettings, load_plugins
+from qbench.sdk.registry import PluginSettings, load_plugins
 from tests.conftest import session_for
 from tests.test_ptq_plugins import reference  # noqa: F401  (fixture)
 
@@ -45,7 +45,7 @@ def test_quantized_graphs_and_their_order(sessions, reference):  # noqa: F811
 def test_greedy_generation_matches_pytorch(sessions, tiny_model):
     from transformers import AutoModelForCausalLM
 
-    from qbench.hf import HFSession
+    from qbench.sdk.hf import HFSession
 
     base = HFSession(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32), "cpu")
     prompt = torch.tensor([[5, 6, 7, 8]])

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from qbench.errors import QBenchError
-from qbench.parallel import run_on_gpus
+from qbench.core.errors import QBenchError
+from qbench.core.parallel import run_on_gpus
 
 
 class Recorder:
@@ -105,7 +105,7 @@ def test_an_interrupt_stops_the_workers_still_measuring():
 def test_gpus_option_names_the_problem(monkeypatch):
     import torch
 
-    from qbench.api import resolve_gpus
+    from qbench.execute.runs import resolve_gpus
 
     assert resolve_gpus(None, "cpu") == []
     with pytest.raises(QBenchError, match="--gpus runs cells on GPUs, but the run's device is cpu"):
@@ -131,8 +131,8 @@ def test_a_run_on_two_fake_gpus_matches_a_serial_run(tiny_model, tiny_suite, tmp
     the baseline run at the same time, every record says which GPU it had,
     and the quality figures equal those of the same run made serially."""
     from qbench.api import create_run
-    from qbench.results import ResultStore
-    from qbench.runner import execute, save_plan
+    from qbench.execute.results import ResultStore
+    from qbench.execute.runner import execute, save_plan
 
     cells = ["fp:bf16", "torchao:int8-wo", "torchao:int4-wo-g32"]
     runs = {}
@@ -162,8 +162,8 @@ def test_a_worker_dying_on_one_gpu_loses_nothing_elsewhere(tiny_model, tiny_suit
     measures: its failure is recorded with the reason, every other record
     is kept, and the run can be resumed to retry it."""
     from qbench.api import create_run
-    from qbench.results import ResultStore
-    from qbench.runner import execute, pending_cells, save_plan
+    from qbench.execute.results import ResultStore
+    from qbench.execute.runner import execute, pending_cells, save_plan
     from tests.conftest import FAKE_PLUGINS
 
     plan, run_dir = create_run(model=str(tiny_model), suite=str(tiny_suite), backends=["fake:exit", "fake:ok",
@@ -182,7 +182,7 @@ def test_a_worker_dying_on_one_gpu_loses_nothing_elsewhere(tiny_model, tiny_suit
 def test_gpus_per_cell_groups_the_gpus_and_names_the_problem(monkeypatch):
     import torch
 
-    from qbench.api import resolve_gpus
+    from qbench.execute.runs import resolve_gpus
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
@@ -198,9 +198,9 @@ def test_gpus_per_cell_groups_the_gpus_and_names_the_problem(monkeypatch):
 
 
 def test_gpus_per_cell_refuses_backends_that_cannot_spread_a_model():
-    from qbench.api import check_spread
-    from qbench.plugins import PluginSettings, load_plugins
-    from qbench.runner import CellSpec
+    from qbench.execute.runs import check_spread
+    from qbench.sdk.registry import PluginSettings, load_plugins
+    from qbench.execute.runner import CellSpec
 
     builtin = load_plugins(PluginSettings(allow=("builtin",)))
 

@@ -5,8 +5,8 @@ import pytest
 from click.testing import CliRunner
 
 from qbench.cli import cli
-from qbench.errors import QBenchError
-from qbench.plugins import PluginSettings, load_plugins
+from qbench.core.errors import QBenchError
+from qbench.sdk.registry import PluginSettings, load_plugins
 from tests.conftest import FAKE_PLUGINS
 
 
@@ -117,7 +117,7 @@ def test_unknown_variant_and_bad_custom_settings_are_rejected():
 def test_unavailable_backend_says_why_and_how_to_fix(tmp_path):
     (tmp_path / "needs.py").write_text(textwrap.dedent("""
         from qbench import hookimpl
-        from qbench.backend import Backend, VariantConfig
+        from qbench.sdk.backend import Backend, VariantConfig
 
         class Needy(Backend):
             name = "needy"

@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from qbench.windows import llama_cpp_windows, rolling_windows
+from qbench.data.windows import llama_cpp_windows, rolling_windows
 
 
 @pytest.mark.parametrize("max_length", [4, 16, 64])
@@ -47,7 +47,7 @@ def test_llama_cpp_chunks_score_the_second_half_behind_a_bos():
 
 
 def test_stride_belongs_to_the_stream_protocol_only():
-    from qbench.suites import PerplexitySpec
+    from qbench.data.suites import PerplexitySpec
 
     with pytest.raises(ValueError, match="stride applies to the stream protocol only"):
         PerplexitySpec(corpus={"source": "builtin:pydoc-topics"}, protocol="llama.cpp", stride=8)
@@ -67,7 +67,7 @@ def test_lm_eval_rolling_matches_lm_eval_on_the_same_documents(tiny_model, tmp_p
     from lm_eval.models.huggingface import HFLM
 
     import qbench
-    from qbench.results import ResultStore
+    from qbench.execute.results import ResultStore
 
     lm = HFLM(pretrained=str(tiny_model), device="cpu", max_length=32, batch_size=4, dtype="float32")
     requests = [Instance(request_type="loglikelihood_rolling", doc={}, arguments=(d,), idx=i)
@@ -103,9 +103,10 @@ def test_llama_cpp_protocol_on_uniform_logits_gives_the_vocabulary_size(tiny_mod
     """Closed form: a model with uniform logits has perplexity V under any
     protocol; llama.cpp's scores n_ctx - 1 - n_ctx/2 tokens per full chunk."""
     import qbench
-    from qbench.results import ResultStore
-    from qbench.workload import Workload, load_tokenizer
-    from qbench.suites import load_suite
+    from qbench.execute.results import ResultStore
+    from qbench.data.workload import Workload
+    from qbench.sdk.hf import load_tokenizer
+    from qbench.data.suites import load_suite
     from tests.conftest import FAKE_PLUGINS
 
     suite = tmp_path / "llama.yaml"

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from qbench.errors import QBenchError
-from qbench.hf import HFSession, unique_tensor_bytes
+from qbench.core.errors import QBenchError
+from qbench.sdk.hf import HFSession, unique_tensor_bytes
 from qbench.metrics.scoring import reference_from, score_windows
-from qbench.plugins import PluginSettings, load_plugins
-from qbench.windows import make_windows
+from qbench.sdk.registry import PluginSettings, load_plugins
+from qbench.data.windows import make_windows
 from tests.conftest import session_for
 
 CPU_TORCHAO = ["int8-dyn", "int8-wo", "int4-wo-g32", "int8-static", "int8-dyn-legacy"]
@@ -92,8 +92,8 @@ def test_kept_layers_stay_full_precision(backends, tiny_model):
 
 
 def test_group_size_that_does_not_divide_falls_back_per_channel_and_says_so(backends, tiny_model):
-    from qbench.artifacts import obtain_artifact
-    from qbench.models import fingerprint
+    from qbench.cell.artifacts import obtain_artifact
+    from qbench.sdk.models import fingerprint
 
     backend = backends["torchao"]
     variant, config = backend.parse_variant("bits=4,granularity=group:256")  # hidden size 64 < 256
@@ -103,8 +103,8 @@ def test_group_size_that_does_not_divide_falls_back_per_channel_and_says_so(back
 
 
 def test_artifacts_are_safetensors_not_pickle(backends, tiny_model, calibration):
-    from qbench.artifacts import obtain_artifact
-    from qbench.models import fingerprint
+    from qbench.cell.artifacts import obtain_artifact
+    from qbench.sdk.models import fingerprint
 
     for backend, variant in [("torchao", "int8-static"), ("torchao", "int8-dyn-legacy"), ("bnb", "nf4")]:
         b = backends[backend]
@@ -118,7 +118,7 @@ def test_artifacts_are_safetensors_not_pickle(backends, tiny_model, calibration)
 def test_layers_left_in_full_precision_fail_loudly(tiny_model):
     from transformers import AutoModelForCausalLM
 
-    from qbench.hf import require_quantized_layers
+    from qbench.sdk.hf import require_quantized_layers
     from qbench_plugins.torchao_ptq import _is_torchao_quantized
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
@@ -155,7 +155,7 @@ def test_cuda_only_variants_say_so_on_cpu(backends):
 
 def test_worker_runs_both_plugins_end_to_end(tiny_model, tiny_suite, tmp_path):
     import qbench
-    from qbench.results import ResultStore
+    from qbench.execute.results import ResultStore
 
     df = qbench.run(model=str(tiny_model), suite=str(tiny_suite), device="cpu",
                     backends=["torchao:int8-wo", "bnb:nf4"], output_dir=str(tmp_path))
@@ -250,7 +250,7 @@ def test_torchao_compute_dtype_keeps_old_cache_keys(builtin_backends, variant, c
     ("int8-dyn-legacy:compute_dtype=bf16", "kernel=legacy (torch.ao quantize_dynamic) computes in fp32 only"),
 ])
 def test_torchao_refuses_a_dtype_its_kernel_lacks(builtin_backends, spec, message):
-    from qbench.errors import QBenchError
+    from qbench.core.errors import QBenchError
 
     with pytest.raises(QBenchError, match=re.escape(message)):
         builtin_backends["torchao"].parse_variant(spec)

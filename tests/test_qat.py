@@ -4,7 +4,7 @@ the same bits, and the suite's qat section fills the training settings."""
 
 import pytest
 
-from qbench.errors import QBenchError
+from qbench.core.errors import QBenchError
 from tests.conftest import mean_kld, session_for
 
 pytest.importorskip("torchao")
@@ -32,7 +32,7 @@ def test_distillation_lowers_kld_against_post_training_at_the_same_bits(builtin_
 
 
 def test_suite_fills_training_settings_and_variants_override_them(builtin_backends, tiny_suite):
-    from qbench.suites import load_suite
+    from qbench.data.suites import load_suite
 
     qat = builtin_backends["qat"]
     suite = load_suite(str(tiny_suite))

@@ -11,8 +11,8 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from qbench.api import create_run  # noqa: E402
-from qbench.results import ResultStore  # noqa: E402
-from qbench.runner import LocalExecutor, execute  # noqa: E402
+from qbench.execute.results import ResultStore  # noqa: E402
+from qbench.execute.runner import LocalExecutor, execute  # noqa: E402
 
 QUALITY = ("perplexity", "kld", "same_top_p", "acc", "gen_exact_match", "weight_bytes")
 
@@ -22,7 +22,7 @@ def ray_executor():
     """An executor that starts a Ray cluster of this machine with four
     logical GPUs, each cell asking for one GPU and one CPU; stopped after
     the test (workers inherit the environment the test set up)."""
-    from qbench.ray_executor import RayExecutor
+    from qbench.execute.ray_executor import RayExecutor
 
     made = []
 
@@ -119,8 +119,8 @@ def test_ship_mode_runs_without_the_driver_files(tiny_model, tiny_suite, tmp_pat
     assert (run_dir / "reference" / "meta.json").is_file() and (run_dir / "bandwidth.json").is_file()
     assert "phase: perplexity" in (run_dir / "logs" / "fp__bf16.log").read_text()
     # a cell no node can hold is refused at once, not left waiting for resources forever
-    from qbench.errors import QBenchError
-    from qbench.ray_executor import RayExecutor
+    from qbench.core.errors import QBenchError
+    from qbench.execute.ray_executor import RayExecutor
 
     with pytest.raises(QBenchError, match=r"no node of the Ray cluster has what one cell asks for \(1 CPU, 8 GPU\)"):
         RayExecutor(task_gpus=8, task_cpus=1)._start(plan)
@@ -142,7 +142,7 @@ def test_executor_options_are_refused_in_one_line_before_any_run_folder(tiny_mod
 def test_shipped_files_keep_their_names_below_the_node_root(tmp_path):
     from pathlib import Path
 
-    from qbench.shipping import pack, under
+    from qbench.execute.shipping import pack, under
 
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "w.bin").write_bytes(b"w")

@@ -3,8 +3,8 @@ hash in the cache key, and torchao cells built from recipes."""
 
 import pytest
 
-from qbench.errors import QBenchError
-from qbench.recipes import Override, Recipe, keep_most_sensitive, load_recipe, write_recipe
+from qbench.core.errors import QBenchError
+from qbench.sdk.recipes import Override, Recipe, keep_most_sensitive, load_recipe, write_recipe
 
 RECIPE = """\
 backend: torchao
@@ -20,7 +20,7 @@ source: {made_by: hand}
 
 @pytest.fixture
 def torchao():
-    from qbench.plugins import PluginSettings, get_backend, load_plugins
+    from qbench.sdk.registry import PluginSettings, get_backend, load_plugins
 
     return get_backend(load_plugins(PluginSettings.from_env(())), "torchao")
 
@@ -98,7 +98,7 @@ def test_recipe_cells_land_between_their_variants(tiny_model, tiny_suite, tmp_pa
     same KLD. One that keeps every down_proj in full precision on an int4
     base holds more bytes than int4 and moves the model less."""
     import qbench
-    from qbench.results import ResultStore
+    from qbench.execute.results import ResultStore
 
     every = tmp_path / "all-int8.yaml"
     every.write_text("base: int4-wo-g32\noverrides:\n  - {match: '*', use: int8-wo}\n")
@@ -122,8 +122,8 @@ def test_overrides_are_checked_against_the_models_layers():
     """An override that matches no layer once ran silently as the uniform
     base (override_layers: 0). Now it is an error with the closest names;
     what matches less than written is a note."""
-    from qbench.errors import QBenchError
-    from qbench.recipes import Override, Recipe
+    from qbench.core.errors import QBenchError
+    from qbench.sdk.recipes import Override, Recipe
 
     layers = [f"model.layers.{i}.{kind}" for i in range(2)
               for kind in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")]

@@ -9,9 +9,9 @@ import shutil
 import pandas as pd
 import pytest
 
-from qbench.compare import compare_records
-from qbench.report import pareto_front, recommendation
-from qbench.results import ResultStore
+from qbench.present.compare import compare_records
+from qbench.present.report import pareto_front, recommendation
+from qbench.execute.results import ResultStore
 from tests.conftest import FAKE_PLUGINS, make_record
 from tests.test_cli import qbench
 
@@ -53,7 +53,7 @@ def test_the_recommendation_weighs_quality_memory_and_speed():
     """A front over KLD, weights, batch-1 decode time and batch-8 throughput;
     the answers users ask, each within the budget at the error bar; each
     dominated row with what dominates it; launch-bound eager rows on CUDA."""
-    from qbench.decisions import compiled_twins
+    from qbench.analyze.decisions import compiled_twins
 
     records = [timed("fp:fp32", None, 400, 10.0, 200, baseline=True),
                timed("q:a", (0.010, 0.001), 100, 8.0, 500),
@@ -120,7 +120,7 @@ def test_compare_judges_latency_by_repetition_and_not_when_the_machine_was_busy(
 
 
 def test_compare_reports_how_far_the_machine_moved_but_judges_nothing_by_it():
-    from qbench.compare import latency_spread
+    from qbench.present.compare import latency_spread
 
     def runs(ratios):
         def cell(decode):
@@ -140,7 +140,7 @@ def test_compare_reports_how_far_the_machine_moved_but_judges_nothing_by_it():
 
 
 def test_holm_keeps_the_family_wise_error_rate():
-    from qbench.compare import holm, p_value
+    from qbench.present.compare import holm, p_value
 
     # Sorted: 0.005 <= 0.05/4, 0.01 <= 0.05/3, then 0.03 > 0.05/2 stops the procedure.
     assert holm([0.01, 0.04, 0.03, 0.005]) == [True, False, False, True]
@@ -182,8 +182,8 @@ def test_compare_judges_latency_by_its_trials_pooled_across_cells():
 
 def test_machine_canary_gates_latency_and_keeps_the_run_history(tmp_path, monkeypatch):
     from qbench.metrics import canary
-    from qbench.suites import LatencySpec
-    from qbench.worker import gated_latency
+    from qbench.data.suites import LatencySpec
+    from qbench.cell.worker import gated_latency
 
     timings = iter([20.0, 21.0, 50.0, 52.0, 20.5, 20.0])  # before/after per attempt: 2nd attempt is slow
     monkeypatch.setattr(canary.MachineCanary, "measure", lambda self, repeats=9: next(timings))
@@ -295,7 +295,7 @@ def _coloured_pixels(png, top, bottom) -> int:
 
 
 def test_provenance_says_where_spread_cells_were_measured():
-    from qbench.report import placement
+    from qbench.present.report import placement
     from tests.conftest import make_record
 
     def on(cell, **env):
@@ -314,10 +314,10 @@ def test_provenance_says_where_spread_cells_were_measured():
 def test_a_row_computing_in_another_dtype_than_the_baseline_is_noted(builtin_backends):
     """Planned from the variants' settings, and said again from what each row
     recorded; rows whose library picks its dtype inside get no note."""
-    from qbench.dtypes import cast_note
-    from qbench.plugins import LoadedPlugins
-    from qbench.report import recorded_cast_notes
-    from qbench.runner import CellSpec, cast_notes
+    from qbench.core.dtypes import cast_note
+    from qbench.sdk.registry import LoadedPlugins
+    from qbench.present.report import recorded_cast_notes
+    from qbench.execute.runner import CellSpec, cast_notes
 
     assert cast_note("torch.float32", "torch.bfloat16", "fp:bf16") == (
         "computes in fp32, the baseline `fp:bf16` in bf16: its KLD includes that cast and its speed is not the "
@@ -342,8 +342,8 @@ def test_a_row_computing_in_another_dtype_than_the_baseline_is_noted(builtin_bac
 
 
 def test_a_run_not_found_says_where_it_was_looked_for(tmp_path, monkeypatch):
-    from qbench.errors import QBenchError
-    from qbench.results import find_run
+    from qbench.core.errors import QBenchError
+    from qbench.execute.results import find_run
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(QBenchError) as error:
@@ -354,8 +354,8 @@ def test_a_run_not_found_says_where_it_was_looked_for(tmp_path, monkeypatch):
 
 
 def test_table_shows_lm_evals_main_figure_and_the_metrics_asked_for():
-    from qbench.errors import QBenchError
-    from qbench.table import table_rows
+    from qbench.core.errors import QBenchError
+    from qbench.present.table import table_rows
 
     def m(value, unit="lm-eval"):
         return {"value": value, "unit": unit, "n": 100, "stderr": 0.01}

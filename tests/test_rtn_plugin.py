@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from qbench.hf import HFSession
+from qbench.sdk.hf import HFSession
 from qbench.metrics.scoring import reference_from, score_windows
-from qbench.plugins import PluginSettings, load_plugins
-from qbench.windows import make_windows
+from qbench.sdk.registry import PluginSettings, load_plugins
+from qbench.data.windows import make_windows
 from tests.conftest import RTN_PLUGIN, session_for
 
 
@@ -40,7 +40,7 @@ def test_weights_shrink(rtn, tiny_model):
 
 
 def test_impossible_custom_variant_names_the_field(rtn):
-    from qbench.errors import QBenchError
+    from qbench.core.errors import QBenchError
 
     with pytest.raises(QBenchError, match="field 'bits'"):
         rtn.parse_variant("bits=12")

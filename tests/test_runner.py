@@ -13,8 +13,8 @@ import pytest
 
 import qbench
 from qbench.api import create_run
-from qbench.results import ResultStore, load_results
-from qbench.runner import execute, split_backend_specs
+from qbench.execute.results import ResultStore, load_results
+from qbench.execute.runner import execute, split_backend_specs
 from tests.conftest import FAKE_PLUGINS, REPO
 
 
@@ -143,8 +143,8 @@ def test_steps_timed_on_the_device_are_taken_at_their_finishing_times(tiny_model
 
 
 def test_runs_that_name_no_variants_leave_out_what_is_slow_or_redundant_on_cpu():
-    from qbench.plugins import PluginSettings, load_plugins
-    from qbench.runner import plan_cells
+    from qbench.sdk.registry import PluginSettings, load_plugins
+    from qbench.execute.runner import plan_cells
 
     loaded = load_plugins(PluginSettings(allow=("builtin",)))
     cells, skipped = plan_cells(loaded, [], "fp:fp32", "cpu")
@@ -258,7 +258,7 @@ def test_one_damaged_run_does_not_stop_new_runs(tiny_model, tiny_suite, tmp_path
 
 
 def test_store_validates_records_and_names_the_bad_line(tmp_path):
-    from qbench.errors import QBenchError
+    from qbench.core.errors import QBenchError
     from tests.conftest import make_record
 
     store = ResultStore(tmp_path)
@@ -332,7 +332,7 @@ def test_pending_records_are_adopted_only_when_they_match_the_plan(tiny_model, t
     reason, and another run's record is left alone."""
     import warnings
 
-    from qbench.results import save_pending
+    from qbench.execute.results import save_pending
     from tests.conftest import make_record
 
     plan, run_dir = create_run(model=str(tiny_model), suite=str(tiny_suite), backends=["fp:bf16"], device="cpu",
@@ -394,7 +394,7 @@ def test_a_cache_entry_swapped_in_from_another_variant_fails_its_cell(tiny_model
     reported w4g32's figures as w8g32's with exit 0."""
     import shutil
 
-    from qbench.paths import cache_dir
+    from qbench.core.paths import cache_dir
     from tests.conftest import RTN_PLUGIN
 
     common = ["--model", str(tiny_model), "--suite", str(tiny_suite), "--device", "cpu", "--plugins-dir",
@@ -472,7 +472,7 @@ def test_time_estimate_counts_artifact_builds_the_cache_lacks_and_each_latency_t
     trials 20 and 22 s; cell b 50 s with its artifact cached (built in 400 s
     under another suite); cell c never ran here: the median cell (60 s) and
     the median trial (21 s)."""
-    from qbench.estimate import estimate, past_costs
+    from qbench.execute.estimate import estimate, past_costs
     from tests.conftest import make_record
 
     def record(cell, **fields):
@@ -504,12 +504,12 @@ def test_time_estimate_counts_artifact_builds_the_cache_lacks_and_each_latency_t
 
 
 def test_the_fork_servers_preload_starts_no_thread_and_no_backend_library():
-    """Workers fork from a server that ran qbench.preload: a thread started
+    """Workers fork from a server that ran qbench.execute.preload: a thread started
     there would be missing, its locks possibly held, in every worker."""
     import subprocess
     import sys
 
-    code = ("import os, sys; import torch; before = len(os.listdir('/proc/self/task')); import qbench.preload; "
+    code = ("import os, sys; import torch; before = len(os.listdir('/proc/self/task')); import qbench.execute.preload; "
             "print(before, len(os.listdir('/proc/self/task')), torch.cuda.is_initialized(), "
             "[m for m in ('torchao', 'bitsandbytes', 'gptqmodel', 'onnxruntime', 'llama_cpp') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)

@@ -5,9 +5,9 @@ the cell with the reason. The CUDA side is in test_gpu.py."""
 import pytest
 
 from qbench.api import create_run
-from qbench.plugins import PluginSettings, load_plugins
-from qbench.results import ResultStore
-from qbench.runner import execute
+from qbench.sdk.registry import PluginSettings, load_plugins
+from qbench.execute.results import ResultStore
+from qbench.execute.runner import execute
 
 
 def test_runtime_is_a_setting_of_every_backend_outside_the_cache_key():
@@ -59,7 +59,7 @@ def test_batch_sweep_times_every_batch_size_and_reports_it(tiny_model, tiny_suit
     assert record.latency_sweep[1]["decode_ms_per_token"].value == pytest.approx(record.value("decode_ms_per_token"))
     assert record.latency_workload["batch_size"] == 1
     assert 0 < three["roofline_fraction"].value
-    from qbench.report import write_report
+    from qbench.present.report import write_report
 
     md, _ = write_report(run_dir)
     text = md.read_text()

@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from qbench.errors import QBenchError
-from qbench.records import Metric
-from qbench.search import Budget, Verdict, best_of, judge
+from qbench.core.errors import QBenchError
+from qbench.core.records import Metric
+from qbench.analyze.search import Budget, Verdict, best_of, judge
 from tests.conftest import make_record
 
 
@@ -89,7 +89,7 @@ def search_suite(tiny_suite, tmp_path_factory):
 def uniform_klds(tiny_model, search_suite, tmp_path_factory):
     """The two uniform variants' KLD on the tiny model, to set a budget between them."""
     import qbench
-    from qbench.results import ResultStore
+    from qbench.execute.results import ResultStore
 
     df = qbench.run(model=str(tiny_model), suite=str(search_suite), backends=["torchao:int8-wo", "torchao:int4-wo-g32"],
                     device="cpu", output_dir=str(tmp_path_factory.mktemp("uniform")))
@@ -101,8 +101,8 @@ def uniform_klds(tiny_model, search_suite, tmp_path_factory):
 def test_search_builds_recipes_from_sensitivity_and_resumes_an_interrupted_search(tiny_model, search_suite, tmp_path,
                                                                                    uniform_klds):
     from qbench.api import search
-    from qbench.results import ResultStore
-    from qbench.runner import load_plan
+    from qbench.execute.results import ResultStore
+    from qbench.execute.runner import load_plan
 
     (int8, int8_se), (int4, int4_se) = uniform_klds["torchao:int8-wo"], uniform_klds["torchao:int4-wo-g32"]
     bound = ((int8 + 2 * int8_se) * (int4 - 2 * int4_se)) ** 0.5  # between the two, clear of both error bars
@@ -161,7 +161,7 @@ def test_search_builds_recipes_from_sensitivity_and_resumes_an_interrupted_searc
     assert counts[last] == 1 and all(n == 1 for n in counts.values())
     assert ResultStore(folder / "cells").latest()[last].ok
     # A damaged result file: the report says how to write it again, in one line.
-    from qbench.report import write_report
+    from qbench.present.report import write_report
 
     (folder / "search_result.json").write_text('{"budget":')
     with pytest.raises(QBenchError, match="rerun the search"):
@@ -174,7 +174,7 @@ def test_search_builds_recipes_from_sensitivity_and_resumes_an_interrupted_searc
 def test_upgrades_improve_quality_whatever_the_budget():
     """For a size budget the upgrade is a better variant than the base, never
     merely a bigger one; for a quality budget the smallest that meets it."""
-    from qbench.search import pick_upgrade
+    from qbench.analyze.search import pick_upgrade
 
     class Config:
         def compute_key(self):
@@ -196,8 +196,8 @@ def test_upgrades_improve_quality_whatever_the_budget():
 
 def test_a_relative_budget_needs_a_baseline_accuracy_away_from_zero():
     """acc>=0.99*base against a baseline at 0 once called int4 a pass."""
-    from qbench.errors import QBenchError
-    from qbench.search import check_relative_baseline
+    from qbench.core.errors import QBenchError
+    from qbench.analyze.search import check_relative_baseline
 
     budget = Budget.parse("acc>=0.99*base")
     with pytest.raises(QBenchError, match=r"baseline's accuracy is 0.0000 ± 0.0000 \(95%, 40 items\).*reaches 0"):

@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from qbench.records import Metric
-from qbench.sensitivity import SensitivityRow, heatmap_matrix, ranked, units
+from qbench.core.records import Metric
+from qbench.analyze.sensitivity import SensitivityRow, heatmap_matrix, ranked, units
 
 NAMES = [f"model.layers.{b}.{part}" for b in (0, 1) for part in ("self_attn.q_proj", "mlp.down_proj")] + ["lm_head"]
 
@@ -64,8 +64,8 @@ def test_every_layer_is_measured_ranked_and_drawn(int4_pass):
 
 def test_a_recipe_from_a_pass_upgrades_its_most_harmful_units(int4_pass, tmp_path):
     from qbench.api import recipe_from_sensitivity
-    from qbench.errors import QBenchError
-    from qbench.recipes import load_recipe
+    from qbench.core.errors import QBenchError
+    from qbench.sdk.recipes import load_recipe
 
     table, folder, _ = int4_pass
     path = recipe_from_sensitivity(folder, "torchao:int4-wo-g32", 2, "int8-wo", tmp_path / "top2.yaml")
@@ -90,7 +90,7 @@ def test_coarser_quantization_moves_every_unit_more(int4_pass, tiny_model, tiny_
 
 
 def test_quantize_and_restore_leave_the_full_precision_model_unchanged(tiny_model):
-    from qbench.plugins import PluginSettings, load_plugins
+    from qbench.sdk.registry import PluginSettings, load_plugins
 
     backend = load_plugins(PluginSettings(allow=("builtin",))).backends["torchao"]
     _, config = backend.parse_variant("int4-wo-g32")
@@ -104,7 +104,7 @@ def test_quantize_and_restore_leave_the_full_precision_model_unchanged(tiny_mode
 
 
 def test_an_interrupted_pass_resumes_with_the_units_left(int4_pass, tiny_model, tiny_suite, monkeypatch):
-    from qbench import sensitivity as sens
+    from qbench.analyze import sensitivity as sens
     from qbench.api import sensitivity
 
     _, folder, out = int4_pass
@@ -124,7 +124,7 @@ def test_an_interrupted_pass_resumes_with_the_units_left(int4_pass, tiny_model, 
 
 def test_resuming_with_other_settings_is_refused(int4_pass, tiny_model, tiny_suite):
     from qbench.api import sensitivity
-    from qbench.errors import QBenchError
+    from qbench.core.errors import QBenchError
 
     _, _, out = int4_pass
     with pytest.raises(QBenchError, match="other settings .*unit"):
@@ -151,7 +151,7 @@ def test_a_damaged_folder_resumes_or_says_what_to_do(int4_pass, tiny_model, tiny
     computed again (with a warning); a damaged settings file or a bad row in
     the middle is one clear error."""
     from qbench.api import sensitivity
-    from qbench.errors import QBenchError
+    from qbench.core.errors import QBenchError
 
     _, folder, out = int4_pass
     rows = folder / "sensitivity.jsonl"
@@ -177,13 +177,13 @@ def test_a_damaged_folder_resumes_or_says_what_to_do(int4_pass, tiny_model, tiny
 
 
 def test_sensitivity_and_search_share_one_default_unit():
-    """The CLI spells the default out (qbench.sensitivity imports torch); it
+    """The CLI spells the default out (qbench.analyze.sensitivity imports torch); it
     must stay the one the API and the module name."""
     import inspect
 
     from qbench import api
     from qbench.cli import cli
-    from qbench.sensitivity import DEFAULT_UNIT
+    from qbench.analyze.sensitivity import DEFAULT_UNIT
 
     for command in ("sensitivity", "search"):
         unit = next(p for p in cli.commands[command].params if p.name == "unit")

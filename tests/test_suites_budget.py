@@ -3,7 +3,7 @@ smoke suite must stay a first try of a few minutes on a 2-core CPU."""
 
 import pytest
 
-from qbench.suites import load_suite, suite_path
+from qbench.data.suites import load_suite, suite_path
 
 
 def smoke_work(suite) -> dict[str, int]:
@@ -41,7 +41,7 @@ def test_smoke_runs_few_cheap_rows_on_few_tokens(tmp_path, tiny_model):
 
 def test_a_suites_rows_are_the_default_and_bad_ones_fail_the_plan(tmp_path, tiny_model):
     from qbench.api import create_run
-    from qbench.errors import QBenchError
+    from qbench.core.errors import QBenchError
 
     folder = tmp_path / "s"
     folder.mkdir()
@@ -68,7 +68,7 @@ def test_a_suites_rows_are_the_default_and_bad_ones_fail_the_plan(tmp_path, tiny
 
 
 def test_variants_left_out_are_one_line_counted_by_why():
-    from qbench.runner import skipped_summary
+    from qbench.execute.runner import skipped_summary
 
     line = skipped_summary({
         "torchao:int4-tinygemm-g128": "needs CUDA (a CUDA-only kernel); run with --device cuda on a GPU machine",
@@ -85,8 +85,8 @@ def test_a_gpu_suites_compiled_rows_are_left_out_of_a_cpu_run_not_failed():
     """gpu-quick's rows decode through the compiled runtime (CUDA graphs): on
     a CPU they are skipped with the reason, while one named with -b still
     fails with it (the planner and the worker ask the same question)."""
-    from qbench.plugins import PluginSettings, load_plugins
-    from qbench.runner import default_baseline, plan_cells
+    from qbench.sdk.registry import PluginSettings, load_plugins
+    from qbench.execute.runner import default_baseline, plan_cells
 
     suite = load_suite(str(suite_path("gpu-quick")))
     loaded = load_plugins(PluginSettings.from_env(()))

@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from qbench.io import write_atomic
+from qbench.core.io import write_atomic
 
 #: A latency measurement is retried while the canary runs this much slower
 #: than the run's typical value.

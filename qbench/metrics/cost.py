@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from qbench.backend import Session
+from qbench.sdk.backend import Session
 from qbench.metrics import metric
 
 

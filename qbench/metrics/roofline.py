@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from qbench.io import write_atomic
+from qbench.core.io import write_atomic
 from qbench.metrics import metric
 
 BANDWIDTH_FILE = "bandwidth.json"

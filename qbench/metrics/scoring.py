@@ -12,8 +12,8 @@ from typing import Callable, Optional
 
 import torch
 
-from qbench.backend import Session, to_device
-from qbench.windows import Window, batches
+from qbench.sdk.backend import Session, to_device
+from qbench.data.windows import Window, batches
 
 
 @dataclass

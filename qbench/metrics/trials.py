@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 from qbench.metrics import metric, roofline
 from qbench.metrics.cost import quantile
-from qbench.records import CellRecord
+from qbench.core.records import CellRecord
 
 #: Latency figures summarised per trial by their median.
 DISTRIBUTIONS = ("prefill_ms", "decode_ms_per_token", "generate_ms")

@@ -9,7 +9,7 @@ import time
 from typing import Literal, Optional
 
 from qbench import hookimpl
-from qbench.backend import Backend, Session, VariantConfig
+from qbench.sdk.backend import Backend, Session, VariantConfig
 
 
 class FakeConfig(VariantConfig):
@@ -95,7 +95,7 @@ class Fake(Backend):
             with open(os.path.join(os.environ["QBENCH_FAKE_MARKER_DIR"], "builds"), "a") as log:
                 log.write(f"{config.behaviour} {os.getpid()} {os.getppid()}\n")
         if os.environ.get("QBENCH_FAKE_BUILD_FAILS"):
-            from qbench.errors import QBenchError
+            from qbench.core.errors import QBenchError
 
             raise QBenchError("scripted failure while building the artifact")
         return {}
@@ -130,7 +130,7 @@ class Fake(Backend):
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        from qbench.hf import HFSession
+        from qbench.sdk.hf import HFSession
 
         if behaviour in ("disk-full", "hang-in-latency"):
             session = DiskFullSession(AutoConfig.from_pretrained(artifact.model_path).vocab_size)
