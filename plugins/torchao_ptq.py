@@ -108,7 +108,7 @@ class TorchAOConfig(VariantConfig):
             out.pop("compute_dtype")
         return out
 
-    def compute_key(self) -> tuple[str, bool]:
+    def mix_key(self) -> tuple[str, bool]:
         """Variants that can share one model in a recipe: same compute dtype, same device."""
         return str(compute_dtype(self)), self.needs_cuda
 

@@ -380,7 +380,9 @@ def sensitivity(variant, model, suite, unit, converse, tokens, recipe_path, forc
     console.print(rich_table)
     if recipe_path:
         written = recipe_from_sensitivity(folder, variant, top, use, recipe_path, force_recipe)
-        backend = variant.partition(":")[0]
+        from qbench.core.cells import CellSpec
+
+        backend = CellSpec.parse(variant).backend
         console.print(f"recipe written: {escape(str(written))} (run it with -b {escape(backend)}:recipe="
                       f"{escape(str(written))})", highlight=False)
 

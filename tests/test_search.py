@@ -177,7 +177,7 @@ def test_upgrades_improve_quality_whatever_the_budget():
     from qbench.analyze.search import pick_upgrade
 
     class Config:
-        def compute_key(self):
+        def mix_key(self):
             return ("float32", False)
 
     def v(cell, weights, kld, meets):

@@ -31,14 +31,14 @@ from qbench.core.paths import results_dir
 from qbench.core.records import CellRecord
 from qbench.data.suites import load_suite, suite_path
 from qbench.execute.results import ResultStore, run_lock
-from qbench.execute.runner import PLAN_FILE, CellSpec, check_run_id, execute, new_run_id, save_plan
+from qbench.core.cells import CellSpec
+from qbench.execute.runner import PLAN_FILE, check_run_id, execute, new_run_id, save_plan
 from qbench.execute.runs import create_run, resume_run
 from qbench.sdk.recipes import keep_most_sensitive, write_recipe
 from qbench.sdk.registry import PluginSettings, get_backend, load_plugins
 
 SETTINGS_FILE, SUITE_FILE, RESULT_FILE, PLOT_FILE = "search.json", "suite.yaml", "search_result.json", "search.png"
 CELLS, SENSITIVITY, RECIPES = "cells", "sensitivity", "recipes"
-RECIPE_BACKEND = "torchao"  # the backend whose variants recipes mix
 _BUDGET = re.compile(r"^\s*(kld|acc|weights)\s*(<=|>=)\s*(.+?)\s*$", re.IGNORECASE)
 _SIZE = re.compile(r"^([0-9.]+)\s*(MiB|GiB|MB|GB)?$", re.IGNORECASE)
 _UNITS = {"mib": 2**20, "gib": 2**30, "mb": 1e6, "gb": 1e9}
@@ -215,13 +215,13 @@ def cell_path(path: Path) -> str:
         return str(path)
 
 
-def pick_base(budget: Budget, uniform: list[Verdict], best: Optional[Verdict]) -> Optional[Verdict]:
-    """The uniform variant a mixed recipe starts from: one of the recipe
-    backend's that misses the budget (or, for a size budget, fits it), and,
-    for a quality budget, is smaller than the best uniform answer; of those,
-    the best in quality, which needs the fewest units upgraded."""
-    mine = [v for v in uniform if v.cell.startswith(RECIPE_BACKEND + ":") and v.error is None
-            and v.weight_bytes is not None]
+def pick_base(budget: Budget, uniform: list[Verdict], best: Optional[Verdict], configs: dict[str, Any]
+              ) -> Optional[Verdict]:
+    """The uniform variant a mixed recipe starts from: one that can mix
+    (in ``configs``) and misses the budget (or, for a size budget, fits it),
+    and, for a quality budget, is smaller than the best uniform answer; of
+    those, the best in quality, which needs the fewest units upgraded."""
+    mine = [v for v in uniform if v.cell in configs and v.error is None and v.weight_bytes is not None]
     if budget.metric == "weights":
         pool = [v for v in mine if v.meets]
     else:
@@ -231,18 +231,26 @@ def pick_base(budget: Budget, uniform: list[Verdict], best: Optional[Verdict]) -
 
 def pick_upgrade(budget: Budget, uniform: list[Verdict], base: Verdict, configs: dict[str, Any]) -> Optional[str]:
     """What the most sensitive units become: for a quality budget, the
-    smallest of the recipe backend's uniform variants that meets it; for a
+    smallest of the base backend's uniform variants that meets it; for a
     size budget, the best in quality of those better than the base. Only
-    variants with the base's compute dtype and device can mix with it; None
-    (full precision) when none qualifies."""
+    variants with the base's mix key (``VariantConfig.mix_key``) can mix
+    with it; None (full precision) when none qualifies."""
     base_config = configs[base.cell]
     same = [v for v in uniform if v.cell in configs and v.cell != base.cell and v.error is None
-            and configs[v.cell].compute_key() == base_config.compute_key()]
+            and CellSpec.parse(v.cell).backend == CellSpec.parse(base.cell).backend
+            and configs[v.cell].mix_key() == base_config.mix_key()]
     if budget.metric == "weights":
         pool = sorted((v for v in same if quality(v, budget) < quality(base, budget)), key=lambda v: quality(v, budget))
     else:
         pool = sorted((v for v in same if v.meets), key=lambda v: v.weight_bytes or float("inf"))
-    return pool[0].cell.split(":", 1)[1] if pool else None
+    return CellSpec.parse(pool[0].cell).variant_text if pool else None
+
+
+def mixable(loaded, cells: list[CellSpec]) -> dict[str, Any]:
+    """The cells whose variant can mix in a recipe (``VariantConfig.mix_key``
+    is not None): cell -> its config."""
+    configs = {c.cell: get_backend(loaded, c.backend).config_for(c.variant, c.settings) for c in cells}
+    return {cell: config for cell, config in configs.items() if config.mix_key() is not None}
 
 
 def run_search(budget_text: str, backends: Optional[list[str]], model: str, suite: str, device: str,
@@ -279,40 +287,41 @@ def _search(budget: Budget, backends, model, suite, device, unit, tokens, base, 
         check_relative_baseline(budget, ResultStore(run_dir).latest().get(baseline_cell))
     execute(plan, run_dir, reporter)
     loaded = load_plugins(PluginSettings.from_env(()))
-    recipe_backend = get_backend(loaded, RECIPE_BACKEND) if RECIPE_BACKEND in loaded.backends else None
 
     def records() -> dict[str, CellRecord]:
         return ResultStore(run_dir).latest()
 
     latest = records()
     uniform = [judge(budget, latest[c.cell], latest.get(baseline_cell), "uniform") for c in plan.cells
-               if not c.baseline and "recipe=" not in c.variant and c.cell in latest]
+               if not c.baseline and "recipe" not in c.settings and c.cell in latest]
     path = list(uniform)
     best = best_of(budget, uniform)
-    configs = {v.cell: recipe_backend.parse_variant(v.cell.split(":", 1)[1])[1] for v in uniform
-               if recipe_backend is not None and v.cell.startswith(RECIPE_BACKEND + ":")}
-    base_verdict = (next((v for v in uniform if v.cell == f"{RECIPE_BACKEND}:{base}"), None) if base
-                    else pick_base(budget, uniform, best))
+    configs = mixable(loaded, [c for c in plan.cells if any(v.cell == c.cell for v in uniform)])
+    mixers = sorted({c.backend for c in plan.cells if c.cell in configs}) or ["a backend that mixes variants"]
+    base_verdict = (next((v for v in uniform if v.cell in configs and v.cell in (base, f"{mixers[0]}:{base}")), None)
+                    if base else pick_base(budget, uniform, best, configs))
     if base and base_verdict is None:
-        raise QBenchError(f"--base {base} is not among the searched variants: add -b {RECIPE_BACKEND}:{base}")
+        raise QBenchError(f"--base {base} is not among the searched variants that can mix in a recipe: add "
+                          f"-b {base if ':' in base else f'{mixers[0]}:{base}'}")
     why = ""
     if base_verdict is None:
         sizes = ", ".join(f"{v.cell} {v.weight_bytes / 2**20:.1f} MiB" if v.weight_bytes else f"{v.cell} failed"
                           for v in uniform)
         if budget.metric == "weights":
-            why = f"no {RECIPE_BACKEND} variant fits the size to start a mixed recipe from ({sizes})"
+            why = f"no variant that can mix ({', '.join(mixers)}) fits the size to start a mixed recipe from ({sizes})"
         elif best is None:
-            why = f"no {RECIPE_BACKEND} variant ran to start a mixed recipe from ({sizes})"
+            why = f"no variant that can mix ({', '.join(mixers)}) ran to start a mixed recipe from ({sizes})"
         else:
-            why = (f"no {RECIPE_BACKEND} variant that misses the budget is smaller than {best.cell} "
+            why = (f"no variant that can mix ({', '.join(mixers)}) and misses the budget is smaller than {best.cell} "
                    f"({best.weight_bytes / 2**20:.1f} MiB), so no mixed recipe of them can be ({sizes}); "
                    "--base VARIANT starts from one anyway")
     else:
-        base_variant = base_verdict.cell.split(":", 1)[1]
+        base_spec = CellSpec.parse(base_verdict.cell)
+        mixer, base_variant = base_spec.backend, base_spec.variant_text
         upgrade = pick_upgrade(budget, uniform, base_verdict, configs)
         on_step(f"mixed recipes from {base_verdict.cell}: its most sensitive {unit}s become "
                 f"{upgrade or 'full precision'}")
-        run_sensitivity(f"{RECIPE_BACKEND}:{base_variant}", model=model, suite=str(folder / SUITE_FILE), unit=unit,
+        run_sensitivity(base_verdict.cell, model=model, suite=str(folder / SUITE_FILE), unit=unit,
                         device=device, max_tokens=tokens, output_dir=str(folder), run_id=SENSITIVITY,
                         allow_outside_data=True,  # the suite's own data, made absolute in derived_suite
                         on_row=lambda row, done, total: on_step(
@@ -322,11 +331,12 @@ def _search(budget: Budget, backends, model, suite, device, unit, tokens, base, 
                   "unit": unit, "tokens": tokens}
 
         def evaluate(k: int) -> Verdict:
-            recipe = keep_most_sensitive(RECIPE_BACKEND, base_variant, ranked_units, k, upgrade, source)
+            recipe = keep_most_sensitive(mixer, base_variant, ranked_units, k, upgrade, source)
             file = write_recipe(recipe, folder / RECIPES / f"{base_variant}-{upgrade or 'keep'}-k{k}.yaml")
-            cell = f"{RECIPE_BACKEND}:recipe={cell_path(file)}"
+            spec = CellSpec(backend=mixer, settings={"recipe": cell_path(file)})
+            cell = spec.cell
             if not any(c.cell == cell for c in plan.cells):
-                plan.cells.append(CellSpec(cell=cell, backend=RECIPE_BACKEND, variant=f"recipe={cell_path(file)}"))
+                plan.cells.append(spec)
                 save_plan(plan, run_dir)
             execute(plan, run_dir, reporter)
             latest = records()

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from qbench.analyze import sensitivity as sens
+from qbench.core.cells import CellSpec
 from qbench.core.environment import resolve_device
 from qbench.core.errors import QBenchError
 from qbench.core.paths import results_dir
@@ -32,13 +33,13 @@ def recipe_from_sensitivity(folder: str | Path, variant: str, top: int, use: Opt
     rows = sens.ranked(sens.load_rows(Path(folder)))
     if not rows:
         raise QBenchError(f"{folder} holds no sensitivity rows to build a recipe from")
-    backend_name, _, base = variant.partition(":")
-    recipe = keep_most_sensitive(backend_name, base, [(r.unit, r.layers) for r in rows], top, use,
+    spec = CellSpec.parse(variant)
+    recipe = keep_most_sensitive(spec.backend, spec.variant_text, [(r.unit, r.layers) for r in rows], top, use,
                                  {"sensitivity": str(folder), "mode": rows[0].mode})
     target = write_recipe(recipe, check_output(path, force))
-    backend = get_backend(load_plugins(PluginSettings.from_env(())), backend_name)
+    backend = get_backend(load_plugins(PluginSettings.from_env(())), spec.backend)
     try:
-        backend.parse_variant(f"recipe={target}")  # the overrides' variants exist and can mix with the base
+        backend.config_for(None, {"recipe": str(target)})  # the overrides' variants exist and can mix with the base
     except QBenchError:
         target.unlink()
         raise
@@ -71,12 +72,16 @@ def run_sensitivity(
         raise QBenchError(f"unknown unit '{unit}': choose one of {', '.join(sens.UNIT_KINDS)}")
     if max_tokens < 1:
         raise QBenchError(f"--tokens must be at least 1 (got {max_tokens})")
-    backend_name, colon, variant_spec = variant.partition(":")
-    backend = get_backend(load_plugins(PluginSettings.from_env(())), backend_name)
-    if not colon or not variant_spec:
-        raise QBenchError(f"name one variant for sensitivity, like '{backend_name}:{next(iter(backend.variants()))}'")
+    loaded = load_plugins(PluginSettings.from_env(()))
+    try:
+        spec = CellSpec.parse(variant)
+    except QBenchError:  # a backend alone: name one of its variants
+        named = get_backend(loaded, variant.strip(" :")).variants()
+        raise QBenchError(f"name one variant for sensitivity, like '{variant.strip(' :')}:{next(iter(named))}'"
+                          ) from None
+    backend = get_backend(loaded, spec.backend)
     device = resolve_device(device)
-    _, config = backend.parse_variant(variant_spec)
+    config = backend.config_for(spec.variant, spec.settings)
     availability = backend.variant_available(config, device)
     if not availability.ok:
         raise QBenchError(f"{variant} cannot run on {device}: {availability.reason}")

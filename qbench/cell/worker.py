@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from qbench.core.cells import CellSpec
 from qbench.sdk.backend import ignore_step
 from qbench.core.errors import QBenchError
 from qbench.sdk.models import ModelSpec
@@ -28,10 +29,7 @@ from qbench.cell.reference import BaselineReference
 class CellTask:
     run_id: str
     run_dir: str
-    cell: str
-    backend: str
-    variant: str
-    is_baseline: bool
+    spec: CellSpec
     model: dict
     suite_path: str
     device: str
@@ -49,6 +47,14 @@ class CellTask:
     trust_task_code: bool = False
     #: GPUs the model is spread over (``--gpus-per-cell``): the worker sees that many
     gpus_per_cell: int = 1
+
+    @property
+    def cell(self) -> str:
+        return self.spec.cell
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.spec.baseline
 
 
 def worker_main(task: CellTask, conn, log_path: str) -> None:
@@ -305,8 +311,9 @@ class CellPipeline:
 
             self.start_canary = MachineCanary().read()
         self.model = ModelSpec(**task.model)
-        self.backend = get_backend(load_plugins(task.plugins), task.backend)
-        self.variant, config = self.backend.parse_variant(task.variant)
+        self.backend = get_backend(load_plugins(task.plugins), task.spec.backend)
+        self.variant = task.spec.variant_text
+        config = self.backend.config_for(task.spec.variant, task.spec.settings)
         self.config = self.backend.for_device(config, task.device)
         availability = self.backend.cell_available(self.config, task.device)
         if not availability.ok:

@@ -64,7 +64,7 @@ def ray_job(plan_json: str, run_dir: str, job: dict[str, Any], mode: str, static
     import ray
 
     from qbench.execute import shipping
-    from qbench.execute.runner import CellSpec
+    from qbench.core.cells import CellSpec
 
     node = ray.get_runtime_context().get_node_id()
     events.put(("started", job["key"], node))

@@ -169,7 +169,7 @@ def mismatch(record: CellRecord, plan) -> Optional[str]:
     cell = next((c for c in plan.cells if c.cell == record.cell), None)
     if cell is None:
         return f"its cell {record.cell} is not in the run's plan"
-    if (cell.backend, cell.variant, cell.baseline) != (record.backend, record.variant, record.baseline):
+    if (cell.backend, cell.variant_text, cell.baseline) != (record.backend, record.variant, record.baseline):
         return f"its cell {record.cell} is not the plan's (backend, variant or baseline differ)"
     if record.suite.hash != plan.suite_hash:
         return f"it measured suite hash {record.suite.hash}, the run's suite is {plan.suite_hash}"

@@ -17,6 +17,7 @@ from typing import Any, Callable, NamedTuple, Optional, Protocol
 
 from pydantic import BaseModel, Field, ValidationError
 
+from qbench.core.cells import CellSpec
 from qbench.core.errors import QBenchError, describe_validation
 from qbench.core.io import write_atomic
 from qbench.sdk.models import ModelSpec
@@ -36,13 +37,6 @@ def default_baseline(device: str) -> str:
     anyone ships nor a fair speed reference)."""
     return "fp:bf16" if device == "cuda" else DEFAULT_BASELINE
 DEFAULT_CELL_TIMEOUT = 3600.0
-
-
-class CellSpec(BaseModel):
-    cell: str      # "backend:variant", the key of the cell's records
-    backend: str
-    variant: str   # a variant name or custom settings "key=value,..."
-    baseline: bool = False
 
 
 class RunPlan(BaseModel):
@@ -125,10 +119,10 @@ def plan_cells(loaded: LoadedPlugins, specs: list[str], baseline: str, device: s
     cells: list[CellSpec] = []
     skipped: dict[str, str] = {}
 
-    def add(backend_name: str, variant: str, is_baseline: bool = False, explicit: bool = False) -> None:
-        backend = get_backend(loaded, backend_name)
-        _, config = backend.parse_variant(variant)  # validate now, not in the worker
-        key = f"{backend_name}:{variant}"
+    def add(spec: CellSpec, explicit: bool = False) -> None:
+        backend = get_backend(loaded, spec.backend)
+        config = backend.config_for(spec.variant, spec.settings)  # validate now, not in the worker
+        key, is_baseline = spec.cell, spec.baseline
         if any(c.cell == key for c in cells):
             return
         availability = backend.cell_available(config, device)
@@ -139,19 +133,18 @@ def plan_cells(loaded: LoadedPlugins, specs: list[str], baseline: str, device: s
         if reason:
             skipped[key] = f"{reason}; ask for it by name (-b {key}) to run it"
             return
-        cells.append(CellSpec(cell=key, backend=backend_name, variant=variant, baseline=is_baseline))
+        cells.append(spec)
 
-    base_backend, _, base_variant = baseline.partition(":")
-    if not base_variant:
-        raise QBenchError(f"--baseline must be backend:variant (e.g. {DEFAULT_BASELINE}), got '{baseline}'")
-    add(base_backend, base_variant, is_baseline=True)
+    try:
+        add(CellSpec.parse(baseline, baseline=True))
+    except QBenchError:
+        raise QBenchError(f"--baseline must be backend:variant (e.g. {DEFAULT_BASELINE}), got '{baseline}'") from None
     for piece in pieces:
-        name, _, variant = piece.partition(":")
-        if variant:
-            add(name, variant, explicit=True)
+        if ":" in piece:
+            add(CellSpec.parse(piece), explicit=True)
         else:
-            for v in get_backend(loaded, name).variants():
-                add(name, v)
+            for v in get_backend(loaded, piece).variants():
+                add(CellSpec(backend=piece, variant=v))
     return cells, skipped
 
 
@@ -178,7 +171,7 @@ def cast_notes(loaded: LoadedPlugins, cells: list[CellSpec], device: str) -> dic
 
     def dtype(cell: CellSpec) -> Optional[str]:
         backend = get_backend(loaded, cell.backend)
-        return backend.compute_dtype(backend.parse_variant(cell.variant)[1], device)
+        return backend.compute_dtype(backend.config_for(cell.variant, cell.settings), device)
 
     base = next((c for c in cells if c.baseline), None)
     if base is None:
@@ -405,7 +398,7 @@ def run_latency_trials(plan: RunPlan, run_dir: Path, store: ResultStore, reporte
 
 def _base_record(plan: RunPlan, cell: CellSpec) -> dict[str, Any]:
     return {"run_id": plan.run_id, "cell": cell.cell, "backend": cell.backend,
-            "variant": cell.variant, "baseline": cell.baseline, "device": plan.device,
+            "variant": cell.variant_text, "baseline": cell.baseline, "device": plan.device,
             "model": {"name": plan.model.name, "fingerprint": plan.model.fingerprint, "source": plan.model.source},
             "suite": {"name": plan.suite_name, "path": plan.suite_path, "hash": plan.suite_hash,
                       "data_files": plan.suite_files}}
@@ -440,8 +433,7 @@ def run_worker(plan: RunPlan, run_dir: Path, cell: CellSpec, reporter: Reporter,
     env = dict(os.environ)
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu  # read by CUDA when the worker first touches it
-    task = CellTask(run_id=plan.run_id, run_dir=str(run_dir), cell=cell.cell, backend=cell.backend,
-                    variant=cell.variant, is_baseline=cell.baseline, model=plan.model.model_dump(),
+    task = CellTask(run_id=plan.run_id, run_dir=str(run_dir), spec=cell, model=plan.model.model_dump(),
                     suite_path=plan.suite_path, device=plan.device, threads=plan.threads,
                     plugins=plan.plugin_settings(), latency_trial=latency_trial, env=env,
                     allow_outside_data=plan.allow_outside_data, trust_task_code=plan.trust_task_code,

@@ -194,7 +194,7 @@ def check_inputs(loaded, cells, model_path: str, device: str) -> None:
     vocabulary), before the baseline spends minutes."""
     for cell in cells:
         backend = get_backend(loaded, cell.backend)
-        _, config = backend.parse_variant(cell.variant)
+        config = backend.config_for(cell.variant, cell.settings)
         if backend.variant_available(config, device).ok:
             try:
                 backend.check_inputs(config, Path(model_path))
@@ -213,11 +213,9 @@ def check_suite(suite, model_path: str, trust_remote_code: bool = False, trust_t
 
 def check_calibration_sets(loaded, cells, suite) -> None:
     """``calibration=NAME`` names a set of the suite, on a variant that calibrates."""
-    from qbench.sdk.registry import get_backend
-
     for cell in cells:
         backend = get_backend(loaded, cell.backend)
-        _, config = backend.parse_variant(cell.variant)
+        config = backend.config_for(cell.variant, cell.settings)
         if config.calibration == "default":
             continue
         if not backend.needs_calibration(config):

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from qbench.analyze import sensitivity as sens
 from qbench.analyze.decisions import Z
 from qbench.analyze.search import CELLS, PLOT_FILE, RESULT_FILE, SENSITIVITY, SearchResult, describe
+from qbench.core.cells import CellSpec
 from qbench.core.errors import QBenchError
 from qbench.core.io import write_atomic
 from qbench.present.blocks import Block
@@ -37,7 +38,7 @@ def write_plot(result: SearchResult, path: Path) -> Optional[Path]:
                         yerr=[Z * (getattr(v, f"{metric}_stderr") or 0) for v in chosen], fmt=marker,
                         label=f"{kind} ({len(chosen)})", capsize=3)
     for v in points:
-        label = v.cell.split(":", 1)[1] if v.kind == "uniform" else f"k={v.k}"
+        label = CellSpec.parse(v.cell).variant_text if v.kind == "uniform" else f"k={v.k}"
         ax.annotate(label, (v.weight_bytes / 2**20, getattr(v, metric)), fontsize=7, xytext=(3, 3),
                     textcoords="offset points")
     if result.budget.metric == "weights":

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import abc
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Callable, ClassVar, Literal, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Callable, ClassVar, Hashable, Literal, Optional
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
+from qbench.core.cells import parse_variant, variant_text
 from qbench.core.errors import QBenchError, describe_validation
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: a command that reads results stays quick
@@ -51,6 +52,14 @@ class VariantConfig(BaseModel):
         if self.compile_mode != "max-autotune" and self.runtime != "compiled":
             raise ValueError("compile_mode applies to runtime=compiled only")
         return self
+
+    def mix_key(self) -> Optional[Hashable]:
+        """Whether this variant can be mixed with others of its backend in a
+        mixed-precision recipe (``backend:recipe=PATH``, which the config
+        then accepts): None where it cannot (the default); else variants with
+        equal keys can share one model (e.g. one compute dtype and device).
+        ``qbench search`` builds recipes from the backends that can."""
+        return None
 
     def nominal_bits(self) -> Optional[float]:
         """Bits per weight this variant promises for its quantized layers.
@@ -324,40 +333,37 @@ class Backend(abc.ABC):
 
     def parse_variant(self, spec: str) -> tuple[str, VariantConfig]:
         """Turn ``"nf4"``, ``"bits=4,group_size=64"`` or a named variant with
-        changed settings, ``"nf4:compute_dtype=bf16"``, into a config. A custom
-        spec starts from the defaults of ``config_class``."""
+        changed settings, ``"nf4:compute_dtype=bf16"``, into a config (the
+        grammar: ``qbench.core.cells``). A custom spec starts from the
+        defaults of ``config_class``."""
+        name, settings = parse_variant(spec)
+        return spec, self.config_for(name, settings, spec)
+
+    def config_for(self, variant: Optional[str], settings: dict[str, str], spec: Optional[str] = None
+                   ) -> VariantConfig:
+        """The config of named ``variant`` (None: the defaults of
+        ``config_class``) with ``settings`` changed, validated by the config's
+        own model; ``spec`` is the text errors quote."""
+        spec = spec if spec is not None else variant_text(variant, settings)
         named = self.variants()
-        if spec in named:
-            return spec, named[spec]
-        base_name, colon, rest = spec.partition(":")
-        start: dict[str, Any] = {}
-        refines = colon and "=" not in base_name  # not "granularity=group:32"
-        if refines and base_name in named:
-            start, spec_settings = named[base_name].settings(), rest
-        elif refines:
-            raise QBenchError(f"unknown variant '{base_name}' for backend '{self.name}' in '{spec}': choose one "
-                              f"of {', '.join(named)} (see `qbench backends`)")
-        else:
-            spec_settings = spec
-        if "=" not in spec_settings:
+        if variant is not None and variant not in named:
+            if settings:
+                raise QBenchError(f"unknown variant '{variant}' for backend '{self.name}' in '{spec}': choose one "
+                                  f"of {', '.join(named)} (see `qbench backends`)")
             raise QBenchError(
                 f"unknown variant '{spec}' for backend '{self.name}': choose one of "
                 f"{', '.join(named)} or give settings like 'key=value,...' (see `qbench backends`)"
             )
-        settings = dict(start)
-        for part in spec_settings.split(","):
-            key, sep, value = part.partition("=")
-            if not sep or not key.strip():
-                raise QBenchError(f"bad setting '{part}' in variant '{spec}': expected key=value")
-            settings[key.strip()] = value.strip()
+        if variant is not None and not settings:
+            return named[variant]
+        start = named[variant].settings() if variant is not None else {}
         try:
-            config = self.config_class(**settings)
+            return self.config_class.model_validate({**start, **settings})
         except ValidationError as exc:
             raise QBenchError(
                 f"invalid variant '{spec}' for backend '{self.name}': {describe_validation(exc)} "
                 f"(see `qbench backends` for the settings)"
             ) from None
-        return spec, config
 
     def layer_quantizer(self, model_path: str, config: VariantConfig, device: str,
                         trust_remote_code: bool = False) -> "LayerQuantizer":
