@@ -56,8 +56,14 @@ endif
 run: $(STAMP)
 	$(BIN)/qbench run $(RUN_DEVICE) $(ARGS)
 
-# The documentation site builds without a warning (a broken link fails), then the tests.
+# Before the tests: lint and format (ruff), the layers' import contracts
+# (import-linter), the type check (mypy), and the documentation site, built
+# without a warning (a broken link fails).
 test: $(STAMP)
+	$(BIN)/ruff check qbench plugins tests benchmarks
+	$(BIN)/ruff format --check qbench plugins
+	$(BIN)/lint-imports
+	$(BIN)/mypy
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir $(VENV)/site
 	$(BIN)/python -m pytest -q -m "not slow and not gpu"
 

@@ -19,14 +19,14 @@ import time
 
 import torch
 
-from qbench.sdk.backend import Artifact
-from qbench.metrics.cost import BackendClock
-from qbench.metrics.scoring import reference_from, score_windows
-from qbench.sdk.models import resolve_model
-from qbench.sdk.registry import PluginSettings, load_plugins
 from qbench.data.suites import load_suite
 from qbench.data.workload import Workload
+from qbench.metrics.cost import BackendClock
+from qbench.metrics.scoring import reference_from, score_windows
+from qbench.sdk.backend import Artifact
 from qbench.sdk.hf import load_tokenizer
+from qbench.sdk.models import resolve_model
+from qbench.sdk.registry import PluginSettings, load_plugins
 
 
 def main() -> None:

@@ -102,8 +102,8 @@ def main() -> None:
     import torch
 
     from qbench.api import run
-    from qbench.sdk.models import DEFAULT_MODEL, resolve_model
     from qbench.sdk.hf import load_tokenizer
+    from qbench.sdk.models import DEFAULT_MODEL, resolve_model
 
     model = resolve_model(args.model or DEFAULT_MODEL)
     threads = args.threads or torch.get_num_threads()

@@ -186,6 +186,7 @@ def onnx_session(shape: str, spec: str, tokenizer_from: Path, workdir: Path, dev
     too), exported for ``device`` as ``spec`` (``PRECISION[+key=value...]``)
     the way a run's cell does, and loaded as the backend's session."""
     from make_gpu_model import copy_tokenizer  # beside this script
+
     from qbench_plugins.onnx_ort import OnnxConfig, OnnxRuntime, OnnxSession
 
     folder = workdir / f"{shape}-hf"
@@ -235,8 +236,8 @@ def time_hf_generate(model, prompt, new_tokens: int, reps: int, compile: bool = 
 
 
 def main() -> None:
-    from qbench.sdk.hf import HFSession
     from qbench.metrics.roofline import copy_bandwidth, decode_bytes_per_step
+    from qbench.sdk.hf import HFSession
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=SHAPES, default="1b")

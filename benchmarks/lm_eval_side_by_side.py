@@ -68,13 +68,13 @@ def lm_eval_side(path: str, docs: list[str], args) -> tuple[list[float], list[fl
 
 
 def qbench_side(path: str, docs: list[str], args, folder: Path):
-    from qbench.sdk.backend import Artifact
-    from qbench.metrics.cost import BackendClock
-    from qbench.metrics.scoring import reference_from, score_windows
-    from qbench.sdk.registry import PluginSettings, load_plugins
     from qbench.data.suites import load_suite
     from qbench.data.workload import Workload
+    from qbench.metrics.cost import BackendClock
+    from qbench.metrics.scoring import reference_from, score_windows
+    from qbench.sdk.backend import Artifact
     from qbench.sdk.hf import load_tokenizer
+    from qbench.sdk.registry import PluginSettings, load_plugins
 
     (folder / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     (folder / "suite.yaml").write_text(textwrap.dedent(f"""
@@ -136,11 +136,11 @@ def tasks_side_by_side(path: str, suite_name: str, args) -> None:
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    from qbench.sdk.backend import Artifact
     from qbench.cell.lm_eval_engine import _session_lm_class, evaluate, sandboxed_templates, task_specs
-    from qbench.sdk.registry import PluginSettings, load_plugins
     from qbench.data.suites import load_suite
+    from qbench.sdk.backend import Artifact
     from qbench.sdk.hf import load_tokenizer
+    from qbench.sdk.registry import PluginSettings, load_plugins
 
     suite = load_suite(suite_name)
     spec = suite.lm_eval

@@ -21,8 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from qbench.present.compare import QUALITY, compare_records
 from qbench.execute.results import ResultStore
+from qbench.present.compare import QUALITY, compare_records
 
 SPREAD = {"gpus": ["--gpus", "all"], "ray": ["--executor", "ray"]}
 

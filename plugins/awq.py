@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from pydantic import Field, model_validator
-from qbench_plugins.gptq import GPTQ, GPTQConfig
 
 from qbench.sdk import QBenchError, VariantConfig, hookimpl
+from qbench_plugins.gptq import GPTQ, GPTQConfig
 
 
 class AWQConfig(GPTQConfig):
@@ -30,8 +30,7 @@ class AWQConfig(GPTQConfig):
         defaults = type(self).model_fields
         fixed = [k for k in ("desc_act", "damp_percent", "kernel") if getattr(self, k) != defaults[k].default]
         if fixed:
-            raise ValueError(f"{', '.join(fixed)} do not apply to AWQ (gptqmodel picks the AWQ kernel for the "
-                             "device)")
+            raise ValueError(f"{', '.join(fixed)} do not apply to AWQ (gptqmodel picks the AWQ kernel for the device)")
         if self.bits != 4:
             raise ValueError("AWQ checkpoints are 4-bit here (gptqmodel's AWQ kernels)")
         return self
@@ -58,9 +57,11 @@ class AWQ(GPTQ):
 
             for name, layer in linear_layers(meta_skeleton(str(model_path)), config.keep).items():
                 if layer.in_features % config.group_size:
-                    raise QBenchError(f"awq: group_size {config.group_size} does not divide the {layer.in_features} "
-                                      f"input features of {name} (gptqmodel's AWQ needs it to): use a group size "
-                                      "that does, e.g. awq:w4g64")
+                    raise QBenchError(
+                        f"awq: group_size {config.group_size} does not divide the {layer.in_features} "
+                        f"input features of {name} (gptqmodel's AWQ needs it to): use a group size "
+                        "that does, e.g. awq:w4g64"
+                    )
         return super().quantize(model_path, config, calibration, workdir)
 
     def quantize_config(self, config: AWQConfig):
@@ -68,8 +69,9 @@ class AWQ(GPTQ):
 
         return GptqmodelAWQ(bits=config.bits, group_size=config.group_size, sym=config.sym)
 
-    def kernel_and_dtype(self, config: AWQConfig, bits: int, group: int, in_features: list[int], device: str
-                         ) -> tuple[str, str, Optional[str]]:
+    def kernel_and_dtype(
+        self, config: AWQConfig, bits: int, group: int, in_features: list[int], device: str
+    ) -> tuple[str, str, Optional[str]]:
         # The report notes a dtype other than the baseline's (qbench.core.dtypes.cast_note).
         return "auto", "bfloat16" if device == "cpu" else "float16", None
 

@@ -14,23 +14,22 @@ from typing import Any, Literal, Optional
 
 from pydantic import Field, model_validator
 
-from qbench.sdk import Artifact, Backend, ComputeDtype, DTYPES, ModulePatterns, VariantConfig, device_dtype, hookimpl
-
+from qbench.sdk import DTYPES, Artifact, Backend, ComputeDtype, ModulePatterns, VariantConfig, device_dtype, hookimpl
 
 
 class BnbConfig(VariantConfig):
     mode: Literal["int8", "nf4", "fp4"] = "nf4"
     threshold: float = Field(6.0, ge=0, description="LLM.int8 outlier threshold (mode=int8); 0 disables it")
     double_quant: bool = Field(False, description="quantize the 4-bit scales again (mode=nf4|fp4)")
-    compute_dtype: ComputeDtype = Field("auto", description="4-bit matmul dtype (auto: fp32 on the CPU, bf16 on "
-                                                          "CUDA)")
+    compute_dtype: ComputeDtype = Field("auto", description="4-bit matmul dtype (auto: fp32 on the CPU, bf16 on CUDA)")
     keep: ModulePatterns = Field(("lm_head",), description="layers left in full precision ('+'-separated)")
 
     @model_validator(mode="after")
     def _combination(self):
         if self.mode == "int8" and (self.double_quant or self.compute_dtype not in ("auto", "fp32")):
-            raise ValueError("double_quant and compute_dtype apply to mode=nf4|fp4 only "
-                             "(LLM.int8 computes in fp16 internally)")
+            raise ValueError(
+                "double_quant and compute_dtype apply to mode=nf4|fp4 only (LLM.int8 computes in fp16 internally)"
+            )
         if self.mode != "int8" and self.threshold != 6.0:
             raise ValueError("threshold applies to mode=int8 only")
         return self
@@ -43,12 +42,14 @@ class BnbConfig(VariantConfig):
         from transformers import BitsAndBytesConfig
 
         if self.mode == "int8":
-            return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=self.threshold,
-                                      llm_int8_skip_modules=skip)
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=self.mode,
-                                  bnb_4bit_use_double_quant=self.double_quant,
-                                  bnb_4bit_compute_dtype=getattr(torch, DTYPES[self.compute_dtype]),
-                                  llm_int8_skip_modules=skip)
+            return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=self.threshold, llm_int8_skip_modules=skip)
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=self.mode,
+            bnb_4bit_use_double_quant=self.double_quant,
+            bnb_4bit_compute_dtype=getattr(torch, DTYPES[self.compute_dtype]),
+            llm_int8_skip_modules=skip,
+        )
 
 
 def _is_bnb_quantized(module) -> bool:
@@ -75,24 +76,28 @@ class BitsAndBytes(Backend):
         return "fp16" if config.mode == "int8" else super().compute_dtype(config, device)
 
     def variants(self) -> dict[str, VariantConfig]:
-        return {"int8": BnbConfig(mode="int8"), "nf4": BnbConfig(mode="nf4"), "fp4": BnbConfig(mode="fp4"),
-                "nf4-dq": BnbConfig(mode="nf4", double_quant=True)}
+        return {
+            "int8": BnbConfig(mode="int8"),
+            "nf4": BnbConfig(mode="nf4"),
+            "fp4": BnbConfig(mode="fp4"),
+            "nf4-dq": BnbConfig(mode="nf4", double_quant=True),
+        }
 
     def default_skip_reason(self, config: BnbConfig, device: str) -> Optional[str]:
         if device == "cpu" and config.double_quant:
-            return ("bitsandbytes' CPU path repacks 4-bit weights at the first forward pass and drops the "
-                    "double-quantized scales: same bytes as without (161.9 MiB both on the default model)")
+            return (
+                "bitsandbytes' CPU path repacks 4-bit weights at the first forward pass and drops the "
+                "double-quantized scales: same bytes as without (161.9 MiB both on the default model)"
+            )
         return None
 
     def quantize(self, model_path: Path, config: BnbConfig, calibration, workdir: Path) -> dict[str, Any]:
-        from qbench.sdk import QBenchError
-        from qbench.sdk import load_causal_lm, planned_layers
+        from qbench.sdk import QBenchError, load_causal_lm, planned_layers
 
         chosen, kept = planned_layers(str(model_path), config.keep)
         if not chosen:
             raise QBenchError(f"no linear layers left to quantize with keep={'+'.join(config.keep)}")
-        model = load_causal_lm(str(model_path), quantization_config=config.transformers_config(kept),
-                               device_map="cpu")
+        model = load_causal_lm(str(model_path), quantization_config=config.transformers_config(kept), device_map="cpu")
         # Saved before any forward pass (see the module docstring).
         model.save_pretrained(str(workdir))
         return {"quantized_layers": len(chosen), "kept_full_precision": kept}
@@ -101,13 +106,16 @@ class BitsAndBytes(Backend):
         from qbench.sdk import HFSession, linear_layers, load_causal_lm, require_quantized_layers
 
         config = BnbConfig(**artifact.config)
-        model = load_causal_lm(artifact.path, device_map=artifact.device_map(device),
-                               trust_remote_code=artifact.trust_remote_code)
+        model = load_causal_lm(
+            artifact.path, device_map=artifact.device_map(device), trust_remote_code=artifact.trust_remote_code
+        )
         # bitsandbytes' layers subclass nn.Linear: the same selection names them.
         chosen = list(linear_layers(model, config.keep))
         require_quantized_layers(model, chosen, _is_bnb_quantized, "bitsandbytes")
-        facts = {"kernel": _kernel(config, device),
-                 "compute_dtype": "torch.float16" if config.mode == "int8" else f"torch.{DTYPES[config.compute_dtype]}"}
+        facts = {
+            "kernel": _kernel(config, device),
+            "compute_dtype": "torch.float16" if config.mode == "int8" else f"torch.{DTYPES[config.compute_dtype]}",
+        }
         if config.mode == "int8":
             _log_once("bitsandbytes.autograd._functions", "MatMul8bitLt: inputs will be cast")
             facts["int8_inputs"] = "LLM.int8 casts float32 activations to float16 before quantizing them"
@@ -140,8 +148,9 @@ def _kernel(config: BnbConfig, device: str) -> str:
 
     # bitsandbytes' fast CPU 4-bit gemm comes from the `kernels` package
     # (fetched from the hub); without it 4-bit dequantizes then multiplies.
-    return "bitsandbytes CPU 4-bit " + ("(kernels-community gemm)" if find_spec("kernels") else
-                                        "(dequantize + matmul: `kernels` not installed)")
+    return "bitsandbytes CPU 4-bit " + (
+        "(kernels-community gemm)" if find_spec("kernels") else "(dequantize + matmul: `kernels` not installed)"
+    )
 
 
 @hookimpl

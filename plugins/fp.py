@@ -6,8 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from qbench.sdk import Artifact, Availability, Backend, DTYPES, VariantConfig, hookimpl
-
+from qbench.sdk import DTYPES, Artifact, Availability, Backend, VariantConfig, hookimpl
 
 
 class FPConfig(VariantConfig):
@@ -59,8 +58,9 @@ class FullPrecision(Backend):
 
         dtype = getattr(torch, DTYPES[artifact.config["dtype"]])
         if artifact.gpus > 1:
-            model = load_causal_lm(artifact.model_path, dtype, artifact.trust_remote_code,
-                                   device_map=artifact.device_map(device))
+            model = load_causal_lm(
+                artifact.model_path, dtype, artifact.trust_remote_code, device_map=artifact.device_map(device)
+            )
         else:
             model = load_causal_lm(artifact.model_path, dtype, artifact.trust_remote_code).to(device)
         return HFSession(model, device, {"dtype": str(dtype)})

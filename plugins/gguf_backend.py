@@ -20,8 +20,9 @@ from __future__ import annotations
 import collections
 import ctypes
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import Field, model_validator
 
@@ -32,11 +33,21 @@ MODEL_FILE = "model.gguf"
 #: Types offered, as llama-quantize names them -> (llama_ftype suffix, the
 #: ggml type of the bulk of the weights, whose bits per weight are promised).
 TYPES: dict[str, tuple[str, str]] = {
-    "f32": ("ALL_F32", "F32"), "f16": ("MOSTLY_F16", "F16"), "bf16": ("MOSTLY_BF16", "BF16"),
-    "q8_0": ("MOSTLY_Q8_0", "Q8_0"), "q6_k": ("MOSTLY_Q6_K", "Q6_K"), "q5_k_m": ("MOSTLY_Q5_K_M", "Q5_K"),
-    "q5_0": ("MOSTLY_Q5_0", "Q5_0"), "q4_k_m": ("MOSTLY_Q4_K_M", "Q4_K"), "q4_k_s": ("MOSTLY_Q4_K_S", "Q4_K"),
-    "q4_0": ("MOSTLY_Q4_0", "Q4_0"), "q4_1": ("MOSTLY_Q4_1", "Q4_1"), "iq4_xs": ("MOSTLY_IQ4_XS", "IQ4_XS"),
-    "iq4_nl": ("MOSTLY_IQ4_NL", "IQ4_NL"), "q3_k_m": ("MOSTLY_Q3_K_M", "Q3_K"), "q2_k": ("MOSTLY_Q2_K", "Q2_K"),
+    "f32": ("ALL_F32", "F32"),
+    "f16": ("MOSTLY_F16", "F16"),
+    "bf16": ("MOSTLY_BF16", "BF16"),
+    "q8_0": ("MOSTLY_Q8_0", "Q8_0"),
+    "q6_k": ("MOSTLY_Q6_K", "Q6_K"),
+    "q5_k_m": ("MOSTLY_Q5_K_M", "Q5_K"),
+    "q5_0": ("MOSTLY_Q5_0", "Q5_0"),
+    "q4_k_m": ("MOSTLY_Q4_K_M", "Q4_K"),
+    "q4_k_s": ("MOSTLY_Q4_K_S", "Q4_K"),
+    "q4_0": ("MOSTLY_Q4_0", "Q4_0"),
+    "q4_1": ("MOSTLY_Q4_1", "Q4_1"),
+    "iq4_xs": ("MOSTLY_IQ4_XS", "IQ4_XS"),
+    "iq4_nl": ("MOSTLY_IQ4_NL", "IQ4_NL"),
+    "q3_k_m": ("MOSTLY_Q3_K_M", "Q3_K"),
+    "q2_k": ("MOSTLY_Q2_K", "Q2_K"),
 }
 #: ``path=embedded``: the embedded default model's own file (Q4_1), as users download it.
 EMBEDDED = "embedded"
@@ -46,9 +57,11 @@ FULL_PRECISION = {"F32", "F16", "BF16", "F64"}
 
 class GGUFConfig(VariantConfig):
     type: Optional[Literal[tuple(TYPES)]] = Field(  # type: ignore[valid-type]
-        None, description="llama-quantize type: " + "|".join(TYPES))
-    path: Optional[str] = Field(None, description="prequantized: a .gguf file run as it is ('embedded': the default "
-                                                  "model's own Q4_1 file)")
+        None, description="llama-quantize type: " + "|".join(TYPES)
+    )
+    path: Optional[str] = Field(
+        None, description="prequantized: a .gguf file run as it is ('embedded': the default model's own Q4_1 file)"
+    )
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -80,14 +93,19 @@ class GGUFFile:
         try:
             reader = gguf.GGUFReader(str(path))
         except Exception as exc:  # a truncated or foreign file: say which, not a numpy traceback
-            raise QBenchError(f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc}): pass a .gguf "
-                              "file written by llama.cpp or qbench") from None
+            raise QBenchError(
+                f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc}): pass a .gguf "
+                "file written by llama.cpp or qbench"
+            ) from None
         if "general.architecture" not in reader.fields:
-            raise QBenchError(f"{path} is a GGUF file without general.architecture: it holds no model llama.cpp can "
-                              "load; pass a model .gguf file")
+            raise QBenchError(
+                f"{path} is a GGUF file without general.architecture: it holds no model llama.cpp can "
+                "load; pass a model .gguf file"
+            )
         self.arch = str(reader.fields["general.architecture"].contents())
-        self.meta = {k: f.contents() for k, f in reader.fields.items()
-                     if k.startswith(self.arch + ".") and len(f.data) == 1}
+        self.meta = {
+            k: f.contents() for k, f in reader.fields.items() if k.startswith(self.arch + ".") and len(f.data) == 1
+        }
         tensors = {t.name: t for t in reader.tensors}
         self.tensor_bytes = sum(int(t.n_bytes) for t in tensors.values())
         self.embedding_bytes = int(tensors["token_embd.weight"].n_bytes) if "token_embd.weight" in tensors else 0
@@ -162,9 +180,11 @@ class LlamaCppSession(Session):
             # issue 20824; seen here on Sapphire Rapids). Its weights live in an
             # "extra" buffer type, which this switches off with the repacked ones.
             params.use_extra_bufts = False
-            notes.append("llama.cpp was built with AMX, whose matmul crashes (llama.cpp issue 20824): its AMX and "
-                         "repacked weight layouts are off, so speed may be below a build without AMX (see the "
-                         "README's gguf set-up)")
+            notes.append(
+                "llama.cpp was built with AMX, whose matmul crashes (llama.cpp issue 20824): its AMX and "
+                "repacked weight layouts are off, so speed may be below a build without AMX (see the "
+                "README's gguf set-up)"
+            )
         self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
         if not self.model:
             raise QBenchError(f"llama.cpp cannot load {path}: {self.log.last_error()}")
@@ -179,12 +199,22 @@ class LlamaCppSession(Session):
         # positions on a 2-core x86 machine (16.2 against 10.1 ms/token,
         # benchmarks/fidelity.py). Scoring keeps llama.cpp's choice, as
         # llama-perplexity does, so quality figures stay comparable with it.
-        self.decode_flash = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED if device == "cpu"
-                             else llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO)
-        self.facts = {**facts, "threads": self.threads, "tensor_types": dict(self.file.types), "system_info": system,
-                      "flash_attention": ("llama.cpp's choice (auto) when scoring, off when decoding" if device == "cpu"
-                                          else "llama.cpp's choice (auto)"),
-                      "extra_buffer_types": bool(params.use_extra_bufts), "notes": notes}
+        self.decode_flash = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED if device == "cpu" else llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
+        )
+        self.facts = {
+            **facts,
+            "threads": self.threads,
+            "tensor_types": dict(self.file.types),
+            "system_info": system,
+            "flash_attention": (
+                "llama.cpp's choice (auto) when scoring, off when decoding"
+                if device == "cpu"
+                else "llama.cpp's choice (auto)"
+            ),
+            "extra_buffer_types": bool(params.use_extra_bufts),
+            "notes": notes,
+        }
 
     def _context(self, positions: int, sequences: int, batch: int, flash: int = -1):
         """A context for ``sequences`` rows of ``positions`` tokens with
@@ -192,8 +222,13 @@ class LlamaCppSession(Session):
         (emptied) when big enough."""
         import llama_cpp
 
-        if self.ctx is not None and self.ctx_size[0] >= positions and self.ctx_size[1] >= sequences \
-                and self.ctx_size[2] == flash and llama_cpp.llama_n_batch(self.ctx) >= batch:
+        if (
+            self.ctx is not None
+            and self.ctx_size[0] >= positions
+            and self.ctx_size[1] >= sequences
+            and self.ctx_size[2] == flash
+            and llama_cpp.llama_n_batch(self.ctx) >= batch
+        ):
             llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
             return self.ctx
         if self.ctx is not None:
@@ -212,8 +247,9 @@ class LlamaCppSession(Session):
         params.no_perf = True
         self.ctx = llama_cpp.llama_init_from_model(self.model, params)
         if not self.ctx:
-            raise QBenchError(f"llama.cpp cannot create a context of {positions} x {sequences} positions: "
-                              f"{self.log.last_error()}")
+            raise QBenchError(
+                f"llama.cpp cannot create a context of {positions} x {sequences} positions: {self.log.last_error()}"
+            )
         self.ctx_size = (positions, sequences, flash)
         return self.ctx
 
@@ -237,8 +273,9 @@ class LlamaCppSession(Session):
             batch.n_tokens = total
             code = llama_cpp.llama_decode(ctx, batch)
             if code != 0:
-                raise QBenchError(f"llama.cpp's llama_decode failed (code {code}) on {total} tokens: "
-                                  f"{self.log.last_error()}")
+                raise QBenchError(
+                    f"llama.cpp's llama_decode failed (code {code}) on {total} tokens: {self.log.last_error()}"
+                )
             produced = total if outputs == "all" else len(rows)
             logits = llama_cpp.llama_get_logits(ctx)  # waits for the device
             return np.ctypeslib.as_array(logits, shape=(produced, self.n_vocab)).copy()
@@ -284,8 +321,10 @@ class LlamaCppSession(Session):
     def use_runtime(self, runtime: str, compile_mode: str = "max-autotune") -> Optional[str]:
         if runtime == "eager":
             return None
-        return (f"runtime={runtime} is a PyTorch runtime; llama.cpp runs its own compute graph (its speed is this "
-                "backend's eager row)")
+        return (
+            f"runtime={runtime} is a PyTorch runtime; llama.cpp runs its own compute graph (its speed is this "
+            "backend's eager row)"
+        )
 
     def describe(self) -> dict[str, Any]:
         return self.facts
@@ -333,8 +372,10 @@ class LlamaCpp(Backend):
             import llama_cpp
 
             if not llama_cpp.llama_supports_gpu_offload():
-                return Availability.no("llama-cpp-python here is built for the CPU only: CMAKE_ARGS=-DGGML_CUDA=on "
-                                       "pip install --force-reinstall --no-cache-dir llama-cpp-python")
+                return Availability.no(
+                    "llama-cpp-python here is built for the CPU only: CMAKE_ARGS=-DGGML_CUDA=on "
+                    "pip install --force-reinstall --no-cache-dir llama-cpp-python"
+                )
         return base
 
     def default_skip_reason(self, config: GGUFConfig, device: str) -> Optional[str]:
@@ -372,8 +413,10 @@ class LlamaCpp(Backend):
         path = resolve_file(config.path) if config.path else Path(artifact.path) / MODEL_FILE
         file = GGUFFile(path)
         if (config.path is not None or config.type not in ("f32", "f16", "bf16")) and not file.quantized_tensors():
-            raise QBenchError(f"gguf:{artifact.variant}: {path.name} holds no quantized tensors "
-                              f"({dict(file.types)}): refusing to report full-precision numbers")
+            raise QBenchError(
+                f"gguf:{artifact.variant}: {path.name} holds no quantized tensors "
+                f"({dict(file.types)}): refusing to report full-precision numbers"
+            )
         from qbench.sdk import package_version
 
         kernel = f"llama.cpp (llama-cpp-python {package_version('llama-cpp-python')}), {device.upper()}"
@@ -403,19 +446,27 @@ def _check_prequantized(model_path: Path, config: GGUFConfig) -> dict[str, Any]:
     # the embedded model's folder names the file it came from
     from_this_file = (embedded_source(model_path) or {}).get("gguf") == path.name
     if config.path == EMBEDDED and not from_this_file:
-        raise QBenchError(f"gguf:embedded is the embedded default model's own file, not a quantization of "
-                          f"{model_path.name}: run it with the default model, or pass "
-                          "-b gguf:prequantized:path=FILE.gguf")
+        raise QBenchError(
+            f"gguf:embedded is the embedded default model's own file, not a quantization of "
+            f"{model_path.name}: run it with the default model, or pass "
+            "-b gguf:prequantized:path=FILE.gguf"
+        )
     ours = json.loads((model_path / "config.json").read_text()).get("vocab_size")
     if file.vocab_size != ours:
-        raise QBenchError(f"GGUF file {path} has a vocabulary of {file.vocab_size} tokens, the run's model {ours}: "
-                          "it is not a quantization of this model; pass --model its base model")
+        raise QBenchError(
+            f"GGUF file {path} has a vocabulary of {file.vocab_size} tokens, the run's model {ours}: "
+            "it is not a quantization of this model; pass --model its base model"
+        )
     if from_this_file:
-        notes = ["the baseline is this very file dequantized to fp32: the row measures llama.cpp's kernels alone "
-                 "(on the CPU they quantize activations to 8 bits in quantized dot products)"]
+        notes = [
+            "the baseline is this very file dequantized to fp32: the row measures llama.cpp's kernels alone "
+            "(on the CPU they quantize activations to 8 bits in quantized dot products)"
+        ]
     else:
-        notes = ["prequantized file benchmarked as it is: fidelity is measured against this run's baseline model, "
-                 "which may not be the exact weights it was quantized from"]
+        notes = [
+            "prequantized file benchmarked as it is: fidelity is measured against this run's baseline model, "
+            "which may not be the exact weights it was quantized from"
+        ]
     return {"file": str(path), "architecture": file.arch, "tensor_types": dict(file.types), "notes": notes}
 
 

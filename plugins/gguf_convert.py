@@ -35,29 +35,32 @@ def permute_rotary(weight: np.ndarray, heads: int) -> np.ndarray:
     """q/k rows from Hugging Face's rotary layout (two halves per head) to
     llama.cpp's (interleaved pairs), as llama.cpp's converter does."""
     rows = weight.shape[0]
-    return (weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:])
-            .swapaxes(1, 2).reshape(weight.shape))
+    return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
 def check_convertible(model_path: Path) -> dict[str, Any]:
     """The model's config, or a QBenchError saying why it cannot be converted."""
     config = json.loads((model_path / "config.json").read_text())
-    fix = ("convert it with llama.cpp's convert_hf_to_gguf.py and pass the file as "
-           "-b gguf:prequantized:path=FILE.gguf")
+    fix = "convert it with llama.cpp's convert_hf_to_gguf.py and pass the file as -b gguf:prequantized:path=FILE.gguf"
     if config.get("model_type") != "llama":
-        raise QBenchError(f"gguf: qbench converts Llama-architecture models only, not '{config.get('model_type')}': "
-                          + fix)
+        raise QBenchError(
+            f"gguf: qbench converts Llama-architecture models only, not '{config.get('model_type')}': " + fix
+        )
     for key, expected in _UNSUPPORTED.items():
         if config.get(key, expected) != expected:
-            raise QBenchError(f"gguf: the model sets {key}={config[key]}, which qbench's converter does not "
-                              f"translate: {fix}")
+            raise QBenchError(
+                f"gguf: the model sets {key}={config[key]}, which qbench's converter does not translate: {fix}"
+            )
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise QBenchError(f"gguf: rope type '{rope.get('rope_type', rope.get('type'))}' is not converted by qbench: "
-                          + fix)
+        raise QBenchError(
+            f"gguf: rope type '{rope.get('rope_type', rope.get('type'))}' is not converted by qbench: " + fix
+        )
     if not (model_path / "tokenizer.json").is_file():
-        raise QBenchError(f"gguf: {model_path} has no tokenizer.json (a fast tokenizer), which the GGUF vocabulary "
-                          "is written from: " + fix)
+        raise QBenchError(
+            f"gguf: {model_path} has no tokenizer.json (a fast tokenizer), which the GGUF vocabulary "
+            "is written from: " + fix
+        )
     return config
 
 
@@ -70,15 +73,19 @@ def pre_tokenizer(spec) -> str:
     """llama.cpp's name for the text splitting of a tokenizer.json
     ``pre_tokenizer``: ``gpt-2`` for byte-level BPE with GPT-2's regex alone,
     ``smollm`` for the same after splitting every digit, else ``default``."""
+
     def is_gpt2(step) -> bool:
-        return bool(step) and step.get("type") == "ByteLevel" and step.get("use_regex", True) \
+        return (
+            bool(step)
+            and step.get("type") == "ByteLevel"
+            and step.get("use_regex", True)
             and not step.get("add_prefix_space", False)
+        )
 
     if is_gpt2(spec):
         return "gpt-2"
     steps = (spec or {}).get("pretokenizers", []) if (spec or {}).get("type") == "Sequence" else []
-    if len(steps) == 2 and steps[0].get("type") == "Digits" and steps[0].get("individual_digits") \
-            and is_gpt2(steps[1]):
+    if len(steps) == 2 and steps[0].get("type") == "Digits" and steps[0].get("individual_digits") and is_gpt2(steps[1]):
         return "smollm"
     return "default"
 
@@ -94,9 +101,11 @@ def write_vocabulary(writer, model_path: Path, vocab_size: int) -> int:
     spec = json.loads((model_path / "tokenizer.json").read_text())
     model = spec.get("model", {})
     if model.get("type") != "BPE" or model.get("byte_fallback"):
-        raise QBenchError(f"gguf: the tokenizer of {model_path} is not byte-level BPE, the only kind qbench writes to "
-                          "GGUF: convert it with llama.cpp's convert_hf_to_gguf.py and pass the file as "
-                          "-b gguf:prequantized:path=FILE.gguf")
+        raise QBenchError(
+            f"gguf: the tokenizer of {model_path} is not byte-level BPE, the only kind qbench writes to "
+            "GGUF: convert it with llama.cpp's convert_hf_to_gguf.py and pass the file as "
+            "-b gguf:prequantized:path=FILE.gguf"
+        )
     tokens: dict[int, str] = {int(i): t for t, i in model["vocab"].items()}
     types = {i: gguf.TokenType.NORMAL for i in tokens}
     for added in spec.get("added_tokens", []):
@@ -163,8 +172,9 @@ def convert_llama(model_path: Path, out: Path) -> dict[str, Any]:
                     continue
                 target = names.get_name(name, try_suffixes=(".weight", ".bias"))
                 if target is None:
-                    raise QBenchError(f"gguf: no GGUF name for tensor '{name}' of {path.name}: the model is not a "
-                                      "plain Llama")
+                    raise QBenchError(
+                        f"gguf: no GGUF name for tensor '{name}' of {path.name}: the model is not a plain Llama"
+                    )
                 data = handle.get_tensor(name).float().numpy()
                 if name.endswith("self_attn.q_proj.weight"):
                     data = permute_rotary(data, heads)
@@ -176,8 +186,12 @@ def convert_llama(model_path: Path, out: Path) -> dict[str, Any]:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return {"converter": f"qbench (gguf-py {_gguf_version()})", "tensors": written, "padded_vocab": padded,
-            "tokenizer_pre": pre}
+    return {
+        "converter": f"qbench (gguf-py {_gguf_version()})",
+        "tensors": written,
+        "padded_vocab": padded,
+        "tokenizer_pre": pre,
+    }
 
 
 def _gguf_version() -> str:

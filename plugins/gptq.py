@@ -20,12 +20,19 @@ from typing import Any, Literal, Optional
 
 from pydantic import Field, model_validator
 
-from qbench.sdk import Artifact, Availability, Backend, DTYPES, ModulePatterns, QBenchError, VariantConfig, hookimpl
+from qbench.sdk import DTYPES, Artifact, Availability, Backend, ModulePatterns, QBenchError, VariantConfig, hookimpl
 
 #: gptqmodel's load-time kernels ("backends") by the names users pass.
-KERNELS = {"torch": "gptq_torch", "torch_fused": "gptq_torch_fused", "triton": "gptq_triton",
-           "marlin": "gptq_marlin", "exllama_v2": "gptq_exllama_v2", "machete": "gptq_machete",
-           "bitblas": "gptq_bitblas", "torch_aten": "gptq_torch_aten"}
+KERNELS = {
+    "torch": "gptq_torch",
+    "torch_fused": "gptq_torch_fused",
+    "triton": "gptq_triton",
+    "marlin": "gptq_marlin",
+    "exllama_v2": "gptq_exllama_v2",
+    "machete": "gptq_machete",
+    "bitblas": "gptq_bitblas",
+    "torch_aten": "gptq_torch_aten",
+}
 #: Kernels gptqmodel builds only for CUDA (it refuses them on the CPU at load).
 CUDA_KERNELS = ("triton", "marlin", "exllama_v2", "machete", "bitblas")
 
@@ -41,10 +48,12 @@ class GPTQConfig(VariantConfig):
     samples: Optional[int] = Field(None, gt=0, description="calibration rows to use (default: all of the suite's)")
     seq_len: Optional[int] = Field(None, gt=0, description="tokens per calibration row (default: the suite's)")
     keep: ModulePatterns = Field(("lm_head",), description="layers left in full precision ('+'-separated)")
-    kernel: Literal["auto", "torch", "torch_fused", "triton", "marlin", "exllama_v2", "machete", "bitblas",
-                    "torch_aten"] = Field("auto", description="gptqmodel kernel at load (auto: see the module doc)")
+    kernel: Literal[
+        "auto", "torch", "torch_fused", "triton", "marlin", "exllama_v2", "machete", "bitblas", "torch_aten"
+    ] = Field("auto", description="gptqmodel kernel at load (auto: see the module doc)")
     compute_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="activation dtype (auto: fp32 where the kernel allows, else bf16 on CPU, fp16 on CUDA)")
+        "auto", description="activation dtype (auto: fp32 where the kernel allows, else bf16 on CPU, fp16 on CUDA)"
+    )
     path: Optional[str] = Field(None, description="prequantized: a GPTQ checkpoint folder or hub id, run as it is")
 
     @model_validator(mode="after")
@@ -54,11 +63,15 @@ class GPTQConfig(VariantConfig):
         if not any(fnmatchcase("lm_head", pattern) for pattern in self.keep):
             raise ValueError("keep must include lm_head: gptqmodel leaves the output head in full precision")
         if self.path is not None:
-            changed = [k for k in ("bits", "group_size", "desc_act", "sym", "damp_percent", "samples", "seq_len",
-                                   "keep") if getattr(self, k) != type(self).model_fields[k].default]
+            changed = [
+                k
+                for k in ("bits", "group_size", "desc_act", "sym", "damp_percent", "samples", "seq_len", "keep")
+                if getattr(self, k) != type(self).model_fields[k].default
+            ]
             if changed:
-                raise ValueError(f"{', '.join(changed)} come from the checkpoint's own quantize config "
-                                 "when path is set")
+                raise ValueError(
+                    f"{', '.join(changed)} come from the checkpoint's own quantize config when path is set"
+                )
         return self
 
     def nominal_bits(self) -> Optional[float]:
@@ -107,8 +120,10 @@ def checkpoint_quantize_config(folder: Path, method: str = "gptq") -> dict[str, 
         declared = json.loads((folder / "quantize_config.json").read_text())
     declared_method = (declared or {}).get("quant_method", "gptq")
     if not declared or declared_method != method:
-        raise QBenchError(f"{folder} is not a {method.upper()} checkpoint (no quantization_config with quant_method "
-                          f"{method}, no quantize_config.json): pass the folder of a {method.upper()}-quantized model")
+        raise QBenchError(
+            f"{folder} is not a {method.upper()} checkpoint (no quantization_config with quant_method "
+            f"{method}, no quantize_config.json): pass the folder of a {method.upper()}-quantized model"
+        )
     return declared
 
 
@@ -125,8 +140,13 @@ class GPTQ(Backend):
     quantize_dtype = "float32"
 
     def variants(self) -> dict[str, VariantConfig]:
-        return {"w4g128": GPTQConfig(), "w4g32": GPTQConfig(group_size=32), "w3g128": GPTQConfig(bits=3),
-                "w8g128": GPTQConfig(bits=8), "prequantized": GPTQConfig(path="")}
+        return {
+            "w4g128": GPTQConfig(),
+            "w4g32": GPTQConfig(group_size=32),
+            "w3g128": GPTQConfig(bits=3),
+            "w8g128": GPTQConfig(bits=8),
+            "prequantized": GPTQConfig(path=""),
+        }
 
     def needs_calibration(self, config: GPTQConfig) -> bool:
         return config.path is None
@@ -135,26 +155,35 @@ class GPTQ(Backend):
         if config.path == "":
             return Availability.no(f"needs the checkpoint: -b {self.name}:prequantized:path=FOLDER_OR_HUB_ID")
         if device == "cpu" and config.kernel in CUDA_KERNELS:
-            return Availability.no(f"gptqmodel's {config.kernel} kernel runs on CUDA only: use --device cuda, or "
-                                   "kernel=auto on the CPU")
+            return Availability.no(
+                f"gptqmodel's {config.kernel} kernel runs on CUDA only: use --device cuda, or kernel=auto on the CPU"
+            )
         return self.available(device)
 
     def default_skip_reason(self, config: GPTQConfig, device: str) -> Optional[str]:
         if device == "cpu" and config.path is None and config.bits != 4 and config.kernel == "auto":
-            return ("gptqmodel's only CPU kernel for this width (TorchLinear) dequantizes on every call, in "
-                    "bfloat16: several minutes per cell")
+            return (
+                "gptqmodel's only CPU kernel for this width (TorchLinear) dequantizes on every call, in "
+                "bfloat16: several minutes per cell"
+            )
         return None
 
     def quantize_config(self, config: GPTQConfig):
         """gptqmodel's quantize config for these settings."""
         from gptqmodel import QuantizeConfig
 
-        return QuantizeConfig(bits=config.bits, group_size=config.group_size, desc_act=config.desc_act,
-                              sym=config.sym, damp_percent=config.damp_percent,
-                              fallback=None)  # no silent round-to-nearest for layers seeing few tokens
+        return QuantizeConfig(
+            bits=config.bits,
+            group_size=config.group_size,
+            desc_act=config.desc_act,
+            sym=config.sym,
+            damp_percent=config.damp_percent,
+            fallback=None,
+        )  # no silent round-to-nearest for layers seeing few tokens
 
-    def kernel_and_dtype(self, config: GPTQConfig, bits: int, group: int, in_features: list[int], device: str
-                         ) -> tuple[str, str, Optional[str]]:
+    def kernel_and_dtype(
+        self, config: GPTQConfig, bits: int, group: int, in_features: list[int], device: str
+    ) -> tuple[str, str, Optional[str]]:
         return _kernel_and_dtype(config, bits, group, in_features, device)
 
     def cache_inputs(self, config: GPTQConfig) -> Optional[str]:
@@ -174,8 +203,7 @@ class GPTQ(Backend):
             return _check_prequantized(model_path, config, self.method)
         import torch
 
-        from qbench.sdk import report_progress
-        from qbench.sdk import planned_layers
+        from qbench.sdk import planned_layers, report_progress
 
         _import_gptqmodel()
         from gptqmodel import GPTQModel
@@ -183,8 +211,10 @@ class GPTQ(Backend):
         if not calibration:
             raise QBenchError(f"{self.name} needs calibration samples: add a calibration section to the suite")
         rows = [row[: config.seq_len] for row in calibration[: config.samples]]
-        model_rows = [{"input_ids": torch.tensor([row]), "attention_mask": torch.ones(1, len(row), dtype=torch.long)}
-                      for row in rows]
+        model_rows = [
+            {"input_ids": torch.tensor([row]), "attention_mask": torch.ones(1, len(row), dtype=torch.long)}
+            for row in rows
+        ]
         qconfig = self.quantize_config(config)
         _, kept = planned_layers(str(model_path), config.keep)
         # gptqmodel quantizes every linear layer of the decoder blocks and never
@@ -210,10 +240,14 @@ class GPTQ(Backend):
         written = quantized_layer_inputs(workdir, config.bits, self.method)
         if not written:
             raise QBenchError("gptqmodel wrote no quantized layers: nothing to benchmark")
-        return {"quantized_layers": len(written), "kept_full_precision": kept,
-                "calibration_rows": len(rows), "calibration_tokens": sum(len(r) for r in rows),
-                "act_group_aware": bool(getattr(qconfig, "act_group_aware", False)),
-                **_quant_log_summary(workdir)}
+        return {
+            "quantized_layers": len(written),
+            "kept_full_precision": kept,
+            "calibration_rows": len(rows),
+            "calibration_tokens": sum(len(r) for r in rows),
+            "act_group_aware": bool(getattr(qconfig, "act_group_aware", False)),
+            **_quant_log_summary(workdir),
+        }
 
     def load(self, artifact: Artifact, device: str):
         import torch
@@ -239,17 +273,22 @@ class GPTQ(Backend):
         expected = list(inputs)
         require_quantized_layers(hf_model, expected, _is_gptq_layer, self.name)
         kernel_class = type(hf_model.get_submodule(expected[0])).__name__
-        facts = {"kernel": f"gptqmodel {kernel_class}", "compute_dtype": f"torch.{dtype}",
-                 "checkpoint_bits": bits, "checkpoint_group_size": group,
-                 "checkpoint_desc_act": declared.get("desc_act"),
-                 "torch_compile": not (kernel == "gptq_torch" and device == "cpu")}
+        facts = {
+            "kernel": f"gptqmodel {kernel_class}",
+            "compute_dtype": f"torch.{dtype}",
+            "checkpoint_bits": bits,
+            "checkpoint_group_size": group,
+            "checkpoint_desc_act": declared.get("desc_act"),
+            "torch_compile": not (kernel == "gptq_torch" and device == "cpu"),
+        }
         if why:
             facts["notes"] = [why]
         return HFSession(hf_model, device, facts)
 
 
-def _kernel_and_dtype(config: GPTQConfig, bits: int, group: int, in_features: list[int], device: str
-                      ) -> tuple[str, str, Optional[str]]:
+def _kernel_and_dtype(
+    config: GPTQConfig, bits: int, group: int, in_features: list[int], device: str
+) -> tuple[str, str, Optional[str]]:
     """(gptqmodel backend, activation dtype, note or None). On CPU the fused
     4-bit kernel (float32 capable) needs every layer's inputs to be a multiple
     of the group size; anything else goes to TorchLinear, which dequantizes
@@ -264,9 +303,11 @@ def _kernel_and_dtype(config: GPTQConfig, bits: int, group: int, in_features: li
     else:
         kernel = "gptq_torch"
         odd = sum(1 for k in in_features if group != -1 and k % group)
-        note = (f"{odd} of {len(in_features)} layers' input features are not a multiple of the group size {group}"
-                if bits == 4 and odd else f"no fused CPU kernel for {bits}-bit GPTQ") + \
-            ": gptqmodel's TorchLinear ran (dequantizes on every call, so decoding is slow)"
+        note = (
+            f"{odd} of {len(in_features)} layers' input features are not a multiple of the group size {group}"
+            if bits == 4 and odd
+            else f"no fused CPU kernel for {bits}-bit GPTQ"
+        ) + ": gptqmodel's TorchLinear ran (dequantizes on every call, so decoding is slow)"
     if config.compute_dtype != "auto":
         return kernel, DTYPES[config.compute_dtype], note
     if kernel == "gptq_torch_fused":
@@ -294,20 +335,31 @@ def _check_prequantized(model_path: Path, config: GPTQConfig, method: str) -> di
     if ours.get("vocab_size") != theirs.get("vocab_size"):
         raise QBenchError(
             f"GPTQ checkpoint {folder} has vocabulary size {theirs.get('vocab_size')}, the run's model "
-            f"{ours.get('vocab_size')}: it is not a quantization of this model; pass --model its base model")
+            f"{ours.get('vocab_size')}: it is not a quantization of this model; pass --model its base model"
+        )
     declared_bits = int(declared.get("bits", 4))
     if not quantized_layer_inputs(folder, declared_bits, method):
         raise QBenchError(f"GPTQ checkpoint {folder} holds no quantized layers (*.qweight tensors)")
     notes = []
     if ours.get("model_type") != theirs.get("model_type") or ours.get("hidden_size") != theirs.get("hidden_size"):
-        notes.append(f"checkpoint architecture ({theirs.get('model_type')}, hidden {theirs.get('hidden_size')}) "
-                     f"differs from the run's model ({ours.get('model_type')}, hidden {ours.get('hidden_size')})")
-    notes.append("prequantized checkpoint benchmarked as it is: fidelity is measured against this run's baseline "
-                 "model, which may not be the exact weights it was quantized from")
-    return {"checkpoint": str(folder), "source": config.path,
-            "declared": {k: declared.get(k) for k in ("bits", "group_size", "desc_act", "sym", "checkpoint_format",
-                                                       "format", "quantizer") if k in declared},
-            "notes": notes}
+        notes.append(
+            f"checkpoint architecture ({theirs.get('model_type')}, hidden {theirs.get('hidden_size')}) "
+            f"differs from the run's model ({ours.get('model_type')}, hidden {ours.get('hidden_size')})"
+        )
+    notes.append(
+        "prequantized checkpoint benchmarked as it is: fidelity is measured against this run's baseline "
+        "model, which may not be the exact weights it was quantized from"
+    )
+    return {
+        "checkpoint": str(folder),
+        "source": config.path,
+        "declared": {
+            k: declared.get(k)
+            for k in ("bits", "group_size", "desc_act", "sym", "checkpoint_format", "format", "quantizer")
+            if k in declared
+        },
+        "notes": notes,
+    }
 
 
 def _decoder_blocks(model) -> list:

@@ -22,8 +22,17 @@ from typing import Any, Optional
 import torch
 from pydantic import Field, model_validator
 
-from qbench.sdk import (Artifact, Backend, ComputeDtype, HFSession, ModulePatterns, VariantConfig, device_dtype,
-                        hookimpl, torch_dtype)
+from qbench.sdk import (
+    Artifact,
+    Backend,
+    ComputeDtype,
+    HFSession,
+    ModulePatterns,
+    VariantConfig,
+    device_dtype,
+    hookimpl,
+    torch_dtype,
+)
 
 WEIGHTS_FILE = "hqq_model.safetensors"
 
@@ -31,10 +40,12 @@ WEIGHTS_FILE = "hqq_model.safetensors"
 class HQQConfig(VariantConfig):
     bits: int = Field(4, description="weight bit width: 1, 2, 3, 4 or 8")
     group_size: int = Field(64, description="weights per scale and zero point (a power of two, 8 or more)")
-    axis: int = Field(1, ge=0, le=1, description="grouping axis: 1 along the inputs (hqq's advice for quality), 0 "
-                                               "along the outputs")
-    compute_dtype: ComputeDtype = Field("auto", description="dtype the dequantized weights compute in (auto: "
-                                                         "fp32 on the CPU, bf16 on CUDA)")
+    axis: int = Field(
+        1, ge=0, le=1, description="grouping axis: 1 along the inputs (hqq's advice for quality), 0 along the outputs"
+    )
+    compute_dtype: ComputeDtype = Field(
+        "auto", description="dtype the dequantized weights compute in (auto: fp32 on the CPU, bf16 on CUDA)"
+    )
     keep: ModulePatterns = Field(("lm_head",), description="layers left in full precision ('+'-separated)")
 
     @model_validator(mode="after")
@@ -64,8 +75,10 @@ class HQQSession(HFSession):
 
 
 def _meta_bytes(meta: dict[str, Any]) -> int:
-    return sum(v.numel() * v.element_size() if isinstance(v, torch.Tensor) else
-               _meta_bytes(v) if isinstance(v, dict) else 0 for v in meta.values())
+    return sum(
+        v.numel() * v.element_size() if isinstance(v, torch.Tensor) else _meta_bytes(v) if isinstance(v, dict) else 0
+        for v in meta.values()
+    )
 
 
 def _is_hqq(module) -> bool:
@@ -93,21 +106,26 @@ class HQQ(Backend):
         return config.model_copy(update={"compute_dtype": device_dtype(config.compute_dtype, device)})
 
     def variants(self) -> dict[str, VariantConfig]:
-        return {"w8g64": HQQConfig(bits=8), "w4g64": HQQConfig(bits=4), "w3g64": HQQConfig(bits=3),
-                "w2g32": HQQConfig(bits=2, group_size=32)}
+        return {
+            "w8g64": HQQConfig(bits=8),
+            "w4g64": HQQConfig(bits=4),
+            "w3g64": HQQConfig(bits=3),
+            "w2g32": HQQConfig(bits=2, group_size=32),
+        }
 
     def default_skip_reason(self, config: HQQConfig, device: str) -> Optional[str]:
         if device == "cpu" and config.bits != 4:
-            return ("hqq dequantizes every layer on every call (a 4-bit cell takes about 5 minutes on a 2-core "
-                    "CPU): one row by default on the CPU")
+            return (
+                "hqq dequantizes every layer on every call (a 4-bit cell takes about 5 minutes on a 2-core "
+                "CPU): one row by default on the CPU"
+            )
         return None
 
     def quantize(self, model_path: Path, config: HQQConfig, calibration, workdir: Path) -> dict[str, Any]:
         from hqq.core.quantize import HQQLinear
         from safetensors.torch import save_model
 
-        from qbench.sdk import QBenchError
-        from qbench.sdk import linear_layers, load_causal_lm
+        from qbench.sdk import QBenchError, linear_layers, load_causal_lm
 
         dtype = torch_dtype(config.compute_dtype)
         model = load_causal_lm(str(model_path), dtype=dtype)
@@ -116,10 +134,15 @@ class HQQ(Backend):
             raise QBenchError(f"no linear layers left to quantize with keep={'+'.join(config.keep)}")
         odd = [n for n in chosen if model.get_submodule(n).weight.numel() % config.group_size]
         if odd:
-            raise QBenchError(f"hqq: group_size={config.group_size} does not divide the weights of {odd[0]}: "
-                              "choose a smaller power of two")
-        _swap(model, chosen, lambda layer: HQQLinear(layer, config.hqq_config(), compute_dtype=dtype,
-                                                     device="cpu", del_orig=True))
+            raise QBenchError(
+                f"hqq: group_size={config.group_size} does not divide the weights of {odd[0]}: "
+                "choose a smaller power of two"
+            )
+        _swap(
+            model,
+            chosen,
+            lambda layer: HQQLinear(layer, config.hqq_config(), compute_dtype=dtype, device="cpu", del_orig=True),
+        )
         save_model(model, str(workdir / WEIGHTS_FILE))  # tied embeddings stored once
         model.config.save_pretrained(str(workdir))
         return {"quantized_layers": len(chosen), "kept_full_precision": sorted(set(linear_layers(model, ())))}
@@ -136,8 +159,11 @@ class HQQ(Backend):
         skeleton = AutoConfig.from_pretrained(artifact.path, trust_remote_code=artifact.trust_remote_code)
         model = AutoModelForCausalLM.from_config(skeleton, dtype=dtype, trust_remote_code=artifact.trust_remote_code)
         chosen = list(linear_layers(model, config.keep))
-        _swap(model, chosen, lambda _: HQQLinear(None, config.hqq_config(), compute_dtype=dtype, device=device,
-                                                 initialize=False))
+        _swap(
+            model,
+            chosen,
+            lambda _: HQQLinear(None, config.hqq_config(), compute_dtype=dtype, device=device, initialize=False),
+        )
         load_model(model, str(Path(artifact.path) / WEIGHTS_FILE), strict=True, device=device)
         model = model.to(device).eval()
         require_quantized_layers(model, chosen, _is_hqq, "hqq")

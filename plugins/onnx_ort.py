@@ -23,8 +23,9 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import Field, model_validator
 
@@ -33,23 +34,37 @@ from qbench.sdk import Artifact, Availability, Backend, QBenchError, Session, Va
 MODEL_FILE = "model.onnx"
 QUANTIZED_OPS = {"MatMulNBits", "MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul"}
 #: Ops that carry a step's work: on the CPU they would make a CUDA row a CPU one.
-HEAVY_OPS = QUANTIZED_OPS | {"MatMul", "Gemm", "Attention", "GroupQueryAttention", "MultiHeadAttention",
-                             "PagedAttention", "GatherBlockQuantized", "SkipSimplifiedLayerNormalization"}
+HEAVY_OPS = QUANTIZED_OPS | {
+    "MatMul",
+    "Gemm",
+    "Attention",
+    "GroupQueryAttention",
+    "MultiHeadAttention",
+    "PagedAttention",
+    "GatherBlockQuantized",
+    "SkipSimplifiedLayerNormalization",
+}
 
 
 class OnnxConfig(VariantConfig):
     precision: Literal["fp32", "fp16", "int8", "int4"] = Field(
-        "fp32", description="fp16 is for CUDA; int8/int4 compute in fp32 on the CPU and in fp16 on CUDA")
+        "fp32", description="fp16 is for CUDA; int8/int4 compute in fp32 on the CPU and in fp16 on CUDA"
+    )
     target: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="the execution provider the graph is exported for (the builder's -e); auto: the run's "
-                            "--device")
+        "auto",
+        description="the execution provider the graph is exported for (the builder's -e); auto: the run's --device",
+    )
     activations: Literal["none", "dynamic"] = Field(
-        "none", description="dynamic: int8 weights and activations via onnxruntime.quantization")
+        "none", description="dynamic: int8 weights and activations via onnxruntime.quantization"
+    )
     block_size: int = Field(32, description="weights per scale for int8/int4 MatMulNBits: 16|32|64|128|256")
     symmetric: bool = True
     keep_lm_head: bool = Field(True, description="leave the output head in full precision")
-    fuse_gate_up: bool = Field(False, description="one MatMul for the MLP's gate and up projections (the builder's "
-                                                  "fuse_mlp_gate_up): one launch per layer fewer, the same bytes")
+    fuse_gate_up: bool = Field(
+        False,
+        description="one MatMul for the MLP's gate and up projections (the builder's "
+        "fuse_mlp_gate_up): one launch per layer fewer, the same bytes",
+    )
 
     @model_validator(mode="after")
     def _combination(self):
@@ -103,8 +118,10 @@ class OnnxSession(Session):
         self.facts = {**facts, "providers": self.session.get_providers()}
         if device == "cuda":
             self.facts["ops_on_cpu"] = self._ops_on_cpu()
-            self.facts["notes"] = ["ONNX Runtime holds its CUDA memory in its own arena: this row's PyTorch "
-                                   "allocator figures (cuda_peak_*) do not count it"]
+            self.facts["notes"] = [
+                "ONNX Runtime holds its CUDA memory in its own arena: this row's PyTorch "
+                "allocator figures (cuda_peak_*) do not count it"
+            ]
 
     def _open(self, profile: bool = False, stream=None):
         """An ORT session of the graph on the session's device. On CUDA it
@@ -115,8 +132,11 @@ class OnnxSession(Session):
 
         options = ort.SessionOptions()
         if self.device == "cuda":
-            cuda = {"device_id": self.gpus[0], "has_user_compute_stream": "1",
-                    "user_compute_stream": str((stream or torch.cuda.current_stream()).cuda_stream)}
+            cuda = {
+                "device_id": self.gpus[0],
+                "has_user_compute_stream": "1",
+                "user_compute_stream": str((stream or torch.cuda.current_stream()).cuda_stream),
+            }
             if stream is not None:
                 cuda["enable_cuda_graph"] = "1"
             providers = [("CUDAExecutionProvider", cuda)]
@@ -146,20 +166,28 @@ class OnnxSession(Session):
         trace = Path(self.session.end_profiling())
         events = json.loads(trace.read_text())
         shutil.rmtree(trace.parent, ignore_errors=True)
-        on_cpu = Counter(e["args"]["op_name"] for e in events
-                         if e.get("cat") == "Node" and e.get("args", {}).get("provider") == "CPUExecutionProvider")
+        on_cpu = Counter(
+            e["args"]["op_name"]
+            for e in events
+            if e.get("cat") == "Node" and e.get("args", {}).get("provider") == "CPUExecutionProvider"
+        )
         heavy = sorted(set(on_cpu) & HEAVY_OPS)
         if heavy:
-            raise QBenchError(f"onnxruntime has no CUDA kernel for this graph's {', '.join(heavy)} and would run "
-                              "them on the CPU: refusing to time that as CUDA")
+            raise QBenchError(
+                f"onnxruntime has no CUDA kernel for this graph's {', '.join(heavy)} and would run "
+                "them on the CPU: refusing to time that as CUDA"
+            )
         return dict(on_cpu)
 
     def _empty_past(self, batch: int) -> dict:
         import numpy as np
 
         shape = (batch, self.kv_heads, 0, self.head_size)
-        return {f"past_key_values.{i}.{kind}": np.zeros(shape, dtype=self.past_dtype)
-                for i in range(self.layers) for kind in ("key", "value")}
+        return {
+            f"past_key_values.{i}.{kind}": np.zeros(shape, dtype=self.past_dtype)
+            for i in range(self.layers)
+            for kind in ("key", "value")
+        }
 
     def _run(self, ids, mask, past: dict):
         """One pass: ``ids`` and ``mask`` are host arrays, ``past`` host arrays
@@ -178,13 +206,18 @@ class OnnxSession(Session):
             else:
                 binding.bind_ortvalue_input(name, value)
         logits = torch.empty((*ids.shape, self.vocab), dtype=self.logits_dtype, device=self.device)
-        binding.bind_output("logits", *self.bind_at, element_type=np.dtype(self.logits_np),
-                            shape=tuple(logits.shape), buffer_ptr=logits.data_ptr())
+        binding.bind_output(
+            "logits",
+            *self.bind_at,
+            element_type=np.dtype(self.logits_np),
+            shape=tuple(logits.shape),
+            buffer_ptr=logits.data_ptr(),
+        )
         for name in self.present_names:
             binding.bind_output(name, *self.bind_at)
         self.session.run_with_iobinding(binding, self.uncaptured)
         present = binding.get_outputs()[1:]
-        return logits, {f"past_key_values.{n[len('present.'):]}": v for n, v in zip(self.present_names, present)}
+        return logits, {f"past_key_values.{n[len('present.') :]}": v for n, v in zip(self.present_names, present)}
 
     def logits(self, input_ids, attention_mask):
         ids = input_ids.cpu().numpy().astype("int64")
@@ -239,8 +272,10 @@ class OnnxSession(Session):
         # logits() and prefill say -1 (no capture), whatever their shapes.
         self.uncaptured = graph_run_options(-1)
         self.static = StaticDecode(self, stream)
-        self.facts["runtime"] = ("ONNX Runtime CUDA graphs (enable_cuda_graph), one per batch size and length, over "
-                                 "a fixed-size KV cache that past and present share; prefill runs uncaptured")
+        self.facts["runtime"] = (
+            "ONNX Runtime CUDA graphs (enable_cuda_graph), one per batch size and length, over "
+            "a fixed-size KV cache that past and present share; prefill runs uncaptured"
+        )
         return None
 
     def kv_bytes_per_position(self) -> Optional[int]:
@@ -274,8 +309,13 @@ class StaticDecode:
         import numpy as np
 
         kind = "bind_output" if output else "bind_input"
-        getattr(binding, kind)(name, *self.owner.bind_at, np.dtype(str(tensor.dtype).removeprefix("torch.")),
-                               tuple(tensor.shape), tensor.data_ptr())
+        getattr(binding, kind)(
+            name,
+            *self.owner.bind_at,
+            np.dtype(str(tensor.dtype).removeprefix("torch.")),
+            tuple(tensor.shape),
+            tensor.data_ptr(),
+        )
 
     def _buffers(self, batch: int, length: int) -> dict[str, Any]:
         """The tensors and the decode binding of one (batch, length), kept for
@@ -287,12 +327,16 @@ class StaticDecode:
         o = self.owner
         dev = o.device
         cache_dtype = getattr(torch, o.past_dtype)
-        state = {"graph_id": len(self.shapes) + 1,
-                 "ids": torch.zeros((batch, 1), dtype=torch.int64, device=dev),
-                 "mask": torch.zeros((batch, length), dtype=torch.int64, device=dev),
-                 "logits": torch.empty((batch, 1, o.vocab), dtype=o.logits_dtype, device=dev),
-                 "cache": {n: torch.zeros((batch, o.kv_heads, length, o.head_size), dtype=cache_dtype, device=dev)
-                           for n in o.present_names}}
+        state = {
+            "graph_id": len(self.shapes) + 1,
+            "ids": torch.zeros((batch, 1), dtype=torch.int64, device=dev),
+            "mask": torch.zeros((batch, length), dtype=torch.int64, device=dev),
+            "logits": torch.empty((batch, 1, o.vocab), dtype=o.logits_dtype, device=dev),
+            "cache": {
+                n: torch.zeros((batch, o.kv_heads, length, o.head_size), dtype=cache_dtype, device=dev)
+                for n in o.present_names
+            },
+        }
         binding = o.session.io_binding()
         self._bind_step(binding, state, state["ids"], state["logits"])
         state["binding"] = binding
@@ -334,7 +378,7 @@ class StaticDecode:
             step_options = graph_run_options(state["graph_id"]) if self.stream is not None else None
             for i in range(max_new_tokens):
                 if i:
-                    state["ids"].copy_(produced[:, i - 1:i])
+                    state["ids"].copy_(produced[:, i - 1 : i])
                     mask[:, prompt + i - 1] = 1
                     o.session.run_with_iobinding(state["binding"], step_options)
                     logits = state["logits"]
@@ -386,23 +430,33 @@ class OnnxRuntime(Backend):
     name = "onnx"
     description = "ONNX Runtime: onnxruntime-genai's exporter, MatMulNBits int8/int4, dynamic int8 (ORT quantization)"
     config_class = OnnxConfig
-    requires = {"onnxruntime": "onnxruntime", "onnxruntime_genai": "onnxruntime-genai", "onnx_ir": "onnx-ir",
-                "onnx": "onnx"}
+    requires = {
+        "onnxruntime": "onnxruntime",
+        "onnxruntime_genai": "onnxruntime-genai",
+        "onnx_ir": "onnx-ir",
+        "onnx": "onnx",
+    }
     extra = "onnx"
 
     def variants(self) -> dict[str, VariantConfig]:
-        return {"fp32": OnnxConfig(), "fp16": OnnxConfig(precision="fp16"), "int8": OnnxConfig(precision="int8"),
-                "int4": OnnxConfig(precision="int4"), "int8-dyn": OnnxConfig(precision="int8", activations="dynamic")}
+        return {
+            "fp32": OnnxConfig(),
+            "fp16": OnnxConfig(precision="fp16"),
+            "int8": OnnxConfig(precision="int8"),
+            "int4": OnnxConfig(precision="int4"),
+            "int8-dyn": OnnxConfig(precision="int8", activations="dynamic"),
+        }
 
     def version(self) -> Optional[str]:
-        from qbench.sdk import package_version
-
         import onnxruntime as ort
+
+        from qbench.sdk import package_version
 
         # From the module, not the metadata: onnxruntime and onnxruntime-gpu
         # install the same package under two distribution names.
         build = "GPU" if "CUDAExecutionProvider" in ort.get_available_providers() else "CPU"
-        return f"onnxruntime {ort.__version__} ({build} build); onnxruntime-genai {package_version('onnxruntime-genai')}"
+        genai = package_version("onnxruntime-genai")
+        return f"onnxruntime {ort.__version__} ({build} build); onnxruntime-genai {genai}"
 
     def for_device(self, config: OnnxConfig, device: str) -> OnnxConfig:
         # A graph is exported for one provider: resolved before the cache key is made.
@@ -414,25 +468,30 @@ class OnnxRuntime(Backend):
             return base
         config = self.for_device(config, device)
         if config.target != device:
-            return Availability.no(f"target={config.target}: the graph is exported for {config.target}, the run is on "
-                                   f"{device} (leave target=auto)")
+            return Availability.no(
+                f"target={config.target}: the graph is exported for {config.target}, the run is on "
+                f"{device} (leave target=auto)"
+            )
         if device == "cpu" and config.precision == "fp16":
-            return Availability.no("precision=fp16 is for CUDA: ONNX Runtime's CPU provider has no fp16 kernels for "
-                                   "most of the graph")
+            return Availability.no(
+                "precision=fp16 is for CUDA: ONNX Runtime's CPU provider has no fp16 kernels for most of the graph"
+            )
         if device == "cuda" and (config.precision == "fp32" or config.activations == "dynamic"):
             # Seen with onnxruntime-genai 0.18.0: ORT refuses the graph ("This is an invalid model. Graph output
             # ... "), and quantize_dynamic names the present.* outputs as unknown tensors.
-            return Availability.no("onnxruntime-genai's builder writes an fp32 graph for CUDA whose present.* outputs "
-                                   "no node produces: use onnx:fp16 as the unquantized CUDA row"
-                                   + (" (int8-dyn quantizes that fp32 graph)" if config.activations == "dynamic"
-                                      else ""))
+            return Availability.no(
+                "onnxruntime-genai's builder writes an fp32 graph for CUDA whose present.* outputs "
+                "no node produces: use onnx:fp16 as the unquantized CUDA row"
+                + (" (int8-dyn quantizes that fp32 graph)" if config.activations == "dynamic" else "")
+            )
         if device != "cuda":
             return base
         import onnxruntime as ort
 
         if "CUDAExecutionProvider" not in ort.get_available_providers():
-            return Availability.no("onnxruntime has no CUDA provider here: pip install onnxruntime-gpu (in place of "
-                                   "onnxruntime)")
+            return Availability.no(
+                "onnxruntime has no CUDA provider here: pip install onnxruntime-gpu (in place of onnxruntime)"
+            )
         return base
 
     def quantize(self, model_path: Path, config: OnnxConfig, calibration, workdir: Path) -> dict[str, Any]:
@@ -445,8 +504,11 @@ class OnnxRuntime(Backend):
         if config.fuse_gate_up:
             options.append("fuse_mlp_gate_up=true")
         export(model_path, workdir, precision, config.target, options)
-        meta: dict[str, Any] = {"exporter": "onnxruntime_genai.models.builder", "builder_precision": precision,
-                                "builder_execution_provider": config.target}
+        meta: dict[str, Any] = {
+            "exporter": "onnxruntime_genai.models.builder",
+            "builder_precision": precision,
+            "builder_execution_provider": config.target,
+        }
         if config.activations == "dynamic":
             meta.update(quantize_dynamic_int8(workdir, config.keep_lm_head))
         meta["op_counts"] = {op: n for op, n in op_counts(workdir / MODEL_FILE).items() if op in QUANTIZED_OPS}
@@ -458,18 +520,39 @@ class OnnxRuntime(Backend):
         counts = op_counts(folder / MODEL_FILE)
         quantized = sum(n for op, n in counts.items() if op in QUANTIZED_OPS)
         if config.nominal_bits() is not None and not quantized:
-            raise QBenchError(f"onnx:{artifact.variant}: the graph has no quantized MatMul "
-                              f"({', '.join(sorted(QUANTIZED_OPS))}): refusing to report fp32 numbers")
-        return OnnxSession(folder, device, {"quantized_matmuls": quantized, "op_counts": dict(counts),
-                                            "kernel": "ONNX Runtime " + (", ".join(
-                                                op for op in counts if op in QUANTIZED_OPS) or "MatMul (fp32)")})
+            raise QBenchError(
+                f"onnx:{artifact.variant}: the graph has no quantized MatMul "
+                f"({', '.join(sorted(QUANTIZED_OPS))}): refusing to report fp32 numbers"
+            )
+        return OnnxSession(
+            folder,
+            device,
+            {
+                "quantized_matmuls": quantized,
+                "op_counts": dict(counts),
+                "kernel": "ONNX Runtime " + (", ".join(op for op in counts if op in QUANTIZED_OPS) or "MatMul (fp32)"),
+            },
+        )
 
 
 def export(model_path: Path, out: Path, precision: str, target: str, options: list[str]) -> None:
     """Run the builder in a child process (it is a script, and prints a lot)."""
     cache = out.parent / "builder-cache"
-    command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_path), "-o", str(out),
-               "-p", precision, "-e", target, "-c", str(cache)]
+    command = [
+        sys.executable,
+        "-m",
+        "onnxruntime_genai.models.builder",
+        "-i",
+        str(model_path),
+        "-o",
+        str(out),
+        "-p",
+        precision,
+        "-e",
+        target,
+        "-c",
+        str(cache),
+    ]
     if options:
         command += ["--extra_options", *options]
     proc = subprocess.run(command, capture_output=True, text=True)
@@ -487,11 +570,20 @@ def quantize_dynamic_int8(folder: Path, keep_lm_head: bool) -> dict[str, Any]:
     target = folder / "model.int8.onnx"
     excluded = [n.name for n in _graph(source).graph.node if keep_lm_head and n.name.startswith("/lm_head/")]
     try:
-        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True,
-                         op_types_to_quantize=["MatMul"], nodes_to_exclude=excluded, use_external_data_format=True)
+        quantize_dynamic(
+            str(source),
+            str(target),
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            op_types_to_quantize=["MatMul"],
+            nodes_to_exclude=excluded,
+            use_external_data_format=True,
+        )
     except Exception as exc:  # the quantizer's own error, named, not hidden
-        raise QBenchError(f"onnxruntime.quantization.quantize_dynamic cannot handle the exported graph: "
-                          f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from None
+        raise QBenchError(
+            f"onnxruntime.quantization.quantize_dynamic cannot handle the exported graph: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+        ) from None
     for leftover in (source, folder / "model.onnx.data"):
         leftover.unlink(missing_ok=True)
     # The graph keeps naming its external data file model.int8.onnx.data.

@@ -30,17 +30,20 @@ class QATConfig(VariantConfig):
     bits: int = Field(4, ge=2, le=4, description="weight bit width (torchao's QAT covers intx weights, 2-4 bit here)")
     granularity: str = Field("group:32", description="weight scales: channel or group:N")
     symmetric: bool = True
-    activations: Literal["none", "dynamic"] = Field("none", description="dynamic: int8 per-token activations too "
-                                                                        "(8da4w)")
+    activations: Literal["none", "dynamic"] = Field(
+        "none", description="dynamic: int8 per-token activations too (8da4w)"
+    )
     keep: ModulePatterns = Field(("lm_head",), description="layers left in full precision ('+'-separated)")
     steps: Optional[int] = Field(None, gt=0, description="optimizer steps (default: the suite's qat.steps)")
     lr: Optional[float] = Field(None, gt=0, allow_inf_nan=False, description="learning rate (default: qat.lr)")
     seq_len: Optional[int] = Field(None, gt=1, description="tokens per training row (default: qat.seq_len)")
     batch_size: Optional[int] = Field(None, gt=0, description="rows per step (default: qat.batch_size)")
     objective: Literal["distill", "next-token"] = Field(
-        "distill", description="distill: KL divergence to the full-precision model's next-token distribution "
-                               "(the fidelity qbench measures; LLM-QAT's data-free recipe); next-token: "
-                               "cross-entropy on the text")
+        "distill",
+        description="distill: KL divergence to the full-precision model's next-token distribution "
+        "(the fidelity qbench measures; LLM-QAT's data-free recipe); next-token: "
+        "cross-entropy on the text",
+    )
 
     def nominal_bits(self) -> Optional[float]:
         return self.bits
@@ -49,18 +52,27 @@ class QATConfig(VariantConfig):
         """The torchao post-training variant with the same quantization settings."""
         from qbench_plugins.torchao_ptq import TorchAOConfig
 
-        return TorchAOConfig(bits=self.bits, granularity=self.granularity, symmetric=self.symmetric,
-                             activations=self.activations, keep=self.keep, runtime=self.runtime,
-                             compile_mode=self.compile_mode, calibration=self.calibration)
+        return TorchAOConfig(
+            bits=self.bits,
+            granularity=self.granularity,
+            symmetric=self.symmetric,
+            activations=self.activations,
+            keep=self.keep,
+            runtime=self.runtime,
+            compile_mode=self.compile_mode,
+            calibration=self.calibration,
+        )
 
 
 def training_rows(calibration: list[list[int]], seq_len: int) -> list[list[int]]:
     """The calibration samples as one stream cut into rows of ``seq_len``."""
     stream = [token for row in calibration for token in row]
-    rows = [stream[i: i + seq_len] for i in range(0, len(stream) - seq_len + 1, seq_len)]
+    rows = [stream[i : i + seq_len] for i in range(0, len(stream) - seq_len + 1, seq_len)]
     if not rows:
-        raise QBenchError(f"qat: the calibration set holds {len(stream)} tokens, fewer than one training row of "
-                          f"{seq_len}: lower qat.seq_len or raise the calibration samples in the suite")
+        raise QBenchError(
+            f"qat: the calibration set holds {len(stream)} tokens, fewer than one training row of "
+            f"{seq_len}: lower qat.seq_len or raise the calibration samples in the suite"
+        )
     return rows
 
 
@@ -91,8 +103,9 @@ def fine_tune(model, rows: list[list[int]], config: QATConfig, teacher=None) -> 
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
-        report_progress(f"QAT step {step + 1}/{config.steps}, loss {losses[-1]:.3f}, "
-                        f"{time.perf_counter() - started:.0f} s")
+        report_progress(
+            f"QAT step {step + 1}/{config.steps}, loss {losses[-1]:.3f}, {time.perf_counter() - started:.0f} s"
+        )
     model.eval()
     return losses
 
@@ -111,7 +124,9 @@ class QAT(Backend):
 
     def default_skip_reason(self, config: QATConfig, device: str) -> Optional[str]:
         if config.activations == "dynamic":
-            return "its post-training pair is run by name too (-b torchao:bits=4,granularity=group:32,activations=dynamic)"
+            return (
+                "its post-training pair is run by name too (-b torchao:bits=4,granularity=group:32,activations=dynamic)"
+            )
         return None
 
     def variant_available(self, config: QATConfig, device: str) -> Availability:
@@ -121,24 +136,28 @@ class QAT(Backend):
 
     def with_suite(self, config: QATConfig, suite: Any) -> QATConfig:
         spec = suite.qat
-        return config.model_copy(update={name: getattr(spec, name) for name in ("steps", "lr", "seq_len", "batch_size")
-                                         if getattr(config, name) is None})
+        return config.model_copy(
+            update={
+                name: getattr(spec, name)
+                for name in ("steps", "lr", "seq_len", "batch_size")
+                if getattr(config, name) is None
+            }
+        )
 
     def quantize(self, model_path: Path, config: QATConfig, calibration, workdir: Path) -> dict[str, Any]:
         import json
 
         import torch
+        from torchao.quantization import quantize_
+        from torchao.quantization.qat import QATConfig as TorchaoQAT
+
+        from qbench.sdk import linear_layers, load_causal_lm, report_progress
         from qbench_plugins.torchao_ptq import (
             LAYOUT_FILE,
             WEIGHTS_FILE,
             layer_config,
             save_quantized_state,
         )
-        from torchao.quantization import quantize_
-        from torchao.quantization.qat import QATConfig as TorchaoQAT
-
-        from qbench.sdk import report_progress
-        from qbench.sdk import linear_layers, load_causal_lm
 
         if None in (config.steps, config.lr, config.seq_len, config.batch_size):
             raise QBenchError("qat: training settings missing (the suite's qat section fills them in a run)")
@@ -170,12 +189,14 @@ class QAT(Backend):
         save_quantized_state(model, workdir / WEIGHTS_FILE)
         (workdir / LAYOUT_FILE).write_text(json.dumps({"layers": list(layers)}))
         meta: dict[str, Any] = {
-            "quantized_layers": len(layers), "training_rows": len(rows),
+            "quantized_layers": len(layers),
+            "training_rows": len(rows),
             "training_tokens": config.steps * config.batch_size * config.seq_len,
             "epochs": round(config.steps * config.batch_size / len(rows), 2),
             "loss_first_steps": round(sum(losses[:5]) / len(losses[:5]), 4),
             "loss_last_steps": round(sum(losses[-5:]) / len(losses[-5:]), 4),
-            "torchao_config": type(next(iter(groups.values()))[0]).__name__}
+            "torchao_config": type(next(iter(groups.values()))[0]).__name__,
+        }
         if notes:
             meta["notes"] = sorted(notes)
         return meta

@@ -22,8 +22,16 @@ from typing import Any, Literal, Optional
 
 from pydantic import Field
 
-from qbench.sdk import (Artifact, Backend, ComputeDtype, ModulePatterns, VariantConfig, device_dtype, hookimpl,
-                        torch_dtype)
+from qbench.sdk import (
+    Artifact,
+    Backend,
+    ComputeDtype,
+    ModulePatterns,
+    VariantConfig,
+    device_dtype,
+    hookimpl,
+    torch_dtype,
+)
 
 WEIGHTS_FILE = "quanto_model.safetensors"
 MAP_FILE = "quanto_qmap.json"
@@ -32,10 +40,12 @@ WEIGHT_BITS = {"int8": 8, "int4": 4, "int2": 2, "float8": 8}
 
 class QuantoConfig(VariantConfig):
     weights: Literal["int8", "int4", "int2", "float8"] = Field("int8", description="weight type")
-    activations: Literal["none", "int8"] = Field("none", description="activation type (int8: static scales "
-                                                                     "calibrated on the suite's samples)")
-    compute_dtype: ComputeDtype = Field("auto", description="dtype the model computes in (auto: fp32 on the CPU, "
-                                                         "bf16 on CUDA)")
+    activations: Literal["none", "int8"] = Field(
+        "none", description="activation type (int8: static scales calibrated on the suite's samples)"
+    )
+    compute_dtype: ComputeDtype = Field(
+        "auto", description="dtype the model computes in (auto: fp32 on the CPU, bf16 on CUDA)"
+    )
     keep: ModulePatterns = Field(("lm_head",), description="layers left in full precision ('+'-separated)")
 
     def nominal_bits(self) -> Optional[float]:
@@ -77,8 +87,7 @@ def _quantize_layers(model, config: QuantoConfig) -> list[str]:
     """Turn the chosen linear layers into quanto's modules (weights still in float until frozen or loaded)."""
     from optimum.quanto import quantize
 
-    from qbench.sdk import QBenchError
-    from qbench.sdk import linear_layers
+    from qbench.sdk import QBenchError, linear_layers
 
     chosen = list(linear_layers(model, config.keep))
     if not chosen:
@@ -99,9 +108,13 @@ class Quanto(Backend):
         return config.model_copy(update={"compute_dtype": device_dtype(config.compute_dtype, device)})
 
     def variants(self) -> dict[str, VariantConfig]:
-        return {"w8": QuantoConfig(weights="int8"), "w4": QuantoConfig(weights="int4"),
-                "w2": QuantoConfig(weights="int2"), "f8": QuantoConfig(weights="float8"),
-                "w8a8": QuantoConfig(weights="int8", activations="int8")}
+        return {
+            "w8": QuantoConfig(weights="int8"),
+            "w4": QuantoConfig(weights="int4"),
+            "w2": QuantoConfig(weights="int2"),
+            "f8": QuantoConfig(weights="float8"),
+            "w8a8": QuantoConfig(weights="int8", activations="int8"),
+        }
 
     def needs_calibration(self, config: QuantoConfig) -> bool:
         return config.activations != "none"
@@ -116,16 +129,16 @@ class Quanto(Backend):
         from optimum.quanto import Calibration, freeze, quantization_map
         from safetensors.torch import save_model
 
-        from qbench.sdk import QBenchError
-        from qbench.sdk import load_causal_lm
+        from qbench.sdk import QBenchError, load_causal_lm
 
         model = load_causal_lm(str(model_path), dtype=torch_dtype(config.compute_dtype)).eval()
         chosen = _quantize_layers(model, config)
         meta: dict[str, Any] = {"quantized_layers": len(chosen)}
         if config.activations != "none":
             if not calibration:
-                raise QBenchError("quanto's int8 activations need calibration samples: add a calibration "
-                                  "section to the suite")
+                raise QBenchError(
+                    "quanto's int8 activations need calibration samples: add a calibration section to the suite"
+                )
             with torch.no_grad(), Calibration(streamline=False):
                 for row in calibration:
                     model(torch.tensor([row]))
@@ -138,18 +151,19 @@ class Quanto(Backend):
     def load(self, artifact: Artifact, device: str):
         from safetensors.torch import load_file
 
-        from qbench.sdk import QBenchError
-        from qbench.sdk import HFSession, load_causal_lm, require_quantized_layers
+        from qbench.sdk import HFSession, QBenchError, load_causal_lm, require_quantized_layers
 
         config = QuantoConfig(**artifact.config)
-        model = load_causal_lm(artifact.model_path, dtype=torch_dtype(config.compute_dtype),
-                               trust_remote_code=artifact.trust_remote_code)
+        model = load_causal_lm(
+            artifact.model_path, dtype=torch_dtype(config.compute_dtype), trust_remote_code=artifact.trust_remote_code
+        )
         chosen = _quantize_layers(model, config)
         saved = json.loads((Path(artifact.path) / MAP_FILE).read_text())
         fix = f"delete {Path(artifact.path).parent} and run again to re-quantize"
         if sorted(saved) != sorted(chosen):
-            raise QBenchError(f"quanto artifact {artifact.path} quantized other layers than this variant selects: "
-                              f"{fix}")
+            raise QBenchError(
+                f"quanto artifact {artifact.path} quantized other layers than this variant selects: {fix}"
+            )
         state = load_file(str(Path(artifact.path) / WEIGHTS_FILE))
         # safetensors stores a tied tensor once, under one of its names: a
         # missing key is fine only if a name sharing its storage was loaded.
@@ -157,8 +171,9 @@ class Quanto(Backend):
         for name, tensor in model.state_dict(keep_vars=True).items():
             shared.setdefault(tensor.untyped_storage().data_ptr(), set()).add(name)
         result = model.load_state_dict(state, strict=False)
-        missing = [k for k in result.missing_keys
-                   if not any(k in names and names & state.keys() for names in shared.values())]
+        missing = [
+            k for k in result.missing_keys if not any(k in names and names & state.keys() for names in shared.values())
+        ]
         if result.unexpected_keys or missing:
             first = (result.unexpected_keys or missing)[0]
             raise QBenchError(f"quanto artifact {artifact.path} does not match the model (first key: {first}): {fix}")
@@ -169,8 +184,14 @@ class Quanto(Backend):
             for name in chosen:
                 _outside_inference_mode(model.get_submodule(name))
         kind = "int8 x int8 matmul" if config.activations == "int8" else "weight-only"
-        return HFSession(model, device, {"kernel": f"optimum-quanto {config.weights} {kind}",
-                                         "compute_dtype": str(torch_dtype(config.compute_dtype))})
+        return HFSession(
+            model,
+            device,
+            {
+                "kernel": f"optimum-quanto {config.weights} {kind}",
+                "compute_dtype": str(torch_dtype(config.compute_dtype)),
+            },
+        )
 
 
 @hookimpl

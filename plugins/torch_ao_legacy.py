@@ -27,8 +27,7 @@ def quantize_legacy(model, layers: dict, config, weights: Path, layout: Path) ->
     per_channel = config.granularity == "channel"
     # Full-precision tensors under their own names, quantized layers under
     # "q:<layer>.<part>": the artifact holds everything the session holds.
-    tensors = {key: value for key, value in unique_state_dict(model).items()
-               if key.rpartition(".")[0] not in layers}
+    tensors = {key: value for key, value in unique_state_dict(model).items() if key.rpartition(".")[0] not in layers}
     shapes = {}
     for name, layer in layers.items():
         w = layer.weight.detach().float()
@@ -41,9 +40,12 @@ def quantize_legacy(model, layers: dict, config, weights: Path, layout: Path) ->
         shapes[name] = [layer.in_features, layer.out_features]
     save_file(tensors, str(weights), metadata={"format": "qbench-torch.ao-dynamic-int8"})
     layout.write_text(json.dumps({"layers": list(layers), "shapes": shapes}))
-    return {"quantized_layers": len(layers), "granularity": config.granularity,
-            "kernel": "torch.ao quantize_dynamic (fbgemm), deprecated upstream",
-            "notes": ["torch.ao dynamic quantization is deprecated upstream in favour of torchao"]}
+    return {
+        "quantized_layers": len(layers),
+        "granularity": config.granularity,
+        "kernel": "torch.ao quantize_dynamic (fbgemm), deprecated upstream",
+        "notes": ["torch.ao dynamic quantization is deprecated upstream in favour of torchao"],
+    }
 
 
 def _flatten(name: str, qweight: torch.Tensor, bias) -> dict[str, torch.Tensor]:
@@ -72,7 +74,8 @@ def load_legacy(model, weights: Path) -> None:
             qweight = torch._make_per_tensor_quantized_tensor(codes, float(scales), 0)
         else:
             qweight = torch._make_per_channel_quantized_tensor(
-                codes, scales, torch.zeros_like(scales, dtype=torch.long), 0)
+                codes, scales, torch.zeros_like(scales, dtype=torch.long), 0
+            )
         layer = DynamicLinear(codes.shape[1], codes.shape[0], bias_=f"q:{name}.bias" in tensors, dtype=torch.qint8)
         layer.set_weight_bias(qweight, tensors.get(f"q:{name}.bias"))
         replace_module(model, name, layer)

@@ -20,8 +20,21 @@ from typing import Any, Literal, Optional
 
 from pydantic import Field, model_validator
 
-from qbench.sdk import (Artifact, Availability, Backend, ComputeDtype, LayerQuantizer, ModulePatterns, QBenchError,
-                        Recipe, VariantConfig, device_dtype, hookimpl, load_recipe, torch_dtype)
+from qbench.sdk import (
+    Artifact,
+    Availability,
+    Backend,
+    ComputeDtype,
+    LayerQuantizer,
+    ModulePatterns,
+    QBenchError,
+    Recipe,
+    VariantConfig,
+    device_dtype,
+    hookimpl,
+    load_recipe,
+    torch_dtype,
+)
 
 WEIGHTS_FILE = "quantized.safetensors"
 LAYOUT_FILE = "layers.json"
@@ -32,18 +45,25 @@ class TorchAOConfig(VariantConfig):
     granularity: str = Field("channel", description="tensor | channel | group:N (one scale per N inputs)")
     symmetric: bool = Field(True, description="false: asymmetric, with a zero point")
     activations: Literal["none", "dynamic", "static"] = Field(
-        "none", description="weight-only, or int8 activations with dynamic or calibrated static scales")
+        "none", description="weight-only, or int8 activations with dynamic or calibrated static scales"
+    )
     dtype: Literal["int", "float8"] = "int"
     kernel: Literal["auto", "tinygemm", "gemlite", "legacy"] = Field(
-        "auto", description="tinygemm: CUDA int4; gemlite: Triton GEMV/GEMM kernels for 4- and 8-bit weights "
-                            "(CUDA); legacy: torch.ao quantize_dynamic (fbgemm)")
+        "auto",
+        description="tinygemm: CUDA int4; gemlite: Triton GEMV/GEMM kernels for 4- and 8-bit weights "
+        "(CUDA); legacy: torch.ao quantize_dynamic (fbgemm)",
+    )
     compute_dtype: ComputeDtype = Field(
-        "auto", description="activation dtype (auto: the kernel's own where it has one, fp16 for gemlite, bf16 for "
-                            "tinygemm and float8; else fp32 on the CPU, bf16 on CUDA)")
+        "auto",
+        description="activation dtype (auto: the kernel's own where it has one, fp16 for gemlite, bf16 for "
+        "tinygemm and float8; else fp32 on the CPU, bf16 on CUDA)",
+    )
     keep: ModulePatterns = Field(("lm_head",), description="layers left in full precision ('+'-separated)")
     recipe: Optional[Recipe] = Field(
-        None, description="a mixed-precision recipe YAML (its base variant plus per-layer overrides); given as "
-                          "recipe=PATH with no other quantization setting")
+        None,
+        description="a mixed-precision recipe YAML (its base variant plus per-layer overrides); given as "
+        "recipe=PATH with no other quantization setting",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -59,18 +79,25 @@ class TorchAOConfig(VariantConfig):
         recipe = data["recipe"]
         recipe = load_recipe(recipe) if isinstance(recipe, (str, Path)) else Recipe.model_validate(recipe)
         if recipe.backend != "torchao":
-            raise ValueError(f"the recipe is for backend '{recipe.backend}', not torchao: run it with "
-                             f"-b {recipe.backend}:recipe=PATH")
+            raise ValueError(
+                f"the recipe is for backend '{recipe.backend}', not torchao: run it with "
+                f"-b {recipe.backend}:recipe=PATH"
+            )
         base = _plain_variant(recipe.base, "its base")
         runtime = {key: data[key] for key in ("runtime", "compile_mode", "compute_dtype") if key in data}
-        given = {key: value for key, value in data.items()
-                 if key not in ("recipe", "runtime", "compile_mode", "compute_dtype")}
+        given = {
+            key: value
+            for key, value in data.items()
+            if key not in ("recipe", "runtime", "compile_mode", "compute_dtype")
+        }
         if given:
             merged = TorchAOConfig(**{**base.settings(), **given}).settings()
             changed = [key for key in given if merged.get(key) != base.settings().get(key)]
             if changed:
-                raise ValueError(f"the recipe's base ({recipe.base}) sets '{changed[0]}': give the recipe alone, "
-                                 "as torchao:recipe=PATH, and change its base in the file")
+                raise ValueError(
+                    f"the recipe's base ({recipe.base}) sets '{changed[0]}': give the recipe alone, "
+                    "as torchao:recipe=PATH, and change its base in the file"
+                )
         return {**base.settings(), **runtime, "recipe": recipe}
 
     @model_validator(mode="after")
@@ -84,12 +111,16 @@ class TorchAOConfig(VariantConfig):
                 continue
             other = _plain_variant(override.use, f"override {list(override.match)}")
             if other.activations == "static" or other.kernel == "legacy":
-                raise ValueError(f"override use: {override.use} cannot quantize single layers of a recipe "
-                                 "(static scales and the legacy kernel apply to the whole model)")
+                raise ValueError(
+                    f"override use: {override.use} cannot quantize single layers of a recipe "
+                    "(static scales and the legacy kernel apply to the whole model)"
+                )
             if compute_dtype(other) != compute_dtype(self) or other.needs_cuda != self.needs_cuda:
-                raise ValueError(f"override use: {override.use} computes in {compute_dtype(other)}, the base "
-                                 f"{self.recipe.base} in {compute_dtype(self)}: a recipe mixes variants of one "
-                                 "compute dtype and device")
+                raise ValueError(
+                    f"override use: {override.use} computes in {compute_dtype(other)}, the base "
+                    f"{self.recipe.base} in {compute_dtype(self)}: a recipe mixes variants of one "
+                    "compute dtype and device"
+                )
         return self
 
     def settings(self) -> dict[str, Any]:
@@ -112,7 +143,7 @@ class TorchAOConfig(VariantConfig):
         """Variants that can share one model in a recipe: same compute dtype, same device."""
         return str(compute_dtype(self)), self.needs_cuda
 
-    def layer_variant(self, layer: str) -> Optional["TorchAOConfig"]:
+    def layer_variant(self, layer: str) -> Optional[TorchAOConfig]:
         """How one layer is quantized: this config (a recipe's base), an
         override's variant, or None where the recipe keeps it."""
         decided = self.recipe.decide(layer) if self.recipe is not None else None
@@ -129,29 +160,45 @@ class TorchAOConfig(VariantConfig):
             raise ValueError(f"granularity group size must be a power of two >= 8, got {group}")
         if self.dtype == "float8":
             if self.bits != 8 or group is not None or self.activations == "static" or self.kernel != "auto":
-                raise ValueError("dtype=float8 needs bits=8, granularity tensor or channel, activations "
-                                 "none or dynamic, kernel auto")
+                raise ValueError(
+                    "dtype=float8 needs bits=8, granularity tensor or channel, activations none or dynamic, kernel auto"
+                )
         kernel_dtype = _kernel_dtype(self, "cuda")
         if self.compute_dtype not in ("auto", kernel_dtype) and self.needs_cuda:
-            raise ValueError(f"kernel={self.kernel} dtype={self.dtype} computes in {kernel_dtype} only: leave "
-                             "compute_dtype out (auto)")
+            raise ValueError(
+                f"kernel={self.kernel} dtype={self.dtype} computes in {kernel_dtype} only: leave "
+                "compute_dtype out (auto)"
+            )
         if self.kernel == "legacy" and self.compute_dtype not in ("auto", "fp32"):
-            raise ValueError("kernel=legacy (torch.ao quantize_dynamic) computes in fp32 only: leave compute_dtype "
-                             "out (auto)")
-        if self.kernel == "tinygemm" and (self.bits != 4 or group not in (32, 64, 128, 256)
-                                          or self.activations != "none" or self.symmetric):
-            raise ValueError("kernel=tinygemm needs bits=4, granularity group:32|64|128|256, "
-                             "activations=none and symmetric=false (it stores zero points)")
+            raise ValueError(
+                "kernel=legacy (torch.ao quantize_dynamic) computes in fp32 only: leave compute_dtype out (auto)"
+            )
+        if self.kernel == "tinygemm" and (
+            self.bits != 4 or group not in (32, 64, 128, 256) or self.activations != "none" or self.symmetric
+        ):
+            raise ValueError(
+                "kernel=tinygemm needs bits=4, granularity group:32|64|128|256, "
+                "activations=none and symmetric=false (it stores zero points)"
+            )
         if self.kernel == "gemlite" and not (
-                self.activations == "none" and self.dtype == "int"
-                and ((self.bits == 4 and group in (32, 64, 128, 256, 512, 1024) and not self.symmetric)
-                     or (self.bits == 8 and self.granularity == "channel" and self.symmetric))):
-            raise ValueError("kernel=gemlite needs activations=none and either bits=4, granularity "
-                             "group:32..1024, symmetric=false, or bits=8, granularity=channel, symmetric=true")
-        if self.kernel == "legacy" and (self.bits != 8 or group is not None or self.activations != "dynamic"
-                                        or not self.symmetric):
-            raise ValueError("kernel=legacy (torch.ao quantize_dynamic) needs bits=8, activations=dynamic, "
-                             "symmetric=true and granularity tensor or channel")
+            self.activations == "none"
+            and self.dtype == "int"
+            and (
+                (self.bits == 4 and group in (32, 64, 128, 256, 512, 1024) and not self.symmetric)
+                or (self.bits == 8 and self.granularity == "channel" and self.symmetric)
+            )
+        ):
+            raise ValueError(
+                "kernel=gemlite needs activations=none and either bits=4, granularity "
+                "group:32..1024, symmetric=false, or bits=8, granularity=channel, symmetric=true"
+            )
+        if self.kernel == "legacy" and (
+            self.bits != 8 or group is not None or self.activations != "dynamic" or not self.symmetric
+        ):
+            raise ValueError(
+                "kernel=legacy (torch.ao quantize_dynamic) needs bits=8, activations=dynamic, "
+                "symmetric=true and granularity tensor or channel"
+            )
         if self.activations == "static" and (self.bits != 8 or group is not None):
             raise ValueError("activations=static needs bits=8 and granularity tensor or channel")
         if self.granularity == "tensor" and self.bits != 8:
@@ -178,7 +225,7 @@ class TorchAOConfig(VariantConfig):
         return self.kernel in ("tinygemm", "gemlite") or self.dtype == "float8"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _plain_variant(spec: str, what: str) -> TorchAOConfig:
     """A named torchao variant or ``key=value`` settings, without a recipe of
     its own (refused before parsing, so a recipe naming itself cannot
@@ -198,8 +245,9 @@ def _granularity(config: TorchAOConfig, in_features: int):
 
     group = config.group_size
     if group is None:
-        return (PerTensor() if config.granularity == "tensor" else PerRow() if config._int8_fast_path
-                else PerAxis(0)), None
+        return (
+            PerTensor() if config.granularity == "tensor" else PerRow() if config._int8_fast_path else PerAxis(0)
+        ), None
     if in_features % group:
         return PerAxis(0), f"group size {group} does not divide {in_features} input features: per-channel scales"
     return PerGroup(group), None
@@ -237,23 +285,27 @@ def layer_config(config: TorchAOConfig, in_features: int, act_scale=None):
         return Float8WeightOnlyConfig(set_inductor_config=False), None
     if config.kernel == "tinygemm":
         if in_features % 128 == 0 and note is None:
-            return Int4WeightOnlyConfig(group_size=config.group_size, int4_packing_format="tile_packed_to_4d",
-                                        set_inductor_config=False), None
+            return Int4WeightOnlyConfig(
+                group_size=config.group_size, int4_packing_format="tile_packed_to_4d", set_inductor_config=False
+            ), None
         note = note or f"tinygemm needs input features divisible by 128, not {in_features}: per-channel scales"
         return IntxWeightOnlyConfig(weight_dtype=weight_dtype, granularity=PerAxis(0), mapping_type=mapping), note
     if config.kernel == "gemlite":
         from torchao.prototype.quantization.quant_api import UIntxWeightOnlyConfig
 
-        return UIntxWeightOnlyConfig(group_size=None if note else config.group_size, bit_width=config.bits,
-                                     set_inductor_config=False), note
+        return UIntxWeightOnlyConfig(
+            group_size=None if note else config.group_size, bit_width=config.bits, set_inductor_config=False
+        ), note
     if config.activations == "static":
         return Int8StaticActivationInt8WeightConfig(
-            act_quant_scale=act_scale, granularity=[PerTensor(), granularity], set_inductor_config=False), None
+            act_quant_scale=act_scale, granularity=[PerTensor(), granularity], set_inductor_config=False
+        ), None
     if config.activations == "dynamic":
         if config._int8_fast_path:
             return Int8DynamicActivationInt8WeightConfig(granularity=granularity, set_inductor_config=False), note
         return Int8DynamicActivationIntxWeightConfig(
-            weight_dtype=weight_dtype, weight_granularity=granularity, weight_mapping_type=mapping), note
+            weight_dtype=weight_dtype, weight_granularity=granularity, weight_mapping_type=mapping
+        ), note
     if config._int8_fast_path:
         return Int8WeightOnlyConfig(granularity=granularity, set_inductor_config=False), note
     return IntxWeightOnlyConfig(weight_dtype=weight_dtype, granularity=granularity, mapping_type=mapping), note
@@ -269,6 +321,7 @@ def calibrate_activation_scales(model, layers: dict, calibration: list[list[int]
     def hook(name):
         def record(_module, inputs, _output):
             amax[name] = max(amax.get(name, 0.0), float(inputs[0].detach().abs().amax()))
+
         return record
 
     handles = [layer.register_forward_hook(hook(name)) for name, layer in layers.items()]
@@ -376,8 +429,10 @@ class TorchAO(Backend):
         variants = {name: config.layer_variant(name) for name in layers}
         layers = {name: layer for name, layer in layers.items() if variants[name] is not None}
         if not layers:
-            raise QBenchError(f"no linear layers left to quantize with keep={'+'.join(config.keep)}"
-                              + (" and the recipe's overrides" if config.recipe is not None else ""))
+            raise QBenchError(
+                f"no linear layers left to quantize with keep={'+'.join(config.keep)}"
+                + (" and the recipe's overrides" if config.recipe is not None else "")
+            )
         if config.kernel == "legacy":
             from qbench_plugins.torch_ao_legacy import quantize_legacy
 
@@ -394,34 +449,46 @@ class TorchAO(Backend):
         quantize_(model, FqnToConfig(per_layer), filter_fn=None)
         save_quantized_state(model, workdir / WEIGHTS_FILE)
         (workdir / LAYOUT_FILE).write_text(json.dumps({"layers": list(layers)}))
-        meta: dict[str, Any] = {"quantized_layers": len(layers), "compute_dtype": str(compute_dtype(config)),
-                                "kept_full_precision": sorted(set(linear_layers(model, ())) - set(layers)),
-                                "torchao_config": type(next(iter(per_layer.values()))).__name__}
+        meta: dict[str, Any] = {
+            "quantized_layers": len(layers),
+            "compute_dtype": str(compute_dtype(config)),
+            "kept_full_precision": sorted(set(linear_layers(model, ())) - set(layers)),
+            "torchao_config": type(next(iter(per_layer.values()))).__name__,
+        }
         if calibration is not None:
             meta["calibration_samples"] = len(calibration)
         if config.recipe is not None:
             uses = [variants[name].settings() for name in layers if variants[name] is not config]
-            meta["recipe"] = {"sha256": config.recipe.digest(), "base_layers": len(layers) - len(uses),
-                              "override_layers": len(uses),
-                              "kept_layers": sum(v is None for v in variants.values())}
+            meta["recipe"] = {
+                "sha256": config.recipe.digest(),
+                "base_layers": len(layers) - len(uses),
+                "override_layers": len(uses),
+                "kept_layers": sum(v is None for v in variants.values()),
+            }
         notes = list(recipe_notes)
         if fallbacks:
             meta["granularity_fallback"] = {"layers": len(fallbacks), "example": next(iter(fallbacks.items()))}
-            notes.append(f"{len(fallbacks)} of {len(layers)} layers use per-channel scales: "
-                         f"{next(iter(fallbacks.values()))}")
+            notes.append(
+                f"{len(fallbacks)} of {len(layers)} layers use per-channel scales: {next(iter(fallbacks.values()))}"
+            )
         if notes:
             meta["notes"] = notes
         return meta
 
-    def layer_quantizer(self, model_path: str, config: TorchAOConfig, device: str,
-                        trust_remote_code: bool = False) -> LayerQuantizer:
+    def layer_quantizer(
+        self, model_path: str, config: TorchAOConfig, device: str, trust_remote_code: bool = False
+    ) -> LayerQuantizer:
         if config.recipe is not None:
-            raise QBenchError("sensitivity quantizes with one uniform variant, not a recipe: name the recipe's "
-                              f"base ({config.recipe.base}) instead")
+            raise QBenchError(
+                "sensitivity quantizes with one uniform variant, not a recipe: name the recipe's "
+                f"base ({config.recipe.base}) instead"
+            )
         if config.activations == "static" or config.kernel == "legacy":
-            raise QBenchError(f"torchao {'int8-static' if config.activations == 'static' else 'kernel=legacy'} "
-                              "cannot quantize one layer at a time (static scales are calibrated over the whole "
-                              "model; the legacy kernel rewrites it as a whole): choose another torchao variant")
+            raise QBenchError(
+                f"torchao {'int8-static' if config.activations == 'static' else 'kernel=legacy'} "
+                "cannot quantize one layer at a time (static scales are calibrated over the whole "
+                "model; the legacy kernel rewrites it as a whole): choose another torchao variant"
+            )
         return TorchAOLayers(model_path, config, device, trust_remote_code)
 
     def load(self, artifact: Artifact, device: str):
@@ -436,14 +503,20 @@ class TorchAO(Backend):
 
             load_legacy(model, weights)
             require_quantized_layers(model, layers, is_legacy_quantized, "torchao legacy")
-            return LegacySession(model.eval(), device, {
-                "kernel": "torch.ao dynamic int8 (fbgemm; deprecated upstream in favour of torchao)"})
+            return LegacySession(
+                model.eval(),
+                device,
+                {"kernel": "torch.ao dynamic int8 (fbgemm; deprecated upstream in favour of torchao)"},
+            )
         model = model.to(device)
         load_quantized_state(model, weights, device)
         require_quantized_layers(model, layers, _is_torchao_quantized, "torchao")
         weight = model.get_submodule(layers[0]).weight
-        return HFSession(model.eval(), device, {"kernel": f"torchao {type(weight).__name__}",
-                                                "compute_dtype": str(compute_dtype(config))})
+        return HFSession(
+            model.eval(),
+            device,
+            {"kernel": f"torchao {type(weight).__name__}", "compute_dtype": str(compute_dtype(config))},
+        )
 
 
 class TorchAOLayers(LayerQuantizer):
@@ -464,8 +537,11 @@ class TorchAOLayers(LayerQuantizer):
         from torchao.quantization import FqnToConfig, quantize_
 
         saved = {name: self._layers[name].weight for name in names}
-        quantize_(self.model, FqnToConfig({name: layer_config(self.config, self._layers[name].in_features)[0]
-                                           for name in names}), filter_fn=None)
+        quantize_(
+            self.model,
+            FqnToConfig({name: layer_config(self.config, self._layers[name].in_features)[0] for name in names}),
+            filter_fn=None,
+        )
         return saved
 
     def restore(self, saved: dict[str, Any]) -> None:
@@ -477,8 +553,11 @@ def _is_torchao_quantized(module) -> bool:
     import torch
 
     weight = getattr(module, "weight", None)
-    return weight is not None and type(weight) not in (torch.Tensor, torch.nn.Parameter) \
+    return (
+        weight is not None
+        and type(weight) not in (torch.Tensor, torch.nn.Parameter)
         and hasattr(weight, "__tensor_flatten__")
+    )
 
 
 def save_quantized_state(model, path: Path) -> None:
@@ -499,8 +578,12 @@ def save_quantized_state(model, path: Path) -> None:
         for key, weight in packed.items():
             for name in ("qdata", "scale", "zero_point"):
                 tensors[f"{key}{GEMLITE_SEP}{name}"] = getattr(weight, name)
-            layout[key] = {"gemlite_kwargs": weight.gemlite_kwargs, "bit_width": weight.bit_width,
-                           "group_size": weight.group_size, "dtype": str(weight.dtype).removeprefix("torch.")}
+            layout[key] = {
+                "gemlite_kwargs": weight.gemlite_kwargs,
+                "bit_width": weight.bit_width,
+                "group_size": weight.group_size,
+                "dtype": str(weight.dtype).removeprefix("torch."),
+            }
         metadata[GEMLITE_METADATA] = json.dumps(layout)
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
 
@@ -525,8 +608,9 @@ def _gemlite_tensors(state: dict, metadata: dict) -> dict:
     out = {}
     for key, info in layout.items():
         parts = [state.pop(f"{key}{GEMLITE_SEP}{name}") for name in ("qdata", "scale", "zero_point")]
-        out[key] = UIntxBitPackedTensor(*parts, info["gemlite_kwargs"], info["bit_width"], info["group_size"],
-                                        getattr(torch, info["dtype"]))
+        out[key] = UIntxBitPackedTensor(
+            *parts, info["gemlite_kwargs"], info["bit_width"], info["group_size"], getattr(torch, info["dtype"])
+        )
     return out
 
 
@@ -542,13 +626,17 @@ def load_quantized_state(model, path: Path, device: str) -> None:
     state, leftover = unflatten_tensor_state_dict(raw, metadata)
     state.update(packed)
     if leftover:
-        raise QBenchError(f"corrupt torchao artifact {path}: unreadable tensors {sorted(leftover)[:3]}; "
-                          f"delete {path.parent} and run again")
+        raise QBenchError(
+            f"corrupt torchao artifact {path}: unreadable tensors {sorted(leftover)[:3]}; "
+            f"delete {path.parent} and run again"
+        )
     result = model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     if result.unexpected_keys:
-        raise QBenchError(f"torchao artifact {path} does not fit this model (unexpected "
-                          f"{result.unexpected_keys[:3]}); delete {path.parent} and run again")
+        raise QBenchError(
+            f"torchao artifact {path} does not fit this model (unexpected "
+            f"{result.unexpected_keys[:3]}); delete {path.parent} and run again"
+        )
 
 
 @hookimpl

@@ -11,5 +11,13 @@ from qbench.execute.results import find_run, load_results
 from qbench.execute.runs import create_run, resume_run, run
 from qbench.present.publish import search
 
-__all__ = ["run", "create_run", "resume_run", "load_results", "find_run", "sensitivity", "recipe_from_sensitivity",
-           "search"]
+__all__ = [
+    "run",
+    "create_run",
+    "resume_run",
+    "load_results",
+    "find_run",
+    "sensitivity",
+    "recipe_from_sensitivity",
+    "search",
+]

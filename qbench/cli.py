@@ -7,12 +7,14 @@ import json
 import math
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
 import click
 from rich.console import Console
 from rich.markup import escape
+from rich.status import Status
 from rich.table import Table
 from rich.text import Text
 
@@ -33,7 +35,7 @@ class RichReporter:
     Several cells at once with ``--gpus``: one status line lists them all."""
 
     def __init__(self) -> None:
-        self.status = None
+        self.status: Optional[Status] = None
         self.running: dict[str, list] = {}  # key -> [label, started, phase]
         self.expected: dict[str, float] = {}  # worker label -> seconds, from the estimate
         self.started = time.monotonic()
@@ -51,8 +53,9 @@ class RichReporter:
         if not expected:
             return None
         now = time.monotonic()
-        return sum(max(seconds - (now - running[k][1]), 0.0) if k in running else seconds
-                   for k, seconds in expected.items())
+        return sum(
+            max(seconds - (now - running[k][1]), 0.0) if k in running else seconds for k, seconds in expected.items()
+        )
 
     def _eta(self) -> str:
         left = self._left()
@@ -67,7 +70,8 @@ class RichReporter:
     def _entry(self, cell: str) -> Optional[list]:
         # a latency trial is reported as "CELL · latency trial k of K", its phases as CELL
         return self.running.get(cell) or next(
-            (entry for key, entry in self.running.items() if key.startswith(cell + " · ")), None)
+            (entry for key, entry in self.running.items() if key.startswith(cell + " · ")), None
+        )
 
     def phase(self, cell: str, name: str) -> None:
         entry = self._entry(cell)
@@ -90,9 +94,10 @@ class RichReporter:
         """The status line, rendered anew at each refresh of the spinner: the
         seconds and the ETA move between a worker's events."""
         now, expected = time.monotonic(), dict(self.expected)
-        text = "  |  ".join(f"{label} · {phase} · {now - started:.0f}s"
-                            + (f" of about {expected[key]:.0f}s" if key in expected else "")
-                            for key, (label, started, phase) in dict(self.running).items())
+        text = "  |  ".join(
+            f"{label} · {phase} · {now - started:.0f}s" + (f" of about {expected[key]:.0f}s" if key in expected else "")
+            for key, (label, started, phase) in dict(self.running).items()
+        )
         return Text.from_markup(text + "  |  " + escape(self._eta()))
 
     def _show(self) -> None:
@@ -124,9 +129,11 @@ def print_table(records, title: str, metrics: str | None = None) -> None:
             out.print(f"[yellow]note[/] {escape(record.cell)}: {escape(note)}", highlight=False)
 
 
-METRICS_HELP = ("The comparison table's columns, comma-separated: a record's metric (kld, word_perplexity, "
-                "bits_per_byte, byte_perplexity, ...) or a task's, TASK/METRIC (lm_eval:arc_easy/acc_norm). Each "
-                "with a leading + joins the default columns: --metrics +word_perplexity,+bits_per_byte.")
+METRICS_HELP = (
+    "The comparison table's columns, comma-separated: a record's metric (kld, word_perplexity, "
+    "bits_per_byte, byte_perplexity, ...) or a task's, TASK/METRIC (lm_eval:arc_easy/acc_norm). Each "
+    "with a leading + joins the default columns: --metrics +word_perplexity,+bits_per_byte."
+)
 
 
 def _finite(ctx, param, value):
@@ -143,84 +150,189 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--model", "-m", default="smollm2-135m", show_default=True,
-              help="Local HF folder, hub id, or smollm2-135m (the embedded default).")
+@click.option(
+    "--model",
+    "-m",
+    default="smollm2-135m",
+    show_default=True,
+    help="Local HF folder, hub id, or smollm2-135m (the embedded default).",
+)
 @click.option("--suite", "-s", default="default", show_default=True, help="Suite name (suites/) or YAML file.")
-@click.option("--backends", "-b", multiple=True,
-              help="Backends or cells: 'fp', 'fp:bf16', 'rtn:bits=4,group_size=32'. Comma-separated or "
-                   "repeated; 'all': every variant available here. Default: the suite's rows (its backends: "
-                   "list), else all.")
-@click.option("--baseline", default=None,
-              help="The reference cell, run first. Default: fp:fp32 on the CPU, fp:bf16 on CUDA.")
+@click.option(
+    "--backends",
+    "-b",
+    multiple=True,
+    help="Backends or cells: 'fp', 'fp:bf16', 'rtn:bits=4,group_size=32'. Comma-separated or "
+    "repeated; 'all': every variant available here. Default: the suite's rows (its backends: "
+    "list), else all.",
+)
+@click.option(
+    "--baseline", default=None, help="The reference cell, run first. Default: fp:fp32 on the CPU, fp:bf16 on CUDA."
+)
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads per worker (default: torch's).")
-@click.option("--cell-timeout", type=click.FloatRange(min=0, min_open=True), default=3600, show_default=True,
-              callback=_finite, help="Seconds before a cell is killed.")
-@click.option("--plugins-dir", multiple=True, type=click.Path(file_okay=False),
-              help="Folder of one-off plugin .py files (also $QBENCH_PLUGINS_DIR).")
+@click.option(
+    "--threads", type=click.IntRange(min=1), default=None, help="torch threads per worker (default: torch's)."
+)
+@click.option(
+    "--cell-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=3600,
+    show_default=True,
+    callback=_finite,
+    help="Seconds before a cell is killed.",
+)
+@click.option(
+    "--plugins-dir",
+    multiple=True,
+    type=click.Path(file_okay=False),
+    help="Folder of one-off plugin .py files (also $QBENCH_PLUGINS_DIR).",
+)
 @click.option("--output-dir", "-o", default=None, help="Where run folders go (default: results/ or $QBENCH_RESULTS).")
 @click.option("--run-id", default=None, help="Name of the run folder (default: a timestamp).")
-@click.option("--resume", "resume", default=None, metavar="RUN", help="Finish an interrupted run; skips finished cells.")
+@click.option(
+    "--resume", "resume", default=None, metavar="RUN", help="Finish an interrupted run; skips finished cells."
+)
 @click.option("--retry-failed", is_flag=True, help="With --resume, run failed cells again too.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the hub (off by default).")
-@click.option("--allow-outside-data", is_flag=True,
-              help="Let the suite read data files outside its own folder (off: a shared suite cannot read your files).")
-@click.option("--trust-task-code", is_flag=True,
-              help="Let the suite's lm-eval task files run Python ('!function', datasets' trust_remote_code).")
-@click.option("--gpus", default=None, metavar="all|0,1,...",
-              help="Run cells in parallel, one worker per GPU (the baseline first, alone). Needs --device cuda.")
-@click.option("--gpus-per-cell", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
-              help="Spread each cell's model over N GPUs (a model larger than one GPU). Needs --device cuda.")
-@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-              help="Where cells run: this machine, or a Ray cluster (pip install 'qbench[ray]').")
-@click.option("--address", default=None, metavar="ADDR",
-              help="With --executor ray: the cluster (e.g. ray://head:10001 or auto); default: start one here.")
-@click.option("--ray-files", type=click.Choice(["auto", "shared", "ship"]), default="auto", show_default=True,
-              help="With --executor ray: nodes read the model, suite and run folder from shared storage, or get "
-                   "them through Ray's object store (auto: ship models under 4 GiB to a remote cluster).")
-@click.option("--ray-cache", default=None, metavar="DIR",
-              help="With --executor ray: an artifact cache every node shares (default: each node's own).")
-@click.option("--cell-memory", type=click.FloatRange(min=0, min_open=True), default=None, metavar="GIB",
-              callback=_finite,
-              help="With --executor ray: memory each cell's task reserves on its node.")
+@click.option(
+    "--allow-outside-data",
+    is_flag=True,
+    help="Let the suite read data files outside its own folder (off: a shared suite cannot read your files).",
+)
+@click.option(
+    "--trust-task-code",
+    is_flag=True,
+    help="Let the suite's lm-eval task files run Python ('!function', datasets' trust_remote_code).",
+)
+@click.option(
+    "--gpus",
+    default=None,
+    metavar="all|0,1,...",
+    help="Run cells in parallel, one worker per GPU (the baseline first, alone). Needs --device cuda.",
+)
+@click.option(
+    "--gpus-per-cell",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    metavar="N",
+    help="Spread each cell's model over N GPUs (a model larger than one GPU). Needs --device cuda.",
+)
+@click.option(
+    "--executor",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="Where cells run: this machine, or a Ray cluster (pip install 'qbench[ray]').",
+)
+@click.option(
+    "--address",
+    default=None,
+    metavar="ADDR",
+    help="With --executor ray: the cluster (e.g. ray://head:10001 or auto); default: start one here.",
+)
+@click.option(
+    "--ray-files",
+    type=click.Choice(["auto", "shared", "ship"]),
+    default="auto",
+    show_default=True,
+    help="With --executor ray: nodes read the model, suite and run folder from shared storage, or get "
+    "them through Ray's object store (auto: ship models under 4 GiB to a remote cluster).",
+)
+@click.option(
+    "--ray-cache",
+    default=None,
+    metavar="DIR",
+    help="With --executor ray: an artifact cache every node shares (default: each node's own).",
+)
+@click.option(
+    "--cell-memory",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    metavar="GIB",
+    callback=_finite,
+    help="With --executor ray: memory each cell's task reserves on its node.",
+)
 @click.pass_context
-def run(ctx, model, suite, backends, baseline, device, threads, cell_timeout, plugins_dir, output_dir, run_id,
-        resume, retry_failed, trust_remote_code, allow_outside_data, trust_task_code, gpus, gpus_per_cell, executor,
-        address, ray_files, ray_cache, cell_memory) -> None:
+def run(
+    ctx,
+    model,
+    suite,
+    backends,
+    baseline,
+    device,
+    threads,
+    cell_timeout,
+    plugins_dir,
+    output_dir,
+    run_id,
+    resume,
+    retry_failed,
+    trust_remote_code,
+    allow_outside_data,
+    trust_task_code,
+    gpus,
+    gpus_per_cell,
+    executor,
+    address,
+    ray_files,
+    ray_cache,
+    cell_memory,
+) -> None:
     """Run a benchmark: every backend variant against the baseline."""
-    from qbench.execute.runs import create_run, make_executor, resume_run
     from qbench.execute.results import run_lock
+    from qbench.execute.runs import create_run, make_executor, resume_run
 
     if executor != "ray":
-        given = [f"--{name.replace('_', '-')}" for name in ("address", "ray_files", "ray_cache", "cell_memory")
-                 if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT]
+        given = [
+            f"--{name.replace('_', '-')}"
+            for name in ("address", "ray_files", "ray_cache", "cell_memory")
+            if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT
+        ]
         if given:
             raise QBenchError(f"{', '.join(given)} only apply with --executor ray")
     elif gpus is not None:
-        raise QBenchError("--gpus picks this machine's GPUs for its own workers; with --executor ray, Ray places "
-                          "each cell on a GPU of its cluster: drop --gpus (limit a local cluster's GPUs with "
-                          "CUDA_VISIBLE_DEVICES)")
+        raise QBenchError(
+            "--gpus picks this machine's GPUs for its own workers; with --executor ray, Ray places "
+            "each cell on a GPU of its cluster: drop --gpus (limit a local cluster's GPUs with "
+            "CUDA_VISIBLE_DEVICES)"
+        )
 
     # before the plan: an executor that cannot start leaves no run folder behind
-    runner = make_executor(executor, address=address, files=ray_files, cache_dir=ray_cache,
-                           cell_memory_gib=cell_memory)
+    runner = make_executor(executor, address=address, files=ray_files, cache_dir=ray_cache, cell_memory_gib=cell_memory)
     if resume:
-        given = [f"--{name.replace('_', '-')}" for name in RUN_PLAN_OPTIONS
-                 if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT]
+        given = [
+            f"--{name.replace('_', '-')}"
+            for name in RUN_PLAN_OPTIONS
+            if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT
+        ]
         if given:
-            raise QBenchError(f"--resume continues run {resume} with the options it was planned with: drop "
-                              f"{', '.join(given)} (or start a new run with them)")
+            raise QBenchError(
+                f"--resume continues run {resume} with the options it was planned with: drop "
+                f"{', '.join(given)} (or start a new run with them)"
+            )
         plan, run_dir = resume_run(resume, output_dir)
     else:
         if retry_failed:
             raise QBenchError("--retry-failed only makes sense with --resume RUN")
         with console.status("resolving the model and planning the run"):
-            plan, run_dir = create_run(model=model, suite=suite, backends=list(backends), baseline=baseline,
-                                       device=device, threads=threads, cell_timeout=cell_timeout,
-                                       plugin_dirs=tuple(plugins_dir), output_dir=output_dir,
-                                       trust_remote_code=trust_remote_code, run_id=run_id,
-                                       allow_outside_data=allow_outside_data, trust_task_code=trust_task_code,
-                                       gpus=gpus, gpus_per_cell=gpus_per_cell)
+            plan, run_dir = create_run(
+                model=model,
+                suite=suite,
+                backends=list(backends),
+                baseline=baseline,
+                device=device,
+                threads=threads,
+                cell_timeout=cell_timeout,
+                plugin_dirs=tuple(plugins_dir),
+                output_dir=output_dir,
+                trust_remote_code=trust_remote_code,
+                run_id=run_id,
+                allow_outside_data=allow_outside_data,
+                trust_task_code=trust_task_code,
+                gpus=gpus,
+                gpus_per_cell=gpus_per_cell,
+            )
     with run_lock(run_dir):  # one process measures a run at a time; the second is told who holds it
         _run_locked(plan, run_dir, runner, retry_failed, executor, address)
 
@@ -233,10 +345,14 @@ def _run_locked(plan, run_dir: Path, runner, retry_failed: bool, executor: str, 
     reporter = RichReporter()
     preflight(run_dir, store, reporter)  # a torn tail or records saved aside change what is left to run
     todo = pending_cells(plan, store, retry_failed)
-    console.print(escape(f"run {plan.run_id} → {run_dir.resolve()}  model {plan.model.name} "
-                         f"({plan.model.fingerprint}) suite {plan.suite_name} ({plan.suite_hash}) device {plan.device}"
-                         + (f" on GPUs {','.join(plan.gpus)}" if plan.gpus else "")
-                         + (f" on Ray ({address or 'a cluster on this machine'})" if executor == "ray" else "")))
+    console.print(
+        escape(
+            f"run {plan.run_id} → {run_dir.resolve()}  model {plan.model.name} "
+            f"({plan.model.fingerprint}) suite {plan.suite_name} ({plan.suite_hash}) device {plan.device}"
+            + (f" on GPUs {','.join(plan.gpus)}" if plan.gpus else "")
+            + (f" on Ray ({address or 'a cluster on this machine'})" if executor == "ray" else "")
+        )
+    )
     left_out = skipped_summary(plan.skipped)
     if left_out:
         console.print(f"[yellow]skipped[/] {escape(left_out)}")
@@ -259,23 +375,42 @@ def _run_locked(plan, run_dir: Path, runner, retry_failed: bool, executor: str, 
         console.print(escape(f"report: {md.resolve()} and {page.resolve()}"))
     failed = [r for r in records if not r.ok]
     if failed:
-        console.print(f"[red]{len(failed)} cell(s) failed[/]; finished cells are kept. "
-                      f"Rerun them with: qbench run --resume {escape(plan.run_id)} --retry-failed")
+        console.print(
+            f"[red]{len(failed)} cell(s) failed[/]; finished cells are kept. "
+            f"Rerun them with: qbench run --resume {escape(plan.run_id)} --retry-failed"
+        )
         sys.exit(1)
 
 
 #: Options a resumed run takes from its plan, never from the command line.
-RUN_PLAN_OPTIONS = ("model", "suite", "backends", "baseline", "device", "threads", "cell_timeout", "plugins_dir",
-                    "run_id", "trust_remote_code", "allow_outside_data", "trust_task_code", "gpus",
-                    "gpus_per_cell")
+RUN_PLAN_OPTIONS = (
+    "model",
+    "suite",
+    "backends",
+    "baseline",
+    "device",
+    "threads",
+    "cell_timeout",
+    "plugins_dir",
+    "run_id",
+    "trust_remote_code",
+    "allow_outside_data",
+    "trust_task_code",
+    "gpus",
+    "gpus_per_cell",
+)
 
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
 @click.option("--plugins-dir", multiple=True, type=click.Path(file_okay=False))
-@click.option("--verbose", "-v", is_flag=True, help="Every setting of every variant (default: those that differ "
-                                                      "from the backend's defaults).")
+@click.option(
+    "--verbose",
+    "-v",
+    is_flag=True,
+    help="Every setting of every variant (default: those that differ from the backend's defaults).",
+)
 def backends(as_json, device, plugins_dir, verbose) -> None:
     """List backends and variants, and whether each can run here (and why not)."""
     from qbench.core.environment import resolve_device
@@ -285,28 +420,48 @@ def backends(as_json, device, plugins_dir, verbose) -> None:
     settings = PluginSettings.from_env(tuple(plugins_dir))
     loaded = load_plugins(settings)
     if not loaded.backends:
-        why = (f"QBENCH_PLUGINS={','.join(settings.allow)!r} allows none of the installed ones" if settings.allow
-               is not None else "no installed plugin registered one")
-        raise QBenchError(f"no backends loaded ({why}): unset QBENCH_PLUGINS or set it to 'builtin', or reinstall "
-                          "qbench")
+        why = (
+            f"QBENCH_PLUGINS={','.join(settings.allow)!r} allows none of the installed ones"
+            if settings.allow is not None
+            else "no installed plugin registered one"
+        )
+        raise QBenchError(
+            f"no backends loaded ({why}): unset QBENCH_PLUGINS or set it to 'builtin', or reinstall qbench"
+        )
     entries = []
     for name, backend in sorted(loaded.backends.items()):
         availability = backend.available(device)
         variants = []
         for vname, config in backend.variants().items():
             v_av = backend.variant_available(config, device) if availability.ok else availability
-            variants.append({"name": vname, "available": v_av.ok, "reason": v_av.reason,
-                             "settings": config.settings(), "nominal_bits": config.nominal_bits()})
-        entries.append({"backend": name, "description": backend.description, "plugin": loaded.origin[name],
-                        "version": backend.version() if availability.ok else None,
-                        "available": availability.ok, "reason": availability.reason, "device": device,
-                        "settings_schema": backend.config_class.model_json_schema().get("properties", {}),
-                        "variants": variants})
+            variants.append(
+                {
+                    "name": vname,
+                    "available": v_av.ok,
+                    "reason": v_av.reason,
+                    "settings": config.settings(),
+                    "nominal_bits": config.nominal_bits(),
+                }
+            )
+        entries.append(
+            {
+                "backend": name,
+                "description": backend.description,
+                "plugin": loaded.origin[name],
+                "version": backend.version() if availability.ok else None,
+                "available": availability.ok,
+                "reason": availability.reason,
+                "device": device,
+                "settings_schema": backend.config_class.model_json_schema().get("properties", {}),
+                "variants": variants,
+            }
+        )
     if as_json:
         click.echo(json.dumps(entries, indent=1))
         return
-    title = f"qbench backends (device: {device})" + ("" if verbose else
-                                                      "; a backend's row holds the settings all its variants share")
+    title = f"qbench backends (device: {device})" + (
+        "" if verbose else "; a backend's row holds the settings all its variants share"
+    )
     table = Table(title=title)
     for column in ("backend", "variant", "here?", "settings"):
         table.add_column(column, overflow="fold")
@@ -315,46 +470,100 @@ def backends(as_json, device, plugins_dir, verbose) -> None:
         return escape(", ".join(f"{k}={val}" for k, val in settings.items()))
 
     for e in entries:
-        shared = {} if verbose or not e["variants"] else {
-            k: val for k, val in e["variants"][0]["settings"].items()
-            if all(v["settings"].get(k) == val for v in e["variants"])}
+        shared = (
+            {}
+            if verbose or not e["variants"]
+            else {
+                k: val
+                for k, val in e["variants"][0]["settings"].items()
+                if all(v["settings"].get(k) == val for v in e["variants"])
+            }
+        )
         # the backend's description, version and plugin once; a reason the whole backend shares, once
-        table.add_row(f"[bold]{escape(e['backend'])}[/]", "", "" if e["available"] else
-                      f"[red]no[/]: {escape(e['reason'])}",
-                      escape(f"{e['description']} ({e['version'] or 'not installed'}; {e['plugin']})")
-                      + (f"\nall variants: {listed(shared)}" if shared else ""))
+        table.add_row(
+            f"[bold]{escape(e['backend'])}[/]",
+            "",
+            "" if e["available"] else f"[red]no[/]: {escape(e['reason'])}",
+            escape(f"{e['description']} ({e['version'] or 'not installed'}; {e['plugin']})")
+            + (f"\nall variants: {listed(shared)}" if shared else ""),
+        )
         for v in e["variants"]:
-            here = ("[green]yes[/]" if v["available"] else "[red]no[/]" if not e["available"]
-                    else f"[red]no[/]: {escape(v['reason'])}")
-            table.add_row("", escape(v["name"]), here,
-                          listed({k: val for k, val in v["settings"].items() if k not in shared}))
+            here = (
+                "[green]yes[/]"
+                if v["available"]
+                else "[red]no[/]"
+                if not e["available"]
+                else f"[red]no[/]: {escape(v['reason'])}"
+            )
+            table.add_row(
+                "", escape(v["name"]), here, listed({k: val for k, val in v["settings"].items() if k not in shared})
+            )
         table.add_section()
     out.print(table)
 
 
 @cli.command()
-@click.option("--backend", "-b", "variant", required=True, metavar="BACKEND:VARIANT",
-              help="The variant whose units are measured, e.g. torchao:int4-wo-g32.")
+@click.option(
+    "--backend",
+    "-b",
+    "variant",
+    required=True,
+    metavar="BACKEND:VARIANT",
+    help="The variant whose units are measured, e.g. torchao:int4-wo-g32.",
+)
 @click.option("--model", "-m", default="smollm2-135m", show_default=True)
 @click.option("--suite", "-s", default="default", show_default=True, help="Its perplexity windows are scored.")
-@click.option("--unit", type=click.Choice(["layer", "type", "block"]), default="type", show_default=True,
-              help="A linear layer, a layer type across blocks (*.down_proj), or a decoder block.")
+@click.option(
+    "--unit",
+    type=click.Choice(["layer", "type", "block"]),
+    default="type",
+    show_default=True,
+    help="A linear layer, a layer type across blocks (*.down_proj), or a decoder block.",
+)
 @click.option("--converse", is_flag=True, help="Quantize everything but the unit (which unit helps most when kept).")
-@click.option("--tokens", type=click.IntRange(min=1), default=1024, show_default=True,
-              help="Scored tokens per unit (the suite's first windows).")
-@click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False), default=None,
-              help="Also write a mixed-precision recipe: the variant with its --top most harmful units kept in "
-                   "full precision (or quantized as --use).")
+@click.option(
+    "--tokens",
+    type=click.IntRange(min=1),
+    default=1024,
+    show_default=True,
+    help="Scored tokens per unit (the suite's first windows).",
+)
+@click.option(
+    "--recipe",
+    "recipe_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also write a mixed-precision recipe: the variant with its --top most harmful units kept in "
+    "full precision (or quantized as --use).",
+)
 @click.option("--force", "force_recipe", is_flag=True, help="Let --recipe replace an existing file.")
 @click.option("--top", type=click.IntRange(min=1), default=1, show_default=True, help="Units the --recipe upgrades.")
-@click.option("--use", default=None, metavar="VARIANT",
-              help="What --recipe makes of those units (another variant of the backend); default: full precision.")
+@click.option(
+    "--use",
+    default=None,
+    metavar="VARIANT",
+    help="What --recipe makes of those units (another variant of the backend); default: full precision.",
+)
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--output-dir", "-o", default=None, help="Where the folder goes (default: results/ or $QBENCH_RESULTS).")
 @click.option("--run-id", default=None, help="Folder name; rerun with the same one to finish an interrupted pass.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the hub (off by default).")
-def sensitivity(variant, model, suite, unit, converse, tokens, recipe_path, force_recipe, top, use, device,
-                output_dir, run_id, trust_remote_code) -> None:
+def sensitivity(
+    variant,
+    model,
+    suite,
+    unit,
+    converse,
+    tokens,
+    recipe_path,
+    force_recipe,
+    top,
+    use,
+    device,
+    output_dir,
+    run_id,
+    trust_remote_code,
+) -> None:
     """Which units hurt most when quantized: KLD and top-1 agreement per unit."""
     from qbench.analyze.sensitivity_run import recipe_from_sensitivity
     from qbench.analyze.sensitivity_run import run_sensitivity as measure
@@ -364,73 +573,138 @@ def sensitivity(variant, model, suite, unit, converse, tokens, recipe_path, forc
         check_output(recipe_path, force_recipe, "--force")  # before minutes of measuring, not after
 
     def progress(row, done, total) -> None:
-        console.print(f"[{done}/{total}] {escape(row.unit)}: KLD {row.kld.value:.5f} ± {row.kld.stderr or 0:.5f}, "
-                      f"same top {100 * row.same_top_p.value:.1f}% ({row.seconds:.1f} s)", highlight=False)
+        console.print(
+            f"[{done}/{total}] {escape(row.unit)}: KLD {row.kld.value:.5f} ± {row.kld.stderr or 0:.5f}, "
+            f"same top {100 * row.same_top_p.value:.1f}% ({row.seconds:.1f} s)",
+            highlight=False,
+        )
 
-    table, folder = measure(variant, model=model, suite=suite, unit=unit, mode="all-but" if converse else "only",
-                            device=device, max_tokens=tokens, output_dir=output_dir, run_id=run_id,
-                            trust_remote_code=trust_remote_code, on_row=progress)
-    rich_table = Table(title=f"{variant}: {'all but ' if converse else ''}one {unit} at a time, most harmful "
-                             f"first ({folder})")
+    table, folder = measure(
+        variant,
+        model=model,
+        suite=suite,
+        unit=unit,
+        mode="all-but" if converse else "only",
+        device=device,
+        max_tokens=tokens,
+        output_dir=output_dir,
+        run_id=run_id,
+        trust_remote_code=trust_remote_code,
+        on_row=progress,
+    )
+    rich_table = Table(
+        title=f"{variant}: {'all but ' if converse else ''}one {unit} at a time, most harmful first ({folder})"
+    )
     for column in ("unit", "layers", "KLD", "same top %", "ln(PPL/base)"):
         rich_table.add_column(column, justify="left" if column == "unit" else "right")
     for row in table.itertuples():
-        rich_table.add_row(escape(row.unit), str(row.layers), f"{row.kld:.5f} ± {row.kld_stderr or 0:.5f}",
-                           f"{100 * row.same_top_p:.1f}", f"{row.ln_ppl_ratio:+.4f}")
+        rich_table.add_row(
+            escape(row.unit),
+            str(row.layers),
+            f"{row.kld:.5f} ± {row.kld_stderr or 0:.5f}",
+            f"{100 * row.same_top_p:.1f}",
+            f"{row.ln_ppl_ratio:+.4f}",
+        )
     console.print(rich_table)
     if recipe_path:
         written = recipe_from_sensitivity(folder, variant, top, use, recipe_path, force_recipe)
         from qbench.core.cells import CellSpec
 
         backend = CellSpec.parse(variant).backend
-        console.print(f"recipe written: {escape(str(written))} (run it with -b {escape(backend)}:recipe="
-                      f"{escape(str(written))})", highlight=False)
+        console.print(
+            f"recipe written: {escape(str(written))} (run it with -b {escape(backend)}:recipe={escape(str(written))})",
+            highlight=False,
+        )
 
 
 @cli.command()
-@click.option("--budget", required=True, metavar="BUDGET",
-              help='"kld<=0.05", "acc>=0.99*base", "acc>=0.7" or "weights<=150MiB". A quality bound must hold at '
-                   "the error bar (95%), not just the point estimate.")
-@click.option("--backends", "-b", multiple=True, metavar="SPEC",
-              help="The uniform variants to try, as for `qbench run` (default: every one `qbench run` plans here).")
+@click.option(
+    "--budget",
+    required=True,
+    metavar="BUDGET",
+    help='"kld<=0.05", "acc>=0.99*base", "acc>=0.7" or "weights<=150MiB". A quality bound must hold at '
+    "the error bar (95%), not just the point estimate.",
+)
+@click.option(
+    "--backends",
+    "-b",
+    multiple=True,
+    metavar="SPEC",
+    help="The uniform variants to try, as for `qbench run` (default: every one `qbench run` plans here).",
+)
 @click.option("--model", "-m", default="smollm2-135m", show_default=True)
-@click.option("--suite", "-s", default="default", show_default=True,
-              help="Its perplexity (and, for an acc budget, task) sections are used.")
-@click.option("--base", default=None, metavar="VARIANT",
-              help="The torchao variant mixed recipes start from (default: chosen from the uniform results).")
-@click.option("--unit", type=click.Choice(["layer", "type", "block"]), default="type", show_default=True,
-              help="What a recipe upgrades, ranked by sensitivity.")
-@click.option("--tokens", type=click.IntRange(min=1), default=1024, show_default=True,
-              help="Scored tokens per unit in the sensitivity pass.")
+@click.option(
+    "--suite",
+    "-s",
+    default="default",
+    show_default=True,
+    help="Its perplexity (and, for an acc budget, task) sections are used.",
+)
+@click.option(
+    "--base",
+    default=None,
+    metavar="VARIANT",
+    help="The torchao variant mixed recipes start from (default: chosen from the uniform results).",
+)
+@click.option(
+    "--unit",
+    type=click.Choice(["layer", "type", "block"]),
+    default="type",
+    show_default=True,
+    help="What a recipe upgrades, ranked by sensitivity.",
+)
+@click.option(
+    "--tokens",
+    type=click.IntRange(min=1),
+    default=1024,
+    show_default=True,
+    help="Scored tokens per unit in the sensitivity pass.",
+)
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--output-dir", "-o", default=None, help="Where the folder goes (default: results/ or $QBENCH_RESULTS).")
 @click.option("--run-id", default=None, help="Folder name; rerun with the same one to finish an interrupted search.")
 def search(budget, backends, model, suite, base, unit, tokens, device, output_dir, run_id) -> None:
     """The smallest configuration that meets a quality budget (or the best within a size)."""
-    from qbench.analyze.decisions import Z
     from qbench.analyze.search import describe
+    from qbench.metrics.registry import Z
     from qbench.present.publish import search as run_search
 
-    result = run_search(budget, list(backends) or None, model, suite, device, unit, tokens, base, output_dir,
-                        run_id, RichReporter(), on_step=lambda message: console.print(escape(message), highlight=False))
+    result = run_search(
+        budget,
+        list(backends) or None,
+        model,
+        suite,
+        device,
+        unit,
+        tokens,
+        base,
+        output_dir,
+        run_id,
+        RichReporter(),
+        on_step=lambda message: console.print(escape(message), highlight=False),
+    )
     table = Table(title=f"qbench search {result.budget.text}: every configuration tried ({result.folder})")
     for column in ("configuration", "weights MiB", "KLD ± 95%", "acc ± 95%", "at the error bar", "meets"):
         table.add_column(column, justify="left" if column == "configuration" else "right", overflow="fold")
     for v in result.path:
         name = v.cell if v.kind == "uniform" else f"{v.cell} (k={v.k})"
-        table.add_row(escape(name), f"{v.weight_bytes / 2**20:.1f}" if v.weight_bytes else "-",
-                      f"{v.kld:.5f} ± {Z * (v.kld_stderr or 0):.5f}" if v.kld is not None else "-",
-                      f"{v.acc:.4f} ± {Z * (v.acc_stderr or 0):.4f}" if v.acc is not None else "-",
-                      f"{v.at_error_bar:.5g}" if v.at_error_bar is not None else escape(v.error or "-"),
-                      "[green]yes[/]" if v.meets else "[red]no[/]")
+        table.add_row(
+            escape(name),
+            f"{v.weight_bytes / 2**20:.1f}" if v.weight_bytes else "-",
+            f"{v.kld:.5f} ± {Z * (v.kld_stderr or 0):.5f}" if v.kld is not None else "-",
+            f"{v.acc:.4f} ± {Z * (v.acc_stderr or 0):.4f}" if v.acc is not None else "-",
+            f"{v.at_error_bar:.5g}" if v.at_error_bar is not None else escape(v.error or "-"),
+            "[green]yes[/]" if v.meets else "[red]no[/]",
+        )
     console.print(table)
     cost = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in result.seconds.items())
     console.print(f"search cost: {cost}", highlight=False)
     if result.chosen is None:
         console.print(f"[red]nothing meets {escape(result.budget.text)}[/]: {escape(result.why)}")
         raise SystemExit(1)
-    console.print(f"[green]chosen[/]: {escape(describe(result.chosen, result.budget))}; {escape(result.why)}",
-                  highlight=False)
+    console.print(
+        f"[green]chosen[/]: {escape(describe(result.chosen, result.budget))}; {escape(result.why)}", highlight=False
+    )
 
 
 @cli.command()
@@ -457,45 +731,57 @@ def show(run_id, as_json, markdown, metrics) -> None:
     print_table(records, f"qbench run {plan.run_id}: {plan.model.name} on suite {plan.suite_name}", metrics)
     unfinished = [c.cell for c in plan.cells if c.cell not in {r.cell for r in records}]
     if unfinished:
-        console.print(f"[yellow]not run yet[/]: {escape(', '.join(unfinished))} "
-                      f"(qbench run --resume {escape(plan.run_id)})")
+        console.print(
+            f"[yellow]not run yet[/]: {escape(', '.join(unfinished))} (qbench run --resume {escape(plan.run_id)})"
+        )
 
 
-def _print_estimate(plan, run_dir: Path, todo, reporter: "RichReporter") -> None:
+def _print_estimate(plan, run_dir: Path, todo, reporter: RichReporter) -> None:
     """The run's expected time before it starts (artifact builds included),
     and each worker's expected time for the progress display."""
     from qbench.cell.artifacts import is_cached
-    from qbench.execute.estimate import estimate, past_costs
     from qbench.data.suites import load_suite
+    from qbench.execute.estimate import estimate, past_costs
 
     costs = past_costs(run_dir.parent, plan.model.fingerprint, plan.suite_hash, plan.device, warn=reporter.warn)
     latency = load_suite(plan.suite_path, allow_outside_data=plan.allow_outside_data).latency
     found = estimate([(c.cell, c.backend) for c in todo], costs, latency.trials if latency else 1, is_cached)
     if found is None:
-        console.print(f"time estimate: none yet ({len(todo)} cell(s), no earlier run of this model, suite and "
-                      "device in the results folder)")
+        console.print(
+            f"time estimate: none yet ({len(todo)} cell(s), no earlier run of this model, suite and "
+            "device in the results folder)"
+        )
         return
     reporter.expect(found)
     parts = [f"about {_duration(found.seconds)} for {len(todo)} cell(s), from earlier runs"]
     builds = {cell: seconds for cell, seconds in found.builds.items() if seconds >= 1}  # not a dtype cast's
     if builds:
-        parts.append(f"{_duration(sum(builds.values()))} of it building {len(builds)} artifact(s) not in the "
-                     f"cache ({', '.join(builds)})")
+        parts.append(
+            f"{_duration(sum(builds.values()))} of it building {len(builds)} artifact(s) not in the "
+            f"cache ({', '.join(builds)})"
+        )
     if found.unknown:
-        parts.append(f"{len(found.unknown)} cell(s) never run here counted as a typical one, their artifact "
-                     "builds not counted")
+        parts.append(
+            f"{len(found.unknown)} cell(s) never run here counted as a typical one, their artifact builds not counted"
+        )
     console.print(escape("time estimate: " + "; ".join(parts)))
 
 
 @cli.command()
 @click.argument("run_id")
-@click.option("--kld-budget", type=click.FloatRange(min=0), default=0.02, show_default=True, callback=_finite,
-              help="Quality budget of the recommendation: the largest acceptable mean KLD.")
+@click.option(
+    "--kld-budget",
+    type=click.FloatRange(min=0),
+    default=0.02,
+    show_default=True,
+    callback=_finite,
+    help="Quality budget of the recommendation: the largest acceptable mean KLD.",
+)
 @click.option("--metrics", help=METRICS_HELP)
 def report(run_id, kld_budget, metrics) -> None:
     """Write report.md and a self-contained report.html into the run folder."""
-    from qbench.present.report import write_report
     from qbench.execute.results import find_run
+    from qbench.present.report import write_report
 
     md, page = write_report(find_run(run_id), kld_budget, metrics)
     console.print(escape(f"wrote {md} and {page}"))
@@ -505,28 +791,35 @@ def report(run_id, kld_budget, metrics) -> None:
 @click.argument("run_a")
 @click.argument("run_b")
 @click.option("--markdown", is_flag=True, help="Print a markdown table.")
-@click.option("--allow-suite-change", is_flag=True,
-              help="Compare runs of different suites anyway (their quality figures measure different things).")
+@click.option(
+    "--allow-suite-change",
+    is_flag=True,
+    help="Compare runs of different suites anyway (their quality figures measure different things).",
+)
 def compare(run_a, run_b, markdown, allow_suite_change) -> None:
     """The same cells in two runs: which figures changed beyond their error bars.
 
     Exits 1 when something did."""
-    from qbench.present.compare import ALPHA, compare_records, latency_spread, pooled_trial_spread, unmatched
     from qbench.execute.results import ResultStore, find_run
     from qbench.execute.runner import load_plan
+    from qbench.present.compare import ALPHA, compare_records, latency_spread, pooled_trial_spread, unmatched
     from qbench.present.table import markdown_rows
 
     dir_a, dir_b = find_run(run_a), find_run(run_b)
     plan_a, plan_b = load_plan(dir_a), load_plan(dir_b)
     if plan_a.suite_hash != plan_b.suite_hash:
-        what = (f"suite '{plan_a.suite_name}' ({plan_a.suite_hash}) vs '{plan_b.suite_name}' ({plan_b.suite_hash})")
+        what = f"suite '{plan_a.suite_name}' ({plan_a.suite_hash}) vs '{plan_b.suite_name}' ({plan_b.suite_hash})"
         if not allow_suite_change:
-            raise QBenchError(f"runs {run_a} and {run_b} used different suites ({what}): their accuracy and "
-                              "perplexity measure different data; pass --allow-suite-change to compare anyway")
+            raise QBenchError(
+                f"runs {run_a} and {run_b} used different suites ({what}): their accuracy and "
+                "perplexity measure different data; pass --allow-suite-change to compare anyway"
+            )
         RichReporter().warn(f"different suites ({what}): quality figures are not comparable")
     if plan_a.model.fingerprint != plan_b.model.fingerprint:
-        RichReporter().warn(f"different models ({plan_a.model.name} {plan_a.model.fingerprint} vs "
-                            f"{plan_b.model.name} {plan_b.model.fingerprint}): changes include the model's")
+        RichReporter().warn(
+            f"different models ({plan_a.model.name} {plan_a.model.fingerprint} vs "
+            f"{plan_b.model.name} {plan_b.model.fingerprint}): changes include the model's"
+        )
     a = ResultStore(dir_a).latest()
     b = ResultStore(dir_b).latest()
     headers, rows, flagged = compare_records(a, b)
@@ -535,8 +828,11 @@ def compare(run_a, run_b, markdown, allow_suite_change) -> None:
     if markdown:
         click.echo("\n".join(markdown_rows(headers, rows)))
     else:
-        table = Table(title=escape(f"{run_a} (A) vs {run_b} (B): changes flagged at a family-wise error rate of "
-                                   f"{ALPHA:.0%} (Holm)"))
+        table = Table(
+            title=escape(
+                f"{run_a} (A) vs {run_b} (B): changes flagged at a family-wise error rate of {ALPHA:.0%} (Holm)"
+            )
+        )
         for h in headers:
             table.add_column(h)
         for row in rows:
@@ -547,12 +843,15 @@ def compare(run_a, run_b, markdown, allow_suite_change) -> None:
     for label, records in (("A", a), ("B", b)):
         spread = pooled_trial_spread(records, "decode_ms_per_token")
         if spread is not None:
-            console.print(f"run {label}: decode latency differs by ±{spread:.1%} (SD) between worker processes "
-                          f"of the same cell")
-    spread = latency_spread(a, b)
-    if spread:
-        console.print(f"latency ratios B/A across {spread[2]} figures: median {math.exp(spread[1]) - 1:+.1%} "
-                      f"(a shift common to every cell), robust SD ±{spread[0]:.1%}")
+            console.print(
+                f"run {label}: decode latency differs by ±{spread:.1%} (SD) between worker processes of the same cell"
+            )
+    shift = latency_spread(a, b)
+    if shift:
+        console.print(
+            f"latency ratios B/A across {shift[2]} figures: median {math.exp(shift[1]) - 1:+.1%} "
+            f"(a shift common to every cell), robust SD ±{shift[0]:.1%}"
+        )
     console.print(f"{flagged} change(s) beyond noise" if flagged else "no change beyond noise")
     sys.exit(1 if flagged else 0)
 
@@ -573,13 +872,16 @@ def export(run_id, csv_path, parquet_path, force) -> None:
     if not csv_path and not parquet_path:
         csv_path, parquet_path, force = run_dir / "results.csv", run_dir / "results.parquet", True
     # every target checked before anything is written: a refusal leaves no half-export behind
-    targets = [(check_output(path, force), write) for path, write in ((csv_path, df.to_csv),
-                                                                      (parquet_path, df.to_parquet)) if path]
+    targets = [
+        (check_output(path, force), write)
+        for path, write in ((csv_path, df.to_csv), (parquet_path, df.to_parquet))
+        if path
+    ]
     if len(targets) == 2 and targets[0][0].resolve() == targets[1][0].resolve():
         raise QBenchError("--csv and --parquet name the same file: give each its own")
     for path, write in targets:
         try:
-            write_atomic(path, lambda tmp, write=write: write(tmp, index=False))
+            write_atomic(path, partial(write, index=False))
         except OSError as exc:
             raise QBenchError(f"cannot write {path}: {exc.strerror or exc}") from None
         console.print(escape(f"wrote {path} ({len(df)} rows)"))
@@ -611,8 +913,13 @@ def suites(ctx, as_json) -> None:
 
 @suites.command("validate")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
-@click.option("--model", "-m", default="smollm2-135m", show_default=True,
-              help="The model whose tokenizer and positions the suite is checked against, as `qbench run` does.")
+@click.option(
+    "--model",
+    "-m",
+    default="smollm2-135m",
+    show_default=True,
+    help="The model whose tokenizer and positions the suite is checked against, as `qbench run` does.",
+)
 @click.option("--allow-outside-data", is_flag=True, help="Let the suite read data files outside its own folder.")
 @click.option("--trust-task-code", is_flag=True, help="Let the suite's lm-eval task files run Python.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the model's tokenizer code from the hub.")
@@ -621,36 +928,47 @@ def suites_validate(file, model, allow_outside_data, trust_task_code, trust_remo
     data files, corpora, task items and templates, lm-eval tasks, and the
     tokens against the model (scored tokens exist, sequences fit its
     positions). Exits 2 if invalid."""
+    from qbench.data.suites import load_suite
     from qbench.execute.runs import check_suite
     from qbench.sdk.models import locate_model
-    from qbench.data.suites import load_suite
 
     suite = load_suite(file, allow_outside_data=allow_outside_data)
     check_suite(suite, str(locate_model(model).path), trust_remote_code, trust_task_code)
     row = _suite_row(suite)
-    out.print(escape(f"valid: {file}: suite '{suite.name}' (hash {row[1]}); perplexity {row[2]}; tasks {row[3]}; "
-                     f"generation {row[4]}; latency {row[5]}; calibration {row[6]}; checked against {model}"),
-              highlight=False)
+    out.print(
+        escape(
+            f"valid: {file}: suite '{suite.name}' (hash {row[1]}); perplexity {row[2]}; tasks {row[3]}; "
+            f"generation {row[4]}; latency {row[5]}; calibration {row[6]}; checked against {model}"
+        ),
+        highlight=False,
+    )
 
 
 def _suite_row(suite) -> list[str]:
     from qbench.data.tasks import load_items
 
     ppl = suite.perplexity
-    tasks = ", ".join([f"{t.name} ({len(load_items(suite.resolve(t.path), t.limit))})" for t in suite.tasks]
-                      + [f"{t} (lm-eval)" for t in (suite.lm_eval.tasks if suite.lm_eval else [])])
+    tasks = ", ".join(
+        [f"{t.name} ({len(load_items(suite.resolve(t.path), t.limit))})" for t in suite.tasks]
+        + [f"{t} (lm-eval)" for t in (suite.lm_eval.tasks if suite.lm_eval else [])]
+    )
     gen = suite.generation
     lat = suite.latency
     cal = suite.calibration
     return [
-        suite.name, suite.content_hash(),
+        suite.name,
+        suite.content_hash(),
         f"{ppl.max_tokens} tokens of {ppl.corpus.source}, windows of {ppl.max_length}, protocol {ppl.protocol}"
-        if ppl else "-",
+        if ppl
+        else "-",
         tasks or "-",
         f"{len(gen.prompts)} prompts x {gen.max_new_tokens} tokens" if gen else "-",
         f"{lat.prompt_tokens}+{lat.new_tokens} tokens, batch {', '.join(map(str, lat.batch_sizes))}" if lat else "-",
-        "; ".join(f"{name}: {spec.samples} x {spec.seq_len} tokens of {spec.corpus.source}"
-                  for name, spec in ([("default", cal)] if cal else []) + list(suite.calibration_sets.items())) or "-",
+        "; ".join(
+            f"{name}: {spec.samples} x {spec.seq_len} tokens of {spec.corpus.source}"
+            for name, spec in ([("default", cal)] if cal else []) + list(suite.calibration_sets.items())
+        )
+        or "-",
         (suite.description or "").strip(),
     ]
 
@@ -677,8 +995,11 @@ def main(argv: Optional[list[str]] = None) -> None:
         sys.exit(130)
     except click.UsageError as exc:  # one line, like every other error; the usage is one --help away
         where = exc.ctx.command_path if exc.ctx else "qbench"
-        console.print(f"[red]error:[/] {escape(exc.format_message())} (see `{escape(where)} --help`)",
-                      highlight=False, soft_wrap=True)
+        console.print(
+            f"[red]error:[/] {escape(exc.format_message())} (see `{escape(where)} --help`)",
+            highlight=False,
+            soft_wrap=True,
+        )
         sys.exit(exc.exit_code)
     except click.ClickException as exc:
         console.print(f"[red]error:[/] {escape(exc.format_message())}", highlight=False, soft_wrap=True)
@@ -688,9 +1009,12 @@ def main(argv: Optional[list[str]] = None) -> None:
             _unexpected(exc)
         # the machine's problem, not qbench's: every record already appended is on disk
         what = f"cannot write {exc.filename}" if exc.filename else "a write failed"
-        console.print(f"[red]error:[/] {escape(what)} ({escape(exc.strerror or str(exc))}): free space or fix the "
-                      "folder's permissions, then run the command again (finished records are kept)",
-                      highlight=False, soft_wrap=True)
+        console.print(
+            f"[red]error:[/] {escape(what)} ({escape(exc.strerror or str(exc))}): free space or fix the "
+            "folder's permissions, then run the command again (finished records are kept)",
+            highlight=False,
+            soft_wrap=True,
+        )
         sys.exit(2)
     except Exception as exc:  # a bug, not bad input: still one line, the traceback on request
         _unexpected(exc)
@@ -708,8 +1032,12 @@ def _unexpected(exc: Exception) -> None:
     if os.environ.get("QBENCH_DEBUG"):
         raise  # noqa: PLE0704 - re-raises the exception being handled
     first = (str(exc).strip().splitlines() or [""])[0][:300]
-    console.print(f"[red]error:[/] unexpected {type(exc).__name__}: {escape(first)} (a qbench bug: rerun with "
-                  "QBENCH_DEBUG=1 for the traceback and report it)", highlight=False, soft_wrap=True)
+    console.print(
+        f"[red]error:[/] unexpected {type(exc).__name__}: {escape(first)} (a qbench bug: rerun with "
+        "QBENCH_DEBUG=1 for the traceback and report it)",
+        highlight=False,
+        soft_wrap=True,
+    )
     sys.exit(3)
 
 

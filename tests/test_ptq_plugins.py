@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from qbench.core.errors import QBenchError
-from qbench.sdk.hf import HFSession, unique_tensor_bytes
-from qbench.metrics.scoring import reference_from, score_windows
-from qbench.sdk.registry import PluginSettings, load_plugins
 from qbench.data.windows import make_windows
+from qbench.metrics.scoring import reference_from, score_windows
+from qbench.sdk.hf import HFSession, unique_tensor_bytes
+from qbench.sdk.registry import PluginSettings, load_plugins
 from tests.conftest import session_for
 
 CPU_TORCHAO = ["int8-dyn", "int8-wo", "int4-wo-g32", "int8-static", "int8-dyn-legacy"]

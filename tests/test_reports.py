@@ -9,9 +9,9 @@ import shutil
 import pandas as pd
 import pytest
 
+from qbench.execute.results import ResultStore
 from qbench.present.compare import compare_records
 from qbench.present.report import pareto_front, recommendation
-from qbench.execute.results import ResultStore
 from tests.conftest import FAKE_PLUGINS, make_record
 from tests.test_cli import qbench
 
@@ -181,9 +181,9 @@ def test_compare_judges_latency_by_its_trials_pooled_across_cells():
 
 
 def test_machine_canary_gates_latency_and_keeps_the_run_history(tmp_path, monkeypatch):
-    from qbench.metrics import canary
-    from qbench.data.suites import LatencySpec
     from qbench.cell.worker import gated_latency
+    from qbench.data.suites import LatencySpec
+    from qbench.metrics import canary
 
     timings = iter([20.0, 21.0, 50.0, 52.0, 20.5, 20.0])  # before/after per attempt: 2nd attempt is slow
     monkeypatch.setattr(canary.MachineCanary, "measure", lambda self, repeats=9: next(timings))
@@ -315,9 +315,9 @@ def test_a_row_computing_in_another_dtype_than_the_baseline_is_noted(builtin_bac
     """Planned from the variants' settings, and said again from what each row
     recorded; rows whose library picks its dtype inside get no note."""
     from qbench.core.dtypes import cast_note
-    from qbench.sdk.registry import LoadedPlugins
-    from qbench.present.report import recorded_cast_notes
     from qbench.execute.runner import CellSpec, cast_notes
+    from qbench.present.report import recorded_cast_notes
+    from qbench.sdk.registry import LoadedPlugins
 
     assert cast_note("torch.float32", "torch.bfloat16", "fp:bf16") == (
         "computes in fp32, the baseline `fp:bf16` in bf16: its KLD includes that cast and its speed is not the "

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from qbench.sdk.hf import HFSession
-from qbench.metrics.scoring import reference_from, score_windows
-from qbench.sdk.registry import PluginSettings, load_plugins
 from qbench.data.windows import make_windows
+from qbench.metrics.scoring import reference_from, score_windows
+from qbench.sdk.hf import HFSession
+from qbench.sdk.registry import PluginSettings, load_plugins
 from tests.conftest import RTN_PLUGIN, session_for
 
 

@@ -143,8 +143,8 @@ def test_steps_timed_on_the_device_are_taken_at_their_finishing_times(tiny_model
 
 
 def test_runs_that_name_no_variants_leave_out_what_is_slow_or_redundant_on_cpu():
-    from qbench.sdk.registry import PluginSettings, load_plugins
     from qbench.execute.runner import plan_cells
+    from qbench.sdk.registry import PluginSettings, load_plugins
 
     loaded = load_plugins(PluginSettings(allow=("builtin",)))
     cells, skipped = plan_cells(loaded, [], "fp:fp32", "cpu")

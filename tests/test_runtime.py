@@ -5,9 +5,9 @@ the cell with the reason. The CUDA side is in test_gpu.py."""
 import pytest
 
 from qbench.api import create_run
-from qbench.sdk.registry import PluginSettings, load_plugins
 from qbench.execute.results import ResultStore
 from qbench.execute.runner import execute
+from qbench.sdk.registry import PluginSettings, load_plugins
 
 
 def test_runtime_is_a_setting_of_every_backend_outside_the_cache_key():

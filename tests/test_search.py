@@ -5,9 +5,9 @@ import json
 
 import pytest
 
+from qbench.analyze.search import Budget, Verdict, best_of, judge
 from qbench.core.errors import QBenchError
 from qbench.core.records import Metric
-from qbench.analyze.search import Budget, Verdict, best_of, judge
 from tests.conftest import make_record
 
 
@@ -196,8 +196,8 @@ def test_upgrades_improve_quality_whatever_the_budget():
 
 def test_a_relative_budget_needs_a_baseline_accuracy_away_from_zero():
     """acc>=0.99*base against a baseline at 0 once called int4 a pass."""
-    from qbench.core.errors import QBenchError
     from qbench.analyze.search import check_relative_baseline
+    from qbench.core.errors import QBenchError
 
     budget = Budget.parse("acc>=0.99*base")
     with pytest.raises(QBenchError, match=r"baseline's accuracy is 0.0000 ± 0.0000 \(95%, 40 items\).*reaches 0"):

@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from qbench.core.records import Metric
 from qbench.analyze.sensitivity import SensitivityRow, heatmap_matrix, ranked, units
+from qbench.core.records import Metric
 
 NAMES = [f"model.layers.{b}.{part}" for b in (0, 1) for part in ("self_attn.q_proj", "mlp.down_proj")] + ["lm_head"]
 
@@ -182,8 +182,8 @@ def test_sensitivity_and_search_share_one_default_unit():
     import inspect
 
     from qbench import api
-    from qbench.cli import cli
     from qbench.analyze.sensitivity import DEFAULT_UNIT
+    from qbench.cli import cli
 
     for command in ("sensitivity", "search"):
         unit = next(p for p in cli.commands[command].params if p.name == "unit")

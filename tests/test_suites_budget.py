@@ -85,8 +85,8 @@ def test_a_gpu_suites_compiled_rows_are_left_out_of_a_cpu_run_not_failed():
     """gpu-quick's rows decode through the compiled runtime (CUDA graphs): on
     a CPU they are skipped with the reason, while one named with -b still
     fails with it (the planner and the worker ask the same question)."""
-    from qbench.sdk.registry import PluginSettings, load_plugins
     from qbench.execute.runner import default_baseline, plan_cells
+    from qbench.sdk.registry import PluginSettings, load_plugins
 
     suite = load_suite(str(suite_path("gpu-quick")))
     loaded = load_plugins(PluginSettings.from_env(()))

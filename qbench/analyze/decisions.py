@@ -1,9 +1,7 @@
 """Decisions over measured rows, made in one place for every view.
 
-- **Within a budget** is decided at the error bar: a bound on a figure where
-  lower is better (KLD) holds when value + 1.96 standard errors is under it;
-  where higher is better (accuracy), when value - 1.96 standard errors is over
-  it. The report's recommendation and `qbench search` both ask ``holds``.
+- **Within a budget** is decided at the error bar, by the metric registry's
+  ``judge`` (qbench.metrics.registry), which `qbench search` asks too.
 - **The front** is over every axis a user trades: quality (mean KLD to the
   baseline), weight memory, decode time per token at batch 1, and decode
   throughput at the largest batch of the sweep. A row is dominated when
@@ -16,25 +14,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 from qbench.core.records import CellRecord
+from qbench.metrics.registry import Z, judge
 
-#: A bound holds "at the error bar" when it holds at the end of the 95% interval.
-Z = 1.96
 MIB = 2**20
-
-
-def at_error_bar(value: float, stderr: Optional[float], higher_is_better: bool) -> float:
-    """The end of the 95% interval that a bound is judged at: the worse end."""
-    return value - Z * (stderr or 0.0) if higher_is_better else value + Z * (stderr or 0.0)
-
-
-def holds(value: float, stderr: Optional[float], bound: float, higher_is_better: bool) -> bool:
-    """Whether ``value`` meets ``bound`` at its error bar (see the module)."""
-    end = at_error_bar(value, stderr, higher_is_better)
-    return end >= bound if higher_is_better else end <= bound
 
 
 @dataclass(frozen=True)
@@ -110,28 +97,39 @@ def pareto(records: list[CellRecord], axes: list[Axis]) -> tuple[list[CellRecord
 def compiled_twins(records: list[CellRecord]) -> dict[str, CellRecord]:
     """Eager rows on CUDA whose same variant was also measured compiled:
     eager cell -> the compiled row."""
+
     def identity(record: CellRecord) -> tuple:
         settings = {k: v for k, v in (record.config or {}).items() if k not in ("runtime", "compile_mode")}
         return record.backend, repr(sorted(settings.items()))
 
     compiled = {identity(r): r for r in records if (r.config or {}).get("runtime") == "compiled"}
-    return {r.cell: compiled[identity(r)] for r in records
-            if r.device == "cuda" and (r.config or {}).get("runtime", "eager") == "eager" and identity(r) in compiled}
+    return {
+        r.cell: compiled[identity(r)]
+        for r in records
+        if r.device == "cuda" and (r.config or {}).get("runtime", "eager") == "eager" and identity(r) in compiled
+    }
 
 
 def _figures(record: CellRecord, base: Optional[CellRecord]) -> str:
     weights = record.value("weight_bytes")
-    parts = [f"{weights / MIB:.1f} MiB" + (f" ({100 * weights / base.value('weight_bytes'):.0f}% of the baseline's)"
-                                           if base is not None and base.value("weight_bytes") and record is not base
-                                           else "")]
+    parts = [
+        f"{weights / MIB:.1f} MiB"
+        + (
+            f" ({100 * weights / base.value('weight_bytes'):.0f}% of the baseline's)"
+            if base is not None and base.value("weight_bytes") and record is not base
+            else ""
+        )
+    ]
     kld, se = quality(record), quality_stderr(record)
     if not record.baseline and kld is not None:
         parts.append(f"KLD {kld:.4f}" + (f" ± {Z * se:.4f}" if se else ""))
     decode = record.value("decode_ms_per_token")
     if decode is not None:
         base_decode = base.value("decode_ms_per_token") if base is not None else None
-        parts.append(f"{decode:.2f} ms/token" + (f" ({base_decode / decode:.2f}x the baseline's speed)"
-                                                  if base_decode and record is not base else ""))
+        parts.append(
+            f"{decode:.2f} ms/token"
+            + (f" ({base_decode / decode:.2f}x the baseline's speed)" if base_decode and record is not base else "")
+        )
     return ", ".join(parts)
 
 
@@ -140,18 +138,21 @@ def recommend(records: list[CellRecord], kld_budget: float) -> list[str]:
     ok = [r for r in records if r.ok]
     base = next((r for r in ok if r.baseline), None)
     if base is None:
-        return ["The baseline has no result in this run, so no variant could be measured against it: rerun it "
-                "with `qbench run --resume RUN --retry-failed`."]
+        return [
+            "The baseline has no result in this run, so no variant could be measured against it: rerun it "
+            "with `qbench run --resume RUN --retry-failed`."
+        ]
     measured = [r for r in ok if quality(r) is not None and WEIGHTS.read(r) is not None]
     axes = axes_for(measured)
     front, dominated = pareto(measured, axes)
-    lines = [f"Pareto-optimal on {', '.join(a.label for a in axes)}: "
-             + ", ".join(f"`{r.cell}`" for r in front) + "."]
+    lines = [f"Pareto-optimal on {', '.join(a.label for a in axes)}: " + ", ".join(f"`{r.cell}`" for r in front) + "."]
     budget = f"mean KLD ≤ {kld_budget:g} at its 95% upper bound"
-    within = [r for r in measured if holds(quality(r), quality_stderr(r), kld_budget, False)]
+    within = [r for r in measured if judge("kld", quality(r), quality_stderr(r), kld_budget)]
     if not [r for r in within if not r.baseline]:
-        lines.append(f"No variant stays within the quality budget ({budget}): keep the baseline, or loosen the "
-                     "budget with --kld-budget.")
+        lines.append(
+            f"No variant stays within the quality budget ({budget}): keep the baseline, or loosen the "
+            "budget with --kld-budget."
+        )
     else:
         # ties (one weight file, two runtimes) go to the better, then the faster row
         smallest = min(within, key=lambda r: (WEIGHTS.read(r), quality(r), DECODE.read(r) or float("inf")))
@@ -163,15 +164,21 @@ def recommend(records: list[CellRecord], kld_budget: float) -> list[str]:
         throughput = next((a for a in axes if a.name.startswith("tokens_per_s@")), None)
         if throughput is not None:
             best = max(within, key=throughput.read)
-            lines.append(f"Highest {throughput.label} within the budget: `{best.cell}`: "
-                         f"{throughput.read(best):.1f} tokens/s.")
+            lines.append(
+                f"Highest {throughput.label} within the budget: `{best.cell}`: {throughput.read(best):.1f} tokens/s."
+            )
     if dominated:
-        lines.append("Dominated (another row is as good on every axis and better on one): " + ", ".join(
-            f"`{cell}` by `{by.cell}`" for cell, by in dominated.items()) + ".")
+        lines.append(
+            "Dominated (another row is as good on every axis and better on one): "
+            + ", ".join(f"`{cell}` by `{by.cell}`" for cell, by in dominated.items())
+            + "."
+        )
     for eager, compiled in compiled_twins(ok).items():
         row = next(r for r in ok if r.cell == eager)
         if DECODE.read(row) is not None and DECODE.read(compiled) is not None:
-            lines.append(f"`{eager}` is launch-bound: it decodes at {DECODE.read(row):.2f} ms/token eager, its "
-                         f"compiled twin `{compiled.cell}` at {DECODE.read(compiled):.2f}; the eager time is Python "
-                         "launching kernels, not the weights.")
+            lines.append(
+                f"`{eager}` is launch-bound: it decodes at {DECODE.read(row):.2f} ms/token eager, its "
+                f"compiled twin `{compiled.cell}` at {DECODE.read(compiled):.2f}; the eager time is Python "
+                "launching kernels, not the weights."
+            )
     return lines

@@ -15,15 +15,16 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from qbench.analyze import sensitivity as sens
-from qbench.analyze.decisions import Z, at_error_bar, holds
 from qbench.analyze.sensitivity_run import run_sensitivity
+from qbench.core.cells import CellSpec
 from qbench.core.environment import resolve_device
 from qbench.core.errors import QBenchError
 from qbench.core.io import write_atomic
@@ -31,9 +32,9 @@ from qbench.core.paths import results_dir
 from qbench.core.records import CellRecord
 from qbench.data.suites import load_suite, suite_path
 from qbench.execute.results import ResultStore, run_lock
-from qbench.core.cells import CellSpec
 from qbench.execute.runner import PLAN_FILE, check_run_id, execute, new_run_id, save_plan
 from qbench.execute.runs import create_run, resume_run
+from qbench.metrics.registry import Z, at_error_bar, info, judge
 from qbench.sdk.recipes import keep_most_sensitive, write_recipe
 from qbench.sdk.registry import PluginSettings, get_backend, load_plugins
 
@@ -53,7 +54,7 @@ class Budget(BaseModel):
     text: str
 
     @classmethod
-    def parse(cls, text: str) -> "Budget":
+    def parse(cls, text: str) -> Budget:
         hint = "write kld<=0.05, acc>=0.99*base, acc>=0.7 or weights<=150MiB"
         found = _BUDGET.match(text)
         if not found:
@@ -63,7 +64,7 @@ class Budget(BaseModel):
             raise QBenchError(f"budget '{text}': {metric} takes '{'>=' if metric == 'acc' else '<='}': {hint}")
         relative = metric == "acc" and value.lower().endswith("*base")
         if relative:
-            value = value[:-len("*base")]
+            value = value[: -len("*base")]
         unit = 1.0
         if metric == "weights":
             size = _SIZE.match(value)
@@ -78,7 +79,7 @@ class Budget(BaseModel):
             raise QBenchError(f"budget '{text}': the bound must be a finite number: {hint}")
         if bound <= 0 or (metric == "acc" and not relative and bound > 1):
             raise QBenchError(f"budget '{text}': the bound must be positive{' and at most 1' * (metric == 'acc')}")
-        return cls(metric=metric, bound=bound, relative=relative, text=text.strip())
+        return cls.model_validate({"metric": metric, "bound": bound, "relative": relative, "text": text.strip()})
 
 
 class Verdict(BaseModel):
@@ -109,8 +110,9 @@ class SearchResult(BaseModel):
     folder: str
 
 
-def judge(budget: Budget, record: CellRecord, baseline: Optional[CellRecord], kind: str,
-          k: Optional[int] = None) -> Verdict:
+def verdict_of(
+    budget: Budget, record: CellRecord, baseline: Optional[CellRecord], kind: str, k: Optional[int] = None
+) -> Verdict:
     """Whether one measured configuration meets the budget at its error bar:
     KLD's upper end (value + 1.96 stderr) under the bound, accuracy's lower
     end above it, weights as measured. A failed cell never meets it."""
@@ -122,19 +124,30 @@ def judge(budget: Budget, record: CellRecord, baseline: Optional[CellRecord], ki
         if base_acc is None:
             raise QBenchError("budget acc>=F*base needs the baseline's accuracy: the suite needs tasks")
         target = budget.bound * base_acc
-    verdict = dict(cell=record.cell, kind=kind, k=k, weight_bytes=figures["weight_bytes"], kld=figures["kld"],
-                   kld_stderr=record.stderr("kld"), acc=figures["acc"], acc_stderr=record.stderr("acc"),
-                   target=target)
+    verdict: dict[str, Any] = dict(
+        cell=record.cell,
+        kind=kind,
+        k=k,
+        weight_bytes=figures["weight_bytes"],
+        kld=figures["kld"],
+        kld_stderr=record.stderr("kld"),
+        acc=figures["acc"],
+        acc_stderr=record.stderr("acc"),
+        target=target,
+    )
     if not record.ok:
         return Verdict(**verdict, meets=False, error=record.error)
     if budget.metric == "weights":
         at = figures["weight_bytes"]
-        return Verdict(**verdict, at_error_bar=at, meets=at is not None and at <= target)
+        return Verdict(**verdict, at_error_bar=at, meets=at is not None and judge("weight_bytes", at, None, target))
     if figures[budget.metric] is None:
         return Verdict(**verdict, meets=False, error=f"the record has no {budget.metric}")
-    higher = budget.metric == "acc"
-    return Verdict(**verdict, at_error_bar=at_error_bar(figures[budget.metric], errors[budget.metric], higher),
-                   meets=holds(figures[budget.metric], errors[budget.metric], target, higher))
+    value, stderr = figures[budget.metric], errors[budget.metric]
+    return Verdict(
+        **verdict,
+        at_error_bar=at_error_bar(value, stderr, info(budget.metric).higher_is_better),
+        meets=judge(budget.metric, value, stderr, target),
+    )
 
 
 #: Fewest task items a relative accuracy budget is judged on.
@@ -148,9 +161,11 @@ def check_relative_items(suite, budget: Budget) -> None:
 
     items = sum(len(load_items(suite.resolve(t.path), t.limit)) for t in suite.tasks)
     if items < MIN_RELATIVE_ITEMS:
-        raise QBenchError(f"budget '{budget.text}' is relative to the baseline's accuracy, but suite '{suite.name}' "
-                          f"has {items} task item(s) (at least {MIN_RELATIVE_ITEMS} needed): add items, or use an "
-                          "absolute budget (acc>=0.7) or kld<=X")
+        raise QBenchError(
+            f"budget '{budget.text}' is relative to the baseline's accuracy, but suite '{suite.name}' "
+            f"has {items} task item(s) (at least {MIN_RELATIVE_ITEMS} needed): add items, or use an "
+            "absolute budget (acc>=0.7) or kld<=X"
+        )
 
 
 def check_relative_baseline(budget: Budget, baseline: Optional[CellRecord]) -> None:
@@ -160,18 +175,25 @@ def check_relative_baseline(budget: Budget, baseline: Optional[CellRecord]) -> N
     if baseline is None or not baseline.ok:
         why = baseline.error if baseline is not None else "it did not run"
         raise QBenchError(f"budget '{budget.text}' needs the baseline's accuracy, and the baseline failed: {why}")
-    acc, stderr, n = baseline.value("acc"), baseline.stderr("acc") or 0.0, baseline.metrics["acc"].n \
-        if "acc" in baseline.metrics else None
+    acc, stderr, n = (
+        baseline.value("acc"),
+        baseline.stderr("acc") or 0.0,
+        baseline.metrics["acc"].n if "acc" in baseline.metrics else None,
+    )
     if acc is None:
         raise QBenchError(f"budget '{budget.text}' needs the baseline's accuracy: the suite needs tasks")
     if acc - Z * stderr <= 0:
-        raise QBenchError(f"budget '{budget.text}': the baseline's accuracy is {acc:.4f} ± {Z * stderr:.4f} (95%, "
-                          f"{n} items), an interval that reaches 0, so any fraction of it is met by chance: use an "
-                          "absolute budget (acc>=0.7), kld<=X, or tasks the baseline can do")
+        raise QBenchError(
+            f"budget '{budget.text}': the baseline's accuracy is {acc:.4f} ± {Z * stderr:.4f} (95%, "
+            f"{n} items), an interval that reaches 0, so any fraction of it is met by chance: use an "
+            "absolute budget (acc>=0.7), kld<=X, or tasks the baseline can do"
+        )
 
 
-def quality(verdict: Verdict, budget: Budget) -> float:
-    """Lower is better: KLD, or minus accuracy for an accuracy budget."""
+def quality_rank(verdict: Verdict, budget: Budget) -> float:
+    """The verdict's quality as a sort key, lower ranking better: KLD, or
+    minus accuracy for an accuracy budget (a search ranks on one of them;
+    the report's recommendation ranks on KLD alone)."""
     if budget.metric == "acc":
         return -(verdict.acc if verdict.acc is not None else -1.0)
     return verdict.kld if verdict.kld is not None else float("inf")
@@ -181,6 +203,7 @@ def derived_suite(suite, budget: Budget) -> dict[str, Any]:
     """The sections of ``suite`` that the budget needs (perplexity and
     fidelity; tasks for an accuracy budget; calibration for the variants that
     calibrate), with data paths made absolute: no latency, no generation."""
+
     def corpus(spec) -> dict[str, Any]:
         data = spec.model_dump(mode="json")
         source = data["corpus"]["source"]
@@ -190,10 +213,14 @@ def derived_suite(suite, budget: Budget) -> dict[str, Any]:
 
     if suite.perplexity is None:
         raise QBenchError(f"suite '{suite.name}' has no perplexity section: the search scores KLD on its windows")
-    out: dict[str, Any] = {"name": f"{suite.name}-search",
-                           "description": f"the sections of suite '{suite.name}' that `qbench search` needs",
-                           "bos": suite.bos, "task_bos": suite.task_bos, "perplexity": corpus(suite.perplexity),
-                           "fidelity": suite.fidelity.model_dump(mode="json")}
+    out: dict[str, Any] = {
+        "name": f"{suite.name}-search",
+        "description": f"the sections of suite '{suite.name}' that `qbench search` needs",
+        "bos": suite.bos,
+        "task_bos": suite.task_bos,
+        "perplexity": corpus(suite.perplexity),
+        "fidelity": suite.fidelity.model_dump(mode="json"),
+    }
     if suite.calibration is not None:
         out["calibration"] = corpus(suite.calibration)
     if suite.calibration_sets:
@@ -201,8 +228,9 @@ def derived_suite(suite, budget: Budget) -> dict[str, Any]:
     if budget.metric == "acc":
         if not suite.tasks:
             raise QBenchError(f"budget '{budget.text}' needs tasks, and suite '{suite.name}' has no native tasks")
-        out["tasks"] = [{**t.model_dump(mode="json"), "path": str((Path(suite.root) / t.path).resolve())}
-                        for t in suite.tasks]
+        out["tasks"] = [
+            {**t.model_dump(mode="json"), "path": str((Path(suite.root) / t.path).resolve())} for t in suite.tasks
+        ]
     return out
 
 
@@ -215,8 +243,9 @@ def cell_path(path: Path) -> str:
         return str(path)
 
 
-def pick_base(budget: Budget, uniform: list[Verdict], best: Optional[Verdict], configs: dict[str, Any]
-              ) -> Optional[Verdict]:
+def pick_base(
+    budget: Budget, uniform: list[Verdict], best: Optional[Verdict], configs: dict[str, Any]
+) -> Optional[Verdict]:
     """The uniform variant a mixed recipe starts from: one that can mix
     (in ``configs``) and misses the budget (or, for a size budget, fits it),
     and, for a quality budget, is smaller than the best uniform answer; of
@@ -226,7 +255,7 @@ def pick_base(budget: Budget, uniform: list[Verdict], best: Optional[Verdict], c
         pool = [v for v in mine if v.meets]
     else:
         pool = [v for v in mine if not v.meets and (best is None or v.weight_bytes < best.weight_bytes)]
-    return min(pool, key=lambda v: quality(v, budget)) if pool else None
+    return min(pool, key=lambda v: quality_rank(v, budget)) if pool else None
 
 
 def pick_upgrade(budget: Budget, uniform: list[Verdict], base: Verdict, configs: dict[str, Any]) -> Optional[str]:
@@ -236,11 +265,20 @@ def pick_upgrade(budget: Budget, uniform: list[Verdict], base: Verdict, configs:
     variants with the base's mix key (``VariantConfig.mix_key``) can mix
     with it; None (full precision) when none qualifies."""
     base_config = configs[base.cell]
-    same = [v for v in uniform if v.cell in configs and v.cell != base.cell and v.error is None
-            and CellSpec.parse(v.cell).backend == CellSpec.parse(base.cell).backend
-            and configs[v.cell].mix_key() == base_config.mix_key()]
+    same = [
+        v
+        for v in uniform
+        if v.cell in configs
+        and v.cell != base.cell
+        and v.error is None
+        and CellSpec.parse(v.cell).backend == CellSpec.parse(base.cell).backend
+        and configs[v.cell].mix_key() == base_config.mix_key()
+    ]
     if budget.metric == "weights":
-        pool = sorted((v for v in same if quality(v, budget) < quality(base, budget)), key=lambda v: quality(v, budget))
+        pool = sorted(
+            (v for v in same if quality_rank(v, budget) < quality_rank(base, budget)),
+            key=lambda v: quality_rank(v, budget),
+        )
     else:
         pool = sorted((v for v in same if v.meets), key=lambda v: v.weight_bytes or float("inf"))
     return CellSpec.parse(pool[0].cell).variant_text if pool else None
@@ -253,33 +291,65 @@ def mixable(loaded, cells: list[CellSpec]) -> dict[str, Any]:
     return {cell: config for cell, config in configs.items() if config.mix_key() is not None}
 
 
-def run_search(budget_text: str, backends: Optional[list[str]], model: str, suite: str, device: str,
-               unit: str, tokens: int, base: Optional[str], output_dir: Optional[str], run_id: Optional[str],
-               reporter, on_step: Callable[[str], None] = lambda message: None) -> SearchResult:
+def run_search(
+    budget_text: str,
+    backends: Optional[list[str]],
+    model: str,
+    suite: str,
+    device: str,
+    unit: str,
+    tokens: int,
+    base: Optional[str],
+    output_dir: Optional[str],
+    run_id: Optional[str],
+    reporter,
+    on_step: Callable[[str], None] = lambda message: None,
+) -> SearchResult:
     budget = Budget.parse(budget_text)
     if run_id is not None:
         check_run_id(run_id)
     folder = Path(output_dir or results_dir()) / (run_id or f"search-{new_run_id()}")
     device = resolve_device(device)
     source_suite = load_suite(str(suite_path(suite)))
-    sens.check_settings(folder, {"budget": budget.text, "backends": backends, "model": model,
-                                 "suite": source_suite.content_hash(), "device": device, "unit": unit,
-                                 "tokens": tokens, "base": base}, SETTINGS_FILE, "a search")
+    sens.check_settings(
+        folder,
+        {
+            "budget": budget.text,
+            "backends": backends,
+            "model": model,
+            "suite": source_suite.content_hash(),
+            "device": device,
+            "unit": unit,
+            "tokens": tokens,
+            "base": base,
+        },
+        SETTINGS_FILE,
+        "a search",
+    )
     with run_lock(folder):  # one process searches in a folder at a time
-        return _search(budget, backends, model, suite, device, unit, tokens, base, folder, source_suite, reporter,
-                       on_step)
+        return _search(
+            budget, backends, model, suite, device, unit, tokens, base, folder, source_suite, reporter, on_step
+        )
 
 
-def _search(budget: Budget, backends, model, suite, device, unit, tokens, base, folder: Path, source_suite,
-            reporter, on_step) -> SearchResult:
+def _search(
+    budget: Budget, backends, model, suite, device, unit, tokens, base, folder: Path, source_suite, reporter, on_step
+) -> SearchResult:
     run_dir = folder / CELLS
     if (run_dir / PLAN_FILE).exists():
         plan, run_dir = resume_run(str(run_dir))
         on_step(f"resuming {run_dir}")
     else:
         write_atomic(folder / SUITE_FILE, yaml.safe_dump(derived_suite(source_suite, budget), sort_keys=False))
-        plan, run_dir = create_run(model=model, suite=str(folder / SUITE_FILE), backends=backends,
-                                   device=device, output_dir=str(folder), run_id=CELLS, allow_outside_data=True)
+        plan, run_dir = create_run(
+            model=model,
+            suite=str(folder / SUITE_FILE),
+            backends=backends,
+            device=device,
+            output_dir=str(folder),
+            run_id=CELLS,
+            allow_outside_data=True,
+        )
     baseline_cell = next(c.cell for c in plan.cells if c.baseline)
     if budget.relative:  # its target is a fraction of the baseline's accuracy: that accuracy must mean something
         check_relative_items(source_suite, budget)
@@ -292,43 +362,69 @@ def _search(budget: Budget, backends, model, suite, device, unit, tokens, base, 
         return ResultStore(run_dir).latest()
 
     latest = records()
-    uniform = [judge(budget, latest[c.cell], latest.get(baseline_cell), "uniform") for c in plan.cells
-               if not c.baseline and "recipe" not in c.settings and c.cell in latest]
+    uniform = [
+        verdict_of(budget, latest[c.cell], latest.get(baseline_cell), "uniform")
+        for c in plan.cells
+        if not c.baseline and "recipe" not in c.settings and c.cell in latest
+    ]
     path = list(uniform)
     best = best_of(budget, uniform)
     configs = mixable(loaded, [c for c in plan.cells if any(v.cell == c.cell for v in uniform)])
     mixers = sorted({c.backend for c in plan.cells if c.cell in configs}) or ["a backend that mixes variants"]
-    base_verdict = (next((v for v in uniform if v.cell in configs and v.cell in (base, f"{mixers[0]}:{base}")), None)
-                    if base else pick_base(budget, uniform, best, configs))
+    base_verdict = (
+        next((v for v in uniform if v.cell in configs and v.cell in (base, f"{mixers[0]}:{base}")), None)
+        if base
+        else pick_base(budget, uniform, best, configs)
+    )
     if base and base_verdict is None:
-        raise QBenchError(f"--base {base} is not among the searched variants that can mix in a recipe: add "
-                          f"-b {base if ':' in base else f'{mixers[0]}:{base}'}")
+        raise QBenchError(
+            f"--base {base} is not among the searched variants that can mix in a recipe: add "
+            f"-b {base if ':' in base else f'{mixers[0]}:{base}'}"
+        )
     why = ""
     if base_verdict is None:
-        sizes = ", ".join(f"{v.cell} {v.weight_bytes / 2**20:.1f} MiB" if v.weight_bytes else f"{v.cell} failed"
-                          for v in uniform)
+        sizes = ", ".join(
+            f"{v.cell} {v.weight_bytes / 2**20:.1f} MiB" if v.weight_bytes else f"{v.cell} failed" for v in uniform
+        )
         if budget.metric == "weights":
             why = f"no variant that can mix ({', '.join(mixers)}) fits the size to start a mixed recipe from ({sizes})"
         elif best is None:
             why = f"no variant that can mix ({', '.join(mixers)}) ran to start a mixed recipe from ({sizes})"
         else:
-            why = (f"no variant that can mix ({', '.join(mixers)}) and misses the budget is smaller than {best.cell} "
-                   f"({best.weight_bytes / 2**20:.1f} MiB), so no mixed recipe of them can be ({sizes}); "
-                   "--base VARIANT starts from one anyway")
+            why = (
+                f"no variant that can mix ({', '.join(mixers)}) and misses the budget is smaller than {best.cell} "
+                f"({best.weight_bytes / 2**20:.1f} MiB), so no mixed recipe of them can be ({sizes}); "
+                "--base VARIANT starts from one anyway"
+            )
     else:
         base_spec = CellSpec.parse(base_verdict.cell)
         mixer, base_variant = base_spec.backend, base_spec.variant_text
         upgrade = pick_upgrade(budget, uniform, base_verdict, configs)
-        on_step(f"mixed recipes from {base_verdict.cell}: its most sensitive {unit}s become "
-                f"{upgrade or 'full precision'}")
-        run_sensitivity(base_verdict.cell, model=model, suite=str(folder / SUITE_FILE), unit=unit,
-                        device=device, max_tokens=tokens, output_dir=str(folder), run_id=SENSITIVITY,
-                        allow_outside_data=True,  # the suite's own data, made absolute in derived_suite
-                        on_row=lambda row, done, total: on_step(
-                            f"sensitivity [{done}/{total}] {row.unit}: KLD {row.kld.value:.5f}"))
+        on_step(
+            f"mixed recipes from {base_verdict.cell}: its most sensitive {unit}s become {upgrade or 'full precision'}"
+        )
+        run_sensitivity(
+            base_verdict.cell,
+            model=model,
+            suite=str(folder / SUITE_FILE),
+            unit=unit,
+            device=device,
+            max_tokens=tokens,
+            output_dir=str(folder),
+            run_id=SENSITIVITY,
+            allow_outside_data=True,  # the suite's own data, made absolute in derived_suite
+            on_row=lambda row, done, total: on_step(
+                f"sensitivity [{done}/{total}] {row.unit}: KLD {row.kld.value:.5f}"
+            ),
+        )
         ranked_units = [(row.unit, row.layers) for row in sens.ranked(sens.load_rows(folder / SENSITIVITY))]
-        source = {"search": folder.name, "budget": budget.text, "sensitivity": str(folder / SENSITIVITY),
-                  "unit": unit, "tokens": tokens}
+        source = {
+            "search": folder.name,
+            "budget": budget.text,
+            "sensitivity": str(folder / SENSITIVITY),
+            "unit": unit,
+            "tokens": tokens,
+        }
 
         def evaluate(k: int) -> Verdict:
             recipe = keep_most_sensitive(mixer, base_variant, ranked_units, k, upgrade, source)
@@ -340,7 +436,7 @@ def _search(budget: Budget, backends, model, suite, device, unit, tokens, base, 
                 save_plan(plan, run_dir)
             execute(plan, run_dir, reporter)
             latest = records()
-            verdict = judge(budget, latest[cell], latest.get(baseline_cell), "recipe", k)
+            verdict = verdict_of(budget, latest[cell], latest.get(baseline_cell), "recipe", k)
             path.append(verdict)
             on_step(f"k={k}: {describe(verdict, budget)}")
             return verdict
@@ -359,21 +455,31 @@ def _search(budget: Budget, backends, model, suite, device, unit, tokens, base, 
     # The cost from what was measured (each cell's wall time, each unit's
     # scoring time), so a search finished over several invocations counts all of it.
     latest = records()
-    spent = {"cells": sum(latest[c.cell].wall_seconds or 0.0 for c in plan.cells if c.cell in latest),
-             "sensitivity": sum(row.seconds for row in sens.load_rows(folder / SENSITIVITY))
-             if (folder / SENSITIVITY).is_dir() else 0.0}
+    spent = {
+        "cells": sum(latest[c.cell].wall_seconds or 0.0 for c in plan.cells if c.cell in latest),
+        "sensitivity": sum(row.seconds for row in sens.load_rows(folder / SENSITIVITY))
+        if (folder / SENSITIVITY).is_dir()
+        else 0.0,
+    }
     chosen = best_of(budget, path)
     recipes = [v for v in path if v.kind == "recipe" and v.meets]
     if chosen is None:
         why = why or "no configuration meets the budget"
     elif chosen.kind == "recipe":
-        why = ("the mixed recipe is smaller than every uniform variant meeting the budget" if budget.metric != "weights"
-               else "the mixed recipe has the best quality within the size")
+        why = (
+            "the mixed recipe is smaller than every uniform variant meeting the budget"
+            if budget.metric != "weights"
+            else "the mixed recipe has the best quality within the size"
+        )
     elif not why:
-        why = ("no mixed recipe meeting the budget is smaller than the best uniform variant" if recipes or
-               budget.metric != "weights" else "no mixed recipe within the size beats the best uniform variant")
-    result = SearchResult(budget=budget, path=path, chosen=chosen, best_uniform=best, why=why, seconds=spent,
-                          folder=str(folder))
+        why = (
+            "no mixed recipe meeting the budget is smaller than the best uniform variant"
+            if recipes or budget.metric != "weights"
+            else "no mixed recipe within the size beats the best uniform variant"
+        )
+    result = SearchResult(
+        budget=budget, path=path, chosen=chosen, best_uniform=best, why=why, seconds=spent, folder=str(folder)
+    )
     write_atomic(folder / RESULT_FILE, result.model_dump_json(indent=1))
     return result
 
@@ -386,15 +492,15 @@ def best_of(budget: Budget, verdicts: list[Verdict]) -> Optional[Verdict]:
     if not meeting:
         return None
     if budget.metric == "weights":
-        return min(meeting, key=lambda v: (quality(v, budget), v.weight_bytes))
-    return min(meeting, key=lambda v: (v.weight_bytes, quality(v, budget)))
+        return min(meeting, key=lambda v: (quality_rank(v, budget), v.weight_bytes))
+    return min(meeting, key=lambda v: (v.weight_bytes, quality_rank(v, budget)))
 
 
 def describe(verdict: Verdict, budget: Budget) -> str:
     size = f"{verdict.weight_bytes / 2**20:.1f} MiB" if verdict.weight_bytes else "size unknown"
     if verdict.error:
         return f"{verdict.cell}: failed ({verdict.error})"
-    figure = (f"kld {verdict.kld:.5f} ± {Z * (verdict.kld_stderr or 0):.5f}" if verdict.kld is not None else "")
+    figure = f"kld {verdict.kld:.5f} ± {Z * (verdict.kld_stderr or 0):.5f}" if verdict.kld is not None else ""
     if budget.metric == "acc":
         figure = f"acc {verdict.acc:.4f} ± {Z * (verdict.acc_stderr or 0):.4f}"
     return f"{size}, {figure}: {'meets' if verdict.meets else 'misses'} {budget.text}"

@@ -21,8 +21,9 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Literal, Optional
 
 import torch
 from pydantic import BaseModel
@@ -91,8 +92,11 @@ def ranked(rows: list[SensitivityRow]) -> list[SensitivityRow]:
 
 def heatmap_matrix(rows: list[SensitivityRow]) -> tuple[list[int], list[str], list[list[Optional[float]]]]:
     """Block x layer type KLD of per-layer rows: (blocks, types, values[block][type])."""
-    cells = {(block_of(r.unit), layer_type(r.unit)): r.kld.value for r in rows if len(r.layers) == 1
-             and block_of(r.unit) is not None}
+    cells = {
+        (block_of(r.unit), layer_type(r.unit)): r.kld.value
+        for r in rows
+        if len(r.layers) == 1 and block_of(r.unit) is not None
+    }
     blocks = sorted({b for b, _ in cells})
     types = list(dict.fromkeys(t for _, t in cells))
     return blocks, types, [[cells.get((b, t)) for t in types] for b in blocks]
@@ -126,8 +130,16 @@ class Scorer:
     """The suite's perplexity windows (cut to ``max_tokens`` scored tokens)
     and the fp32 baseline's reference on them, computed once per folder."""
 
-    def __init__(self, folder: Path, model_path: str, suite, tokenizer, device: str, max_tokens: int,
-                 trust_remote_code: bool = False):
+    def __init__(
+        self,
+        folder: Path,
+        model_path: str,
+        suite,
+        tokenizer,
+        device: str,
+        max_tokens: int,
+        trust_remote_code: bool = False,
+    ):
         from qbench.data.workload import Workload
 
         windows, total = [], 0
@@ -142,8 +154,8 @@ class Scorer:
         self.reference = self._reference(folder / REFERENCE_FILE, model_path, trust_remote_code)
 
     def _reference(self, path: Path, model_path: str, trust_remote_code: bool):
-        from qbench.sdk.hf import HFSession, load_causal_lm
         from qbench.metrics.scoring import Reference, reference_from, score_windows
+        from qbench.sdk.hf import HFSession, load_causal_lm
 
         if path.exists():
             try:
@@ -151,30 +163,44 @@ class Scorer:
             except Exception as exc:  # safetensors raises its own error type for a torn or foreign file
                 import warnings
 
-                warnings.warn(f"{path} is unreadable ({type(exc).__name__}): computing the baseline's reference "
-                              "again")
+                warnings.warn(
+                    f"{path} is unreadable ({type(exc).__name__}): computing the baseline's reference again",
+                    stacklevel=2,
+                )
             else:
                 if reference.token_logprobs.numel() == sum(w.n_scored for w in self.windows):
                     return reference
-        session = HFSession(load_causal_lm(model_path, trust_remote_code=trust_remote_code).to(self.device),
-                            self.device)
+        session = HFSession(
+            load_causal_lm(model_path, trust_remote_code=trust_remote_code).to(self.device), self.device
+        )
         reference = reference_from(score_windows(session, self.windows, self.batch_size, top_k=self.top_k))
         write_atomic(path, reference.save)
         return reference
 
     def score(self, model: torch.nn.Module) -> dict[str, Any]:
-        from qbench.sdk.hf import HFSession
         from qbench.metrics.quality import fidelity_metrics
         from qbench.metrics.scoring import score_windows
+        from qbench.sdk.hf import HFSession
 
         scores = score_windows(HFSession(model, self.device), self.windows, self.batch_size, self.reference)
-        return fidelity_metrics(scores.tensor("token_logprobs"), self.reference.token_logprobs,
-                                scores.tensor("kld"), scores.tensor("same_top"), scores.tensor("tail_mass"),
-                                self.top_k)
+        return fidelity_metrics(
+            scores.tensor("token_logprobs"),
+            self.reference.token_logprobs,
+            scores.tensor("kld"),
+            scores.tensor("same_top"),
+            scores.tensor("tail_mass"),
+            self.top_k,
+        )
 
 
-def measure(quantizer, scorer: Scorer, unit_layers: dict[str, list[str]], mode: str, done: set[str],
-            on_row: Callable[[SensitivityRow], None]) -> None:
+def measure(
+    quantizer,
+    scorer: Scorer,
+    unit_layers: dict[str, list[str]],
+    mode: Literal["only", "all-but"],
+    done: set[str],
+    on_row: Callable[[SensitivityRow], None],
+) -> None:
     """Score each unit not in ``done``; the quantizer's model is back in full
     precision after each."""
     if mode not in MODES:
@@ -190,9 +216,17 @@ def measure(quantizer, scorer: Scorer, unit_layers: dict[str, list[str]], mode: 
             figures = scorer.score(quantizer.model)
         finally:
             quantizer.restore(saved)
-        on_row(SensitivityRow(unit=unit, layers=layers, mode=mode, kld=figures["kld"],
-                              same_top_p=figures["same_top_p"], ln_ppl_ratio=figures["ln_ppl_ratio"],
-                              seconds=time.perf_counter() - started))
+        on_row(
+            SensitivityRow(
+                unit=unit,
+                layers=layers,
+                mode=mode,
+                kld=figures["kld"],
+                same_top_p=figures["same_top_p"],
+                ln_ppl_ratio=figures["ln_ppl_ratio"],
+                seconds=time.perf_counter() - started,
+            )
+        )
 
 
 def load_rows(folder: Path) -> list[SensitivityRow]:
@@ -212,8 +246,9 @@ def load_rows(folder: Path) -> list[SensitivityRow]:
                 # A pass killed while appending its last row: that unit is measured again.
                 write_atomic(path, "".join(f"{kept}\n" for kept in lines[:-1]))
                 break
-            raise QBenchError(f"{path}: line {number} is not a sensitivity row: delete that line and rerun to "
-                              "measure the unit again") from None
+            raise QBenchError(
+                f"{path}: line {number} is not a sensitivity row: delete that line and rerun to measure the unit again"
+            ) from None
     else:
         if text and not text.endswith("\n"):  # a whole last row cut before its newline: the next one starts a line
             write_atomic(path, text + "\n")
@@ -226,8 +261,9 @@ def check_not_a_run(folder: Path, what: str) -> None:
         raise QBenchError(f"{folder} is a run folder (it holds plan.json), not {what}: choose another --run-id")
 
 
-def check_settings(folder: Path, settings: dict[str, Any], file: str = SETTINGS_FILE,
-                   what: str = "a sensitivity pass") -> None:
+def check_settings(
+    folder: Path, settings: dict[str, Any], file: str = SETTINGS_FILE, what: str = "a sensitivity pass"
+) -> None:
     """A folder holds one pass (or search): resuming with other settings would mix rows."""
     path = folder / file
     check_not_a_run(folder, what)
@@ -237,11 +273,14 @@ def check_settings(folder: Path, settings: dict[str, Any], file: str = SETTINGS_
             if not isinstance(before, dict):
                 raise ValueError(type(before).__name__)
         except ValueError:
-            raise QBenchError(f"{path} is not the JSON qbench wrote: choose another --run-id, or delete the folder "
-                              "to measure it again") from None
+            raise QBenchError(
+                f"{path} is not the JSON qbench wrote: choose another --run-id, or delete the folder "
+                "to measure it again"
+            ) from None
         changed = sorted(k for k in settings if before.get(k) != settings[k])
         if changed:
-            raise QBenchError(f"{folder} holds {what} with other settings ({', '.join(changed)}): "
-                              "choose another --run-id")
+            raise QBenchError(
+                f"{folder} holds {what} with other settings ({', '.join(changed)}): choose another --run-id"
+            )
     else:
         write_atomic(path, json.dumps(settings, indent=1))

@@ -24,8 +24,9 @@ if TYPE_CHECKING:
     import pandas as pd
 
 
-def recipe_from_sensitivity(folder: str | Path, variant: str, top: int, use: Optional[str], path: str | Path,
-                            force: bool = False) -> Path:
+def recipe_from_sensitivity(
+    folder: str | Path, variant: str, top: int, use: Optional[str], path: str | Path, force: bool = False
+) -> Path:
     """A recipe from a sensitivity pass: ``variant`` (``backend:variant``,
     the pass's) with its ``top`` most harmful units kept in full precision,
     or quantized as ``use``. Checked like any recipe before it is written;
@@ -34,8 +35,14 @@ def recipe_from_sensitivity(folder: str | Path, variant: str, top: int, use: Opt
     if not rows:
         raise QBenchError(f"{folder} holds no sensitivity rows to build a recipe from")
     spec = CellSpec.parse(variant)
-    recipe = keep_most_sensitive(spec.backend, spec.variant_text, [(r.unit, r.layers) for r in rows], top, use,
-                                 {"sensitivity": str(folder), "mode": rows[0].mode})
+    recipe = keep_most_sensitive(
+        spec.backend,
+        spec.variant_text,
+        [(r.unit, r.layers) for r in rows],
+        top,
+        use,
+        {"sensitivity": str(folder), "mode": rows[0].mode},
+    )
     target = write_recipe(recipe, check_output(path, force))
     backend = get_backend(load_plugins(PluginSettings.from_env(())), spec.backend)
     try:
@@ -74,14 +81,15 @@ def run_sensitivity(
         raise QBenchError(f"--tokens must be at least 1 (got {max_tokens})")
     loaded = load_plugins(PluginSettings.from_env(()))
     try:
-        spec = CellSpec.parse(variant)
+        cell = CellSpec.parse(variant)
     except QBenchError:  # a backend alone: name one of its variants
         named = get_backend(loaded, variant.strip(" :")).variants()
-        raise QBenchError(f"name one variant for sensitivity, like '{variant.strip(' :')}:{next(iter(named))}'"
-                          ) from None
-    backend = get_backend(loaded, spec.backend)
+        raise QBenchError(
+            f"name one variant for sensitivity, like '{variant.strip(' :')}:{next(iter(named))}'"
+        ) from None
+    backend = get_backend(loaded, cell.backend)
     device = resolve_device(device)
-    config = backend.config_for(spec.variant, spec.settings)
+    config = backend.config_for(cell.variant, cell.settings)
     availability = backend.variant_available(config, device)
     if not availability.ok:
         raise QBenchError(f"{variant} cannot run on {device}: {availability.reason}")
@@ -95,19 +103,38 @@ def run_sensitivity(
     folder = Path(output_dir or results_dir()) / (run_id or f"sensitivity-{new_run_id()}")
     sens.check_not_a_run(folder, "a sensitivity pass")  # before minutes of loading the model
     quantizer = backend.layer_quantizer(spec.path, config, device, trust_remote_code)
-    sens.check_settings(folder, {"variant": variant, "settings": config.settings(), "model": spec.fingerprint,
-                                 "suite": suite_obj.content_hash(), "unit": unit, "mode": mode,
-                                 "max_tokens": max_tokens, "device": device})
+    sens.check_settings(
+        folder,
+        {
+            "variant": variant,
+            "settings": config.settings(),
+            "model": spec.fingerprint,
+            "suite": suite_obj.content_hash(),
+            "unit": unit,
+            "mode": mode,
+            "max_tokens": max_tokens,
+            "device": device,
+        },
+    )
     with run_lock(folder):  # one process appends a pass's rows at a time
-        return _measure_sensitivity(variant, spec, suite_obj, device, max_tokens, trust_remote_code, on_row,
-                                    quantizer, folder, unit, mode)
+        return _measure_sensitivity(
+            variant, spec, suite_obj, device, max_tokens, trust_remote_code, on_row, quantizer, folder, unit, mode
+        )
 
 
-def _measure_sensitivity(variant, spec, suite_obj, device, max_tokens, trust_remote_code, on_row, quantizer,
-                         folder, unit, mode) -> tuple[pd.DataFrame, Path]:
+def _measure_sensitivity(
+    variant, spec, suite_obj, device, max_tokens, trust_remote_code, on_row, quantizer, folder, unit, mode
+) -> tuple[pd.DataFrame, Path]:
     unit_layers = sens.units(quantizer.layers(), unit)
-    scorer = sens.Scorer(folder, spec.path, suite_obj, load_tokenizer(spec.path, trust_remote_code), device,
-                         max_tokens, trust_remote_code)
+    scorer = sens.Scorer(
+        folder,
+        spec.path,
+        suite_obj,
+        load_tokenizer(spec.path, trust_remote_code),
+        device,
+        max_tokens,
+        trust_remote_code,
+    )
     rows = sens.load_rows(folder)
 
     def keep(row) -> None:
@@ -123,8 +150,20 @@ def _measure_sensitivity(variant, spec, suite_obj, device, max_tokens, trust_rem
     sens.write_heatmap(ordered, folder / sens.HEATMAP_FILE, f"{variant}: KLD with {which} quantized")
     import pandas as pd
 
-    table = pd.DataFrame([{"unit": r.unit, "layers": len(r.layers), "mode": r.mode, "kld": r.kld.value,
-                           "kld_stderr": r.kld.stderr, "same_top_p": r.same_top_p.value,
-                           "same_top_p_stderr": r.same_top_p.stderr, "ln_ppl_ratio": r.ln_ppl_ratio.value,
-                           "seconds": r.seconds} for r in ordered])
+    table = pd.DataFrame(
+        [
+            {
+                "unit": r.unit,
+                "layers": len(r.layers),
+                "mode": r.mode,
+                "kld": r.kld.value,
+                "kld_stderr": r.kld.stderr,
+                "same_top_p": r.same_top_p.value,
+                "same_top_p_stderr": r.same_top_p.stderr,
+                "ln_ppl_ratio": r.ln_ppl_ratio.value,
+                "seconds": r.seconds,
+            }
+            for r in ordered
+        ]
+    )
     return table, folder

@@ -21,16 +21,16 @@ import hashlib
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from pydantic import ValidationError
 
-from qbench.sdk.backend import Artifact, Backend, VariantConfig
 from qbench.core.errors import QBenchError
 from qbench.core.io import file_digest, write_atomic
 from qbench.core.paths import cache_dir, file_lock
-
+from qbench.sdk.backend import Artifact, Backend, VariantConfig
 
 #: Version of the entry layout: 2 added per-file checksums, 3 the manifest's
 #: identity (entries of older layouts are not found under the new keys and
@@ -40,8 +40,9 @@ CACHE_FORMAT = 3
 
 def digest_files(folder: Path) -> dict[str, tuple[int, str]]:
     """Every file under ``folder``: relative path -> (size, sha256)."""
-    return {str(p.relative_to(folder)): (p.stat().st_size, file_digest(p))
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): (p.stat().st_size, file_digest(p)) for p in sorted(folder.rglob("*")) if p.is_file()
+    }
 
 
 def verify_entry(entry: Path, artifact: Artifact) -> None:
@@ -75,8 +76,9 @@ def verify_entry(entry: Path, artifact: Artifact) -> None:
         raise QBenchError(f"artifact cache entry {entry} does not match its checksums ({problem}): {fix}")
 
 
-def artifact_identity(model_fingerprint: str, backend: Backend, config: VariantConfig,
-                      calibration_hash: Optional[str]) -> dict[str, Any]:
+def artifact_identity(
+    model_fingerprint: str, backend: Backend, config: VariantConfig, calibration_hash: Optional[str]
+) -> dict[str, Any]:
     """Everything that decides an entry's bytes; its hash is the key, and the
     manifest keeps it whole so that a hit can say what differs."""
     return {
@@ -95,8 +97,9 @@ def key_of(identity: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def artifact_key(model_fingerprint: str, backend: Backend, config: VariantConfig,
-                 calibration_hash: Optional[str]) -> str:
+def artifact_key(
+    model_fingerprint: str, backend: Backend, config: VariantConfig, calibration_hash: Optional[str]
+) -> str:
     return key_of(artifact_identity(model_fingerprint, backend, config, calibration_hash))
 
 
@@ -113,15 +116,19 @@ def verify_identity(entry: Path, artifact: Artifact, key: str, identity: dict[st
     if entry.name != key:
         problem = f"it lies in folder {entry.name}, not under its key {key}"
     elif artifact.key != key:
-        problem = (f"its manifest was written under key {artifact.key or '(none)'} for "
-                   f"{artifact.backend}:{artifact.variant}, not under {key}: it was copied from another entry")
+        problem = (
+            f"its manifest was written under key {artifact.key or '(none)'} for "
+            f"{artifact.backend}:{artifact.variant}, not under {key}: it was copied from another entry"
+        )
     else:
         stored = json.loads(json.dumps(artifact.identity, sort_keys=True))
         wanted = json.loads(json.dumps(identity, sort_keys=True))
         differ = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
         if differ:
-            problem = (f"its manifest holds {differ[0]}={stored.get(differ[0])!r}, this cell asks for "
-                       f"{wanted.get(differ[0])!r}")
+            problem = (
+                f"its manifest holds {differ[0]}={stored.get(differ[0])!r}, this cell asks for "
+                f"{wanted.get(differ[0])!r}"
+            )
     if problem:
         raise QBenchError(f"artifact cache entry {entry} is not the entry asked for ({problem}): {fix}")
 
@@ -157,8 +164,18 @@ def obtain_artifact(
             # Same content, maybe elsewhere now: the key is the model's
             # fingerprint, not its path, and the cache folder may have moved.
             # Load-only settings may differ from the build's: take the current ones.
-            return artifact.model_copy(update={"model_path": model_path, "path": str(entry / "files"),
-                                               "config": config.settings(), "verify_seconds": verified}), True, key
+            return (
+                artifact.model_copy(
+                    update={
+                        "model_path": model_path,
+                        "path": str(entry / "files"),
+                        "config": config.settings(),
+                        "verify_seconds": verified,
+                    }
+                ),
+                True,
+                key,
+            )
         if entry.exists():  # leftovers of a killed quantization
             shutil.rmtree(entry)
         workdir = entry / "files"
@@ -171,9 +188,18 @@ def obtain_artifact(
             shutil.rmtree(entry, ignore_errors=True)
             raise
         seconds = time.perf_counter() - started
-        artifact = Artifact(backend=backend.name, variant=variant, config=config.settings(), path=str(workdir),
-                            model_path=model_path, meta=dict(meta or {}), quantize_seconds=seconds,
-                            files=digest_files(workdir), key=key, identity=identity)
+        artifact = Artifact(
+            backend=backend.name,
+            variant=variant,
+            config=config.settings(),
+            path=str(workdir),
+            model_path=model_path,
+            meta=dict(meta or {}),
+            quantize_seconds=seconds,
+            files=digest_files(workdir),
+            key=key,
+            identity=identity,
+        )
         write_atomic(record, artifact.model_dump_json(indent=1))
         return artifact, False, key
 
@@ -185,8 +211,18 @@ def artifact_weight_bytes(artifact: Artifact) -> Optional[int]:
     return sum(f.stat().st_size for f in files) or None
 
 
-def _build_in_child(conn, plugins, backend_name: str, variant: str, settings: dict[str, Any], model_path: str,
-                    model_fingerprint: str, calibration, calibration_hash, threads: Optional[int]) -> None:
+def _build_in_child(
+    conn,
+    plugins,
+    backend_name: str,
+    variant: str,
+    settings: dict[str, Any],
+    model_path: str,
+    model_fingerprint: str,
+    calibration,
+    calibration_hash,
+    threads: Optional[int],
+) -> None:
     """The child of ``build_apart``: builds the artifact into the cache and
     says how it went over ``conn``: ("progress", text), then ("done",) or
     ("error", kind, message)."""
@@ -212,9 +248,18 @@ def _build_in_child(conn, plugins, backend_name: str, variant: str, settings: di
         conn.close()
 
 
-def build_apart(plugins, backend: Backend, variant: str, config: VariantConfig, model_path: str,
-                model_fingerprint: str, calibration: Optional[list[list[int]]], calibration_hash: Optional[str],
-                threads: Optional[int] = None, on_progress: Callable[[str], None] = lambda text: None) -> None:
+def build_apart(
+    plugins,
+    backend: Backend,
+    variant: str,
+    config: VariantConfig,
+    model_path: str,
+    model_fingerprint: str,
+    calibration: Optional[list[list[int]]],
+    calibration_hash: Optional[str],
+    threads: Optional[int] = None,
+    on_progress: Callable[[str], None] = lambda text: None,
+) -> None:
     """Build a cell's artifact into the cache in a fresh process (spawned:
     nothing of this process's state, threads or allocator comes along), so
     that whatever the quantization library leaves behind stays out of the
@@ -225,9 +270,23 @@ def build_apart(plugins, backend: Backend, variant: str, config: VariantConfig, 
 
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_build_in_child, name=f"qbench build {backend.name}:{variant}", daemon=True,
-                       args=(child, plugins, backend.name, variant, config.settings(), model_path, model_fingerprint,
-                             calibration, calibration_hash, threads))
+    proc = ctx.Process(
+        target=_build_in_child,
+        name=f"qbench build {backend.name}:{variant}",
+        daemon=True,
+        args=(
+            child,
+            plugins,
+            backend.name,
+            variant,
+            config.settings(),
+            model_path,
+            model_fingerprint,
+            calibration,
+            calibration_hash,
+            threads,
+        ),
+    )
     proc.start()
     child.close()
     outcome = None
@@ -248,8 +307,9 @@ def build_apart(plugins, backend: Backend, variant: str, config: VariantConfig, 
     if outcome is None:
         code = proc.exitcode
         why = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
-        raise RuntimeError(f"the process building the artifact died ({why}; a signal 9 is most likely the OS "
-                           "out-of-memory killer)")
+        raise RuntimeError(
+            f"the process building the artifact died ({why}; a signal 9 is most likely the OS out-of-memory killer)"
+        )
     if outcome[0] == "error":
         kind, message = outcome[1], outcome[2]
         raise QBenchError(message) if kind == "QBenchError" else RuntimeError(f"{kind}: {message}")

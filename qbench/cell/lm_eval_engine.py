@@ -23,13 +23,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
-from qbench.sdk.backend import Session, ignore_step
 from qbench.core.errors import QBenchError
 from qbench.data.lm_eval_tasks import FunctionTag, lm_eval_encode, load_task_yaml, prefix_token_id
 from qbench.data.windows import Window, rolling_windows
+from qbench.sdk.backend import Session, ignore_step
 
 #: prefix of installed lm-eval tasks in a suite's ``lm_eval.tasks``
 REGISTRY = "lm_eval:"
@@ -72,8 +73,7 @@ def _session_lm_class():
     from qbench.metrics.scoring import score_windows
 
     class SessionLM(TemplateLM):
-        def __init__(self, session: Session, tokenizer, max_length: int, batch_size: int,
-                     max_gen_toks: int = 256):
+        def __init__(self, session: Session, tokenizer, max_length: int, batch_size: int, max_gen_toks: int = 256):
             super().__init__()
             self.session, self.tokenizer = session, tokenizer
             self._max_length, self.batch_size, self.max_gen_toks = max_length, batch_size, max_gen_toks
@@ -90,10 +90,18 @@ def _session_lm_class():
         def max_length(self) -> int:
             return self._max_length
 
-        def tok_encode(self, string: str, add_special_tokens: Optional[bool] = None,
-                       left_truncate_len: Optional[int] = None, **kwargs) -> list[int]:
-            ids = (lm_eval_encode(self.tokenizer, string) if add_special_tokens is None
-                   else self.tokenizer.encode(string, add_special_tokens=add_special_tokens))
+        def tok_encode(
+            self,
+            string: str,
+            add_special_tokens: Optional[bool] = None,
+            left_truncate_len: Optional[int] = None,
+            **kwargs,
+        ) -> list[int]:
+            ids = (
+                lm_eval_encode(self.tokenizer, string)
+                if add_special_tokens is None
+                else self.tokenizer.encode(string, add_special_tokens=add_special_tokens)
+            )
             return ids[-left_truncate_len:] if left_truncate_len else ids
 
         def _score(self, windows: list[Window]) -> list[tuple[float, bool]]:
@@ -110,7 +118,7 @@ def _session_lm_class():
             windows = []
             for _, context, continuation in requests:
                 # As lm-eval's HF model: at most max_length tokens fed, cut on the left.
-                whole = (context + continuation)[-(self.max_length + 1):]
+                whole = (context + continuation)[-(self.max_length + 1) :]
                 windows.append(Window(tuple(whole), min(len(continuation), len(whole) - 1), (0, 0)))
             return self._score(windows)
 
@@ -164,21 +172,25 @@ def _session_lm_class():
                 context, gen_kwargs = request.args
                 kwargs = normalize_gen_kwargs(dict(gen_kwargs), self.max_gen_toks)
                 if kwargs.get("do_sample"):
-                    raise QBenchError("an lm-eval task asks for sampled generation; qbench decodes greedily "
-                                      "(set do_sample: false in the task's generation_kwargs)")
+                    raise QBenchError(
+                        "an lm-eval task asks for sampled generation; qbench decodes greedily "
+                        "(set do_sample: false in the task's generation_kwargs)"
+                    )
                 until = [stop for stop in handle_stop_sequences(kwargs.pop("until", None), eos=eos) if stop]
                 new_tokens = kwargs["max_gen_toks"]
-                prepared.append((self.tok_encode(context, left_truncate_len=self.max_length - new_tokens),
-                                 new_tokens, until))
+                prepared.append(
+                    (self.tok_encode(context, left_truncate_len=self.max_length - new_tokens), new_tokens, until)
+                )
             groups: dict[tuple[int, int], list[int]] = {}
             for index, (ids, new_tokens, _) in enumerate(prepared):
                 groups.setdefault((len(ids), new_tokens), []).append(index)
             out: list[str] = [""] * len(prepared)
             for (_, new_tokens), members in groups.items():
                 for start in range(0, len(members), self.batch_size):
-                    chunk = members[start:start + self.batch_size]
-                    generated = self._generate([prepared[i][0] for i in chunk], new_tokens,
-                                               [prepared[i][2] for i in chunk])
+                    chunk = members[start : start + self.batch_size]
+                    generated = self._generate(
+                        [prepared[i][0] for i in chunk], new_tokens, [prepared[i][2] for i in chunk]
+                    )
                     for i, tokens in zip(chunk, generated):
                         out[i] = self._text(tokens, prepared[i][2])
             return out
@@ -224,14 +236,18 @@ def read_task_file(path: Path, suite, trust_task_code: bool, seen: Optional[set]
     config = load_task_yaml(path)
     if _has_function(config):
         if not trust_task_code:
-            raise QBenchError(f"{path}: '!function' runs Python from the task's folder: run with "
-                              "--trust-task-code if you trust this task file")
+            raise QBenchError(
+                f"{path}: '!function' runs Python from the task's folder: run with "
+                "--trust-task-code if you trust this task file"
+            )
         from lm_eval.tasks._yaml_loader import load_yaml
 
         config = load_yaml(path, resolve_func=True, recursive=False)
     if (config.get("dataset_kwargs") or {}).get("trust_remote_code") and not trust_task_code:
-        raise QBenchError(f"{path}: dataset_kwargs.trust_remote_code runs the dataset's own script: run with "
-                          "--trust-task-code if you trust it")
+        raise QBenchError(
+            f"{path}: dataset_kwargs.trust_remote_code runs the dataset's own script: run with "
+            "--trust-task-code if you trust it"
+        )
     merged: dict[str, Any] = {}
     includes = config.pop("include", None)
     for name in includes if isinstance(includes, list) else [includes] if includes else []:
@@ -239,12 +255,20 @@ def read_task_file(path: Path, suite, trust_task_code: bool, seen: Optional[set]
     merged.update(config)
     files = (merged.get("dataset_kwargs") or {}).get("data_files")
     if merged.get("dataset_path") in ("json", "csv", "parquet", "text") and files:
+
         def local(name: str) -> str:
             return str(suite.resolve(str(path.parent / name)))
 
-        merged["dataset_kwargs"] = {**merged["dataset_kwargs"], "data_files": (
-            {split: ([local(f) for f in v] if isinstance(v, list) else local(v)) for split, v in files.items()}
-            if isinstance(files, dict) else [local(f) for f in files] if isinstance(files, list) else local(files))}
+        merged["dataset_kwargs"] = {
+            **merged["dataset_kwargs"],
+            "data_files": (
+                {split: ([local(f) for f in v] if isinstance(v, list) else local(v)) for split, v in files.items()}
+                if isinstance(files, dict)
+                else [local(f) for f in files]
+                if isinstance(files, list)
+                else local(files)
+            ),
+        }
     if "task" not in merged:
         raise QBenchError(f"{path}: an lm-eval task file needs a 'task' name")
     return merged
@@ -270,8 +294,12 @@ def installed_task_with_local_data(name: str, data: Path) -> dict[str, Any]:
     if data.suffix not in LOCAL_FORMATS:
         raise QBenchError(f"local data {data}: use a {', '.join(LOCAL_FORMATS)} file")
     split = config.get("test_split") or config.get("validation_split") or "test"
-    config.update(task=name, dataset_path=LOCAL_FORMATS[data.suffix], dataset_name=None,
-                  dataset_kwargs={"data_files": {split: str(data)}})
+    config.update(
+        task=name,
+        dataset_path=LOCAL_FORMATS[data.suffix],
+        dataset_name=None,
+        dataset_kwargs={"data_files": {split: str(data)}},
+    )
     return config
 
 
@@ -281,7 +309,7 @@ def task_specs(spec, suite, trust_task_code: bool) -> list[Any]:
     out: list[Any] = []
     for entry in spec.tasks:
         if entry.startswith(REGISTRY):
-            name = entry[len(REGISTRY):]
+            name = entry[len(REGISTRY) :]
             local = spec.local_data.get(name)
             out.append(installed_task_with_local_data(name, suite.resolve(local)) if local else name)
         else:
@@ -289,8 +317,9 @@ def task_specs(spec, suite, trust_task_code: bool) -> list[Any]:
     return out
 
 
-def evaluate(session: Session, tokenizer, spec, suite, trust_task_code: bool, max_length: int
-             ) -> dict[str, dict[str, Any]]:
+def evaluate(
+    session: Session, tokenizer, spec, suite, trust_task_code: bool, max_length: int
+) -> dict[str, dict[str, Any]]:
     """Run the suite's lm-eval tasks on the session. Returns, per task, its
     metrics as lm-eval reports them: ``{metric: (value, stderr)}``, plus the
     number of samples and the task's config version."""
@@ -302,19 +331,32 @@ def evaluate(session: Session, tokenizer, spec, suite, trust_task_code: bool, ma
     specs = task_specs(spec, suite, trust_task_code)
     with sandboxed_templates():
         try:
-            results = lm_eval.simple_evaluate(model=model, tasks=specs, num_fewshot=spec.num_fewshot,
-                                              limit=spec.limit, task_manager=TaskManager(), log_samples=False,
-                                              bootstrap_iters=spec.bootstrap_iters, random_seed=0,
-                                              numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
+            results = lm_eval.simple_evaluate(
+                model=model,
+                tasks=specs,
+                num_fewshot=spec.num_fewshot,
+                limit=spec.limit,
+                task_manager=TaskManager(),
+                log_samples=False,
+                bootstrap_iters=spec.bootstrap_iters,
+                random_seed=0,
+                numpy_random_seed=0,
+                torch_random_seed=0,
+                fewshot_random_seed=0,
+            )
         except QBenchError:
             raise
         except SecurityError as exc:  # a task template the sandbox refused: the file's problem, not the data's
-            raise QBenchError(f"an lm-eval task template was refused by the sandbox ({exc}): task templates may "
-                              "only read the document's fields") from None
+            raise QBenchError(
+                f"an lm-eval task template was refused by the sandbox ({exc}): task templates may "
+                "only read the document's fields"
+            ) from None
         except Exception as exc:  # lm-eval's own errors: an unknown task, a dataset it cannot load
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-            raise QBenchError(f"lm-eval could not run the suite's tasks: {type(exc).__name__}: {first} (offline, "
-                              "give the task local_data: {{TASK: file}} or use a task file with local data)") from None
+            raise QBenchError(
+                f"lm-eval could not run the suite's tasks: {type(exc).__name__}: {first} (offline, "
+                "give the task local_data: {{TASK: file}} or use a task file with local data)"
+            ) from None
     out: dict[str, dict[str, Any]] = {}
     for task, figures in (results or {}).get("results", {}).items():
         metrics = {}
@@ -324,8 +366,13 @@ def evaluate(session: Session, tokenizer, spec, suite, trust_task_code: bool, ma
                 continue
             stderr = figures.get(f"{name}_stderr,{filt}")
             label = name if filt == "none" else f"{name}[{filt}]"
-            metrics[label] = (float(value), float(stderr) if isinstance(stderr, (int, float))
-                              and math.isfinite(stderr) else None)
-        out[task] = {"metrics": metrics, "samples": (results.get("n-samples") or {}).get(task, {}).get("effective"),
-                     "version": (results.get("versions") or {}).get(task)}
+            metrics[label] = (
+                float(value),
+                float(stderr) if isinstance(stderr, (int, float)) and math.isfinite(stderr) else None,
+            )
+        out[task] = {
+            "metrics": metrics,
+            "samples": (results.get("n-samples") or {}).get(task, {}).get("effective"),
+            "version": (results.get("versions") or {}).get(task),
+        }
     return out

@@ -33,23 +33,35 @@ class BaselineReference:
         self.generation_file = self.dir / "generation.json"
         self.identity = dict(identity or {})
 
-    def save_scores(self, reference: "Reference", windows_hash: str, top_k: int, cell: str) -> None:
+    def save_scores(self, reference: Reference, windows_hash: str, top_k: int, cell: str) -> None:
         from qbench.core.io import file_digest
 
         # The tensors first, the meta file last: meta present means complete.
         write_atomic(self.logprobs, reference.save)
-        write_atomic(self.meta, json.dumps({"windows": windows_hash, "top_k": top_k, "cell": cell,
-                                            "tokens": int(reference.token_logprobs.numel()),
-                                            "sha256": file_digest(self.logprobs), **self.identity}))
+        write_atomic(
+            self.meta,
+            json.dumps(
+                {
+                    "windows": windows_hash,
+                    "top_k": top_k,
+                    "cell": cell,
+                    "tokens": int(reference.token_logprobs.numel()),
+                    "sha256": file_digest(self.logprobs),
+                    **self.identity,
+                }
+            ),
+        )
 
     def _check_identity(self, stored: dict, what: Path) -> None:
         fix = f"delete {self.dir} and rerun the baseline (qbench run --resume RUN --retry-failed)"
         for key, wanted in self.identity.items():
             if key in stored and stored[key] != wanted:
-                raise QBenchError(f"the baseline reference {what} was written for {key} {stored[key]}, this run's "
-                                  f"is {wanted}: it was copied from another run; {fix}")
+                raise QBenchError(
+                    f"the baseline reference {what} was written for {key} {stored[key]}, this run's "
+                    f"is {wanted}: it was copied from another run; {fix}"
+                )
 
-    def load_scores(self, windows_hash: str) -> Optional["Reference"]:
+    def load_scores(self, windows_hash: str) -> Optional[Reference]:
         """The stored distributions, or None when the baseline left none
         (it failed). A reference over other windows is an error: the suite
         or tokenizer changed between cells."""
@@ -61,22 +73,30 @@ class BaselineReference:
             meta = json.loads(self.meta.read_text())
             stored = meta["windows"]
         except (OSError, ValueError, KeyError, TypeError, RecursionError):
-            raise QBenchError(f"the baseline reference {self.meta} is unreadable: rerun the baseline with "
-                              f"`qbench run --resume RUN --retry-failed` after deleting {self.dir}") from None
+            raise QBenchError(
+                f"the baseline reference {self.meta} is unreadable: rerun the baseline with "
+                f"`qbench run --resume RUN --retry-failed` after deleting {self.dir}"
+            ) from None
         if not isinstance(meta, dict) or stored != windows_hash:
-            raise QBenchError("the baseline's windows differ from this cell's: the suite or tokenizer changed "
-                              "mid-run; start a new run instead of resuming")
+            raise QBenchError(
+                "the baseline's windows differ from this cell's: the suite or tokenizer changed "
+                "mid-run; start a new run instead of resuming"
+            )
         self._check_identity(meta, self.meta)
         if "sha256" in meta and self.logprobs.is_file() and file_digest(self.logprobs) != meta["sha256"]:
-            raise QBenchError(f"the baseline reference {self.logprobs} differs from what the baseline wrote "
-                              f"(sha256): delete {self.dir} and rerun the baseline")
+            raise QBenchError(
+                f"the baseline reference {self.logprobs} differs from what the baseline wrote "
+                f"(sha256): delete {self.dir} and rerun the baseline"
+            )
         from qbench.metrics.scoring import Reference
 
         try:
             return Reference.load(self.logprobs)
         except Exception as exc:  # safetensors raises its own error types for torn files
-            raise QBenchError(f"the baseline reference {self.logprobs} is unreadable ({type(exc).__name__}): "
-                              f"delete {self.dir} and rerun the baseline") from None
+            raise QBenchError(
+                f"the baseline reference {self.logprobs} is unreadable ({type(exc).__name__}): "
+                f"delete {self.dir} and rerun the baseline"
+            ) from None
 
     def save_generation(self, outputs: list[list[int]]) -> None:
         write_atomic(self.generation_file, json.dumps({"outputs": outputs, **self.identity}))
@@ -92,7 +112,8 @@ class BaselineReference:
             stored = {"outputs": stored}
         outputs = stored.get("outputs") if isinstance(stored, dict) else None
         if not isinstance(outputs, list) or not all(isinstance(o, list) for o in outputs):
-            raise QBenchError(f"the baseline's generations {self.generation_file} are unreadable: delete it and "
-                              "rerun the baseline") from None
+            raise QBenchError(
+                f"the baseline's generations {self.generation_file} are unreadable: delete it and rerun the baseline"
+            ) from None
         self._check_identity(stored, self.generation_file)
         return outputs

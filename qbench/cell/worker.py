@@ -12,17 +12,18 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
+from qbench.cell.reference import BaselineReference
 from qbench.core.cells import CellSpec
-from qbench.sdk.backend import ignore_step
 from qbench.core.errors import QBenchError
+from qbench.core.processes import die_with_parent
+from qbench.sdk.backend import ignore_step
 from qbench.sdk.models import ModelSpec
 from qbench.sdk.registry import PluginSettings
-from qbench.core.processes import die_with_parent
-from qbench.cell.reference import BaselineReference
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ def worker_main(task: CellTask, conn, log_path: str) -> None:
         conn.send(("result", record))
     except BaseException as exc:  # everything becomes a failed record, never a lost cell
         traceback.print_exc()
-        outcome = {"phase": phase, "error": describe_error(exc, phase)}
+        outcome: dict[str, Any] = {"phase": phase, "error": describe_error(exc, phase)}
         kept = pipeline.finished_part() if pipeline is not None else None
         if kept:  # the phases that finished before this one keep their figures
             outcome["partial"] = kept
@@ -98,14 +99,18 @@ def describe_error(exc: BaseException, phase: str) -> str:
     import torch
 
     if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
-        return (f"out of memory during {phase} ({type(exc).__name__}): try a smaller batch_size or "
-                f"max_length in the suite, or another device")
+        return (
+            f"out of memory during {phase} ({type(exc).__name__}): try a smaller batch_size or "
+            f"max_length in the suite, or another device"
+        )
     if isinstance(exc, QBenchError):
         return str(exc)
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         where = f" writing {exc.filename}" if exc.filename else ""
-        return (f"no space left on the disk during {phase}{where} ({exc.strerror}): free space there (or point "
-                f"$QBENCH_CACHE / -o elsewhere), then rerun this cell with --resume --retry-failed")
+        return (
+            f"no space left on the disk during {phase}{where} ({exc.strerror}): free space there (or point "
+            f"$QBENCH_CACHE / -o elsewhere), then rerun this cell with --resume --retry-failed"
+        )
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__} during {phase}: {first}"[:500]
 
@@ -148,9 +153,16 @@ def count_parameters(model_path: str) -> Optional[int]:
     return total
 
 
-def gated_latency(session, prompt, spec, run_dir: Path, cell: str,
-                  start_canary: Optional[dict[str, float]] = None, device: str = "cpu",
-                  eager: bool = True) -> dict[str, Any]:
+def gated_latency(
+    session,
+    prompt,
+    spec,
+    run_dir: Path,
+    cell: str,
+    start_canary: Optional[dict[str, float]] = None,
+    device: str = "cpu",
+    eager: bool = True,
+) -> dict[str, Any]:
     """The latency workload, timed while a canary of the resource the row's
     speed depends on (see qbench.metrics.canary: the CPU; on CUDA the GPU's
     memory bandwidth, and the host's kernel launches for ``eager`` rows)
@@ -161,8 +173,15 @@ def gated_latency(session, prompt, spec, run_dir: Path, cell: str,
     from the cell's start (on the CPU) or its best reading around the
     measurement. Returns one trial's figures (see qbench.metrics.trials)."""
     from qbench.metrics import metric
-    from qbench.metrics.canary import MAX_ATTEMPTS, PAUSE_SECONDS, SLOW_FACTOR, append_history, make_canary, \
-        slowdown, typical
+    from qbench.metrics.canary import (
+        MAX_ATTEMPTS,
+        PAUSE_SECONDS,
+        SLOW_FACTOR,
+        append_history,
+        make_canary,
+        slowdown,
+        typical,
+    )
     from qbench.metrics.cost import latency_metrics
 
     gate_started = time.perf_counter()
@@ -174,8 +193,9 @@ def gated_latency(session, prompt, spec, run_dir: Path, cell: str,
     for attempt in range(1, MAX_ATTEMPTS + 1):
         before = canary.read(eager)
         started = time.perf_counter()
-        result = latency_metrics(session, prompt, spec.new_tokens, spec.warmup, spec.min_reps, spec.min_seconds,
-                                 spec.max_reps)
+        result = latency_metrics(
+            session, prompt, spec.new_tokens, spec.warmup, spec.min_reps, spec.min_seconds, spec.max_reps
+        )
         measuring += time.perf_counter() - started
         after = canary.read(eager)
         during = {key: max(before[key], after[key]) for key in before}
@@ -184,19 +204,34 @@ def gated_latency(session, prompt, spec, run_dir: Path, cell: str,
         ratio, key = slowdown(during, reference)
         if ratio <= SLOW_FACTOR or attempt == MAX_ATTEMPTS:
             break
-        print(f"[qbench] canary ({canary.resources[key]}) {during[key]:.3f} ms vs typical {reference[key]:.3f} ms: "
-              f"latency measured again in {PAUSE_SECONDS:g}s", flush=True)
+        print(
+            f"[qbench] canary ({canary.resources[key]}) {during[key]:.3f} ms vs typical {reference[key]:.3f} ms: "
+            f"latency measured again in {PAUSE_SECONDS:g}s",
+            flush=True,
+        )
         time.sleep(PAUSE_SECONDS)
     append_history(history, cell, best)
     result["machine_canary_ms"] = metric(
-        during["ms"], "ms", None, None, typical=reference["ms"], attempts=attempt, busy=ratio > SLOW_FACTOR,
-        ratio=round(ratio, 4), resource=canary.resources[key], before=round(before["ms"], 4),
-        after=round(after["ms"], 4), **({"launch_ms": round(during["launch_ms"], 4),
-                                         "typical_launch_ms": round(reference["launch_ms"], 4)}
-                                        if "launch_ms" in during else {}),
+        during["ms"],
+        "ms",
+        None,
+        None,
+        typical=reference["ms"],
+        attempts=attempt,
+        busy=ratio > SLOW_FACTOR,
+        ratio=round(ratio, 4),
+        resource=canary.resources[key],
+        before=round(before["ms"], 4),
+        after=round(after["ms"], 4),
+        **(
+            {"launch_ms": round(during["launch_ms"], 4), "typical_launch_ms": round(reference["launch_ms"], 4)}
+            if "launch_ms" in during
+            else {}
+        ),
         gate_seconds=round(time.perf_counter() - gate_started - measuring, 3),
         label=f"a fixed workload of {', and '.join(canary.resources[k] for k in during)}, timed around the latency "
-              "phase; typical: the median over the run's earlier cells")
+        "phase; typical: the median over the run's earlier cells",
+    )
     return result
 
 
@@ -210,8 +245,12 @@ class CellPipeline:
 
     QUALITY_PHASES = ("perplexity", "tasks", "lm-eval", "generation", "latency")
 
-    def __init__(self, task: CellTask, enter: Callable[[str], None],
-                 checkpoint: Callable[[dict[str, Any]], None] = lambda part: None):
+    def __init__(
+        self,
+        task: CellTask,
+        enter: Callable[[str], None],
+        checkpoint: Callable[[dict[str, Any]], None] = lambda part: None,
+    ):
         self.task = task
         self.enter = enter
         #: receives ``finished_part()`` after each measurement phase, so the
@@ -232,9 +271,14 @@ class CellPipeline:
         self.completed: list[str] = []
         self._kept: tuple[dict, dict, list] = ({}, {}, [])
         baseline = task.cell if task.is_baseline else None
-        self.reference = BaselineReference(Path(task.run_dir), {
-            "run_id": task.run_id, "model": ModelSpec(**task.model).fingerprint, **({"cell": baseline} if baseline
-                                                                                   else {})})
+        self.reference = BaselineReference(
+            Path(task.run_dir),
+            {
+                "run_id": task.run_id,
+                "model": ModelSpec(**task.model).fingerprint,
+                **({"cell": baseline} if baseline else {}),
+            },
+        )
 
     def phase(self, name: str) -> None:
         now = time.perf_counter()
@@ -252,11 +296,13 @@ class CellPipeline:
             trial = self.measure_latency_trial()
             self.phase("done")
             return {"status": "ok", "trial": trial, "phase_seconds": self.phase_seconds}
-        for name, wanted, measure in (("perplexity", self.suite.perplexity, self.measure_perplexity),
-                                      ("tasks", self.work.tasks, self.measure_tasks),
-                                      ("lm-eval", self.suite.lm_eval, self.measure_lm_eval),
-                                      ("generation", self.suite.generation, self.measure_generation),
-                                      ("latency", self.suite.latency, self.measure_latency)):
+        for name, wanted, measure in (
+            ("perplexity", self.suite.perplexity, self.measure_perplexity),
+            ("tasks", self.work.tasks, self.measure_tasks),
+            ("lm-eval", self.suite.lm_eval, self.measure_lm_eval),
+            ("generation", self.suite.generation, self.measure_generation),
+            ("latency", self.suite.latency, self.measure_latency),
+        ):
             if wanted:
                 measure()
                 self.completed.append(name)
@@ -271,23 +317,40 @@ class CellPipeline:
         raises: it runs while the cell is already failing."""
         if not self.completed:
             return None
-        metrics, tasks, notes = (dict(part) if isinstance(part, dict) else list(part) for part in self._kept)
+        metrics, tasks, notes = dict(self._kept[0]), dict(self._kept[1]), list(self._kept[2])
         try:
             from qbench.metrics import metric
 
-            metrics["weight_bytes"] = metric(self.weight_bytes, "bytes", None, None,
-                                             label="bytes of weights held by the loaded model (packed storage, scales "
-                                                   "included)")
+            metrics["weight_bytes"] = metric(
+                self.weight_bytes,
+                "bytes",
+                None,
+                None,
+                label="bytes of weights held by the loaded model (packed storage, scales included)",
+            )
         except Exception:  # noqa: BLE001 - the partial record is worth more than this figure
             pass
-        part: dict[str, Any] = {"metrics": metrics, "tasks": tasks, "notes": notes,
-                                "completed_phases": list(self.completed), "phase_seconds": dict(self.phase_seconds),
-                                "started": self.started}
+        part: dict[str, Any] = {
+            "metrics": metrics,
+            "tasks": tasks,
+            "notes": notes,
+            "completed_phases": list(self.completed),
+            "phase_seconds": dict(self.phase_seconds),
+            "started": self.started,
+        }
         try:
-            part.update(config=self.config.settings(), nominal_bits=self.config.nominal_bits(),
-                        backend_version=self.backend.version(), workload=self.work.fingerprint(),
-                        artifact={"key": self.artifact_key, "cache_hit": self.cache_hit, "path": self.artifact.path,
-                                  "meta": self.artifact.meta})
+            part.update(
+                config=self.config.settings(),
+                nominal_bits=self.config.nominal_bits(),
+                backend_version=self.backend.version(),
+                workload=self.work.fingerprint(),
+                artifact={
+                    "key": self.artifact_key,
+                    "cache_hit": self.cache_hit,
+                    "path": self.artifact.path,
+                    "meta": self.artifact.meta,
+                },
+            )
         except Exception:  # noqa: BLE001
             pass
         return part
@@ -295,10 +358,10 @@ class CellPipeline:
     def prepare(self) -> None:
         import torch
 
-        from qbench.sdk.registry import get_backend, load_plugins
         from qbench.data.suites import load_suite
         from qbench.data.workload import Workload
         from qbench.sdk.hf import load_tokenizer
+        from qbench.sdk.registry import get_backend, load_plugins
 
         task = self.task
         if task.threads:
@@ -319,46 +382,69 @@ class CellPipeline:
         if not availability.ok:
             raise QBenchError(f"{task.cell} cannot run on {task.device}: {availability.reason}")
         if task.gpus_per_cell > 1 and torch.cuda.device_count() < task.gpus_per_cell:
-            raise QBenchError(f"{task.cell} is to be spread over {task.gpus_per_cell} GPUs but its worker sees "
-                              f"{torch.cuda.device_count()}: check CUDA_VISIBLE_DEVICES and --gpus")
+            raise QBenchError(
+                f"{task.cell} is to be spread over {task.gpus_per_cell} GPUs but its worker sees "
+                f"{torch.cuda.device_count()}: check CUDA_VISIBLE_DEVICES and --gpus"
+            )
         self.suite = load_suite(task.suite_path, allow_outside_data=task.allow_outside_data)
         self.config = self.backend.with_suite(self.config, self.suite)
         self.work = Workload(self.suite, load_tokenizer(self.model.path, self.model.trust_remote_code))
-        self.calibration, self.calibration_hash = (self.work.calibration(self.config.calibration)
-                                                   if self.backend.needs_calibration(
-            self.config) else (None, None))
+        self.calibration, self.calibration_hash = (
+            self.work.calibration(self.config.calibration)
+            if self.backend.needs_calibration(self.config)
+            else (None, None)
+        )
         if not task.latency_trial:
             self.work.prepare()
             if self.calibration:
                 overlap = self.work.calibration_overlap(self.calibration)
                 if overlap > 0:
-                    self.notes.append(f"{overlap:.1%} of the calibration's 13-grams also occur in the evaluation "
-                                      "data: calibrated quality may be flattered; keep calibration documents apart "
-                                      "in the suite")
+                    self.notes.append(
+                        f"{overlap:.1%} of the calibration's 13-grams also occur in the evaluation "
+                        "data: calibrated quality may be flattered; keep calibration documents apart "
+                        "in the suite"
+                    )
 
     def obtain_artifact(self) -> None:
-        from qbench.core import progress
         from qbench.cell.artifacts import artifact_key, build_apart, is_cached, obtain_artifact
+        from qbench.core import progress
 
         self.phase("quantize")
         built = False
         key = artifact_key(self.model.fingerprint, self.backend, self.config, self.calibration_hash)
         if self.backend.builds_apart and not is_cached(self.backend.name, key):
             self.enter("quantize (building artifact in a process of its own)")
-            build_apart(self.task.plugins, self.backend, self.variant, self.config, self.model.path,
-                        self.model.fingerprint, self.calibration, self.calibration_hash, self.task.threads,
-                        on_progress=lambda text: self.enter(f"quantize (building artifact: {text})"))
+            build_apart(
+                self.task.plugins,
+                self.backend,
+                self.variant,
+                self.config,
+                self.model.path,
+                self.model.fingerprint,
+                self.calibration,
+                self.calibration_hash,
+                self.task.threads,
+                on_progress=lambda text: self.enter(f"quantize (building artifact: {text})"),
+            )
             built = True
         progress.set_sink(lambda text: self.enter(f"quantize (building artifact: {text})"))
         try:
             artifact, hit, self.artifact_key = obtain_artifact(
-                self.backend, self.variant, self.config, self.model.path, self.model.fingerprint,
-                self.calibration, self.calibration_hash, on_build=lambda: self.enter("quantize (building artifact)"))
+                self.backend,
+                self.variant,
+                self.config,
+                self.model.path,
+                self.model.fingerprint,
+                self.calibration,
+                self.calibration_hash,
+                on_build=lambda: self.enter("quantize (building artifact)"),
+            )
         finally:
             progress.set_sink(None)
         self.cache_hit = hit and not built  # built by this cell, in its child process
-        self.artifact = artifact.model_copy(update={"trust_remote_code": self.model.trust_remote_code,
-                                                    "gpus": self.task.gpus_per_cell})
+        self.artifact = artifact.model_copy(
+            update={"trust_remote_code": self.model.trust_remote_code, "gpus": self.task.gpus_per_cell}
+        )
 
     def load(self) -> None:
         from qbench.metrics.cost import BackendClock
@@ -368,8 +454,9 @@ class CellPipeline:
         self.session = BackendClock(self.backend.load(self.artifact, self.task.device))
         self.load_seconds = time.perf_counter() - started
         self.weight_bytes = self.session.weight_bytes()
-        verify_quantized(self.weight_bytes, count_parameters(self.model.path), self.config.nominal_bits(),
-                         self.task.cell)
+        verify_quantized(
+            self.weight_bytes, count_parameters(self.model.path), self.config.nominal_bits(), self.task.cell
+        )
 
     def measure_perplexity(self) -> None:
         from qbench.metrics.quality import fidelity_metrics, perplexity_metrics
@@ -381,21 +468,31 @@ class CellPipeline:
         if not self.task.is_baseline:
             reference = self.reference.load_scores(windows_hash)
             if reference is None:
-                self.notes.append("no baseline reference in this run (did the baseline fail?): fidelity not "
-                                  "measured")
+                self.notes.append("no baseline reference in this run (did the baseline fail?): fidelity not measured")
         spec = self.suite.perplexity
-        scores = score_windows(self.session, self.work.perplexity_windows, spec.batch_size, reference=reference,
-                               top_k=self.suite.fidelity.top_k if self.task.is_baseline else 0)
+        scores = score_windows(
+            self.session,
+            self.work.perplexity_windows,
+            spec.batch_size,
+            reference=reference,
+            top_k=self.suite.fidelity.top_k if self.task.is_baseline else 0,
+        )
         token_lp = scores.tensor("token_logprobs")
         n_bytes, n_words = self.work.scored_text_stats
         self.metrics.update(perplexity_metrics(token_lp, n_bytes, n_words))
         if self.task.is_baseline:
-            self.reference.save_scores(reference_from(scores), windows_hash, self.suite.fidelity.top_k,
-                                       self.task.cell)
+            self.reference.save_scores(reference_from(scores), windows_hash, self.suite.fidelity.top_k, self.task.cell)
         elif reference is not None:
-            self.metrics.update(fidelity_metrics(token_lp, reference.token_logprobs, scores.tensor("kld"),
-                                                 scores.tensor("same_top"), scores.tensor("tail_mass"),
-                                                 self.suite.fidelity.top_k))
+            self.metrics.update(
+                fidelity_metrics(
+                    token_lp,
+                    reference.token_logprobs,
+                    scores.tensor("kld"),
+                    scores.tensor("same_top"),
+                    scores.tensor("tail_mass"),
+                    self.suite.fidelity.top_k,
+                )
+            )
 
     def measure_tasks(self) -> None:
         from qbench.metrics import metric, proportion_stderr
@@ -416,26 +513,35 @@ class CellPipeline:
         """The suite's lm-eval tasks, each task's figures as lm-eval reports
         them, under ``lm_eval:TASK`` in the record's tasks."""
         from qbench.cell.lm_eval_engine import evaluate
-        from qbench.metrics import metric
         from qbench.data.workload import max_positions
+        from qbench.metrics import metric
 
         self.phase("lm-eval")
         spec = self.suite.lm_eval
         max_length = spec.max_length or max_positions(self.model.path) or 2048
-        results = evaluate(self.session, self.work.tokenizer, spec, self.suite, self.task.trust_task_code,
-                           max_length)
+        results = evaluate(self.session, self.work.tokenizer, spec, self.suite, self.task.trust_task_code, max_length)
         for task, found in results.items():
             self.tasks[f"lm_eval:{task}"] = {
-                name: metric(value, "lm-eval", found["samples"], stderr, engine="lm-eval",
-                             task_version=found["version"], max_length=max_length)
-                for name, (value, stderr) in found["metrics"].items()}
+                name: metric(
+                    value,
+                    "lm-eval",
+                    found["samples"],
+                    stderr,
+                    engine="lm-eval",
+                    task_version=found["version"],
+                    max_length=max_length,
+                )
+                for name, (value, stderr) in found["metrics"].items()
+            }
 
     def measure_generation(self) -> None:
         from qbench.metrics.generation import generation_metrics
 
         self.phase("generation")
-        outputs = [self.session.generate(p, self.suite.generation.max_new_tokens, ignore_step)[0].tolist()
-                   for p in self.work.generation_prompts]
+        outputs = [
+            self.session.generate(p, self.suite.generation.max_new_tokens, ignore_step)[0].tolist()
+            for p in self.work.generation_prompts
+        ]
         if self.task.is_baseline:
             self.reference.save_generation(outputs)
             return
@@ -460,9 +566,15 @@ class CellPipeline:
         started = time.perf_counter()
         self.session.generate(self.work.latency_prompt(), self.suite.latency.new_tokens, ignore_step)
         self.metrics["compile_seconds"] = metric(
-            time.perf_counter() - started, "s", None, None, runtime=runtime, compile_mode=self.config.compile_mode,
+            time.perf_counter() - started,
+            "s",
+            None,
+            None,
+            runtime=runtime,
+            compile_mode=self.config.compile_mode,
             label="first pass of the latency workload through the compiled runtime (compilation and CUDA-graph "
-                  "capture); not part of the latency figures")
+            "capture); not part of the latency figures",
+        )
 
     def measure_latency(self) -> None:
         from qbench.metrics.trials import busy_notes, combine_trials
@@ -496,9 +608,11 @@ class CellPipeline:
                     self.notes.append(f"batch sweep stopped at batch {batch}: out of memory")
                     break
             self.sweep[batch] = {
-                "prefill_ms": trial["prefill_ms"], "decode_ms_per_token": trial["decode_ms_per_token"],
+                "prefill_ms": trial["prefill_ms"],
+                "decode_ms_per_token": trial["decode_ms_per_token"],
                 "decode_tokens_per_s": trial["decode_tokens_per_s"],
-                "roofline_fraction": self.roofline(trial)["roofline_fraction"]}
+                "roofline_fraction": self.roofline(trial)["roofline_fraction"],
+            }
 
     def roofline(self, trial: dict[str, Any]) -> dict[str, Any]:
         """One latency measurement's decode bandwidth against the run's
@@ -508,9 +622,13 @@ class CellPipeline:
         from qbench.metrics.trials import trial_workload
 
         bandwidth = run_bandwidth(Path(self.task.run_dir), self.task.device)
-        return roofline_metrics(self.weight_bytes - self.session.unread_weight_bytes(),
-                                self.session.kv_bytes_per_position(), trial_workload([trial]),
-                                trial["decode_ms_per_token"]["value"], bandwidth)
+        return roofline_metrics(
+            self.weight_bytes - self.session.unread_weight_bytes(),
+            self.session.kv_bytes_per_position(),
+            trial_workload([trial]),
+            trial["decode_ms_per_token"]["value"],
+            bandwidth,
+        )
 
     def measure_latency_trial(self) -> dict[str, Any]:
         self.phase("latency")
@@ -522,8 +640,16 @@ class CellPipeline:
 
     def gated(self, prompt, start_canary: Optional[dict[str, float]] = None) -> dict[str, Any]:
         """The latency workload on ``prompt`` behind the canary of this cell's device and runtime."""
-        result = gated_latency(self.session, prompt, self.suite.latency, Path(self.task.run_dir), self.task.cell,
-                               start_canary, self.task.device, eager=self.config.runtime == "eager")
+        result = gated_latency(
+            self.session,
+            prompt,
+            self.suite.latency,
+            Path(self.task.run_dir),
+            self.task.cell,
+            start_canary,
+            self.task.device,
+            eager=self.config.runtime == "eager",
+        )
         self.gate_seconds += result["machine_canary_ms"]["gate_seconds"]
         return result
 
@@ -535,15 +661,22 @@ class CellPipeline:
         self.metrics.update(memory_metrics(self.session, self.task.device))
         on_disk = artifact_weight_bytes(self.artifact)
         if on_disk is not None:
-            self.metrics["artifact_bytes"] = metric(on_disk, "bytes", None, None,
-                                                    label="size of the artifact's tensor files on disk")
+            self.metrics["artifact_bytes"] = metric(
+                on_disk, "bytes", None, None, label="size of the artifact's tensor files on disk"
+            )
             if abs(self.weight_bytes - on_disk) > 0.1 * on_disk:
-                self.notes.append(f"the session holds {self.weight_bytes / 2**20:.1f} MiB of weights but its "
-                                  f"artifact has {on_disk / 2**20:.1f} MiB on disk: storage differs between file "
-                                  "and memory")
+                self.notes.append(
+                    f"the session holds {self.weight_bytes / 2**20:.1f} MiB of weights but its "
+                    f"artifact has {on_disk / 2**20:.1f} MiB on disk: storage differs between file "
+                    "and memory"
+                )
         self.metrics["load_seconds"] = metric(self.load_seconds, "s")
-        self.metrics["quantize_seconds"] = metric(self.artifact.quantize_seconds, "s", cached=self.cache_hit,
-                                                  label="time the artifact took to build, even if cached")
+        self.metrics["quantize_seconds"] = metric(
+            self.artifact.quantize_seconds,
+            "s",
+            cached=self.cache_hit,
+            label="time the artifact took to build, even if cached",
+        )
 
     def harness_share(self) -> None:
         from qbench.metrics import metric
@@ -553,10 +686,15 @@ class CellPipeline:
         measured = sum(self.phase_seconds.get(p, 0.0) for p in self.QUALITY_PHASES) - self.gate_seconds
         harness = max(measured - self.session.seconds, 0.0)
         self.metrics["harness_share"] = metric(
-            harness / measured if measured else 0.0, "fraction", None, None, seconds=round(harness, 3),
+            harness / measured if measured else 0.0,
+            "fraction",
+            None,
+            None,
+            seconds=round(harness, 3),
             backend_seconds=round(self.session.seconds, 3),
             label="share of the measurement phases' time spent outside backend calls (tokenizing aside: "
-                  "log-softmax, metrics, bookkeeping)")
+            "log-softmax, metrics, bookkeeping)",
+        )
 
     def record(self) -> dict[str, Any]:
         """The record's measured part; the parent adds identity and timing."""
@@ -584,11 +722,18 @@ class CellPipeline:
             "config": self.config.settings(),
             "nominal_bits": self.config.nominal_bits(),
             "backend_version": self.backend.version(),
-            "artifact": {"key": self.artifact_key, "cache_hit": self.cache_hit, "path": self.artifact.path,
-                         "meta": self.artifact.meta, "verify_seconds": self.artifact.verify_seconds},
-            "calibration": ({"hash": self.calibration_hash, "samples": len(self.calibration),
-                             "name": self.config.calibration}
-                            if self.calibration else None),
+            "artifact": {
+                "key": self.artifact_key,
+                "cache_hit": self.cache_hit,
+                "path": self.artifact.path,
+                "meta": self.artifact.meta,
+                "verify_seconds": self.artifact.verify_seconds,
+            },
+            "calibration": (
+                {"hash": self.calibration_hash, "samples": len(self.calibration), "name": self.config.calibration}
+                if self.calibration
+                else None
+            ),
             "workload": self.work.fingerprint(),
             "session": describe,
             "env": collect_environment(self.task.device),

@@ -63,12 +63,13 @@ class CellSpec(BaseModel):
     baseline: bool = False
 
     @classmethod
-    def parse(cls, text: str, baseline: bool = False) -> "CellSpec":
+    def parse(cls, text: str, baseline: bool = False) -> CellSpec:
         """``backend:variant[:key=value,...]`` or ``backend:key=value,...``."""
         backend, colon, rest = text.strip().partition(":")
         if not colon or not backend.strip() or not rest.strip():
-            raise QBenchError(f"'{text}' names no variant: write backend:variant (e.g. bnb:nf4) or "
-                              "backend:key=value,...")
+            raise QBenchError(
+                f"'{text}' names no variant: write backend:variant (e.g. bnb:nf4) or backend:key=value,..."
+            )
         variant, settings = parse_variant(rest)
         return cls(backend=backend.strip(), variant=variant, settings=settings, baseline=baseline)
 

@@ -20,8 +20,10 @@ def read_text(path: Path) -> str:
     try:
         size = Path(path).stat().st_size
         if size > MAX_DATA_BYTES:
-            raise QBenchError(f"{path} has {size / 2**30:.1f} GiB, more than the {MAX_DATA_BYTES // 2**30} GiB "
-                              "qbench reads from one data file: cut it to what the suite evaluates")
+            raise QBenchError(
+                f"{path} has {size / 2**30:.1f} GiB, more than the {MAX_DATA_BYTES // 2**30} GiB "
+                "qbench reads from one data file: cut it to what the suite evaluates"
+            )
         data = Path(path).read_bytes()
     except OSError as exc:
         raise QBenchError(f"cannot read {path}: {exc.strerror or exc}") from None
@@ -39,6 +41,8 @@ def check_inside(path: Path, root: Path, suite_file: Path) -> Path:
     ``../../etc/passwd`` or ``~/.ssh``. ``--allow-outside-data`` lifts it."""
     resolved = Path(path).resolve()
     if not resolved.is_relative_to(Path(root).resolve()):
-        raise QBenchError(f"{suite_file}: data file {resolved} lies outside the suite's folder {root}; move it "
-                          f"beside the suite, or pass {ALLOW_FLAG} if you trust this suite")
+        raise QBenchError(
+            f"{suite_file}: data file {resolved} lies outside the suite's folder {root}; move it "
+            f"beside the suite, or pass {ALLOW_FLAG} if you trust this suite"
+        )
     return resolved

@@ -48,5 +48,7 @@ def cast_note(row: str | None, baseline: str | None, baseline_cell: str, row_cel
     mine, theirs = short_name(row), short_name(baseline)
     if row_cell == f"fp:{mine}":
         return None
-    return (f"computes in {mine}, the baseline `{baseline_cell}` in {theirs}: its KLD includes that cast and its "
-            f"speed is not the quantization's alone (compare with fp:{mine})")
+    return (
+        f"computes in {mine}, the baseline `{baseline_cell}` in {theirs}: its KLD includes that cast and its "
+        f"speed is not the quantization's alone (compare with fp:{mine})"
+    )

@@ -14,9 +14,22 @@ import psutil
 
 #: Packages whose versions change numbers; recorded with every result.
 TRACKED_PACKAGES = (
-    "qbench", "torch", "transformers", "accelerate", "safetensors", "tokenizers", "numpy",
-    "bitsandbytes", "torchao", "gptqmodel", "optimum", "onnxruntime", "onnxruntime-gpu",
-    "onnxruntime-genai", "gguf", "pluggy",
+    "qbench",
+    "torch",
+    "transformers",
+    "accelerate",
+    "safetensors",
+    "tokenizers",
+    "numpy",
+    "bitsandbytes",
+    "torchao",
+    "gptqmodel",
+    "optimum",
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "onnxruntime-genai",
+    "gguf",
+    "pluggy",
 )
 
 
@@ -35,14 +48,14 @@ def missing_packages(requires: dict[str, str]) -> dict[str, str]:
 def git_commit() -> Optional[str]:
     root = Path(__file__).resolve().parent.parent
     try:
-        out = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
-        )
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
         if out.returncode != 0:
             return None
         dirty = subprocess.run(
             ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=5,
+            capture_output=True,
+            text=True,
+            timeout=5,
         ).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):

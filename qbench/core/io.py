@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Union
+from typing import Union
 
 
 def write_atomic(path: Path, content: Union[str, bytes, Callable[[Path], None]]) -> None:

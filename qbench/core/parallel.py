@@ -15,7 +15,8 @@ from __future__ import annotations
 import multiprocessing
 import queue
 import threading
-from typing import Any, Callable, Optional, TypeVar
+from collections.abc import Callable
+from typing import Any, Optional, TypeVar
 
 Item = TypeVar("Item")
 
@@ -40,9 +41,14 @@ class Relay:
         self.events.put(("call", "warn", (message,)))
 
 
-def run_cells(items: list[Item], gpus: list[str], work: Callable[[Item, Optional[str], Any], Any],
-              finish: Callable[[Item, Any], None], reporter: Any,
-              assign: Optional[Callable[[Item], Optional[str]]] = None) -> None:
+def run_cells(
+    items: list[Item],
+    gpus: list[str],
+    work: Callable[[Item, Optional[str], Any], Any],
+    finish: Callable[[Item, Any], None],
+    reporter: Any,
+    assign: Optional[Callable[[Item], Optional[str]]] = None,
+) -> None:
     """``work`` then ``finish`` for every item: one after another in this
     thread on one GPU or none (``gpu`` is then that GPU or None), else
     spread over the GPUs by ``run_on_gpus``."""
@@ -53,9 +59,14 @@ def run_cells(items: list[Item], gpus: list[str], work: Callable[[Item, Optional
         finish(item, work(item, gpus[0] if gpus else None, reporter))
 
 
-def run_on_gpus(items: list[Item], gpus: list[str], work: Callable[[Item, str, Any], Any],
-                finish: Callable[[Item, Any], None], reporter: Any,
-                assign: Optional[Callable[[Item], Optional[str]]] = None) -> None:
+def run_on_gpus(
+    items: list[Item],
+    gpus: list[str],
+    work: Callable[[Item, str, Any], Any],
+    finish: Callable[[Item, Any], None],
+    reporter: Any,
+    assign: Optional[Callable[[Item], Optional[str]]] = None,
+) -> None:
     """Run ``work(item, gpu, reporter)`` for every item, one at a time per
     GPU, and call ``finish(item, result)`` in this (the main) thread as each
     ends. ``assign(item)`` may pin an item to a GPU (a latency trial to the

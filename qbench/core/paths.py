@@ -30,8 +30,10 @@ def file_lock(path: Path):
     except OSError as exc:
         from qbench.core.errors import QBenchError
 
-        raise QBenchError(f"cannot create the lock file {path} ({exc.strerror or exc}): the cache folder is not "
-                          "writable; set $QBENCH_CACHE to a folder you can write to") from None
+        raise QBenchError(
+            f"cannot create the lock file {path} ({exc.strerror or exc}): the cache folder is not "
+            "writable; set $QBENCH_CACHE to a folder you can write to"
+        ) from None
     with handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:

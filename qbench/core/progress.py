@@ -7,7 +7,8 @@ nothing. Backends need no reference to the runner.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 _sink: Optional[Callable[[str], None]] = None
 

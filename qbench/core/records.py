@@ -32,12 +32,14 @@ class NewerSchema(ValueError):
     """A record written by a newer qbench than this one."""
 
     def __init__(self, version: int):
-        super().__init__(f"written by a newer qbench (record schema {version}; this qbench reads up to "
-                         f"{SCHEMA_VERSION}): upgrade qbench (pip install -U qbench) to read it")
+        super().__init__(
+            f"written by a newer qbench (record schema {version}; this qbench reads up to "
+            f"{SCHEMA_VERSION}): upgrade qbench (pip install -U qbench) to read it"
+        )
         self.version = version
 
 
-def parse_record(text: str) -> "CellRecord":
+def parse_record(text: str) -> CellRecord:
     """One JSON record, checked for its schema version before its fields:
     ``NewerSchema`` for a newer one, a ``ValueError`` (pydantic's
     ``ValidationError`` is one) for a line that is not a record."""
@@ -189,6 +191,6 @@ class CellRecord(BaseModel):
     def to_json(self) -> str:
         return self.model_dump_json(by_alias=True, exclude_none=True)
 
-    def updated(self, **changes: Any) -> "CellRecord":
+    def updated(self, **changes: Any) -> CellRecord:
         """A validated copy with ``changes``."""
         return CellRecord.model_validate({**self.model_dump(by_alias=True), **changes})

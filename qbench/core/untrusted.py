@@ -25,8 +25,9 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import yaml
 
@@ -84,8 +85,10 @@ class BoundedLoader(yaml.SafeLoader):
                 size = 1
             self._sizes[id(node)] = size
             if size > MAX_YAML_NODES:
-                raise YamlTooLarge(f"its aliases expand to more than {MAX_YAML_NODES:,} nodes (a YAML bomb?): "
-                                   "write the content out without anchors")
+                raise YamlTooLarge(
+                    f"its aliases expand to more than {MAX_YAML_NODES:,} nodes (a YAML bomb?): "
+                    "write the content out without anchors"
+                )
         return node
 
 
@@ -93,8 +96,10 @@ def load_yaml(text: str, where: str | Path, loader: type[BoundedLoader] = Bounde
     """A user's YAML document, within the bounds above; any problem is one
     line naming ``where`` (the file) and, for a syntax error, the line."""
     if len(text.encode("utf-8", "replace")) > MAX_YAML_BYTES:
-        raise QBenchError(f"{where}: larger than {MAX_YAML_BYTES // 2**20} MiB, more than a qbench YAML file "
-                          "should hold: split it or trim it")
+        raise QBenchError(
+            f"{where}: larger than {MAX_YAML_BYTES // 2**20} MiB, more than a qbench YAML file "
+            "should hold: split it or trim it"
+        )
     try:
         return yaml.load(text, Loader=loader)
     except YamlTooLarge as exc:
@@ -138,6 +143,7 @@ def bounded_work(seconds: float = RENDER_SECONDS, memory: int = RENDER_MEMORY) -
     timed = threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer")
     started = time.monotonic()
     if timed:
+
         def expire(signum, frame):
             raise RenderTimeout(f"took longer than {seconds:g} s")
 

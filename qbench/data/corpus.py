@@ -23,10 +23,12 @@ def _builtin_documents(source: str) -> list[str]:
 def _hub_documents(source: str, text_field: str) -> list[str]:
     """``hf:DATASET[:CONFIG]:SPLIT`` through the `datasets` library, for users
     with a hub: never needed by the default suites or the tests."""
-    parts = source[len("hf:"):].split(":")
+    parts = source[len("hf:") :].split(":")
     if len(parts) not in (2, 3) or not all(parts):
-        raise QBenchError(f"corpus source '{source}': expected hf:DATASET:SPLIT or hf:DATASET:CONFIG:SPLIT, "
-                          "e.g. hf:Salesforce/wikitext:wikitext-2-raw-v1:test")
+        raise QBenchError(
+            f"corpus source '{source}': expected hf:DATASET:SPLIT or hf:DATASET:CONFIG:SPLIT, "
+            "e.g. hf:Salesforce/wikitext:wikitext-2-raw-v1:test"
+        )
     try:
         import datasets
     except ImportError:
@@ -36,11 +38,14 @@ def _hub_documents(source: str, text_field: str) -> list[str]:
         rows = datasets.load_dataset(name, config, split=split)
     except Exception as exc:  # offline, unknown dataset, bad split: say which, in one line
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise QBenchError(f"cannot load corpus '{source}' from the Hugging Face hub ({first}); offline, use a "
-                          "local .txt/.jsonl file or builtin:pydoc-topics") from None
+        raise QBenchError(
+            f"cannot load corpus '{source}' from the Hugging Face hub ({first}); offline, use a "
+            "local .txt/.jsonl file or builtin:pydoc-topics"
+        ) from None
     if text_field not in rows.column_names:
-        raise QBenchError(f"corpus '{source}' has no column '{text_field}' (columns: "
-                          f"{', '.join(rows.column_names)}): set text_field")
+        raise QBenchError(
+            f"corpus '{source}' has no column '{text_field}' (columns: {', '.join(rows.column_names)}): set text_field"
+        )
     return [t for t in rows[text_field] if isinstance(t, str) and t.strip()]
 
 
@@ -73,7 +78,7 @@ def load_documents(spec: CorpusSpec, suite: Suite) -> list[str]:
         if not docs:
             raise QBenchError(f"corpus file {path} holds no text")
     lo, hi = spec.documents
-    picked = docs[int(round(lo * len(docs))): int(round(hi * len(docs)))]
+    picked = docs[int(round(lo * len(docs))) : int(round(hi * len(docs)))]
     if not picked:
         raise QBenchError(f"corpus '{spec.source}' with documents {spec.documents} selects no document")
     return picked

@@ -3,11 +3,18 @@ checked strictly, because a malformed item scores silently wrong."""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StrictStr, ValidationError, \
-    model_validator
-from typing_extensions import Annotated
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    model_validator,
+)
 
 from qbench.core.errors import QBenchError, describe_validation
 
@@ -42,10 +49,13 @@ def validate_item(raw: Any, where: str) -> dict[str, Any]:
     """A task item checked against ``ChoiceItem``, or a one-line error naming
     ``where`` (file and line) and the field."""
     if not isinstance(raw, dict):
-        raise QBenchError(f"{where}: expected a JSON object {{\"context\": str, \"choices\": [str, ...], "
-                          f"\"gold\": int}}, got {type(raw).__name__}")
+        raise QBenchError(
+            f'{where}: expected a JSON object {{"context": str, "choices": [str, ...], '
+            f'"gold": int}}, got {type(raw).__name__}'
+        )
     try:
         return ChoiceItem.model_validate(raw).model_dump(exclude_none=True)
     except ValidationError as exc:
-        raise QBenchError(f"{where}: {describe_validation(exc)} (expected {{\"context\": str, \"choices\": "
-                          f"[str, ...], \"gold\": int}})") from None
+        raise QBenchError(
+            f'{where}: {describe_validation(exc)} (expected {{"context": str, "choices": [str, ...], "gold": int}})'
+        ) from None

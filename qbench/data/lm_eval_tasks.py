@@ -20,8 +20,8 @@ from typing import Any, Optional
 
 from qbench.core.datafiles import read_text
 from qbench.core.errors import QBenchError
-from qbench.data.items import validate_item
 from qbench.core.untrusted import BoundedLoader, load_yaml, template_environment
+from qbench.data.items import validate_item
 
 UNSUPPORTED = ("process_docs", "include", "doc_to_decontamination_query", "fewshot_config")
 
@@ -65,12 +65,16 @@ def read_config(path: Path) -> dict[str, Any]:
     config = load_task_yaml(path)
     for key, value in config.items():
         if isinstance(value, FunctionTag):
-            raise QBenchError(f"{path}: '{key}: !function {value}' runs Python from the task; qbench supports "
-                              "field names and Jinja templates only")
+            raise QBenchError(
+                f"{path}: '{key}: !function {value}' runs Python from the task; qbench supports "
+                "field names and Jinja templates only"
+            )
     for key in UNSUPPORTED:
         if key in config:
-            raise QBenchError(f"{path}: '{key}' is not supported by qbench's native task reader: list the file "
-                              "under the suite's lm_eval: tasks to run it through lm-evaluation-harness")
+            raise QBenchError(
+                f"{path}: '{key}' is not supported by qbench's native task reader: list the file "
+                "under the suite's lm_eval: tasks to run it through lm-evaluation-harness"
+            )
     if config.get("output_type", "multiple_choice") != "multiple_choice":
         raise QBenchError(f"{path}: output_type '{config['output_type']}' is not supported (multiple_choice only)")
     if int(config.get("num_fewshot", 0) or 0):
@@ -81,8 +85,10 @@ def read_config(path: Path) -> dict[str, Any]:
 def data_file(path: Path, config: dict[str, Any]) -> Path:
     """The local file of the split lm-eval would evaluate (test, else validation)."""
     if config.get("dataset_path") not in ("json", "csv"):
-        raise QBenchError(f"{path}: dataset_path '{config.get('dataset_path')}' is not local data: use "
-                          "'dataset_path: json' (or csv) with data_files")
+        raise QBenchError(
+            f"{path}: dataset_path '{config.get('dataset_path')}' is not local data: use "
+            "'dataset_path: json' (or csv) with data_files"
+        )
     files = (config.get("dataset_kwargs") or {}).get("data_files") or config.get("data_files")
     split = config.get("test_split") or config.get("validation_split") or "test"
     if isinstance(files, dict):
@@ -148,14 +154,26 @@ def load_task(path: Path, limit: Optional[int]) -> list[dict[str, Any]]:
             if isinstance(target, str) and not target.strip().lstrip("-").isdigit():
                 target = [str(c) for c in choices].index(target)
         except SecurityError as exc:
-            raise QBenchError(f"{path}: field '{field}': template refused by the sandbox ({exc}); task templates "
-                              "may only read the document's fields") from None
+            raise QBenchError(
+                f"{path}: field '{field}': template refused by the sandbox ({exc}); task templates "
+                "may only read the document's fields"
+            ) from None
         except (jinja2.TemplateError, ValueError, SyntaxError, TypeError, KeyError, MemoryError) as exc:
-            raise QBenchError(f"{path}: field '{field}', document {number} of {source.name}: "
-                              f"{type(exc).__name__}: {exc}") from None
+            raise QBenchError(
+                f"{path}: field '{field}', document {number} of {source.name}: {type(exc).__name__}: {exc}"
+            ) from None
         where = f"{path}: document {number} of {source.name}"
-        items.append(validate_item({"context": str(context), "choices": [delimiter + str(c) for c in choices],
-                                    "gold": target, "norm_lengths": [len(str(c)) for c in choices]}, where))
+        items.append(
+            validate_item(
+                {
+                    "context": str(context),
+                    "choices": [delimiter + str(c) for c in choices],
+                    "gold": target,
+                    "norm_lengths": [len(str(c)) for c in choices],
+                },
+                where,
+            )
+        )
         if limit and len(items) == limit:
             break
     if not items:

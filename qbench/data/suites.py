@@ -53,22 +53,34 @@ class PerplexitySpec(_Strict):
     #: lm-eval counts them. llama.cpp: llama-perplexity's chunks of
     #: ``max_length`` (its n_ctx), scoring only each chunk's second half.
     protocol: PerplexityProtocol = "stream"
-    max_tokens: int = Field(16384, gt=1, description="tokens of the corpus to evaluate (lm-eval-rolling: whole "
-                                                      "documents up to that many tokens)")
-    max_length: int = Field(512, gt=1, description="window length in tokens, BOS included (lm-eval-rolling: "
-                                                    "tokens fed per window, lm-eval's max_length; llama.cpp: n_ctx)")
-    stride: Optional[int] = Field(None, gt=0, description="window step; default max_length (no overlap); "
-                                                          "stream protocol only")
+    max_tokens: int = Field(
+        16384,
+        gt=1,
+        description="tokens of the corpus to evaluate (lm-eval-rolling: whole documents up to that many tokens)",
+    )
+    max_length: int = Field(
+        512,
+        gt=1,
+        description="window length in tokens, BOS included (lm-eval-rolling: "
+        "tokens fed per window, lm-eval's max_length; llama.cpp: n_ctx)",
+    )
+    stride: Optional[int] = Field(
+        None, gt=0, description="window step; default max_length (no overlap); stream protocol only"
+    )
     batch_size: int = Field(2, gt=0)
 
     @model_validator(mode="after")
     def _check_stride(self):
         if self.stride is not None and self.protocol != "stream":
-            raise ValueError(f"stride applies to the stream protocol only; protocol {self.protocol} fixes its "
-                             "own windows: drop stride")
+            raise ValueError(
+                f"stride applies to the stream protocol only; protocol {self.protocol} fixes its "
+                "own windows: drop stride"
+            )
         if self.stride is not None and self.stride > self.max_length:
-            raise ValueError(f"stride {self.stride} is longer than max_length {self.max_length}: tokens between "
-                             "windows would never be scored")
+            raise ValueError(
+                f"stride {self.stride} is longer than max_length {self.max_length}: tokens between "
+                "windows would never be scored"
+            )
         if self.protocol == "llama.cpp" and self.max_length < 4:
             raise ValueError("protocol llama.cpp scores the second half of each chunk: max_length must be >= 4")
         return self
@@ -123,6 +135,7 @@ class LatencySpec(_Strict):
     def batch_sizes(self) -> list[int]:
         return list(self.batch_size) if isinstance(self.batch_size, list) else [self.batch_size]
 
+
 class LmEvalSpec(_Strict):
     """Tasks run by lm-evaluation-harness on every cell's session."""
 
@@ -148,13 +161,13 @@ class LmEvalSpec(_Strict):
         if twice:
             raise ValueError(f"lm-eval task '{twice[0]}' is listed twice")
         for task in tasks:
-            if task.startswith("lm_eval:") and not task[len("lm_eval:"):].strip():
+            if task.startswith("lm_eval:") and not task[len("lm_eval:") :].strip():
                 raise ValueError("'lm_eval:' needs a task name, e.g. lm_eval:hellaswag")
         return tasks
 
     @model_validator(mode="after")
     def _local_data_for_listed_tasks(self):
-        listed = {t[len("lm_eval:"):] for t in self.tasks if t.startswith("lm_eval:")}
+        listed = {t[len("lm_eval:") :] for t in self.tasks if t.startswith("lm_eval:")}
         for name in self.local_data:
             if name not in listed:
                 raise ValueError(f"local_data names '{name}', which is not among the tasks as lm_eval:{name}")
@@ -204,7 +217,8 @@ class Suite(_Strict):
     #: that runs on the device by default. Which rows run is not what a
     #: cell measures, so it stays out of the suite's hash.
     backends: Optional[list[Annotated[str, Field(min_length=1, max_length=200)]]] = Field(
-        None, min_length=1, max_length=100, exclude=True)
+        None, min_length=1, max_length=100, exclude=True
+    )
     #: folder of the suite file; relative data paths resolve against it
     root: str = Field("", exclude=True)
     #: the suite file itself, for messages
@@ -219,8 +233,10 @@ class Suite(_Strict):
         # read or download outside the suite's own data rules.
         for row in self.backends or []:
             if re.search(r"(^|[:,])\s*(path|recipe)\s*=", row):
-                raise ValueError(f"backends: '{row}' names a file (path= or recipe=): a suite's rows may not; "
-                                 "give that row with -b on the command line")
+                raise ValueError(
+                    f"backends: '{row}' names a file (path= or recipe=): a suite's rows may not; "
+                    "give that row with -b on the command line"
+                )
         return self
 
     @model_validator(mode="after")
@@ -243,15 +259,18 @@ class Suite(_Strict):
             return self.calibration
         if name not in self.calibration_sets:
             known = ["default"] * (self.calibration is not None) + list(self.calibration_sets)
-            raise QBenchError(f"suite '{self.name}' has no calibration set '{name}': choose one of "
-                              f"{', '.join(known) or '(none: add a calibration section)'}")
+            raise QBenchError(
+                f"suite '{self.name}' has no calibration set '{name}': choose one of "
+                f"{', '.join(known) or '(none: add a calibration section)'}"
+            )
         return self.calibration_sets[name]
 
     @model_validator(mode="after")
     def _latency_needs_text(self):
         if self.latency and not self.perplexity:
-            raise ValueError("latency prompts are cut from the perplexity corpus: add a 'perplexity' section "
-                             "(or drop 'latency')")
+            raise ValueError(
+                "latency prompts are cut from the perplexity corpus: add a 'perplexity' section (or drop 'latency')"
+            )
         return self
 
     def resolve(self, relative: str) -> Path:
@@ -272,12 +291,15 @@ class Suite(_Strict):
                 from qbench.data.lm_eval_tasks import data_file, read_config
 
                 files.append(self.resolve(str(data_file(path, read_config(path)))))
-        for entry in (self.lm_eval.tasks if self.lm_eval else []):
+        for entry in self.lm_eval.tasks if self.lm_eval else []:
             if not entry.startswith("lm_eval:"):
                 files.append(self.resolve(entry))
         files += [self.resolve(p) for p in (self.lm_eval.local_data.values() if self.lm_eval else [])]
-        for corpus in (self.perplexity and self.perplexity.corpus, self.calibration and self.calibration.corpus,
-                       *(spec.corpus for spec in self.calibration_sets.values())):
+        for corpus in (
+            self.perplexity and self.perplexity.corpus,
+            self.calibration and self.calibration.corpus,
+            *(spec.corpus for spec in self.calibration_sets.values()),
+        ):
             if corpus and not corpus.source.startswith(("builtin:", "hf:")):
                 files.append(self.resolve(corpus.source))
         return files
@@ -306,8 +328,10 @@ def suites_dir() -> Path:
     except ModuleNotFoundError:
         folder = None
     if folder is None or not folder.is_dir():
-        raise QBenchError(f"the shipped suites (package {SUITES_PACKAGE}) are missing from this install: reinstall "
-                          "qbench (pip install --force-reinstall qbench)")
+        raise QBenchError(
+            f"the shipped suites (package {SUITES_PACKAGE}) are missing from this install: reinstall "
+            "qbench (pip install --force-reinstall qbench)"
+        )
     return folder
 
 
@@ -331,8 +355,9 @@ def suite_path(name_or_path: str) -> Path:
     for builtin in known:
         if builtin.stem == name_or_path:
             return builtin
-    raise QBenchError(f"suite '{name_or_path}' not found: give a suite file path or one of: "
-                      f"{', '.join(p.stem for p in known)}")
+    raise QBenchError(
+        f"suite '{name_or_path}' not found: give a suite file path or one of: {', '.join(p.stem for p in known)}"
+    )
 
 
 def load_suite(name_or_path: str, allow_outside_data: bool = False) -> Suite:
@@ -343,8 +368,7 @@ def load_suite(name_or_path: str, allow_outside_data: bool = False) -> Suite:
     if not isinstance(raw, dict):
         raise QBenchError(f"{path}: a suite file must be a YAML mapping with at least 'name'")
     try:
-        suite = Suite(**raw, root=str(path.parent.resolve()), file=str(path),
-                      allow_outside_data=allow_outside_data)
+        suite = Suite(**raw, root=str(path.parent.resolve()), file=str(path), allow_outside_data=allow_outside_data)
     except ValidationError as exc:
         raise QBenchError(f"{path}: {describe_validation(exc)}") from None
     missing = [str(p) for p in suite.data_files() if not p.is_file()]

@@ -37,8 +37,9 @@ def load_items(path: Path, limit: Optional[int]) -> list[dict[str, Any]]:
     return items
 
 
-def request_windows(tokenizer, items: list[dict[str, Any]], bos_id: Optional[int],
-                    lm_eval_rule: bool = False) -> list[Window]:
+def request_windows(
+    tokenizer, items: list[dict[str, Any]], bos_id: Optional[int], lm_eval_rule: bool = False
+) -> list[Window]:
     """One window per (item, choice): the joint encoding of context + choice,
     split at the context's token count; only the choice's tokens are scored.
     Trailing spaces move from the context to the choice, as in lm-eval.
@@ -54,7 +55,7 @@ def request_windows(tokenizer, items: list[dict[str, Any]], bos_id: Optional[int
         for choice in item["choices"]:
             context = item["context"]
             stripped = context.rstrip(" ")
-            continuation = context[len(stripped):] + choice
+            continuation = context[len(stripped) :] + choice
             if lm_eval_rule and stripped:
                 ctx, whole = lm_eval_encode(tokenizer, stripped), lm_eval_encode(tokenizer, stripped + continuation)
             elif lm_eval_rule:  # an empty context conditions on the prefix token

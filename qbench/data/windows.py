@@ -59,8 +59,7 @@ def make_windows(
         end = min(begin + capacity, len(stream))
         first = max(scored_until, begin + (0 if prefix else 1))
         if end > first:
-            windows.append(Window(tuple(prefix + stream[begin:end]), end - first,
-                                  (first - offset, end - offset)))
+            windows.append(Window(tuple(prefix + stream[begin:end]), end - first, (first - offset, end - offset)))
             scored_until = end
         if end == len(stream):
             break
@@ -91,8 +90,9 @@ def rolling_windows(documents: list[list[int]], max_length: int, prefix_id: int)
             end = done + min(len(tokens) - done, max_length)
             # lm-eval's context starts max_length + 1 before the window's end
             # (never before the document's start).
-            windows.append(Window(tuple(tokens[max(end - max_length - 1, 0): end]), end - done,
-                                  (offset + done, offset + end)))
+            windows.append(
+                Window(tuple(tokens[max(end - max_length - 1, 0) : end]), end - done, (offset + done, offset + end))
+            )
             done = end
         offset += len(tokens)
     return windows
@@ -110,11 +110,10 @@ def llama_cpp_windows(tokens: list[int], n_ctx: int, bos_id: Optional[int]) -> l
     first = n_ctx // 2
     windows = []
     for start in range(0, (len(stream) // n_ctx) * n_ctx, n_ctx):
-        chunk = stream[start: start + n_ctx]
+        chunk = stream[start : start + n_ctx]
         if bos_id is not None:
             chunk[0] = bos_id
-        windows.append(Window(tuple(chunk), n_ctx - 1 - first,
-                              (start + first + 1 - offset, start + n_ctx - offset)))
+        windows.append(Window(tuple(chunk), n_ctx - 1 - first, (start + first + 1 - offset, start + n_ctx - offset)))
     return windows
 
 
@@ -128,7 +127,7 @@ def windows_hash(windows: list[Window]) -> str:
 def batches(windows: list[Window], batch_size: int, pad_id: int = 0):
     """Right-padded batches: (input_ids, attention_mask, windows)."""
     for i in range(0, len(windows), batch_size):
-        chunk = windows[i: i + batch_size]
+        chunk = windows[i : i + batch_size]
         length = max(len(w.input_ids) for w in chunk)
         ids = torch.full((len(chunk), length), pad_id, dtype=torch.long)
         mask = torch.zeros((len(chunk), length), dtype=torch.long)

@@ -13,13 +13,13 @@ from typing import Any, Optional
 
 import torch
 
-from qbench.data.corpus import corpus_stream, load_documents
 from qbench.core.errors import QBenchError
-from qbench.sdk.hf import adds_bos
+from qbench.data.corpus import corpus_stream, load_documents
 from qbench.data.lm_eval_tasks import lm_eval_encode, prefix_token_id
-from qbench.data.tasks import load_items, request_windows
 from qbench.data.suites import Suite
+from qbench.data.tasks import load_items, request_windows
 from qbench.data.windows import Window, llama_cpp_windows, make_windows, rolling_windows, windows_hash
+from qbench.sdk.hf import adds_bos
 
 OVERLAP_NGRAM = 13
 
@@ -58,8 +58,9 @@ class Workload:
         """lm-eval-rolling: whole documents, each tokenized as lm-eval's HF
         model does (the tokenizer's own special tokens, unless the text
         already starts with the prefix token), up to ``max_tokens``."""
-        self.rolling_prefix_id  # no prefix token: a clear error first
-        out, total = [], 0
+        _ = self.rolling_prefix_id  # no prefix token: a clear error first
+        out: list[tuple[str, list[int]]] = []
+        total = 0
         for doc in self.documents:
             ids = lm_eval_encode(self.tokenizer, doc)
             if out and total + len(ids) > self.suite.perplexity.max_tokens:
@@ -73,8 +74,10 @@ class Workload:
         """lm-eval's prefix token for rolling loglikelihoods: BOS, else EOS."""
         prefix = prefix_token_id(self.tokenizer)
         if prefix is None:
-            raise QBenchError(f"{self.suite.file}: protocol lm-eval-rolling needs a BOS or EOS token and this "
-                              "model's tokenizer has neither: use protocol stream")
+            raise QBenchError(
+                f"{self.suite.file}: protocol lm-eval-rolling needs a BOS or EOS token and this "
+                "model's tokenizer has neither: use protocol stream"
+            )
         return prefix
 
     @property
@@ -95,8 +98,7 @@ class Workload:
     def perplexity_windows(self) -> list[Window]:
         spec = self.suite.perplexity
         if spec.protocol == "lm-eval-rolling":
-            return rolling_windows([ids for _, ids in self.rolling_documents], spec.max_length,
-                                   self.rolling_prefix_id)
+            return rolling_windows([ids for _, ids in self.rolling_documents], spec.max_length, self.rolling_prefix_id)
         if spec.protocol == "llama.cpp":
             return llama_cpp_windows(self.stream, spec.max_length, self.bos_id if self.tokenizer_adds_bos else None)
         return make_windows(self.stream, spec.max_length, spec.stride, self.suite.bos, self.bos_id)
@@ -121,7 +123,7 @@ class Workload:
         stream = self.stream
         n_bytes = n_words = 0
         for w in self.perplexity_windows:
-            text = self.tokenizer.decode(stream[w.span[0]: w.span[1]])
+            text = self.tokenizer.decode(stream[w.span[0] : w.span[1]])
             n_bytes += len(text.encode("utf-8"))
             n_words += len(text.split())
         return n_bytes, n_words
@@ -132,15 +134,24 @@ class Workload:
         bos = self._bos_prefix()
         for task in self.suite.tasks:
             items = load_items(self.suite.resolve(task.path), task.limit)
-            out.append((task.name, items, request_windows(self.tokenizer, items, bos[0] if bos else None,
-                                                          lm_eval_rule=self.suite.task_bos == "lm-eval")))
+            out.append(
+                (
+                    task.name,
+                    items,
+                    request_windows(
+                        self.tokenizer, items, bos[0] if bos else None, lm_eval_rule=self.suite.task_bos == "lm-eval"
+                    ),
+                )
+            )
         return out
 
     @cached_property
     def generation_prompts(self) -> list[torch.Tensor]:
         bos = self._bos_prefix()
-        return [torch.tensor([bos + self.tokenizer(p, add_special_tokens=False)["input_ids"]])
-                for p in self.suite.generation.prompts]
+        return [
+            torch.tensor([bos + self.tokenizer(p, add_special_tokens=False)["input_ids"]])
+            for p in self.suite.generation.prompts
+        ]
 
     def latency_prompt(self, batch_size: Optional[int] = None) -> torch.Tensor:
         """Real corpus tokens (not random ids), repeated over the batch (the
@@ -148,8 +159,10 @@ class Workload:
         spec = self.suite.latency
         ids = (self._bos_prefix() + self.stream)[: spec.prompt_tokens]
         if len(ids) < spec.prompt_tokens:
-            raise QBenchError(f"the corpus has only {len(ids)} tokens, the latency workload needs "
-                              f"{spec.prompt_tokens}: lower latency.prompt_tokens")
+            raise QBenchError(
+                f"the corpus has only {len(ids)} tokens, the latency workload needs "
+                f"{spec.prompt_tokens}: lower latency.prompt_tokens"
+            )
         return torch.tensor([ids] * (batch_size or spec.batch_sizes[0]))
 
     def calibration(self, name: str = "default") -> tuple[Optional[list[list[int]]], Optional[str]]:
@@ -160,7 +173,7 @@ class Workload:
             return None, None
         docs = load_documents(spec.corpus, self.suite)
         stream = corpus_stream(self.tokenizer, docs, spec.samples * spec.seq_len)
-        samples = [stream[i: i + spec.seq_len] for i in range(0, len(stream), spec.seq_len)]
+        samples = [stream[i : i + spec.seq_len] for i in range(0, len(stream), spec.seq_len)]
         samples = [s for s in samples if len(s) == spec.seq_len][: spec.samples]
         digest = hashlib.sha256(json.dumps(samples).encode()).hexdigest()[:16]
         return samples, digest
@@ -170,9 +183,10 @@ class Workload:
         evaluation data (perplexity corpus, task requests, generation
         prompts): calibrating on evaluation text flatters calibrated variants.
         13-grams, as in lm-evaluation-harness's decontamination."""
+
         def grams(ids) -> set:
             ids = tuple(ids)
-            return {ids[i: i + n] for i in range(len(ids) - n + 1)}
+            return {ids[i : i + n] for i in range(len(ids) - n + 1)}
 
         evaluation: set = set()
         if self.suite.perplexity:
@@ -191,43 +205,56 @@ class Workload:
         scored tokens exist, and no sequence the harness builds is longer
         than the model's positions (``limit``), where scores would be
         silently wrong."""
+
         def fits(length: int, what: str, fix: str) -> None:
             if limit is not None and length > limit:
-                raise QBenchError(f"{self.suite.file}: {what} needs {length:,} positions but the model has "
-                                  f"{limit:,}: {fix}")
+                raise QBenchError(
+                    f"{self.suite.file}: {what} needs {length:,} positions but the model has {limit:,}: {fix}"
+                )
 
         spec = self.suite.perplexity
         if spec:
             scored = sum(w.n_scored for w in self.perplexity_windows)
             if scored < 2:
-                raise QBenchError(f"{self.suite.file}: the perplexity corpus gives {scored} scored token(s) "
-                                  f"({len(self.stream)} tokens in all): use a longer corpus")
+                raise QBenchError(
+                    f"{self.suite.file}: the perplexity corpus gives {scored} scored token(s) "
+                    f"({len(self.stream)} tokens in all): use a longer corpus"
+                )
             # The model is fed every token of a window but its last (only a target).
-            fits(max(len(w.input_ids) for w in self.perplexity_windows) - 1, "perplexity.max_length",
-                 "lower it")
+            fits(max(len(w.input_ids) for w in self.perplexity_windows) - 1, "perplexity.max_length", "lower it")
         for name, _, windows in self.tasks:
-            fits(max(len(w.input_ids) for w in windows) - 1, f"task '{name}' (its longest request)",
-                 "shorten its contexts or drop the task")
+            fits(
+                max(len(w.input_ids) for w in windows) - 1,
+                f"task '{name}' (its longest request)",
+                "shorten its contexts or drop the task",
+            )
         if self.suite.generation:
             longest = max(p.shape[1] for p in self.generation_prompts)
-            fits(longest + self.suite.generation.max_new_tokens, "generation (longest prompt + max_new_tokens)",
-                 "lower max_new_tokens or shorten the prompts")
+            fits(
+                longest + self.suite.generation.max_new_tokens,
+                "generation (longest prompt + max_new_tokens)",
+                "lower max_new_tokens or shorten the prompts",
+            )
         sets = {"calibration": "default"} if self.suite.calibration else {}
         sets.update({f"calibration_sets.{name}": name for name in self.suite.calibration_sets})
         for where, name in sets.items():
-            spec = self.suite.calibration_spec(name)
+            wanted = self.suite.calibration_spec(name)
             samples, _ = self.calibration(name)
-            if len(samples) < spec.samples:
-                raise QBenchError(f"{self.suite.file}: the {where} corpus gives {len(samples)} of the "
-                                  f"{spec.samples} samples of {spec.seq_len} tokens asked for: lower "
-                                  f"{where}.samples or seq_len, or use more text")
-            fits(spec.seq_len, f"{where}.seq_len", "lower it")
+            if len(samples) < wanted.samples:
+                raise QBenchError(
+                    f"{self.suite.file}: the {where} corpus gives {len(samples)} of the "
+                    f"{wanted.samples} samples of {wanted.seq_len} tokens asked for: lower "
+                    f"{where}.samples or seq_len, or use more text"
+                )
+            fits(wanted.seq_len, f"{where}.seq_len", "lower it")
         if self.suite.latency:
             lat = self.suite.latency
             available = len(self._bos_prefix()) + len(self.stream)
             if available < lat.prompt_tokens:
-                raise QBenchError(f"{self.suite.file}: latency.prompt_tokens is {lat.prompt_tokens} but the "
-                                  f"perplexity corpus gives only {available} tokens: lower it or use more text")
+                raise QBenchError(
+                    f"{self.suite.file}: latency.prompt_tokens is {lat.prompt_tokens} but the "
+                    f"perplexity corpus gives only {available} tokens: lower it or use more text"
+                )
             fits(lat.prompt_tokens + lat.new_tokens, "latency (prompt_tokens + new_tokens)", "lower them")
 
     @property
@@ -241,10 +268,16 @@ class Workload:
             kind = "BOS" if prefix == self.bos_id else "EOS"
             return f"lm-eval's prefix token ({kind}, id {prefix}) before each document's first window"
         if protocol == "llama.cpp":
-            return (f"BOS (id {self.bos_id}) first in every chunk, as llama-perplexity" if self.tokenizer_adds_bos
-                    else "none (the tokenizer adds no BOS, so llama-perplexity adds none)")
-        return {"none": "none", "document": f"BOS (id {self.bos_id}) before the corpus",
-                "window": f"BOS (id {self.bos_id}) before every window"}[self.suite.bos]
+            return (
+                f"BOS (id {self.bos_id}) first in every chunk, as llama-perplexity"
+                if self.tokenizer_adds_bos
+                else "none (the tokenizer adds no BOS, so llama-perplexity adds none)"
+            )
+        return {
+            "none": "none",
+            "document": f"BOS (id {self.bos_id}) before the corpus",
+            "window": f"BOS (id {self.bos_id}) before every window",
+        }[self.suite.bos]
 
     def fingerprint(self) -> dict[str, Any]:
         out: dict[str, Any] = {"bos_policy": self.suite.bos, "bos_id": self.bos_id, "task_bos": self.suite.task_bos}

@@ -7,8 +7,9 @@ from any earlier run of that cell on the same model and device."""
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 from qbench.core.errors import QBenchError
 from qbench.execute.results import ResultStore
@@ -17,14 +18,19 @@ from qbench.execute.results import ResultStore
 class Cost(NamedTuple):
     """What one cell took when it last finished here."""
 
-    measure: float               # its worker with the artifact already built
-    trials: list[float]          # each of its later latency trials' workers
-    build: Optional[float]       # building its artifact (from any suite), None if never built here
-    key: Optional[str]           # the artifact's cache key
+    measure: float  # its worker with the artifact already built
+    trials: list[float]  # each of its later latency trials' workers
+    build: Optional[float]  # building its artifact (from any suite), None if never built here
+    key: Optional[str]  # the artifact's cache key
 
 
-def past_costs(results_root: Path, model_fingerprint: str, suite_hash: str, device: str,
-               warn: Callable[[str], None] = lambda message: None) -> dict[str, Cost]:
+def past_costs(
+    results_root: Path,
+    model_fingerprint: str,
+    suite_hash: str,
+    device: str,
+    warn: Callable[[str], None] = lambda message: None,
+) -> dict[str, Cost]:
     """Each cell's latest finished record of this model, suite and device.
     An unreadable run is skipped with a warning: one damaged folder must
     not stop every new run."""
@@ -66,8 +72,9 @@ class Estimate(NamedTuple):
         return sum(self.workers.values())
 
 
-def estimate(cells: list[tuple[str, str]], costs: dict[str, Cost], trials: int,
-             cached: Callable[[str, str], bool]) -> Optional[Estimate]:
+def estimate(
+    cells: list[tuple[str, str]], costs: dict[str, Cost], trials: int, cached: Callable[[str, str], bool]
+) -> Optional[Estimate]:
     """The expected time of ``cells`` ((cell, backend) pairs to run), each
     with ``trials - 1`` latency trials after it; ``cached(backend, key)``
     says whether an artifact is in the cache. None without any history."""

@@ -25,14 +25,15 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from qbench.core.errors import QBenchError
 from qbench.core.parallel import Relay
 from qbench.core.records import CellRecord
-from qbench.execute.runner import Job, RunPlan, WorkerResult, run_worker
 from qbench.execute.results import PLAN_FILE, cell_file_stem
+from qbench.execute.runner import Job, RunPlan, WorkerResult, run_worker
 
 FILES_MODES = ("auto", "shared", "ship")
 #: ``auto`` ships model folders up to this size through the object store
@@ -45,8 +46,7 @@ def ship_paths(plan: RunPlan) -> list[Path]:
     """What a cell reads from the driver's disk, for ``ship``."""
     data = [Path(p) for p in plan.suite_files]
     task_folders = [p.parent for p in data if p.suffix in (".yaml", ".yml")]
-    return [Path(plan.model.path), Path(plan.suite_path), *data, *task_folders,
-            *(Path(d) for d in plan.plugin_dirs)]
+    return [Path(plan.model.path), Path(plan.suite_path), *data, *task_folders, *(Path(d) for d in plan.plugin_dirs)]
 
 
 def relocated(plan: RunPlan, root: Path) -> RunPlan:
@@ -54,17 +54,29 @@ def relocated(plan: RunPlan, root: Path) -> RunPlan:
     from qbench.execute.shipping import under
 
     model = plan.model.model_copy(update={"path": str(under(root, plan.model.path))})
-    return plan.model_copy(update={"model": model, "suite_path": str(under(root, plan.suite_path)),
-                                   "plugin_dirs": [str(under(root, d)) for d in plan.plugin_dirs]})
+    return plan.model_copy(
+        update={
+            "model": model,
+            "suite_path": str(under(root, plan.suite_path)),
+            "plugin_dirs": [str(under(root, d)) for d in plan.plugin_dirs],
+        }
+    )
 
 
-def ray_job(plan_json: str, run_dir: str, job: dict[str, Any], mode: str, static: Optional[dict[str, bytes]],
-            run_files: dict[str, bytes], events) -> dict[str, Any]:
+def ray_job(
+    plan_json: str,
+    run_dir: str,
+    job: dict[str, Any],
+    mode: str,
+    static: Optional[dict[str, bytes]],
+    run_files: dict[str, bytes],
+    events,
+) -> dict[str, Any]:
     """The body of a Ray task: one job's worker on this node."""
     import ray
 
-    from qbench.execute import shipping
     from qbench.core.cells import CellSpec
+    from qbench.execute import shipping
 
     node = ray.get_runtime_context().get_node_id()
     events.put(("started", job["key"], node))
@@ -79,10 +91,21 @@ def ray_job(plan_json: str, run_dir: str, job: dict[str, Any], mode: str, static
     else:
         local = Path(run_dir)
         if not (local / PLAN_FILE).is_file():
-            return {"outcome": ("error", {"phase": "start", "error": (
-                f"node {node[:12]} cannot read the run folder {run_dir}: put results on storage every node "
-                "shares (-o), or use --ray-files ship")}), "started": time.time(),
-                "log": str(local / "logs" / (cell_file_stem(cell.cell) + ".log")), "node": node}
+            return {
+                "outcome": (
+                    "error",
+                    {
+                        "phase": "start",
+                        "error": (
+                            f"node {node[:12]} cannot read the run folder {run_dir}: put results on storage every node "
+                            "shares (-o), or use --ray-files ship"
+                        ),
+                    },
+                ),
+                "started": time.time(),
+                "log": str(local / "logs" / (cell_file_stem(cell.cell) + ".log")),
+                "node": node,
+            }
     result = run_worker(plan, local, cell, relay, job["latency_trial"])
     out = {"outcome": result.outcome, "started": result.started, "log": str(result.log), "node": node}
     if mode == "ship":
@@ -106,8 +129,10 @@ def check_reachable(address: Optional[str], timeout: float = 5.0) -> None:
     except ValueError:
         raise QBenchError(f"--address {address} is not host:port (or ray://host:port, or auto)") from None
     except OSError as exc:
-        raise QBenchError(f"cannot reach the Ray cluster at {address} ({exc.strerror or exc}): start it with "
-                          "`ray start --head`, or check --address") from None
+        raise QBenchError(
+            f"cannot reach the Ray cluster at {address} ({exc.strerror or exc}): start it with "
+            "`ray start --head`, or check --address"
+        ) from None
 
 
 class RayExecutor:
@@ -119,9 +144,16 @@ class RayExecutor:
     has, so that on a uniform cluster CPU latency is never measured beside
     another cell)."""
 
-    def __init__(self, address: Optional[str] = None, files: str = "auto", cache_dir: Optional[str] = None,
-                 task_memory: Optional[int] = None, task_gpus: Optional[float] = None,
-                 task_cpus: Optional[float] = None, local_resources: Optional[dict[str, Any]] = None):
+    def __init__(
+        self,
+        address: Optional[str] = None,
+        files: str = "auto",
+        cache_dir: Optional[str] = None,
+        task_memory: Optional[int] = None,
+        task_gpus: Optional[float] = None,
+        task_cpus: Optional[float] = None,
+        local_resources: Optional[dict[str, Any]] = None,
+    ):
         if files not in FILES_MODES:
             raise QBenchError(f"--ray-files takes {', '.join(FILES_MODES)}, not '{files}'")
         from importlib.util import find_spec
@@ -147,12 +179,19 @@ class RayExecutor:
 
         if not ray.is_initialized():
             try:
-                ray.init(address=self.address, include_dashboard=False, log_to_driver=False,
-                         configure_logging=False, **({} if self.address else self.local_resources))
+                ray.init(
+                    address=self.address,
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    configure_logging=False,
+                    **({} if self.address else self.local_resources),
+                )
             except (ConnectionError, ValueError, RuntimeError) as exc:
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise QBenchError(f"cannot reach the Ray cluster at {self.address} ({first}): start it with "
-                                  "`ray start --head`, or check --address") from None
+                raise QBenchError(
+                    f"cannot reach the Ray cluster at {self.address} ({first}): start it with "
+                    "`ray start --head`, or check --address"
+                ) from None
             self.started_cluster = True
         self.mode = self._files_mode(plan)
         self.resources = self._task_resources(plan)
@@ -178,8 +217,11 @@ class RayExecutor:
     def _task_resources(self, plan: RunPlan) -> dict[str, Any]:
         import ray
 
-        gpus = self.task_gpus if self.task_gpus is not None else (
-            float(plan.gpus_per_cell) if plan.device == "cuda" else 0.0)
+        gpus = (
+            self.task_gpus
+            if self.task_gpus is not None
+            else (float(plan.gpus_per_cell) if plan.device == "cuda" else 0.0)
+        )
         if self.task_cpus is not None:
             cpus = self.task_cpus
         elif plan.threads:
@@ -188,8 +230,9 @@ class RayExecutor:
             cpus = 1.0
         else:
             # the smallest worker node's CPUs (a head started with --num-cpus 0 holds no cells)
-            cpus = min((cpu for n in ray.nodes() if n["Alive"] and (cpu := n["Resources"].get("CPU", 0.0)) > 0),
-                       default=1.0)
+            cpus = min(
+                (cpu for n in ray.nodes() if n["Alive"] and (cpu := n["Resources"].get("CPU", 0.0)) > 0), default=1.0
+            )
         out: dict[str, Any] = {"num_cpus": cpus, "num_gpus": gpus}
         if self.task_memory:
             out["memory"] = self.task_memory
@@ -199,22 +242,38 @@ class RayExecutor:
         """Ray would wait forever for a task no node can hold: refuse now."""
         import ray
 
-        wanted = {"CPU": self.resources["num_cpus"], "GPU": self.resources["num_gpus"],
-                  "memory": self.resources.get("memory", 0)}
-        if not any(all(node["Resources"].get(name, 0.0) >= amount for name, amount in wanted.items() if amount)
-                   for node in ray.nodes() if node["Alive"]):
+        wanted = {
+            "CPU": self.resources["num_cpus"],
+            "GPU": self.resources["num_gpus"],
+            "memory": self.resources.get("memory", 0),
+        }
+        if not any(
+            all(node["Resources"].get(name, 0.0) >= amount for name, amount in wanted.items() if amount)
+            for node in ray.nodes()
+            if node["Alive"]
+        ):
             asked = ", ".join(f"{amount:g} {name}" for name, amount in wanted.items() if amount)
-            raise QBenchError(f"no node of the Ray cluster has what one cell asks for ({asked}): add such a "
-                              "node, or lower --threads, --gpus-per-cell or --cell-memory")
+            raise QBenchError(
+                f"no node of the Ray cluster has what one cell asks for ({asked}): add such a "
+                "node, or lower --threads, --gpus-per-cell or --cell-memory"
+            )
 
     # -- running ---------------------------------------------------------------------------------------------
 
-    def run(self, plan: RunPlan, run_dir: Path, jobs: list[Job], finish: Callable[[Job, WorkerResult], None],
-            reporter, alone: bool = False, placed: Optional[Callable[[Job], Optional[str]]] = None) -> None:
+    def run(
+        self,
+        plan: RunPlan,
+        run_dir: Path,
+        jobs: list[Job],
+        finish: Callable[[Job, WorkerResult], None],
+        reporter,
+        alone: bool = False,
+        placed: Optional[Callable[[Job], Optional[str]]] = None,
+    ) -> None:
         if not jobs:
             return
         self._start(plan)
-        for batch in ([[job] for job in jobs] if alone else [jobs]):
+        for batch in [[job] for job in jobs] if alone else [jobs]:
             self._run_batch(plan, run_dir, batch, finish, reporter, placed)
 
     def _run_batch(self, plan, run_dir, jobs, finish, reporter, placed) -> None:
@@ -239,8 +298,9 @@ class RayExecutor:
                 options["runtime_env"] = {"env_vars": {"QBENCH_CACHE": self.cache_dir}}
             run_files = read_run_files(run_dir) if self.mode == "ship" else {}
             spec = {"key": key, "cell": job.cell.model_dump(), "latency_trial": job.latency_trial}
-            ref = self.remote.options(**options).remote(plan_json, str(run_dir), spec, self.mode, self.static,
-                                                        run_files, self.events)
+            ref = self.remote.options(**options).remote(
+                plan_json, str(run_dir), spec, self.mode, self.static, run_files, self.events
+            )
             waiting[ref] = (key, job, attempt, time.time())
 
         def relay_events() -> None:
@@ -297,13 +357,15 @@ class RayExecutor:
             except Empty:
                 return events
 
-    def _lost(self, run_dir: Path, job: Job, node: Optional[str], exc: Exception, submitted: float,
-              retry: bool) -> WorkerResult:
+    def _lost(
+        self, run_dir: Path, job: Job, node: Optional[str], exc: Exception, submitted: float, retry: bool
+    ) -> WorkerResult:
         phase = self.phases.get(job.cell.cell, "start")
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         where = f" on node {node[:12]}" if node else ""
-        why = (f"the Ray task running it was lost{where} during {phase} ({type(exc).__name__}: {first[:200]})"
-               + ("; retried once on another node" if retry else "; already retried once"))
+        why = f"the Ray task running it was lost{where} during {phase} ({type(exc).__name__}: {first[:200]})" + (
+            "; retried once on another node" if retry else "; already retried once"
+        )
         log = run_dir / "logs" / (cell_file_stem(job.cell.cell) + ".log")
         return WorkerResult(("error", {"phase": phase, "error": why}), submitted, log)
 
@@ -312,9 +374,14 @@ class RayExecutor:
         import ray
 
         for node in ray.nodes():
-            if node["Alive"] and node["NodeID"] != avoid and all(
+            if (
+                node["Alive"]
+                and node["NodeID"] != avoid
+                and all(
                     node["Resources"].get(name, 0.0) >= amount
-                    for name, amount in (("CPU", self.resources["num_cpus"]), ("GPU", self.resources["num_gpus"]))):
+                    for name, amount in (("CPU", self.resources["num_cpus"]), ("GPU", self.resources["num_gpus"]))
+                )
+            ):
                 return node["NodeID"]
         return None
 

@@ -15,8 +15,9 @@ import socket
 import tempfile
 import time
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from pydantic import ValidationError
 
@@ -24,6 +25,7 @@ from qbench.core.errors import QBenchError, describe_validation
 from qbench.core.io import write_atomic
 from qbench.core.paths import cache_dir, results_dir
 from qbench.core.records import CellRecord, NewerSchema, parse_record
+from qbench.metrics.registry import info
 
 if TYPE_CHECKING:  # pandas is imported by the views that build frames: reading records stays quick
     import pandas as pd
@@ -64,8 +66,10 @@ class ResultStore:
             handle.truncate(cut)
             handle.flush()
             os.fsync(handle.fileno())
-        return (f"{self.path} ended in a half-written line ({len(data) - cut} bytes, from a killed run): moved it "
-                f"to {aside}; its cell counts as not run")
+        return (
+            f"{self.path} ended in a half-written line ({len(data) - cut} bytes, from a killed run): moved it "
+            f"to {aside}; its cell counts as not run"
+        )
 
     def append(self, record: CellRecord) -> None:
         """Append one record, flushed and fsynced. A finished measurement is
@@ -80,9 +84,11 @@ class ResultStore:
                 os.fsync(handle.fileno())
         except OSError as exc:
             saved = save_pending(self.run_dir, record)
-            raise QBenchError(f"cannot append to {self.path} ({exc.strerror or type(exc).__name__}): the record of "
-                              f"{record.cell} is kept in {saved}; fix the folder, then `qbench run --resume "
-                              f"{self.run_dir}` adds it") from None
+            raise QBenchError(
+                f"cannot append to {self.path} ({exc.strerror or type(exc).__name__}): the record of "
+                f"{record.cell} is kept in {saved}; fix the folder, then `qbench run --resume "
+                f"{self.run_dir}` adds it"
+            ) from None
 
     def records(self) -> list[CellRecord]:
         """Every record, in order, read line by line: a line longer than
@@ -102,8 +108,10 @@ class ResultStore:
                     break
                 number += 1
                 if len(raw) > MAX_RECORD_BYTES and not raw.endswith(b"\n"):
-                    raise QBenchError(f"{self.path}:{number}: a line longer than {MAX_RECORD_BYTES // 2**20} MiB is "
-                                      "not a qbench record: restore the file from a copy, or start a new run")
+                    raise QBenchError(
+                        f"{self.path}:{number}: a line longer than {MAX_RECORD_BYTES // 2**20} MiB is "
+                        "not a qbench record: restore the file from a copy, or start a new run"
+                    )
                 torn = not raw.endswith(b"\n")  # no newline after it: a killed writer's fragment
                 line = raw.decode("utf-8", errors="replace")
                 if not line.strip():
@@ -114,12 +122,14 @@ class ResultStore:
                     raise QBenchError(f"{self.path}:{number}: {exc}") from None
                 except ValueError as exc:  # pydantic's ValidationError is one
                     if torn:
-                        warnings.warn(f"{self.path}:{number}: ignoring an incomplete last line")
+                        warnings.warn(f"{self.path}:{number}: ignoring an incomplete last line", stacklevel=2)
                         continue
                     why = describe_validation(exc) if isinstance(exc, ValidationError) else str(exc)
-                    raise QBenchError(f"{self.path}:{number}: not a qbench record ({why}): the line "
-                                      "was changed by hand or by another tool; restore it from a copy of the file, "
-                                      "or start a new run") from None
+                    raise QBenchError(
+                        f"{self.path}:{number}: not a qbench record ({why}): the line "
+                        "was changed by hand or by another tool; restore it from a copy of the file, "
+                        "or start a new run"
+                    ) from None
         return out
 
     def latest(self) -> dict[str, CellRecord]:
@@ -143,7 +153,7 @@ class ResultStore:
                 record = parse_record(path.read_text())
             except (ValueError, OSError) as exc:  # ValidationError, NewerSchema and UnicodeDecodeError are ValueErrors
                 why = str(exc) if isinstance(exc, NewerSchema) else f"not a readable record ({type(exc).__name__})"
-                warnings.warn(f"{path}: {why}: left where it is")
+                warnings.warn(f"{path}: {why}: left where it is", stacklevel=2)
                 continue
             if record.run_id != plan.run_id:
                 continue
@@ -155,8 +165,10 @@ class ResultStore:
                     path.replace(aside)
                 except OSError:
                     aside = path
-                warnings.warn(f"pending record {path.name} was not added to run {plan.run_id}: {why}; set aside "
-                              f"in {aside}")
+                warnings.warn(
+                    f"pending record {path.name} was not added to run {plan.run_id}: {why}; set aside in {aside}",
+                    stacklevel=2,
+                )
                 continue
             self.append(record)
             path.unlink()
@@ -187,8 +199,11 @@ def cell_file_stem(cell: str) -> str:
 
 def _pending_places(run_dir: Path) -> list[Path]:
     name = Path(run_dir).resolve().name
-    return [Path(run_dir) / PENDING_DIR, cache_dir() / PENDING_DIR / name,
-            Path(tempfile.gettempdir()) / "qbench-pending" / name]
+    return [
+        Path(run_dir) / PENDING_DIR,
+        cache_dir() / PENDING_DIR / name,
+        Path(tempfile.gettempdir()) / "qbench-pending" / name,
+    ]
 
 
 def save_pending(run_dir: Path, record: CellRecord) -> Path:
@@ -202,8 +217,10 @@ def save_pending(run_dir: Path, record: CellRecord) -> Path:
             return target
         except OSError as exc:
             errors.append(f"{folder}: {exc.strerror or exc}")
-    raise QBenchError(f"the record of {record.cell} could not be saved anywhere ({'; '.join(errors)}); its JSON "
-                      f"follows: {record.to_json()}")
+    raise QBenchError(
+        f"the record of {record.cell} could not be saved anywhere ({'; '.join(errors)}); its JSON "
+        f"follows: {record.to_json()}"
+    )
 
 
 def pending_files(run_dir: Path) -> list[Path]:
@@ -213,8 +230,14 @@ def pending_files(run_dir: Path) -> list[Path]:
     for folder in _pending_places(run_dir):
         if folder.is_dir():
             # plain files only (a link to a device or a pipe would never end), of sane size
-            found += sorted(p for p in folder.glob("*.json") if not p.is_symlink() and p.is_file()
-                            and p.stat().st_uid == os.getuid() and p.stat().st_size <= MAX_RECORD_BYTES)
+            found += sorted(
+                p
+                for p in folder.glob("*.json")
+                if not p.is_symlink()
+                and p.is_file()
+                and p.stat().st_uid == os.getuid()
+                and p.stat().st_size <= MAX_RECORD_BYTES
+            )
     return found
 
 
@@ -226,10 +249,11 @@ def find_run(run: str | Path, root: Optional[str | Path] = None) -> Path:
         if (candidate / PLAN_FILE).is_file():
             return candidate
     runs = sorted(p.name for p in root.glob("*") if (p / PLAN_FILE).is_file()) if root.is_dir() else []
-    hint = (f"; runs there: {', '.join(runs[-5:])}" if runs else "") + \
-        "; give the run folder's path (a run made with -o DIR lies in DIR/RUN_ID), or set $QBENCH_RESULTS to DIR"
-    looked = f"{path.resolve()}" + (f" and {(root / str(run)).resolve()}" if path.resolve() != (root / str(run)).resolve()
-                                    else "")
+    hint = (
+        f"; runs there: {', '.join(runs[-5:])}" if runs else ""
+    ) + "; give the run folder's path (a run made with -o DIR lies in DIR/RUN_ID), or set $QBENCH_RESULTS to DIR"
+    other = (root / str(run)).resolve()
+    looked = f"{path.resolve()}" + (f" and {other}" if path.resolve() != other else "")
     raise QBenchError(f"run '{run}' not found (no {PLAN_FILE} in {looked}){hint}")
 
 
@@ -252,8 +276,10 @@ def check_output(path: str | Path, force: bool = False, option: str = "--force")
         raise QBenchError(f"cannot write {target}: it is a folder; give a file name")
     run = run_folder_of(resolved)
     if run is not None and resolved.exists() and (resolved.parent != run or resolved.name not in DERIVED_FILES):
-        raise QBenchError(f"refusing to write {target}: it is {resolved.relative_to(run)} of run folder {run}, "
-                          f"and writing it would lose the run's data; choose another file")
+        raise QBenchError(
+            f"refusing to write {target}: it is {resolved.relative_to(run)} of run folder {run}, "
+            f"and writing it would lose the run's data; choose another file"
+        )
     if resolved.exists() and not force:
         raise QBenchError(f"{target} already exists: choose another file, or pass {option} to replace it")
     if not resolved.parent.is_dir():
@@ -283,20 +309,24 @@ def run_lock(run_dir: Path):
     try:
         handle = open(lock_path, "a+")
     except OSError as exc:
-        raise QBenchError(f"cannot open the run's lock {lock_path} ({exc.strerror or exc}): fix the run folder's "
-                          "permissions") from None
+        raise QBenchError(
+            f"cannot open the run's lock {lock_path} ({exc.strerror or exc}): fix the run folder's permissions"
+        ) from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.seek(0)
         holder = handle.read().strip() or "another process"
         handle.close()
-        raise QBenchError(f"run {key.name} is being measured by {holder}: wait for it to finish (or stop that "
-                          "process), then --resume it; one process runs a run's cells at a time") from None
+        raise QBenchError(
+            f"run {key.name} is being measured by {holder}: wait for it to finish (or stop that "
+            "process), then --resume it; one process runs a run's cells at a time"
+        ) from None
     handle.seek(0)
     handle.truncate()
-    handle.write(f"qbench pid {os.getpid()} on host {socket.gethostname()} since "
-                 f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.write(
+        f"qbench pid {os.getpid()} on host {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+    )
     handle.flush()
     _held_locks[key] = [handle, 1]
     try:
@@ -314,8 +344,14 @@ def frame(records: Iterable[CellRecord]) -> pd.DataFrame:
 
     rows = []
     for r in records:
-        row: dict[str, Any] = {"cell": r.cell, "backend": r.backend, "variant": r.variant,
-                               "baseline": r.baseline, "status": r.status, "error": r.error}
+        row: dict[str, Any] = {
+            "cell": r.cell,
+            "backend": r.backend,
+            "variant": r.variant,
+            "baseline": r.baseline,
+            "status": r.status,
+            "error": r.error,
+        }
         for name, m in r.metrics.items():
             row[name] = m.value
             if m.stderr is not None:
@@ -324,21 +360,34 @@ def frame(records: Iterable[CellRecord]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-TIDY_COLUMNS = ["run_id", "cell", "task", "metric", "value", "unit", "n", "stderr"]
+TIDY_COLUMNS = ["run_id", "cell", "task", "metric", "value", "unit", "n", "stderr", "higher_is_better"]
 
 
 def tidy(records: Iterable[CellRecord]) -> pd.DataFrame:
     """Long form: one row per cell x metric, with unit, n and stderr; then
     one per cell x task x metric (``task`` empty for the cell's own metrics),
-    named as the task's engine names them (lm-eval's for ``lm_eval:`` tasks)."""
+    named as the task's engine names them (lm-eval's for ``lm_eval:`` tasks);
+    ``higher_is_better`` from the metric registry (empty where neither is)."""
     import pandas as pd
 
     rows = []
     for r in records:
         figures = [("", name, m) for name, m in r.metrics.items()]
         figures += [(task, name, m) for task, metrics in r.tasks.items() for name, m in metrics.items()]
-        rows += [{"run_id": r.run_id, "cell": r.cell, "task": task, "metric": name, "value": m.value, "unit": m.unit,
-                  "n": m.n, "stderr": m.stderr} for task, name, m in figures]
+        rows += [
+            {
+                "run_id": r.run_id,
+                "cell": r.cell,
+                "task": task,
+                "metric": name,
+                "value": m.value,
+                "unit": m.unit,
+                "n": m.n,
+                "stderr": m.stderr,
+                "higher_is_better": info(name).higher_is_better,
+            }
+            for task, name, m in figures
+        ]
     return pd.DataFrame(rows, columns=TIDY_COLUMNS)
 
 

@@ -12,20 +12,22 @@ import re
 import secrets
 import signal
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Optional, Protocol
+from typing import Any, NamedTuple, Optional, Protocol
 
 from pydantic import BaseModel, Field, ValidationError
 
+from qbench.cell.worker import CellTask, worker_main
 from qbench.core.cells import CellSpec
 from qbench.core.errors import QBenchError, describe_validation
 from qbench.core.io import write_atomic
-from qbench.sdk.models import ModelSpec
 from qbench.core.parallel import run_cells
-from qbench.sdk.registry import LoadedPlugins, PluginSettings, get_backend
 from qbench.core.records import CellRecord
 from qbench.execute.results import PLAN_FILE, ResultStore, cell_file_stem, run_lock
-from qbench.cell.worker import CellTask, worker_main
+from qbench.sdk.models import ModelSpec
+from qbench.sdk.registry import LoadedPlugins, PluginSettings, get_backend
 
 DEFAULT_BASELINE = "fp:fp32"
 
@@ -36,6 +38,8 @@ def default_baseline(device: str) -> str:
     CPU, bfloat16 on a GPU, where a float32 reference would be neither what
     anyone ships nor a fair speed reference)."""
     return "fp:bf16" if device == "cuda" else DEFAULT_BASELINE
+
+
 DEFAULT_CELL_TIMEOUT = 3600.0
 
 
@@ -70,8 +74,11 @@ class RunPlan(BaseModel):
     gpus_per_cell: int = Field(1, ge=1)
 
     def plugin_settings(self) -> PluginSettings:
-        return PluginSettings(tuple(self.plugin_dirs), tuple(self.plugin_allow) if self.plugin_allow is not None
-                              else None, tuple(self.plugin_block))
+        return PluginSettings(
+            tuple(self.plugin_dirs),
+            tuple(self.plugin_allow) if self.plugin_allow is not None else None,
+            tuple(self.plugin_block),
+        )
 
 
 class Reporter(Protocol):
@@ -82,10 +89,17 @@ class Reporter(Protocol):
 
 
 class SilentReporter:
-    def cell_started(self, cell, index, total): pass
-    def phase(self, cell, name): pass
-    def cell_finished(self, cell, status, seconds, error): pass
-    def warn(self, message): pass
+    def cell_started(self, cell, index, total):
+        pass
+
+    def phase(self, cell, name):
+        pass
+
+    def cell_finished(self, cell, status, seconds, error):
+        pass
+
+    def warn(self, message):
+        pass
 
 
 def split_backend_specs(specs: list[str]) -> list[str]:
@@ -105,8 +119,9 @@ def split_backend_specs(specs: list[str]) -> list[str]:
     return out
 
 
-def plan_cells(loaded: LoadedPlugins, specs: list[str], baseline: str, device: str, from_suite: bool = False
-               ) -> tuple[list[CellSpec], dict[str, str]]:
+def plan_cells(
+    loaded: LoadedPlugins, specs: list[str], baseline: str, device: str, from_suite: bool = False
+) -> tuple[list[CellSpec], dict[str, str]]:
     """Expand backend specs into cells, baseline first. With no specs (or
     ``all``), every variant of every backend available on ``device``. Unavailable variants
     asked for by name (``backend:variant``) stay in the plan and fail with the
@@ -154,13 +169,20 @@ def skipped_summary(skipped: dict[str, str]) -> Optional[str]:
         return None
     kinds: dict[str, int] = {}
     for why in skipped.values():
-        kind = ("run by name" if "ask for it by name" in why else
-                "need CUDA" if "CUDA" in why else
-                "need a package" if "pip install" in why or "missing" in why else "cannot run here")
+        kind = (
+            "run by name"
+            if "ask for it by name" in why
+            else "need CUDA"
+            if "CUDA" in why
+            else "need a package"
+            if "pip install" in why or "missing" in why
+            else "cannot run here"
+        )
         kinds[kind] = kinds.get(kind, 0) + 1
     counts = ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items(), key=lambda item: -item[1]))
-    return (f"{len(skipped)} variant(s) not run: {counts} (`qbench backends` says why for each; name one with -b "
-            "to run it)")
+    return (
+        f"{len(skipped)} variant(s) not run: {counts} (`qbench backends` says why for each; name one with -b to run it)"
+    )
 
 
 def cast_notes(loaded: LoadedPlugins, cells: list[CellSpec], device: str) -> dict[str, str]:
@@ -191,8 +213,10 @@ RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 def check_run_id(run_id: str) -> str:
     if not RUN_ID_PATTERN.fullmatch(run_id) or ".." in run_id:
-        raise QBenchError(f"--run-id {run_id!r} is not a plain name: use letters, digits, '.', '_' and '-' "
-                          "(at most 100, starting with a letter or digit; no '/' or '..')")
+        raise QBenchError(
+            f"--run-id {run_id!r} is not a plain name: use letters, digits, '.', '_' and '-' "
+            "(at most 100, starting with a letter or digit; no '/' or '..')"
+        )
     return run_id
 
 
@@ -202,16 +226,20 @@ def save_plan(plan: RunPlan, run_dir: Path) -> None:
         (run_dir / "logs").mkdir(exist_ok=True)
         write_atomic(run_dir / PLAN_FILE, plan.model_dump_json(indent=1))
     except OSError as exc:
-        raise QBenchError(f"cannot write the run folder {run_dir} ({exc.strerror or exc}): choose another with "
-                          "-o/--output-dir (or $QBENCH_RESULTS), or fix its permissions") from None
+        raise QBenchError(
+            f"cannot write the run folder {run_dir} ({exc.strerror or exc}): choose another with "
+            "-o/--output-dir (or $QBENCH_RESULTS), or fix its permissions"
+        ) from None
 
 
 def load_plan(run_dir: Path) -> RunPlan:
     try:
         return RunPlan.model_validate_json((run_dir / PLAN_FILE).read_text())
     except (ValueError, OSError) as exc:
-        raise QBenchError(f"{run_dir / PLAN_FILE} is unreadable ({type(exc).__name__}); that run cannot be shown or "
-                          "resumed: start a new run") from None
+        raise QBenchError(
+            f"{run_dir / PLAN_FILE} is unreadable ({type(exc).__name__}); that run cannot be shown or "
+            "resumed: start a new run"
+        ) from None
 
 
 def pending_cells(plan: RunPlan, store: ResultStore, retry_failed: bool) -> list[CellSpec]:
@@ -249,8 +277,9 @@ def preflight(run_dir: Path, store: ResultStore, reporter: Reporter) -> None:
     try:
         (run_dir / "logs").mkdir(exist_ok=True)  # each worker writes its log there; someone may have deleted it
     except OSError as exc:
-        raise QBenchError(f"cannot create {run_dir / 'logs'} ({exc.strerror or exc}): fix the run folder's "
-                          "permissions") from None
+        raise QBenchError(
+            f"cannot create {run_dir / 'logs'} ({exc.strerror or exc}): fix the run folder's permissions"
+        ) from None
     repaired = store.repair_tail()
     if repaired:
         reporter.warn(repaired)
@@ -275,9 +304,10 @@ class Numbered:
 
 class Job(NamedTuple):
     """One worker's task: a whole cell, or one latency trial of it."""
+
     cell: CellSpec
-    label: str                # what the progress display calls it
-    latency_trial: int = 0    # 0: the whole cell
+    label: str  # what the progress display calls it
+    latency_trial: int = 0  # 0: the whole cell
 
 
 class WorkerResult(NamedTuple):
@@ -290,9 +320,16 @@ class Executor(Protocol):
     """Where workers run: this machine (``LocalExecutor``: one at a time, or
     one per GPU with ``--gpus``) or a Ray cluster (``qbench.execute.ray_executor``)."""
 
-    def run(self, plan: RunPlan, run_dir: Path, jobs: list[Job], finish: Callable[[Job, WorkerResult], None],
-            reporter: Reporter, alone: bool = False, placed: Optional[Callable[[Job], Optional[str]]] = None
-            ) -> None:
+    def run(
+        self,
+        plan: RunPlan,
+        run_dir: Path,
+        jobs: list[Job],
+        finish: Callable[[Job, WorkerResult], None],
+        reporter: Reporter,
+        alone: bool = False,
+        placed: Optional[Callable[[Job], Optional[str]]] = None,
+    ) -> None:
         """Run every job's worker and call ``finish(job, result)`` in the
         calling thread as each ends. ``alone``: one job at a time on one
         device (the baseline). ``placed(job)``: where the job must run (a
@@ -325,9 +362,14 @@ class LocalExecutor:
         pass
 
 
-def execute(plan: RunPlan, run_dir: Path, reporter: Reporter = SilentReporter(),
-            retry_failed: bool = False, executor: Optional[Executor] = None,
-            select: Callable[[CellSpec], bool] = lambda cell: True) -> list[CellRecord]:
+def execute(
+    plan: RunPlan,
+    run_dir: Path,
+    reporter: Reporter = SilentReporter(),
+    retry_failed: bool = False,
+    executor: Optional[Executor] = None,
+    select: Callable[[CellSpec], bool] = lambda cell: True,
+) -> list[CellRecord]:
     """Run every unfinished cell of the plan (of those ``select`` picks),
     then the latency trials still missing; return the records written now.
     The run folder is locked meanwhile (see qbench.execute.results.run_lock)."""
@@ -351,20 +393,26 @@ def _execute(plan, run_dir, reporter, retry_failed, executor, select) -> list[Ce
     # The baseline first and alone: every other cell reads its reference.
     first = [job for job in jobs if job.cell.baseline]
     executor.run(plan, run_dir, first, keep, Numbered(reporter, 0, len(jobs)), alone=True)
-    executor.run(plan, run_dir, [job for job in jobs if not job.cell.baseline], keep,
-                 Numbered(reporter, len(first), len(jobs)))
+    executor.run(
+        plan, run_dir, [job for job in jobs if not job.cell.baseline], keep, Numbered(reporter, len(first), len(jobs))
+    )
     return written + run_latency_trials(plan, run_dir, store, reporter, executor, select)
 
 
-def run_latency_trials(plan: RunPlan, run_dir: Path, store: ResultStore, reporter: Reporter,
-                       executor: Optional[Executor] = None,
-                       select: Callable[[CellSpec], bool] = lambda cell: True) -> list[CellRecord]:
+def run_latency_trials(
+    plan: RunPlan,
+    run_dir: Path,
+    store: ResultStore,
+    reporter: Reporter,
+    executor: Optional[Executor] = None,
+    select: Callable[[CellSpec], bool] = lambda cell: True,
+) -> list[CellRecord]:
     """Latency trials 2..K of every finished cell, each in a fresh worker,
     round by round (every cell's trial 2, then every cell's trial 3) so a
     slow spell of the machine does not fall on one cell's trials alone. A
     failed trial leaves the cell's figures as they were, with the reason."""
-    from qbench.metrics.trials import add_trial, trials_attempted
     from qbench.data.suites import load_suite
+    from qbench.metrics.trials import add_trial, trials_attempted
 
     executor = executor or LocalExecutor()
     latency = load_suite(plan.suite_path, allow_outside_data=plan.allow_outside_data).latency
@@ -373,49 +421,86 @@ def run_latency_trials(plan: RunPlan, run_dir: Path, store: ResultStore, reporte
     for trial in range(2, wanted + 1):
         fresh_worker_server()
         latest = store.latest()  # read once per round; this round writes each cell's record once
-        jobs = [Job(c, f"{c.cell} · latency trial {trial} of {wanted}", trial) for c in plan.cells
-                if select(c) and c.cell in latest and latest[c.cell].ok and 0 < trials_attempted(latest[c.cell]) < trial]
+        jobs = [
+            Job(c, f"{c.cell} · latency trial {trial} of {wanted}", trial)
+            for c in plan.cells
+            if select(c) and c.cell in latest and latest[c.cell].ok and 0 < trials_attempted(latest[c.cell]) < trial
+        ]
 
-        def keep(job: Job, result: WorkerResult) -> None:
+        def keep(job: Job, result: WorkerResult, latest=latest, trial=trial) -> None:
             record, error = latest[job.cell.cell], None
             seconds = round(time.time() - result.started, 3)
             if result.outcome[0] == "result":
                 record = add_trial(record, result.outcome[1]["trial"])
             else:
                 error = f"latency trial {trial}: {result.outcome[1]['error']}"
-                record = record.updated(latency_trial_errors=record.latency_trial_errors + [error],
-                                        notes=record.notes + [f"{error}; latency comes from the other trials"])
+                record = record.updated(
+                    latency_trial_errors=record.latency_trial_errors + [error],
+                    notes=record.notes + [f"{error}; latency comes from the other trials"],
+                )
             record = record.updated(trial_wall_seconds=record.trial_wall_seconds + [seconds])
             store.append(record)
             written.append(record)
             reporter.cell_finished(job.label, "failed" if error else "ok", seconds, error)
 
         # each trial where its cell was measured: a row's trials are one GPU's figures
-        executor.run(plan, run_dir, jobs, keep, reporter,
-                     placed=lambda job: executor.placement(latest[job.cell.cell]))
+        executor.run(
+            plan,
+            run_dir,
+            jobs,
+            keep,
+            reporter,
+            placed=partial(_placement_of, executor, latest),
+        )
     return written
 
 
+def _placement_of(executor, latest: dict[str, CellRecord], job: Job):
+    """Where a latency trial runs: where its cell was measured (a row's
+    trials are one GPU's figures)."""
+    return executor.placement(latest[job.cell.cell])
+
+
 def _base_record(plan: RunPlan, cell: CellSpec) -> dict[str, Any]:
-    return {"run_id": plan.run_id, "cell": cell.cell, "backend": cell.backend,
-            "variant": cell.variant_text, "baseline": cell.baseline, "device": plan.device,
-            "model": {"name": plan.model.name, "fingerprint": plan.model.fingerprint, "source": plan.model.source},
-            "suite": {"name": plan.suite_name, "path": plan.suite_path, "hash": plan.suite_hash,
-                      "data_files": plan.suite_files}}
+    return {
+        "run_id": plan.run_id,
+        "cell": cell.cell,
+        "backend": cell.backend,
+        "variant": cell.variant_text,
+        "baseline": cell.baseline,
+        "device": plan.device,
+        "model": {"name": plan.model.name, "fingerprint": plan.model.fingerprint, "source": plan.model.source},
+        "suite": {
+            "name": plan.suite_name,
+            "path": plan.suite_path,
+            "hash": plan.suite_hash,
+            "data_files": plan.suite_files,
+        },
+    }
 
 
 def cell_record(plan: RunPlan, cell: CellSpec, result: WorkerResult) -> CellRecord:
     """A cell's record from its worker's outcome, identity and timing added."""
     outcome, log_path = result.outcome, result.log
     finished = time.time()
-    record = {**_base_record(plan, cell), "log": str(log_path), "finished": finished,
-              "wall_seconds": round(finished - result.started, 3)}
+    record = {
+        **_base_record(plan, cell),
+        "log": str(log_path),
+        "finished": finished,
+        "wall_seconds": round(finished - result.started, 3),
+    }
     if outcome[0] == "result":
         try:
             return CellRecord.model_validate({**record, **outcome[1]})
         except ValidationError as exc:  # a harness bug: say so, keep the cell's place
-            outcome = ("error", {"phase": "record", "error": f"the cell's record is malformed "
-                                 f"({describe_validation(exc)}): a qbench bug, please report it; see {log_path}"})
+            outcome = (
+                "error",
+                {
+                    "phase": "record",
+                    "error": f"the cell's record is malformed "
+                    f"({describe_validation(exc)}): a qbench bug, please report it; see {log_path}",
+                },
+            )
     failed = {**record, "status": "failed", "phase": outcome[1]["phase"], "error": outcome[1]["error"]}
     if outcome[1].get("partial"):  # phases that finished before the failure keep their figures
         try:
@@ -425,19 +510,30 @@ def cell_record(plan: RunPlan, cell: CellSpec, result: WorkerResult) -> CellReco
     return CellRecord.model_validate(failed)
 
 
-def run_worker(plan: RunPlan, run_dir: Path, cell: CellSpec, reporter: Reporter, latency_trial: int = 0,
-               gpu: Optional[str] = None) -> WorkerResult:
+def run_worker(
+    plan: RunPlan, run_dir: Path, cell: CellSpec, reporter: Reporter, latency_trial: int = 0, gpu: Optional[str] = None
+) -> WorkerResult:
     """Run one task in a fresh worker process, on ``gpu`` alone when given.
     The outcome's kind is "result" or "error"; a worker that died or hung is
     an error naming the phase it was in."""
     env = dict(os.environ)
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu  # read by CUDA when the worker first touches it
-    task = CellTask(run_id=plan.run_id, run_dir=str(run_dir), spec=cell, model=plan.model.model_dump(),
-                    suite_path=plan.suite_path, device=plan.device, threads=plan.threads,
-                    plugins=plan.plugin_settings(), latency_trial=latency_trial, env=env,
-                    allow_outside_data=plan.allow_outside_data, trust_task_code=plan.trust_task_code,
-                    gpus_per_cell=plan.gpus_per_cell)
+    task = CellTask(
+        run_id=plan.run_id,
+        run_dir=str(run_dir),
+        spec=cell,
+        model=plan.model.model_dump(),
+        suite_path=plan.suite_path,
+        device=plan.device,
+        threads=plan.threads,
+        plugins=plan.plugin_settings(),
+        latency_trial=latency_trial,
+        env=env,
+        allow_outside_data=plan.allow_outside_data,
+        trust_task_code=plan.trust_task_code,
+        gpus_per_cell=plan.gpus_per_cell,
+    )
     log_path = run_dir / "logs" / (cell_file_stem(cell.cell) + ".log")
     ctx = worker_context()
     receiver, sender = ctx.Pipe(duplex=False)
@@ -451,9 +547,16 @@ def run_worker(plan: RunPlan, run_dir: Path, cell: CellSpec, reporter: Reporter,
         while outcome is None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                outcome = ("error", {"phase": phase, "error": (
-                    f"timed out after {plan.cell_timeout:g}s during {phase}: raise --cell-timeout or use a "
-                    f"smaller suite")})
+                outcome = (
+                    "error",
+                    {
+                        "phase": phase,
+                        "error": (
+                            f"timed out after {plan.cell_timeout:g}s during {phase}: raise --cell-timeout or use a "
+                            f"smaller suite"
+                        ),
+                    },
+                )
                 break
             if receiver.poll(min(remaining, 0.5)):
                 try:

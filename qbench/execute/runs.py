@@ -15,9 +15,21 @@ from qbench.core.errors import QBenchError
 from qbench.core.paths import results_dir
 from qbench.data.suites import load_suite, suite_path
 from qbench.execute.results import ResultStore, find_run, frame
-from qbench.execute.runner import (DEFAULT_CELL_TIMEOUT, Reporter, RunPlan, SilentReporter, cast_notes,
-                                   check_run_id, check_writable, default_baseline, execute, load_plan, new_run_id,
-                                   plan_cells, save_plan)
+from qbench.execute.runner import (
+    DEFAULT_CELL_TIMEOUT,
+    Reporter,
+    RunPlan,
+    SilentReporter,
+    cast_notes,
+    check_run_id,
+    check_writable,
+    default_baseline,
+    execute,
+    load_plan,
+    new_run_id,
+    plan_cells,
+    save_plan,
+)
 from qbench.sdk.models import DEFAULT_MODEL, resolve_model
 from qbench.sdk.registry import PluginSettings, get_backend, load_plugins
 
@@ -58,8 +70,13 @@ def create_run(
     suite_obj = load_suite(str(suite_file), allow_outside_data=allow_outside_data)
     # Rows named on the command line, else the suite's own (its default rows).
     try:
-        cells, skipped = plan_cells(loaded, list(backends or suite_obj.backends or []), baseline, device,
-                                    from_suite=not backends and bool(suite_obj.backends))
+        cells, skipped = plan_cells(
+            loaded,
+            list(backends or suite_obj.backends or []),
+            baseline,
+            device,
+            from_suite=not backends and bool(suite_obj.backends),
+        )
     except QBenchError as exc:
         if backends or not suite_obj.backends:
             raise
@@ -70,8 +87,9 @@ def create_run(
     check_inputs(loaded, cells, spec.path, device)
     check_suite(suite_obj, spec.path, trust_remote_code, trust_task_code)
     root = Path(output_dir or results_dir())
-    check_writable(root, "results folder", "choose another with -o/--output-dir (or $QBENCH_RESULTS), or fix its "
-                   "permissions")
+    check_writable(
+        root, "results folder", "choose another with -o/--output-dir (or $QBENCH_RESULTS), or fix its permissions"
+    )
     run_id = run_id or new_run_id()
     run_dir = root / run_id
     try:  # created here, once: of two runs given one --run-id at once, the second is refused
@@ -79,17 +97,32 @@ def create_run(
     except FileExistsError:
         raise QBenchError(f"run folder {run_dir} already exists: pick another --run-id or use --resume") from None
     except OSError as exc:
-        raise QBenchError(f"cannot create the run folder {run_dir} ({exc.strerror or exc}): choose another with "
-                          "-o/--output-dir (or $QBENCH_RESULTS), or fix its permissions") from None
-    plan = RunPlan(run_id=run_id, created=time.time(), model=spec, suite_path=str(suite_file.resolve()),
-                   suite_name=suite_obj.name, suite_hash=suite_obj.content_hash(), device=device,
-                   threads=threads, cell_timeout=cell_timeout, plugin_dirs=list(settings.plugin_dirs),
-                   plugin_allow=list(settings.allow) if settings.allow is not None else None,
-                   plugin_block=list(settings.block), cells=cells, skipped=skipped,
-                   notes=cast_notes(loaded, cells, device),
-                   allow_outside_data=allow_outside_data, trust_task_code=trust_task_code,
-                   suite_files=suite_obj.data_hashes(), gpus=gpu_ids,
-                   gpus_per_cell=gpus_per_cell)
+        raise QBenchError(
+            f"cannot create the run folder {run_dir} ({exc.strerror or exc}): choose another with "
+            "-o/--output-dir (or $QBENCH_RESULTS), or fix its permissions"
+        ) from None
+    plan = RunPlan(
+        run_id=run_id,
+        created=time.time(),
+        model=spec,
+        suite_path=str(suite_file.resolve()),
+        suite_name=suite_obj.name,
+        suite_hash=suite_obj.content_hash(),
+        device=device,
+        threads=threads,
+        cell_timeout=cell_timeout,
+        plugin_dirs=list(settings.plugin_dirs),
+        plugin_allow=list(settings.allow) if settings.allow is not None else None,
+        plugin_block=list(settings.block),
+        cells=cells,
+        skipped=skipped,
+        notes=cast_notes(loaded, cells, device),
+        allow_outside_data=allow_outside_data,
+        trust_task_code=trust_task_code,
+        suite_files=suite_obj.data_hashes(),
+        gpus=gpu_ids,
+        gpus_per_cell=gpus_per_cell,
+    )
     save_plan(plan, run_dir)
     return plan, run_dir
 
@@ -103,14 +136,17 @@ def resolve_gpus(spec: Optional[str], device: str, per_cell: int = 1) -> list[st
         return []
     option = "--gpus" if spec is not None else "--gpus-per-cell"
     if device != "cuda":
-        raise QBenchError(f"{option} runs cells on GPUs, but the run's device is {device}: use --device cuda on a "
-                          f"machine with GPUs, or leave {option} out")
+        raise QBenchError(
+            f"{option} runs cells on GPUs, but the run's device is {device}: use --device cuda on a "
+            f"machine with GPUs, or leave {option} out"
+        )
     import torch
 
     count = torch.cuda.device_count()
     # Indices count the GPUs this process sees; a worker needs the names its parent's mask gives them.
-    names = [n.strip() for n in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if n.strip()] \
-        or [str(i) for i in range(count)]
+    names = [n.strip() for n in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if n.strip()] or [
+        str(i) for i in range(count)
+    ]
     names = names[:count]
     if spec is None or spec.strip() == "all":
         chosen = names if spec is not None else names[:per_cell]
@@ -123,16 +159,22 @@ def resolve_gpus(spec: Optional[str], device: str, per_cell: int = 1) -> list[st
             raise QBenchError(f"--gpus '{spec}' names no GPU or one twice: give each index once, like 0,1")
         bad = [i for i in wanted if not 0 <= i < count]
         if bad:
-            raise QBenchError(f"--gpus names GPU {bad[0]}, but this machine shows {count} (0-{count - 1}): see "
-                              "nvidia-smi, or use --gpus all")
+            raise QBenchError(
+                f"--gpus names GPU {bad[0]}, but this machine shows {count} (0-{count - 1}): see "
+                "nvidia-smi, or use --gpus all"
+            )
         chosen = [names[i] for i in wanted]
     if len(chosen) < per_cell:
-        raise QBenchError(f"--gpus-per-cell {per_cell} needs {per_cell} GPUs, but the run has {len(chosen)}: "
-                          "lower it, or name more GPUs with --gpus")
+        raise QBenchError(
+            f"--gpus-per-cell {per_cell} needs {per_cell} GPUs, but the run has {len(chosen)}: "
+            "lower it, or name more GPUs with --gpus"
+        )
     if len(chosen) % per_cell:
-        raise QBenchError(f"--gpus names {len(chosen)} GPUs, which do not split into groups of {per_cell} "
-                          "(--gpus-per-cell): name a multiple of it")
-    return [",".join(chosen[i:i + per_cell]) for i in range(0, len(chosen), per_cell)]
+        raise QBenchError(
+            f"--gpus names {len(chosen)} GPUs, which do not split into groups of {per_cell} "
+            "(--gpus-per-cell): name a multiple of it"
+        )
+    return [",".join(chosen[i : i + per_cell]) for i in range(0, len(chosen), per_cell)]
 
 
 def check_spread(loaded, cells, gpus_per_cell: int) -> None:
@@ -142,12 +184,19 @@ def check_spread(loaded, cells, gpus_per_cell: int) -> None:
     unable = sorted({c.backend for c in cells if not get_backend(loaded, c.backend).shards_across_gpus})
     if unable:
         able = sorted(name for name, b in loaded.backends.items() if b.shards_across_gpus)
-        raise QBenchError(f"--gpus-per-cell {gpus_per_cell}: backend {unable[0]} cannot spread a model over GPUs "
-                          f"(those that can: {', '.join(able)}); run it in another run with one GPU per cell")
+        raise QBenchError(
+            f"--gpus-per-cell {gpus_per_cell}: backend {unable[0]} cannot spread a model over GPUs "
+            f"(those that can: {', '.join(able)}); run it in another run with one GPU per cell"
+        )
 
 
-def make_executor(kind: str = "local", address: Optional[str] = None, files: str = "auto",
-                  cache_dir: Optional[str] = None, cell_memory_gib: Optional[float] = None):
+def make_executor(
+    kind: str = "local",
+    address: Optional[str] = None,
+    files: str = "auto",
+    cache_dir: Optional[str] = None,
+    cell_memory_gib: Optional[float] = None,
+):
     """The executor that runs the plan's workers: this machine (one lane per
     GPU group of the plan), or a Ray cluster."""
     from qbench.execute.runner import LocalExecutor
@@ -159,10 +208,15 @@ def make_executor(kind: str = "local", address: Optional[str] = None, files: str
     from qbench.execute.ray_executor import RayExecutor
 
     if cache_dir and not address:  # a cluster started here: its nodes are this machine
-        check_writable(Path(cache_dir).expanduser(), "shared artifact cache (--ray-cache)",
-                       "choose a folder you can write to")
-    return RayExecutor(address=address, files=files, cache_dir=cache_dir,
-                       task_memory=int(cell_memory_gib * 2**30) if cell_memory_gib else None)
+        check_writable(
+            Path(cache_dir).expanduser(), "shared artifact cache (--ray-cache)", "choose a folder you can write to"
+        )
+    return RayExecutor(
+        address=address,
+        files=files,
+        cache_dir=cache_dir,
+        task_memory=int(cell_memory_gib * 2**30) if cell_memory_gib else None,
+    )
 
 
 def check_lm_eval_tasks(suite, trust_task_code: bool) -> None:
@@ -173,20 +227,23 @@ def check_lm_eval_tasks(suite, trust_task_code: bool) -> None:
     try:
         import lm_eval  # noqa: F401
     except ImportError:
-        raise QBenchError(f"{suite.file}: its lm_eval section needs lm-evaluation-harness: pip install "
-                          "'qbench[lm-eval]'") from None
+        raise QBenchError(
+            f"{suite.file}: its lm_eval section needs lm-evaluation-harness: pip install 'qbench[lm-eval]'"
+        ) from None
     from qbench.cell.lm_eval_engine import REGISTRY, task_specs
 
     task_specs(suite.lm_eval, suite, trust_task_code)
-    names = [t[len(REGISTRY):] for t in suite.lm_eval.tasks if t.startswith(REGISTRY)]
+    names = [t[len(REGISTRY) :] for t in suite.lm_eval.tasks if t.startswith(REGISTRY)]
     if names:
         from lm_eval.tasks import TaskManager
 
         known = set(TaskManager().all_tasks)
         unknown = [n for n in names if n not in known]
         if unknown:
-            raise QBenchError(f"{suite.file}: lm-eval has no task '{unknown[0]}' (see `lm-eval ls tasks`), or "
-                              "give a task YAML file of your own")
+            raise QBenchError(
+                f"{suite.file}: lm-eval has no task '{unknown[0]}' (see `lm-eval ls tasks`), or "
+                "give a task YAML file of your own"
+            )
 
 
 def check_inputs(loaded, cells, model_path: str, device: str) -> None:
@@ -219,8 +276,10 @@ def check_calibration_sets(loaded, cells, suite) -> None:
         if config.calibration == "default":
             continue
         if not backend.needs_calibration(config):
-            raise QBenchError(f"{cell.cell}: this variant does not calibrate, so calibration={config.calibration} "
-                              "would change nothing: use it with a calibrating variant (gptq, torchao int8-static)")
+            raise QBenchError(
+                f"{cell.cell}: this variant does not calibrate, so calibration={config.calibration} "
+                "would change nothing: use it with a calibrating variant (gptq, torchao int8-static)"
+            )
         suite.calibration_spec(config.calibration)
 
 
@@ -252,15 +311,22 @@ def resume_run(run: str, output_dir: Optional[str] = None) -> tuple[RunPlan, Pat
     plan = load_plan(run_dir)
     current = load_suite(plan.suite_path, allow_outside_data=plan.allow_outside_data).content_hash()
     if current != plan.suite_hash:
-        raise QBenchError(f"suite {plan.suite_path} changed since run {plan.run_id} started "
-                          f"(hash {current} != {plan.suite_hash}): start a new run")
+        raise QBenchError(
+            f"suite {plan.suite_path} changed since run {plan.run_id} started "
+            f"(hash {current} != {plan.suite_hash}): start a new run"
+        )
     if plan.device == "cuda":
         resolve_device("cuda")  # its cells were planned for a GPU: refuse to resume without one
     return plan, run_dir
 
 
-def run(model: str = DEFAULT_MODEL, suite: str = "default", backends: Optional[list[str]] = None,
-        reporter: Reporter = SilentReporter(), **options) -> pd.DataFrame:
+def run(
+    model: str = DEFAULT_MODEL,
+    suite: str = "default",
+    backends: Optional[list[str]] = None,
+    reporter: Reporter = SilentReporter(),
+    **options,
+) -> pd.DataFrame:
     """Run a benchmark and return its comparison table (one row per cell).
 
     ``qbench.run(backends=["fp"], suite="smoke")``; options as ``create_run``."""

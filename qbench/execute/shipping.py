@@ -20,16 +20,22 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from qbench.core.io import write_atomic
 from qbench.core.paths import file_lock
 
 #: Run-folder files a worker reads and may write (see qbench.cell.reference,
 #: qbench.metrics.roofline and qbench.metrics.canary).
-RUN_FILES = ("reference/logprobs.safetensors", "reference/meta.json", "reference/generation.json",
-             "bandwidth.json", "machine_canary.json")
+RUN_FILES = (
+    "reference/logprobs.safetensors",
+    "reference/meta.json",
+    "reference/generation.json",
+    "bandwidth.json",
+    "machine_canary.json",
+)
 CANARY = "machine_canary.json"
 
 
@@ -40,7 +46,7 @@ def pack(paths: Iterable[Path]) -> dict[str, bytes]:
     files: dict[str, bytes] = {}
     for path in paths:
         path = _absolute(path)
-        for found in (sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]):
+        for found in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
             if found.is_file():
                 files[str(found)] = found.read_bytes()
     return files
@@ -71,8 +77,8 @@ def unpack(files: dict[str, bytes]) -> Path:
 
 def under(root: Path, path: str) -> Path:
     """Where the absolute ``path`` of the driver lies below ``root``."""
-    path = _absolute(path)
-    return root / path.relative_to(path.anchor)
+    absolute = _absolute(path)
+    return root / absolute.relative_to(absolute.anchor)
 
 
 def _absolute(path) -> Path:

@@ -8,8 +8,9 @@ import math
 from typing import Any, Optional
 
 
-def metric(value: Optional[float], unit: str, n: Optional[int] = None, stderr: Optional[float] = None,
-           **extra: Any) -> dict[str, Any]:
+def metric(
+    value: Optional[float], unit: str, n: Optional[int] = None, stderr: Optional[float] = None, **extra: Any
+) -> dict[str, Any]:
     def clean(x):
         return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else float(x)
 

@@ -71,8 +71,10 @@ class DeviceCanary:
     reading; 64 launches took 0.42-0.45 ms, noisy enough to cost the first
     cell a retry, hence 256."""
 
-    resources = {"ms": "the GPU's memory bandwidth (a device copy timed with CUDA events)",
-                 "launch_ms": "the host's kernel launches"}
+    resources = {
+        "ms": "the GPU's memory bandwidth (a device copy timed with CUDA events)",
+        "launch_ms": "the host's kernel launches",
+    }
 
     def __init__(self, mib: int = 64):
         self.source = torch.empty(mib * 2**20 // 4, device="cuda")

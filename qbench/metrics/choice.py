@@ -10,8 +10,9 @@ from qbench.data.windows import Window
 from qbench.metrics import metric, proportion_stderr
 
 
-def accuracy_metrics(items: list[dict[str, Any]], token_logprobs: torch.Tensor,
-                     windows: list[Window]) -> dict[str, Any]:
+def accuracy_metrics(
+    items: list[dict[str, Any]], token_logprobs: torch.Tensor, windows: list[Window]
+) -> dict[str, Any]:
     """acc: argmax of summed log-likelihood; acc_norm: of log-likelihood per
     character of the choice. Both with sqrt(p(1-p)/(n-1))."""
     sums = torch.split(token_logprobs.double(), [w.n_scored for w in windows])
@@ -20,7 +21,7 @@ def accuracy_metrics(items: list[dict[str, Any]], token_logprobs: torch.Tensor,
     cursor = 0
     for item in items:
         k = len(item["choices"])
-        ll = lls[cursor: cursor + k]
+        ll = lls[cursor : cursor + k]
         # lm-eval normalises by the choice's length without the delimiter
         # (``norm_lengths``, from lm-eval task files); ours bake the space in.
         lengths = item.get("norm_lengths") or [len(c) for c in item["choices"]]

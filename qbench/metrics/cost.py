@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from qbench.sdk.backend import Session
 from qbench.metrics import metric
+from qbench.sdk.backend import Session
 
 
 def quantile(samples: list[float], q: float) -> float:
@@ -45,14 +45,23 @@ def time_generate(session: Session, prompt: torch.Tensor, new_tokens: int) -> tu
     return marks, clocks.pop()
 
 
-def latency_metrics(session: Session, prompt: torch.Tensor, new_tokens: int, warmup: int, min_reps: int,
-                    min_seconds: float, max_reps: int) -> dict[str, Any]:
+def latency_metrics(
+    session: Session,
+    prompt: torch.Tensor,
+    new_tokens: int,
+    warmup: int,
+    min_reps: int,
+    min_seconds: float,
+    max_reps: int,
+) -> dict[str, Any]:
     """Warm-ups, then repetitions until both ``min_reps`` and ``min_seconds``
     are met (or ``max_reps``). Prefill is the time to the first token; decode
     samples are the gaps between later tokens."""
     for _ in range(warmup):
         time_generate(session, prompt, new_tokens)
-    prefill, decode, total = [], [], []
+    prefill: list[float] = []
+    decode: list[float] = []
+    total: list[float] = []
     clock = HOST_CLOCK
     began = time.perf_counter()
     while len(total) < max_reps and (len(total) < min_reps or time.perf_counter() - began < min_seconds):
@@ -64,18 +73,32 @@ def latency_metrics(session: Session, prompt: torch.Tensor, new_tokens: int, war
     med_decode = statistics.median(decode)
 
     def dist(samples: list[float], unit: str) -> dict[str, Any]:
-        return metric(statistics.median(samples), unit, len(samples), None,
-                      p90=quantile(samples, 0.9), p99=quantile(samples, 0.99), mean=statistics.fmean(samples),
-                      samples=[round(s, 4) for s in samples])
+        return metric(
+            statistics.median(samples),
+            unit,
+            len(samples),
+            None,
+            p90=quantile(samples, 0.9),
+            p99=quantile(samples, 0.99),
+            mean=statistics.fmean(samples),
+            samples=[round(s, 4) for s in samples],
+        )
 
     return {
         "prefill_ms": dist(prefill, "ms"),
         "decode_ms_per_token": dist(decode, "ms/token"),
         "decode_tokens_per_s": metric(batch * 1e3 / med_decode, "tokens/s", len(decode)),
         "generate_ms": dist(total, "ms"),
-        "latency_workload": {"batch_size": batch, "prompt_tokens": prompt_len, "new_tokens": new_tokens,
-                             "warmup": warmup, "repetitions": len(total), "greedy": True, "eos": "ignored",
-                             "step_clock": clock},
+        "latency_workload": {
+            "batch_size": batch,
+            "prompt_tokens": prompt_len,
+            "new_tokens": new_tokens,
+            "warmup": warmup,
+            "repetitions": len(total),
+            "greedy": True,
+            "eos": "ignored",
+            "step_clock": clock,
+        },
     }
 
 
@@ -158,26 +181,49 @@ def peak_rss_bytes() -> int:
 
 def memory_metrics(session: Session, device: str) -> dict[str, Any]:
     out = {
-        "weight_bytes": metric(session.weight_bytes(), "bytes", None, None,
-                               label="bytes of weights held by the loaded model (packed storage, scales included)"),
-        "peak_rss_bytes": metric(peak_rss_bytes(), "bytes", None, None,
-                                 label="peak resident memory of the cell's worker process; forked from a server that "
-                                       "preloaded torch and transformers, it does not count their pages it never "
-                                       "touches (a freshly started process would: 200-300 MB more here)"),
+        "weight_bytes": metric(
+            session.weight_bytes(),
+            "bytes",
+            None,
+            None,
+            label="bytes of weights held by the loaded model (packed storage, scales included)",
+        ),
+        "peak_rss_bytes": metric(
+            peak_rss_bytes(),
+            "bytes",
+            None,
+            None,
+            label="peak resident memory of the cell's worker process; forked from a server that "
+            "preloaded torch and transformers, it does not count their pages it never "
+            "touches (a freshly started process would: 200-300 MB more here)",
+        ),
     }
     if device == "cuda" and torch.cuda.is_available():
         # summed over the worker's GPUs (several with --gpus-per-cell), each GPU's figure beside
         gpus = range(torch.cuda.device_count())
         allocated = [torch.cuda.max_memory_allocated(i) for i in gpus]
         reserved = [torch.cuda.max_memory_reserved(i) for i in gpus]
-        out["cuda_peak_allocated_bytes"] = metric(sum(allocated), "bytes", None, None, per_gpu=allocated,
-                                                  label="PyTorch allocator peak allocated, over the cell's GPUs")
-        out["cuda_peak_reserved_bytes"] = metric(sum(reserved), "bytes", None, None, per_gpu=reserved,
-                                                 label="PyTorch allocator peak reserved, over the cell's GPUs")
+        out["cuda_peak_allocated_bytes"] = metric(
+            sum(allocated),
+            "bytes",
+            None,
+            None,
+            per_gpu=allocated,
+            label="PyTorch allocator peak allocated, over the cell's GPUs",
+        )
+        out["cuda_peak_reserved_bytes"] = metric(
+            sum(reserved),
+            "bytes",
+            None,
+            None,
+            per_gpu=reserved,
+            label="PyTorch allocator peak reserved, over the cell's GPUs",
+        )
         nvml = _nvml_process_bytes()
         if nvml is not None:
-            out["nvml_process_bytes"] = metric(nvml, "bytes", None, None,
-                                               label="GPU memory NVML attributes to this process (at the end)")
+            out["nvml_process_bytes"] = metric(
+                nvml, "bytes", None, None, label="GPU memory NVML attributes to this process (at the end)"
+            )
     return out
 
 

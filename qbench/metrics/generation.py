@@ -22,6 +22,7 @@ def generation_metrics(outputs: list[list[int]], baseline: list[list[int]]) -> d
     prefixes = [common_prefix(o, b) for o, b in zip(outputs, baseline)]
     return {
         "gen_exact_match": metric(exact, "fraction", n, proportion_stderr(exact, n)),
-        "gen_common_prefix": metric(sum(prefixes) / n, "tokens", n, None, samples=prefixes,
-                                    max_tokens=len(baseline[0]) if baseline else 0),
+        "gen_common_prefix": metric(
+            sum(prefixes) / n, "tokens", n, None, samples=prefixes, max_tokens=len(baseline[0]) if baseline else 0
+        ),
     }

@@ -41,8 +41,14 @@ def perplexity_metrics(token_logprobs: torch.Tensor, n_bytes: int, n_words: int)
     }
 
 
-def fidelity_metrics(token_logprobs: torch.Tensor, base_logprobs: torch.Tensor, kld: torch.Tensor,
-                     same_top: torch.Tensor, tail_mass: torch.Tensor, top_k: int) -> dict[str, Any]:
+def fidelity_metrics(
+    token_logprobs: torch.Tensor,
+    base_logprobs: torch.Tensor,
+    kld: torch.Tensor,
+    same_top: torch.Tensor,
+    tail_mass: torch.Tensor,
+    top_k: int,
+) -> dict[str, Any]:
     """llama.cpp's `perplexity --kl-divergence` statistics on the same tokens."""
     n = kld.numel()
     kld_mean, kld_se = _mean_se(kld)
@@ -50,18 +56,23 @@ def fidelity_metrics(token_logprobs: torch.Tensor, base_logprobs: torch.Tensor, 
     top = same_top.double().mean().item()
     dp = token_logprobs.double().exp() - base_logprobs.double().exp()
     dp_mean, dp_se = _mean_se(dp)
-    rms = math.sqrt((dp ** 2).mean().item())
+    rms = math.sqrt((dp**2).mean().item())
     # RMS standard error by the delta method on the mean of squares.
-    rms_se = ((dp ** 2).std().item() / math.sqrt(n)) / (2 * rms) if rms > 0 and n > 1 else None
+    rms_se = ((dp**2).std().item() / math.sqrt(n)) / (2 * rms) if rms > 0 and n > 1 else None
     # ln(PPL_q / PPL_base) = mean(nll_q - nll_base); the paired difference
     # carries the covariance of the two, so its SE is far below either's.
     diff = base_logprobs.double() - token_logprobs.double()
     lr_mean, lr_se = _mean_se(diff)
     return {
-        "kld": metric(kld_mean, "nats", n, kld_se,
-                      percentiles={f"p{p:g}": v for p, v in zip(KLD_PERCENTILES, pct.tolist())},
-                      approximation=f"top-{top_k} of the baseline plus one bucket for the rest (a lower bound)",
-                      baseline_tail_mass_mean=tail_mass.double().mean().item()),
+        "kld": metric(
+            kld_mean,
+            "nats",
+            n,
+            kld_se,
+            percentiles={f"p{p:g}": v for p, v in zip(KLD_PERCENTILES, pct.tolist())},
+            approximation=f"top-{top_k} of the baseline plus one bucket for the rest (a lower bound)",
+            baseline_tail_mass_mean=tail_mass.double().mean().item(),
+        ),
         "same_top_p": metric(top, "fraction", n, proportion_stderr(top, n)),
         "delta_p": metric(dp_mean, "probability", n, dp_se),
         "delta_p_rms": metric(rms, "probability", n, rms_se),

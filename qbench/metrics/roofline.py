@@ -59,14 +59,18 @@ def run_bandwidth(run_dir: Path, device: str) -> dict[str, Any]:
         pass
     import torch
 
-    measured = {"device": device, "bytes_per_s": copy_bandwidth(device), "method": "copy",
-                "bytes": COPY_BYTES[device], "torch_threads": torch.get_num_threads()}
+    measured = {
+        "device": device,
+        "bytes_per_s": copy_bandwidth(device),
+        "method": "copy",
+        "bytes": COPY_BYTES[device],
+        "torch_threads": torch.get_num_threads(),
+    }
     write_atomic(path, json.dumps(measured))
     return measured
 
 
-def decode_bytes_per_step(weight_bytes: int, kv_bytes_per_position: Optional[int], workload: dict[str, Any]
-                          ) -> int:
+def decode_bytes_per_step(weight_bytes: int, kv_bytes_per_position: Optional[int], workload: dict[str, Any]) -> int:
     """Bytes a decode step reads: the weights once, plus each sequence's KV
     cache at the mean context length of the decode steps (step i of N-1
     attends to prompt + i positions)."""
@@ -86,23 +90,41 @@ def refresh(metrics: dict[str, Any]) -> dict[str, Any]:
         return {}
     per_step = bandwidth["bytes_per_step"]
     achieved = per_step / (decode["value"] / 1e3)
-    return {"decode_bandwidth_bytes_per_s": {**bandwidth, "value": achieved},
-            "roofline_fraction": {**metrics["roofline_fraction"], "value": achieved / peak["value"]}}
+    return {
+        "decode_bandwidth_bytes_per_s": {**bandwidth, "value": achieved},
+        "roofline_fraction": {**metrics["roofline_fraction"], "value": achieved / peak["value"]},
+    }
 
 
-def roofline_metrics(weight_bytes: int, kv_bytes_per_position: Optional[int], workload: dict[str, Any],
-                     decode_ms: float, bandwidth: dict[str, Any]) -> dict[str, Any]:
+def roofline_metrics(
+    weight_bytes: int,
+    kv_bytes_per_position: Optional[int],
+    workload: dict[str, Any],
+    decode_ms: float,
+    bandwidth: dict[str, Any],
+) -> dict[str, Any]:
     per_step = decode_bytes_per_step(weight_bytes, kv_bytes_per_position, workload)
     achieved = per_step / (decode_ms / 1e3)
     peak = bandwidth["bytes_per_s"]
     return {
-        "peak_bandwidth_bytes_per_s": metric(peak, "bytes/s", None, None, method=bandwidth.get("method"),
-                                             label="the run's peak memory bandwidth: a copy benchmark (read + "
-                                                   "write), measured once per run"),
-        "decode_bandwidth_bytes_per_s": metric(achieved, "bytes/s", None, None, bytes_per_step=per_step,
-                                               kv_included=kv_bytes_per_position is not None,
-                                               label="bytes a decode step reads (weights as held + KV cache at "
-                                                     "the mean context) over the time per step"),
-        "roofline_fraction": metric(achieved / peak, "fraction", None, None,
-                                    label="decode bandwidth as a share of the run's peak bandwidth"),
+        "peak_bandwidth_bytes_per_s": metric(
+            peak,
+            "bytes/s",
+            None,
+            None,
+            method=bandwidth.get("method"),
+            label="the run's peak memory bandwidth: a copy benchmark (read + write), measured once per run",
+        ),
+        "decode_bandwidth_bytes_per_s": metric(
+            achieved,
+            "bytes/s",
+            None,
+            None,
+            bytes_per_step=per_step,
+            kv_included=kv_bytes_per_position is not None,
+            label="bytes a decode step reads (weights as held + KV cache at the mean context) over the time per step",
+        ),
+        "roofline_fraction": metric(
+            achieved / peak, "fraction", None, None, label="decode bandwidth as a share of the run's peak bandwidth"
+        ),
     }

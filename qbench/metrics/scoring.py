@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
-from qbench.sdk.backend import Session, to_device
 from qbench.data.windows import Window, batches
+from qbench.sdk.backend import Session, to_device
 
 
 @dataclass
@@ -23,17 +24,23 @@ class Reference:
     the actual next token, and the baseline's argmax."""
 
     topk_logprobs: torch.Tensor  # [N, k] float32, sorted descending
-    topk_ids: torch.Tensor       # [N, k] int32 (half the bytes of int64; vocabularies fit)
+    topk_ids: torch.Tensor  # [N, k] int32 (half the bytes of int64; vocabularies fit)
     token_logprobs: torch.Tensor  # [N] float32
 
     def save(self, path) -> None:
         from safetensors.torch import save_file
 
-        save_file({"topk_logprobs": self.topk_logprobs.contiguous(), "topk_ids": self.topk_ids.contiguous(),
-                   "token_logprobs": self.token_logprobs.contiguous()}, str(path))
+        save_file(
+            {
+                "topk_logprobs": self.topk_logprobs.contiguous(),
+                "topk_ids": self.topk_ids.contiguous(),
+                "token_logprobs": self.token_logprobs.contiguous(),
+            },
+            str(path),
+        )
 
     @classmethod
-    def load(cls, path) -> "Reference":
+    def load(cls, path) -> Reference:
         from safetensors.torch import load_file
 
         return cls(**load_file(str(path)))
@@ -44,12 +51,12 @@ class TokenScores:
     """Per scored token, in window order."""
 
     token_logprobs: list[torch.Tensor] = field(default_factory=list)  # log q(actual)
-    kld: list[torch.Tensor] = field(default_factory=list)             # KL(P_base || Q)
-    same_top: list[torch.Tensor] = field(default_factory=list)        # argmax agreement
-    tail_mass: list[torch.Tensor] = field(default_factory=list)       # baseline mass outside top-k
-    topk_logprobs: list[torch.Tensor] = field(default_factory=list)   # only when building a reference
+    kld: list[torch.Tensor] = field(default_factory=list)  # KL(P_base || Q)
+    same_top: list[torch.Tensor] = field(default_factory=list)  # argmax agreement
+    tail_mass: list[torch.Tensor] = field(default_factory=list)  # baseline mass outside top-k
+    topk_logprobs: list[torch.Tensor] = field(default_factory=list)  # only when building a reference
     topk_ids: list[torch.Tensor] = field(default_factory=list)
-    greedy: list[torch.Tensor] = field(default_factory=list)          # argmax == actual (when asked)
+    greedy: list[torch.Tensor] = field(default_factory=list)  # argmax == actual (when asked)
 
     @staticmethod
     def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -108,7 +115,7 @@ def score_windows(
     # never idle while Python prepares the next one.
     pending: Optional[_InFlight] = None
     for ids, mask, chunk in batches([windows[i] for i in order], batch_size):
-        indices = order[done: done + len(chunk)]
+        indices = order[done : done + len(chunk)]
         done += len(chunk)
         # A window's last token is only ever a target: its logits would go unused.
         logits = session.logits(ids[:, :-1], mask[:, :-1])
@@ -130,12 +137,25 @@ def score_windows(
     return scores
 
 
-def _score_batch(logits: torch.Tensor, ids: torch.Tensor, chunk: list[Window], buffers: "_RowBuffers",
-                 greedy: bool, top_k: int, batch_ref: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
+def _score_batch(
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    chunk: list[Window],
+    buffers: _RowBuffers,
+    greedy: bool,
+    top_k: int,
+    batch_ref: Optional[torch.Tensor],
+) -> dict[str, torch.Tensor]:
     """Per-token quantities of one batch, concatenated in the batch's window
     order, still on the logits' device."""
-    parts: dict[str, list[torch.Tensor]] = {"token_logprobs": [], "topk_logprobs": [], "topk_ids": [],
-                                            "lq": [], "same_top": [], "greedy": []}
+    parts: dict[str, list[torch.Tensor]] = {
+        "token_logprobs": [],
+        "topk_logprobs": [],
+        "topk_ids": [],
+        "lq": [],
+        "same_top": [],
+        "greedy": [],
+    }
     local = 0
     for row, window in enumerate(chunk):
         n = len(window.input_ids)
@@ -145,8 +165,8 @@ def _score_batch(logits: torch.Tensor, ids: torch.Tensor, chunk: list[Window], b
         # the batch (cache-friendlier); 32-token slices measured no faster.
         # torch's fused log_softmax beats logsumexp on CPU (6.6 vs 40 ms
         # per 511 x 49,152 row).
-        lp = buffers.log_softmax(logits[row, n - 1 - window.n_scored: n - 1])
-        targets = ids[row, n - window.n_scored: n]
+        lp = buffers.log_softmax(logits[row, n - 1 - window.n_scored : n - 1])
+        targets = ids[row, n - window.n_scored : n]
         parts["token_logprobs"].append(lp.gather(-1, targets[:, None])[:, 0])
         if greedy:
             parts["greedy"].append(lp.argmax(-1) == targets)
@@ -155,7 +175,7 @@ def _score_batch(logits: torch.Tensor, ids: torch.Tensor, chunk: list[Window], b
             parts["topk_logprobs"].append(values)
             parts["topk_ids"].append(top_ids.to(torch.int32))
         if batch_ref is not None:
-            ref_ids = batch_ref[local: local + window.n_scored].long()
+            ref_ids = batch_ref[local : local + window.n_scored].long()
             lq = lp.gather(-1, ref_ids)
             parts["lq"].append(lq)
             parts["same_top"].append(agrees_with_top1(lp, lq, ref_ids))
@@ -167,8 +187,14 @@ class _InFlight:
     """One batch's results on their way to the host: one copy per quantity,
     started at once, waited for only when the next batch is queued."""
 
-    def __init__(self, parts: dict[str, torch.Tensor], rows: Optional[torch.Tensor], indices: list[int],
-                 sizes: list[int], done: int):
+    def __init__(
+        self,
+        parts: dict[str, torch.Tensor],
+        rows: Optional[torch.Tensor],
+        indices: list[int],
+        sizes: list[int],
+        done: int,
+    ):
         self.parts = {k: v.to("cpu", non_blocking=True) for k, v in parts.items()}  # pinned when from a GPU
         self.copied = None
         gpu = next((v.device for v in parts.values() if v.is_cuda), None)
@@ -179,8 +205,13 @@ class _InFlight:
             self.copied.record(torch.cuda.current_stream(gpu))
         self.rows, self.indices, self.sizes, self.done = rows, indices, sizes, done
 
-    def finish(self, reference: Optional[Reference], per_window: list[dict[str, torch.Tensor]],
-               on_batch: Optional[Callable[[int, int], None]], total: int) -> None:
+    def finish(
+        self,
+        reference: Optional[Reference],
+        per_window: list[dict[str, torch.Tensor]],
+        on_batch: Optional[Callable[[int, int], None]],
+        total: int,
+    ) -> None:
         batch = self.parts
         if self.copied is not None:
             self.copied.synchronize()
@@ -189,8 +220,9 @@ class _InFlight:
             # gigabytes of host memory on a large corpus.
             batch = {k: torch.empty(v.shape, dtype=v.dtype).copy_(v) for k, v in batch.items()}
         if reference is not None:
-            batch["kld"], batch["tail_mass"] = kl_against_topk(reference.topk_logprobs[self.rows],
-                                                               reference.topk_ids[self.rows], batch.pop("lq"))
+            batch["kld"], batch["tail_mass"] = kl_against_topk(
+                reference.topk_logprobs[self.rows], reference.topk_ids[self.rows], batch.pop("lq")
+            )
             batch["same_top"] = batch["same_top"].float()
         for name, values in batch.items():
             for i, piece in zip(self.indices, values.split(self.sizes)):
@@ -238,8 +270,12 @@ class _RowBuffers:
 
     def _rows(self, name: str, like: torch.Tensor) -> torch.Tensor:
         held = getattr(self, name)
-        if held is None or held.shape[0] < like.shape[0] or held.shape[1:] != like.shape[1:] \
-                or held.device != like.device:
+        if (
+            held is None
+            or held.shape[0] < like.shape[0]
+            or held.shape[1:] != like.shape[1:]
+            or held.device != like.device
+        ):
             held = torch.empty((like.shape[0], *like.shape[1:]), dtype=torch.float32, device=like.device)
             setattr(self, name, held)
         return held[: like.shape[0]]

@@ -21,9 +21,9 @@ import math
 import statistics
 from typing import Any, Optional
 
+from qbench.core.records import CellRecord
 from qbench.metrics import metric, roofline
 from qbench.metrics.cost import quantile
-from qbench.core.records import CellRecord
 
 #: Latency figures summarised per trial by their median.
 DISTRIBUTIONS = ("prefill_ms", "decode_ms_per_token", "generate_ms")
@@ -49,8 +49,12 @@ def _used(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def trial_workload(trials: list[dict[str, Any]]) -> dict[str, Any]:
     """The latency workload as measured over the trials used."""
     used = _used(trials)
-    return {**used[0]["latency_workload"], "repetitions": sum(t["latency_workload"]["repetitions"] for t in used),
-            "trials": len(used), "trials_left_out_busy": len(trials) - len(used)}
+    return {
+        **used[0]["latency_workload"],
+        "repetitions": sum(t["latency_workload"]["repetitions"] for t in used),
+        "trials": len(used),
+        "trials_left_out_busy": len(trials) - len(used),
+    }
 
 
 def combine_trials(trials: list[dict[str, Any]]) -> dict[str, Any]:
@@ -64,15 +68,23 @@ def combine_trials(trials: list[dict[str, Any]]) -> dict[str, Any]:
         centre = math.exp(statistics.fmean(math.log(v) for v in per_trial))
         spread = log_spread(per_trial)
         stderr = centre * spread / math.sqrt(len(per_trial)) if spread is not None else None
-        out[name] = metric(centre, used[0][name]["unit"], len(samples), stderr,
-                           trials=[round(v, 4) for v in per_trial],
-                           p90=quantile(samples, 0.9), p99=quantile(samples, 0.99),
-                           mean=statistics.fmean(samples), samples=samples)
+        out[name] = metric(
+            centre,
+            used[0][name]["unit"],
+            len(samples),
+            stderr,
+            trials=[round(v, 4) for v in per_trial],
+            p90=quantile(samples, 0.9),
+            p99=quantile(samples, 0.99),
+            mean=statistics.fmean(samples),
+            samples=samples,
+        )
     decode = out["decode_ms_per_token"]
     batch = used[0]["latency_workload"]["batch_size"]
     tps = batch * 1e3 / decode["value"]
     out["decode_tokens_per_s"] = metric(
-        tps, "tokens/s", decode["n"], tps * decode["stderr"] / decode["value"] if decode.get("stderr") else None)
+        tps, "tokens/s", decode["n"], tps * decode["stderr"] / decode["value"] if decode.get("stderr") else None
+    )
     # The canary of the trials used: busy only when every trial was.
     out["machine_canary_ms"] = max(used, key=lambda t: t["machine_canary_ms"]["value"])["machine_canary_ms"]
     return out
@@ -90,8 +102,10 @@ def busy_notes(latency: dict[str, Any]) -> list[str]:
         return []
     ratio = canary.get("ratio") or canary["value"] / canary["typical"]
     resource = canary.get("resource") or "the machine"
-    return [f"{BUSY_NOTE}: the canary of {resource} ran {ratio - 1:.0%} slower than usual for this run in every "
-            f"latency trial, after retries; its latency figures are unreliable"]
+    return [
+        f"{BUSY_NOTE}: the canary of {resource} ran {ratio - 1:.0%} slower than usual for this run in every "
+        f"latency trial, after retries; its latency figures are unreliable"
+    ]
 
 
 def add_trial(record: CellRecord, trial: dict[str, Any]) -> CellRecord:

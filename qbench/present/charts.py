@@ -13,14 +13,21 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 #: Ten colours that print and project apart (matplotlib's tab10 = Plotly's T10-like D3 palette).
-COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
-           "#17becf")
+COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
 #: Marker shapes, one per round of ten rows: (matplotlib, Plotly).
-MARKERS = (("o", "circle"), ("s", "square"), ("D", "diamond"), ("^", "triangle-up"), ("v", "triangle-down"),
-           ("P", "cross"), ("X", "x"), ("*", "star"))
+MARKERS = (
+    ("o", "circle"),
+    ("s", "square"),
+    ("D", "diamond"),
+    ("^", "triangle-up"),
+    ("v", "triangle-down"),
+    ("P", "cross"),
+    ("X", "x"),
+    ("*", "star"),
+)
 #: Where a log axis draws zero (a baseline's KLD): Plotly has no symlog scale.
 LOG_FLOOR = 1e-5
 
@@ -78,8 +85,16 @@ def png(chart: Chart) -> bytes:
             ys = [positions[c] + offset for c in s.y]
             ax.errorbar(s.x, ys, xerr=s.err, fmt=marker, color=colour, label=s.name, capsize=2, markersize=5)
             continue
-        ax.errorbar(s.x, s.y, yerr=s.err, fmt=marker + ("-" if s.lines else ""), color=colour, label=s.name,
-                    capsize=2, markersize=5)
+        ax.errorbar(
+            s.x,
+            s.y,
+            yerr=s.err,
+            fmt=marker + ("-" if s.lines else ""),
+            color=colour,
+            label=s.name,
+            capsize=2,
+            markersize=5,
+        )
     for s in chart.series:
         if s.guide:
             ax.plot(s.x, s.y, "--", color="tab:red", alpha=0.6, label=s.name)
@@ -128,29 +143,50 @@ def plotly_div(chart: Chart, div_id: str) -> str:
     for i, s in enumerate(rows):
         colour, (_, symbol) = style(i)
         error = {"type": "data", "array": s.err, "visible": True} if s.err else None
-        fig.add_trace(go.Scatter(
-            x=_floored(s.x, chart.x_scale), y=_floored(s.y, chart.y_scale), name=s.name,
-            mode="lines+markers" if s.lines else "markers",
-            marker={"color": colour, "symbol": symbol, "size": 9}, line={"color": colour},
-            error_x=error if horizontal else None, error_y=None if horizontal else error,
-            text=s.hover, hovertemplate="%{text}<extra></extra>" if s.hover else None,
-            orientation="h" if horizontal else None))
+        fig.add_trace(
+            go.Scatter(
+                x=_floored(s.x, chart.x_scale),
+                y=_floored(s.y, chart.y_scale),
+                name=s.name,
+                mode="lines+markers" if s.lines else "markers",
+                marker={"color": colour, "symbol": symbol, "size": 9},
+                line={"color": colour},
+                error_x=error if horizontal else None,
+                error_y=None if horizontal else error,
+                text=s.hover,
+                hovertemplate="%{text}<extra></extra>" if s.hover else None,
+                orientation="h" if horizontal else None,
+            )
+        )
     for s in chart.series:
         if s.guide:
-            fig.add_trace(go.Scatter(x=_floored(s.x, chart.x_scale), y=_floored(s.y, chart.y_scale), name=s.name,
-                                     mode="lines", line={"color": "rgba(214,39,40,0.6)", "dash": "dash"},
-                                     hoverinfo="skip"))
+            fig.add_trace(
+                go.Scatter(
+                    x=_floored(s.x, chart.x_scale),
+                    y=_floored(s.y, chart.y_scale),
+                    name=s.name,
+                    mode="lines",
+                    line={"color": "rgba(214,39,40,0.6)", "dash": "dash"},
+                    hoverinfo="skip",
+                )
+            )
     points = len(rows) * max(len(chart.categories), 1)  # a task chart draws every row in every task
-    layout = {"template": "plotly_white", "height": max(420, 120 + 22 * len(rows), 80 + 14 * points),
-              "margin": {"t": 30},
-              "xaxis": _plotly_axis(chart.x_scale, chart.x_title), "yaxis": _plotly_axis(chart.y_scale, chart.y_title),
-              "legend": {"title": {"text": "click to hide a row"}}, "hovermode": "closest"}
+    layout: dict[str, Any] = {
+        "template": "plotly_white",
+        "height": max(420, 120 + 22 * len(rows), 80 + 14 * points),
+        "margin": {"t": 30},
+        "xaxis": _plotly_axis(chart.x_scale, chart.x_title),
+        "yaxis": _plotly_axis(chart.y_scale, chart.y_title),
+        "legend": {"title": {"text": "click to hide a row"}},
+        "hovermode": "closest",
+    }
     if horizontal:  # rows side by side within each task, tasks top to bottom
         layout["scattermode"] = "group"
         layout["yaxis"].update(categoryorder="array", categoryarray=list(chart.categories), autorange="reversed")
     fig.update_layout(**layout)
-    return pio.to_html(fig, include_plotlyjs=False, full_html=False, div_id=div_id,
-                       config={"displaylogo": False, "responsive": True})
+    return pio.to_html(
+        fig, include_plotlyjs=False, full_html=False, div_id=div_id, config={"displaylogo": False, "responsive": True}
+    )
 
 
 def plotly_script() -> str:

@@ -36,13 +36,12 @@ import math
 import statistics
 from typing import Optional
 
-from qbench.metrics.trials import log_spread
 from qbench.core.records import CellRecord
+from qbench.metrics.registry import compared
+from qbench.metrics.trials import log_spread
 
 ALPHA = 0.05
-QUALITY = ("perplexity", "kld", "same_top_p", "ln_ppl_ratio", "acc", "acc_norm")
-LATENCY = ("prefill_ms", "decode_ms_per_token")
-MEMORY = ("weight_bytes",)
+QUALITY, LATENCY, MEMORY = compared("quality"), compared("latency"), compared("memory")
 MEMORY_TOLERANCE = 0.05
 LATENCY_FLOOR = 0.10
 MIN_SPREAD_FIGURES = 8  # latency_spread: fewer figures tell nothing
@@ -58,7 +57,7 @@ def _repetitions(name: str, record: CellRecord) -> list[float]:
     gaps = (record.latency_workload or {}).get("new_tokens", 0) - 1
     if gaps < 1:
         return samples
-    return [statistics.median(samples[i: i + gaps]) for i in range(0, len(samples), gaps)]
+    return [statistics.median(samples[i : i + gaps]) for i in range(0, len(samples), gaps)]
 
 
 def _trials(name: str, record: CellRecord) -> list[float]:
@@ -185,8 +184,10 @@ def compare_records(a: dict[str, CellRecord], b: dict[str, CellRecord]) -> tuple
                 row[5] = f"{z:+.1f}"
                 single = [w for w, r in (("A", ra), ("B", rb)) if len(_trials(name, r)) < 2]
                 if name in LATENCY and single:
-                    row[-1] = (f"not judged (one worker process in run {' and '.join(single)}: speed differs "
-                               "between processes; latency trials >= 2 give it an error bar)")
+                    row[-1] = (
+                        f"not judged (one worker process in run {' and '.join(single)}: speed differs "
+                        "between processes; latency trials >= 2 give it an error bar)"
+                    )
                     rows.append(row)
                     continue
                 matters = name not in LATENCY or abs(vb / va - 1) >= LATENCY_FLOOR

@@ -16,6 +16,7 @@ from qbench.analyze.decisions import QUALITY, WEIGHTS, pareto, quality, recommen
 from qbench.core.errors import QBenchError
 from qbench.core.io import write_atomic
 from qbench.core.records import CellRecord
+from qbench.metrics.registry import info
 from qbench.present.blocks import Block
 from qbench.present.charts import Chart, Series, plotly_div, plotly_script, png
 from qbench.present.search_report import report_blocks
@@ -59,8 +60,11 @@ def delta_rows(records: list[CellRecord]) -> tuple[tuple, list[tuple]]:
         cells = [r.cell]
         ratio, se = _value(r, "ln_ppl_ratio"), _stderr(r, "ln_ppl_ratio")
         # ln(PPL_q/PPL_base) has a paired SE; map it to a percentage change.
-        cells.append(f"{100 * math.expm1(ratio):+.2f} ± {100 * math.exp(ratio) * se:.2f}"
-                     if ratio is not None and se is not None else "-")
+        cells.append(
+            f"{100 * math.expm1(ratio):+.2f} ± {100 * math.exp(ratio) * se:.2f}"
+            if ratio is not None and se is not None
+            else "-"
+        )
         acc, acc_b = _value(r, "acc"), _value(base, "acc")
         if acc is not None and acc_b is not None:
             se = math.hypot(_stderr(r, "acc") or 0, _stderr(base, "acc") or 0)
@@ -84,13 +88,10 @@ def delta_rows(records: list[CellRecord]) -> tuple[tuple, list[tuple]]:
 def _hover(r: CellRecord) -> str:
     """A row's figures, for the interactive charts' hover."""
     parts = [f"<b>{html.escape(r.cell)}</b>"]
-    for name, label, fmt, scale in (("kld", "KLD", ".5f", 1), ("perplexity", "PPL", ".3f", 1),
-                                    ("weight_bytes", "weights MiB", ".1f", 1 / MIB),
-                                    ("decode_ms_per_token", "decode ms/token", ".2f", 1),
-                                    ("decode_tokens_per_s", "tokens/s", ".1f", 1), ("acc", "acc %", ".1f", 100)):
-        value, se = _value(r, name), _stderr(r, name)
+    for name in ("kld", "perplexity", "weight_bytes", "decode_ms_per_token", "decode_tokens_per_s", "acc"):
+        value, se, m = _value(r, name), _stderr(r, name), info(name)
         if value is not None:
-            parts.append(f"{label} {value * scale:{fmt}}" + (f" ± {se * scale:{fmt}}" if se else ""))
+            parts.append(f"{m.label} {value * m.scale:{m.fmt}}" + (f" ± {se * m.scale:{m.fmt}}" if se else ""))
     return "<br>".join(parts)
 
 
@@ -102,97 +103,203 @@ def charts(records: list[CellRecord]) -> list[Chart]:
     if ok and any(_value(r, "weight_bytes") for r in ok):
         rows = [r for r in ok if _value(r, "weight_bytes")]
         front = sorted(pareto_front(rows), key=lambda r: _value(r, "weight_bytes"))
-        out.append(Chart(
-            "quality_vs_memory.png", "Quality (KLD, lower is better) against weight memory; the dashed line joins "
-            "the variants no other beats on both.", "weight memory (MiB)", "mean KLD to the baseline",
-            [Series(r.cell, [_value(r, "weight_bytes") / MIB], [quality(r)], [_stderr(r, "kld") or 0], [_hover(r)])
-             for r in rows]
-            + [Series("Pareto front", [_value(r, "weight_bytes") / MIB for r in front], [quality(r) for r in front],
-                      guide=True)], y_scale="symlog"))
+        out.append(
+            Chart(
+                "quality_vs_memory.png",
+                "Quality (KLD, lower is better) against weight memory; the dashed line joins "
+                "the variants no other beats on both.",
+                "weight memory (MiB)",
+                "mean KLD to the baseline",
+                [
+                    Series(
+                        r.cell, [_value(r, "weight_bytes") / MIB], [quality(r)], [_stderr(r, "kld") or 0], [_hover(r)]
+                    )
+                    for r in rows
+                ]
+                + [
+                    Series(
+                        "Pareto front",
+                        [_value(r, "weight_bytes") / MIB for r in front],
+                        [quality(r) for r in front],
+                        guide=True,
+                    )
+                ],
+                y_scale="symlog",
+            )
+        )
     speed = [r for r in ok if _value(r, "decode_tokens_per_s")]
     if speed:
-        out.append(Chart(
-            "speed_vs_quality.png", "Decode speed against quality (up and left is better).",
-            "mean KLD to the baseline", "decode tokens/s (bars: between-process SE)",
-            [Series(r.cell, [quality(r)], [_value(r, "decode_tokens_per_s")],
-                    [_stderr(r, "decode_tokens_per_s") or 0], [_hover(r)]) for r in speed], x_scale="symlog"))
+        out.append(
+            Chart(
+                "speed_vs_quality.png",
+                "Decode speed against quality (up and left is better).",
+                "mean KLD to the baseline",
+                "decode tokens/s (bars: between-process SE)",
+                [
+                    Series(
+                        r.cell,
+                        [quality(r)],
+                        [_value(r, "decode_tokens_per_s")],
+                        [_stderr(r, "decode_tokens_per_s") or 0],
+                        [_hover(r)],
+                    )
+                    for r in speed
+                ],
+                x_scale="symlog",
+            )
+        )
     swept = [r for r in records if r.ok and len(r.latency_sweep) > 1]
     if swept:
         series = []
         for r in swept:
             sizes = sorted(r.latency_sweep)
             speeds = [r.latency_sweep[b]["decode_tokens_per_s"].value for b in sizes]
-            series.append(Series(r.cell, sizes, speeds, lines=True,
-                                 hover=[f"<b>{html.escape(r.cell)}</b><br>batch {b}: {t:.1f} tokens/s"
-                                        for b, t in zip(sizes, speeds)]))
-        out.append(Chart("throughput_vs_batch.png", "Decode throughput against batch size, per variant.",
-                         "batch size", "decode tokens/s (all sequences)", series, x_scale="log2", y_scale="log"))
+            series.append(
+                Series(
+                    r.cell,
+                    sizes,
+                    speeds,
+                    lines=True,
+                    hover=[
+                        f"<b>{html.escape(r.cell)}</b><br>batch {b}: {t:.1f} tokens/s" for b, t in zip(sizes, speeds)
+                    ],
+                )
+            )
+        out.append(
+            Chart(
+                "throughput_vs_batch.png",
+                "Decode throughput against batch size, per variant.",
+                "batch size",
+                "decode tokens/s (all sequences)",
+                series,
+                x_scale="log2",
+                y_scale="log",
+            )
+        )
     tasks = tuple(sorted({t for r in ok for t, figures in r.tasks.items() if "acc" in figures}))
     if tasks:
         series = []
         for r in ok:
             have = [t for t in tasks if t in r.tasks and "acc" in r.tasks[t]]
             accs = [r.tasks[t]["acc"] for t in have]
-            series.append(Series(r.cell, [100 * m.value for m in accs], list(have),
-                                 [100 * (m.stderr or 0) for m in accs],
-                                 [f"<b>{html.escape(r.cell)}</b><br>{html.escape(t)}: {100 * m.value:.1f} ± "
-                                  f"{100 * (m.stderr or 0):.1f} % (n {m.n})" for t, m in zip(have, accs)]))
-        out.append(Chart("task_accuracy.png", "Accuracy per task, ± standard error.", "accuracy %", "task",
-                         series, categories=tasks))
+            series.append(
+                Series(
+                    r.cell,
+                    [100 * m.value for m in accs],
+                    list(have),
+                    [100 * (m.stderr or 0) for m in accs],
+                    [
+                        f"<b>{html.escape(r.cell)}</b><br>{html.escape(t)}: {100 * m.value:.1f} ± "
+                        f"{100 * (m.stderr or 0):.1f} % (n {m.n})"
+                        for t, m in zip(have, accs)
+                    ],
+                )
+            )
+        out.append(
+            Chart(
+                "task_accuracy.png",
+                "Accuracy per task, ± standard error.",
+                "accuracy %",
+                "task",
+                series,
+                categories=tasks,
+            )
+        )
     return out
 
 
-def blocks(plan: RunPlan, records: list[CellRecord], kld_budget: float, extra: tuple[Block, ...] = (),
-           metrics: Optional[str] = None) -> list[Block]:
-    out = [Block("p", text=f"Model `{plan.model.name}` (fingerprint {plan.model.fingerprint}), suite "
-                 f"`{plan.suite_name}` (hash {plan.suite_hash}), device {plan.device}, run "
-                 f"`{plan.run_id}` started {time.strftime('%Y-%m-%d %H:%M', time.localtime(plan.created))}.")]
+def blocks(
+    plan: RunPlan,
+    records: list[CellRecord],
+    kld_budget: float,
+    extra: tuple[Block, ...] = (),
+    metrics: Optional[str] = None,
+) -> list[Block]:
+    out = [
+        Block(
+            "p",
+            text=f"Model `{plan.model.name}` (fingerprint {plan.model.fingerprint}), suite "
+            f"`{plan.suite_name}` (hash {plan.suite_hash}), device {plan.device}, run "
+            f"`{plan.run_id}` started {time.strftime('%Y-%m-%d %H:%M', time.localtime(plan.created))}.",
+        )
+    ]
     if plan.model.note:
         out.append(Block("p", text=plan.model.note + "."))
     out += [Block("h2", text="Recommendation"), Block("list", items=tuple(recommendation(records, kld_budget)))]
     headers, rows = table_rows(records, metrics)
-    out += [Block("h2", text="Comparison"),
-            Block("table", headers=tuple(headers), rows=tuple(map(tuple, rows)), sortable=True)]
+    out += [
+        Block("h2", text="Comparison"),
+        Block("table", headers=tuple(headers), rows=tuple(map(tuple, rows)), sortable=True),
+    ]
     recorded = {r.cell for r in records}
     unrun = [c.cell for c in plan.cells if c.cell not in recorded]
     if unrun:  # a stopped run's report says so where the table is read
-        out.append(Block("p", text=f"{len(unrun)} of {len(plan.cells)} planned cells did not run: "
-                         + ", ".join(f"`{c}`" for c in unrun) + f" (`qbench run --resume {plan.run_id}` runs them)."))
+        out.append(
+            Block(
+                "p",
+                text=f"{len(unrun)} of {len(plan.cells)} planned cells did not run: "
+                + ", ".join(f"`{c}`" for c in unrun)
+                + f" (`qbench run --resume {plan.run_id}` runs them).",
+            )
+        )
     latency = latency_method(records)
     if latency:
         out.append(Block("p", text=latency))
     d_headers, d_rows = delta_rows(records)
     if d_rows:
-        out += [Block("p", text="Against the baseline (paired standard error for perplexity; independent for "
-                      "accuracy):"), Block("table", headers=d_headers, rows=tuple(d_rows))]
+        out += [
+            Block("p", text="Against the baseline (paired standard error for perplexity; independent for accuracy):"),
+            Block("table", headers=d_headers, rows=tuple(d_rows)),
+        ]
     t_headers, per_task = task_rows(records)
     if per_task:
-        out += [Block("p", text="Per task, every figure as its engine reports it (qbench's own multiple-choice "
-                      "scorer, or lm-evaluation-harness for `lm_eval:` tasks), ± standard error:"),
-                Block("table", headers=t_headers, rows=tuple(per_task), sortable=True)]
+        out += [
+            Block(
+                "p",
+                text="Per task, every figure as its engine reports it (qbench's own multiple-choice "
+                "scorer, or lm-evaluation-harness for `lm_eval:` tasks), ± standard error:",
+            ),
+            Block("table", headers=t_headers, rows=tuple(per_task), sortable=True),
+        ]
     sweep = sweep_rows(records)
     if sweep:
-        out += [Block("p", text="Batch sweep (each batch size timed in the row's own worker process; weight-only "
-                      "kernels that win at batch 1 can lose at larger batches):"),
-                Block("table", headers=("variant", "batch", "prefill ms", "decode ms/step", "tokens/s",
-                                        "BW % of peak"), rows=tuple(sweep))]
+        out += [
+            Block(
+                "p",
+                text="Batch sweep (each batch size timed in the row's own worker process; weight-only "
+                "kernels that win at batch 1 can lose at larger batches):",
+            ),
+            Block(
+                "table",
+                headers=("variant", "batch", "prefill ms", "decode ms/step", "tokens/s", "BW % of peak"),
+                rows=tuple(sweep),
+            ),
+        ]
     ran = kernel_rows(records)
     if ran:
         workload = next((r.workload for r in records if r.workload), None) or {}
-        scored = (f"; every row's perplexity windows: protocol {workload['perplexity_protocol']}, BOS: "
-                  f"{workload.get('perplexity_bos') or 'suite policy ' + str(workload.get('bos_policy'))}"
-                  if workload.get("perplexity_protocol") else "")
-        out += [Block("p", text="How each row ran (speed depends on the kernel as much as on the bit width"
-                      f"{scored}):"),
-                Block("table", headers=("variant", "kernel", "compute dtype", "runtime", "calibration", "library"),
-                      rows=tuple(ran))]
+        scored = (
+            f"; every row's perplexity windows: protocol {workload['perplexity_protocol']}, BOS: "
+            f"{workload.get('perplexity_bos') or 'suite policy ' + str(workload.get('bos_policy'))}"
+            if workload.get("perplexity_protocol")
+            else ""
+        )
+        out += [
+            Block("p", text=f"How each row ran (speed depends on the kernel as much as on the bit width{scored}):"),
+            Block(
+                "table",
+                headers=("variant", "kernel", "compute dtype", "runtime", "calibration", "library"),
+                rows=tuple(ran),
+            ),
+        ]
     failed = [f"`{r.cell}`: {r.error}" for r in records if not r.ok]
     never = [f"`{cell}` (not run): the run stopped before it" for cell in unrun]
     skipped = [f"`{cell}` (skipped): {why}" for cell, why in plan.skipped.items()]
     if failed or never or skipped:
         out += [Block("h2", text="Cells without results"), Block("list", items=tuple(failed + never + skipped))]
-    notes = [f"`{r.cell}`: {n}" for r in records for n in r.notes] + \
-        [f"`{cell}`: {note}" for cell, note in recorded_cast_notes(records).items()]
+    notes = [f"`{r.cell}`: {n}" for r in records for n in r.notes] + [
+        f"`{cell}`: {note}" for cell, note in recorded_cast_notes(records).items()
+    ]
     if notes:
         out += [Block("h2", text="Notes"), Block("list", items=tuple(notes))]
     out += list(extra)
@@ -209,17 +316,30 @@ def latency_method(records: list[CellRecord]) -> Optional[str]:
     if not work:
         return None
     trials = work.get("trials", 1)
-    how = (f"in {trials} worker processes per row: geometric mean of the processes' medians ± its standard error "
-           f"(speed differs more between processes than between repetitions)" if trials > 1 else
-           "in one worker process per row: no error bar covers the process-to-process variation")
-    text = (f"Latency: a {work['prompt_tokens']}-token prompt, {work['new_tokens']} greedy new tokens (EOS ignored), "
-            f"batch {work['batch_size']}, {work['warmup']} warm-up run(s), measured {how}.")
-    peak = next((r.metrics["peak_bandwidth_bytes_per_s"] for r in records if r.ok
-                 and "peak_bandwidth_bytes_per_s" in r.metrics), None)
+    how = (
+        f"in {trials} worker processes per row: geometric mean of the processes' medians ± its standard error "
+        f"(speed differs more between processes than between repetitions)"
+        if trials > 1
+        else "in one worker process per row: no error bar covers the process-to-process variation"
+    )
+    text = (
+        f"Latency: a {work['prompt_tokens']}-token prompt, {work['new_tokens']} greedy new tokens (EOS ignored), "
+        f"batch {work['batch_size']}, {work['warmup']} warm-up run(s), measured {how}."
+    )
+    peak = next(
+        (
+            r.metrics["peak_bandwidth_bytes_per_s"]
+            for r in records
+            if r.ok and "peak_bandwidth_bytes_per_s" in r.metrics
+        ),
+        None,
+    )
     if peak is not None:
-        text += (f" BW % of peak: the bytes a decode step reads (weights as held, plus the KV cache at the mean "
-                 f"context) over the time per step, as a share of this run's measured copy bandwidth, "
-                 f"{peak.value / 1e9:.0f} GB/s (read + write).")
+        text += (
+            f" BW % of peak: the bytes a decode step reads (weights as held, plus the KV cache at the mean "
+            f"context) over the time per step, as a share of this run's measured copy bandwidth, "
+            f"{peak.value / 1e9:.0f} GB/s (read + write)."
+        )
     return text
 
 
@@ -237,8 +357,11 @@ def task_rows(records: list[CellRecord]) -> tuple[tuple, list[tuple]]:
         cells = [r.cell]
         for task, name in keys:
             m = r.tasks.get(task, {}).get(name)
-            cells.append("-" if m is None or m.value is None else
-                         f"{m.value:.4f}" + (f" ± {m.stderr:.4f}" if m.stderr is not None else ""))
+            cells.append(
+                "-"
+                if m is None or m.value is None
+                else f"{m.value:.4f}" + (f" ± {m.stderr:.4f}" if m.stderr is not None else "")
+            )
         rows.append(tuple(cells))
     return tuple(headers), rows
 
@@ -250,8 +373,16 @@ def sweep_rows(records: list[CellRecord]) -> list[tuple]:
             continue
         for batch, m in sorted(r.latency_sweep.items()):
             bw = m.get("roofline_fraction")
-            rows.append((r.cell, str(batch), f"{m['prefill_ms'].value:.1f}", f"{m['decode_ms_per_token'].value:.2f}",
-                         f"{m['decode_tokens_per_s'].value:.1f}", f"{100 * bw.value:.1f}" if bw else "-"))
+            rows.append(
+                (
+                    r.cell,
+                    str(batch),
+                    f"{m['prefill_ms'].value:.1f}",
+                    f"{m['decode_ms_per_token'].value:.2f}",
+                    f"{m['decode_tokens_per_s'].value:.1f}",
+                    f"{100 * bw.value:.1f}" if bw else "-",
+                )
+            )
     return rows
 
 
@@ -268,8 +399,11 @@ def recorded_cast_notes(records: list[CellRecord]) -> dict[str, str]:
     base = next((r for r in records if r.baseline and r.ok), None)
     if base is None:
         return {}
-    notes = {r.cell: cast_note(recorded_dtype(r), recorded_dtype(base), base.cell, r.cell)
-             for r in records if r.ok and not r.baseline}
+    notes = {
+        r.cell: cast_note(recorded_dtype(r), recorded_dtype(base), base.cell, r.cell)
+        for r in records
+        if r.ok and not r.baseline
+    }
     return {cell: note for cell, note in notes.items() if note}
 
 
@@ -281,18 +415,29 @@ def kernel_rows(records: list[CellRecord]) -> list[tuple]:
         session = r.session or {}
         dtype = recorded_dtype(r) or ""
         compiled = r.metrics.get("compile_seconds")
-        runtime = (r.config or {}).get("runtime", "eager") + (f" (compiled in {compiled.value:.0f} s)"
-                                                              if compiled is not None else "")
+        runtime = (r.config or {}).get("runtime", "eager") + (
+            f" (compiled in {compiled.value:.0f} s)" if compiled is not None else ""
+        )
         calibration = f"{r.calibration.name} ({r.calibration.samples} samples)" if r.calibration else "-"
-        rows.append((r.cell, session.get("kernel") or "transformers (PyTorch)", str(dtype).removeprefix("torch."),
-                     runtime, calibration, r.backend_version or ""))
+        rows.append(
+            (
+                r.cell,
+                session.get("kernel") or "transformers (PyTorch)",
+                str(dtype).removeprefix("torch."),
+                runtime,
+                calibration,
+                r.backend_version or "",
+            )
+        )
     return rows
 
 
 def provenance(plan: RunPlan, records: list[CellRecord]) -> list[str]:
     env = next((r.env for r in records if r.env), None)
-    items = [f"model: {plan.model.source} `{plan.model.path}`, fingerprint {plan.model.fingerprint}",
-             f"suite: `{plan.suite_path}`, hash {plan.suite_hash}"]
+    items = [
+        f"model: {plan.model.source} `{plan.model.path}`, fingerprint {plan.model.fingerprint}",
+        f"suite: `{plan.suite_path}`, hash {plan.suite_hash}",
+    ]
     if plan.suite_files:
         items.append("suite data files (sha256): " + ", ".join(f"`{p}` {h}" for p, h in plan.suite_files.items()))
     calib = sorted({r.calibration.hash for r in records if r.calibration})
@@ -303,27 +448,39 @@ def provenance(plan: RunPlan, records: list[CellRecord]) -> list[str]:
         if workload.get("perplexity_protocol"):
             # Records before the BOS was written out in words give the suite's policy.
             bos = workload.get("perplexity_bos") or f"suite policy {workload.get('bos_policy')}"
-            items.append(f"perplexity: protocol {workload['perplexity_protocol']}, "
-                         f"{workload.get('perplexity_tokens')} tokens scored, BOS: {bos}")
+            items.append(
+                f"perplexity: protocol {workload['perplexity_protocol']}, "
+                f"{workload.get('perplexity_tokens')} tokens scored, BOS: {bos}"
+            )
         else:
             items.append(f"BOS policy: {workload.get('bos_policy')}")
     if env is None:
         return items + ["environment: not recorded (no cell finished)"]
     gpu = env.get("gpu")
-    items.append(f"hardware: {env.get('cpu')} ({env.get('cpu_count_logical')} logical CPUs, "
-                 f"{(env.get('memory_total_bytes') or 0) / 2**30:.0f} GiB)" + (f", GPU {gpu.get('name')}" if gpu else "")
-                 + f"; torch threads {env.get('torch_threads')}")
-    items.append(f"software: Python {env.get('python')}, " + ", ".join(
-        f"{k} {v}" for k, v in sorted((env.get("packages") or {}).items())))
+    items.append(
+        f"hardware: {env.get('cpu')} ({env.get('cpu_count_logical')} logical CPUs, "
+        f"{(env.get('memory_total_bytes') or 0) / 2**30:.0f} GiB)"
+        + (f", GPU {gpu.get('name')}" if gpu else "")
+        + f"; torch threads {env.get('torch_threads')}"
+    )
+    items.append(
+        f"software: Python {env.get('python')}, "
+        + ", ".join(f"{k} {v}" for k, v in sorted((env.get("packages") or {}).items()))
+    )
     items += placement(records)
-    shares = [(r.metrics["harness_share"], _value(r, "harness_share")) for r in records
-              if _value(r, "harness_share") is not None]
+    shares = [
+        (r.metrics["harness_share"], _value(r, "harness_share"))
+        for r in records
+        if _value(r, "harness_share") is not None
+    ]
     if shares:
         outside = sum(m.get("seconds", 0.0) for m, _ in shares)
         inside = sum(m.get("backend_seconds", 0.0) for m, _ in shares)
         whole = f"{100 * outside / (outside + inside):.1f}% over the run, " if outside + inside else ""
-        items.append(f"harness share of the measurement phases (time outside backend calls): {whole}"
-                     f"{100 * min(v for _, v in shares):.1f}–{100 * max(v for _, v in shares):.1f}% across cells")
+        items.append(
+            f"harness share of the measurement phases (time outside backend calls): {whole}"
+            f"{100 * min(v for _, v in shares):.1f}–{100 * max(v for _, v in shares):.1f}% across cells"
+        )
     items.append(f"qbench git commit: {env.get('git_commit')}")
     return items
 
@@ -345,8 +502,10 @@ def placement(records: list[CellRecord]) -> list[str]:
         return []
     items = ["measured on: " + "; ".join(f"{where}: {', '.join(cells)}" for where, cells in groups.items())]
     if len(set(hardware.values())) > 1:
-        items.append("nodes' hardware differs, so latency compares across them only roughly: "
-                     + "; ".join(f"{node}: {what}" for node, what in hardware.items()))
+        items.append(
+            "nodes' hardware differs, so latency compares across them only roughly: "
+            + "; ".join(f"{node}: {what}" for node, what in hardware.items())
+        )
     return items
 
 
@@ -402,21 +561,25 @@ document.querySelectorAll("table.sortable").forEach(function (table) {
 });
 """
 
-STYLE = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
-         ".scroll{overflow-x:auto;margin:1em 0}table{border-collapse:collapse;font-size:13px}"
-         "td,th{border:1px solid #ccc;padding:3px 7px;text-align:right;white-space:nowrap}"
-         "td:first-child,th:first-child{text-align:left;position:sticky;left:0;background:#fff}"
-         "tr:nth-child(even) td{background:#f6f6f6}table.sortable th{cursor:pointer;user-select:none}"
-         "th[aria-sort=ascending]::after{content:' \\25B2'}th[aria-sort=descending]::after{content:' \\25BC'}"
-         "code{background:#f0f0f0;padding:0 3px}img{max-width:100%}.chart{margin:1em 0}")
+STYLE = (
+    "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
+    ".scroll{overflow-x:auto;margin:1em 0}table{border-collapse:collapse;font-size:13px}"
+    "td,th{border:1px solid #ccc;padding:3px 7px;text-align:right;white-space:nowrap}"
+    "td:first-child,th:first-child{text-align:left;position:sticky;left:0;background:#fff}"
+    "tr:nth-child(even) td{background:#f6f6f6}table.sortable th{cursor:pointer;user-select:none}"
+    "th[aria-sort=ascending]::after{content:' \\25B2'}th[aria-sort=descending]::after{content:' \\25BC'}"
+    "code{background:#f0f0f0;padding:0 3px}img{max-width:100%}.chart{margin:1em 0}"
+)
 
 
 def to_html(title: str, body: list[Block]) -> str:
     """One self-contained page: plotly.js and every image inline, so it
     opens offline and can be mailed or attached as one file."""
     charts_in = [b for b in body if b.chart is not None]
-    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-           f"<style>{STYLE}</style>"]
+    out = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+        f"<style>{STYLE}</style>",
+    ]
     if charts_in:
         out.append(f"<script>{plotly_script()}</script>")
     out += ["</head><body>", f"<h1>{html.escape(title)}</h1>"]
@@ -428,10 +591,15 @@ def to_html(title: str, body: list[Block]) -> str:
         elif b.kind == "list":
             out.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in b.items) + "</ul>")
         elif b.kind == "table":
-            out.append("<div class='scroll'><table" + (" class='sortable'" if b.sortable else "") + "><thead><tr>"
-                       + "".join(f"<th>{html.escape(h)}</th>" for h in b.headers) + "</tr></thead><tbody>"
-                       + "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>"
-                                 for row in b.rows) + "</tbody></table></div>")
+            out.append(
+                "<div class='scroll'><table"
+                + (" class='sortable'" if b.sortable else "")
+                + "><thead><tr>"
+                + "".join(f"<th>{html.escape(h)}</th>" for h in b.headers)
+                + "</tr></thead><tbody>"
+                + "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in b.rows)
+                + "</tbody></table></div>"
+            )
         elif b.kind == "img" and b.chart is not None:
             out.append(f"<div class='chart'>{plotly_div(b.chart, f'chart-{index}')}</div>")
         elif b.kind == "img":
@@ -443,8 +611,9 @@ def to_html(title: str, body: list[Block]) -> str:
     return "\n".join(out)
 
 
-def write_report(run_dir: Path, kld_budget: float = DEFAULT_KLD_BUDGET, metrics: Optional[str] = None
-                 ) -> tuple[Path, Path]:
+def write_report(
+    run_dir: Path, kld_budget: float = DEFAULT_KLD_BUDGET, metrics: Optional[str] = None
+) -> tuple[Path, Path]:
     """Write report.md (+ report_files/*.png) and report.html into the run folder;
     ``metrics`` picks the comparison table's columns (see ``table.select_columns``)."""
     from qbench.execute.results import ResultStore
@@ -453,8 +622,10 @@ def write_report(run_dir: Path, kld_budget: float = DEFAULT_KLD_BUDGET, metrics:
     plan = load_plan(run_dir)
     records = list(ResultStore(run_dir).latest().values())
     if not any(r.ok for r in records):
-        raise QBenchError(f"run {plan.run_id} has no finished cell yet: nothing to report; finish it with "
-                          f"`qbench run --resume {plan.run_id}`")
+        raise QBenchError(
+            f"run {plan.run_id} has no finished cell yet: nothing to report; finish it with "
+            f"`qbench run --resume {plan.run_id}`"
+        )
     title = f"qbench report: {plan.model.name} on suite {plan.suite_name}"
     body = blocks(plan, records, kld_budget, tuple(report_blocks(run_dir)), metrics)
     files = run_dir / "report_files"
@@ -467,6 +638,8 @@ def write_report(run_dir: Path, kld_budget: float = DEFAULT_KLD_BUDGET, metrics:
         write_atomic(md, to_markdown(title, body))
         write_atomic(page, to_html(title, body))
     except OSError as exc:
-        raise QBenchError(f"cannot write the report into {run_dir} ({exc.strerror or exc}): free space or fix the "
-                          "folder's permissions, then run `qbench report` again (the records are untouched)") from None
+        raise QBenchError(
+            f"cannot write the report into {run_dir} ({exc.strerror or exc}): free space or fix the "
+            "folder's permissions, then run `qbench report` again (the records are untouched)"
+        ) from None
     return md, page

@@ -8,8 +8,7 @@ from typing import NamedTuple, Optional
 
 from qbench.core.errors import QBenchError
 from qbench.core.records import CellRecord, Metric
-
-MIB = 2 ** 20
+from qbench.metrics.registry import METRICS, info
 
 
 def _value(record: CellRecord, name: str) -> Optional[Metric]:
@@ -26,30 +25,21 @@ def _num(m: Optional[Metric], fmt: str, scale: float = 1.0, err: bool = False) -
     return text
 
 
-#: How the table shows each metric it knows: (header, format, scale, show stderr)
-FORMATS = {
-    "weight_bytes": ("weights MiB", ".1f", 1 / MIB, False),
-    "peak_rss_bytes": ("peak RSS MiB", ".0f", 1 / MIB, False),
-    "perplexity": ("PPL", ".3f", 1.0, True),
-    "word_perplexity": ("word PPL", ".3f", 1.0, False),
-    "byte_perplexity": ("byte PPL", ".5f", 1.0, False),
-    "bits_per_byte": ("bits/byte", ".5f", 1.0, False),
-    "nll": ("NLL nats/tok", ".4f", 1.0, True),
-    "ln_ppl_ratio": ("ln(PPL/base)", ".4f", 1.0, True),
-    "kld": ("KLD", ".5f", 1.0, True),
-    "same_top_p": ("same top %", ".2f", 100.0, True),
-    "acc": ("acc %", ".1f", 100.0, True),
-    "acc_norm": ("acc_norm %", ".1f", 100.0, True),
-    "gen_exact_match": ("gen exact %", ".0f", 100.0, False),
-    "prefill_ms": ("prefill ms", ".1f", 1.0, True),
-    "decode_ms_per_token": ("decode ms/tok", ".2f", 1.0, True),
-    "decode_tokens_per_s": ("tok/s", ".1f", 1.0, False),
-    "roofline_fraction": ("BW % of peak", ".1f", 100.0, False),
-}
 #: The columns shown unless ``--metrics`` says otherwise (lm-eval tasks' main figures join them).
-DEFAULT_METRICS = ("weight_bytes", "peak_rss_bytes", "perplexity", "ln_ppl_ratio", "kld", "same_top_p", "acc",
-                   "gen_exact_match", "prefill_ms", "decode_ms_per_token", "decode_tokens_per_s",
-                   "roofline_fraction")
+DEFAULT_METRICS = (
+    "weight_bytes",
+    "peak_rss_bytes",
+    "perplexity",
+    "ln_ppl_ratio",
+    "kld",
+    "same_top_p",
+    "acc",
+    "gen_exact_match",
+    "prefill_ms",
+    "decode_ms_per_token",
+    "decode_tokens_per_s",
+    "roofline_fraction",
+)
 #: An lm-eval task's main figure, the first of these it reports.
 LM_EVAL_MAIN = ("acc_norm", "acc", "exact_match", "word_perplexity")
 
@@ -81,8 +71,8 @@ def column(name: str, asked: bool = False) -> Column:
     task, _, metric = name.rpartition("/")
     if task:
         return Column(f"{task} {metric}", metric, task, asked=asked)
-    header, fmt, scale, err = FORMATS.get(name, (name, ".4g", 1.0, True))
-    return Column(header, name, None, fmt, scale, err, asked)
+    m = info(name)
+    return Column(m.label, name, None, m.fmt, m.scale, m.show_stderr, asked)
 
 
 def lm_eval_columns(records: list[CellRecord]) -> list[str]:
@@ -112,14 +102,15 @@ def select_columns(records: list[CellRecord], metrics: Optional[str] = None) -> 
         if not asked:
             raise QBenchError("--metrics is empty: name metrics, e.g. --metrics kld,word_perplexity")
         known = available_metrics(records)
-        unknown = [m.lstrip("+") for m in asked if m.lstrip("+") not in known and m.lstrip("+") not in FORMATS]
+        unknown = [m.lstrip("+") for m in asked if m.lstrip("+") not in known and m.lstrip("+") not in METRICS]
         if unknown:
-            raise QBenchError(f"--metrics: no metric {', '.join(unknown)} in this run; it has: "
-                              f"{', '.join(known)}")
+            raise QBenchError(f"--metrics: no metric {', '.join(unknown)} in this run; it has: {', '.join(known)}")
         added = [m[1:] for m in asked if m.startswith("+")]
         if added and len(added) != len(asked):
-            raise QBenchError("--metrics: either every name has a leading + (added to the default columns) or "
-                              "none has (the columns to show)")
+            raise QBenchError(
+                "--metrics: either every name has a leading + (added to the default columns) or "
+                "none has (the columns to show)"
+            )
         asked = [m.lstrip("+") for m in asked]
         names = names + [m for m in added if m not in names] if added else list(dict.fromkeys(asked))
     return [column(n, n in asked) for n in names]

@@ -86,10 +86,28 @@ if TYPE_CHECKING:  # for type checkers and editors: the same names, eagerly
     from qbench.core.errors import QBenchError
     from qbench.core.io import file_digest
     from qbench.core.progress import report as report_progress
-    from qbench.sdk.backend import (Artifact, Availability, Backend, LayerQuantizer, ModulePatterns, Session,
-                                    VariantConfig)
-    from qbench.sdk.hf import (HFSession, adds_bos, linear_layers, load_causal_lm, meta_skeleton, load_tokenizer, planned_layers,
-                               replace_module, require_quantized_layers, unique_state_dict, unique_tensor_bytes)
+    from qbench.sdk.backend import (
+        Artifact,
+        Availability,
+        Backend,
+        LayerQuantizer,
+        ModulePatterns,
+        Session,
+        VariantConfig,
+    )
+    from qbench.sdk.hf import (
+        HFSession,
+        adds_bos,
+        linear_layers,
+        load_causal_lm,
+        load_tokenizer,
+        meta_skeleton,
+        planned_layers,
+        replace_module,
+        require_quantized_layers,
+        unique_state_dict,
+        unique_tensor_bytes,
+    )
     from qbench.sdk.hookspecs import hookimpl
     from qbench.sdk.models import embedded_gguf, embedded_source, fingerprint, from_hub
     from qbench.sdk.recipes import Recipe, load_recipe

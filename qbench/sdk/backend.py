@@ -8,8 +8,9 @@ rows can differ only because the quantization differs.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable, Hashable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Callable, ClassVar, Hashable, Literal, Optional
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Optional
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
@@ -97,11 +98,11 @@ class Availability(BaseModel):
     reason: str = ""
 
     @classmethod
-    def yes(cls) -> "Availability":
+    def yes(cls) -> Availability:
         return cls(ok=True)
 
     @classmethod
-    def no(cls, reason: str) -> "Availability":
+    def no(cls, reason: str) -> Availability:
         return cls(ok=False, reason=reason)
 
 
@@ -339,8 +340,7 @@ class Backend(abc.ABC):
         name, settings = parse_variant(spec)
         return spec, self.config_for(name, settings, spec)
 
-    def config_for(self, variant: Optional[str], settings: dict[str, str], spec: Optional[str] = None
-                   ) -> VariantConfig:
+    def config_for(self, variant: Optional[str], settings: dict[str, str], spec: Optional[str] = None) -> VariantConfig:
         """The config of named ``variant`` (None: the defaults of
         ``config_class``) with ``settings`` changed, validated by the config's
         own model; ``spec`` is the text errors quote."""
@@ -348,8 +348,10 @@ class Backend(abc.ABC):
         named = self.variants()
         if variant is not None and variant not in named:
             if settings:
-                raise QBenchError(f"unknown variant '{variant}' for backend '{self.name}' in '{spec}': choose one "
-                                  f"of {', '.join(named)} (see `qbench backends`)")
+                raise QBenchError(
+                    f"unknown variant '{variant}' for backend '{self.name}' in '{spec}': choose one "
+                    f"of {', '.join(named)} (see `qbench backends`)"
+                )
             raise QBenchError(
                 f"unknown variant '{spec}' for backend '{self.name}': choose one of "
                 f"{', '.join(named)} or give settings like 'key=value,...' (see `qbench backends`)"
@@ -365,13 +367,16 @@ class Backend(abc.ABC):
                 f"(see `qbench backends` for the settings)"
             ) from None
 
-    def layer_quantizer(self, model_path: str, config: VariantConfig, device: str,
-                        trust_remote_code: bool = False) -> "LayerQuantizer":
+    def layer_quantizer(
+        self, model_path: str, config: VariantConfig, device: str, trust_remote_code: bool = False
+    ) -> LayerQuantizer:
         """A full-precision model whose linear layers this backend quantizes
         in place, a few at a time, for ``qbench sensitivity``. Backends that
         cannot select single layers raise QBenchError saying why."""
-        raise QBenchError(f"backend '{self.name}' cannot quantize one layer at a time, which `qbench sensitivity` "
-                          "needs: use a backend that can (torchao)")
+        raise QBenchError(
+            f"backend '{self.name}' cannot quantize one layer at a time, which `qbench sensitivity` "
+            "needs: use a backend that can (torchao)"
+        )
 
     @abc.abstractmethod
     def quantize(

@@ -5,7 +5,8 @@ it only runs forward passes."""
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -88,8 +89,9 @@ def meta_skeleton(model_path: str, trust_remote_code: bool = False) -> torch.nn.
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
-def planned_layers(model_path: str, keep: tuple[str, ...], trust_remote_code: bool = False
-                   ) -> tuple[list[str], list[str]]:
+def planned_layers(
+    model_path: str, keep: tuple[str, ...], trust_remote_code: bool = False
+) -> tuple[list[str], list[str]]:
     """(layers to quantize, linear layers kept), from the model's structure alone."""
     skeleton = meta_skeleton(model_path, trust_remote_code)
     chosen = list(linear_layers(skeleton, keep))
@@ -169,22 +171,26 @@ class CompiledDecoder:
 
     INDUCTOR_MODES = {"max-autotune": "max-autotune-no-cudagraphs", "reduce-overhead": "default"}
 
-    def __init__(self, model: torch.nn.Module, device: str, mode: str = "max-autotune",
-                 pipelined: bool = True):
+    def __init__(self, model: torch.nn.Module, device: str, mode: str = "max-autotune", pipelined: bool = True):
         import torch._inductor.config
 
         # A process-wide setting; a cell's worker process is its own.
         torch._inductor.config.coordinate_descent_tuning = True
-        self.model, self.device, self.pipelined = model, device, pipelined
-        self.cache = None
+        # a transformers causal LM: its config and generation attributes are not torch.nn.Module's
+        self.model: Any = model
+        self.device, self.pipelined = device, pipelined
+        self.cache: Any = None
         self.shape: tuple[int, int] = (0, 0)
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.token = self.position = None  # the graph's input buffers, fed back by the graph itself
+        # the graph's input buffers, fed back by the graph itself
+        self.token: Any = None
+        self.position: Any = None
         self.step = torch.compile(self._decode, mode=self.INDUCTOR_MODES[mode], dynamic=False)
 
     def _decode(self, ids: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=ids, past_key_values=self.cache, cache_position=position, use_cache=True,
-                         logits_to_keep=1)
+        out = self.model(
+            input_ids=ids, past_key_values=self.cache, cache_position=position, use_cache=True, logits_to_keep=1
+        )
         return out.logits[:, -1].argmax(-1, keepdim=True)
 
     def _prepare(self, shape: tuple[int, int]) -> None:
@@ -232,8 +238,13 @@ class CompiledDecoder:
         began, origin = time.perf_counter(), torch.cuda.Event(enable_timing=True)
         origin.record()
         events = []
-        out = self.model(input_ids=ids, past_key_values=self.cache, cache_position=torch.arange(length, device=self.device),
-                         use_cache=True, logits_to_keep=1)
+        out = self.model(
+            input_ids=ids,
+            past_key_values=self.cache,
+            cache_position=torch.arange(length, device=self.device),
+            use_cache=True,
+            logits_to_keep=1,
+        )
         self.token.copy_(out.logits[:, -1].argmax(-1, keepdim=True))
         self.position.fill_(length)
         produced = [self.token.clone()]
@@ -256,7 +267,7 @@ class CompiledDecoder:
 
 class HFSession(Session):
     def __init__(self, model: torch.nn.Module, device: str, facts: dict[str, Any] | None = None):
-        self.model = model.eval()
+        self.model: Any = model.eval()  # a transformers causal LM (see CompiledDecoder)
         self.device = device
         self.facts = facts or {}
         self.decoder: CompiledDecoder | None = None
@@ -272,8 +283,10 @@ class HFSession(Session):
             if self.device != "cuda":
                 return "runtime=compiled needs CUDA: its decode step replays as a CUDA graph"
             if len(self.gpus) > 1:
-                return (f"runtime=compiled captures one GPU's decode step, and this model is spread over "
-                        f"{len(self.gpus)} GPUs: use runtime=eager with --gpus-per-cell")
+                return (
+                    f"runtime=compiled captures one GPU's decode step, and this model is spread over "
+                    f"{len(self.gpus)} GPUs: use runtime=eager with --gpus-per-cell"
+                )
             self.decoder = CompiledDecoder(self.model, self.device, mode=compile_mode)
             return None
         return super().use_runtime(runtime, compile_mode)
@@ -310,8 +323,9 @@ class HFSession(Session):
         produced = [step]
         for _ in range(max_new_tokens - 1):
             mask = torch.cat([mask, torch.ones_like(step)], dim=1)
-            out = self.model(input_ids=step, attention_mask=mask, past_key_values=past, use_cache=True,
-                             logits_to_keep=1)
+            out = self.model(
+                input_ids=step, attention_mask=mask, past_key_values=past, use_cache=True, logits_to_keep=1
+            )
             past = out.past_key_values
             step = out.logits[:, -1].argmax(-1, keepdim=True)
             self._sync()
@@ -326,8 +340,10 @@ class HFSession(Session):
         embedding, head = self.model.get_input_embeddings(), self.model.get_output_embeddings()
         if embedding is None:
             return 0
-        if head is not None and head.weight.untyped_storage().data_ptr() == \
-                embedding.weight.untyped_storage().data_ptr():
+        if (
+            head is not None
+            and head.weight.untyped_storage().data_ptr() == embedding.weight.untyped_storage().data_ptr()
+        ):
             return 0  # tied: the output head reads the whole table every step
         return unique_tensor_bytes(embedding)
 
@@ -368,6 +384,8 @@ def load_tokenizer(model_path: str, trust_remote_code: bool = False):
         return AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     except Exception as exc:  # transformers raises many types, with multi-paragraph messages
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise QBenchError(f"cannot load a tokenizer from {model_path} ({type(exc).__name__}: {first}): the model "
-                          "folder needs its tokenizer files (tokenizer.json, or tokenizer.model with "
-                          "tokenizer_config.json)") from None
+        raise QBenchError(
+            f"cannot load a tokenizer from {model_path} ({type(exc).__name__}: {first}): the model "
+            "folder needs its tokenizer files (tokenizer.json, or tokenizer.model with "
+            "tokenizer_config.json)"
+        ) from None

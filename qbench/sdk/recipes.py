@@ -28,8 +28,8 @@ from typing import Any, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from qbench.core.errors import QBenchError, describe_validation
 from qbench.core.datafiles import read_text
+from qbench.core.errors import QBenchError, describe_validation
 from qbench.core.io import write_atomic
 from qbench.core.untrusted import load_yaml
 
@@ -75,8 +75,7 @@ class Recipe(BaseModel):
         """SHA-256 of the canonical content that decides the bytes (backend,
         base, overrides; not ``source``): the same recipe hashes the same
         whatever its file's formatting, comments, path or provenance."""
-        canonical = json.dumps(self.model_dump(mode="json", exclude={"source"}), sort_keys=True,
-                               separators=(",", ":"))
+        canonical = json.dumps(self.model_dump(mode="json", exclude={"source"}), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     def decide(self, layer: str) -> Optional[Override]:
@@ -96,18 +95,23 @@ class Recipe(BaseModel):
         for number, override in enumerate(self.overrides, 1):
             matched = [layer for layer in layers if override.matches(layer)]
             if not matched:
-                close = sorted({c for p in override.match for c in difflib.get_close_matches(p, layers, n=3,
-                                                                                              cutoff=0.0)})[:3]
-                raise QBenchError(f"recipe override {number} ({', '.join(override.match)}) matches none of the "
-                                  f"model's {len(layers)} linear layers; closest names: {', '.join(close) or '-'} "
-                                  "(patterns are fnmatch over full names, e.g. '*.down_proj')")
+                close = sorted(
+                    {c for p in override.match for c in difflib.get_close_matches(p, layers, n=3, cutoff=0.0)}
+                )[:3]
+                raise QBenchError(
+                    f"recipe override {number} ({', '.join(override.match)}) matches none of the "
+                    f"model's {len(layers)} linear layers; closest names: {', '.join(close) or '-'} "
+                    "(patterns are fnmatch over full names, e.g. '*.down_proj')"
+                )
             for pattern in override.match:
                 if not any(fnmatchcase(layer, pattern) for layer in layers):
                     notes.append(f"recipe override {number}: pattern '{pattern}' matches no layer")
             mine = [layer for layer in matched if layer not in decided]
             if len(mine) < len(matched):
-                notes.append(f"recipe override {number} matches {len(matched)} layers, of which "
-                             f"{len(matched) - len(mine)} an earlier override decides (the first match wins)")
+                notes.append(
+                    f"recipe override {number} matches {len(matched)} layers, of which "
+                    f"{len(matched) - len(mine)} an earlier override decides (the first match wins)"
+                )
             decided.update(matched)
         return notes
 
@@ -132,12 +136,15 @@ def load_recipe(path: Union[str, Path]) -> Recipe:
     """Parse a recipe file, with one-line errors for a missing or malformed one."""
     file = Path(path).expanduser()
     if not file.is_file():
-        raise QBenchError(f"recipe file {file} not found: give the path of a recipe YAML "
-                          "(`qbench search` writes them, see README 'Mixed-precision recipes')")
+        raise QBenchError(
+            f"recipe file {file} not found: give the path of a recipe YAML "
+            "(`qbench search` writes them, see README 'Mixed-precision recipes')"
+        )
     data = load_yaml(read_text(file), f"recipe file {file}")
     if not isinstance(data, dict):
-        raise QBenchError(f"recipe file {file} must be a mapping with 'base' and 'overrides', "
-                          f"not {type(data).__name__}")
+        raise QBenchError(
+            f"recipe file {file} must be a mapping with 'base' and 'overrides', not {type(data).__name__}"
+        )
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
@@ -145,17 +152,29 @@ def load_recipe(path: Union[str, Path]) -> Recipe:
 
 
 def write_recipe(recipe: Recipe, path: Path) -> Path:
-    write_atomic(path, "# qbench mixed-precision recipe: run it with -b "
-                       f"{recipe.backend}:recipe={path.name}\n" + recipe.to_yaml())
+    write_atomic(
+        path,
+        f"# qbench mixed-precision recipe: run it with -b {recipe.backend}:recipe={path.name}\n" + recipe.to_yaml(),
+    )
     return path
 
 
-def keep_most_sensitive(backend: str, base: str, ranked_units: list[tuple[str, list[str]]], k: int,
-                        upgrade: Optional[str], source: dict[str, Any]) -> Recipe:
+def keep_most_sensitive(
+    backend: str,
+    base: str,
+    ranked_units: list[tuple[str, list[str]]],
+    k: int,
+    upgrade: Optional[str],
+    source: dict[str, Any],
+) -> Recipe:
     """The base variant with the ``k`` most sensitive units (``ranked_units``:
     most harmful first, each a unit name and its layers) kept in full
     precision (``upgrade=None``) or quantized as ``upgrade``."""
     layers = [layer for _, unit_layers in ranked_units[:k] for layer in unit_layers]
     overrides = [Override(match=tuple(layers), keep=upgrade is None, use=upgrade)] if layers else []
-    return Recipe(backend=backend, base=base, overrides=overrides,
-                  source={**source, "kept_units": [name for name, _ in ranked_units[:k]], "k": k})
+    return Recipe(
+        backend=backend,
+        base=base,
+        overrides=overrides,
+        source={**source, "kept_units": [name for name, _ in ranked_units[:k]], "k": k},
+    )

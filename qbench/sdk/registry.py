@@ -24,9 +24,9 @@ from typing import Optional
 
 import pluggy
 
+from qbench.core.errors import QBenchError
 from qbench.sdk import hookspecs
 from qbench.sdk.backend import Backend
-from qbench.core.errors import QBenchError
 
 ENTRY_POINT_GROUP = "qbench"
 OWN_DISTRIBUTION = "qbench"
@@ -41,7 +41,7 @@ class PluginSettings:
     block: tuple[str, ...] = ()
 
     @classmethod
-    def from_env(cls, plugin_dirs: tuple[str, ...] = ()) -> "PluginSettings":
+    def from_env(cls, plugin_dirs: tuple[str, ...] = ()) -> PluginSettings:
         env_dirs = tuple(p for p in os.environ.get("QBENCH_PLUGINS_DIR", "").split(os.pathsep) if p)
         allow_env = os.environ.get("QBENCH_PLUGINS")
         allow = None if allow_env is None else tuple(n.strip() for n in allow_env.split(",") if n.strip())
@@ -108,8 +108,10 @@ def load_plugins(settings: Optional[PluginSettings] = None) -> LoadedPlugins:
             except (QBenchError, KeyboardInterrupt):
                 raise
             except BaseException as exc:  # SystemExit too: a plugin must not end qbench with exit 0
-                raise QBenchError(f"plugin file {path} failed to import: {_one_line(exc)}; fix it or remove it from "
-                                  "the plugins folder") from None
+                raise QBenchError(
+                    f"plugin file {path} failed to import: {_one_line(exc)}; fix it or remove it from "
+                    "the plugins folder"
+                ) from None
 
     try:
         pm.check_pending()
@@ -122,6 +124,7 @@ def load_plugins(settings: Optional[PluginSettings] = None) -> LoadedPlugins:
     origin: dict[str, str] = {}
     # Call each implementation ourselves so a duplicate name can name both plugins.
     for impl in pm.hook.register_backends.get_hookimpls():
+
         def register(backend: Backend, _plugin=impl.plugin_name) -> None:
             if not isinstance(backend, Backend):
                 raise QBenchError(f"plugin '{_plugin}' registered {backend!r}, which is not a qbench Backend")
@@ -138,8 +141,10 @@ def load_plugins(settings: Optional[PluginSettings] = None) -> LoadedPlugins:
         except (QBenchError, KeyboardInterrupt):
             raise
         except BaseException as exc:
-            raise QBenchError(f"plugin '{impl.plugin_name}' failed in register_backends: {_one_line(exc)}; fix it "
-                              f"or block it with QBENCH_BLOCK_PLUGINS") from None
+            raise QBenchError(
+                f"plugin '{impl.plugin_name}' failed in register_backends: {_one_line(exc)}; fix it "
+                f"or block it with QBENCH_BLOCK_PLUGINS"
+            ) from None
     return LoadedPlugins(pm=pm, backends=backends, origin=origin)
 
 
