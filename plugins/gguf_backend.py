@@ -195,9 +195,8 @@ class LlamaCppSession(Session):
         self.ctx_size = (0, 0, -2)  # (positions, sequences, flash attention) of the context
         # Decoding runs with flash attention off on the CPU, as
         # llama-cpp-python's Llama sets it: llama.cpp's "auto" turns it on
-        # there, and it decoded the embedded model 1.6x slower at 640
-        # positions on a 2-core x86 machine (16.2 against 10.1 ms/token,
-        # benchmarks/fidelity.py). Scoring keeps llama.cpp's choice, as
+        # there, and it decodes slower on x86 CPUs (benchmarks/fidelity.py
+        # shows it). Scoring keeps llama.cpp's choice, as
         # llama-perplexity does, so quality figures stay comparable with it.
         self.decode_flash = (
             llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED if device == "cpu" else llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO

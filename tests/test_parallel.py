@@ -126,6 +126,7 @@ def test_gpus_option_names_the_problem(monkeypatch):
 QUALITY = ("perplexity", "kld", "same_top_p", "acc", "gen_exact_match", "weight_bytes")
 
 
+@pytest.mark.slow  # minutes of workers: `make test-slow` (the scale-out equivalence)
 def test_a_run_on_two_fake_gpus_matches_a_serial_run(tiny_model, tiny_suite, tmp_path):
     """Real workers on the CPU, each told it has GPU 0 or 1: the cells after
     the baseline run at the same time, every record says which GPU it had,

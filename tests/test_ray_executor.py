@@ -38,6 +38,7 @@ def ray_executor():
         ray.shutdown()
 
 
+@pytest.mark.slow  # minutes of workers: `make test-slow` (the scale-out equivalence)
 def test_four_cells_run_at_once_on_ray_and_match_a_serial_run(tiny_model, tiny_suite, tmp_path, ray_executor,
                                                                monkeypatch):
     from tests.conftest import FAKE_PLUGINS
@@ -100,6 +101,7 @@ def test_a_lost_ray_worker_fails_its_record_and_is_retried_once_and_runs_resume_
     assert final["fake:ok"].value("kld") is not None
 
 
+@pytest.mark.slow  # minutes of workers: `make test-slow` (the scale-out equivalence)
 def test_ship_mode_runs_without_the_driver_files(tiny_model, tiny_suite, tmp_path, ray_executor):
     """With ``ship`` the model travels through the object store: the run
     works after the model folder is gone from the driver's disk, the

@@ -606,8 +606,8 @@ def worker_context():
 def fresh_worker_server() -> None:
     """Stop the fork server so that the next worker starts a new one: a
     fresh process with its own address-space layout. Workers forked from one
-    server share its layout, and latency follows it (measured: torchao int4
-    at 39-45 ms/token in every trial of one run, 52-61 in another), so each
+    server share its layout, and latency follows it (one run's trials all
+    fast, another's all slow), so each
     round of latency trials gets its own server and a cell's trials are as
     independent as separately started processes."""
     from multiprocessing import forkserver

@@ -2,11 +2,10 @@
 
 Repetitions inside one process agree within a few percent, but the same
 artifact decodes at different speeds from one process to the next: weights
-and temporaries land at other addresses, the allocator's state differs.
-Measured on this project's shared 2-core machine (20 fresh processes, three
-loads each): fp32 within 3%, ONNX int8 7.3-9.0 ms/token, torchao int4
-38-75 ms/token, stable inside a process and bimodal across processes. An
-error bar from one process cannot see that; pyperf spawns many worker
+and temporaries land at other addresses, the allocator's state differs, and
+some kernels' speed is bimodal across processes while stable inside one
+(docs/methodology.md gives the figures). An error bar from one process
+cannot see that; pyperf spawns many worker
 processes for the same reason. So the latency workload runs in ``trials``
 separate worker processes (the cell's own, then one more per trial after
 every cell has run), and each figure is the geometric mean of the trials'

@@ -147,9 +147,8 @@ class CompiledDecoder:
     (``mode="reduce-overhead"``): inductor graphs only what it compiled. A
     backend whose kernels dynamo cannot trace (gemlite's Triton GEMVs, launched
     through their own autotuner) splits the step into regions, and between
-    them the host launches each kernel from Python: on an H200 an 8B-shaped
-    gemlite int4 model then decoded at 7.7 ms/token while its kernels took 4.1
-    ms, slower than bf16. So inductor compiles without CUDA graphs
+    them the host launches each kernel from Python: the step then takes far
+    longer than its kernels, slower than bf16. So inductor compiles without CUDA graphs
     (``max-autotune`` becomes ``max-autotune-no-cudagraphs``,
     ``reduce-overhead`` becomes ``default``) and this class captures.
 
