@@ -239,7 +239,7 @@ def test_export_csv_and_parquet(finished_run, tmp_path):
                           "--parquet", str(tmp_path / "r.parquet"))
     assert code == 0, err
     csv, parquet = pd.read_csv(tmp_path / "r.csv"), pd.read_parquet(tmp_path / "r.parquet")
-    assert list(csv.columns) == ["run_id", "cell", "task", "metric", "value", "unit", "n", "stderr"]
+    assert list(csv.columns) == ["run_id", "cell", "task", "metric", "value", "unit", "n", "stderr", "higher_is_better"]
     assert len(csv) == len(parquet) > 20
     # Each task's figures, one row per task and metric, beside the cell's own.
     record = next(r for r in ResultStore(run_dir).latest().values() if r.cell == "fake:uniform")
@@ -247,6 +247,9 @@ def test_export_csv_and_parquet(finished_run, tmp_path):
     rows = csv[(csv.cell == "fake:uniform") & (csv.task == task)]
     assert set(rows.metric) == set(figures)
     assert rows[rows.metric == "acc"].value.iloc[0] == pytest.approx(figures["acc"].value)
+    # the metric registry says which way is better: accuracy up, perplexity down
+    assert bool(rows[rows.metric == "acc"].higher_is_better.iloc[0]) is True
+    assert bool(csv[csv.metric == "perplexity"].higher_is_better.iloc[0]) is False
     ppl = csv[(csv.cell == "fake:uniform") & (csv.metric == "perplexity")]
     vocab = json.loads((run_dir / "plan.json").read_text())  # the tiny model's vocabulary, from its config
     assert ppl.value.iloc[0] == pytest.approx(

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from qbench.analyze.search import Budget, Verdict, best_of, judge
+from qbench.analyze.search import Budget, Verdict, best_of, verdict_of
 from qbench.core.errors import QBenchError
 from qbench.core.records import Metric
 from tests.conftest import make_record
@@ -47,18 +47,18 @@ def _record(cell: str, kld=None, acc=None, weights=100 * 2**20, n=None, **extra)
 def test_a_budget_is_met_only_at_the_error_bar():
     budget = Budget.parse("kld<=0.05")
     # The point estimate is inside, the upper end of its 95% interval is not: 0.04 + 1.96 * 0.01 = 0.0596.
-    close = judge(budget, _record("t:a", kld=(0.04, 0.01)), None, "uniform")
+    close = verdict_of(budget, _record("t:a", kld=(0.04, 0.01)), None, "uniform")
     assert not close.meets and close.at_error_bar == pytest.approx(0.0596)
-    assert judge(budget, _record("t:b", kld=(0.04, 0.004)), None, "uniform").meets  # 0.04784
+    assert verdict_of(budget, _record("t:b", kld=(0.04, 0.004)), None, "uniform").meets  # 0.04784
     # Accuracy relative to the baseline: the lower end must reach 0.99 x 0.80 = 0.792.
     acc = Budget.parse("acc>=0.99*base")
     base = _record("fp:fp32", acc=(0.80, 0.01))
-    assert not judge(acc, _record("t:c", acc=(0.80, 0.01)), base, "uniform").meets  # 0.7804
-    verdict = judge(acc, _record("t:d", acc=(0.80, 0.002)), base, "uniform")  # 0.79608
+    assert not verdict_of(acc, _record("t:c", acc=(0.80, 0.01)), base, "uniform").meets  # 0.7804
+    verdict = verdict_of(acc, _record("t:d", acc=(0.80, 0.002)), base, "uniform")  # 0.79608
     assert verdict.meets and verdict.target == pytest.approx(0.792)
     # A failed cell never meets a budget, whatever it measured before failing.
     failed = _record("t:e", kld=(0.0, 0.0), status="failed", error="out of memory")
-    assert not judge(budget, failed, None, "uniform").meets
+    assert not verdict_of(budget, failed, None, "uniform").meets
 
 
 def test_the_answer_is_the_smallest_that_meets_a_quality_budget_or_the_best_within_a_size():

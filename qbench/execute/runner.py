@@ -151,9 +151,10 @@ def plan_cells(
         cells.append(spec)
 
     try:
-        add(CellSpec.parse(baseline, baseline=True))
+        base = CellSpec.parse(baseline, baseline=True)
     except QBenchError:
         raise QBenchError(f"--baseline must be backend:variant (e.g. {DEFAULT_BASELINE}), got '{baseline}'") from None
+    add(base)
     for piece in pieces:
         if ":" in piece:
             add(CellSpec.parse(piece), explicit=True)
