@@ -14,7 +14,17 @@ from typing import Any, Literal, Optional
 
 from pydantic import Field, model_validator
 
-from qbench.sdk import DTYPES, Artifact, Backend, ComputeDtype, ModulePatterns, VariantConfig, device_dtype, hookimpl
+from qbench.sdk import (
+    DTYPES,
+    HF_KV_CACHES,
+    Artifact,
+    Backend,
+    ComputeDtype,
+    ModulePatterns,
+    VariantConfig,
+    device_dtype,
+    hookimpl,
+)
 
 
 class BnbConfig(VariantConfig):
@@ -60,6 +70,7 @@ def _is_bnb_quantized(module) -> bool:
 
 class BitsAndBytes(Backend):
     name = "bnb"
+    kv_caches = HF_KV_CACHES  # its sessions are transformers models
     description = "bitsandbytes via transformers: LLM.int8 and 4-bit NF4/FP4 (double quantization optional)"
     config_class = BnbConfig
     shards_across_gpus = True

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from qbench.sdk import DTYPES, Artifact, Availability, Backend, VariantConfig, hookimpl
+from qbench.sdk import DTYPES, HF_KV_CACHES, Artifact, Availability, Backend, VariantConfig, hookimpl
 
 
 class FPConfig(VariantConfig):
@@ -18,6 +18,7 @@ class FPConfig(VariantConfig):
 
 class FullPrecision(Backend):
     name = "fp"
+    kv_caches = HF_KV_CACHES  # its sessions are transformers models
     description = "Unquantized weights via transformers (the baseline) and plain fp16/bf16 casts"
     config_class = FPConfig
     builds_apart = False  # its quantize writes nothing: no process to spare

@@ -161,6 +161,19 @@ def llama_log() -> LlamaLog:
     return _LOG
 
 
+#: llama.cpp's KV cache types (``-ctk``/``-ctv``), qbench's name -> ggml type
+#: id; ``full`` is llama.cpp's default, f16. A quantized V cache needs flash
+#: attention, which the session then turns on for scoring and decoding.
+GGUF_KV_TYPES = {"full": 1, "q8_0": 8, "q5_1": 7, "q5_0": 6, "q4_1": 3, "q4_0": 2, "iq4_nl": 20}
+GGUF_KV_CACHES = {
+    "full": "f16, llama.cpp's default",
+    **{
+        name: f"llama.cpp's {name} for keys and values (-ctk/-ctv {name}), flash attention on"
+        for name in ("q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl")
+    },
+}
+
+
 class LlamaCppSession(Session):
     """A GGUF model in llama.cpp: logits for every position of a batch (one
     sequence id per row), and batched greedy decoding with its KV cache."""
@@ -192,12 +205,14 @@ class LlamaCppSession(Session):
         self.file = file
         self.threads = torch.get_num_threads()  # the run's --threads, as the PyTorch backends use
         self.ctx = None
+        self.kv_type = GGUF_KV_TYPES["full"]
         self.ctx_size = (0, 0, -2)  # (positions, sequences, flash attention) of the context
         # Decoding runs with flash attention off on the CPU, as
         # llama-cpp-python's Llama sets it: llama.cpp's "auto" turns it on
         # there, and it decodes slower on x86 CPUs (benchmarks/fidelity.py
         # shows it). Scoring keeps llama.cpp's choice, as
         # llama-perplexity does, so quality figures stay comparable with it.
+        self.score_flash = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO  # llama-perplexity's choice
         self.decode_flash = (
             llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED if device == "cpu" else llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
         )
@@ -243,6 +258,7 @@ class LlamaCppSession(Session):
         params.n_ubatch = min(batch, 512)
         params.n_threads = params.n_threads_batch = self.threads
         params.flash_attn_type = flash
+        params.type_k = params.type_v = self.kv_type
         params.no_perf = True
         self.ctx = llama_cpp.llama_init_from_model(self.model, params)
         if not self.ctx:
@@ -281,12 +297,28 @@ class LlamaCppSession(Session):
         finally:
             llama_cpp.llama_batch_free(batch)
 
+    def use_kv_cache(self, kind: str) -> Optional[str]:
+        import llama_cpp
+
+        if kind not in GGUF_KV_TYPES:
+            return f"unknown KV cache '{kind}': choose one of {', '.join(GGUF_KV_TYPES)}"
+        self.kv_type = GGUF_KV_TYPES[kind]
+        if kind != "full":
+            # llama.cpp quantizes V only under flash attention
+            self.score_flash = self.decode_flash = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+            self.facts["flash_attention"] = f"on (kv_cache={kind}: llama.cpp quantizes V only with it)"
+            self.facts["kv_cache"] = GGUF_KV_CACHES[kind]
+        if self.ctx is not None:  # the next context is made with the new types
+            llama_cpp.llama_free(self.ctx)
+            self.ctx, self.ctx_size = None, (0, 0, -2)
+        return None
+
     def logits(self, input_ids, attention_mask):
         import torch
 
         lengths = attention_mask.sum(dim=1).tolist()
         rows = [(b, 0, input_ids[b, :n].tolist()) for b, n in enumerate(lengths)]
-        ctx = self._context(input_ids.shape[1], len(rows), sum(lengths))
+        ctx = self._context(input_ids.shape[1], len(rows), sum(lengths), self.score_flash)
         flat = torch.from_numpy(self._decode(ctx, rows, "all"))
         out = torch.zeros(input_ids.shape[0], input_ids.shape[1], self.n_vocab)
         for (b, _, tokens), piece in zip(rows, flat.split(lengths)):
@@ -315,7 +347,10 @@ class LlamaCppSession(Session):
         return self.file.embedding_bytes if self.file.has_output else 0
 
     def kv_bytes_per_position(self) -> Optional[int]:
-        return self.file.kv_bytes_per_position()
+        f16 = self.file.kv_bytes_per_position()
+        # ggml's block sizes: bytes per 32 values (f16: 64)
+        per_block = {1: 64, 8: 34, 7: 24, 6: 22, 3: 20, 2: 18, 20: 18}[self.kv_type]
+        return None if f16 is None else round(f16 * per_block / 64)
 
     def use_runtime(self, runtime: str, compile_mode: str = "max-autotune") -> Optional[str]:
         if runtime == "eager":
@@ -358,6 +393,7 @@ class LlamaCpp(Backend):
     requires = {"llama_cpp": "llama-cpp-python", "gguf": "gguf"}
     extra = "gguf"
     versions_of = ("llama-cpp-python", "gguf")
+    kv_caches = GGUF_KV_CACHES
 
     def variants(self) -> dict[str, VariantConfig]:
         named = {t: GGUFConfig(type=t) for t in ("q8_0", "q6_k", "q4_k_m", "q4_0", "iq4_xs", "f32")}

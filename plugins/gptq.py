@@ -20,7 +20,17 @@ from typing import Any, Literal, Optional
 
 from pydantic import Field, model_validator
 
-from qbench.sdk import DTYPES, Artifact, Availability, Backend, ModulePatterns, QBenchError, VariantConfig, hookimpl
+from qbench.sdk import (
+    DTYPES,
+    HF_KV_CACHES,
+    Artifact,
+    Availability,
+    Backend,
+    ModulePatterns,
+    QBenchError,
+    VariantConfig,
+    hookimpl,
+)
 
 #: gptqmodel's load-time kernels ("backends") by the names users pass.
 KERNELS = {
@@ -129,6 +139,7 @@ def checkpoint_quantize_config(folder: Path, method: str = "gptq") -> dict[str, 
 
 class GPTQ(Backend):
     name = "gptq"
+    kv_caches = HF_KV_CACHES  # its sessions are transformers models
     description = "GPTQ via gptqmodel: calibrated 2/3/4/8-bit weights, or an existing GPTQ checkpoint (prequantized)"
     config_class = GPTQConfig
     requires = {"gptqmodel": "gptqmodel"}

@@ -23,6 +23,7 @@ import torch
 from pydantic import Field, model_validator
 
 from qbench.sdk import (
+    HF_KV_CACHES,
     Artifact,
     Backend,
     ComputeDtype,
@@ -96,6 +97,7 @@ def _swap(model: torch.nn.Module, names: list[str], make) -> None:
 
 class HQQ(Backend):
     name = "hqq"
+    kv_caches = HF_KV_CACHES  # its sessions are transformers models
     description = "HQQ: calibration-free 1-8 bit grouped weights (half-quadratic solver), hqq's PyTorch kernel"
     config_class = HQQConfig
     requires = {"hqq": "hqq"}

@@ -23,7 +23,16 @@ from typing import Any, Literal, Optional
 
 from pydantic import Field
 
-from qbench.sdk import Artifact, Availability, Backend, ModulePatterns, QBenchError, VariantConfig, hookimpl
+from qbench.sdk import (
+    HF_KV_CACHES,
+    Artifact,
+    Availability,
+    Backend,
+    ModulePatterns,
+    QBenchError,
+    VariantConfig,
+    hookimpl,
+)
 
 
 class QATConfig(VariantConfig):
@@ -112,6 +121,7 @@ def fine_tune(model, rows: list[list[int]], config: QATConfig, teacher=None) -> 
 
 class QAT(Backend):
     name = "qat"
+    kv_caches = HF_KV_CACHES  # its sessions are transformers models
     description = "Quantization-aware training (torchao QAT): fake-quantize, fine-tune, convert to torchao's layout"
     config_class = QATConfig
     requires = {"torchao": "torchao"}

@@ -23,6 +23,7 @@ from typing import Any, Literal, Optional
 from pydantic import Field
 
 from qbench.sdk import (
+    HF_KV_CACHES,
     Artifact,
     Backend,
     ComputeDtype,
@@ -98,6 +99,7 @@ def _quantize_layers(model, config: QuantoConfig) -> list[str]:
 
 class Quanto(Backend):
     name = "quanto"
+    kv_caches = HF_KV_CACHES  # its sessions are transformers models
     description = "optimum-quanto: int8/int4/int2/float8 weights, optional int8 activations (static scales)"
     config_class = QuantoConfig
     requires = {"optimum.quanto": "optimum-quanto"}

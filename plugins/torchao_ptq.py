@@ -21,6 +21,7 @@ from typing import Any, Literal, Optional
 from pydantic import Field, model_validator
 
 from qbench.sdk import (
+    HF_KV_CACHES,
     Artifact,
     Availability,
     Backend,
@@ -364,6 +365,7 @@ def compute_dtype(config: TorchAOConfig):
 
 class TorchAO(Backend):
     name = "torchao"
+    kv_caches = HF_KV_CACHES  # its sessions are transformers models
     description = "Native PyTorch PTQ: torchao quantize_ (int8/intx/int4/float8) and legacy torch.ao dynamic int8"
     config_class = TorchAOConfig
     requires = {"torchao": "torchao"}

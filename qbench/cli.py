@@ -453,6 +453,7 @@ def backends(as_json, device, plugins_dir, verbose) -> None:
                 "reason": availability.reason,
                 "device": device,
                 "settings_schema": backend.config_class.model_json_schema().get("properties", {}),
+                "kv_caches": dict(backend.kv_caches),
                 "variants": variants,
             }
         )
@@ -485,7 +486,8 @@ def backends(as_json, device, plugins_dir, verbose) -> None:
             "",
             "" if e["available"] else f"[red]no[/]: {escape(e['reason'])}",
             escape(f"{e['description']} ({e['version'] or 'not installed'}; {e['plugin']})")
-            + (f"\nall variants: {listed(shared)}" if shared else ""),
+            + (f"\nall variants: {listed(shared)}" if shared else "")
+            + (f"\nkv_cache: {escape(', '.join(e['kv_caches']))}" if len(e["kv_caches"]) > 1 else ""),
         )
         for v in e["variants"]:
             here = (

@@ -453,6 +453,9 @@ class CellPipeline:
         started = time.perf_counter()
         self.session = BackendClock(self.backend.load(self.artifact, self.task.device))
         self.load_seconds = time.perf_counter() - started
+        reason = self.session.use_kv_cache(self.config.kv_cache)  # before anything is scored or decoded
+        if reason:
+            raise QBenchError(f"{self.task.cell}: {reason}")
         self.weight_bytes = self.session.weight_bytes()
         verify_quantized(
             self.weight_bytes, count_parameters(self.model.path), self.config.nominal_bits(), self.task.cell
@@ -671,6 +674,22 @@ class CellPipeline:
                     "and memory"
                 )
         self.metrics["load_seconds"] = metric(self.load_seconds, "s")
+        per_position = self.session.kv_bytes_per_position()
+        if per_position is not None:
+            self.metrics["kv_bytes_per_token"] = metric(
+                per_position,
+                "bytes",
+                kv_cache=self.config.kv_cache,
+                label="KV cache bytes per position of one sequence, computed from the cache's storage type",
+            )
+        measured = self.session.kv_measured_bytes_per_position()
+        if measured is not None:
+            self.metrics["kv_bytes_per_token_measured"] = metric(
+                measured,
+                "bytes",
+                label="KV cache bytes per position that the last scoring pass's cache held (scales and the "
+                "full-precision residual included)",
+            )
         self.metrics["quantize_seconds"] = metric(
             self.artifact.quantize_seconds,
             "s",

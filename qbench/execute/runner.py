@@ -136,6 +136,14 @@ def plan_cells(
 
     def add(spec: CellSpec, explicit: bool = False) -> None:
         backend = get_backend(loaded, spec.backend)
+        kv = spec.settings.get("kv_cache")
+        if kv is not None and kv not in backend.kv_caches:
+            able = sorted(name for name, b in loaded.backends.items() if kv in b.kv_caches)
+            offered = ", ".join(backend.kv_caches) if len(backend.kv_caches) > 1 else "full only"
+            raise QBenchError(
+                f"{spec.cell}: backend {spec.backend} cannot store its KV cache as {kv} (its choices: {offered}); "
+                + (f"backends that can: {', '.join(able)}" if able else "no loaded backend can")
+            )
         config = backend.config_for(spec.variant, spec.settings)  # validate now, not in the worker
         key, is_baseline = spec.cell, spec.baseline
         if any(c.cell == key for c in cells):

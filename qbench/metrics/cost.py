@@ -166,6 +166,12 @@ class BackendClock(Session):
     def kv_bytes_per_position(self):
         return self.inner.kv_bytes_per_position()
 
+    def kv_measured_bytes_per_position(self):
+        return self.inner.kv_measured_bytes_per_position()
+
+    def use_kv_cache(self, kind: str):
+        return self.inner.use_kv_cache(kind)
+
     def unread_weight_bytes(self) -> int:
         return self.inner.unread_weight_bytes()
 

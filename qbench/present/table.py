@@ -97,6 +97,9 @@ def select_columns(records: list[CellRecord], metrics: Optional[str] = None) -> 
     metric, or ``TASK/METRIC``) that replace the default columns, or, each
     with a leading ``+``, join them: ``+word_perplexity,+bits_per_byte``."""
     names, asked = list(DEFAULT_METRICS) + lm_eval_columns(records), []
+    if any((r.config or {}).get("kv_cache", "full") != "full" for r in records):
+        # a run that quantizes a cache shows what a position of it costs
+        names.insert(names.index("weight_bytes") + 1, "kv_bytes_per_token")
     if metrics:
         asked = [m.strip() for m in metrics.split(",") if m.strip()]
         if not asked:

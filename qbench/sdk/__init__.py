@@ -52,6 +52,8 @@ _EXPORTS = {
     "require_quantized_layers": "qbench.sdk.hf",
     "unique_state_dict": "qbench.sdk.hf",
     "unique_tensor_bytes": "qbench.sdk.hf",
+    # KV caches a transformers session can use
+    "HF_KV_CACHES": "qbench.sdk.kv",
     # model files
     "embedded_gguf": "qbench.sdk.models",
     "embedded_source": "qbench.sdk.models",
@@ -109,5 +111,6 @@ if TYPE_CHECKING:  # for type checkers and editors: the same names, eagerly
         unique_tensor_bytes,
     )
     from qbench.sdk.hookspecs import hookimpl
+    from qbench.sdk.kv import HF_KV_CACHES
     from qbench.sdk.models import embedded_gguf, embedded_source, fingerprint, from_hub
     from qbench.sdk.recipes import Recipe, load_recipe

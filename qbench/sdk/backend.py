@@ -47,6 +47,13 @@ class VariantConfig(BaseModel):
     #: ``calibration_sets``. The samples' hash joins the artifact cache key,
     #: so the name itself stays out of it.
     calibration: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+    #: How the KV cache stores keys and values: ``full`` (the dtype the
+    #: model computes in; llama.cpp's f16) or one of the quantized types the
+    #: backend lists in ``Backend.kv_caches``. Common to every backend; it
+    #: changes the session, never the weights, so it stays out of the
+    #: artifact's cache key. Quality is scored through the quantized cache
+    #: (each session documents how), against a baseline with a full cache.
+    kv_cache: str = Field("full", pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$")
 
     @model_validator(mode="after")
     def _compile_mode_needs_compiled(self):
@@ -78,7 +85,7 @@ class VariantConfig(BaseModel):
 
     def cache_settings(self) -> dict[str, Any]:
         # How it decodes never changes the bytes; the calibration samples' own hash is in the key.
-        skip = set(self.load_only) | {"runtime", "compile_mode", "calibration"}
+        skip = set(self.load_only) | {"runtime", "compile_mode", "calibration", "kv_cache"}
         return {k: v for k, v in self.settings().items() if k not in skip}
 
 
@@ -196,11 +203,25 @@ class Session(abc.ABC):
         and values), for the roofline column; None when unknown."""
         return None
 
+    def kv_measured_bytes_per_position(self) -> Optional[float]:
+        """Bytes the quantized KV cache really held per position after the
+        last scoring pass (scales and full-precision residual included), or
+        None where the session does not measure it."""
+        return None
+
     def unread_weight_bytes(self) -> int:
         """Bytes of ``weight_bytes`` a decode step does not read, for the
         roofline column: an input embedding table that is not also the
         output head (a step reads one row of it)."""
         return 0
+
+    def use_kv_cache(self, kind: str) -> Optional[str]:
+        """Store the KV cache as ``kind`` (a name of ``Backend.kv_caches``)
+        from now on, for scoring and decoding alike (the harness sets it right
+        after loading). Returns None when done, or why this session cannot."""
+        if kind == "full":
+            return None
+        return f"{type(self).__name__} keeps its KV cache in full precision"
 
     def use_runtime(self, runtime: str, compile_mode: str = "max-autotune") -> Optional[str]:
         """Decode ``generate`` through ``runtime`` from now on (the harness
@@ -241,6 +262,9 @@ class Backend(abc.ABC):
     #: a CPU decode 2x slower in the process that quantized). Off only for a
     #: backend whose ``quantize`` writes nothing (a dtype cast at load).
     builds_apart: ClassVar[bool] = True
+    #: The KV cache storages its sessions can use (``kv_cache=NAME``), name ->
+    #: what it is. ``full`` alone: the backend cannot quantize its cache.
+    kv_caches: ClassVar[dict[str, str]] = {"full": "keys and values in the dtype the model computes in"}
 
     @abc.abstractmethod
     def variants(self) -> dict[str, VariantConfig]:
@@ -360,12 +384,19 @@ class Backend(abc.ABC):
             return named[variant]
         start = named[variant].settings() if variant is not None else {}
         try:
-            return self.config_class.model_validate({**start, **settings})
+            config = self.config_class.model_validate({**start, **settings})
         except ValidationError as exc:
             raise QBenchError(
                 f"invalid variant '{spec}' for backend '{self.name}': {describe_validation(exc)} "
                 f"(see `qbench backends` for the settings)"
             ) from None
+        if config.kv_cache not in self.kv_caches:
+            offered = ", ".join(self.kv_caches) if len(self.kv_caches) > 1 else "full only: it cannot quantize it"
+            raise QBenchError(
+                f"backend '{self.name}' cannot store its KV cache as '{config.kv_cache}' (in '{spec}'): "
+                f"its kv_cache choices are {offered}"
+            )
+        return config
 
     def layer_quantizer(
         self, model_path: str, config: VariantConfig, device: str, trust_remote_code: bool = False

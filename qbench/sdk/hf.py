@@ -12,6 +12,7 @@ import torch
 
 from qbench.core.errors import QBenchError
 from qbench.sdk.backend import Session, to_device
+from qbench.sdk.kv import HF_KV_CACHES, HF_QUANTIZED_KV, KV_GROUP
 
 
 def unique_tensor_bytes(module: torch.nn.Module) -> int:
@@ -264,21 +265,70 @@ class CompiledDecoder:
         return torch.cat(produced, dim=1).cpu()
 
 
+#: The library each quantized cache needs, and the qbench extra that installs it.
+_KV_LIBRARIES = {"hqq": ("hqq", "hqq"), "quanto": ("optimum.quanto", "quanto")}
+#: Tokens per forward pass when scoring through a quantized cache: the
+#: cache's residual window, so the positions held in full precision are the
+#: ones decoding would hold (see ``HFSession.logits``).
+KV_SCORING_CHUNK = 128
+
+
 class HFSession(Session):
     def __init__(self, model: torch.nn.Module, device: str, facts: dict[str, Any] | None = None):
         self.model: Any = model.eval()  # a transformers causal LM (see CompiledDecoder)
         self.device = device
         self.facts = facts or {}
         self.decoder: CompiledDecoder | None = None
+        self.kv_cache = "full"
         #: the GPUs holding the model's layers (several when spread with --gpus-per-cell)
         held = {t.device.index or 0 for t in [*model.parameters(), *model.buffers()] if t.device.type == "cuda"}
         self.gpus = sorted(held) or ([torch.cuda.current_device()] if device == "cuda" else [])
+
+    def use_kv_cache(self, kind: str) -> str | None:
+        if kind == "full":
+            self.kv_cache = kind
+            return None
+        if kind not in HF_QUANTIZED_KV:
+            return f"unknown KV cache '{kind}': choose one of {', '.join(HF_KV_CACHES)}"
+        library = HF_QUANTIZED_KV[kind][0]
+        if library in _KV_LIBRARIES:
+            import importlib.util
+
+            module, extra = _KV_LIBRARIES[library]
+            if importlib.util.find_spec(module.split(".")[0]) is None:
+                return f"kv_cache={kind} needs {module}: pip install 'qbench[{extra}]'"
+        self.kv_cache = kind
+        self.facts["kv_cache"] = HF_KV_CACHES[kind]
+        self.facts["kv_scoring"] = (
+            f"chunks of {KV_SCORING_CHUNK} tokens through the quantized cache: each token attends to the "
+            "quantized cache of earlier chunks and to its own chunk in full precision, as decoding after a "
+            f"{KV_SCORING_CHUNK}-token prompt does"
+        )
+        return None
+
+    def new_cache(self) -> Any:
+        """A fresh KV cache of this session's kind (None: transformers' own)."""
+        if self.kv_cache == "full":
+            return None
+        from transformers import QuantizedCache
+
+        library, bits = HF_QUANTIZED_KV[self.kv_cache]
+        return (
+            QuantizedCache(library, self.model.config, nbits=bits)
+            if bits
+            else QuantizedCache(library, self.model.config)
+        )
 
     def use_runtime(self, runtime: str, compile_mode: str = "max-autotune") -> str | None:
         if runtime == "eager":
             self.decoder = None
             return None
         if runtime == "compiled":
+            if self.kv_cache != "full":
+                return (
+                    f"runtime=compiled replays a static KV cache, and transformers' quantized caches grow as "
+                    f"they go: use runtime=eager for kv_cache={self.kv_cache}"
+                )
             if self.device != "cuda":
                 return "runtime=compiled needs CUDA: its decode step replays as a CUDA graph"
             if len(self.gpus) > 1:
@@ -303,8 +353,19 @@ class HFSession(Session):
         # kernel (flash on a GPU), and transformers skips building a mask and
         # the host synchronisation that checks it for padding.
         del attention_mask
-        out = self.model(input_ids=to_device(input_ids, torch.device(self.device)), use_cache=False)
-        return out.logits
+        ids = to_device(input_ids, torch.device(self.device))
+        if self.kv_cache == "full":
+            return self.model(input_ids=ids, use_cache=False).logits
+        # Through the quantized cache, KV_SCORING_CHUNK tokens at a time: one
+        # pass over the whole window would attend to the keys it was given,
+        # never to what the cache stores.
+        cache = self.new_cache()
+        pieces = []
+        for start in range(0, ids.shape[1], KV_SCORING_CHUNK):
+            out = self.model(input_ids=ids[:, start : start + KV_SCORING_CHUNK], past_key_values=cache, use_cache=True)
+            pieces.append(out.logits)
+        self.kv_measured = (cache_bytes(cache), ids.shape[0] * ids.shape[1])
+        return torch.cat(pieces, dim=1)
 
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, on_token: Callable[..., None]) -> torch.Tensor:
@@ -314,7 +375,9 @@ class HFSession(Session):
         mask = torch.ones_like(ids)
         # Our own greedy loop rather than model.generate(): EOS can never stop
         # it, and each step is timed the same way for every backend.
-        out = self.model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+        out = self.model(
+            input_ids=ids, attention_mask=mask, past_key_values=self.new_cache(), use_cache=True, logits_to_keep=1
+        )
         past = out.past_key_values
         step = out.logits[:, -1].argmax(-1, keepdim=True)
         self._sync()
@@ -356,7 +419,21 @@ class HFSession(Session):
         # The cache holds keys and values in the dtype activations run in.
         dtype = self.model.get_input_embeddings().weight.dtype
         size = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 4
-        return 2 * layers * kv_heads * head_dim * size
+        elements = 2 * layers * kv_heads * head_dim
+        if self.kv_cache == "full":
+            return elements * size
+        bits = HF_QUANTIZED_KV[self.kv_cache][1]
+        if bits is None:  # fp8: a byte each (the per-layer scales are negligible)
+            return elements
+        # n bits each, and a scale and a zero point in the activation dtype per group of
+        # KV_GROUP values; the newest positions' full-precision residual is not counted here
+        return round(elements * (bits / 8 + 2 * size / KV_GROUP))
+
+    def kv_measured_bytes_per_position(self) -> float | None:
+        """What the last scoring pass's quantized cache held per position
+        (residual included), or None where it was not measured."""
+        measured = getattr(self, "kv_measured", None)
+        return measured[0] / measured[1] if measured and measured[1] else None
 
     def describe(self) -> dict[str, Any]:
         types: dict[str, int] = {}
@@ -368,6 +445,34 @@ class HFSession(Session):
         for p in self.model.parameters():
             dtypes[str(p.dtype)] = dtypes.get(str(p.dtype), 0) + p.numel()
         return {"leaf_module_types": types, "parameter_dtypes": dtypes, **self.facts}
+
+
+def cache_bytes(cache: Any) -> int:
+    """Bytes a transformers KV cache holds: every tensor reachable from its
+    layers (quantized states and their scales, the full-precision residual),
+    shared storage once."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+
+    def walk(value: Any) -> None:
+        nonlocal total
+        if isinstance(value, torch.Tensor):
+            for t in _leaf_tensors(value):
+                storage = t.untyped_storage()
+                key = (storage.data_ptr(), storage.nbytes())
+                if key not in seen:
+                    seen.add(key)
+                    total += storage.nbytes()
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                walk(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                walk(item)
+
+    for layer in getattr(cache, "layers", []):
+        walk(vars(layer))
+    return total
 
 
 def adds_bos(tokenizer) -> bool:
