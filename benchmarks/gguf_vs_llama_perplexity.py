@@ -3,6 +3,7 @@
 
     .venv/bin/python benchmarks/gguf_vs_llama_perplexity.py --llama-perplexity PATH
     .venv/bin/python benchmarks/gguf_vs_llama_perplexity.py --llama-perplexity PATH --types q8_0,q4_k_m,q4_0 --chunks 32
+    .venv/bin/python benchmarks/gguf_vs_llama_perplexity.py --llama-perplexity PATH --types q8_0 --caches q8_0,q4_0
 
 ``llama-perplexity`` is not in any wheel: build it from the llama.cpp that
 llama-cpp-python vendors (the same kernels the ``gguf`` backend runs)::
@@ -23,6 +24,10 @@ What each side does:
   llama.cpp, not by PyTorch: the two bases differ by llama.cpp's float16
   KV cache, which the ``gguf:f32`` row measures), then each quantized file
   that qbench wrote, against it.
+- ``--caches``: each type again with its KV cache quantized, qbench's
+  ``kv_cache=`` beside llama-perplexity's ``-ctk``/``-ctv`` with flash
+  attention on (``-fa on``, as qbench sets it for a quantized cache); the
+  base stays F32 with llama.cpp's float16 cache.
 - The text is the first paragraphs of CPython's pydoc reference, written so
   that qbench's blank-line split and llama.cpp's whole-file read give the
   same tokens (the converter names GPT-2's pre-tokenizer; the script checks
@@ -92,6 +97,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--llama-perplexity", required=True, help="path of the llama-perplexity binary")
     parser.add_argument("--types", default="q8_0,q4_k_m", help="gguf variants, comma-separated")
+    parser.add_argument("--caches", default="", help="KV cache types to run each type with too (q8_0,q4_0)")
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--chunks", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None)
@@ -109,12 +115,17 @@ def main() -> None:
     threads = args.threads or torch.get_num_threads()
     tokenizer = load_tokenizer(model.path, False)
     types = [t.strip() for t in args.types.split(",") if t.strip()]
+    caches = [c.strip() for c in args.caches.split(",") if c.strip()]
+    # (row name, qbench cell, llama-perplexity's extra arguments)
+    rows_asked = [("f32", "gguf:f32", ())] + [(t, f"gguf:{t}", ()) for t in types] + [
+        (f"{t} kv {c}", f"gguf:{t}:kv_cache={c}", ("-ctk", c, "-ctv", c, "-fa", "on")) for t in types for c in caches
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         text = folder / "text.txt"
         write_text(text, args.ctx * args.chunks, tokenizer)
         run(model=args.model or DEFAULT_MODEL, suite=str(suite(folder, args.ctx, args.chunks, args.top_k)),
-            backends=["fp:fp32", "gguf:f32", *[f"gguf:{t}" for t in types]], output_dir=str(folder / "results"),
+            backends=["fp:fp32", *[cell for _, cell, _ in rows_asked]], output_dir=str(folder / "results"),
             run_id="side-by-side", threads=threads)
         records = {}
         for line in (folder / "results" / "side-by-side" / "results.jsonl").read_text().splitlines():
@@ -128,11 +139,12 @@ def main() -> None:
         found = re.search(r"computing over (\d+) chunks|calculating perplexity over (\d+) chunks", base)
         llama_ppl = number(r"Final estimate: PPL =", base)
         rows = []
-        for name in ["f32", *types]:
-            record = records[f"gguf:{name}"]
+        for name, cell, extra in rows_asked:
+            record = records[cell]
             metrics = record["metrics"]
             output = llama_perplexity(args.llama_perplexity, record["session"]["file"], text, args.ctx, args.chunks,
-                                      threads, "--kl-divergence-base", str(folder / "base.kld"), "--kl-divergence")
+                                      threads, "--kl-divergence-base", str(folder / "base.kld"), "--kl-divergence",
+                                      *extra)
             rows.append((name, metrics["kld"]["value"], metrics["kld"]["stderr"], *number(r"Mean\s+KLD", output),
                          metrics["perplexity"]["value"], number(r"Mean PPL\(Q\)", output)[0]))
         fp32 = records["fp:fp32"]["metrics"]

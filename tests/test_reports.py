@@ -471,3 +471,28 @@ def test_html_report_in_a_browser_hovers_hides_sorts_and_needs_no_network(finish
     assert fetched == []
     if os.environ.get("QBENCH_KEEP_SCREENSHOT"):
         shutil.copy(shot, os.environ["QBENCH_KEEP_SCREENSHOT"])
+
+
+def test_a_smaller_kv_cache_is_an_axis_of_the_front_once_a_row_quantizes_it():
+    """A row that trades quality for a smaller cache is not 'dominated' by
+    its full-cache twin: the front weighs the cache's bytes per position."""
+    from qbench.analyze.decisions import KV, axes_for, pareto
+
+    def row(cell, kld, kv, kind="full"):
+        metrics = {"weight_bytes": {"value": 100.0, "unit": "bytes"},
+                   "kv_bytes_per_token": {"value": kv, "unit": "bytes"}}
+        if kld is not None:
+            metrics["kld"] = {"value": kld, "stderr": 0.0001, "unit": "nats"}
+        backend, _, variant = cell.partition(":")
+        return make_record(cell=cell, backend=backend, variant=variant, baseline=kld is None, metrics=metrics,
+                           config={"kv_cache": kind})
+
+    full, half = row("q:a", 0.010, 4096), row("q:a:kv_cache=int8", 0.012, 2048, "int8")
+    base = row("fp:fp32", None, 8192)
+    assert KV not in axes_for([base, full])  # no row quantizes its cache: the axis says nothing
+    axes = axes_for([base, full, half])
+    assert KV in axes
+    front, dominated = pareto([base, full, half], axes)
+    assert {r.cell for r in front} == {"fp:fp32", "q:a", "q:a:kv_cache=int8"} and not dominated
+    worse = row("q:a:kv_cache=int4", 0.020, 4096, "int4")  # worse quality, no smaller cache: dominated
+    assert pareto([base, full, half, worse], axes_for([base, full, half, worse]))[1]["q:a:kv_cache=int4"].cell == "q:a"

@@ -43,6 +43,7 @@ def quality_stderr(record: CellRecord) -> float:
 
 QUALITY = Axis("kld", "mean KLD", False, quality)
 WEIGHTS = Axis("weight_bytes", "weight memory", False, lambda r: r.value("weight_bytes") or None)
+KV = Axis("kv_bytes_per_token", "KV cache bytes per position", False, lambda r: r.value("kv_bytes_per_token"))
 DECODE = Axis("decode_ms_per_token", "decode time at batch 1", False, lambda r: r.value("decode_ms_per_token"))
 
 
@@ -57,9 +58,15 @@ def throughput_axis(batch: int) -> Axis:
 
 def axes_for(records: list[CellRecord]) -> list[Axis]:
     """The axes every row of ``records`` has a figure on: quality and
-    weights always; decode time and the largest batch's throughput when
+    weights always; the KV cache's bytes per position when a row quantizes
+    its cache (else a row with a smaller cache is only ever a worse twin of
+    its full-cache row); decode time and the largest batch's throughput when
     every row was timed (a row without a figure can neither win nor lose)."""
     axes = [QUALITY, WEIGHTS]
+    if any((r.config or {}).get("kv_cache", "full") != "full" for r in records) and all(
+        KV.read(r) is not None for r in records
+    ):
+        axes.append(KV)
     if records and all(DECODE.read(r) is not None for r in records):
         axes.append(DECODE)
     common = set.intersection(*(set(r.latency_sweep) for r in records)) if records else set()
