@@ -79,7 +79,7 @@ class TorchAOConfig(VariantConfig):
         data.pop("recipe_sha256", None)  # written by settings(); the content decides
         recipe = data["recipe"]
         recipe = load_recipe(recipe) if isinstance(recipe, (str, Path)) else Recipe.model_validate(recipe)
-        if recipe.backend != "torchao":
+        if recipe.backend not in (None, "torchao"):
             raise ValueError(
                 f"the recipe is for backend '{recipe.backend}', not torchao: run it with "
                 f"-b {recipe.backend}:recipe=PATH"

@@ -64,7 +64,9 @@ class Override(BaseModel):
 class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    backend: str = "torchao"
+    #: the backend whose variants it mixes; unset: whichever backend runs it
+    #: (``-b BACKEND:recipe=PATH``), which refuses a recipe written for another
+    backend: Optional[str] = None
     #: the variant every layer not matched by an override gets
     base: str
     overrides: list[Override] = []
@@ -154,7 +156,8 @@ def load_recipe(path: Union[str, Path]) -> Recipe:
 def write_recipe(recipe: Recipe, path: Path) -> Path:
     write_atomic(
         path,
-        f"# qbench mixed-precision recipe: run it with -b {recipe.backend}:recipe={path.name}\n" + recipe.to_yaml(),
+        f"# qbench mixed-precision recipe: run it with -b {recipe.backend or 'BACKEND'}:recipe={path.name}\n"
+        + recipe.to_yaml(),
     )
     return path
 
