@@ -35,8 +35,9 @@ def test_builtin_fp_backend_lists_its_variants_with_settings():
     fp = backends_json()["fp"]
     assert [v["name"] for v in fp["variants"]] == ["fp32", "bf16", "fp16"]
     assert fp["variants"][1]["settings"] == {"dtype": "bf16", "runtime": "eager", "compile_mode": "max-autotune",
-                                          "calibration": "default"}
+                                          "calibration": "default", "kv_cache": "full"}
     assert fp["variants"][1]["nominal_bits"] == 16
+    assert list(fp["kv_caches"]) == ["full", "fp8", "hqq-int8", "hqq-int4", "hqq-int2", "quanto-int4", "quanto-int2"]
     assert fp["available"] and fp["version"]
     assert fp["plugin"] == "fp"  # registered through the entry point, like a third-party plugin
 
