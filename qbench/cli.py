@@ -300,6 +300,10 @@ def run(
 
     # before the plan: an executor that cannot start leaves no run folder behind
     runner = make_executor(executor, address=address, files=ray_files, cache_dir=ray_cache, cell_memory_gib=cell_memory)
+    if executor == "local":
+        from qbench.execute.runner import start_worker_server
+
+        start_worker_server()  # its imports overlap with the planning below
     if resume:
         given = [
             f"--{name.replace('_', '-')}"
@@ -624,7 +628,8 @@ def sensitivity(
     "--budget",
     required=True,
     metavar="BUDGET",
-    help='"kld<=0.05", "acc>=0.99*base", "acc>=0.7" or "weights<=150MiB". A quality bound must hold at '
+    help='"kld<=0.05", "acc>=0.99*base", "acc>=0.7", "weights<=150MiB" or "memory@8192<=600MiB" (weights plus '
+    "one sequence's KV cache of 8192 tokens). A quality bound must hold at "
     "the error bar (95%), not just the point estimate.",
 )
 @click.option(
@@ -960,12 +965,18 @@ def _suite_row(suite) -> list[str]:
     return [
         suite.name,
         suite.content_hash(),
-        f"{ppl.max_tokens} tokens of {ppl.corpus.source}, windows of {ppl.max_length}, protocol {ppl.protocol}"
+        f"{ppl.max_tokens} tokens of {ppl.corpus.source}, windows of {'/'.join(map(str, ppl.lengths))}, "
+        f"protocol {ppl.protocol}"
         if ppl
         else "-",
         tasks or "-",
         f"{len(gen.prompts)} prompts x {gen.max_new_tokens} tokens" if gen else "-",
-        f"{lat.prompt_tokens}+{lat.new_tokens} tokens, batch {', '.join(map(str, lat.batch_sizes))}" if lat else "-",
+        (
+            f"{'/'.join(map(str, lat.prompt_lengths))}+{lat.new_tokens} tokens, "
+            f"batch {', '.join(map(str, lat.batch_sizes))}"
+        )
+        if lat
+        else "-",
         "; ".join(
             f"{name}: {spec.samples} x {spec.seq_len} tokens of {spec.corpus.source}"
             for name, spec in ([("default", cal)] if cal else []) + list(suite.calibration_sets.items())

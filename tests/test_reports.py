@@ -5,6 +5,7 @@ import math
 import os
 import re
 import shutil
+import statistics
 
 import pandas as pd
 import pytest
@@ -200,6 +201,42 @@ def test_machine_canary_gates_latency_and_keeps_the_run_history(tmp_path, monkey
     assert [h["cell"] for h in history] == ["first", "second", "third"]
 
 
+def test_machine_canary_labels_no_idle_jitter_and_catches_a_machine_slow_throughout(tmp_path, monkeypatch):
+    from qbench.cell.worker import gated_latency
+    from qbench.data.suites import LatencySpec
+    from qbench.metrics import canary
+
+    monkeypatch.setattr(canary, "PAUSE_SECONDS", 0.0)
+    monkeypatch.setattr("qbench.metrics.cost.latency_metrics", lambda *a: {})
+    spec = LatencySpec(prompt_tokens=4, new_tokens=3, warmup=0, min_reps=1, min_seconds=0)
+
+    def cell(name, readings, start=None):
+        it = iter(readings)
+        monkeypatch.setattr(canary.MachineCanary, "measure", lambda self, repeats=15: next(it))
+        return gated_latency(None, None, spec, tmp_path, name, start)["machine_canary_ms"]
+
+    # An idle 2-core machine's readings as seen in a smoke run: the first
+    # cell's 'after' fell to 1.62 ms; the next read 2.08 / 2.31. Its history
+    # figure is the median of its readings, and jitter on one side is no busy machine.
+    first = cell("fp:fp32", [2.14, 1.62], start={"ms": 2.18})
+    assert not first["busy"] and json.loads((tmp_path / "machine_canary.json").read_text())[0]["ms"] == 2.14
+    second = cell("fp:bf16", [2.08, 2.31])
+    assert not second["busy"] and second["attempts"] == 1 and second["ratio"] == pytest.approx(2.08 / 2.14, abs=1e-4)
+    # A machine 40 % slower on both sides of every attempt is caught, after every retry.
+    third = cell("slow", [3.0, 3.1] * canary.MAX_ATTEMPTS)
+    assert third["busy"] and third["attempts"] == canary.MAX_ATTEMPTS
+    assert third["ratio"] == pytest.approx(3.0 / statistics.median([2.14, (2.08 + 2.31) / 2]), abs=1e-3)
+
+
+def test_the_canary_reads_the_lower_quartile_of_its_repetitions(monkeypatch):
+    from qbench.metrics import canary
+
+    assert canary.lower_quartile([5.0, 1.0, 2.0, 4.0, 3.0]) == 2.0 and canary.lower_quartile([7.0]) == 7.0
+    times = iter([9.0] + [float(x) for x in range(15, 0, -1)])  # warm-up, then 15 .. 1
+    monkeypatch.setattr(canary.MachineCanary, "_once", lambda self: next(times))
+    assert canary.MachineCanary(matrices=1, rows=2, cols=2).measure() == 4.5
+
+
 @pytest.fixture(scope="module")
 def finished_run(tiny_model, tiny_suite, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
@@ -239,7 +276,8 @@ def test_export_csv_and_parquet(finished_run, tmp_path):
                           "--parquet", str(tmp_path / "r.parquet"))
     assert code == 0, err
     csv, parquet = pd.read_csv(tmp_path / "r.csv"), pd.read_parquet(tmp_path / "r.parquet")
-    assert list(csv.columns) == ["run_id", "cell", "task", "metric", "value", "unit", "n", "stderr", "higher_is_better"]
+    assert list(csv.columns) == ["run_id", "cell", "task", "context", "metric", "value", "unit", "n", "stderr",
+                                 "higher_is_better"]
     assert len(csv) == len(parquet) > 20
     # Each task's figures, one row per task and metric, beside the cell's own.
     record = next(r for r in ResultStore(run_dir).latest().values() if r.cell == "fake:uniform")

@@ -275,7 +275,7 @@ def test_store_validates_records_and_names_the_bad_line(tmp_path):
                                   "latency_workload": {"new_tokens": 4}, "latency_trials": [{"x": 1}]})
     (tmp_path / "results.jsonl").write_text(json.dumps(old) + "\n")
     record = store.records()[0]
-    assert record.schema_version == 3 and record.tasks["t"]["acc"].value == 0.5
+    assert record.schema_version == 4 and record.tasks["t"]["acc"].value == 0.5
     assert record.latency_workload == {"new_tokens": 4} and set(record.metrics) == {"acc"}
 
 

@@ -10,6 +10,9 @@
   budget: the smallest, the fastest at batch 1, the highest throughput at
   the largest batch. On CUDA an eager row whose compiled twin was measured is
   marked launch-bound: its time is Python launching kernels, not the weights.
+  With a context sweep (long context), also the smallest total memory
+  (weights plus one sequence's KV cache) at the longest context, judged on
+  the KLD measured at that length.
 """
 
 from __future__ import annotations
@@ -45,6 +48,44 @@ QUALITY = Axis("kld", "mean KLD", False, quality)
 WEIGHTS = Axis("weight_bytes", "weight memory", False, lambda r: r.value("weight_bytes") or None)
 KV = Axis("kv_bytes_per_token", "KV cache bytes per position", False, lambda r: r.value("kv_bytes_per_token"))
 DECODE = Axis("decode_ms_per_token", "decode time at batch 1", False, lambda r: r.value("decode_ms_per_token"))
+
+
+def context_figure(record: CellRecord, length: int, name: str) -> tuple[Optional[float], float]:
+    """(value, standard error) of ``name`` at context ``length`` of the
+    record's context sweep; a baseline's KLD is 0 at every length."""
+    if name == "kld" and record.baseline:
+        return 0.0, 0.0
+    metric = record.context_sweep.get(length, {}).get(name)
+    return (metric.value, metric.stderr or 0.0) if metric is not None else (None, 0.0)
+
+
+def longest_context(records: list[CellRecord]) -> Optional[int]:
+    """The longest context length at which every row has its total memory
+    and its KLD (None without a context sweep)."""
+    lengths = (
+        [
+            length
+            for length in set().union(*(set(r.context_sweep) for r in records))
+            if all(context_figure(r, length, "total_bytes")[0] is not None for r in records)
+            and all(context_figure(r, length, "kld")[0] is not None for r in records)
+        ]
+        if records
+        else []
+    )
+    return max(lengths) if lengths else None
+
+
+def total_axis(length: int) -> Axis:
+    return Axis(
+        f"total_bytes@{length}",
+        f"weights + KV at {length} tokens",
+        False,
+        lambda r: context_figure(r, length, "total_bytes")[0],
+    )
+
+
+def quality_axis(length: int) -> Axis:
+    return Axis(f"kld@{length}", f"mean KLD at {length} tokens", False, lambda r: context_figure(r, length, "kld")[0])
 
 
 def throughput_axis(batch: int) -> Axis:
@@ -180,6 +221,7 @@ def recommend(records: list[CellRecord], kld_budget: float) -> list[str]:
             + ", ".join(f"`{cell}` by `{by.cell}`" for cell, by in dominated.items())
             + "."
         )
+    lines += context_answer(measured, kld_budget)
     for eager, compiled in compiled_twins(ok).items():
         row = next(r for r in ok if r.cell == eager)
         if DECODE.read(row) is not None and DECODE.read(compiled) is not None:
@@ -189,3 +231,26 @@ def recommend(records: list[CellRecord], kld_budget: float) -> list[str]:
                 "launching kernels, not the weights."
             )
     return lines
+
+
+def context_answer(records: list[CellRecord], kld_budget: float) -> list[str]:
+    """ "Smallest total memory at context N within the budget", N the longest
+    context every row was measured at, the budget judged on the KLD at N."""
+    length = longest_context(records)
+    if length is None:
+        return []
+    total = total_axis(length)
+    within = [r for r in records if judge("kld", *context_figure(r, length, "kld"), kld_budget)]
+    budget = f"mean KLD at {length} tokens ≤ {kld_budget:g} at its 95% upper bound"
+    if not [r for r in within if not r.baseline]:
+        return [f"At {length} tokens of context no variant stays within the quality budget ({budget})."]
+    best = min(within, key=lambda r: (total.read(r), context_figure(r, length, "kld")[0]))
+    kv = context_figure(best, length, "kv_bytes")[0]
+    kld, se = context_figure(best, length, "kld")
+    return [
+        f"Smallest total memory at {length} tokens of context (weights + one sequence's KV cache) within "
+        f"the budget ({budget}): `{best.cell}`: {total.read(best) / MIB:.1f} MiB"
+        + (f" ({best.value('weight_bytes') / MIB:.1f} weights + {kv / MIB:.1f} KV)" if kv is not None else "")
+        + (f", KLD at {length} tokens {kld:.4f} ± {Z * se:.4f}" if not best.baseline else "")
+        + "."
+    ]

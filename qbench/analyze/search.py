@@ -40,33 +40,48 @@ from qbench.sdk.registry import PluginSettings, get_backend, load_plugins
 
 SETTINGS_FILE, SUITE_FILE, RESULT_FILE, PLOT_FILE = "search.json", "suite.yaml", "search_result.json", "search.png"
 CELLS, SENSITIVITY, RECIPES = "cells", "sensitivity", "recipes"
-_BUDGET = re.compile(r"^\s*(kld|acc|weights)\s*(<=|>=)\s*(.+?)\s*$", re.IGNORECASE)
+_BUDGET = re.compile(r"^\s*(kld|acc|weights|memory@([0-9]+))\s*(<=|>=)\s*(.+?)\s*$", re.IGNORECASE)
 _SIZE = re.compile(r"^([0-9.]+)\s*(MiB|GiB|MB|GB)?$", re.IGNORECASE)
 _UNITS = {"mib": 2**20, "gib": 2**30, "mb": 1e6, "gb": 1e9}
 
 
 class Budget(BaseModel):
-    """``kld<=X``, ``acc>=X`` or ``acc>=F*base``, ``weights<=X MiB``."""
+    """``kld<=X``, ``acc>=X`` or ``acc>=F*base``; ``weights<=X MiB``, or
+    ``memory@N<=X MiB``: weights plus the KV cache of one sequence of N
+    tokens (each row's KV bytes per token, so rows that differ in their
+    ``kv_cache`` compete too)."""
 
-    metric: Literal["kld", "acc", "weights"]
+    metric: Literal["kld", "acc", "weights", "memory"]
     bound: float
     relative: bool = False  # acc>=F*base: F times the baseline's accuracy
+    #: memory@N: the context length N
+    context: Optional[int] = None
     text: str
+
+    @property
+    def is_size(self) -> bool:
+        """A size budget (weights, memory@N): the best quality that fits."""
+        return self.metric in ("weights", "memory")
 
     @classmethod
     def parse(cls, text: str) -> Budget:
-        hint = "write kld<=0.05, acc>=0.99*base, acc>=0.7 or weights<=150MiB"
+        hint = "write kld<=0.05, acc>=0.99*base, acc>=0.7, weights<=150MiB or memory@8192<=600MiB"
         found = _BUDGET.match(text)
         if not found:
             raise QBenchError(f"budget '{text}' is not understood: {hint}")
-        metric, op, value = found.group(1).lower(), found.group(2), found.group(3).replace(" ", "")
+        metric, op, value = found.group(1).lower(), found.group(3), found.group(4).replace(" ", "")
+        context = int(found.group(2)) if found.group(2) else None
+        if context is not None:
+            metric = "memory"
+            if context < 1:
+                raise QBenchError(f"budget '{text}': the context length must be at least 1 token: {hint}")
         if op != (">=" if metric == "acc" else "<="):
             raise QBenchError(f"budget '{text}': {metric} takes '{'>=' if metric == 'acc' else '<='}': {hint}")
         relative = metric == "acc" and value.lower().endswith("*base")
         if relative:
             value = value[: -len("*base")]
         unit = 1.0
-        if metric == "weights":
+        if metric in ("weights", "memory"):
             size = _SIZE.match(value)
             if not size:
                 raise QBenchError(f"budget '{text}': the size needs a number and MiB, GiB, MB or GB: {hint}")
@@ -79,7 +94,9 @@ class Budget(BaseModel):
             raise QBenchError(f"budget '{text}': the bound must be a finite number: {hint}")
         if bound <= 0 or (metric == "acc" and not relative and bound > 1):
             raise QBenchError(f"budget '{text}': the bound must be positive{' and at most 1' * (metric == 'acc')}")
-        return cls.model_validate({"metric": metric, "bound": bound, "relative": relative, "text": text.strip()})
+        return cls.model_validate(
+            {"metric": metric, "bound": bound, "relative": relative, "context": context, "text": text.strip()}
+        )
 
 
 class Verdict(BaseModel):
@@ -89,6 +106,8 @@ class Verdict(BaseModel):
     kind: Literal["uniform", "recipe"]
     k: Optional[int] = None  # units upgraded, for recipes
     weight_bytes: Optional[float] = None
+    #: memory@N budgets: weights plus one sequence's KV cache of N tokens
+    memory_bytes: Optional[float] = None
     kld: Optional[float] = None
     kld_stderr: Optional[float] = None
     acc: Optional[float] = None
@@ -137,6 +156,12 @@ def verdict_of(
     )
     if not record.ok:
         return Verdict(**verdict, meets=False, error=record.error)
+    if budget.metric == "memory":
+        per_token = record.value("kv_bytes_per_token")
+        if per_token is None or figures["weight_bytes"] is None:
+            return Verdict(**verdict, meets=False, error="the record has no KV cache bytes per token")
+        at = figures["weight_bytes"] + per_token * budget.context
+        return Verdict(**verdict, memory_bytes=at, at_error_bar=at, meets=judge("weight_bytes", at, None, target))
     if budget.metric == "weights":
         at = figures["weight_bytes"]
         return Verdict(**verdict, at_error_bar=at, meets=at is not None and judge("weight_bytes", at, None, target))
@@ -251,7 +276,7 @@ def pick_base(
     and, for a quality budget, is smaller than the best uniform answer; of
     those, the best in quality, which needs the fewest units upgraded."""
     mine = [v for v in uniform if v.cell in configs and v.error is None and v.weight_bytes is not None]
-    if budget.metric == "weights":
+    if budget.is_size:
         pool = [v for v in mine if v.meets]
     else:
         pool = [v for v in mine if not v.meets and (best is None or v.weight_bytes < best.weight_bytes)]
@@ -274,7 +299,7 @@ def pick_upgrade(budget: Budget, uniform: list[Verdict], base: Verdict, configs:
         and CellSpec.parse(v.cell).backend == CellSpec.parse(base.cell).backend
         and configs[v.cell].mix_key() == base_config.mix_key()
     ]
-    if budget.metric == "weights":
+    if budget.is_size:
         pool = sorted(
             (v for v in same if quality_rank(v, budget) < quality_rank(base, budget)),
             key=lambda v: quality_rank(v, budget),
@@ -386,7 +411,7 @@ def _search(
         sizes = ", ".join(
             f"{v.cell} {v.weight_bytes / 2**20:.1f} MiB" if v.weight_bytes else f"{v.cell} failed" for v in uniform
         )
-        if budget.metric == "weights":
+        if budget.is_size:
             why = f"no variant that can mix ({', '.join(mixers)}) fits the size to start a mixed recipe from ({sizes})"
         elif best is None:
             why = f"no variant that can mix ({', '.join(mixers)}) ran to start a mixed recipe from ({sizes})"
@@ -429,7 +454,9 @@ def _search(
         def evaluate(k: int) -> Verdict:
             recipe = keep_most_sensitive(mixer, base_variant, ranked_units, k, upgrade, source)
             file = write_recipe(recipe, folder / RECIPES / f"{base_variant}-{upgrade or 'keep'}-k{k}.yaml")
-            spec = CellSpec(backend=mixer, settings={"recipe": cell_path(file)})
+            # the recipe's rows keep the base row's KV cache: a memory@N budget counts it
+            kept = {k: v for k, v in base_spec.settings.items() if k == "kv_cache"}
+            spec = CellSpec(backend=mixer, settings={"recipe": cell_path(file), **kept})
             cell = spec.cell
             if not any(c.cell == cell for c in plan.cells):
                 plan.cells.append(spec)
@@ -444,7 +471,7 @@ def _search(
         # Bisection over k. A quality budget: the fewest units upgraded that meet it (the base, k=0,
         # misses it; with every unit upgraded the model is the upgrade variant, which meets it, or full
         # precision). A size budget: the most that still fit (the base fits; everything upgraded does not).
-        grow = budget.metric == "weights"
+        grow = budget.is_size
         lo, hi = 0, len(ranked_units)
         while hi - lo > 1:
             mid = (lo + hi) // 2
@@ -468,13 +495,13 @@ def _search(
     elif chosen.kind == "recipe":
         why = (
             "the mixed recipe is smaller than every uniform variant meeting the budget"
-            if budget.metric != "weights"
+            if not budget.is_size
             else "the mixed recipe has the best quality within the size"
         )
     elif not why:
         why = (
             "no mixed recipe meeting the budget is smaller than the best uniform variant"
-            if recipes or budget.metric != "weights"
+            if recipes or not budget.is_size
             else "no mixed recipe within the size beats the best uniform variant"
         )
     result = SearchResult(
@@ -491,13 +518,15 @@ def best_of(budget: Budget, verdicts: list[Verdict]) -> Optional[Verdict]:
     meeting = [v for v in verdicts if v.meets and v.weight_bytes is not None]
     if not meeting:
         return None
-    if budget.metric == "weights":
-        return min(meeting, key=lambda v: (quality_rank(v, budget), v.weight_bytes))
+    if budget.is_size:
+        return min(meeting, key=lambda v: (quality_rank(v, budget), v.memory_bytes or v.weight_bytes))
     return min(meeting, key=lambda v: (v.weight_bytes, quality_rank(v, budget)))
 
 
 def describe(verdict: Verdict, budget: Budget) -> str:
     size = f"{verdict.weight_bytes / 2**20:.1f} MiB" if verdict.weight_bytes else "size unknown"
+    if verdict.memory_bytes is not None:
+        size += f" of weights, {verdict.memory_bytes / 2**20:.1f} MiB with {budget.context} tokens of KV cache"
     if verdict.error:
         return f"{verdict.cell}: failed ({verdict.error})"
     figure = f"kld {verdict.kld:.5f} ± {Z * (verdict.kld_stderr or 0):.5f}" if verdict.kld is not None else ""

@@ -33,20 +33,30 @@ class BaselineReference:
         self.generation_file = self.dir / "generation.json"
         self.identity = dict(identity or {})
 
-    def save_scores(self, reference: Reference, windows_hash: str, top_k: int, cell: str) -> None:
+    def _files(self, length: Optional[int]) -> tuple[Path, Path]:
+        """(tensors, meta) of the row's own windows (``length`` None) or of
+        one more length of a context sweep."""
+        if length is None:
+            return self.logprobs, self.meta
+        return self.dir / f"logprobs-ctx{length}.safetensors", self.dir / f"meta-ctx{length}.json"
+
+    def save_scores(
+        self, reference: Reference, windows_hash: str, top_k: int, cell: str, length: Optional[int] = None
+    ) -> None:
         from qbench.core.io import file_digest
 
+        logprobs, meta = self._files(length)
         # The tensors first, the meta file last: meta present means complete.
-        write_atomic(self.logprobs, reference.save)
+        write_atomic(logprobs, reference.save)
         write_atomic(
-            self.meta,
+            meta,
             json.dumps(
                 {
                     "windows": windows_hash,
                     "top_k": top_k,
                     "cell": cell,
                     "tokens": int(reference.token_logprobs.numel()),
-                    "sha256": file_digest(self.logprobs),
+                    "sha256": file_digest(logprobs),
                     **self.identity,
                 }
             ),
@@ -61,20 +71,22 @@ class BaselineReference:
                     f"is {wanted}: it was copied from another run; {fix}"
                 )
 
-    def load_scores(self, windows_hash: str) -> Optional[Reference]:
-        """The stored distributions, or None when the baseline left none
-        (it failed). A reference over other windows is an error: the suite
-        or tokenizer changed between cells."""
+    def load_scores(self, windows_hash: str, length: Optional[int] = None) -> Optional[Reference]:
+        """The stored distributions (of one more ``length`` of a context
+        sweep when given), or None when the baseline left none (it failed).
+        A reference over other windows is an error: the suite or tokenizer
+        changed between cells."""
         from qbench.core.io import file_digest
 
-        if not self.meta.is_file():
+        logprobs, meta_file = self._files(length)
+        if not meta_file.is_file():
             return None
         try:
-            meta = json.loads(self.meta.read_text())
+            meta = json.loads(meta_file.read_text())
             stored = meta["windows"]
         except (OSError, ValueError, KeyError, TypeError, RecursionError):
             raise QBenchError(
-                f"the baseline reference {self.meta} is unreadable: rerun the baseline with "
+                f"the baseline reference {meta_file} is unreadable: rerun the baseline with "
                 f"`qbench run --resume RUN --retry-failed` after deleting {self.dir}"
             ) from None
         if not isinstance(meta, dict) or stored != windows_hash:
@@ -82,19 +94,19 @@ class BaselineReference:
                 "the baseline's windows differ from this cell's: the suite or tokenizer changed "
                 "mid-run; start a new run instead of resuming"
             )
-        self._check_identity(meta, self.meta)
-        if "sha256" in meta and self.logprobs.is_file() and file_digest(self.logprobs) != meta["sha256"]:
+        self._check_identity(meta, meta_file)
+        if "sha256" in meta and logprobs.is_file() and file_digest(logprobs) != meta["sha256"]:
             raise QBenchError(
-                f"the baseline reference {self.logprobs} differs from what the baseline wrote "
+                f"the baseline reference {logprobs} differs from what the baseline wrote "
                 f"(sha256): delete {self.dir} and rerun the baseline"
             )
         from qbench.metrics.scoring import Reference
 
         try:
-            return Reference.load(self.logprobs)
+            return Reference.load(logprobs)
         except Exception as exc:  # safetensors raises its own error types for torn files
             raise QBenchError(
-                f"the baseline reference {self.logprobs} is unreadable ({type(exc).__name__}): "
+                f"the baseline reference {logprobs} is unreadable ({type(exc).__name__}): "
                 f"delete {self.dir} and rerun the baseline"
             ) from None
 

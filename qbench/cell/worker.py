@@ -153,6 +153,10 @@ def count_parameters(model_path: str) -> Optional[int]:
     return total
 
 
+#: the quality figures a context sweep keeps at each length
+CONTEXT_QUALITY = ("perplexity", "nll", "ln_ppl_ratio", "kld", "same_top_p")
+
+
 def gated_latency(
     session,
     prompt,
@@ -167,17 +171,19 @@ def gated_latency(
     speed depends on (see qbench.metrics.canary: the CPU; on CUDA the GPU's
     memory bandwidth, and the host's kernel launches for ``eager`` rows)
     says the machine runs at its usual speed for this run: a measurement
-    taken while it ran slower is paused and retried, and labelled if it
-    never recovers. The canary is judged against the run's earlier cells,
-    read the same way; the run's first cell compares with its own reading
-    from the cell's start (on the CPU) or its best reading around the
-    measurement. Returns one trial's figures (see qbench.metrics.trials)."""
+    whose canary readings before and after both ran slower is paused and
+    retried, and labelled if it never recovers. The canary is judged against
+    the run's earlier cells, each summarised by the median of its readings;
+    the run's first cell compares with its own reading from the cell's start
+    (on the CPU) or, without one, its better reading around the measurement.
+    Returns one trial's figures (see qbench.metrics.trials)."""
     from qbench.metrics import metric
     from qbench.metrics.canary import (
         MAX_ATTEMPTS,
         PAUSE_SECONDS,
         SLOW_FACTOR,
         append_history,
+        cell_figure,
         make_canary,
         slowdown,
         typical,
@@ -190,6 +196,7 @@ def gated_latency(
     measuring = 0.0  # seconds inside latency_metrics
 
     usual = typical(history) or dict(start_canary or {})
+    readings = [dict(start_canary)] if start_canary else []
     for attempt in range(1, MAX_ATTEMPTS + 1):
         before = canary.read(eager)
         started = time.perf_counter()
@@ -198,9 +205,10 @@ def gated_latency(
         )
         measuring += time.perf_counter() - started
         after = canary.read(eager)
-        during = {key: max(before[key], after[key]) for key in before}
-        best = {key: min(before[key], after[key]) for key in before}
-        reference = {key: usual.get(key) or best[key] for key in during}
+        readings += [before, after]
+        # Slow only when slow on both sides: one reading's jitter is no busy machine.
+        during = {key: min(before[key], after[key]) for key in before}
+        reference = {key: usual.get(key) or during[key] for key in during}
         ratio, key = slowdown(during, reference)
         if ratio <= SLOW_FACTOR or attempt == MAX_ATTEMPTS:
             break
@@ -210,7 +218,7 @@ def gated_latency(
             flush=True,
         )
         time.sleep(PAUSE_SECONDS)
-    append_history(history, cell, best)
+    append_history(history, cell, cell_figure(readings))
     result["machine_canary_ms"] = metric(
         during["ms"],
         "ms",
@@ -267,6 +275,8 @@ class CellPipeline:
         #: seconds the canary's readings and pauses took, over every latency
         #: measurement of the cell (each batch size of a sweep has its own)
         self.gate_seconds = 0.0
+        #: per context length of a long-context suite (qbench.core.records.CellRecord.context_sweep)
+        self.contexts: dict[int, dict[str, Any]] = {}
         #: measurement phases finished, with a snapshot of the figures they left
         self.completed: list[str] = []
         self._kept: tuple[dict, dict, list] = ({}, {}, [])
@@ -462,31 +472,57 @@ class CellPipeline:
         )
 
     def measure_perplexity(self) -> None:
+        """The row's perplexity and fidelity on the first window length; with
+        more lengths (long context), the same figures at each, kept in the
+        context sweep."""
+        from qbench.data.windows import windows_hash
+        from qbench.metrics import metric
+
+        self.phase("perplexity")
+        spec = self.suite.perplexity
+        for index, (length, windows) in enumerate(self.work.context_windows.items()):
+            headline = index == 0
+            figures = self.score_at(windows, windows_hash(windows), None if headline else length, spec.batch_at(length))
+            if headline:
+                self.metrics.update(figures)
+            if len(spec.lengths) > 1:
+                kept = {k: v for k, v in figures.items() if k in CONTEXT_QUALITY}
+                measured = self.session.kv_measured_bytes_per_position()
+                if measured is not None:
+                    kept["kv_bytes_per_token_measured"] = metric(measured, "bytes")
+                self.contexts.setdefault(length, {}).update(kept)
+
+    def score_at(self, windows, windows_hash: str, length: Optional[int], batch_size: int) -> dict[str, Any]:
+        """Perplexity (and, against the baseline's reference, fidelity) on
+        ``windows``; the baseline stores its reference of them instead.
+        ``length`` names a context sweep's further length (None: the row's own)."""
         from qbench.metrics.quality import fidelity_metrics, perplexity_metrics
         from qbench.metrics.scoring import reference_from, score_windows
 
-        self.phase("perplexity")
-        windows_hash = self.work.fingerprint()["perplexity_windows"]
         reference = None
         if not self.task.is_baseline:
-            reference = self.reference.load_scores(windows_hash)
+            reference = self.reference.load_scores(windows_hash, length)
             if reference is None:
-                self.notes.append("no baseline reference in this run (did the baseline fail?): fidelity not measured")
-        spec = self.suite.perplexity
+                self.notes.append(
+                    "no baseline reference in this run (did the baseline fail?): fidelity not measured"
+                    + (f" at max_length {length}" if length else "")
+                )
         scores = score_windows(
             self.session,
-            self.work.perplexity_windows,
-            spec.batch_size,
+            windows,
+            batch_size,
             reference=reference,
             top_k=self.suite.fidelity.top_k if self.task.is_baseline else 0,
         )
         token_lp = scores.tensor("token_logprobs")
-        n_bytes, n_words = self.work.scored_text_stats
-        self.metrics.update(perplexity_metrics(token_lp, n_bytes, n_words))
+        n_bytes, n_words = self.work.scored_text_stats if length is None else (0, 0)
+        figures = perplexity_metrics(token_lp, n_bytes, n_words)
         if self.task.is_baseline:
-            self.reference.save_scores(reference_from(scores), windows_hash, self.suite.fidelity.top_k, self.task.cell)
+            self.reference.save_scores(
+                reference_from(scores), windows_hash, self.suite.fidelity.top_k, self.task.cell, length
+            )
         elif reference is not None:
-            self.metrics.update(
+            figures.update(
                 fidelity_metrics(
                     token_lp,
                     reference.token_logprobs,
@@ -496,6 +532,7 @@ class CellPipeline:
                     self.suite.fidelity.top_k,
                 )
             )
+        return figures
 
     def measure_tasks(self) -> None:
         from qbench.metrics import metric, proportion_stderr
@@ -591,6 +628,31 @@ class CellPipeline:
         self.metrics.update(self.roofline(self.trial))
         if len(self.suite.latency.batch_sizes) > 1:
             self.measure_batch_sweep()
+        if len(self.suite.latency.prompt_lengths) > 1:
+            self.measure_prompt_sweep()
+
+    def measure_prompt_sweep(self) -> None:
+        """The latency workload at every prompt length of the suite, at its
+        first batch size, in this process (the first length's figures are the
+        row's own). Running out of memory at a length is a note and ends the
+        sweep; longer prompts would too."""
+        import torch
+
+        for tokens in self.suite.latency.prompt_lengths:
+            if tokens == self.suite.latency.prompt_lengths[0]:
+                trial = self.trial
+            else:
+                try:
+                    trial = self.gated(self.work.latency_prompt(tokens=tokens))
+                except (torch.OutOfMemoryError, MemoryError):
+                    self.notes.append(f"prompt sweep stopped at {tokens} tokens: out of memory")
+                    break
+            self.contexts.setdefault(tokens, {}).update(
+                prefill_ms=trial["prefill_ms"],
+                decode_ms_per_token=trial["decode_ms_per_token"],
+                decode_tokens_per_s=trial["decode_tokens_per_s"],
+                roofline_fraction=self.roofline(trial)["roofline_fraction"],
+            )
 
     def measure_batch_sweep(self) -> None:
         """The latency workload at every batch size of the suite's sweep, in
@@ -682,6 +744,16 @@ class CellPipeline:
                 kv_cache=self.config.kv_cache,
                 label="KV cache bytes per position of one sequence, computed from the cache's storage type",
             )
+        for length, figures in self.contexts.items():
+            if per_position is not None:
+                figures["kv_bytes"] = metric(
+                    per_position * length, "bytes", label=f"KV cache of one sequence of {length} tokens, computed"
+                )
+            figures["total_bytes"] = metric(
+                self.weight_bytes + (per_position or 0) * length,
+                "bytes",
+                label=f"weights plus the KV cache of one sequence of {length} tokens",
+            )
         measured = self.session.kv_measured_bytes_per_position()
         if measured is not None:
             self.metrics["kv_bytes_per_token_measured"] = metric(
@@ -737,6 +809,7 @@ class CellPipeline:
             "latency_trials": trials,
             "latency_workload": trial_workload(trials) if trials else None,
             "latency_sweep": getattr(self, "sweep", {}),
+            "context_sweep": self.contexts,
             "notes": self.notes,
             "config": self.config.settings(),
             "nominal_bits": self.config.nominal_bits(),

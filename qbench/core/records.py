@@ -9,8 +9,8 @@ loop variable) fails where it is written.
 Schema versions: 1 kept per-task accuracy, the latency trials and the latency
 workload inside ``metrics``; 2 gives each its own field, so that every entry
 of ``metrics`` is a ``Metric``; 3 adds ``completed_phases`` (a failed cell
-keeps the figures of the phases it finished). Older lines are migrated when
-read.
+keeps the figures of the phases it finished); 4 adds ``context_sweep`` (long
+context). Older lines are migrated when read.
 
 Forward compatibility, one rule: every change of the fields raises
 ``SCHEMA_VERSION``. A line of a newer version is refused as a whole, naming
@@ -25,7 +25,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 class NewerSchema(ValueError):
@@ -137,6 +137,11 @@ class CellRecord(BaseModel):
     #: decode per step, tokens/s and the roofline share, timed in the cell's
     #: own process
     latency_sweep: dict[int, dict[str, Metric]] = {}
+    #: per context length of a long-context suite (``perplexity.max_length``
+    #: and ``latency.prompt_tokens`` as lists): perplexity and fidelity on
+    #: windows of that length, KV and total memory of one sequence that long,
+    #: and decode speed after a prompt that long, each where measured
+    context_sweep: dict[int, dict[str, Metric]] = {}
     latency_trial_errors: list[str] = []
     notes: list[str] = []
     config: Optional[dict[str, Any]] = None
@@ -156,9 +161,9 @@ class CellRecord(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _migrate(cls, data: Any) -> Any:
-        if not isinstance(data, dict) or data.get("schema", SCHEMA_VERSION) not in (1, 2):
+        if not isinstance(data, dict) or data.get("schema", SCHEMA_VERSION) not in (1, 2, 3):
             return data
-        if data["schema"] == 2:  # 3 only added a field with a default
+        if data["schema"] in (2, 3):  # 3 and 4 only added fields with defaults
             return {**data, "schema": SCHEMA_VERSION}
         data = dict(data)
         metrics = dict(data.get("metrics") or {})

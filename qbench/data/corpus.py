@@ -3,12 +3,36 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from qbench.core.datafiles import read_text
 from qbench.core.errors import QBenchError
 from qbench.data.suites import CorpusSpec, Suite
 
-BUILTIN_SOURCES = ("builtin:pydoc-topics",)
+BUILTIN_SOURCES = ("builtin:pydoc-topics", "builtin:stdlib-sources")
+
+#: Long modules of CPython's standard library, pure Python in 3.10-3.13, in a
+#: fixed order: long documents (25k-40k tokens each) that need no download,
+#: for long-context windows that one document fills.
+STDLIB_MODULES = (
+    "argparse", "inspect", "typing", "subprocess", "dataclasses", "tarfile", "difflib", "threading",
+    "shutil", "enum", "functools", "tempfile",
+)  # fmt: skip
+
+
+def _stdlib_sources() -> list[str]:
+    import importlib.util
+
+    docs = []
+    for name in STDLIB_MODULES:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+            raise QBenchError(
+                f"builtin:stdlib-sources needs the source of the standard library's '{name}' module, which this "
+                "Python does not ship: use builtin:pydoc-topics or a corpus file"
+            )
+        docs.append(read_text(Path(spec.origin)))
+    return docs
 
 
 def _builtin_documents(source: str) -> list[str]:
@@ -17,6 +41,8 @@ def _builtin_documents(source: str) -> list[str]:
         from pydoc_data.topics import topics
 
         return [topics[key] for key in sorted(topics)]
+    if source == "builtin:stdlib-sources":
+        return _stdlib_sources()
     raise QBenchError(f"unknown corpus source '{source}': use one of {', '.join(BUILTIN_SOURCES)} or a file path")
 
 

@@ -58,30 +58,49 @@ class PerplexitySpec(_Strict):
         gt=1,
         description="tokens of the corpus to evaluate (lm-eval-rolling: whole documents up to that many tokens)",
     )
-    max_length: int = Field(
-        512,
-        gt=1,
-        description="window length in tokens, BOS included (lm-eval-rolling: "
-        "tokens fed per window, lm-eval's max_length; llama.cpp: n_ctx)",
-    )
+    #: window length in tokens, BOS included (lm-eval-rolling: tokens fed per
+    #: window, lm-eval's max_length; llama.cpp: n_ctx). A list measures every
+    #: length on the same tokens (long context: ``[512, 2048, 8192]``); the
+    #: first is the row's own perplexity and fidelity, each length is
+    #: reported in the context sweep.
+    max_length: Union[
+        Annotated[int, Field(gt=1)], Annotated[list[Annotated[int, Field(gt=1)]], Field(min_length=1, max_length=8)]
+    ] = 512
     stride: Optional[int] = Field(
         None, gt=0, description="window step; default max_length (no overlap); stream protocol only"
     )
+    #: windows per forward pass at the first length; longer windows are
+    #: batched to hold as many tokens (at least one window per pass)
     batch_size: int = Field(2, gt=0)
+
+    @property
+    def lengths(self) -> list[int]:
+        """The window lengths, the row's own first."""
+        return list(self.max_length) if isinstance(self.max_length, list) else [self.max_length]
+
+    def batch_at(self, length: int) -> int:
+        """Windows per forward pass at ``length``: the tokens of ``batch_size``
+        windows of the first length, so a long window cannot multiply memory."""
+        return max(1, self.batch_size * self.lengths[0] // length)
 
     @model_validator(mode="after")
     def _check_stride(self):
+        lengths = self.lengths
+        if len(set(lengths)) != len(lengths):
+            raise ValueError(f"max_length lists a length twice: {self.max_length}")
+        if self.stride is not None and len(lengths) > 1:
+            raise ValueError("stride applies to one max_length: give one length, or drop stride")
         if self.stride is not None and self.protocol != "stream":
             raise ValueError(
                 f"stride applies to the stream protocol only; protocol {self.protocol} fixes its "
                 "own windows: drop stride"
             )
-        if self.stride is not None and self.stride > self.max_length:
+        if self.stride is not None and self.stride > lengths[0]:
             raise ValueError(
-                f"stride {self.stride} is longer than max_length {self.max_length}: tokens between "
+                f"stride {self.stride} is longer than max_length {lengths[0]}: tokens between "
                 "windows would never be scored"
             )
-        if self.protocol == "llama.cpp" and self.max_length < 4:
+        if self.protocol == "llama.cpp" and min(lengths) < 4:
             raise ValueError("protocol llama.cpp scores the second half of each chunk: max_length must be >= 4")
         return self
 
@@ -107,7 +126,11 @@ class GenerationSpec(_Strict):
 
 
 class LatencySpec(_Strict):
-    prompt_tokens: int = Field(128, gt=0)
+    #: one prompt length, or several (``[512, 4096]``): the first is the
+    #: row's latency (and its trials); each one is timed at the first batch
+    #: size in the cell's process and reported in the context sweep, where
+    #: the KV cache a decode step reads grows with the prompt
+    prompt_tokens: Union[PositiveInt, Annotated[list[PositiveInt], Field(min_length=1, max_length=8)]] = 128
     new_tokens: int = Field(32, gt=1)
     #: one batch size, or a sweep (``[1, 8, 32]``): the first is the row's
     #: latency (and its trials); every one is timed in the cell's process and
@@ -129,7 +152,14 @@ class LatencySpec(_Strict):
     def _distinct_batches(self):
         if len(set(self.batch_sizes)) != len(self.batch_sizes):
             raise ValueError(f"batch_size lists a size twice: {self.batch_size}")
+        if len(set(self.prompt_lengths)) != len(self.prompt_lengths):
+            raise ValueError(f"prompt_tokens lists a length twice: {self.prompt_tokens}")
         return self
+
+    @property
+    def prompt_lengths(self) -> list[int]:
+        """The prompt lengths, the row's own first."""
+        return list(self.prompt_tokens) if isinstance(self.prompt_tokens, list) else [self.prompt_tokens]
 
     @property
     def batch_sizes(self) -> list[int]:

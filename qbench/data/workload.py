@@ -95,19 +95,32 @@ class Workload:
         return corpus_stream(self.tokenizer, self.documents, spec.max_tokens)
 
     @cached_property
-    def perplexity_windows(self) -> list[Window]:
+    def context_windows(self) -> dict[int, list[Window]]:
+        """The perplexity windows at every length of the suite (one, unless
+        ``max_length`` lists several), cut from the same tokens by the same
+        protocol."""
         spec = self.suite.perplexity
-        if spec.protocol == "lm-eval-rolling":
-            return rolling_windows([ids for _, ids in self.rolling_documents], spec.max_length, self.rolling_prefix_id)
-        if spec.protocol == "llama.cpp":
-            return llama_cpp_windows(self.stream, spec.max_length, self.bos_id if self.tokenizer_adds_bos else None)
-        return make_windows(self.stream, spec.max_length, spec.stride, self.suite.bos, self.bos_id)
+        out = {}
+        for length in spec.lengths:
+            if spec.protocol == "lm-eval-rolling":
+                documents = [ids for _, ids in self.rolling_documents]
+                out[length] = rolling_windows(documents, length, self.rolling_prefix_id)
+            elif spec.protocol == "llama.cpp":
+                out[length] = llama_cpp_windows(self.stream, length, self.bos_id if self.tokenizer_adds_bos else None)
+            else:
+                out[length] = make_windows(self.stream, length, spec.stride, self.suite.bos, self.bos_id)
+        return out
+
+    @property
+    def perplexity_windows(self) -> list[Window]:
+        """The windows of the row's own perplexity and fidelity: the first length's."""
+        return self.context_windows[self.suite.perplexity.lengths[0]]
 
     def prepare(self) -> None:
         """Tokenize everything the quality phases use, up front: tokenizing is
         preparation, not time the harness adds around backend calls."""
         if self.suite.perplexity:
-            _ = self.perplexity_windows, self.scored_text_stats
+            _ = self.context_windows, self.scored_text_stats
         _ = self.tasks
         if self.suite.generation:
             _ = self.generation_prompts
@@ -153,15 +166,16 @@ class Workload:
             for p in self.suite.generation.prompts
         ]
 
-    def latency_prompt(self, batch_size: Optional[int] = None) -> torch.Tensor:
+    def latency_prompt(self, batch_size: Optional[int] = None, tokens: Optional[int] = None) -> torch.Tensor:
         """Real corpus tokens (not random ids), repeated over the batch (the
-        suite's first batch size unless given)."""
+        suite's first batch size and prompt length unless given)."""
         spec = self.suite.latency
-        ids = (self._bos_prefix() + self.stream)[: spec.prompt_tokens]
-        if len(ids) < spec.prompt_tokens:
+        tokens = tokens or spec.prompt_lengths[0]
+        ids = (self._bos_prefix() + self.stream)[:tokens]
+        if len(ids) < tokens:
             raise QBenchError(
-                f"the corpus has only {len(ids)} tokens, the latency workload needs "
-                f"{spec.prompt_tokens}: lower latency.prompt_tokens"
+                f"the corpus has only {len(ids)} tokens, the latency workload needs {tokens}: "
+                "lower latency.prompt_tokens"
             )
         return torch.tensor([ids] * (batch_size or spec.batch_sizes[0]))
 
@@ -214,14 +228,16 @@ class Workload:
 
         spec = self.suite.perplexity
         if spec:
-            scored = sum(w.n_scored for w in self.perplexity_windows)
-            if scored < 2:
-                raise QBenchError(
-                    f"{self.suite.file}: the perplexity corpus gives {scored} scored token(s) "
-                    f"({len(self.stream)} tokens in all): use a longer corpus"
-                )
-            # The model is fed every token of a window but its last (only a target).
-            fits(max(len(w.input_ids) for w in self.perplexity_windows) - 1, "perplexity.max_length", "lower it")
+            for length, windows in self.context_windows.items():
+                scored = sum(w.n_scored for w in windows)
+                if scored < 2:
+                    raise QBenchError(
+                        f"{self.suite.file}: the perplexity corpus gives {scored} scored token(s) at "
+                        f"max_length {length} ({len(self.stream)} tokens in all): use a longer corpus or "
+                        "raise perplexity.max_tokens"
+                    )
+                # The model is fed every token of a window but its last (only a target).
+                fits(max(len(w.input_ids) for w in windows) - 1, f"perplexity.max_length {length}", "lower it")
         for name, _, windows in self.tasks:
             fits(
                 max(len(w.input_ids) for w in windows) - 1,
@@ -250,12 +266,13 @@ class Workload:
         if self.suite.latency:
             lat = self.suite.latency
             available = len(self._bos_prefix()) + len(self.stream)
-            if available < lat.prompt_tokens:
+            longest = max(lat.prompt_lengths)
+            if available < longest:
                 raise QBenchError(
-                    f"{self.suite.file}: latency.prompt_tokens is {lat.prompt_tokens} but the "
+                    f"{self.suite.file}: latency.prompt_tokens is {longest} but the "
                     f"perplexity corpus gives only {available} tokens: lower it or use more text"
                 )
-            fits(lat.prompt_tokens + lat.new_tokens, "latency (prompt_tokens + new_tokens)", "lower them")
+            fits(longest + lat.new_tokens, "latency (prompt_tokens + new_tokens)", "lower them")
 
     @property
     def perplexity_bos(self) -> str:
@@ -292,4 +309,7 @@ class Workload:
             out["perplexity_bos"] = self.perplexity_bos
             out["perplexity_windows"] = windows_hash(self.perplexity_windows)
             out["perplexity_tokens"] = sum(w.n_scored for w in self.perplexity_windows)
+            if len(self.context_windows) > 1:
+                out["context_windows"] = {str(n): windows_hash(w) for n, w in self.context_windows.items()}
+                out["context_tokens"] = {str(n): sum(w.n_scored for w in ws) for n, ws in self.context_windows.items()}
         return out

@@ -360,25 +360,31 @@ def frame(records: Iterable[CellRecord]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-TIDY_COLUMNS = ["run_id", "cell", "task", "metric", "value", "unit", "n", "stderr", "higher_is_better"]
+TIDY_COLUMNS = ["run_id", "cell", "task", "context", "metric", "value", "unit", "n", "stderr", "higher_is_better"]
 
 
 def tidy(records: Iterable[CellRecord]) -> pd.DataFrame:
     """Long form: one row per cell x metric, with unit, n and stderr; then
     one per cell x task x metric (``task`` empty for the cell's own metrics),
     named as the task's engine names them (lm-eval's for ``lm_eval:`` tasks);
-    ``higher_is_better`` from the metric registry (empty where neither is)."""
+    then one per cell x context length x metric of a long-context run
+    (``context`` empty elsewhere); ``higher_is_better`` from the metric
+    registry (empty where neither is)."""
     import pandas as pd
 
     rows = []
     for r in records:
-        figures = [("", name, m) for name, m in r.metrics.items()]
-        figures += [(task, name, m) for task, metrics in r.tasks.items() for name, m in metrics.items()]
+        figures = [("", None, name, m) for name, m in r.metrics.items()]
+        figures += [(task, None, name, m) for task, metrics in r.tasks.items() for name, m in metrics.items()]
+        figures += [
+            ("", length, name, m) for length, metrics in sorted(r.context_sweep.items()) for name, m in metrics.items()
+        ]
         rows += [
             {
                 "run_id": r.run_id,
                 "cell": r.cell,
                 "task": task,
+                "context": length,
                 "metric": name,
                 "value": m.value,
                 "unit": m.unit,
@@ -386,9 +392,9 @@ def tidy(records: Iterable[CellRecord]) -> pd.DataFrame:
                 "stderr": m.stderr,
                 "higher_is_better": info(name).higher_is_better,
             }
-            for task, name, m in figures
+            for task, length, name, m in figures
         ]
-    return pd.DataFrame(rows, columns=TIDY_COLUMNS)
+    return pd.DataFrame(rows, columns=TIDY_COLUMNS).astype({"context": "Int64"})
 
 
 def load_results(run: str | Path, latest: bool = True) -> pd.DataFrame:

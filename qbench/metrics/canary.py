@@ -9,11 +9,20 @@ labelled every row of an idle H100 "busy".
 
 Seen on this project's shared 2-core machines: the same cell decoding 1.4-3x
 slower for minutes at a time, and the canary slower with it (32 -> 101 ms).
-The workload streams 40 MB of float32 matrices (more than the 32 MB L3 cache)
-through matrix-vector products, a parallel region per product, as a decode
-step does; it is not proportional to every backend's slowdown (one memory hog
-slowed it 1.3-2.2x and a torch decode 3.2x), so it gates and labels
-measurements rather than rescaling them.
+The workload streams 40 MB of float32 matrices through matrix-vector
+products, a parallel region per product, as a decode step does; it is not
+proportional to every backend's slowdown (one memory hog slowed it 1.3-2.2x
+and a torch decode 3.2x), so it gates and labels measurements rather than
+rescaling them.
+
+A reading is the lower quartile of 15 repetitions: on an idle 2-core VM the
+median of 9 wandered by +-11 % between readings (2.29-2.85 ms), the lower
+quartile by +-7 %, while a busy machine slows every repetition. A cell's
+figure in the run's history is the median of all its readings, and a
+measurement counts as slow only when the readings before and after it both
+are (see ``qbench.cell.worker.gated_latency``): comparing the larger of two
+readings with the smallest of earlier ones once labelled idle rows "42 %
+slower".
 """
 
 from __future__ import annotations
@@ -52,10 +61,10 @@ class MachineCanary:
                 torch.mv(weight, self.vector)
         return (time.perf_counter() - start) * 1e3
 
-    def measure(self, repeats: int = 9) -> float:
-        """Median milliseconds of the workload."""
+    def measure(self, repeats: int = 15) -> float:
+        """Milliseconds of the workload: the lower quartile of ``repeats``."""
         self._once()  # warm caches and thread pool
-        return statistics.median(self._once() for _ in range(repeats))
+        return lower_quartile([self._once() for _ in range(repeats)])
 
     def read(self, eager: bool = True) -> dict[str, float]:
         return {"ms": self.measure()}
@@ -98,12 +107,18 @@ class DeviceCanary:
         torch.cuda.synchronize()
         return (time.perf_counter() - start) * 1e3
 
-    def read(self, eager: bool = True, repeats: int = 9) -> dict[str, float]:
+    def read(self, eager: bool = True, repeats: int = 15) -> dict[str, float]:
         self._device_ms(), self._launch_ms()  # warm up: clocks, the allocator, the launch path
-        out = {"ms": statistics.median(self._device_ms() for _ in range(repeats))}
+        out = {"ms": lower_quartile([self._device_ms() for _ in range(repeats)])}
         if eager:
-            out["launch_ms"] = statistics.median(self._launch_ms() for _ in range(repeats))
+            out["launch_ms"] = lower_quartile([self._launch_ms() for _ in range(repeats)])
         return out
+
+
+def lower_quartile(samples: list[float]) -> float:
+    """The first quartile: steadier than the median under an idle machine's
+    jitter, and still raised when the machine is busy for the whole reading."""
+    return statistics.quantiles(samples, n=4, method="inclusive")[0] if len(samples) > 1 else samples[0]
 
 
 def make_canary(device: str):
@@ -121,7 +136,7 @@ def slowdown(reading: dict[str, float], typical: dict[str, float]) -> tuple[floa
 
 def typical(history: Path) -> dict[str, float]:
     """Median of each canary figure over the run's earlier cells (empty for
-    the first cell)."""
+    the first cell); each cell's own figure is the median of its readings."""
     try:
         entries = [e for e in json.loads(history.read_text()) if isinstance(e, dict)]
     except (OSError, ValueError, TypeError, RecursionError):
@@ -135,10 +150,19 @@ def typical_ms(history: Path) -> Optional[float]:
     return typical(history).get("ms")
 
 
+def cell_figure(readings: list[dict[str, float]]) -> dict[str, float]:
+    """A cell's canary figure for the run's history: per key, the median of
+    every reading the cell took (its start, and before and after each attempt)."""
+    keys = {key for reading in readings for key in reading}
+    return {key: statistics.median(r[key] for r in readings if key in r) for key in keys}
+
+
 def append_history(history: Path, cell: str, reading: dict[str, float] | float) -> None:
     try:
         entries = json.loads(history.read_text())
     except (OSError, ValueError, RecursionError):
+        entries = []
+    if not isinstance(entries, list):
         entries = []
     if not isinstance(reading, dict):
         reading = {"ms": reading}

@@ -12,7 +12,17 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from qbench.analyze.decisions import QUALITY, WEIGHTS, pareto, quality, recommend
+from qbench.analyze.decisions import (
+    QUALITY,
+    WEIGHTS,
+    context_figure,
+    longest_context,
+    pareto,
+    quality,
+    quality_axis,
+    recommend,
+    total_axis,
+)
 from qbench.core.errors import QBenchError
 from qbench.core.io import write_atomic
 from qbench.core.records import CellRecord
@@ -176,6 +186,7 @@ def charts(records: list[CellRecord]) -> list[Chart]:
                 y_scale="log",
             )
         )
+    out += context_charts(records)
     tasks = tuple(sorted({t for r in ok for t, figures in r.tasks.items() if "acc" in figures}))
     if tasks:
         series = []
@@ -206,6 +217,104 @@ def charts(records: list[CellRecord]) -> list[Chart]:
             )
         )
     return out
+
+
+def context_charts(records: list[CellRecord]) -> list[Chart]:
+    """Long context: KLD against context length, one line per weight x cache
+    row; and total memory (weights + KV) at the longest context against the
+    KLD there, with its front."""
+    swept = [r for r in records if r.ok and len(r.context_sweep) > 1]
+    out = []
+    lines = []
+    for r in swept:
+        if r.baseline:
+            continue
+        points = [(n, *context_figure(r, n, "kld")) for n in sorted(r.context_sweep)]
+        points = [p for p in points if p[1] is not None]
+        if points:
+            lines.append(
+                Series(
+                    r.cell,
+                    [p[0] for p in points],
+                    [p[1] for p in points],
+                    [p[2] for p in points],
+                    [f"<b>{html.escape(r.cell)}</b><br>{n} tokens: KLD {k:.5f} ± {e:.5f}" for n, k, e in points],
+                    lines=True,
+                )
+            )
+    if lines:
+        out.append(
+            Chart(
+                "kld_vs_context.png",
+                "Quality against context length (KLD to the baseline on windows of each length, lower is "
+                "better), one line per weights x KV cache row.",
+                "context length (tokens)",
+                "mean KLD to the baseline",
+                lines,
+                x_scale="log2",
+                y_scale="symlog",
+            )
+        )
+    length = longest_context(swept)
+    if length is not None:
+        total, kld = total_axis(length), quality_axis(length)
+        front = sorted(pareto(swept, [kld, total])[0], key=total.read)
+        out.append(
+            Chart(
+                "memory_at_context_vs_quality.png",
+                f"Quality against total memory at {length} tokens (weights + one sequence's KV cache); the "
+                "dashed line joins the rows no other beats on both.",
+                f"weights + KV at {length} tokens (MiB)",
+                f"mean KLD at {length} tokens",
+                [
+                    Series(
+                        r.cell,
+                        [total.read(r) / MIB],
+                        [kld.read(r)],
+                        [context_figure(r, length, "kld")[1]],
+                        [
+                            f"<b>{html.escape(r.cell)}</b><br>{total.read(r) / MIB:.1f} MiB at {length} tokens"
+                            f"<br>KLD {kld.read(r):.5f}"
+                        ],
+                    )
+                    for r in swept
+                ]
+                + [
+                    Series(
+                        "Pareto front", [total.read(r) / MIB for r in front], [kld.read(r) for r in front], guide=True
+                    )
+                ],
+                y_scale="symlog",
+            )
+        )
+    return out
+
+
+def context_rows(records: list[CellRecord]) -> list[tuple]:
+    """The context sweep: each row's figures at each context length."""
+    names = ("perplexity", "ln_ppl_ratio", "kld", "same_top_p", "kv_bytes", "total_bytes", "prefill_ms",
+             "decode_ms_per_token")  # fmt: skip
+    rows = []
+    for r in records:
+        if not r.ok or len(r.context_sweep) < 2:
+            continue
+        for length, figures in sorted(r.context_sweep.items()):
+            cells = [r.cell, str(length)]
+            for name in names:
+                m, spec = figures.get(name), info(name)
+                if m is None or m.value is None:
+                    cells.append("-")
+                    continue
+                text = f"{m.value * spec.scale:{spec.fmt}}"
+                if spec.show_stderr and m.stderr:
+                    text += f" ± {m.stderr * spec.scale:{spec.fmt}}"
+                cells.append(text)
+            rows.append(tuple(cells))
+    return rows
+
+
+CONTEXT_HEADERS = ("variant", "context", "PPL", "ln(PPL/base)", "KLD", "same top %", "KV MiB", "weights+KV MiB",
+                   "prefill ms", "decode ms/tok")  # fmt: skip
 
 
 def blocks(
@@ -274,6 +383,16 @@ def blocks(
                 headers=("variant", "batch", "prefill ms", "decode ms/step", "tokens/s", "BW % of peak"),
                 rows=tuple(sweep),
             ),
+        ]
+    contexts = context_rows(records)
+    if contexts:
+        out += [
+            Block(
+                "p",
+                text="By context length (quality on windows of each length against the baseline's on the same "
+                "windows; memory for one sequence that long; speed after a prompt that long):",
+            ),
+            Block("table", headers=CONTEXT_HEADERS, rows=tuple(contexts), sortable=True),
         ]
     ran = kernel_rows(records)
     if ran:

@@ -27,7 +27,9 @@ def write_plot(result: SearchResult, path: Path) -> Optional[Path]:
     import matplotlib.pyplot as plt
 
     metric = "acc" if result.budget.metric == "acc" else "kld"
-    points = [v for v in result.path if v.weight_bytes and getattr(v, metric) is not None]
+    # a memory@N budget is drawn against what it bounds: weights plus the KV cache at N tokens
+    size = "memory_bytes" if result.budget.metric == "memory" else "weight_bytes"
+    points = [v for v in result.path if getattr(v, size) and getattr(v, metric) is not None]
     if not points:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -35,7 +37,7 @@ def write_plot(result: SearchResult, path: Path) -> Optional[Path]:
         chosen = [v for v in points if v.kind == kind]
         if chosen:
             ax.errorbar(
-                [v.weight_bytes / 2**20 for v in chosen],
+                [getattr(v, size) / 2**20 for v in chosen],
                 [getattr(v, metric) for v in chosen],
                 yerr=[Z * (getattr(v, f"{metric}_stderr") or 0) for v in chosen],
                 fmt=marker,
@@ -45,9 +47,11 @@ def write_plot(result: SearchResult, path: Path) -> Optional[Path]:
     for v in points:
         label = CellSpec.parse(v.cell).variant_text if v.kind == "uniform" else f"k={v.k}"
         ax.annotate(
-            label, (v.weight_bytes / 2**20, getattr(v, metric)), fontsize=7, xytext=(3, 3), textcoords="offset points"
+            label, (getattr(v, size) / 2**20, getattr(v, metric)), fontsize=7, xytext=(3, 3), textcoords="offset points"
         )
     if result.budget.metric == "weights":
+        ax.axvline(result.budget.bound / 2**20, color="grey", linestyle="--", label=result.budget.text)
+    elif result.budget.metric == "memory":
         ax.axvline(result.budget.bound / 2**20, color="grey", linestyle="--", label=result.budget.text)
     else:
         ax.axhline(
@@ -58,14 +62,16 @@ def write_plot(result: SearchResult, path: Path) -> Optional[Path]:
         )
     if result.chosen is not None and getattr(result.chosen, metric) is not None:
         ax.scatter(
-            [result.chosen.weight_bytes / 2**20],
+            [getattr(result.chosen, size) / 2**20],
             [getattr(result.chosen, metric)],
             s=200,
             facecolors="none",
             edgecolors="red",
             label="chosen",
         )
-    ax.set_xlabel("weights (MiB)")
+    ax.set_xlabel(
+        f"weights + KV cache at {result.budget.context} tokens (MiB)" if size == "memory_bytes" else "weights (MiB)"
+    )
     ax.set_ylabel("KL divergence from the baseline (nats)" if metric == "kld" else "accuracy")
     if metric == "kld":
         ax.set_yscale("log")

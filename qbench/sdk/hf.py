@@ -4,6 +4,7 @@ it only runs forward passes."""
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable
 from typing import Any
@@ -185,11 +186,12 @@ class CompiledDecoder:
         # the graph's input buffers, fed back by the graph itself
         self.token: Any = None
         self.position: Any = None
+        self.cache_kw = cache_argument(model)
         self.step = torch.compile(self._decode, mode=self.INDUCTOR_MODES[mode], dynamic=False)
 
     def _decode(self, ids: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         out = self.model(
-            input_ids=ids, past_key_values=self.cache, cache_position=position, use_cache=True, logits_to_keep=1
+            input_ids=ids, **{self.cache_kw: self.cache}, cache_position=position, use_cache=True, logits_to_keep=1
         )
         return out.logits[:, -1].argmax(-1, keepdim=True)
 
@@ -240,7 +242,7 @@ class CompiledDecoder:
         events = []
         out = self.model(
             input_ids=ids,
-            past_key_values=self.cache,
+            **{self.cache_kw: self.cache},
             cache_position=torch.arange(length, device=self.device),
             use_cache=True,
             logits_to_keep=1,
@@ -271,6 +273,23 @@ _KV_LIBRARIES = {"hqq": ("hqq", "hqq"), "quanto": ("optimum.quanto", "quanto")}
 #: cache's residual window, so the positions held in full precision are the
 #: ones decoding would hold (see ``HFSession.logits``).
 KV_SCORING_CHUNK = 128
+
+
+def cache_argument(model: Any) -> str:
+    """The keyword a model's forward takes its KV cache by: transformers 5.25
+    renamed ``past_key_values`` to ``cache`` (the old name warns on every
+    call and goes in 5.40); earlier releases know only ``past_key_values``."""
+    try:
+        parameters = inspect.signature(type(model).forward).parameters
+    except (TypeError, ValueError, AttributeError):
+        return "past_key_values"
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def returned_cache(output: Any) -> Any:
+    """The cache a forward pass returns, under either release's name."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
 
 
 class HFSession(Session):
@@ -361,8 +380,9 @@ class HFSession(Session):
         # never to what the cache stores.
         cache = self.new_cache()
         pieces = []
+        keyword = cache_argument(self.model)
         for start in range(0, ids.shape[1], KV_SCORING_CHUNK):
-            out = self.model(input_ids=ids[:, start : start + KV_SCORING_CHUNK], past_key_values=cache, use_cache=True)
+            out = self.model(input_ids=ids[:, start : start + KV_SCORING_CHUNK], **{keyword: cache}, use_cache=True)
             pieces.append(out.logits)
         self.kv_measured = (cache_bytes(cache), ids.shape[0] * ids.shape[1])
         return torch.cat(pieces, dim=1)
@@ -375,20 +395,19 @@ class HFSession(Session):
         mask = torch.ones_like(ids)
         # Our own greedy loop rather than model.generate(): EOS can never stop
         # it, and each step is timed the same way for every backend.
+        keyword = cache_argument(self.model)
         out = self.model(
-            input_ids=ids, attention_mask=mask, past_key_values=self.new_cache(), use_cache=True, logits_to_keep=1
+            input_ids=ids, attention_mask=mask, **{keyword: self.new_cache()}, use_cache=True, logits_to_keep=1
         )
-        past = out.past_key_values
+        past = returned_cache(out)
         step = out.logits[:, -1].argmax(-1, keepdim=True)
         self._sync()
         on_token()
         produced = [step]
         for _ in range(max_new_tokens - 1):
             mask = torch.cat([mask, torch.ones_like(step)], dim=1)
-            out = self.model(
-                input_ids=step, attention_mask=mask, past_key_values=past, use_cache=True, logits_to_keep=1
-            )
-            past = out.past_key_values
+            out = self.model(input_ids=step, attention_mask=mask, **{keyword: past}, use_cache=True, logits_to_keep=1)
+            past = returned_cache(out)
             step = out.logits[:, -1].argmax(-1, keepdim=True)
             self._sync()
             on_token()
