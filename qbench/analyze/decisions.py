@@ -52,10 +52,12 @@ DECODE = Axis("decode_ms_per_token", "decode time at batch 1", False, lambda r: 
 
 def context_figure(record: CellRecord, length: int, name: str) -> tuple[Optional[float], float]:
     """(value, standard error) of ``name`` at context ``length`` of the
-    record's context sweep; a baseline's KLD is 0 at every length."""
+    record's context sweep; a baseline's KLD is 0 at every length its
+    perplexity was scored at."""
+    figures = record.context_sweep.get(length, {})
     if name == "kld" and record.baseline:
-        return 0.0, 0.0
-    metric = record.context_sweep.get(length, {}).get(name)
+        return (0.0, 0.0) if "perplexity" in figures else (None, 0.0)
+    metric = figures.get(name)
     return (metric.value, metric.stderr or 0.0) if metric is not None else (None, 0.0)
 
 

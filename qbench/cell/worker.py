@@ -347,6 +347,7 @@ class CellPipeline:
             "completed_phases": list(self.completed),
             "phase_seconds": dict(self.phase_seconds),
             "started": self.started,
+            "context_sweep": {length: dict(figures) for length, figures in self.contexts.items()},
         }
         try:
             part.update(

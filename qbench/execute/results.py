@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from qbench.core.errors import QBenchError, describe_validation
 from qbench.core.io import write_atomic
 from qbench.core.paths import cache_dir, results_dir
-from qbench.core.records import CellRecord, NewerSchema, parse_record
+from qbench.core.records import CellRecord, Metric, NewerSchema, parse_record
 from qbench.metrics.registry import info
 
 if TYPE_CHECKING:  # pandas is imported by the views that build frames: reading records stays quick
@@ -374,7 +374,7 @@ def tidy(records: Iterable[CellRecord]) -> pd.DataFrame:
 
     rows = []
     for r in records:
-        figures = [("", None, name, m) for name, m in r.metrics.items()]
+        figures: list[tuple[str, Optional[int], str, Metric]] = [("", None, name, m) for name, m in r.metrics.items()]
         figures += [(task, None, name, m) for task, metrics in r.tasks.items() for name, m in metrics.items()]
         figures += [
             ("", length, name, m) for length, metrics in sorted(r.context_sweep.items()) for name, m in metrics.items()

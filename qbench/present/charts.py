@@ -102,6 +102,10 @@ def png(chart: Chart) -> bytes:
         setter = ax.set_xscale if axis is ax.xaxis else ax.set_yscale
         if scale == "symlog":
             setter("symlog", linthresh=1e-4)
+            # symlog draws its figures (KLD) from 0: no half of the plot for negative values none can take
+            # (and with headroom above the largest, which symlog's margins leave at the edge)
+            low, high = ax.get_xlim() if axis is ax.xaxis else ax.get_ylim()
+            (ax.set_xlim if axis is ax.xaxis else ax.set_ylim)(0, high * 1.5 if high > 0 else None)
         elif scale == "log":
             setter("log")
         elif scale == "log2":

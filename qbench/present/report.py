@@ -226,9 +226,7 @@ def context_charts(records: list[CellRecord]) -> list[Chart]:
     swept = [r for r in records if r.ok and len(r.context_sweep) > 1]
     out = []
     lines = []
-    for r in swept:
-        if r.baseline:
-            continue
+    for r in swept:  # the baseline too, at 0: each row keeps its colour from chart to chart
         points = [(n, *context_figure(r, n, "kld")) for n in sorted(r.context_sweep)]
         points = [p for p in points if p[1] is not None]
         if points:
@@ -467,6 +465,8 @@ def task_rows(records: list[CellRecord]) -> tuple[tuple, list[tuple]]:
     the header): rows grow with variants, the table's width only with tasks."""
     ok = [r for r in records if r.ok]
     keys = sorted({(task, name) for r in ok for task, figures in r.tasks.items() for name in figures})
+    if not keys:  # a suite without tasks: no table of one empty column
+        return ("variant",), []
     headers = ["variant"]
     for task, name in keys:
         ns = {m.n for r in ok if (m := r.tasks.get(task, {}).get(name)) is not None and m.n is not None}
