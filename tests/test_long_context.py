@@ -159,3 +159,17 @@ def test_a_memory_budget_counts_the_kv_cache_at_its_context():
     assert not no_kv.meets and "KV cache bytes per token" in no_kv.error
     with pytest.raises(QBenchError, match="memory@8192<=600MiB"):
         Budget.parse("memory@8192>=600MiB")
+
+
+def test_the_shipped_long_suite_plans_its_rows_on_a_cpu():
+    from qbench.data.suites import suite_path
+    from qbench.execute.runner import plan_cells
+    from qbench.sdk.registry import PluginSettings, load_plugins
+
+    suite = load_suite(str(suite_path("long")))
+    assert suite.perplexity.lengths == [512, 2048, 8192] and suite.latency.prompt_lengths == [256, 2048]
+    loaded = load_plugins(PluginSettings.from_env(()))
+    cells, skipped = plan_cells(loaded, suite.backends, "fp:fp32", "cpu", from_suite=True)
+    assert [c.cell for c in cells] == ["fp:fp32", "fp:bf16", "fp:bf16:kv_cache=fp8", "fp:bf16:kv_cache=quanto-int4",
+                                       "gguf:q8_0"]
+    assert not skipped
