@@ -130,7 +130,9 @@ def yaml_bomb(levels: int = 7, width: int = 9) -> str:
 
 def newer_record(c: Ctx) -> str:
     record = json.loads((c.run / "results.jsonl").read_text().splitlines()[0])
-    return json.dumps({**record, "schema": 4, "kv_cache": "q8_0"})
+    from qbench.core.records import SCHEMA_VERSION
+
+    return json.dumps({**record, "schema": SCHEMA_VERSION + 1, "kv_cache": "q8_0"})
 
 
 def unknown_field(c: Ctx) -> str:
@@ -445,7 +447,7 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], int, str]] = [
      "cannot write the report"),
     # -- records and cache entries: what cannot be read is named, never advised away
     ("show-newer-schema", lambda c: ["show", str(corrupt_results(c, newer_record(c)))], 2,
-     "written by a newer qbench (record schema 4"),
+     "written by a newer qbench (record schema 5"),
     ("show-unknown-field", lambda c: ["show", str(corrupt_results(c, unknown_field(c)))], 2,
      "restore it from a copy"),
     ("cache-unwritable-embedded", lambda c: ["run", "--suite", str(c.suite), "--device", "cpu", "-o",

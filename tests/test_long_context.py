@@ -96,7 +96,8 @@ def test_the_smallest_total_memory_at_a_context_is_judged_on_its_kld_there():
 
     def row(cell, weights, kv_per_token, kld_long, baseline=False):
         sweep = {LONG: {"total_bytes": Metric(value=weights + kv_per_token * LONG, unit="bytes"),
-                        "kv_bytes": Metric(value=kv_per_token * LONG, unit="bytes")}}
+                        "kv_bytes": Metric(value=kv_per_token * LONG, unit="bytes"),
+                        "perplexity": Metric(value=10.0, unit="ppl")}}
         if not baseline:
             sweep[LONG]["kld"] = Metric(value=kld_long, unit="nats", stderr=0.001)
         return make_record(cell=cell, baseline=baseline, context_sweep=sweep,
