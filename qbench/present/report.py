@@ -315,6 +315,13 @@ CONTEXT_HEADERS = ("variant", "context", "PPL", "ln(PPL/base)", "KLD", "same top
                    "prefill ms", "decode ms/tok")  # fmt: skip
 
 
+def captioned(text: str, headers: tuple, rows: list[tuple], sortable: bool = False) -> list[Block]:
+    """A table with its caption above it; nothing when it has no rows."""
+    if not rows:
+        return []
+    return [Block("p", text=text), Block("table", headers=tuple(headers), rows=tuple(rows), sortable=sortable)]
+
+
 def blocks(
     plan: RunPlan,
     records: list[CellRecord],
@@ -353,45 +360,30 @@ def blocks(
     if latency:
         out.append(Block("p", text=latency))
     d_headers, d_rows = delta_rows(records)
-    if d_rows:
-        out += [
-            Block("p", text="Against the baseline (paired standard error for perplexity; independent for accuracy):"),
-            Block("table", headers=d_headers, rows=tuple(d_rows)),
-        ]
+    out += captioned(
+        "Against the baseline (paired standard error for perplexity; independent for accuracy):", d_headers, d_rows
+    )
     t_headers, per_task = task_rows(records)
-    if per_task:
-        out += [
-            Block(
-                "p",
-                text="Per task, every figure as its engine reports it (qbench's own multiple-choice "
-                "scorer, or lm-evaluation-harness for `lm_eval:` tasks), ± standard error:",
-            ),
-            Block("table", headers=t_headers, rows=tuple(per_task), sortable=True),
-        ]
-    sweep = sweep_rows(records)
-    if sweep:
-        out += [
-            Block(
-                "p",
-                text="Batch sweep (each batch size timed in the row's own worker process; weight-only "
-                "kernels that win at batch 1 can lose at larger batches):",
-            ),
-            Block(
-                "table",
-                headers=("variant", "batch", "prefill ms", "decode ms/step", "tokens/s", "BW % of peak"),
-                rows=tuple(sweep),
-            ),
-        ]
-    contexts = context_rows(records)
-    if contexts:
-        out += [
-            Block(
-                "p",
-                text="By context length (quality on windows of each length against the baseline's on the same "
-                "windows; memory for one sequence that long; speed after a prompt that long):",
-            ),
-            Block("table", headers=CONTEXT_HEADERS, rows=tuple(contexts), sortable=True),
-        ]
+    out += captioned(
+        "Per task, every figure as its engine reports it (qbench's own multiple-choice scorer, or "
+        "lm-evaluation-harness for `lm_eval:` tasks), ± standard error:",
+        t_headers,
+        per_task,
+        sortable=True,
+    )
+    out += captioned(
+        "Batch sweep (each batch size timed in the row's own worker process; weight-only kernels that win at "
+        "batch 1 can lose at larger batches):",
+        ("variant", "batch", "prefill ms", "decode ms/step", "tokens/s", "BW % of peak"),
+        sweep_rows(records),
+    )
+    out += captioned(
+        "By context length (quality on windows of each length against the baseline's on the same windows; "
+        "memory for one sequence that long; speed after a prompt that long):",
+        CONTEXT_HEADERS,
+        context_rows(records),
+        sortable=True,
+    )
     ran = kernel_rows(records)
     if ran:
         workload = next((r.workload for r in records if r.workload), None) or {}
