@@ -156,11 +156,25 @@ def gpt_fast_reference(session, prompt, new_tokens: int, reps: int) -> float:
     torch._dynamo.reset()
     torch._inductor.config.coordinate_descent_tuning = True
     torch._inductor.config.triton.unique_kernel_names = True
+    from qbench.sdk.hf import cache_argument
+
     model, ids = session.model, prompt.to("cuda")
     cache = StaticCache(config=model.config, max_cache_len=prompt.shape[1] + new_tokens)
+    cache_kw = cache_argument(model)
+    # gpt-fast's cache is a module buffer, a static address to inductor's CUDA
+    # graphs, which may then mutate it. transformers allocates a StaticCache's
+    # tensors at first use (marking its keys and values static): allocated
+    # here by one eager step, and every tensor it holds marked, so that no
+    # mutated cache tensor makes inductor skip its graphs.
+    with torch.inference_mode():
+        model(input_ids=ids[:, :1], **{cache_kw: cache}, cache_position=torch.arange(1, device="cuda"), use_cache=True)
+    for layer in getattr(cache, "layers", []):
+        for value in vars(layer).values():
+            if isinstance(value, torch.Tensor) and value.device.type == "cuda":
+                torch._dynamo.mark_static_address(value)
 
     def decode_one_token(token, position):
-        logits = model(input_ids=token, past_key_values=cache, cache_position=position, use_cache=True).logits
+        logits = model(input_ids=token, **{cache_kw: cache}, cache_position=position, use_cache=True).logits
         return logits[:, -1].argmax(-1, keepdim=True)
 
     step = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
@@ -169,7 +183,7 @@ def gpt_fast_reference(session, prompt, new_tokens: int, reps: int) -> float:
     def run(n: int):
         cache.reset()
         length = ids.shape[1]
-        logits = model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(length, device="cuda"),
+        logits = model(input_ids=ids, **{cache_kw: cache}, cache_position=torch.arange(length, device="cuda"),
                        use_cache=True).logits
         token = logits[:, -1].argmax(-1, keepdim=True)
         position = torch.tensor([length], device="cuda")
