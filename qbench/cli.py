@@ -20,6 +20,7 @@ from rich.text import Text
 
 from qbench.core.errors import QBenchError
 from qbench.core.io import write_atomic
+from qbench.core.processes import quiet_library_logs
 
 console = Console(stderr=True, soft_wrap=True)  # messages never wrap mid-word in logs
 # Piped output (CI logs, files) gets a wide table instead of an 80-column wrap.
@@ -991,13 +992,10 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    import logging
     import warnings
 
     warnings.showwarning = _show_warning  # one line per warning, without the source line
-    # torchao 0.18 registers enums that torch 2.14 calls deprecated when it is imported (here, when planning
-    # builds a model's skeleton); the warning is for torchao's authors, not for whoever runs qbench
-    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+    quiet_library_logs()
     try:
         cli.main(args=argv, prog_name="qbench", standalone_mode=False)
     except QBenchError as exc:

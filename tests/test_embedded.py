@@ -35,3 +35,21 @@ def test_smoke_suite_on_the_embedded_model(tmp_path):
     assert 0 < bf16["metrics"]["kld"]["value"] < 0.02
     assert bf16["metrics"]["same_top_p"]["value"] > 0.9
     assert bf16["metrics"]["weight_bytes"]["value"] < 0.55 * base["metrics"]["weight_bytes"]["value"]
+
+
+def test_the_conversion_process_keeps_torchaos_deprecation_note_off_the_terminal():
+    """The embedded model converts in a spawned process, which prints to the
+    user's terminal: torchao's import-time note about torch's enum handling
+    (for torchao's authors) stays out of it, as it does in the command's own
+    process."""
+    probe = "import torch, torchao"
+    loud = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO)
+    if "Enum subclass" not in loud.stderr:
+        pytest.skip("this torch and torchao import without the note")
+    quiet = subprocess.run(
+        [sys.executable, "-c", "from qbench.sdk.models import _convert_gguf; "
+         "from qbench.core.processes import quiet_library_logs; quiet_library_logs(); " + probe],
+        capture_output=True, text=True, cwd=REPO)
+    assert quiet.returncode == 0 and "Enum subclass" not in quiet.stderr, quiet.stderr
+    source = (REPO / "qbench" / "sdk" / "models.py").read_text()
+    assert "def _convert_gguf(gguf: str, target: str) -> None:\n    quiet_library_logs()" in source

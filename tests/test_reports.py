@@ -69,6 +69,7 @@ def test_the_recommendation_weighs_quality_memory_and_speed():
                                "`q:a`: 100.0 MiB (25% of the baseline's), KLD 0.0100 ± 0.0020, 8.00 ms/token "
                                "(1.25x the baseline's speed)")
     assert lines[2].startswith("Fastest at batch 1 within the budget: `q:b`: 150.0 MiB")
+    assert lines[2].endswith("timed in one worker process, without an error bar: a small lead is not judged.")
     assert lines[3] == "Highest throughput at batch 8 within the budget: `q:b`: 900.0 tokens/s."
     assert lines[4] == "Dominated (another row is as good on every axis and better on one): `q:c` by `q:a`."
     cuda = dict(device="cuda")
@@ -82,6 +83,26 @@ def test_the_recommendation_weighs_quality_memory_and_speed():
                          "weights.")
     assert "`fp:bf16` by `fp:bf16:runtime=compiled`" in lines[-2]
     assert compiled_twins([eager.updated(device="cpu"), compiled]) == {}  # the CPU has no launch overhead to lose
+
+
+def test_the_fastest_answer_names_the_rows_it_cannot_tell_apart():
+    """A lead smaller than the 95% error bar of the difference is a tie:
+    b (4.00 ± 0.05) and e (4.10 ± 0.05) differ by 0.10 < 1.96 * 0.0707;
+    a (8.00) is far behind."""
+    def with_error(record, se):
+        record.metrics["decode_ms_per_token"].stderr = se
+        return record
+
+    records = [with_error(timed("fp:fp32", None, 400, 10.0, 200, baseline=True), 0.1),
+               with_error(timed("q:a", (0.010, 0.001), 100, 8.0, 500), 0.05),
+               with_error(timed("q:b", (0.005, 0.001), 150, 4.0, 900), 0.05),
+               with_error(timed("q:e", (0.005, 0.001), 155, 4.1, 880), 0.05)]
+    line = recommendation(records, kld_budget=0.012)[2]
+    assert line.startswith("Fastest at batch 1 within the budget: `q:b`")
+    assert line.endswith("; as fast within the error bar: `q:e` (4.10 ms/token).")
+    records[3] = with_error(records[3], 0.01)
+    records[3].metrics["decode_ms_per_token"].value = 4.2  # 0.20 > 1.96 * 0.051
+    assert recommendation(records, kld_budget=0.012)[2].endswith("(2.50x the baseline's speed).")
 
 
 def metric(value, stderr=None, samples=None):

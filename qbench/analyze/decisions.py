@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Optional
@@ -183,6 +184,21 @@ def _figures(record: CellRecord, base: Optional[CellRecord]) -> str:
     return ", ".join(parts)
 
 
+def _speed_ties(fastest: CellRecord, rows: list[CellRecord]) -> str:
+    """What the "fastest" answer cannot tell apart: rows whose decode time is
+    within the 95% error bar of the difference to the fastest's, or, without
+    an error bar (one worker process per row), that no difference is judged."""
+    if fastest.stderr("decode_ms_per_token") is None:
+        return "; timed in one worker process, without an error bar: a small lead is not judged"
+    best = DECODE.read(fastest) or 0.0
+    ties = []
+    for r in rows:
+        se, se_best = r.stderr("decode_ms_per_token"), fastest.stderr("decode_ms_per_token") or 0.0
+        if r is not fastest and se is not None and (DECODE.read(r) or 0.0) - best <= Z * math.hypot(se, se_best):
+            ties.append(f"`{r.cell}` ({DECODE.read(r):.2f} ms/token)")
+    return f"; as fast within the error bar: {', '.join(ties)}" if ties else ""
+
+
 def recommend(records: list[CellRecord], kld_budget: float) -> list[str]:
     """The recommendation's lines (markdown with `code` spans)."""
     ok = [r for r in records if r.ok]
@@ -210,7 +226,11 @@ def recommend(records: list[CellRecord], kld_budget: float) -> list[str]:
         timed = [r for r in within if DECODE.read(r) is not None]
         if timed:
             fastest = min(timed, key=DECODE.read)
-            lines.append(f"Fastest at batch 1 within the budget: `{fastest.cell}`: {_figures(fastest, base)}.")
+            lines.append(
+                f"Fastest at batch 1 within the budget: `{fastest.cell}`: {_figures(fastest, base)}"
+                + _speed_ties(fastest, timed)
+                + "."
+            )
         throughput = next((a for a in axes if a.name.startswith("tokens_per_s@")), None)
         if throughput is not None:
             best = max(within, key=throughput.read)

