@@ -1,9 +1,9 @@
-"""Issue 13's goals, measured side by side in one process on a GPU: batch-1
+"""Decode speed of several rows side by side in one process on a GPU: batch-1
 greedy decode of a Llama-shaped model with random weights (speed and memory
 are real, quality means nothing), every row through qbench's own session and
 runtimes, and transformers' ``generate`` with a static cache as the eager
 reference. Prints each row's ms/token, bytes read per step, and share of the
-copy-benchmark peak, then each goal with its ratio.
+copy-benchmark peak, then each row's speed against bf16 compiled.
 
     python benchmarks/gpu_goals.py                         # 1.07B shape
     python benchmarks/gpu_goals.py --shape 8b              # Llama-3-8B widths, SmolLM2's vocabulary
@@ -55,8 +55,6 @@ ROWS = ("bf16-eager", "hf-generate-eager", "bf16-compiled", "int4-tinygemm-g128"
 ONNX_ROWS = ("onnx-int4", "onnx-int8", "onnx-fp16")
 #: By name only: needs fbgemm-gpu-genai.
 FBGEMM_ROWS = ("fbgemm-int4",)
-#: Row prefixes that compete for the best-4-bit-row goal.
-FOUR_BIT_ROWS = ("int4", "bnb", "gptq", "onnx-int4", "fbgemm-int4")
 
 
 def build(shape: str, dtype: torch.dtype = torch.bfloat16, device: str = "cuda"):
@@ -336,20 +334,14 @@ def main() -> None:
             print(events.table(sort_by="self_device_time_total", row_limit=12))
         del session, model
         torch._dynamo.reset()
-    print("goals:")
+    # Ratios, not goals: how fast a kernel decodes is the kernel's property;
+    # whether qbench times it as the backend's own loop does is fidelity.py's.
     if "bf16-compiled" in results:
-        print(f"  bf16 compiled at {results['bf16-compiled:fraction']:.1%} of peak (goal >= 70%)")
-    fours = [r for r in results if r.startswith(FOUR_BIT_ROWS) and not r.endswith(":fraction")]
-    if fours:
-        best = min(fours, key=results.get)
-        print(f"  best 4-bit row {best} at {results[best + ':fraction']:.1%} of peak (goal >= 50%)")
-        if "bf16-compiled" in results:
-            print(f"  {best} is {results['bf16-compiled'] / results[best]:.2f}x faster than bf16 compiled "
-                  "(goal >= 1.8x)")
+        print("against bf16 compiled (same process):")
+        for row in (r for r in results if not r.endswith(":fraction") and r != "bf16-compiled"):
+            print(f"  {row}: {results['bf16-compiled'] / results[row]:.2f}x")
     if "bf16-eager" in results and "hf-generate-eager" in results:
-        print(f"  qbench eager / transformers generate eager: {results['bf16-eager'] / results['hf-generate-eager']:.2f}"
-              " (goal <= 1.00)")
-
+        print(f"qbench eager / transformers generate eager: {results['bf16-eager'] / results['hf-generate-eager']:.2f}")
 
 if __name__ == "__main__":
     main()
