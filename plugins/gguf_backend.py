@@ -49,6 +49,23 @@ TYPES: dict[str, tuple[str, str]] = {
     "q3_k_m": ("MOSTLY_Q3_K_M", "Q3_K"),
     "q2_k": ("MOSTLY_Q2_K", "Q2_K"),
 }
+#: The type llama.cpp's CPU kernels quantize a matmul's input to for each
+#: weight type (ggml-cpu's ``vec_dot_type``): quantized weights multiply
+#: 8-bit activations, accumulated in fp32.
+CPU_ACTIVATION_TYPES = {
+    "Q4_0": "q8_0",
+    "Q5_0": "q8_0",
+    "Q8_0": "q8_0",
+    "IQ4_NL": "q8_0",
+    "Q4_1": "q8_1",
+    "Q5_1": "q8_1",
+    "Q2_K": "q8_K",
+    "Q3_K": "q8_K",
+    "Q4_K": "q8_K",
+    "Q5_K": "q8_K",
+    "Q6_K": "q8_K",
+    "IQ4_XS": "q8_K",
+}
 #: ``path=embedded``: the embedded default model's own file (Q4_1), as users download it.
 EMBEDDED = "embedded"
 #: ggml types that hold weights at full precision.
@@ -174,6 +191,14 @@ GGUF_KV_CACHES = {
 }
 
 
+def cpu_compute(file: GGUFFile) -> Optional[str]:
+    """What the matmuls of a quantized file compute in on the CPU: 8-bit
+    activations in the blocks llama.cpp pairs with its weight types (None
+    for a file without quantized weights)."""
+    partners = sorted({CPU_ACTIVATION_TYPES[t] for t in file.types if t in CPU_ACTIVATION_TYPES})
+    return f"int8 activations ({', '.join(partners)} blocks), fp32 accumulation" if partners else None
+
+
 class LlamaCppSession(Session):
     """A GGUF model in llama.cpp: logits for every position of a batch (one
     sequence id per row), and batched greedy decoding with its KV cache."""
@@ -216,8 +241,10 @@ class LlamaCppSession(Session):
         self.decode_flash = (
             llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED if device == "cpu" else llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
         )
+        compute = cpu_compute(file) if device == "cpu" else None
         self.facts = {
             **facts,
+            **({"compute_dtype": compute} if compute else {}),
             "threads": self.threads,
             "tensor_types": dict(self.file.types),
             "system_info": system,

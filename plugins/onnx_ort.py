@@ -48,7 +48,7 @@ HEAVY_OPS = QUANTIZED_OPS | {
 
 class OnnxConfig(VariantConfig):
     precision: Literal["fp32", "fp16", "int8", "int4"] = Field(
-        "fp32", description="fp16 is for CUDA; int8/int4 compute in fp32 on the CPU and in fp16 on CUDA"
+        "fp32", description="fp16 is for CUDA; int8/int4: weight-only MatMulNBits (see accuracy_level)"
     )
     target: Literal["auto", "cpu", "cuda"] = Field(
         "auto",
@@ -59,6 +59,14 @@ class OnnxConfig(VariantConfig):
     )
     block_size: int = Field(32, description="weights per scale for int8/int4 MatMulNBits: 16|32|64|128|256")
     symmetric: bool = True
+    accuracy_level: Optional[int] = Field(
+        None,
+        description="int8/int4: the least precise input MatMulNBits may compute with (4: int8 activations, "
+        "3: bf16, 2: fp16, 1: fp32, 0: the graph's dtype); unset: the builder's choice for the target "
+        "(4 on the CPU, 0 on CUDA)",
+        ge=0,
+        le=4,
+    )
     keep_lm_head: bool = Field(True, description="leave the output head in full precision")
     fuse_gate_up: bool = Field(
         False,
@@ -72,6 +80,8 @@ class OnnxConfig(VariantConfig):
             raise ValueError(f"block_size must be 16, 32, 64, 128 or 256, got {self.block_size}")
         if self.activations == "dynamic" and self.precision != "int8":
             raise ValueError("activations=dynamic needs precision=int8")
+        if self.accuracy_level is not None and (self.precision not in ("int8", "int4") or self.activations != "none"):
+            raise ValueError("accuracy_level applies to precision=int8 or int4 (weight-only MatMulNBits)")
         return self
 
     def nominal_bits(self) -> Optional[float]:
@@ -115,7 +125,11 @@ class OnnxSession(Session):
         self.present_names = [f"present.{i}.{kind}" for i in range(self.layers) for kind in ("key", "value")]
         # Parsed once: weight_bytes is asked more than once.
         self._weight_bytes = graph_weight_bytes(folder / MODEL_FILE)
-        self.facts = {**facts, "providers": self.session.get_providers()}
+        self.facts = {
+            **facts,
+            "providers": self.session.get_providers(),
+            "compute_dtype": compute_dtype(folder / MODEL_FILE, self.logits_np),
+        }
         if device == "cuda":
             self.facts["ops_on_cpu"] = self._ops_on_cpu()
             self.facts["notes"] = [
@@ -413,6 +427,26 @@ def _graph(path: Path):
     return onnx.load(str(path), load_external_data=False)
 
 
+#: MatMulNBits' ``accuracy_level``: the least precise input the op may
+#: compute with (0: the graph's own dtype). onnxruntime-genai's builder asks
+#: for 4 on the CPU and 0 elsewhere.
+ACCURACY_LEVELS = {1: "float32", 2: "float16", 3: "bfloat16", 4: "int8 activations where ONNX Runtime has the kernel"}
+
+
+def compute_dtype(path: Path, graph_dtype: str) -> str:
+    """What the graph's quantized matmuls compute in: their accuracy level's
+    input type, or the graph's dtype (with no MatMulNBits, or level 0)."""
+    levels = {
+        attr.i
+        for node in _graph(path).graph.node
+        if node.op_type == "MatMulNBits"
+        for attr in node.attribute
+        if attr.name == "accuracy_level"
+    }
+    level = max(levels, default=0)
+    return f"{ACCURACY_LEVELS[level]} (MatMulNBits accuracy_level {level})" if level else graph_dtype
+
+
 def op_counts(path: Path) -> Counter:
     return Counter(node.op_type for node in _graph(path).graph.node)
 
@@ -499,6 +533,8 @@ class OnnxRuntime(Backend):
         options = []
         if precision != "fp32":
             options += [f"block_size={config.block_size}", f"is_symmetric={str(config.symmetric).lower()}"]
+            if config.accuracy_level is not None:
+                options.append(f"accuracy_level={config.accuracy_level}")
             if config.keep_lm_head:
                 options.append("nodes_to_exclude=/lm_head/MatMul")
         if config.fuse_gate_up:

@@ -82,6 +82,12 @@ def test_coarser_types_shrink_the_file_and_diverge_more(gguf, wide_tiny_model, w
     assert sessions[0].facts["tensor_types"] == {"Q8_0": 2 * 7 + 2}
     mixed = sessions[1].facts["tensor_types"]
     assert mixed.get("Q4_K", 0) > 0 and mixed.get("Q6_K", 0) > 0, mixed
+    # On the CPU llama.cpp multiplies quantized weights with 8-bit activations:
+    # q8_0 blocks for Q8_0 and Q4_0, q8_K for the K-quants; the row says so.
+    assert sessions[0].describe()["compute_dtype"] == "int8 activations (q8_0 blocks), fp32 accumulation"
+    assert sessions[1].describe()["compute_dtype"].startswith("int8 activations (")
+    assert "q8_K" in sessions[1].describe()["compute_dtype"]
+    assert "compute_dtype" not in session_for(gguf, "f32", wide_tiny_model).describe()  # nothing quantized
 
 
 def test_rows_of_a_batch_are_independent_of_padding_and_neighbours(gguf, wide_tiny_model):

@@ -37,6 +37,11 @@ def test_quantized_graphs_and_their_order(sessions, reference):  # noqa: F811
     kld = {v: score_windows(s, windows, 4, reference=ref).tensor("kld").mean().item() for v, s in sessions.items()}
     assert 0 < kld["int8"] < kld["int4"] and 0 < kld["int8-dyn"] < kld["int4"]
     assert sessions["int4"].describe()["op_counts"]["MatMulNBits"] > 0
+    # onnxruntime-genai's builder asks MatMulNBits for int8 activations on the CPU
+    # (accuracy_level 4); the row records it, and a plain fp32 graph its own dtype.
+    assert sessions["int4"].describe()["compute_dtype"] == (
+        "int8 activations where ONNX Runtime has the kernel (MatMulNBits accuracy_level 4)")
+    assert sessions["fp32"].describe()["compute_dtype"] == "float32"
     assert sessions["int8-dyn"].describe()["quantized_matmuls"] > 0
     fp32 = sessions["fp32"].weight_bytes()
     assert sessions["int4"].weight_bytes() < sessions["int8"].weight_bytes() < fp32
@@ -59,6 +64,21 @@ def test_impossible_variants(onnx_backend):
         onnx_backend.parse_variant("precision=int4,block_size=48")
     with pytest.raises(QBenchError, match="activations=dynamic needs precision=int8"):
         onnx_backend.parse_variant("precision=int4,activations=dynamic")
+    with pytest.raises(QBenchError, match="accuracy_level applies to precision=int8 or int4"):
+        onnx_backend.parse_variant("fp32:accuracy_level=1")
+
+
+def test_the_accuracy_level_reaches_the_graph_and_is_recorded(onnx_backend, sessions, reference, tiny_model):  # noqa: F811
+    """The builder's CPU default (accuracy_level 4) lets MatMulNBits multiply
+    int4 weights with int8 activations; accuracy_level=1 keeps them in fp32:
+    the same weights, other arithmetic, and each row says which it ran."""
+    windows, ref = reference
+    fp32_activations = session_for(onnx_backend, "int4:accuracy_level=1", tiny_model)
+    assert fp32_activations.describe()["compute_dtype"] == "float32 (MatMulNBits accuracy_level 1)"
+    assert fp32_activations.weight_bytes() == sessions["int4"].weight_bytes()
+    a, b = (score_windows(s, windows, 4, reference=ref).tensor("token_logprobs")
+            for s in (sessions["int4"], fp32_activations))
+    assert not torch.equal(a, b)
 
 
 def test_ort_errors_keep_the_reason_and_drop_the_cpp_frame():

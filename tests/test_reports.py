@@ -386,6 +386,8 @@ def test_a_row_computing_in_another_dtype_than_the_baseline_is_noted(builtin_bac
         "quantization's alone (compare with fp:fp32)")
     assert cast_note("bfloat16", "bf16", "fp:bf16") is None and cast_note(None, "bf16", "fp:bf16") is None
     assert cast_note("bf16", "fp32", "fp:fp32", "fp:bf16") is None  # the row is the cast itself
+    # 8-bit activations (llama.cpp, ONNX Runtime on the CPU) are the row's quantization, not a cast
+    assert cast_note("int8 activations (q8_0 blocks), fp32 accumulation", "fp32", "fp:fp32", "gguf:q4_0") is None
     loaded = LoadedPlugins(pm=None, backends=builtin_backends)
     cells = [CellSpec(cell="fp:bf16", backend="fp", variant="bf16", baseline=True),
              CellSpec(cell="fp:fp32", backend="fp", variant="fp32"),

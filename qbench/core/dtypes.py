@@ -39,11 +39,14 @@ def short_name(dtype: str) -> str:
 
 
 def cast_note(row: str | None, baseline: str | None, baseline_cell: str, row_cell: str = "") -> str | None:
-    """The note for a row that computes in another dtype than the baseline,
-    or None (same dtype, or either unknown: llama.cpp and ONNX Runtime pick
-    theirs inside; or the row is that cast, ``fp:bf16``). Used when a run is
-    planned and again on its records."""
+    """The note for a row that computes in another float dtype than the
+    baseline, or None (same dtype; either unknown, or not a float dtype, such
+    as llama.cpp's 8-bit activations, which the row's quantization includes;
+    or the row is that cast, ``fp:bf16``). Used when a run is planned and
+    again on its records."""
     if not row or not baseline or short_name(row) == short_name(baseline):
+        return None
+    if short_name(row) not in DTYPES or short_name(baseline) not in DTYPES:
         return None
     mine, theirs = short_name(row), short_name(baseline)
     if row_cell == f"fp:{mine}":
