@@ -434,11 +434,15 @@ ACCURACY_LEVELS = {1: "float32", 2: "float16", 3: "bfloat16", 4: "int8 activatio
 
 
 def compute_dtype(path: Path, graph_dtype: str) -> str:
-    """What the graph's quantized matmuls compute in: their accuracy level's
-    input type, or the graph's dtype (with no MatMulNBits, or level 0)."""
+    """What the graph's quantized matmuls compute in: int8 activations where
+    quantize_dynamic put its int8 matmuls, else MatMulNBits' accuracy level's
+    input type, else the graph's dtype (no quantized matmul, or level 0)."""
+    nodes = _graph(path).graph.node
+    if any(node.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for node in nodes):
+        return "int8 activations, quantized at run time (dynamic)"
     levels = {
         attr.i
-        for node in _graph(path).graph.node
+        for node in nodes
         if node.op_type == "MatMulNBits"
         for attr in node.attribute
         if attr.name == "accuracy_level"

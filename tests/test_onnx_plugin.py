@@ -42,6 +42,7 @@ def test_quantized_graphs_and_their_order(sessions, reference):  # noqa: F811
     assert sessions["int4"].describe()["compute_dtype"] == (
         "int8 activations where ONNX Runtime has the kernel (MatMulNBits accuracy_level 4)")
     assert sessions["fp32"].describe()["compute_dtype"] == "float32"
+    assert sessions["int8-dyn"].describe()["compute_dtype"] == "int8 activations, quantized at run time (dynamic)"
     assert sessions["int8-dyn"].describe()["quantized_matmuls"] > 0
     fp32 = sessions["fp32"].weight_bytes()
     assert sessions["int4"].weight_bytes() < sessions["int8"].weight_bytes() < fp32
