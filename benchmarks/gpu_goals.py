@@ -343,5 +343,6 @@ def main() -> None:
     if "bf16-eager" in results and "hf-generate-eager" in results:
         print(f"qbench eager / transformers generate eager: {results['bf16-eager'] / results['hf-generate-eager']:.2f}")
 
+
 if __name__ == "__main__":
     main()
