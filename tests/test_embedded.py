@@ -46,10 +46,12 @@ def test_the_conversion_process_keeps_torchaos_deprecation_note_off_the_terminal
     loud = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO)
     if "Enum subclass" not in loud.stderr:
         pytest.skip("this torch and torchao import without the note")
+    # The conversion's own entry point, as the spawned process runs it (on a
+    # file that is not there: it stops at the read, after its imports).
     quiet = subprocess.run(
-        [sys.executable, "-c", "from qbench.sdk.models import _convert_gguf; "
-         "from qbench.core.processes import quiet_library_logs; quiet_library_logs(); " + probe],
+        [sys.executable, "-c", "from qbench.sdk.models import _convert_gguf\n"
+         "try:\n    _convert_gguf('/nonexistent/model.gguf', '/nonexistent/out')\n"
+         "except Exception as exc:\n    print(type(exc).__name__)\n" + probe],
         capture_output=True, text=True, cwd=REPO)
-    assert quiet.returncode == 0 and "Enum subclass" not in quiet.stderr, quiet.stderr
-    source = (REPO / "qbench" / "sdk" / "models.py").read_text()
-    assert "def _convert_gguf(gguf: str, target: str) -> None:\n    quiet_library_logs()" in source
+    assert quiet.returncode == 0 and quiet.stdout.strip(), quiet.stderr  # it did stop at the read
+    assert "Enum subclass" not in quiet.stderr, quiet.stderr
