@@ -188,14 +188,17 @@ def _speed_ties(fastest: CellRecord, rows: list[CellRecord]) -> str:
     """What the "fastest" answer cannot tell apart: rows whose decode time is
     within the 95% error bar of the difference to the fastest's, or, without
     an error bar (one worker process per row), that no difference is judged."""
-    if fastest.stderr("decode_ms_per_token") is None:
+    se_best = fastest.stderr("decode_ms_per_token")
+    if se_best is None:
         return "; timed in one worker process, without an error bar: a small lead is not judged"
     best = DECODE.read(fastest) or 0.0
-    ties = []
-    for r in rows:
-        se, se_best = r.stderr("decode_ms_per_token"), fastest.stderr("decode_ms_per_token") or 0.0
-        if r is not fastest and se is not None and (DECODE.read(r) or 0.0) - best <= Z * math.hypot(se, se_best):
-            ties.append(f"`{r.cell}` ({DECODE.read(r):.2f} ms/token)")
+    ties = [
+        f"`{r.cell}` ({DECODE.read(r):.2f} ms/token)"
+        for r in rows
+        if r is not fastest
+        and (se := r.stderr("decode_ms_per_token")) is not None
+        and (DECODE.read(r) or 0.0) - best <= Z * math.hypot(se, se_best)
+    ]
     return f"; as fast within the error bar: {', '.join(ties)}" if ties else ""
 
 
