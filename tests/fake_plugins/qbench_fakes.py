@@ -123,6 +123,10 @@ class Fake(Backend):
             marker = os.path.join(os.environ["QBENCH_FAKE_MARKER_DIR"], "node-lost")
             if not os.path.exists(marker):
                 open(marker, "w").close()
+                # the Ray task relays this worker's phase messages as they
+                # come; on a loaded machine it may not have read "load" yet,
+                # and a loss then reports an earlier phase (CI saw "prepare")
+                time.sleep(2)
                 os.kill(ray_worker, signal.SIGKILL)
                 time.sleep(60)  # die with it (the worker's parent-death signal)
         if behaviour == "slow":
