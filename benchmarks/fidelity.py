@@ -50,13 +50,14 @@ CUDA_ROWS = ("fp:bf16:runtime=compiled", "torchao:int8-wo:runtime=compiled",
 def load_row(row: str, model, device: str, suite):
     """The row's config (as a cell's worker sees it: the suite's sections
     fill in calibration and training settings) and its loaded session."""
-    from qbench.cell.artifacts import obtain_artifact
+    from qbench.cell.artifacts import artifact_key, build_apart, is_cached, obtain_artifact
     from qbench.data.workload import Workload
     from qbench.sdk.hf import load_tokenizer
     from qbench.sdk.registry import PluginSettings, load_plugins
 
     backend_name, _, spec = row.partition(":")
-    backend = load_plugins(PluginSettings.from_env(())).backends[backend_name]
+    plugins = PluginSettings.from_env(())
+    backend = load_plugins(plugins).backends[backend_name]
     name, config = backend.parse_variant(spec)
     if config.runtime == "compiled" and "compile_mode" not in spec:
         config = config.model_copy(update={"compile_mode": "reduce-overhead"})
@@ -69,6 +70,11 @@ def load_row(row: str, model, device: str, suite):
         if backend.needs_calibration(config)
         else (None, None)
     )
+    if backend.builds_apart and not is_cached(backend.name, artifact_key(model.fingerprint, backend, config,
+                                                                          calibration_hash)):
+        # as a cell does: a quantization library's leftovers slowed this process's decoding 2x (awq, qat)
+        build_apart(plugins, backend, name, config, model.path, model.fingerprint, calibration, calibration_hash,
+                    torch.get_num_threads())
     artifact, hit, _ = obtain_artifact(backend, name, config, model.path, model.fingerprint, calibration,
                                        calibration_hash)
     session = backend.load(artifact, device)
@@ -233,8 +239,11 @@ def gpt_fast_reference(session, prompt, new_tokens: int, reps: int) -> float:
 
 
 def main() -> None:
+    from qbench.core.processes import quiet_library_logs
     from qbench.data.suites import load_suite
     from qbench.sdk.models import DEFAULT_MODEL, resolve_model
+
+    quiet_library_logs()
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
