@@ -4,7 +4,7 @@ decode time per token (its latency phase: the median gap between steps of
 artifact, device and threads, in one process, and the ratio
 qbench / reference (goal: 0.95-1.05).
 
-    python benchmarks/fidelity.py                                   # CPU rows, embedded model
+    python benchmarks/fidelity.py                                   # a row per backend on the CPU, embedded model
     python benchmarks/fidelity.py --device cuda -m DIR --rows torchao:int8-wo:runtime=compiled
 
 References:
@@ -42,7 +42,9 @@ from pathlib import Path
 
 import torch
 
-CPU_ROWS = ("gguf:q4_0", "onnx:int4", "bnb:nf4", "hqq:w4g64", "quanto:w8")
+#: One row of every built-in backend.
+CPU_ROWS = ("gguf:q4_0", "onnx:int4", "bnb:nf4", "hqq:w4g64", "quanto:w8", "fp:bf16", "torchao:int8-wo",
+            "gptq:w4g32", "awq:w4g64", "qat:int4-wo-g32")
 CUDA_ROWS = ("fp:bf16:runtime=compiled", "torchao:int8-wo:runtime=compiled",
              "torchao:int4-tinygemm-g128:runtime=compiled")
 

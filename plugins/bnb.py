@@ -84,7 +84,11 @@ class BitsAndBytes(Backend):
         return config.model_copy(update={"compute_dtype": dtype})
 
     def compute_dtype(self, config: BnbConfig, device: str) -> Optional[str]:
-        return "fp16" if config.mode == "int8" else super().compute_dtype(config, device)
+        if config.mode == "int8":
+            return "fp16"
+        if device == "cpu" and _cpu_repacks_4bit():
+            return "bf16"
+        return super().compute_dtype(config, device)
 
     def variants(self) -> dict[str, VariantConfig]:
         return {
@@ -125,7 +129,7 @@ class BitsAndBytes(Backend):
         require_quantized_layers(model, chosen, _is_bnb_quantized, "bitsandbytes")
         facts = {
             "kernel": _kernel(config, device),
-            "compute_dtype": "torch.float16" if config.mode == "int8" else f"torch.{DTYPES[config.compute_dtype]}",
+            "compute_dtype": f"torch.{DTYPES[self.compute_dtype(config, device) or config.compute_dtype]}",
         }
         if config.mode == "int8":
             _log_once("bitsandbytes.autograd._functions", "MatMul8bitLt: inputs will be cast")
@@ -150,18 +154,31 @@ def _log_once(logger_name: str, prefix: str) -> None:
     logging.getLogger(logger_name).addFilter(Once())
 
 
+def _cpu_repacks_4bit() -> bool:
+    """Whether bitsandbytes' CPU 4-bit path repacks the weights at the first
+    eval forward pass and then runs every matmul through its bf16 kernel
+    (activations and scales cast to bf16, whatever ``compute_dtype`` says):
+    it does on a CPU with AVX512-BF16 (bitsandbytes 0.50's ``Linear4bit.forward``)."""
+    from bitsandbytes.functional import has_avx512bf16
+
+    return bool(has_avx512bf16())
+
+
 def _kernel(config: BnbConfig, device: str) -> str:
     if device == "cuda":
         return f"bitsandbytes CUDA {config.mode}"
     if config.mode == "int8":
         return "bitsandbytes CPU int8 (LLM.int8 decomposition in torch)"
-    from importlib.util import find_spec
+    if not _cpu_repacks_4bit():
+        return "bitsandbytes CPU 4-bit (dequantize + matmul)"
+    # The bf16 kernel is kernels-community's gemm when the `kernels` package
+    # could fetch it from the hub when bitsandbytes was imported, else
+    # bitsandbytes' own (kernels 0.19 refuses a repository whose publisher it
+    # cannot verify, and bitsandbytes then logs a warning and uses its own).
+    from bitsandbytes.backends.cpu import ops
 
-    # bitsandbytes' fast CPU 4-bit gemm comes from the `kernels` package
-    # (fetched from the hub); without it 4-bit dequantizes then multiplies.
-    return "bitsandbytes CPU 4-bit " + (
-        "(kernels-community gemm)" if find_spec("kernels") else "(dequantize + matmul: `kernels` not installed)"
-    )
+    fetched = getattr(ops, "gemm_4bit_forward_kernel", None) is not None
+    return f"bitsandbytes CPU 4-bit, bf16 ({'kernels-community gemm' if fetched else 'bitsandbytes own kernel'})"
 
 
 @hookimpl

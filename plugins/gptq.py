@@ -5,8 +5,10 @@ samples, or benchmark an existing GPTQ checkpoint as it is.
 Quantization runs on the model in float32, the baseline's dtype, so the rows
 differ from the baseline only by the quantization. The kernel is chosen at
 load and recorded, because speed depends on it: on CPU the 4-bit weights run
-through gptqmodel's ``TorchFusedLinear`` in float32; other bit widths only
-have ``TorchLinear``, which computes in bfloat16 (said in the row's notes).
+through gptqmodel's ``TorchFusedLinear``, in a float32 model whose quantized
+layers cast their activations to bfloat16 inside (gptqmodel 7.7), so the row
+records bf16; other bit widths only have ``TorchLinear``, which computes in
+bfloat16 too (said in the row's notes).
 """
 
 from __future__ import annotations
@@ -62,7 +64,9 @@ class GPTQConfig(VariantConfig):
         "auto", "torch", "torch_fused", "triton", "marlin", "exllama_v2", "machete", "bitblas", "torch_aten"
     ] = Field("auto", description="gptqmodel kernel at load (auto: see the module doc)")
     compute_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="activation dtype (auto: fp32 where the kernel allows, else bf16 on CPU, fp16 on CUDA)"
+        "auto",
+        description="dtype the model loads in (auto: fp32 for the CPU's fused kernel, which computes in bf16 "
+        "inside, else bf16 on CPU, fp16 on CUDA)",
     )
     path: Optional[str] = Field(None, description="prequantized: a GPTQ checkpoint folder or hub id, run as it is")
 
@@ -284,9 +288,13 @@ class GPTQ(Backend):
         expected = list(inputs)
         require_quantized_layers(hf_model, expected, _is_gptq_layer, self.name)
         kernel_class = type(hf_model.get_submodule(expected[0])).__name__
+        # TorchFusedLinear casts float32 activations to bf16 and back around its
+        # int4 matmul on the CPU: the quantized layers compute in bf16 whatever
+        # the model's dtype (an fp32 input's low bits never reach them).
+        computes = "bfloat16" if kernel_class == "TorchFusedLinear" and device == "cpu" else dtype
         facts = {
             "kernel": f"gptqmodel {kernel_class}",
-            "compute_dtype": f"torch.{dtype}",
+            "compute_dtype": f"torch.{computes}",
             "checkpoint_bits": bits,
             "checkpoint_group_size": group,
             "checkpoint_desc_act": declared.get("desc_act"),
@@ -300,8 +308,8 @@ class GPTQ(Backend):
 def _kernel_and_dtype(
     config: GPTQConfig, bits: int, group: int, in_features: list[int], device: str
 ) -> tuple[str, str, Optional[str]]:
-    """(gptqmodel backend, activation dtype, note or None). On CPU the fused
-    4-bit kernel (float32 capable) needs every layer's inputs to be a multiple
+    """(gptqmodel backend, the model's dtype, note or None). On CPU the fused
+    4-bit kernel (it takes float32 activations) needs every layer's inputs to be a multiple
     of the group size; anything else goes to TorchLinear, which dequantizes
     on every call and computes in bfloat16 or float16 only."""
     note = None

@@ -103,11 +103,14 @@ def test_quantization_leaves_nothing_in_the_working_folder(w4g32_artifact):
     assert any(Path(w4g32_artifact.path, "logs").iterdir())
 
 
-def test_session_runs_the_fused_float32_kernel_and_holds_packed_weights(w4g32):
+def test_session_runs_the_fused_kernel_in_bf16_and_holds_packed_weights(w4g32):
     facts = w4g32.describe()
     assert facts["kernel"] == "gptqmodel TorchFusedLinear"
-    assert facts["compute_dtype"] == "torch.float32" and "notes" not in facts
+    assert facts["compute_dtype"] == "torch.bfloat16" and "notes" not in facts
     layer = w4g32.model.get_submodule("model.layers.0.mlp.down_proj")
+    x = torch.randn(1, 3, layer.in_features)
+    with torch.inference_mode():  # in a float32 model, bf16 inside: an input's low bits never reach the matmul
+        assert layer(x).dtype == torch.float32 and torch.equal(layer(x), layer(x.to(torch.bfloat16).float()))
     # 4-bit codes, two per byte (the fused kernel repacks them at load).
     assert layer.qweight.numel() * layer.qweight.element_size() == layer.in_features * layer.out_features // 2
     # lm_head stays in full precision by default.

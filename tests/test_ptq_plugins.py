@@ -207,6 +207,32 @@ def test_gemlite_packed_weights_round_trip_through_safetensors(tmp_path):
     assert torch.equal(again.norm.weight, model.norm.weight)
 
 
+def test_bnb_4bit_on_the_cpu_records_the_dtype_and_kernel_bitsandbytes_runs(backends, tiny_model):
+    """bitsandbytes picks its CPU 4-bit path itself: on a CPU with
+    AVX512-BF16 it repacks the weights at the first forward pass and casts
+    activations to bf16, whatever ``compute_dtype`` says. The plan, the
+    record and the kernel label say what the library then did."""
+    from bitsandbytes.backends.cpu import ops
+
+    bnb = backends["bnb"]
+    session = session_for(bnb, "nf4", tiny_model)
+    layer = session.model.get_submodule("model.layers.0.mlp.up_proj")
+    x = torch.randn(1, 3, layer.in_features)
+    with torch.inference_mode():
+        out = layer(x)  # the first forward: the library repacks here, or not
+        rounded = layer(x.to(torch.bfloat16).float())
+    repacked = bool(getattr(layer.weight.quant_state, "packing_format_for_cpu", False))
+    # bf16 activations: an fp32 input's low bits never reach the matmul
+    assert torch.equal(out, rounded) is repacked
+    assert session.facts["compute_dtype"] == ("torch.bfloat16" if repacked else "torch.float32")
+    assert bnb.compute_dtype(bnb.parse_variant("nf4")[1], "cpu") == ("bf16" if repacked else "fp32")
+    fetched = getattr(ops, "gemm_4bit_forward_kernel", None) is not None
+    assert session.facts["kernel"] == (
+        "bitsandbytes CPU 4-bit (dequantize + matmul)" if not repacked else
+        f"bitsandbytes CPU 4-bit, bf16 ({'kernels-community gemm' if fetched else 'bitsandbytes own kernel'})"
+    )
+
+
 @pytest.mark.parametrize("spec,cpu,cuda", [
     ("bnb:nf4", "fp32", "bf16"), ("bnb:int8", "fp32", "fp32"), ("bnb:nf4:compute_dtype=fp16", "fp16", "fp16"),
     ("hqq:w4g64", "fp32", "bf16"), ("quanto:w8", "fp32", "bf16"), ("quanto:w8:compute_dtype=fp32", "fp32", "fp32"),
