@@ -169,7 +169,7 @@ class HQQ(Backend):
         load_model(model, str(Path(artifact.path) / WEIGHTS_FILE), strict=True, device=device)
         model = model.to(device).eval()
         require_quantized_layers(model, chosen, _is_hqq, "hqq")
-        facts = {"kernel": "hqq PyTorch backend (dequantize + matmul per call)", "compute_dtype": f"torch.{dtype}"}
+        facts = {"kernel": "hqq PyTorch backend (dequantize + matmul per call)", "compute_dtype": str(dtype)}
         return HQQSession(model, device, facts)
 
 

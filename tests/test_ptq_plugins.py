@@ -207,6 +207,22 @@ def test_gemlite_packed_weights_round_trip_through_safetensors(tmp_path):
     assert torch.equal(again.norm.weight, model.norm.weight)
 
 
+@pytest.mark.parametrize("spec", ["torchao:int8-wo", "torchao:int4-wo-g32", "hqq:w4g64", "quanto:w8", "bnb:nf4",
+                                  "bnb:fp4"])
+def test_the_recorded_compute_dtype_is_the_one_the_layers_compute_in(builtin_backends, tiny_model, spec):
+    """A label is a measurement. A layer that computes in bf16 gives the same
+    output for an fp32 input as for that input rounded to bf16; one that
+    computes in fp32 does not."""
+    backend, _, variant = spec.partition(":")
+    session = session_for(builtin_backends[backend], variant, tiny_model)
+    layer = session.model.get_submodule("model.layers.0.mlp.up_proj")
+    x = torch.randn(1, 3, layer.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        layer(x)  # a first forward: bitsandbytes repacks its CPU weights here
+        inside = "torch.bfloat16" if torch.equal(layer(x), layer(x.to(torch.bfloat16).float())) else "torch.float32"
+    assert session.facts["compute_dtype"] == inside
+
+
 def test_bnb_4bit_on_the_cpu_records_the_dtype_and_kernel_bitsandbytes_runs(backends, tiny_model):
     """bitsandbytes picks its CPU 4-bit path itself: on a CPU with
     AVX512-BF16 it repacks the weights at the first forward pass and casts
