@@ -86,7 +86,7 @@ class BitsAndBytes(Backend):
     def compute_dtype(self, config: BnbConfig, device: str) -> Optional[str]:
         if config.mode == "int8":
             return "fp16"
-        if device == "cpu" and _cpu_repacks_4bit():
+        if device == "cpu" and _cpu_flag("avx512_bf16"):  # as _cpu_repacks_4bit decides, without importing bitsandbytes
             return "bf16"
         return super().compute_dtype(config, device)
 
@@ -154,6 +154,17 @@ def _log_once(logger_name: str, prefix: str) -> None:
     logging.getLogger(logger_name).addFilter(Once())
 
 
+def _cpu_flag(flag: str) -> bool:
+    """Whether Linux lists ``flag`` for this CPU. The plan asks this, not
+    bitsandbytes: importing bitsandbytes tries to fetch a kernel from the hub
+    (and warns on the terminal when it cannot)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return any(line.startswith("flags") and flag in line.split() for line in info)
+    except OSError:
+        return False
+
+
 def _cpu_repacks_4bit() -> bool:
     """Whether bitsandbytes' CPU 4-bit path repacks the weights at the first
     eval forward pass and then runs every matmul through its bf16 kernel
@@ -178,7 +189,8 @@ def _kernel(config: BnbConfig, device: str) -> str:
     from bitsandbytes.backends.cpu import ops
 
     fetched = getattr(ops, "gemm_4bit_forward_kernel", None) is not None
-    return f"bitsandbytes CPU 4-bit, bf16 ({'kernels-community gemm' if fetched else 'bitsandbytes own kernel'})"
+    which = "kernels-community gemm" if fetched else "bitsandbytes' own kernel"
+    return f"bitsandbytes CPU 4-bit, bf16 ({which})"
 
 
 @hookimpl
