@@ -86,7 +86,7 @@ class BitsAndBytes(Backend):
     def compute_dtype(self, config: BnbConfig, device: str) -> Optional[str]:
         if config.mode == "int8":
             return "fp16"
-        if device == "cpu" and _cpu_flag("avx512_bf16"):  # as _cpu_repacks_4bit decides, without importing bitsandbytes
+        if device == "cpu" and _cpu_flag("avx512_bf16"):  # the plan's view of _cpu_repacks_4bit
             return "bf16"
         return super().compute_dtype(config, device)
 
@@ -127,10 +127,9 @@ class BitsAndBytes(Backend):
         # bitsandbytes' layers subclass nn.Linear: the same selection names them.
         chosen = list(linear_layers(model, config.keep))
         require_quantized_layers(model, chosen, _is_bnb_quantized, "bitsandbytes")
-        facts = {
-            "kernel": _kernel(config, device),
-            "compute_dtype": f"torch.{DTYPES[self.compute_dtype(config, device) or config.compute_dtype]}",
-        }
+        repacks = device == "cpu" and config.mode != "int8" and _cpu_repacks_4bit()
+        dtype = "fp16" if config.mode == "int8" else "bf16" if repacks else config.compute_dtype
+        facts = {"kernel": _kernel(config, device), "compute_dtype": f"torch.{DTYPES[dtype]}"}
         if config.mode == "int8":
             _log_once("bitsandbytes.autograd._functions", "MatMul8bitLt: inputs will be cast")
             facts["int8_inputs"] = "LLM.int8 casts float32 activations to float16 before quantizing them"
