@@ -1027,6 +1027,18 @@ def main(argv: Optional[list[str]] = None) -> None:
             soft_wrap=True,
         )
         sys.exit(2)
+    except ModuleNotFoundError as exc:
+        if not exc.name or exc.name.split(".")[0] in ("qbench", "qbench_plugins"):
+            _unexpected(exc)
+        # a dependency qbench declares, missing from this environment: the install's fault, not qbench's
+        console.print(
+            f"[red]error:[/] this command needs the Python module '{escape(exc.name)}', which is not installed: "
+            "reinstall qbench with its dependencies (`pip install qbench`, or `make run` in a checkout); "
+            "records already measured are kept",
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(2)
     except Exception as exc:  # a bug, not bad input: still one line, the traceback on request
         _unexpected(exc)
 

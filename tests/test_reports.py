@@ -14,7 +14,7 @@ from qbench.execute.results import ResultStore
 from qbench.present.compare import compare_records
 from qbench.present.report import pareto_front, recommendation
 from tests.conftest import FAKE_PLUGINS, make_record
-from tests.test_cli import qbench
+from tests.test_cli import one_line_error, qbench
 
 
 def record(cell, kld, weight, baseline=False, **extra):
@@ -458,6 +458,23 @@ def test_show_and_report_take_metrics(finished_run, tmp_path):
     # What the windows held: the protocol and the BOS used, in the provenance and beside "How each row ran".
     assert "perplexity: protocol stream, " in md and "BOS: none" in md
     assert "the bit width; every row's perplexity windows: protocol stream, BOS: none):" in md
+
+
+def test_a_missing_dependency_is_named_and_the_run_kept(finished_run, tmp_path):
+    """plotly missing (seen on a GPU machine installed without dependencies):
+    one line naming the module and the fix, not "a qbench bug"; the records stay."""
+    run_dir = tmp_path / "r1"
+    shutil.copytree(finished_run[0], run_dir)
+    before = (run_dir / "results.jsonl").read_bytes()
+    shadow = tmp_path / "shadow" / "plotly"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'plotly'\", name='plotly')\n")
+    code, _, err = qbench("report", str(run_dir), env={"PYTHONPATH": str(shadow.parent)})
+    assert code == 2
+    assert one_line_error(err) == (
+        "error: this command needs the Python module 'plotly', which is not installed: reinstall qbench with its "
+        "dependencies (`pip install qbench`, or `make run` in a checkout); records already measured are kept")
+    assert (run_dir / "results.jsonl").read_bytes() == before
 
 
 def chromium() -> str:
