@@ -31,7 +31,11 @@ class BnbConfig(VariantConfig):
     mode: Literal["int8", "nf4", "fp4"] = "nf4"
     threshold: float = Field(6.0, ge=0, description="LLM.int8 outlier threshold (mode=int8); 0 disables it")
     double_quant: bool = Field(False, description="quantize the 4-bit scales again (mode=nf4|fp4)")
-    compute_dtype: ComputeDtype = Field("auto", description="4-bit matmul dtype (auto: fp32 on the CPU, bf16 on CUDA)")
+    compute_dtype: ComputeDtype = Field(
+        "auto",
+        description="4-bit matmul dtype (auto: fp32 on the CPU, bf16 on CUDA; on a CPU with AVX512-BF16 "
+        "bitsandbytes computes in bf16 whatever this says)",
+    )
     keep: ModulePatterns = Field(("lm_head",), description="layers left in full precision ('+'-separated)")
 
     @model_validator(mode="after")
