@@ -74,7 +74,7 @@ def load_row(row: str, model, device: str, suite):
     )
     if backend.builds_apart and not is_cached(backend.name, artifact_key(model.fingerprint, backend, config,
                                                                           calibration_hash)):
-        # as a cell does: a quantization library's leftovers slowed this process's decoding 2x (awq, qat)
+        # as a cell does: what a quantization library leaves behind slows the process that measures
         build_apart(plugins, backend, name, config, model.path, model.fingerprint, calibration, calibration_hash,
                     torch.get_num_threads())
     artifact, hit, _ = obtain_artifact(backend, name, config, model.path, model.fingerprint, calibration,
@@ -177,8 +177,7 @@ def generate_reference(session, prompt, new_tokens: int, reps: int, device: str,
 
 def alternating(session, prompt, new_tokens: int, reps: int, device: str) -> tuple[float, float]:
     """qbench's figure and ``generate``'s on one session, their repetitions
-    alternating, so that a drift in the machine's speed reaches both alike
-    (sequential, torchao:int8-wo gave 0.97 and 1.10 in two runs on the 2-core CPU)."""
+    alternating, so that a drift in the machine's speed reaches both alike."""
     qbench_once(session, prompt, new_tokens)  # warm-up
     ours: list[float] = []
     theirs = generate_reference(session, prompt, new_tokens, reps, device,
