@@ -238,6 +238,38 @@ def test_compiled_step_with_graph_breaks_is_captured_whole(tiny_model):
     assert torch.equal(session.generate(prompt, 10, ignore_step), compiled) and session.decoder.graph is graph
 
 
+def test_a_kernel_the_capture_misses_fails_the_compiled_runtime_not_the_timing(tiny_model):
+    """A backend whose layer hands on a result computed before the capture
+    (as a kernel launched where the capture cannot see it does) leaves the
+    CUDA graph replaying one step's values: the runtime refuses it with the
+    fix instead of timing it, and the same model unchanged passes."""
+    from transformers import AutoModelForCausalLM
+
+    from qbench.core.errors import QBenchError
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).to("cuda")
+    session = HFSession(model, "cuda")
+    prompt = torch.tensor([list(range(3, 40))])
+    kept = {}
+
+    @torch.compiler.disable
+    def keep_outside_capture(module, _inputs, output):
+        if torch.cuda.is_current_stream_capturing():
+            return kept[module]
+        kept[module] = output.clone()
+        return kept[module]
+
+    hooks = [layer.mlp.down_proj.register_forward_hook(keep_outside_capture) for layer in model.model.layers]
+    assert session.use_runtime("compiled", "reduce-overhead") is None
+    with pytest.raises(QBenchError, match="does not redo the step's work.*use runtime=eager"):
+        session.generate(prompt, 6, ignore_step)
+    for hook in hooks:
+        hook.remove()
+    torch._dynamo.reset()
+    assert session.use_runtime("compiled", "reduce-overhead") is None
+    assert session.generate(prompt, 6, ignore_step).shape == (1, 6)
+
+
 def test_compiled_runtime_decodes_the_same_tokens_and_records_its_compile_time(tiny_model, tiny_suite, tmp_path):
     """runtime=compiled: a static cache and a CUDA-graph decode step. On the
     tiny model in fp32 its greedy tokens are the eager loop's, and the record
@@ -253,15 +285,15 @@ def test_compiled_runtime_decodes_the_same_tokens_and_records_its_compile_time(t
     # reduce-overhead: inductor's default kernels compile in seconds, where
     # max-autotune benchmarks choices for minutes; the capture is the same.
     assert session.use_runtime("compiled", "reduce-overhead") is None
-    from torch._dynamo.utils import counters
-
-    counters.clear()
-    steps = []
-    compiled = session.generate(prompt, 12, lambda at=None: steps.append(at))
-    assert len(steps) == 12 and torch.equal(compiled, session.generate(prompt, 12, ignore_step))
     # One compilation per workload shape: the cache is allocated before the
-    # compiled warm-up, or the second step compiles again.
-    assert counters["stats"]["unique_graphs"] == 1
+    # compiled warm-up, or the second step compiles the step again (a
+    # recompilation, which this turns into an error naming the guard that
+    # failed). A graph break may split the step into several graphs: that is
+    # not a second compilation, and the capture takes them all.
+    steps = []
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled = session.generate(prompt, 12, lambda at=None: steps.append(at))
+        assert len(steps) == 12 and torch.equal(compiled, session.generate(prompt, 12, ignore_step))
     # Steps are queued ahead and timed on the device: increasing times, handed over at the end.
     assert all(b > a for a, b in zip(steps, steps[1:]))
     assert (compiled == eager).float().mean() >= 0.9

@@ -3,6 +3,7 @@ It never changes an artifact, and a runtime a session cannot provide fails
 the cell with the reason. The CUDA side is in test_gpu.py."""
 
 import pytest
+import torch
 
 from qbench.api import create_run
 from qbench.execute.results import ResultStore
@@ -65,3 +66,43 @@ def test_batch_sweep_times_every_batch_size_and_reports_it(tiny_model, tiny_suit
     text = md.read_text()
     assert "Batch sweep" in text and "| fp:bf16 | 3 |" in text
     assert (run_dir / "report_files" / "throughput_vs_batch.png").read_bytes().startswith(b"\x89PNG")
+
+
+class _Replay:
+    """Stands in for a captured CUDA graph on the CPU: ``stale`` replays what
+    the capture saw (the token and position of the warm-up, as a kernel
+    launched outside the capture would), otherwise it redoes the step."""
+
+    def __init__(self, decoder, stale: bool):
+        self.decoder, self.stale = decoder, stale
+
+    def replay(self):
+        d = self.decoder
+        token, position = (torch.zeros_like(d.token), torch.zeros_like(d.position)) if self.stale else (
+            d.token, d.position)
+        d.token.copy_(d._decode(token, position))
+        d.position.add_(1)
+
+
+def test_a_captured_step_that_does_not_redo_its_work_is_refused(tiny_model):
+    """The compiled runtime checks its captured step before timing it: a
+    replay must write the KV cache a plain call of the same step writes. One
+    that hands on the capture's results (a kernel outside the capture) is
+    caught, with the fix; one that redoes the step passes."""
+    from transformers import AutoModelForCausalLM, StaticCache
+
+    from qbench.sdk.hf import REPLAY_TOLERANCE, CompiledDecoder
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    decoder = CompiledDecoder(model, "cpu")
+    decoder.step = decoder._decode  # the plain call, uncompiled: the check compares it with the replay
+    with torch.inference_mode():
+        decoder.cache = StaticCache(config=model.config, max_cache_len=24)
+        decoder.token = torch.zeros((1, 1), dtype=torch.long)
+        decoder.position = torch.zeros(1, dtype=torch.long)
+        assert decoder._replay_differs(_Replay(decoder, stale=False)) is None
+        problem = decoder._replay_differs(_Replay(decoder, stale=True))
+    assert problem and "does not redo the step's work" in problem and "use runtime=eager" in problem
+    assert float(problem.split("writes is ")[1].split(" away")[0]) > REPLAY_TOLERANCE
+    # The check leaves the inputs as the capture had them.
+    assert decoder.token.item() == 0 and decoder.position.item() == 0

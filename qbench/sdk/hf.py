@@ -227,8 +227,45 @@ class CompiledDecoder:
         with torch.cuda.graph(graph):
             self.token.copy_(self.step(self.token, self.position))
             self.position.add_(1)
-        self.graph = graph
+        problem = self._replay_differs(graph)
         self.cache.reset()
+        if problem:
+            raise QBenchError(problem)
+        self.graph = graph
+
+    def _replay_differs(self, graph: Any) -> str | None:
+        """Whether the captured graph redoes the step's work. A kernel that a
+        backend launches where the capture cannot see it (another stream, a
+        result cached on the host) ran once while capturing and never runs
+        again: every replay then hands on that one step's results, and the row
+        would time a decode that produces nothing. The same step is run once
+        as a plain compiled call and once as a replay, from a token and a
+        position unlike the capture's, and the KV cache each writes (every
+        layer's keys and values, so nearly all of the step's work) is
+        compared: the same kernels on the same inputs agree to rounding."""
+        written = []
+        for run in ("call", "replay"):
+            self.cache.reset()
+            self.token.fill_(self.model.config.get_text_config().vocab_size // 2)
+            self.position.fill_(1)
+            if run == "call":
+                self.step(self.token, self.position)
+            else:
+                graph.replay()
+            if self.device == "cuda":
+                torch.cuda.synchronize()
+            written.append([t.float().clone() for layer in self.cache.layers for t in (layer.keys, layer.values)])
+        self.token.zero_()
+        self.position.zero_()
+        call, replay = (torch.cat([t.flatten() for t in w]) for w in written)
+        error = ((replay - call).norm() / call.norm().clamp_min(1e-12)).item()
+        if error <= REPLAY_TOLERANCE:
+            return None
+        return (
+            f"runtime=compiled: the decode step's CUDA graph does not redo the step's work (the KV cache a replay "
+            f"writes is {error:.2g} away from a plain call's, relative): a kernel of this backend runs outside the "
+            f"capture, so its timing would not be a decode; use runtime=eager for this row"
+        )
 
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, on_token: Callable[..., None]) -> torch.Tensor:
@@ -265,6 +302,12 @@ class CompiledDecoder:
         for event in events:
             on_token(began + origin.elapsed_time(event) / 1e3)
         return torch.cat(produced, dim=1).cpu()
+
+
+#: How far a replay of the captured decode step may write another KV cache
+#: than a plain call of the same compiled step (relative L2): the same
+#: kernels agree to rounding, or to a split reduction's order.
+REPLAY_TOLERANCE = 1e-2
 
 
 #: The library each quantized cache needs, and the qbench extra that installs it.
