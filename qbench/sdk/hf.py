@@ -239,22 +239,31 @@ class CompiledDecoder:
         result cached on the host) ran once while capturing and never runs
         again: every replay then hands on that one step's results, and the row
         would time a decode that produces nothing. The same step is run once
-        as a plain compiled call and once as a replay, from a token and a
-        position unlike the capture's, and the KV cache each writes (every
-        layer's keys and values, so nearly all of the step's work) is
-        compared: the same kernels on the same inputs agree to rounding."""
+        as a plain compiled call and once as a replay, on a zeroed cache from a
+        token and a position unlike the capture's, and what each writes into
+        the cache (every layer's keys and values, so nearly all of the step's
+        work) is compared: the same kernels on the same inputs agree to
+        rounding. Only the first positions are copied, where the step writes
+        (transformers 5.17 writes at the position passed, 5.25 at its own
+        count from zero), so the copies stay small at any batch size."""
         written = []
         for run in ("call", "replay"):
             self.cache.reset()
             self.token.fill_(self.model.config.get_text_config().vocab_size // 2)
-            self.position.fill_(1)
+            self.position.fill_(PROBE_POSITION)
             if run == "call":
                 self.step(self.token, self.position)
             else:
                 graph.replay()
             if self.device == "cuda":
                 torch.cuda.synchronize()
-            written.append([t.float().clone() for layer in self.cache.layers for t in (layer.keys, layer.values)])
+            written.append(
+                [
+                    t[:, :, : PROBE_POSITION + 1].to(torch.float32, copy=True)
+                    for layer in self.cache.layers
+                    for t in (layer.keys, layer.values)
+                ]
+            )
         self.token.zero_()
         self.position.zero_()
         call, replay = (torch.cat([t.flatten() for t in w]) for w in written)
@@ -308,6 +317,9 @@ class CompiledDecoder:
 #: than a plain call of the same compiled step (relative L2): the same
 #: kernels agree to rounding, or to a split reduction's order.
 REPLAY_TOLERANCE = 1e-2
+#: The position the check decodes at: not the capture's (0), so a replay
+#: that repeats the capture's step computes other keys and values.
+PROBE_POSITION = 1
 
 
 #: The library each quantized cache needs, and the qbench extra that installs it.
