@@ -24,6 +24,7 @@ from qbench.sdk import (
     VariantConfig,
     device_dtype,
     hookimpl,
+    torch_dtype,
 )
 
 
@@ -128,6 +129,16 @@ class BitsAndBytes(Backend):
         model = load_causal_lm(
             artifact.path, device_map=artifact.device_map(device), trust_remote_code=artifact.trust_remote_code
         )
+        # The layers bitsandbytes does not quantize (embeddings, norms, the kept
+        # head, biases) compute in the row's dtype, as they would for a user who
+        # quantizes a bf16 checkpoint on a GPU. transformers keeps a pre-quantized
+        # checkpoint's float tensors in the dtype they were saved in (fp32, from
+        # the CPU's quantization) whatever dtype is asked, and refuses .to(dtype)
+        # on a bitsandbytes model: without this a CUDA row computed most of the
+        # model in fp32 beside its bf16 4-bit matmuls.
+        _cast_unquantized(
+            model, torch_dtype(device_dtype("auto", device) if config.mode == "int8" else config.compute_dtype)
+        )
         # bitsandbytes' layers subclass nn.Linear: the same selection names them.
         chosen = list(linear_layers(model, config.keep))
         require_quantized_layers(model, chosen, _is_bnb_quantized, "bitsandbytes")
@@ -138,6 +149,16 @@ class BitsAndBytes(Backend):
             _log_once("bitsandbytes.autograd._functions", "MatMul8bitLt: inputs will be cast")
             facts["int8_inputs"] = "LLM.int8 casts float32 activations to float16 before quantizing them"
         return HFSession(model.eval(), device, facts)
+
+
+def _cast_unquantized(model, dtype) -> None:
+    """Float parameters outside bitsandbytes' quantized weights to ``dtype``
+    (buffers, such as the rotary frequencies, keep theirs)."""
+    for module in model.modules():
+        quantized = _is_bnb_quantized(module)
+        for name, param in module.named_parameters(recurse=False):
+            if param.is_floating_point() and param.dtype != dtype and (name == "bias" or not quantized):
+                param.data = param.data.to(dtype)
 
 
 def _log_once(logger_name: str, prefix: str) -> None:

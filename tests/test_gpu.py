@@ -118,6 +118,8 @@ def test_quantized_variants_on_cuda(wide_tiny_model, backend, variant, layer_typ
     assert not artifact.meta.get("granularity_fallback")
     # A GPU user computes in bf16 (LLM.int8 in fp16, inside bitsandbytes).
     assert session.describe()["compute_dtype"] == ("torch.float16" if variant == "int8" else "torch.bfloat16")
+    # ... and so do the layers left unquantized (embeddings, norms, attention, head).
+    assert session.model.get_input_embeddings().weight.dtype == torch.bfloat16
     base = HFSession(AutoModelForCausalLM.from_pretrained(wide_tiny_model, dtype=torch.float32).to("cuda"), "cuda")
     windows = make_windows([(i * 5) % 380 for i in range(300)], 64, None, "none", None)
     ref = reference_from(score_windows(base, windows, 2, top_k=512))

@@ -248,6 +248,18 @@ def test_bnb_4bit_on_the_cpu_records_the_dtype_and_kernel_bitsandbytes_runs(back
     )
 
 
+@pytest.mark.parametrize("variant,rest", [("nf4", torch.float32), ("nf4:compute_dtype=bf16", torch.bfloat16),
+                                          ("int8", torch.float32)])
+def test_bnb_loads_the_layers_it_leaves_unquantized_in_the_rows_dtype(backends, tiny_model, variant, rest):
+    """Embeddings, norms, attention and the kept head compute in the row's
+    dtype, as a user loading with ``torch_dtype`` does, not in the fp32 the
+    artifact was saved in (on CUDA, ``auto`` is bf16: tests/test_gpu.py)."""
+    session = session_for(backends["bnb"], variant, tiny_model)
+    model = session.model
+    assert model.get_input_embeddings().weight.dtype == rest
+    assert model.lm_head.weight.dtype == rest and model.model.norm.weight.dtype == rest
+
+
 @pytest.mark.parametrize("spec,cpu,cuda", [
     ("bnb:nf4", "fp32", "bf16"), ("bnb:int8", "fp32", "fp32"), ("bnb:nf4:compute_dtype=fp16", "fp16", "fp16"),
     ("hqq:w4g64", "fp32", "bf16"), ("quanto:w8", "fp32", "bf16"), ("quanto:w8:compute_dtype=fp32", "fp32", "fp32"),
