@@ -106,3 +106,7 @@ def test_a_captured_step_that_does_not_redo_its_work_is_refused(tiny_model):
     assert float(problem.split("writes is ")[1].split(" away")[0]) > REPLAY_TOLERANCE
     # The check leaves the inputs as the capture had them.
     assert decoder.token.item() == 0 and decoder.position.item() == 0
+    # A NaN the model itself writes, in both runs, is not a difference.
+    with torch.inference_mode():
+        model.model.layers[0].self_attn.k_proj.weight[0, 0] = float("nan")
+        assert decoder._replay_differs(_Replay(decoder, stale=False)) is None
