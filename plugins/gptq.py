@@ -173,6 +173,13 @@ class GPTQ(Backend):
             return Availability.no(
                 f"gptqmodel's {config.kernel} kernel runs on CUDA only: use --device cuda, or kernel=auto on the CPU"
             )
+        if device == "cuda" and config.runtime == "compiled":
+            # Measured on an H100 (torch 2.11, transformers 5.17, gptqmodel 7.7), two sessions: compiled, the
+            # Marlin and Triton layers decode the first token over and over (tests/test_gpu.py keeps checking).
+            return Availability.no(
+                "runtime=compiled decodes wrong tokens through gptqmodel's CUDA kernels (the compiled step repeats "
+                "its first token; docs/gpu.md): use runtime=eager for gptq rows on CUDA"
+            )
         return self.available(device)
 
     def default_skip_reason(self, config: GPTQConfig, device: str) -> Optional[str]:

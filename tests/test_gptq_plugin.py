@@ -185,6 +185,10 @@ def test_variants_settings_and_cache_key(backends):
     # gptqmodel's CUDA kernels are refused on the CPU before anything is quantized.
     marlin = gptq.variant_available(gptq.parse_variant("w4g128:kernel=marlin")[1], "cpu")
     assert not marlin.ok and "runs on CUDA only" in marlin.reason
+    # Compiled, gptqmodel's CUDA layers decode wrong tokens (tests/test_gpu.py): refused, with the fix.
+    compiled = gptq.variant_available(gptq.parse_variant("w4g128:kernel=marlin,runtime=compiled")[1], "cuda")
+    assert not compiled.ok and "use runtime=eager" in compiled.reason
+    assert "runtime=compiled" not in gptq.variant_available(gptq.parse_variant("w4g128:kernel=marlin")[1], "cuda").reason
     # The kernel is chosen at load: it does not rebuild the artifact.
     _, fused = gptq.parse_variant("w4g32:kernel=torch_fused")
     assert artifact_key("m", gptq, fused, "c") == artifact_key("m", gptq, gptq.variants()["w4g32"], "c")

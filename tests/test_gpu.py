@@ -291,7 +291,10 @@ def test_compiled_runtime_decodes_the_same_tokens_and_records_its_compile_time(t
     # compiled warm-up, or the second step compiles the step again (a
     # recompilation, which this turns into an error naming the guard that
     # failed). A graph break may split the step into several graphs: that is
-    # not a second compilation, and the capture takes them all.
+    # not a second compilation, and the capture takes them all. Dynamo keeps
+    # one cache per code object for the whole process: another test's decoder
+    # compiled this step for another shape, which would count here.
+    torch._dynamo.reset()
     steps = []
     with torch._dynamo.config.patch(error_on_recompile=True):
         compiled = session.generate(prompt, 12, lambda at=None: steps.append(at))
@@ -338,12 +341,16 @@ def test_gemlite_int4_artifact_round_trips_through_the_cache(tiny_model, tiny_su
 def test_gptq_runs_through_gptqmodel_cuda_kernels(wide_tiny_model, spec, layer_class):
     """GPTQ quantizes (on the CPU, as on every device), then loads on CUDA
     through the kernel asked for: its KLD agrees with the CPU's float32
-    kernel on the same artifact, and the compiled runtime decodes the eager
-    loop's tokens through it."""
+    kernel on the same artifact. Compiled, these layers decoded the first
+    token over and over on an H100 (torch 2.11, gptqmodel 7.7): the backend
+    refuses runtime=compiled on CUDA, and the compiled runtime's own check
+    catches it when asked directly. When this stops failing the check, the
+    refusal can go."""
     pytest.importorskip("gptqmodel")
     from transformers import AutoModelForCausalLM
 
     from qbench.cell.artifacts import obtain_artifact
+    from qbench.core.errors import QBenchError
     from qbench.metrics.scoring import reference_from
     from qbench.sdk.models import fingerprint
     from qbench.sdk.registry import PluginSettings, load_plugins
@@ -366,16 +373,19 @@ def test_gptq_runs_through_gptqmodel_cuda_kernels(wide_tiny_model, spec, layer_c
     on_cpu = artifact.model_copy(update={"config": {**artifact.config, "kernel": "auto", "compute_dtype": "auto"}})
     cpu_kld = score_windows(gptq.load(on_cpu, "cpu"), windows, 2, reference=cpu_ref).tensor("kld").mean().item()
     assert 0 < kld < 1.5 and kld == pytest.approx(cpu_kld, rel=0.2)
+    compiled_row = config.model_copy(update={"runtime": "compiled", "compile_mode": "reduce-overhead"})
+    assert "use runtime=eager" in gptq.cell_available(compiled_row, "cuda").reason
     prompt = torch.tensor([list(range(3, 40))])
     eager = session.generate(prompt, 8, ignore_step)
     assert session.use_runtime("compiled", "reduce-overhead") is None
-    compiled = session.generate(prompt, 8, ignore_step)
-    assert (compiled == eager).float().mean() >= 0.75
+    with pytest.raises(QBenchError, match="computes another step than the eager model"):
+        session.generate(prompt, 8, ignore_step)
+    assert eager.shape == (1, 8)
 
 
-def test_cli_runs_gptq_through_marlin_compiled_on_cuda(wide_tiny_model, tiny_suite, tmp_path):
+def test_cli_runs_gptq_through_marlin_on_cuda(wide_tiny_model, tiny_suite, tmp_path):
     """`qbench run --device cuda` end to end with a GPTQ row on gptqmodel's
-    Marlin kernel, decoding through the compiled runtime."""
+    Marlin kernel (eager: compiled, it decodes wrong tokens)."""
     pytest.importorskip("gptqmodel")
     import json
     import subprocess
@@ -383,7 +393,7 @@ def test_cli_runs_gptq_through_marlin_compiled_on_cuda(wide_tiny_model, tiny_sui
 
     from tests.conftest import REPO
 
-    row = "gptq:w4g128:kernel=marlin,compute_dtype=bf16,runtime=compiled,compile_mode=reduce-overhead"
+    row = "gptq:w4g128:kernel=marlin,compute_dtype=bf16"
     proc = subprocess.run([sys.executable, "-m", "qbench.cli", "run", "--model", str(wide_tiny_model), "--suite",
                            str(tiny_suite), "--device", "cuda", "-b", row, "-o", str(tmp_path), "--run-id", "gptq"],
                           cwd=REPO, capture_output=True, text=True, timeout=900)
@@ -391,7 +401,7 @@ def test_cli_runs_gptq_through_marlin_compiled_on_cuda(wide_tiny_model, tiny_sui
     records = [json.loads(line) for line in (tmp_path / "gptq" / "results.jsonl").read_text().splitlines()]
     gptq = records[-1]
     assert gptq["status"] == "ok" and gptq["backend"] == "gptq"
-    assert gptq["session"]["kernel"] == "gptqmodel MarlinLinear" and gptq["config"]["runtime"] == "compiled"
+    assert gptq["session"]["kernel"] == "gptqmodel MarlinLinear" and gptq["config"]["runtime"] == "eager"
     assert 0 < gptq["metrics"]["kld"]["value"] < 1.5
     assert gptq["metrics"]["decode_ms_per_token"]["value"] > 0
 

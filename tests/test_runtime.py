@@ -84,29 +84,50 @@ class _Replay:
         d.position.add_(1)
 
 
-def test_a_captured_step_that_does_not_redo_its_work_is_refused(tiny_model):
-    """The compiled runtime checks its captured step before timing it: a
-    replay must write the KV cache a plain call of the same step writes. One
-    that hands on the capture's results (a kernel outside the capture) is
-    caught, with the fix; one that redoes the step passes."""
+def test_a_captured_step_that_does_not_compute_the_models_step_is_refused(tiny_model):
+    """The compiled runtime checks its captured step before timing it. A
+    replay must write the KV cache that a plain call of the compiled step
+    writes: one that hands on the capture's results (a kernel outside the
+    capture) is caught. The compiled call must write the cache the eager step
+    writes: one the compiler mistraced (here a step that reads another token)
+    is caught, even though its replays agree with it. Each with the fix; an
+    honest step passes."""
     from transformers import AutoModelForCausalLM, StaticCache
 
-    from qbench.sdk.hf import REPLAY_TOLERANCE, CompiledDecoder
+    from qbench.sdk.hf import COMPILE_TOLERANCE, REPLAY_TOLERANCE, CompiledDecoder
+
+    def gap(problem: str) -> float:
+        return float(problem.split(" is ")[1].split(" away")[0])
+
+    def nan_in_cache(token, position):
+        out = decoder._decode(token, position)
+        decoder.cache.layers[0].keys[0, 0, 0, 0] = float("nan")
+        return out
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     decoder = CompiledDecoder(model, "cpu")
-    decoder.step = decoder._decode  # the plain call, uncompiled: the check compares it with the replay
     with torch.inference_mode():
         decoder.cache = StaticCache(config=model.config, max_cache_len=24)
         decoder.token = torch.zeros((1, 1), dtype=torch.long)
         decoder.position = torch.zeros(1, dtype=torch.long)
-        assert decoder._replay_differs(_Replay(decoder, stale=False)) is None
-        problem = decoder._replay_differs(_Replay(decoder, stale=True))
-    assert problem and "does not redo the step's work" in problem and "use runtime=eager" in problem
-    assert float(problem.split("writes is ")[1].split(" away")[0]) > REPLAY_TOLERANCE
+        checks = {}
+        # the compiled call, standing in: uncompiled, it is the eager step
+        for name, step, stale in (("honest", decoder._decode, False), ("stale", decoder._decode, True),
+                                  ("mistraced", lambda token, position: decoder._decode(token + 1, position), False),
+                                  ("nan", nan_in_cache, False)):
+            decoder.step = step
+            checks[name] = decoder._capture_differs(_Replay(decoder, stale=stale))
+        decoder.step = decoder._decode
+        # A NaN the model itself writes, in every run, is not a difference.
+        model.model.layers[0].self_attn.k_proj.weight[0, 0] = float("nan")
+        checks["model's nan"] = decoder._capture_differs(_Replay(decoder, stale=False))
+    assert checks["honest"] is None and checks["model's nan"] is None
+    stale, mistraced = checks["stale"], checks["mistraced"]
+    assert stale and "does not redo the step's work" in stale and "use runtime=eager" in stale
+    assert gap(stale) > REPLAY_TOLERANCE
+    assert "computes another step than the eager model" in mistraced and "use runtime=eager" in mistraced
+    assert gap(mistraced) > COMPILE_TOLERANCE
+    # a NaN only the compiled call writes is an infinite gap
+    assert "computes another step" in checks["nan"] and gap(checks["nan"]) == float("inf")
     # The check leaves the inputs as the capture had them.
     assert decoder.token.item() == 0 and decoder.position.item() == 0
-    # A NaN the model itself writes, in both runs, is not a difference.
-    with torch.inference_mode():
-        model.model.layers[0].self_attn.k_proj.weight[0, 0] = float("nan")
-        assert decoder._replay_differs(_Replay(decoder, stale=False)) is None
