@@ -136,9 +136,8 @@ class BitsAndBytes(Backend):
         # the CPU's quantization) whatever dtype is asked, and refuses .to(dtype)
         # on a bitsandbytes model: without this a CUDA row computed most of the
         # model in fp32 beside its bf16 4-bit matmuls.
-        _cast_unquantized(
-            model, torch_dtype(device_dtype("auto", device) if config.mode == "int8" else config.compute_dtype)
-        )
+        rest = torch_dtype(device_dtype("auto", device) if config.mode == "int8" else config.compute_dtype)
+        cast, saved = _cast_unquantized(model, rest)
         # bitsandbytes' layers subclass nn.Linear: the same selection names them.
         chosen = list(linear_layers(model, config.keep))
         require_quantized_layers(model, chosen, _is_bnb_quantized, "bitsandbytes")
@@ -148,17 +147,27 @@ class BitsAndBytes(Backend):
         if config.mode == "int8":
             _log_once("bitsandbytes.autograd._functions", "MatMul8bitLt: inputs will be cast")
             facts["int8_inputs"] = "LLM.int8 casts float32 activations to float16 before quantizing them"
+        if cast:
+            # why the session's weights are smaller than its artifact's files
+            facts["notes"] = [
+                f"the artifact stores {cast / 1e6:.1f}M unquantized parameters (embeddings, norms, kept layers) "
+                f"in {', '.join(sorted(saved))}; this row holds and computes them in {str(rest).removeprefix('torch.')}"
+            ]
         return HFSession(model.eval(), device, facts)
 
 
-def _cast_unquantized(model, dtype) -> None:
+def _cast_unquantized(model, dtype) -> tuple[int, set[str]]:
     """Float parameters outside bitsandbytes' quantized weights to ``dtype``
-    (buffers, such as the rotary frequencies, keep theirs)."""
+    (buffers, such as the rotary frequencies, keep theirs). Returns how many
+    values were cast, and the dtypes they were loaded in."""
+    cast, saved = 0, set[str]()
     for module in model.modules():
         quantized = _is_bnb_quantized(module)
         for name, param in module.named_parameters(recurse=False):
             if param.is_floating_point() and param.dtype != dtype and (name == "bias" or not quantized):
+                cast, saved = cast + param.numel(), saved | {str(param.dtype).removeprefix("torch.")}
                 param.data = param.data.to(dtype)
+    return cast, saved
 
 
 def _log_once(logger_name: str, prefix: str) -> None:

@@ -258,6 +258,14 @@ def test_bnb_loads_the_layers_it_leaves_unquantized_in_the_rows_dtype(backends, 
     model = session.model
     assert model.get_input_embeddings().weight.dtype == rest
     assert model.lm_head.weight.dtype == rest and model.model.norm.weight.dtype == rest
+    # The record says why the session is smaller than the artifact's files (saved in fp32).
+    unquantized = sum(p.numel() for n, p in model.named_parameters() if p.dtype == rest)
+    notes = session.facts.get("notes", [])
+    if rest == torch.float32:
+        assert not notes
+    else:
+        assert notes == [f"the artifact stores {unquantized / 1e6:.1f}M unquantized parameters (embeddings, norms, "
+                         "kept layers) in float32; this row holds and computes them in bfloat16"]
 
 
 @pytest.mark.parametrize("spec,cpu,cuda", [
