@@ -66,7 +66,7 @@ def test_the_recommendation_weighs_quality_memory_and_speed():
     assert lines[0] == ("Pareto-optimal on mean KLD, weight memory, decode time at batch 1, throughput at batch 8: "
                         "`q:d`, `q:g`, `q:a`, `q:b`, `fp:fp32`.")
     assert lines[1].startswith("Smallest within the quality budget (mean KLD ≤ 0.012 at its 95% upper bound): "
-                               "`q:a`: 100.0 MiB (25% of the baseline's), KLD 0.0100 ± 0.0020, 8.00 ms/token "
+                               "`q:a`: 100.0 MiB (25% of the baseline's), KLD 0.0100 ± 0.0020 (95%), 8.00 ms/token "
                                "(1.25x the baseline's speed)")
     assert lines[2].startswith("Fastest at batch 1 within the budget: `q:b`: 150.0 MiB")
     assert lines[2].endswith("timed in one worker process, without an error bar: a small lead is not judged.")

@@ -173,7 +173,7 @@ def _figures(record: CellRecord, base: Optional[CellRecord]) -> str:
     ]
     kld, se = quality(record), quality_stderr(record)
     if not record.baseline and kld is not None:
-        parts.append(f"KLD {kld:.4f}" + (f" ± {Z * se:.4f}" if se else ""))
+        parts.append(f"KLD {kld:.4f}" + (f" ± {Z * se:.4f} (95%)" if se else ""))
     decode = record.value("decode_ms_per_token")
     if decode is not None:
         base_decode = base.value("decode_ms_per_token") if base is not None else None

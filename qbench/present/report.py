@@ -344,6 +344,7 @@ def blocks(
     out += [
         Block("h2", text="Comparison"),
         Block("table", headers=tuple(headers), rows=tuple(map(tuple, rows)), sortable=True),
+        Block("p", text="± is one standard error; the recommendation's error bars are 95% intervals."),
     ]
     recorded = {r.cell for r in records}
     unrun = [c.cell for c in plan.cells if c.cell not in recorded]
