@@ -174,9 +174,8 @@ class GPTQ(Backend):
                 f"gptqmodel's {config.kernel} kernel runs on CUDA only: use --device cuda, or kernel=auto on the CPU"
             )
         if device == "cuda" and config.runtime == "compiled":
-            # Measured on an H100 (torch 2.11, transformers 5.17, gptqmodel 7.7), two sessions: compiled, GPTQ's
-            # Marlin and Triton layers decode the first token over and over (tests/test_gpu.py keeps checking).
-            # AWQ rows load through the same gptqmodel path.
+            # Compiled, gptqmodel's CUDA layers decoded wrong tokens (docs/gpu.md; tests/test_gpu.py says when
+            # that stops). AWQ rows load through the same gptqmodel path.
             return Availability.no(
                 "runtime=compiled decodes wrong tokens through gptqmodel's CUDA layers (GPTQ's Marlin and "
                 "Triton: the compiled step repeats its first token; docs/gpu.md): use runtime=eager for "

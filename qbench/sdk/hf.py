@@ -237,12 +237,11 @@ class CompiledDecoder:
     def _capture_differs(self, graph: Any) -> str | None:
         """Whether the compiled, captured step computes the model's step. Two
         ways it can fail while timing well: the compiler mistraces a backend's
-        kernel (on CUDA, gptqmodel's Marlin and Triton layers compiled decode
-        the same token over and over), so every compiled call computes
-        something else than the eager step; or a kernel runs where the capture
-        cannot see it (another stream, a result cached on the host), so it ran
-        once while capturing and every replay hands on that one step's
-        results. The step is run three ways from a zeroed cache, at a token
+        kernel, so every compiled call computes something else than the eager
+        step (docs/gpu.md: compiled GPTQ on CUDA); or a kernel runs where the
+        capture cannot see it (another stream, a result cached on the host),
+        so it ran once while capturing and every replay hands on that one
+        step's results. The step is run three ways from a zeroed cache, at a token
         and position unlike the capture's: eager, as a plain compiled call,
         and as a replay. What each writes into the cache is compared. The
         replay with the call: every layer's keys and values (so nearly all of
