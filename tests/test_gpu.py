@@ -138,6 +138,14 @@ def test_quantized_variants_on_cuda(wide_tiny_model, backend, variant, layer_typ
     prompt = torch.tensor([list(range(3, 19))])
     lat = latency_metrics(session, prompt, new_tokens=4, warmup=1, min_reps=2, min_seconds=0, max_reps=3)
     assert lat["decode_ms_per_token"]["value"] > 0
+    # Every row that offers runtime=compiled on CUDA passes the compiled
+    # runtime's own checks (the compiled step against the eager one, the
+    # replay against the call): they raise QBenchError otherwise.
+    compiled_row = config.model_copy(update={"runtime": "compiled", "compile_mode": "reduce-overhead"})
+    if b.cell_available(compiled_row, "cuda").ok:
+        torch._dynamo.reset()
+        assert session.use_runtime("compiled", "reduce-overhead") is None
+        assert session.generate(prompt, 8, ignore_step).shape == (1, 8)
 
 
 def test_onnx_runtime_runs_on_its_cuda_provider(tiny_model):
