@@ -148,11 +148,10 @@ class BitsAndBytes(Backend):
             _log_once("bitsandbytes.autograd._functions", "MatMul8bitLt: inputs will be cast")
             facts["int8_inputs"] = "LLM.int8 casts float32 activations to float16 before quantizing them"
         if cast:
-            # why the session's weights are smaller than its artifact's files
-            facts["notes"] = [
+            facts["storage"] = (
                 f"the artifact stores {cast / 1e6:.1f}M unquantized parameters (embeddings, norms, kept layers) "
                 f"in {', '.join(sorted(saved))}; this row holds and computes them in {str(rest).removeprefix('torch.')}"
-            ]
+            )
         return HFSession(model.eval(), device, facts)
 
 

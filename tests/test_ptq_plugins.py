@@ -260,12 +260,32 @@ def test_bnb_loads_the_layers_it_leaves_unquantized_in_the_rows_dtype(backends, 
     assert model.lm_head.weight.dtype == rest and model.model.norm.weight.dtype == rest
     # The record says why the session is smaller than the artifact's files (saved in fp32).
     unquantized = sum(p.numel() for n, p in model.named_parameters() if p.dtype == rest)
-    notes = session.facts.get("notes", [])
+    storage = session.describe().get("storage")
     if rest == torch.float32:
-        assert not notes
+        assert storage is None
     else:
-        assert notes == [f"the artifact stores {unquantized / 1e6:.1f}M unquantized parameters (embeddings, norms, "
-                         "kept layers) in float32; this row holds and computes them in bfloat16"]
+        assert storage == (f"the artifact stores {unquantized / 1e6:.1f}M unquantized parameters (embeddings, "
+                           "norms, kept layers) in float32; this row holds and computes them in bfloat16")
+
+
+def test_a_row_smaller_than_its_artifact_gets_one_note_with_the_backends_reason(tiny_model, tiny_suite, tmp_path):
+    """The worker notes a session whose weights differ from its artifact's
+    files by over 10 %; where the backend knows why (``storage``), the note
+    gives that reason instead of the generic one, and only once."""
+    import qbench
+    from qbench.execute.results import ResultStore
+
+    cell = "bnb:nf4:compute_dtype=bf16"
+    df = qbench.run(model=str(tiny_model), suite=str(tiny_suite), output_dir=str(tmp_path), backends=[cell])
+    record = ResultStore(df.attrs["run_dir"]).latest()[cell]
+    assert record.ok, record.error
+    held, on_disk = record.value("weight_bytes"), record.value("artifact_bytes")
+    assert held < 0.9 * on_disk  # fp32 embeddings and head on disk, bf16 in memory
+    storage = [n for n in record.notes if "MiB on disk" in n]
+    assert storage == [f"the session holds {held / 2**20:.1f} MiB of weights but its artifact has "
+                       f"{on_disk / 2**20:.1f} MiB on disk: {record.session['storage']}"]
+    assert record.session["storage"].startswith("the artifact stores")
+    assert not any("storage differs" in n for n in record.notes)
 
 
 @pytest.mark.parametrize("spec,cpu,cuda", [

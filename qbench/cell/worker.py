@@ -719,7 +719,9 @@ class CellPipeline:
         self.gate_seconds += result["machine_canary_ms"]["gate_seconds"]
         return result
 
-    def cost_metrics(self) -> None:
+    def cost_metrics(self, storage: Optional[str] = None) -> None:
+        """Memory and load figures. ``storage``: the backend's reason why the
+        weights it holds differ from its artifact's files, if it knows one."""
         from qbench.cell.artifacts import artifact_weight_bytes
         from qbench.metrics import metric
         from qbench.metrics.cost import memory_metrics
@@ -733,8 +735,8 @@ class CellPipeline:
             if abs(self.weight_bytes - on_disk) > 0.1 * on_disk:
                 self.notes.append(
                     f"the session holds {self.weight_bytes / 2**20:.1f} MiB of weights but its "
-                    f"artifact has {on_disk / 2**20:.1f} MiB on disk: storage differs between file "
-                    "and memory"
+                    f"artifact has {on_disk / 2**20:.1f} MiB on disk: "
+                    + (storage or "storage differs between file and memory")
                 )
         self.metrics["load_seconds"] = metric(self.load_seconds, "s")
         per_position = self.session.kv_bytes_per_position()
@@ -796,8 +798,8 @@ class CellPipeline:
         # Caveats the backend found while quantizing (e.g. a group size that
         # does not divide a layer) belong beside the numbers.
         self.notes += self.artifact.meta.get("notes", [])
-        self.cost_metrics()
         describe = self.session.describe()
+        self.cost_metrics(describe.get("storage"))
         self.notes += describe.pop("notes", [])  # what the backend found at load (e.g. a kernel's dtype)
         self.session.close()
         self.phase("done")

@@ -195,7 +195,13 @@ class Session(abc.ABC):
         scales and zero points included)."""
 
     def describe(self) -> dict[str, Any]:
-        """Facts worth recording: kernels used, quantized module types, ..."""
+        """Facts worth recording: kernels used, quantized module types, ...
+        Two keys are read, not only recorded: ``notes`` (a list of caveats
+        found at load, each put beside the row's figures) and ``storage``
+        (why the weights held differ from the artifact's files, e.g. "the
+        artifact stores the embeddings in float32; this row holds them in
+        bfloat16"), which replaces the generic reason when the two sizes
+        differ by more than 10 %."""
         return {}
 
     def kv_bytes_per_position(self) -> Optional[int]:
