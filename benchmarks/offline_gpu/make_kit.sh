@@ -48,7 +48,8 @@ mkdir "$work"/bnbx && (cd "$work"/bnbx && unzip -q "$work"/bnb/*.whl &&
 cp "$work"/sd/pypcre-*.tar.gz "$KIT"/build/
 "$PY" -m pip download -q --no-deps --only-binary=:all: -d "$KIT"/build "setuptools>=84,<85" wheel
 (cd "$work" && apt-get download libpcre2-dev >/dev/null 2>&1 && dpkg -x libpcre2-dev_*.deb pcre &&
-  cp pcre/usr/include/pcre2.h "$KIT"/build/)
+  cp pcre/usr/include/pcre2.h "$KIT"/build/) ||
+  { echo "make_kit.sh: could not fetch pcre2.h (apt-get download libpcre2-dev): copy it into $KIT/build by hand" >&2; exit 1; }
 # llama-cpp-python's source, trimmed (built on the GPU machine with GGML_CUDA=on).
 tar xzf "$work"/sd/llama_cpp_python-*.tar.gz -C "$work"
 src=$(ls -d "$work"/llama_cpp_python-*/)
